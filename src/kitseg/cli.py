@@ -1,0 +1,240 @@
+"""``kits-seg``: the command-line front end. Each subcommand is a thin layer over the engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("kitseg")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- predict
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment kidneys and tumors",
+        description="Segment a NIfTI CT, a KiTS19 case folder, or a folder of either. A case folder "
+        "case_XXXXX gives prediction_XXXXX.nii.gz; a file NAME.nii.gz gives NAME_labels.nii.gz.",
+    )
+    p.add_argument("input", type=Path, help="a .nii/.nii.gz file, a case folder, or a folder of cases")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--weights", type=Path, default=None, help="model file (.kseg); default: the shipped model")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch (default 8)")
+    p.add_argument("--threshold", type=float, default=None, help="stage-1 threshold (default: the model's)")
+    p.add_argument("--radius", type=float, default=None, help="mask dilation radius (default: the model's)")
+    p.add_argument("--radius-mm", action="store_true", help="the radius is in mm, not stage-grid voxels")
+    p.add_argument(
+        "--save-intermediates",
+        action="store_true",
+        help="also write y1 (stage-1 probability), the dilated mask and the class probabilities",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .config import MaskConfig
+    from .io import discover_inputs, read_ct
+    from .outputs import write_prediction
+    from .pipeline import Progress, Segmentation, Segmenter
+
+    cases = discover_inputs(args.input)
+    _check_outputs_free(cases, args)
+    segmenter = Segmenter.from_file(args.weights, device=args.device, batch_size=args.batch_size)
+    model_mask = segmenter.bundle.mask
+    mask_config = MaskConfig(
+        threshold=model_mask.threshold if args.threshold is None else args.threshold,
+        radius=model_mask.radius if args.radius is None else args.radius,
+        radius_unit="mm" if args.radius_mm else ("voxels" if args.radius is not None else model_mask.radius_unit),
+    )
+    log.info("device: %s; %d case(s)", segmenter.device, len(cases))
+    for case in cases:
+        start = time.perf_counter()
+        volume = read_ct(case.image_path)
+        result = None
+        with tqdm(desc=case.name, unit="step", leave=False, disable=None) as bar:
+            for item in segmenter.iter_segment(volume, mask_config):
+                if isinstance(item, Segmentation):
+                    result = item
+                elif isinstance(item, Progress):
+                    bar.set_postfix_str(item.step)
+                    bar.total = item.total
+                    bar.n = item.done
+                    bar.refresh()
+        assert result is not None
+        written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite)
+        tqdm.write(f"{case.name}: {', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _check_outputs_free(cases, args) -> None:
+    """Fail before any work if an output would replace a file (unless --overwrite)."""
+    if args.overwrite:
+        return
+    from .outputs import output_paths
+
+    taken = [p for case in cases for p in output_paths(case, args.output, args.save_intermediates) if p.exists()]
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise CliError(f"{taken[0]} exists already{more}; pass --overwrite to replace")
+
+
+# ---------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="KiTS19 Dice of predictions against ground truth",
+        description="Score predictions with the KiTS19 definitions (kidney: label>0; tumor: label==2). "
+        "prediction_XXXXX.nii.gz pairs with GT/case_XXXXX/segmentation.nii.gz; NAME_labels.nii.gz with "
+        "GT/NAME.nii.gz or GT/NAME/segmentation.nii.gz.",
+    )
+    p.add_argument("--pred", type=Path, required=True, help="a prediction file or folder")
+    p.add_argument("--gt", type=Path, required=True, help="a ground-truth file or folder (KiTS19 layout)")
+    p.add_argument("--csv", type=Path, default=None, help="write per-case scores and the means here")
+    p.add_argument(
+        "--empty-value",
+        type=float,
+        default=1.0,
+        help="Dice when prediction and truth are both empty (default 1; the official script gives NaN)",
+    )
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_pairs, pair_predictions
+    from .metrics import aggregate, write_scores_csv
+
+    pairs = pair_predictions(args.pred, args.gt)
+    scores = evaluate_pairs(pairs, empty_value=args.empty_value)
+    header = f"{'case':<24}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
+    print(header)
+    for s in scores:
+        print(
+            f"{s.case:<24}{s.kidney_dice:>9.4f}{s.tumor_dice:>9.4f}{s.composite_dice:>11.4f}"
+            f"{s.kidney_ml:>11.1f}{s.tumor_ml:>10.1f}"
+        )
+    means = aggregate(scores)
+    print(
+        f"{'mean (' + str(len(scores)) + ')':<24}{means['kidney_dice']:>9.4f}{means['tumor_dice']:>9.4f}"
+        f"{means['composite_dice']:>11.4f}"
+    )
+    if args.csv is not None:
+        write_scores_csv(scores, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- info
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="version, devices and model metadata")
+    p.add_argument("--weights", type=Path, default=None, help="a model file (.kseg); default: the shipped model")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from . import __version__
+    from .checkpoint import read_metadata
+    from .device import describe_devices
+    from .pipeline import default_weights_path
+
+    print(f"kitseg {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
+    print(f"devices: {describe_devices()}")
+    try:
+        path = args.weights or default_weights_path()
+    except FileNotFoundError as exc:
+        print(f"weights: none ({exc})")
+        return 0
+    meta = read_metadata(path)
+    print(f"weights: {path}")
+    print(json.dumps(meta, indent=2, sort_keys=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------- phantom
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "phantom",
+        help="synthetic CT around real KiTS19 masks",
+        description="Read KiTS19-layout masks (DIR/case_XXXXX/segmentation.nii.gz) and write KiTS19-layout "
+        "cases with a synthetic CT in HU (imaging.nii.gz) and the mask, on the same grid.",
+    )
+    p.add_argument("--masks", type=Path, required=True, help="folder of KiTS19 case folders with masks")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", nargs="*", default=None, help="case folder names (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="regenerate cases that exist already")
+    p.set_defaults(func=cmd_phantom)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom.realistic import generate_phantom_dataset
+
+    if not args.masks.is_dir():
+        raise CliError(f"{args.masks}: no such folder")
+    written = generate_phantom_dataset(
+        args.masks, args.out, cases=args.cases, seed=args.seed, progress=True, overwrite=args.overwrite
+    )
+    print(f"wrote {len(written)} case(s) to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kits-seg", description="Kidney and kidney-tumor segmentation in abdominal CT (KiTS19 two-stage method)."
+    )
+    parser.add_argument("--version", action="version", version=f"kits-seg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(sub)
+    _add_evaluate(sub)
+    _add_info(sub)
+    _add_phantom(sub)
+    try:
+        from .training.cli import add_train_parser
+    except ImportError:  # training is optional for the rest of the CLI
+        pass
+    else:
+        add_train_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .io import InputError
+
+    try:
+        return args.func(args)
+    except (CliError, InputError, CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as exc:
+        print(f"kits-seg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kits-seg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Configuration records: validated once, frozen, and stored beside the weights they produced.
+
+Each record round-trips through plain JSON (``to_dict`` / ``from_dict``) so a checkpoint can
+carry it without pickling, and ``from_dict`` names the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+NormalizationMode = Literal["window", "zscore"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _from_dict(cls, data: dict[str, Any], what: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """How a CT is brought to the grid and intensity range the networks work on.
+
+    Attributes:
+        slice_spacing_mm: target spacing along the slice axis (the paper: 5 mm).
+        inplane_spacing_mm: target in-plane spacing; ``None`` keeps the native spacing (the paper).
+        normalization: ``"window"`` clips to [hu_min, hu_max] and maps that window onto [-1, 1]
+            (robust to scanner offsets and contrast spikes); ``"zscore"`` standardizes each volume
+            by its own mean and standard deviation (the paper).
+        hu_min, hu_max: the clipping window for ``"window"``.
+        context_slices: neighbouring slices on each side fed to the stage-1 network as extra
+            channels (0 = plain 2D; 1 = 2.5D with 3 channels).
+    """
+
+    slice_spacing_mm: float = 5.0
+    inplane_spacing_mm: float | None = None
+    normalization: NormalizationMode = "window"
+    hu_min: float = -200.0
+    hu_max: float = 400.0
+    context_slices: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.slice_spacing_mm > 0:
+            raise ConfigError(f"slice_spacing_mm must be > 0, got {self.slice_spacing_mm}")
+        if self.inplane_spacing_mm is not None and not self.inplane_spacing_mm > 0:
+            raise ConfigError(f"inplane_spacing_mm must be > 0 or None, got {self.inplane_spacing_mm}")
+        if self.normalization not in ("window", "zscore"):
+            raise ConfigError(f"normalization must be 'window' or 'zscore', got {self.normalization!r}")
+        if not self.hu_max > self.hu_min:
+            raise ConfigError(f"hu_max ({self.hu_max}) must exceed hu_min ({self.hu_min})")
+        if not (isinstance(self.context_slices, int) and 0 <= self.context_slices <= 5):
+            raise ConfigError(f"context_slices must be an integer in 0..5, got {self.context_slices!r}")
+
+    @property
+    def stage1_in_channels(self) -> int:
+        return 2 * self.context_slices + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessingConfig":
+        return _from_dict(cls, data, "preprocessing")
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Label values of the output map (KiTS19 convention by default)."""
+
+    names: tuple[str, ...] = ("background", "kidney", "tumor")
+
+    def __post_init__(self) -> None:
+        if len(self.names) < 2 or self.names[0] != "background" or len(set(self.names)) != len(self.names):
+            raise ConfigError(f"label names must start with 'background' and be unique, got {self.names}")
+
+    def value(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ConfigError(f"no label {name!r}; labels are {', '.join(self.names)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LabelMap":
+        return _from_dict(cls, data, "label_map")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How the stage-1 probability becomes the stage-2 region of interest."""
+
+    threshold: float = 0.5
+    radius: float = 10.0
+    radius_unit: Literal["voxels", "mm"] = "voxels"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.radius < 0:
+            raise ConfigError(f"radius must be >= 0, got {self.radius}")
+        if self.radius_unit not in ("voxels", "mm"):
+            raise ConfigError(f"radius_unit must be 'voxels' or 'mm', got {self.radius_unit!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MaskConfig":
+        return _from_dict(cls, data, "mask")
+
+
+KITS_LABELS = LabelMap()

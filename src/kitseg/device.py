@@ -1,0 +1,92 @@
+"""Choosing the torch device: one place that checks what is really available.
+
+``"auto"`` prefers CUDA, then Apple's MPS, then the CPU, and logs which it took (and that it fell
+back to the CPU when it did). An explicitly requested accelerator that is not there is an error,
+not a silent fallback: a user who asked for the GPU should learn it is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_NAMES = ("auto", "cuda", "cuda:<index>", "mps", "cpu")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """Usable devices in the order ``"auto"`` prefers them, e.g. ``["cuda:0", "cpu"]`` or ``["cpu"]``."""
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if _mps_available():
+        devices.append("mps")
+    devices.append("cpu")
+    return devices
+
+
+def get_device(name: str | torch.device = "auto") -> torch.device:
+    """The device to run on.
+
+    Args:
+        name: ``"auto"`` (CUDA > MPS > CPU), ``"cuda"``, ``"cuda:<index>"``, ``"mps"`` or ``"cpu"``
+            (case-insensitive), or a ``torch.device``.
+
+    Raises:
+        RuntimeError: an explicit ``"cuda"``/``"mps"`` device is not available.
+        ValueError: ``name`` is not a device name.
+    """
+    text = str(name).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+            logger.info("Using CUDA device %s", torch.cuda.get_device_name(0))
+        elif _mps_available():
+            device = torch.device("mps")
+            logger.info("Using Apple MPS device")
+        else:
+            device = torch.device("cpu")
+            logger.info("No GPU available (neither CUDA nor MPS); falling back to the CPU")
+        return device
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use one of {', '.join(_NAMES)}") from None
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {text!r} was requested but CUDA is not available (torch {torch.__version__}, "
+                f"built with CUDA {torch.version.cuda or 'none'}); use 'auto' or 'cpu'"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RuntimeError(f"device {text!r} was requested but only {count} CUDA device(s) exist")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise RuntimeError(f"device {text!r} was requested but Apple MPS is not available; use 'auto' or 'cpu'")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; use one of {', '.join(_NAMES)}")
+    logger.info("Using device %s", device)
+    return device
+
+
+def describe_devices() -> str:
+    """A multi-line, human-readable summary of the devices torch can use (for ``kits-seg info``)."""
+    lines = [f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})"]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            lines.append(f"cuda:{index}: {props.name}, {props.total_memory / 2**30:.1f} GiB")
+    else:
+        lines.append("cuda: not available")
+    lines.append(f"mps: {'available' if _mps_available() else 'not available'}")
+    lines.append(f"cpu: {torch.get_num_threads()} thread(s)")
+    lines.append(f"auto selects: {available_devices()[0]}")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Pairing prediction files with ground truth and scoring them (``kits-seg evaluate``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .geometry import strip_nifti_suffix
+from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, read_labels
+from .metrics import CaseScores, kits_scores
+
+_PREDICTION_RE = re.compile(r"^prediction_(\d+)$")
+
+
+@dataclass(frozen=True)
+class EvaluationPair:
+    case: str
+    prediction: Path
+    reference: Path
+
+
+def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
+    stem = strip_nifti_suffix(pred.name)
+    match = _PREDICTION_RE.match(stem)
+    if match:
+        case = f"case_{match.group(1)}"
+        candidates = [gt_dir / case / KITS_LABELS, gt_dir / f"{case}.nii.gz", gt_dir / f"{case}.nii"]
+    else:
+        case = stem[: -len("_labels")] if stem.endswith("_labels") else stem
+        candidates = [gt_dir / case / KITS_LABELS, gt_dir / f"{case}.nii.gz", gt_dir / f"{case}.nii"]
+    return case, next((c for c in candidates if c.is_file()), None)
+
+
+def pair_predictions(pred: Path, gt: Path) -> list[EvaluationPair]:
+    """Match each prediction with its reference; a prediction without one is an error."""
+    pred, gt = Path(pred), Path(gt)
+    if not pred.exists():
+        raise InputError(f"{pred}: no such file or folder")
+    if not gt.exists():
+        raise InputError(f"{gt}: no such file or folder")
+    if pred.is_file():
+        if gt.is_file():
+            return [EvaluationPair(strip_nifti_suffix(pred.name), pred, gt)]
+        preds = [pred]
+    else:
+        preds = sorted(p for p in pred.iterdir() if p.is_file() and is_nifti(p) and _is_label_output(p))
+        if not preds:
+            raise InputError(f"{pred}: no predictions found (prediction_XXXXX.nii.gz or NAME_labels.nii.gz)")
+    if gt.is_file():
+        raise InputError(f"{gt}: several predictions need a ground-truth folder, not a file")
+    pairs, missing = [], []
+    for p in preds:
+        case, ref = _reference_for(p, gt)
+        if ref is None:
+            missing.append(p.name)
+        else:
+            pairs.append(EvaluationPair(case, p, ref))
+    if missing:
+        raise InputError(f"{gt}: no ground truth for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return pairs
+
+
+def _is_label_output(path: Path) -> bool:
+    stem = strip_nifti_suffix(path.name)
+    return bool(_PREDICTION_RE.match(stem)) or stem.endswith("_labels")
+
+
+def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0) -> list[CaseScores]:
+    scores = []
+    for pair in pairs:
+        ref = read_labels(pair.reference)
+        pred = read_labels(pair.prediction)
+        check_same_grid(pred.source, ref.source, pair.prediction)
+        scores.append(kits_scores(pred.array, ref.array, ref.spacing, case=pair.case, empty_value=empty_value))
+    return scores

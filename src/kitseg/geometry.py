@@ -1,0 +1,133 @@
+"""Where voxels sit in the world, and the one internal orientation the pipeline works in.
+
+Every array inside the engine is *slice-first* in the KiTS19 orientation: axis codes
+``("I", "P", "L")`` in nibabel's convention, i.e. axis 0 runs superior -> inferior, axis 1
+anterior -> posterior (image rows, anterior at the top) and axis 2 patient-right -> left
+(image columns, the radiological view). KiTS19 files are already stored like this, so a
+model trained on KiTS19-layout data sees real KiTS19 scans without any transform.
+
+A file in another orientation (RAS, LPS, an oblique affine...) is brought to the internal
+orientation by axis permutations and flips only -- never by resampling -- so the way back
+to the file's exact grid is lossless. :class:`Volume` carries the array, its internal
+affine and the :class:`SourceGrid` needed to undo the reorientation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+
+#: The internal orientation (nibabel axis codes: the direction each axis increases towards).
+INTERNAL_AXCODES: tuple[str, str, str] = ("I", "P", "L")
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each array axis (column norms of the affine's 3x3 part)."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+@dataclass(frozen=True)
+class SourceGrid:
+    """The grid of the file a volume was read from, and how to return to it.
+
+    ``to_internal`` is a nibabel orientation transform (``ornt``, shape (3, 2)): applying it
+    to an array on the source grid gives the internal array; :meth:`to_source` undoes it.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    to_internal: np.ndarray
+    path: Path | None = None
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        return tuple(nib.aff2axcodes(self.affine))
+
+    def internal_shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in nio.apply_orientation(np.empty(self.shape, np.bool_), self.to_internal).shape)
+
+    def internal_affine(self) -> np.ndarray:
+        """The affine of the internal array: same world positions, permuted/flipped axes."""
+        return self.affine @ nio.inv_ornt_aff(self.to_internal, self.shape)
+
+    def to_source(self, internal_array: np.ndarray) -> np.ndarray:
+        """Bring an array (3D, or 3D + trailing channel axes) from the internal to the source grid."""
+        expected = self.internal_shape()
+        if tuple(internal_array.shape[:3]) != expected:
+            raise ValueError(
+                f"array of shape {internal_array.shape} is not on this volume's grid {expected}"
+            )
+        back = nio.ornt_transform(INTERNAL_ORNT, nio.io_orientation(self.affine))
+        return np.ascontiguousarray(nio.apply_orientation(internal_array, back))
+
+
+INTERNAL_ORNT = nio.axcodes2ornt(INTERNAL_AXCODES)
+
+
+def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | None = None) -> SourceGrid:
+    """Describe a file's grid and the permutation/flips that make it slice-first (I, P, L)."""
+    if len(shape) != 3:
+        raise ValueError(f"expected a 3D volume, got shape {tuple(shape)}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError("the affine must be a finite 4x4 matrix")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError("the affine is singular (zero voxel size or collinear axes)")
+    to_internal = nio.ornt_transform(nio.io_orientation(affine), INTERNAL_ORNT)
+    return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path)
+
+
+@dataclass
+class Volume:
+    """A 3D image in the internal orientation, with its geometry.
+
+    Attributes:
+        array: shape (Z, Y, X) = (slices, rows, cols), axis codes (I, P, L).
+        affine: 4x4 voxel -> world (RAS+ mm) affine of ``array``.
+        source: the grid of the file it came from; results are written back there.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    source: SourceGrid = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along (Z, Y, X)."""
+        return voxel_spacing(self.affine)
+
+    @property
+    def name(self) -> str:
+        return "volume" if self.source.path is None else strip_nifti_suffix(self.source.path.name)
+
+    @classmethod
+    def from_source_array(cls, array: np.ndarray, affine: np.ndarray, path: Path | None = None) -> "Volume":
+        """Wrap an array stored on a file's grid (any orientation) as an internal volume."""
+        grid = source_grid_for(array.shape, affine, path)
+        internal = np.ascontiguousarray(nio.apply_orientation(array, grid.to_internal))
+        return cls(internal, grid.internal_affine(), grid)
+
+    def like(self, array: np.ndarray) -> "Volume":
+        """Another array on this volume's internal grid (a label map, a probability map...)."""
+        if tuple(array.shape[:3]) != self.shape:
+            raise ValueError(f"array of shape {array.shape} does not match the volume {self.shape}")
+        return Volume(array, self.affine, self.source)
+
+    def to_source(self) -> np.ndarray:
+        """The array on the source file's grid (for writing)."""
+        return self.source.to_source(self.array)
+
+
+def strip_nifti_suffix(filename: str) -> str:
+    for suffix in (".nii.gz", ".nii"):
+        if filename.endswith(suffix):
+            return filename[: -len(suffix)]
+    return Path(filename).stem

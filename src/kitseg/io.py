@@ -1,0 +1,248 @@
+"""Reading CTs and writing results with their geometry; all nibabel handling lives here.
+
+Inputs are NIfTI files (``.nii``/``.nii.gz``) or KiTS19 case folders (``imaging.nii.gz`` and,
+where present, ``segmentation.nii.gz``). Arrays come back in the internal orientation
+(see :mod:`kitseg.geometry`); writers take internal arrays and put them back on the source
+file's exact grid (same shape, same affine), atomically, never over the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .geometry import SourceGrid, Volume, strip_nifti_suffix
+
+log = logging.getLogger(__name__)
+
+KITS_IMAGE = "imaging.nii.gz"
+KITS_LABELS = "segmentation.nii.gz"
+_CASE_RE = re.compile(r"^case_(\d+)$")
+
+
+class InputError(ValueError):
+    """An input file or folder cannot be used; the message names it and says why."""
+
+
+@dataclass
+class CaseInput:
+    """One thing to segment: a CT and, if known, its ground truth."""
+
+    name: str
+    image_path: Path
+    labels_path: Path | None = None
+    case_id: str | None = None  # "00042" for a KiTS19 folder "case_00042"
+
+    @property
+    def output_name(self) -> str:
+        """KiTS19 submission name for case folders, ``NAME_labels`` for plain files."""
+        return f"prediction_{self.case_id}" if self.case_id is not None else f"{self.name}_labels"
+
+    def intermediate_name(self, what: str) -> str:
+        stem = f"prediction_{self.case_id}" if self.case_id is not None else self.name
+        return f"{stem}_{what}"
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
+
+
+def case_from_folder(folder: Path) -> CaseInput:
+    image = folder / KITS_IMAGE
+    if not image.is_file():
+        raise InputError(f"{folder}: not a KiTS19 case folder (no {KITS_IMAGE} inside)")
+    labels = folder / KITS_LABELS
+    match = _CASE_RE.match(folder.name)
+    return CaseInput(
+        name=folder.name,
+        image_path=image,
+        labels_path=labels if labels.is_file() else None,
+        case_id=match.group(1) if match else None,
+    )
+
+
+def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
+    """Expand a CLI input into cases: a NIfTI file, a case folder, or a folder of either."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_file():
+        if not is_nifti(path):
+            raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+        return [CaseInput(name=strip_nifti_suffix(path.name), image_path=path)]
+    if (path / KITS_IMAGE).is_file():
+        return [case_from_folder(path)]
+    cases = [case_from_folder(p) for p in sorted(path.iterdir()) if p.is_dir() and (p / KITS_IMAGE).is_file()]
+    cases += [
+        CaseInput(name=strip_nifti_suffix(p.name), image_path=p)
+        for p in sorted(path.iterdir())
+        if p.is_file() and is_nifti(p)
+    ]
+    if not cases:
+        raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})")
+    return cases
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except Exception as exc:  # nibabel raises many types for corrupt/unknown files
+        raise InputError(f"{path}: cannot be read as NIfTI ({exc})") from None
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != 3:
+        raise InputError(f"{path}: expected a 3D volume, got shape {img.shape}")
+    if min(img.shape) < 1:
+        raise InputError(f"{path}: empty volume of shape {img.shape}")
+    return img
+
+
+def _read_array(img: nib.Nifti1Image, path: Path, integer_ok: bool) -> np.ndarray:
+    """The voxel values, without nibabel's float64 promotion (a 1059x512x512 CT would take 2.2 GB).
+
+    Integer data with an identity or integral scaling stays integer (int16 CT is the norm);
+    anything else becomes float32.
+    """
+    try:
+        raw = np.asanyarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"{path}: the voxel data cannot be read ({exc})") from None
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    if integer_ok and raw.dtype.kind in "iub" and slope == int(slope) and inter == int(inter):
+        if slope == 1.0 and inter == 0.0:
+            return raw
+        return (raw.astype(np.int32) * int(slope) + int(inter)).astype(np.int32)
+    out = raw.astype(np.float32, copy=False)
+    if slope != 1.0 or inter != 0.0:
+        out = out * np.float32(slope) + np.float32(inter)
+    if not np.all(np.isfinite(out)):
+        raise InputError(f"{path}: the volume contains NaN or infinite values")
+    return out
+
+
+def read_volume(path: str | os.PathLike, *, integer_ok: bool = True) -> Volume:
+    """Read a 3D NIfTI file as an internal-orientation :class:`Volume`."""
+    path = Path(path)
+    img = _load_nifti(path)
+    affine = img.affine
+    if affine is None:
+        raise InputError(f"{path}: the file has no affine (no qform/sform)")
+    array = _read_array(img, path, integer_ok)
+    try:
+        return Volume.from_source_array(array, affine, path)
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def read_ct(path: str | os.PathLike) -> Volume:
+    """Read a CT from a NIfTI file or a KiTS19 case folder."""
+    path = Path(path)
+    if path.is_dir():
+        return read_volume(case_from_folder(path).image_path)
+    return read_volume(path)
+
+
+def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
+    """Read a label map; with ``like``, check it lies on that volume's grid."""
+    path = Path(path)
+    labels = read_volume(path)
+    arr = labels.array
+    if arr.dtype.kind == "f":
+        if not np.all(arr == np.round(arr)):
+            raise InputError(f"{path}: a label map must hold whole numbers")
+    if arr.min() < 0 or arr.max() > 255:
+        raise InputError(f"{path}: label values must be in 0..255, got {arr.min()}..{arr.max()}")
+    labels.array = arr.astype(np.uint8, copy=False)
+    if like is not None:
+        check_same_grid(labels.source, like.source, path)
+    return labels
+
+
+def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None = None, atol: float = 1e-3) -> None:
+    where = f"{path}: " if path else ""
+    if grid.shape != reference.shape:
+        raise InputError(f"{where}shape {grid.shape} differs from the CT's {reference.shape}")
+    if not np.allclose(grid.affine, reference.affine, atol=atol):
+        raise InputError(f"{where}its affine differs from the CT's: the two do not overlay")
+
+
+def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_on_source_grid(
+    internal_array: np.ndarray,
+    source: SourceGrid,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    intent: str | None = None,
+    scale: float | None = None,
+) -> Path:
+    """Write an internal-orientation array on the source file's exact grid (shape + affine).
+
+    ``internal_array`` is (Z, Y, X) or (Z, Y, X, C). ``scale`` stores integer data with a NIfTI
+    slope (uint8 probabilities with slope 1/255 read back as 0..1 in every viewer).
+    Refuses to replace the source file itself, and any existing file unless ``overwrite``.
+    """
+    path = Path(path)
+    if not is_nifti(path):
+        raise InputError(f"{path}: output must end in .nii or .nii.gz")
+    if source.path is not None and path.exists() and path.resolve() == Path(source.path).resolve():
+        raise InputError(f"{path}: refusing to overwrite the input CT")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
+    data = source.to_source(internal_array)
+    img = nib.Nifti1Image(data, source.affine)
+    # Both qform and sform carry the affine so every viewer places the labels on the CT.
+    img.set_qform(source.affine, code=1)
+    img.set_sform(source.affine, code=1)
+    if intent:
+        img.header.set_intent(intent)
+    if scale is not None:
+        img.header.set_slope_inter(scale, 0.0)
+    _atomic_save(img, path)
+    return path
+
+
+def write_labels(labels: np.ndarray, source: SourceGrid, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a uint8 label map {0, 1, 2} on the source grid."""
+    labels = np.asarray(labels)
+    if labels.dtype != np.uint8:
+        if labels.min() < 0 or labels.max() > 255:
+            raise ValueError("label values must lie in 0..255")
+        labels = labels.astype(np.uint8)
+    return write_on_source_grid(labels, source, path, overwrite=overwrite, intent="label")
+
+
+def write_kits_case(ct_hu: np.ndarray, labels: np.ndarray | None, affine: np.ndarray, folder: str | os.PathLike) -> Path:
+    """Write arrays stored on a KiTS19 grid (already in file orientation) as a case folder."""
+    folder = Path(folder)
+    ct_img = nib.Nifti1Image(np.asarray(ct_hu), affine)
+    _atomic_save(ct_img, folder / KITS_IMAGE)
+    if labels is not None:
+        _atomic_save(nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), affine), folder / KITS_LABELS)
+    return folder

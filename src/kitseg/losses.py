@@ -1,0 +1,110 @@
+"""Training losses of the two stages.
+
+Shapes: logits ``(N, C, H, W)``, integer targets ``(N, H, W)``, masks ``(N, H, W)`` or
+``(N, 1, H, W)``. Every loss is computed in float32 with ``log_softmax`` (never
+``log(softmax(.))``), with autocast switched off, so it is stable under mixed precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_logits_target(logits: Tensor, target: Tensor, what: str) -> None:
+    if logits.ndim != 4:
+        raise ValueError(f"{what}: logits must be (N, C, H, W), got shape {tuple(logits.shape)}")
+    n, _, h, w = logits.shape
+    if tuple(target.shape) != (n, h, w):
+        raise ValueError(f"{what}: target must be (N, H, W) = {(n, h, w)}, got shape {tuple(target.shape)}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"{what}: target must be int64 class indices, got dtype {target.dtype}")
+
+
+def _float32_log_softmax(logits: Tensor) -> Tensor:
+    # Autocast would otherwise be free to run the reduction in half precision.
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return F.log_softmax(logits.float(), dim=1)
+
+
+def stage1_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Stage-1 cross-entropy, mean over pixels.
+
+    Args:
+        logits: ``(N, 2, H, W)``, background / kidney+tumor.
+        target: ``(N, H, W)`` int64 in {0, 1}.
+
+    Returns:
+        A float32 scalar, equal to ``F.cross_entropy(logits, target)``.
+    """
+    _check_logits_target(logits, target, "stage1_loss")
+    return F.nll_loss(_float32_log_softmax(logits), target)
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Stage-2 masked cross-entropy, as the paper writes it: ``-mean(mask * L * log y2)``.
+
+    The mean runs over pixels **and** channels: with ``L`` the one-hot target,
+
+        loss = -1 / (N*H*W*C) * sum_{n,h,w,c} mask[n,h,w] * L[n,c,h,w] * log_softmax(logits)[n,c,h,w]
+
+    i.e. the cross-entropy of the pixels inside the mask, summed, divided by *all* ``N*H*W``
+    pixels and scaled by ``1/C`` (only the target channel of each pixel is non-zero). Pixels
+    outside the mask contribute nothing, and an all-zero mask gives exactly 0.
+
+    Args:
+        logits: ``(N, C, H, W)`` (stage 2: C = 3, background / kidney / tumor).
+        target: ``(N, H, W)`` int64 in ``0..C-1``.
+        mask: ``(N, H, W)`` or ``(N, 1, H, W)``, bool or float (soft weights allowed).
+
+    Returns:
+        A float32 scalar.
+    """
+    _check_logits_target(logits, target, "masked_cross_entropy")
+    n, c, h, w = logits.shape
+    if mask.ndim == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"masked_cross_entropy: a 4-D mask must be (N, 1, H, W), got shape {tuple(mask.shape)}")
+        mask = mask[:, 0]
+    if tuple(mask.shape) != (n, h, w):
+        raise ValueError(
+            f"masked_cross_entropy: mask must be (N, H, W) or (N, 1, H, W) with (N, H, W) = {(n, h, w)}, "
+            f"got shape {tuple(mask.shape)}"
+        )
+    log_probs = _float32_log_softmax(logits)
+    # Gathering the target channel is the one-hot product without materializing the one-hot tensor.
+    target_log_probs = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    return -(mask.float() * target_log_probs).sum() / (n * h * w * c)
+
+
+def deep_supervision_loss(
+    outputs: Sequence[Tensor] | Tensor,
+    target: Tensor,
+    mask: Tensor,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """Sum of :func:`masked_cross_entropy` over the UNet++ heads, each optionally weighted.
+
+    Args:
+        outputs: the network's list of logits, each ``(N, C, H, W)`` (a bare tensor counts as one head).
+        target: ``(N, H, W)`` int64.
+        mask: ``(N, H, W)`` or ``(N, 1, H, W)``.
+        weights: one weight per head; ``None`` weights every head 1 (the paper's plain sum).
+
+    Returns:
+        A float32 scalar.
+    """
+    heads = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    if not heads:
+        raise ValueError("deep_supervision_loss: no outputs given")
+    if weights is None:
+        weights = [1.0] * len(heads)
+    if len(weights) != len(heads):
+        raise ValueError(f"deep_supervision_loss: {len(weights)} weights for {len(heads)} heads")
+    total = masked_cross_entropy(heads[0], target, mask) * float(weights[0])
+    for head, weight in zip(heads[1:], weights[1:]):
+        total = total + masked_cross_entropy(head, target, mask) * float(weight)
+    return total

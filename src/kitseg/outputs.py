@@ -1,0 +1,61 @@
+"""Writing a segmentation's results next to each other, on the CT's own grid.
+
+Names are a contract other tools rely on: a KiTS19 case folder ``case_XXXXX`` gives
+``prediction_XXXXX.nii.gz`` (the KiTS19 submission name); a file ``NAME.nii.gz`` gives
+``NAME_labels.nii.gz``; intermediates add ``_y1``, ``_mask`` and ``_probs`` to the stem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .io import CaseInput, write_labels, write_on_source_grid
+from .pipeline import Segmentation
+from .preprocess import StageGrid
+
+INTERMEDIATES = ("y1", "mask", "probs")
+
+
+def output_paths(case: CaseInput, out_dir: Path, intermediates: bool) -> list[Path]:
+    paths = [out_dir / f"{case.output_name}.nii.gz"]
+    if intermediates:
+        paths += [out_dir / f"{case.intermediate_name(what)}.nii.gz" for what in INTERMEDIATES]
+    return paths
+
+
+def probability_to_source_uint8(grid: StageGrid, stage: np.ndarray) -> np.ndarray:
+    """Resample stage-grid probabilities (..., Zs, Ys, Xs) in [0, 1] onto the source grid as uint8 0..255.
+
+    Channels (if any) move last, as NIfTI stores vector data. uint8 keeps a 1059-slice CT's
+    three probability maps under 1 GB; the file carries slope 1/255 so viewers show 0..1.
+    """
+    channels = stage.shape[:-3]
+    out = np.empty(grid.source_shape + channels, np.uint8)
+    for i, plane in grid.iter_to_source(stage):
+        plane = np.clip(plane * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        out[i] = np.moveaxis(plane, 0, -1) if channels else plane
+    return out
+
+
+def write_prediction(
+    result: Segmentation, case: CaseInput, out_dir: Path, intermediates: bool = False, overwrite: bool = False
+) -> list[Path]:
+    """Write the labels (and the intermediates) of one case; returns the paths written."""
+    source = result.prepared.volume.source
+    labels_path, *rest = output_paths(case, out_dir, intermediates)
+    written = [write_labels(result.labels, source, labels_path, overwrite=overwrite)]
+    if intermediates:
+        grid = result.prepared.grid
+        y1_path, mask_path, probs_path = rest
+        written.append(_write_probability(probability_to_source_uint8(grid, result.y1), source, y1_path, overwrite))
+        mask_src = probability_to_source_uint8(grid, result.mask.astype(np.float32)) >= 128
+        written.append(write_labels(mask_src.astype(np.uint8), source, mask_path, overwrite=overwrite))
+        probs = probability_to_source_uint8(grid, result.probs)
+        written.append(_write_probability(probs, source, probs_path, overwrite))
+    return written
+
+
+def _write_probability(data_uint8: np.ndarray, source, path: Path, overwrite: bool) -> Path:
+    return write_on_source_grid(data_uint8, source, path, overwrite=overwrite, scale=1.0 / 255.0)

@@ -1,0 +1,268 @@
+"""The two-stage method, one step at a time, so a GUI can run, show and edit between steps.
+
+    prepared = segmenter.prepare(volume)                 # resample to the stage grid, normalize
+    y1 = segmenter.stage1(prepared)                      # P(kidney or tumor), (Zs, Ys, Xs)
+    mask = make_mask(y1, threshold=0.5, radius=10)       # dilated foreground, the stage-2 ROI
+    probs = segmenter.stage2(prepared, y1, mask)         # (3, Zs, Ys, Xs): background, kidney, tumor
+    labels = segmenter.labels_on_source(prepared, probs) # uint8 on the CT's own grid
+
+Every long step has an ``iter_*`` twin: a generator that fills a caller-owned output array batch
+by batch and yields :class:`Progress` after each batch, so a caller can show partial results
+and stop between batches (closing the generator leaves finished batches in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelBundle, load_bundle
+from .config import MaskConfig
+from .device import get_device
+from .geometry import Volume
+from .morphology import bounding_box, dilate_ball
+from .preprocess import PreparedVolume, prepare
+
+log = logging.getLogger(__name__)
+
+# Stage-2 probabilities are kept as float16 on the stage grid: 3 x 106 x 512 x 512 fits in 170 MB.
+PROB_DTYPE = np.float16
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One finished batch: ``done`` of ``total`` units; ``slices`` = stage slices just written."""
+
+    step: str
+    done: int
+    total: int
+    slices: tuple[int, int] | None = None
+
+
+def stage2_input(image: np.ndarray, y1: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The paper's stage-2 input ``I2 = mask * concat(y1*I, I, (1-y1)*I)``.
+
+    Args:
+        image: normalized CT ``I``, shape (..., H, W).
+        y1: stage-1 foreground probability, same shape.
+        mask: the dilated stage-1 foreground (bool or 0/1), same shape.
+    Returns:
+        float32 array (..., 3, H, W): channels (y1*I, I, (1-y1)*I), zero outside the mask.
+    """
+    if not (image.shape == y1.shape == mask.shape):
+        raise ValueError(f"image {image.shape}, y1 {y1.shape} and mask {mask.shape} must have one shape")
+    image = image.astype(np.float32, copy=False)
+    y1 = y1.astype(np.float32, copy=False)
+    m = mask.astype(np.float32, copy=False)
+    masked = m * image
+    return np.stack([y1 * masked, masked, (1.0 - y1) * masked], axis=-3)
+
+
+def make_mask(
+    y1: np.ndarray,
+    threshold: float = 0.5,
+    radius: float = 10.0,
+    spacing: tuple[float, float, float] | None = None,
+) -> np.ndarray:
+    """Stage-2 region of interest: ``y1 >= threshold`` dilated by a ball.
+
+    ``radius`` is in voxels of the stage grid (the original implementation) unless ``spacing``
+    (mm per voxel) is given, in which case it is in mm.
+    """
+    MaskConfig(threshold=threshold, radius=radius)  # validates the values
+    return dilate_ball(y1 >= threshold, radius, spacing)
+
+
+def default_weights_path() -> Path:
+    """The shipped default model (``kitseg/weights/default.kseg``)."""
+    path = Path(__file__).parent / "weights" / "default.kseg"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the default weights are not installed; pass --weights FILE.kseg "
+            "(train one with `kits-seg train`)"
+        )
+    return path
+
+
+def _stage1_batch(image: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
+    """(B, 2*context+1, Ys, Xs) input: each slice with its neighbours (edges repeat)."""
+    offsets = np.arange(-context, context + 1)
+    neighbour = np.clip(indices[:, None] + offsets[None, :], 0, image.shape[0] - 1)
+    return image[neighbour]
+
+
+class Segmenter:
+    """A loaded two-stage model on one device; reuse it across cases (the weights load once)."""
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "auto", batch_size: int = 8):
+        if bundle.stage1 is None or bundle.stage2 is None:
+            missing = "stage 1" if bundle.stage1 is None else "stage 2"
+            raise ValueError(f"the model has no {missing}; segmentation needs both stages")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = bundle
+        self.device = device if isinstance(device, torch.device) else get_device(device)
+        self.batch_size = batch_size
+        self.stage1_net = bundle.stage1.module.to(self.device).eval()
+        self.stage2_net = bundle.stage2.module.to(self.device).eval()
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 8) -> "Segmenter":
+        return cls(load_bundle(path or default_weights_path()), device=device, batch_size=batch_size)
+
+    @property
+    def preprocessing(self):
+        return self.bundle.preprocessing
+
+    def prepare(self, volume: Volume) -> PreparedVolume:
+        return prepare(volume, self.bundle.preprocessing)
+
+    def _autocast(self):
+        # Mixed precision helps on CUDA only; on CPU it is slower and less exact.
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def _forward_probs(self, net: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        with self._autocast():
+            out = net(x)
+        heads = out if isinstance(out, (list, tuple)) else [out]
+        # UNet++ deep supervision: average the heads' probabilities (the paper's ensemble mode).
+        probs = torch.stack([torch.softmax(h.float(), dim=1) for h in heads]).mean(dim=0)
+        return probs.cpu().numpy()
+
+    # ---------------------------------------------------------------- stage 1
+    def iter_stage1(self, prepared: PreparedVolume, y1_out: np.ndarray) -> Iterator[Progress]:
+        """Fill ``y1_out`` (float32, stage shape) with P(foreground), a batch of slices at a time."""
+        image = prepared.image
+        if y1_out.shape != image.shape:
+            raise ValueError(f"y1_out has shape {y1_out.shape}, expected {image.shape}")
+        context = self.bundle.preprocessing.context_slices
+        n = image.shape[0]
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            batch = _stage1_batch(image, np.arange(start, stop), context)
+            y1_out[start:stop] = self._forward_probs(self.stage1_net, batch)[:, 1]
+            yield Progress("stage 1", stop, n, (start, stop))
+
+    def stage1(self, prepared: PreparedVolume) -> np.ndarray:
+        y1 = np.zeros(prepared.image.shape, np.float32)
+        for _ in self.iter_stage1(prepared, y1):
+            pass
+        return y1
+
+    # ---------------------------------------------------------------- stage 2
+    def iter_stage2(
+        self, prepared: PreparedVolume, y1: np.ndarray, mask: np.ndarray, probs_out: np.ndarray
+    ) -> Iterator[Progress]:
+        """Fill ``probs_out`` (3, Zs, Ys, Xs) with class probabilities inside the mask.
+
+        Only the mask's bounding box goes through the network; everything outside the mask
+        is background with probability 1, as the method defines.
+        """
+        shape = prepared.image.shape
+        if y1.shape != shape or mask.shape != shape:
+            raise ValueError(f"y1 {y1.shape} and mask {mask.shape} must match the image {shape}")
+        if probs_out.shape != (3,) + shape:
+            raise ValueError(f"probs_out has shape {probs_out.shape}, expected {(3,) + shape}")
+        probs_out[...] = 0
+        probs_out[0] = 1
+        mask = mask.astype(bool, copy=False)
+        box = bounding_box(mask)
+        if box is None:
+            yield Progress("stage 2", 0, 0)
+            return
+        zs, ys, xs = box
+        total = zs.stop - zs.start
+        for start in range(zs.start, zs.stop, self.batch_size):
+            stop = min(zs.stop, start + self.batch_size)
+            region = (slice(start, stop), ys, xs)
+            batch = stage2_input(prepared.image[region], y1[region], mask[region])
+            probs = self._forward_probs(self.stage2_net, batch)  # (B, 3, h, w)
+            inside = mask[region][:, None]
+            background = np.zeros((1, 3, 1, 1), np.float32)
+            background[0, 0] = 1.0
+            probs = np.where(inside, probs, background)
+            probs_out[:, start:stop, ys, xs] = probs.transpose(1, 0, 2, 3)
+            yield Progress("stage 2", stop - zs.start, total, (start, stop))
+
+    def stage2(self, prepared: PreparedVolume, y1: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
+        for _ in self.iter_stage2(prepared, y1, mask, probs):
+            pass
+        return probs
+
+    # ---------------------------------------------------------------- back to the CT grid
+    def iter_labels_on_source(
+        self, prepared: PreparedVolume, probs: np.ndarray, labels_out: np.ndarray
+    ) -> Iterator[Progress]:
+        """Resample probabilities to the CT's grid slice by slice, then argmax into ``labels_out``.
+
+        Only the source region that the non-background stage box reaches is resampled; the
+        rest of the CT is background by construction.
+        """
+        grid = prepared.grid
+        labels_out[...] = 0
+        foreground = probs[0] < 1
+        box = bounding_box(foreground)
+        if box is None:
+            yield Progress("labels", 1, 1)
+            return
+        src_z, src_y, src_x = grid.source_box(box)
+        total = src_z.stop - src_z.start
+        for i, plane in grid.iter_to_source(probs, (src_z.start, src_z.stop)):
+            labels_out[i, src_y, src_x] = np.argmax(plane[:, src_y, src_x], axis=0).astype(np.uint8)
+            done = i - src_z.start + 1
+            if done % 16 == 0 or done == total:
+                yield Progress("labels", done, total)
+
+    def labels_on_source(self, prepared: PreparedVolume, probs: np.ndarray) -> np.ndarray:
+        labels = np.zeros(prepared.volume.shape, np.uint8)
+        for _ in self.iter_labels_on_source(prepared, probs, labels):
+            pass
+        return labels
+
+    # ---------------------------------------------------------------- all steps
+    def segment(self, volume: Volume, mask_config: MaskConfig | None = None) -> "Segmentation":
+        """Both stages end to end; see :meth:`iter_segment` for progress."""
+        result = None
+        for item in self.iter_segment(volume, mask_config):
+            if isinstance(item, Segmentation):
+                result = item
+        assert result is not None
+        return result
+
+    def iter_segment(
+        self, volume: Volume, mask_config: MaskConfig | None = None
+    ) -> Iterator["Progress | Segmentation"]:
+        """Run every step, yielding Progress, then the :class:`Segmentation` last."""
+        mask_config = mask_config or self.bundle.mask
+        prepared = self.prepare(volume)
+        yield Progress("prepare", 1, 1)
+        y1 = np.zeros(prepared.image.shape, np.float32)
+        yield from self.iter_stage1(prepared, y1)
+        spacing = prepared.grid.spacing if mask_config.radius_unit == "mm" else None
+        mask = make_mask(y1, mask_config.threshold, mask_config.radius, spacing)
+        yield Progress("mask", 1, 1)
+        probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
+        yield from self.iter_stage2(prepared, y1, mask, probs)
+        labels = np.zeros(volume.shape, np.uint8)
+        yield from self.iter_labels_on_source(prepared, probs, labels)
+        yield Segmentation(labels=labels, y1=y1, mask=mask, probs=probs, prepared=prepared)
+
+
+@dataclass
+class Segmentation:
+    """Everything a run produced. ``labels`` is on the CT's internal grid; the rest on the stage grid."""
+
+    labels: np.ndarray
+    y1: np.ndarray
+    mask: np.ndarray
+    probs: np.ndarray
+    prepared: PreparedVolume

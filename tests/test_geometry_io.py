@@ -1,0 +1,122 @@
+"""Geometry: any orientation in, the internal (I, P, L) orientation inside, the exact grid out."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kitseg.geometry import INTERNAL_AXCODES, Volume
+from kitseg.io import InputError, discover_inputs, read_ct, read_labels, write_labels
+
+from .conftest import KITS19, ORIENTATIONS, make_affine, requires
+
+
+def _save(array, affine, path):
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_read_write_round_trip_keeps_grid_and_values(tmp_path, orientation):
+    rng = np.random.default_rng(1)
+    shape = (7, 9, 11) if orientation != "kits" else (11, 9, 7)
+    array = rng.integers(0, 3, size=shape).astype(np.uint8)
+    affine = make_affine(orientation)
+    src = _save(array, affine, tmp_path / "ct.nii.gz")
+
+    volume = read_ct(src)
+    assert tuple(nib.aff2axcodes(volume.affine)) == INTERNAL_AXCODES or orientation == "oblique"
+    # Every internal voxel sits where the same value sat in the file.
+    for idx in [(0, 0, 0), (3, 4, 5), tuple(n - 1 for n in volume.shape)]:
+        world = volume.affine @ np.array([*idx, 1.0])
+        file_idx = np.round(np.linalg.inv(affine) @ world)[:3].astype(int)
+        assert volume.array[idx] == array[tuple(file_idx)]
+
+    out = write_labels(volume.array, volume.source, tmp_path / "labels.nii.gz")
+    back = nib.load(str(out))
+    assert back.shape == array.shape
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), array)
+    assert back.get_data_dtype() == np.uint8
+
+
+def test_internal_orientation_of_ras_file_is_slice_first(tmp_path):
+    array = np.zeros((10, 12, 5), np.int16)  # x, y, z
+    array[:, :, 0] = 7  # the most inferior slice in RAS
+    volume = read_ct(_save(array, make_affine("ras"), tmp_path / "ct.nii.gz"))
+    assert volume.shape == (5, 12, 10)
+    assert np.all(volume.array[-1] == 7)  # axis 0 runs superior -> inferior
+    np.testing.assert_allclose(volume.spacing, (2.5, 0.8, 0.7))
+
+
+def test_ct_stays_int16_without_scaling(tmp_path):
+    array = np.full((4, 5, 6), -1000, np.int16)
+    volume = read_ct(_save(array, make_affine("ras"), tmp_path / "ct.nii.gz"))
+    assert volume.array.dtype == np.int16
+
+
+def test_writer_refuses_to_overwrite(tmp_path):
+    src = _save(np.zeros((4, 5, 6), np.int16), make_affine("lps"), tmp_path / "ct.nii.gz")
+    volume = read_ct(src)
+    with pytest.raises(InputError, match="refusing to overwrite the input CT"):
+        write_labels(np.zeros(volume.shape, np.uint8), volume.source, src, overwrite=True)
+    out = write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "l.nii.gz")
+    with pytest.raises(FileExistsError, match="exists already"):
+        write_labels(np.ones(volume.shape, np.uint8), volume.source, out)
+    assert np.asarray(nib.load(str(out)).dataobj).max() == 0  # untouched
+    write_labels(np.ones(volume.shape, np.uint8), volume.source, out, overwrite=True)
+    assert np.asarray(nib.load(str(out)).dataobj).min() == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_ct(tmp_path / "missing.nii.gz")
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a nifti at all")
+    with pytest.raises(InputError, match="junk.nii.gz: cannot be read as NIfTI"):
+        read_ct(junk)
+    four_d = _save(np.zeros((3, 4, 5, 2), np.int16), np.eye(4), tmp_path / "4d.nii.gz")
+    with pytest.raises(InputError, match="expected a 3D volume"):
+        read_ct(four_d)
+    with pytest.raises(InputError, match="not a KiTS19 case folder"):
+        read_ct(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not a NIfTI file"):
+        discover_inputs(tmp_path / "notes.txt")
+
+
+def test_discover_case_folders_and_files(tmp_path):
+    for case in ("case_00003", "case_00012"):
+        (tmp_path / case).mkdir()
+        _save(np.zeros((3, 4, 5), np.int16), make_affine("kits"), tmp_path / case / "imaging.nii.gz")
+    _save(np.zeros((3, 4, 5), np.int16), make_affine("ras"), tmp_path / "scan.nii.gz")
+    cases = discover_inputs(tmp_path)
+    assert [c.output_name for c in cases] == ["prediction_00003", "prediction_00012", "scan_labels"]
+    assert discover_inputs(tmp_path / "case_00012")[0].intermediate_name("y1") == "prediction_00012_y1"
+
+
+def test_label_grid_mismatch_is_refused(tmp_path):
+    ct = read_ct(_save(np.zeros((4, 5, 6), np.int16), make_affine("ras"), tmp_path / "ct.nii.gz"))
+    other = _save(np.zeros((4, 5, 6), np.uint8), make_affine("lps"), tmp_path / "seg.nii.gz")
+    with pytest.raises(InputError, match="affine differs"):
+        read_labels(other, like=ct)
+
+
+def test_volume_like_checks_shape():
+    volume = Volume.from_source_array(np.zeros((3, 4, 5)), make_affine("ras"))
+    with pytest.raises(ValueError, match="does not match"):
+        volume.like(np.zeros((3, 4, 5)))
+
+
+@requires(KITS19 / "case_00000")
+def test_real_kits19_mask_keeps_its_geometry(tmp_path):
+    path = KITS19 / "case_00000" / "segmentation.nii.gz"
+    img = nib.load(str(path))
+    labels = read_labels(path)
+    assert labels.shape == img.shape  # KiTS19 files are already in the internal orientation
+    np.testing.assert_allclose(labels.affine, img.affine)
+    assert set(np.unique(labels.array)) <= {0, 1, 2}
+    out = write_labels(labels.array, labels.source, tmp_path / "copy.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), np.asarray(img.dataobj))
