@@ -51,7 +51,9 @@ SCHEMA_VERSION = 1
 SUFFIX = ".kseg"
 METADATA_KEY = "__metadata__"
 STAGE_KEYS: tuple[str, ...] = ("1", "2")
-_REQUIRED_FIELDS = ("format", "schema_version", "kitseg_version", "preprocessing", "label_map", "mask", "stages", "provenance")
+_REQUIRED_FIELDS = (
+    "format", "schema_version", "kitseg_version", "preprocessing", "label_map", "mask", "stages", "provenance",
+)
 _STAGE_FIELDS = ("architecture", "kwargs", "weights_sha256")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -272,7 +274,9 @@ def _load_stage(
         name[len(prefix) :]: _read_array(archive, name, path) for name in archive.files if name.startswith(prefix)
     }
     if weights_sha256(arrays) != stage["weights_sha256"]:
-        raise _fail(path, f"the weights of stage {key} do not match their sha256 (the file is corrupted or was modified)")
+        raise _fail(
+            path, f"the weights of stage {key} do not match their sha256 (the file is corrupted or was modified)"
+        )
     try:
         module = build_network(stage["architecture"], **stage["kwargs"])
     except ValueError as error:
@@ -288,7 +292,8 @@ def _load_stage(
             shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise _fail(path, f"stage {key} weights do not fit {stage['architecture']} {stage['kwargs']}: {'; '.join(problems)}")
+        fit = f"{stage['architecture']} {stage['kwargs']}"
+        raise _fail(path, f"stage {key} weights do not fit {fit}: {'; '.join(problems)}")
     # np.load gives read-only views of the archive's bytes; torch wants writable memory.
     state = {name: torch.from_numpy(np.array(array)) for name, array in arrays.items()}
     module.load_state_dict(state, strict=True)

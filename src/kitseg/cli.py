@@ -207,12 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_info(sub)
     _add_phantom(sub)
-    try:
-        from .training.cli import add_train_parser
-    except ImportError:  # training is optional for the rest of the CLI
-        pass
-    else:
-        add_train_parser(sub)
+    from .training.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -169,8 +169,8 @@ def dilate_ball(
     lengths = _squared_offset_lengths(radius, spacing)
     r2 = radius**2
     inside = lengths <= r2
-    structure = np.ascontiguousarray(inside[bounding_box(inside)])
-    half = tuple(n // 2 for n in structure.shape)
+    # R_i, the ball's half-size: from the ball itself, so halos agree with its rounding.
+    half = tuple((s.stop - s.start) // 2 for s in bounding_box(inside))
     q_in = float(lengths[inside].max())
     q_out = float(lengths[~inside].min())
     tie = (q_out - q_in) <= _TIE_RELATIVE_GAP * q_out

@@ -27,6 +27,7 @@ from .config import MaskConfig
 from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
+from .networks import predict_logits
 from .preprocess import PreparedVolume, prepare
 
 log = logging.getLogger(__name__)
@@ -45,22 +46,26 @@ class Progress:
     slices: tuple[int, int] | None = None
 
 
-def stage2_input(image: np.ndarray, y1: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def stage2_input(image, y1, mask):
     """The paper's stage-2 input ``I2 = mask * concat(y1*I, I, (1-y1)*I)``.
+
+    Works on numpy arrays (inference) and torch tensors (training), so both use one formula.
 
     Args:
         image: normalized CT ``I``, shape (..., H, W).
         y1: stage-1 foreground probability, same shape.
         mask: the dilated stage-1 foreground (bool or 0/1), same shape.
     Returns:
-        float32 array (..., 3, H, W): channels (y1*I, I, (1-y1)*I), zero outside the mask.
+        float32 (..., 3, H, W): channels (y1*I, I, (1-y1)*I), zero outside the mask.
     """
     if not (image.shape == y1.shape == mask.shape):
-        raise ValueError(f"image {image.shape}, y1 {y1.shape} and mask {mask.shape} must have one shape")
-    image = image.astype(np.float32, copy=False)
+        raise ValueError(f"image {tuple(image.shape)}, y1 {tuple(y1.shape)} and mask {tuple(mask.shape)} must have one shape")
+    if isinstance(image, torch.Tensor):
+        masked = mask.to(torch.float32) * image.to(torch.float32)
+        y1 = y1.to(torch.float32)
+        return torch.stack([y1 * masked, masked, (1.0 - y1) * masked], dim=-3)
     y1 = y1.astype(np.float32, copy=False)
-    m = mask.astype(np.float32, copy=False)
-    masked = m * image
+    masked = mask.astype(np.float32, copy=False) * image.astype(np.float32, copy=False)
     return np.stack([y1 * masked, masked, (1.0 - y1) * masked], axis=-3)
 
 
@@ -101,20 +106,27 @@ class Segmenter:
     """A loaded two-stage model on one device; reuse it across cases (the weights load once)."""
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "auto", batch_size: int = 8):
-        if bundle.stage1 is None or bundle.stage2 is None:
-            missing = "stage 1" if bundle.stage1 is None else "stage 2"
-            raise ValueError(f"the model has no {missing}; segmentation needs both stages")
+        if bundle.stage1 is None and bundle.stage2 is None:
+            raise ValueError("the model has no stage at all")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle
         self.device = device if isinstance(device, torch.device) else get_device(device)
         self.batch_size = batch_size
-        self.stage1_net = bundle.stage1.module.to(self.device).eval()
-        self.stage2_net = bundle.stage2.module.to(self.device).eval()
+        self.stage1_net = bundle.stage1.module.to(self.device).eval() if bundle.stage1 else None
+        self.stage2_net = bundle.stage2.module.to(self.device).eval() if bundle.stage2 else None
+
+    def require_both_stages(self) -> None:
+        """Segmentation needs both stages; a stage-1-only file can still make y1 maps."""
+        for number, net in ((1, self.stage1_net), (2, self.stage2_net)):
+            if net is None:
+                raise ValueError(f"the model has no stage {number}; segmentation needs both stages")
 
     @classmethod
     def from_file(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 8) -> "Segmenter":
-        return cls(load_bundle(path or default_weights_path()), device=device, batch_size=batch_size)
+        segmenter = cls(load_bundle(path or default_weights_path()), device=device, batch_size=batch_size)
+        segmenter.require_both_stages()
+        return segmenter
 
     @property
     def preprocessing(self):
@@ -132,14 +144,14 @@ class Segmenter:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         with self._autocast():
             out = net(x)
-        heads = out if isinstance(out, (list, tuple)) else [out]
-        # UNet++ deep supervision: average the heads' probabilities (the paper's ensemble mode).
-        probs = torch.stack([torch.softmax(h.float(), dim=1) for h in heads]).mean(dim=0)
-        return probs.cpu().numpy()
+        # UNet++ returns one logits map per supervised head; predict_logits ensembles them.
+        return torch.softmax(predict_logits(out).float(), dim=1).cpu().numpy()
 
     # ---------------------------------------------------------------- stage 1
     def iter_stage1(self, prepared: PreparedVolume, y1_out: np.ndarray) -> Iterator[Progress]:
         """Fill ``y1_out`` (float32, stage shape) with P(foreground), a batch of slices at a time."""
+        if self.stage1_net is None:
+            self.require_both_stages()
         image = prepared.image
         if y1_out.shape != image.shape:
             raise ValueError(f"y1_out has shape {y1_out.shape}, expected {image.shape}")
@@ -166,6 +178,8 @@ class Segmenter:
         Only the mask's bounding box goes through the network; everything outside the mask
         is background with probability 1, as the method defines.
         """
+        if self.stage2_net is None:
+            self.require_both_stages()
         shape = prepared.image.shape
         if y1.shape != shape or mask.shape != shape:
             raise ValueError(f"y1 {y1.shape} and mask {mask.shape} must match the image {shape}")
@@ -242,6 +256,7 @@ class Segmenter:
         self, volume: Volume, mask_config: MaskConfig | None = None
     ) -> Iterator["Progress | Segmentation"]:
         """Run every step, yielding Progress, then the :class:`Segmentation` last."""
+        self.require_both_stages()
         mask_config = mask_config or self.bundle.mask
         prepared = self.prepare(volume)
         yield Progress("prepare", 1, 1)

@@ -1,0 +1,74 @@
+"""npe2 reader: a CT as a NIfTI file or a KiTS19 case folder (with its ground truth, if any).
+
+A NIfTI that holds a label map (a few small whole numbers: a KiTS19 ``segmentation.nii.gz``,
+a saved prediction) opens as a labels layer, so a saved result or a reference can be
+re-opened over its CT. All axis handling is the engine's (:mod:`kitseg.io`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ._layers import LayerGeometry, ct_layer_data, ground_truth_layer_data, labels_layer_kwargs
+
+_LABEL_NAME_HINTS = ("segmentation", "labels", "label", "prediction", "mask", "seg")
+
+
+def _single_path(path: str | os.PathLike | list) -> Path | None:
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return Path(path)
+
+
+def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
+    """The reader function for ``path``, or ``None`` when this plugin cannot read it."""
+    p = _single_path(path)
+    if p is None:
+        return None
+    if p.is_dir():
+        return read_kits if (p / "imaging.nii.gz").is_file() else None
+    if p.name.endswith((".nii", ".nii.gz")):
+        return read_kits
+    return None
+
+
+def _looks_like_labels(path: Path, array: np.ndarray) -> bool:
+    """Label maps are small non-negative integers; CTs are signed HU with many values."""
+    if array.dtype.kind not in "iub":
+        return False
+    name = path.name.lower()
+    sample = array[:: max(1, array.shape[0] // 16)]
+    if sample.min() < 0 or sample.max() > 255:
+        return False
+    few_values = np.unique(sample).size <= 16
+    return few_values and (array.dtype.itemsize == 1 or any(h in name for h in _LABEL_NAME_HINTS))
+
+
+def read_kits(path: str | os.PathLike | list) -> list[tuple]:
+    """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
+    from kitseg.geometry import strip_nifti_suffix
+    from kitseg.io import case_from_folder, read_labels, read_volume
+
+    p = _single_path(path)
+    if p.is_dir():
+        case = case_from_folder(p)
+        ct = read_volume(case.image_path)
+        layers = [ct_layer_data(ct, case.name, case.case_id)]
+        if case.labels_path is not None:
+            gt = read_labels(case.labels_path, like=ct)
+            layers.append(ground_truth_layer_data(gt, case.name, case.case_id))
+        return layers
+
+    volume = read_volume(p)
+    name = strip_nifti_suffix(p.name)
+    if _looks_like_labels(p, volume.array):
+        labels = read_labels(p)
+        geometry = LayerGeometry("labels", labels.source, None, name)
+        return [(labels.array, labels_layer_kwargs(name, geometry, labels.affine), "labels")]
+    return [ct_layer_data(volume, name)]

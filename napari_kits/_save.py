@@ -1,0 +1,87 @@
+"""Writing a layer back onto its CT file's exact grid (shared by the npe2 writer and the widget).
+
+Layers on the CT's internal grid go straight to :func:`kitseg.io.write_labels`; layers on the
+stage grid (``y1``, the mask, class probabilities) are first resampled to the CT's grid with
+the stage grid's own matrices (:meth:`kitseg.preprocess.StageGrid.iter_to_source`), slice by
+slice so a thin-slice CT never needs a float32 copy of itself. The engine's writers refuse to
+replace the input CT and write atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._layers import LayerGeometry
+
+#: What each kind of layer is called in output file names (kitseg.outputs naming).
+_SUFFIX = {"y1": "y1", "mask": "mask", "probability": "probs"}
+
+
+class SaveError(ValueError):
+    """The layer cannot be saved (no source grid, wrong kind...); the message says why."""
+
+
+def default_filename(geometry: LayerGeometry, layer_name: str = "") -> str:
+    """KiTS19-style names: ``prediction_00042.nii.gz``, ``NAME_labels.nii.gz``, ``NAME_y1.nii.gz``..."""
+    stem = f"prediction_{geometry.case_id}" if geometry.case_id else geometry.ct_name
+    if geometry.kind in _SUFFIX:
+        suffix = _SUFFIX[geometry.kind]
+        if geometry.kind == "probability" and layer_name:
+            suffix = layer_name.replace(" ", "_")
+        return f"{stem}_{suffix}.nii.gz"
+    return f"{stem}.nii.gz" if geometry.case_id else f"{stem}_labels.nii.gz"
+
+
+def default_directory(geometry: LayerGeometry) -> Path:
+    path = getattr(geometry.source, "path", None)
+    if path is not None:
+        folder = Path(path).parent
+        return folder.parent if folder.name.startswith("case_") else folder
+    return Path.cwd()
+
+
+def with_nifti_suffix(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.name.endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
+
+
+def _stage_mask_to_source(mask: np.ndarray, geometry: LayerGeometry) -> np.ndarray:
+    """Linear resampling of the 0/1 mask, thresholded at 0.5 (as kitseg.outputs does)."""
+    grid = geometry.stage_grid
+    out = np.zeros(grid.source_shape, np.uint8)
+    stage = (np.asarray(mask) > 0).astype(np.float32)
+    for i, plane in grid.iter_to_source(stage):
+        out[i] = plane >= 0.5
+    return out
+
+
+def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a plugin layer's data as NIfTI on the CT file's grid; returns the path written.
+
+    Raises:
+        SaveError: the layer carries no CT geometry (it was not made by napari-kits).
+        kitseg.io.InputError: ``path`` is the input CT, or not a NIfTI name.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    from kitseg.io import write_labels, write_on_source_grid
+
+    if geometry is None:
+        raise SaveError(
+            "this layer has no CT geometry: only layers opened or made by napari-kits "
+            "(CT, labels, y1, mask) can be written on the CT's grid"
+        )
+    path = with_nifti_suffix(path)
+    data = np.asarray(data)
+    if geometry.kind == "mask" and geometry.on_stage_grid:
+        return write_labels(_stage_mask_to_source(data, geometry), geometry.source, path, overwrite=overwrite)
+    if geometry.kind in ("y1", "probability") and geometry.on_stage_grid:
+        from kitseg.outputs import probability_to_source_uint8
+
+        probs = probability_to_source_uint8(geometry.stage_grid, np.asarray(data, np.float32))
+        return write_on_source_grid(probs, geometry.source, path, overwrite=overwrite, scale=1.0 / 255.0)
+    if geometry.kind in ("labels", "ground_truth"):
+        return write_labels(data, geometry.source, path, overwrite=overwrite)
+    raise SaveError(f"a {geometry.kind!r} layer is not a result; save labels, y1, the mask or probabilities")

@@ -1,0 +1,35 @@
+"""Persistent user choices (weights file, device, mask threshold and radius).
+
+Stored with ``QSettings("napari-kits", "napari-kits")``; ``NAPARI_KITS_SETTINGS`` names an
+``.ini`` file to use instead (tests point it into a temporary folder so they never read or
+write the user's settings).
+"""
+
+from __future__ import annotations
+
+import os
+
+from qtpy.QtCore import QSettings
+
+ENV_VAR = "NAPARI_KITS_SETTINGS"
+
+WEIGHTS = "model/weights"
+DEVICE = "model/device"
+BATCH_SIZE = "model/batch_size"
+THRESHOLD = "mask/threshold"
+RADIUS = "mask/radius"
+
+
+def kits_settings() -> QSettings:
+    path = os.environ.get(ENV_VAR)
+    if path:
+        return QSettings(path, QSettings.IniFormat)
+    return QSettings("napari-kits", "napari-kits")
+
+
+def read_float(settings: QSettings, key: str, default: float | None) -> float | None:
+    value = settings.value(key, None)
+    try:
+        return float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default

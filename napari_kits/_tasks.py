@@ -1,0 +1,148 @@
+"""The widget's work as plain generators: no Qt, no napari, runnable (and tested) headless.
+
+Each generator yields the engine's :class:`kitseg.pipeline.Progress` after every batch and a
+few typed events when there is something new to show (a model loaded, the y1 array allocated,
+the mask, the final labels). The widget runs them in napari thread workers; ``worker.quit()``
+stops one at its next yield and the arrays keep the batches already finished.
+
+Arrays follow the engine: the CT (Z, Y, X) in the internal orientation; ``y1``, the mask and
+the probabilities on the stage grid (Zs, Ys, Xs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to run: a ``.kseg`` file on a device. Equal specs share one loaded Segmenter."""
+
+    path: Path
+    device: str = "auto"
+
+    @property
+    def key(self) -> tuple:
+        path = Path(self.path)
+        mtime = path.stat().st_mtime_ns if path.exists() else None
+        return (str(path.resolve()), mtime, self.device)
+
+
+@dataclass(frozen=True)
+class ModelReady:
+    segmenter: Any  # kitseg.pipeline.Segmenter
+    key: tuple
+
+
+@dataclass(frozen=True)
+class Stage1Started:
+    """The CT is on the stage grid; ``y1`` (zeros, filled in place from now on) can be shown."""
+
+    prepared: Any  # kitseg.preprocess.PreparedVolume
+    y1: np.ndarray
+
+
+@dataclass(frozen=True)
+class MaskReady:
+    mask: np.ndarray  # uint8 (Zs, Ys, Xs), 1 inside the stage-2 region of interest
+    threshold: float
+    radius: float
+
+
+@dataclass(frozen=True)
+class Stage2Done:
+    labels: np.ndarray  # uint8 on the CT's internal grid (Z, Y, X)
+    probabilities: dict[str, np.ndarray] | None  # class name -> float32 (Zs, Ys, Xs), if asked
+
+
+def load_segmenter(spec: ModelSpec, batch_size: int = 8):
+    from kitseg.pipeline import Segmenter
+
+    return Segmenter.from_file(spec.path, device=spec.device, batch_size=batch_size)
+
+
+def _model(model: Any, batch_size: int) -> Iterator[Any]:
+    """Yield ModelReady if ``model`` is a spec that had to be loaded; return the Segmenter."""
+    if isinstance(model, ModelSpec):
+        segmenter = load_segmenter(model, batch_size)
+        yield ModelReady(segmenter, model.key)
+    else:
+        segmenter = model
+        segmenter.batch_size = batch_size
+    return segmenter
+
+
+def make_mask(y1: np.ndarray, threshold: float, radius: float, spacing=None) -> MaskReady:
+    """The engine's dilated-threshold mask, as the uint8 a napari labels layer paints on."""
+    from kitseg.pipeline import make_mask as engine_make_mask
+
+    mask = engine_make_mask(y1, threshold, radius, spacing)
+    return MaskReady(mask.astype(np.uint8), threshold, radius)
+
+
+def mask_spacing(segmenter: Any, prepared: Any):
+    """Radius unit of the model: mm (pass the stage spacing) or stage voxels (None)."""
+    return prepared.grid.spacing if segmenter.bundle.mask.radius_unit == "mm" else None
+
+
+def iter_stage1(model: Any, volume: Any, prepared: Any = None, batch_size: int = 8) -> Iterator[Any]:
+    """Load (if needed), prepare (if needed) and run stage 1, filling a fresh y1 in place."""
+    from kitseg.pipeline import Progress
+
+    segmenter = yield from _model(model, batch_size)
+    if prepared is None or prepared.config != segmenter.preprocessing:
+        prepared = segmenter.prepare(volume)
+    yield Progress("prepare", 1, 1)
+    y1 = np.zeros(prepared.image.shape, np.float32)
+    yield Stage1Started(prepared, y1)
+    yield from segmenter.iter_stage1(prepared, y1)
+    return y1
+
+
+def iter_stage2(
+    model: Any, prepared: Any, y1: np.ndarray, mask: np.ndarray, with_probabilities: bool = False, batch_size: int = 8
+) -> Iterator[Any]:
+    """Stage 2 inside ``mask`` (the layer's current, possibly edited data), then labels on the CT grid."""
+    from kitseg.pipeline import PROB_DTYPE
+
+    segmenter = yield from _model(model, batch_size)
+    probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
+    yield from segmenter.iter_stage2(prepared, y1, np.asarray(mask) > 0, probs)
+    labels = np.zeros(prepared.volume.shape, np.uint8)
+    yield from segmenter.iter_labels_on_source(prepared, probs, labels)
+    probabilities = None
+    if with_probabilities:
+        names = segmenter.bundle.label_map.names
+        probabilities = {names[c]: probs[c].astype(np.float32) for c in range(1, probs.shape[0])}
+    done = Stage2Done(labels, probabilities)
+    yield done
+    return done
+
+
+def iter_run_all(
+    model: Any,
+    volume: Any,
+    threshold: float,
+    radius: float,
+    prepared: Any = None,
+    with_probabilities: bool = False,
+    batch_size: int = 8,
+) -> Iterator[Any]:
+    """Stage 1, the mask and stage 2 in one go (what the CLI's ``segment`` does), with events."""
+    from kitseg.pipeline import Progress
+
+    segmenter = yield from _model(model, batch_size)
+    y1 = None
+    for event in iter_stage1(segmenter, volume, prepared, batch_size):
+        if isinstance(event, Stage1Started):
+            prepared, y1 = event.prepared, event.y1
+        yield event
+    ready = make_mask(y1, threshold, radius, mask_spacing(segmenter, prepared))
+    yield ready
+    yield Progress("mask", 1, 1)
+    return (yield from iter_stage2(segmenter, prepared, y1, ready.mask, with_probabilities, batch_size))

@@ -1,0 +1,22 @@
+"""npe2 writers: a result layer as NIfTI on its CT file's exact grid.
+
+napari's own save dialog has already asked before replacing a file, so these overwrite; the
+engine still refuses to replace the input CT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._layers import geometry_of
+from ._save import save_layer
+
+
+def write_labels(path: str, data: Any, meta: dict) -> list[str]:
+    """Labels (the result, a corrected result, the mask) -> ``path`` (.nii.gz / .nii)."""
+    return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]
+
+
+def write_probability(path: str, data: Any, meta: dict) -> list[str]:
+    """A probability layer (y1, class probabilities) -> ``path``, uint8 with slope 1/255."""
+    return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]

@@ -1,0 +1,270 @@
+"""KiTS19 scores: Dice per case, volumes, per-slice Dice, aggregation and a CSV report.
+
+The KiTS19 definitions (Heller et al. 2019; the challenge's ``evaluation.py``):
+
+* **kidney Dice** compares ``label > 0`` with ``label > 0`` (kidney and tumor together);
+* **tumor Dice** compares ``label == 2`` with ``label == 2``;
+* the **composite** is their mean.
+
+One deliberate difference: when prediction and reference are both empty, the official
+``evaluation.py`` divides 0 by 0 and returns NaN without saying so (a tumor-free case scored
+against a correct tumor-free prediction). Here that case returns ``empty_value``, 1.0 by
+default -- perfect agreement on absence -- and NaN only when asked for. Per-case values are
+kept (:class:`CaseScores`) and aggregated separately (:func:`aggregate`), so a NaN is counted,
+not silently averaged away.
+
+Label maps are integer arrays, shape (Z, Y, X) = (slices, rows, cols); ``spacing_mm`` is the
+voxel size along those axes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Region = Literal["kidney", "tumor"]
+
+#: Column order of :func:`write_scores_csv`, and the keys of :meth:`CaseScores.to_row`.
+CSV_COLUMNS: tuple[str, ...] = (
+    "case",
+    "kidney_dice",
+    "tumor_dice",
+    "composite_dice",
+    "kidney_ml",
+    "tumor_ml",
+    "ref_kidney_ml",
+    "ref_tumor_ml",
+)
+
+# Slices per chunk when counting: bounds the boolean temporaries to a few tens of MB on a
+# 512x512 grid instead of several full-volume copies.
+_CHUNK_SLICES = 64
+
+
+def _check_same_shape(pred: np.ndarray, ref: np.ndarray) -> None:
+    if pred.shape != ref.shape:
+        raise ValueError(
+            f"prediction and reference shapes differ: pred {tuple(pred.shape)} vs ref {tuple(ref.shape)}"
+        )
+
+
+def _dice_from_counts(intersection: float, n_pred: float, n_ref: float, empty_value: float) -> float:
+    total = n_pred + n_ref
+    if total == 0:
+        return float(empty_value)
+    return 2.0 * intersection / total
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, empty_value: float = 1.0) -> float:
+    """Dice coefficient ``2 |A & B| / (|A| + |B|)`` of two masks of the same shape (any shape).
+
+    Args:
+        pred, ref: boolean masks (nonzero = inside).
+        empty_value: returned when both masks are empty (default 1.0: agreement on absence;
+            the official KiTS19 ``evaluation.py`` gives NaN there). ``float("nan")`` is allowed.
+
+    Returns:
+        a float in [0, 1], or ``empty_value``. One empty and one non-empty mask give 0.0.
+    """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    _check_same_shape(pred, ref)
+    if pred.dtype != np.bool_:
+        pred = pred != 0
+    if ref.dtype != np.bool_:
+        ref = ref != 0
+    return _dice_from_counts(
+        np.count_nonzero(pred & ref), np.count_nonzero(pred), np.count_nonzero(ref), empty_value
+    )
+
+
+@dataclass(frozen=True)
+class CaseScores:
+    """The KiTS19 scores of one case.
+
+    Attributes:
+        case: the case identifier.
+        kidney_dice: Dice of ``label > 0`` (kidney + tumor, the KiTS19 "kidney" region).
+        tumor_dice: Dice of ``label == 2``.
+        composite_dice: mean of the two (NaN if either is NaN).
+        kidney_ml, tumor_ml: predicted volumes of those same regions, in mL.
+        ref_kidney_ml, ref_tumor_ml: reference volumes, in mL.
+    """
+
+    case: str
+    kidney_dice: float
+    tumor_dice: float
+    composite_dice: float
+    kidney_ml: float
+    tumor_ml: float
+    ref_kidney_ml: float
+    ref_tumor_ml: float
+
+    def to_row(self) -> dict[str, str | float]:
+        """A flat mapping in :data:`CSV_COLUMNS` order."""
+        return {name: getattr(self, name) for name in CSV_COLUMNS}
+
+
+def _check_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
+    values = tuple(float(s) for s in spacing_mm)
+    if len(values) != ndim or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"spacing_mm must be {ndim} finite positive numbers, got {tuple(spacing_mm)!r}")
+    return values
+
+
+def kits_scores(
+    pred_labels: np.ndarray,
+    ref_labels: np.ndarray,
+    spacing_mm: Sequence[float],
+    case: str = "",
+    empty_value: float = 1.0,
+) -> CaseScores:
+    """Score a predicted label map against the reference with the KiTS19 definitions.
+
+    Args:
+        pred_labels, ref_labels: integer label maps (0 background, 1 kidney, 2 tumor) of the
+            same shape, (Z, Y, X); any other nonzero label counts as "kidney" (``label > 0``).
+        spacing_mm: voxel size along each axis, in mm (volumes only; Dice is unitless).
+        case: identifier stored in the result.
+        empty_value: Dice when prediction and reference are both empty (see :func:`dice`).
+
+    Raises:
+        ValueError: the shapes differ (both are named) or the spacing is invalid.
+    """
+    pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
+    _check_same_shape(pred_labels, ref_labels)
+    if pred_labels.ndim == 0:
+        raise ValueError("label maps must have at least one axis")
+    spacing = _check_spacing(spacing_mm, pred_labels.ndim)
+
+    # Count in chunks of slices: boolean temporaries stay small on 600x512x512 volumes.
+    counts = np.zeros(6, dtype=np.int64)  # pred_k, ref_k, both_k, pred_t, ref_t, both_t
+    for start in range(0, pred_labels.shape[0], _CHUNK_SLICES):
+        p = pred_labels[start : start + _CHUNK_SLICES]
+        r = ref_labels[start : start + _CHUNK_SLICES]
+        for offset, (pm, rm) in ((0, (p > 0, r > 0)), (3, (p == 2, r == 2))):
+            counts[offset] += np.count_nonzero(pm)
+            counts[offset + 1] += np.count_nonzero(rm)
+            counts[offset + 2] += np.count_nonzero(np.logical_and(pm, rm, out=pm))
+    pred_k, ref_k, both_k, pred_t, ref_t, both_t = (int(c) for c in counts)
+
+    kidney = _dice_from_counts(both_k, pred_k, ref_k, empty_value)
+    tumor = _dice_from_counts(both_t, pred_t, ref_t, empty_value)
+    ml_per_voxel = math.prod(spacing) / 1000.0  # mm^3 -> mL
+    return CaseScores(
+        case=str(case),
+        kidney_dice=kidney,
+        tumor_dice=tumor,
+        composite_dice=(kidney + tumor) / 2.0,
+        kidney_ml=pred_k * ml_per_voxel,
+        tumor_ml=pred_t * ml_per_voxel,
+        ref_kidney_ml=ref_k * ml_per_voxel,
+        ref_tumor_ml=ref_t * ml_per_voxel,
+    )
+
+
+_NUMERIC_FIELDS: tuple[str, ...] = CSV_COLUMNS[1:]
+
+
+def aggregate(scores: Sequence[CaseScores]) -> dict[str, float]:
+    """Means over cases, each ignoring NaN, with how many values were NaN.
+
+    Returns:
+        ``{"n_cases": N, "<field>": mean, "<field>_n_nan": count, ...}`` for every numeric
+        field of :class:`CaseScores`; a mean is NaN when all its values are NaN (or no cases).
+    """
+    result: dict[str, float] = {"n_cases": len(scores)}
+    for name in _NUMERIC_FIELDS:
+        values = np.array([getattr(s, name) for s in scores], dtype=np.float64)
+        finite = values[~np.isnan(values)]
+        result[name] = float(finite.mean()) if finite.size else math.nan
+        result[f"{name}_n_nan"] = int(values.size - finite.size)
+    return result
+
+
+def _region(labels: np.ndarray, region: Region) -> np.ndarray:
+    if region == "kidney":
+        return labels > 0
+    if region == "tumor":
+        return labels == 2
+    raise ValueError(f"region must be 'kidney' or 'tumor', got {region!r}")
+
+
+def per_slice_dice(
+    pred_labels: np.ndarray,
+    ref_labels: np.ndarray,
+    label: Region,
+    axis: int = 0,
+    empty_value: float = math.nan,
+) -> np.ndarray:
+    """Dice of one KiTS19 region in each slice along ``axis``.
+
+    Args:
+        pred_labels, ref_labels: label maps of the same shape, (Z, Y, X).
+        label: ``"kidney"`` (``label > 0``) or ``"tumor"`` (``label == 2``).
+        axis: the slice axis (0 = axial slices in the internal orientation).
+        empty_value: for slices where both are empty; NaN by default so that a plot or an
+            ``argsort`` of the worst slices skips slices with nothing to segment.
+
+    Returns:
+        float64 array of shape ``(pred_labels.shape[axis],)``.
+    """
+    pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
+    _check_same_shape(pred_labels, ref_labels)
+    axis = axis % pred_labels.ndim
+    others = tuple(a for a in range(pred_labels.ndim) if a != axis)
+    pred, ref = _region(pred_labels, label), _region(ref_labels, label)
+    n_pred = np.count_nonzero(pred, axis=others)
+    n_ref = np.count_nonzero(ref, axis=others)
+    n_both = np.count_nonzero(np.logical_and(pred, ref, out=pred), axis=others)
+    total = (n_pred + n_ref).astype(np.float64)
+    result = np.full(total.shape, float(empty_value), dtype=np.float64)
+    filled = total > 0
+    result[filled] = 2.0 * n_both[filled] / total[filled]
+    return result
+
+
+def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike) -> Path:
+    """Write one row per case and a final ``mean`` row (NaN-ignoring means) to ``path``.
+
+    The file is written to a temporary file in the same folder and moved into place, so a
+    reader never sees half a report. Floats are written with full precision (``repr``);
+    NaN is written as ``nan``.
+
+    Returns:
+        the path written.
+    """
+    path = Path(path)
+    means = aggregate(scores)
+    rows = [s.to_row() for s in scores]
+    rows.append({"case": "mean", **{name: means[name] for name in _NUMERIC_FIELDS}})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: v if k == "case" else repr(float(v)) for k, v in row.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "CaseScores",
+    "aggregate",
+    "dice",
+    "kits_scores",
+    "per_slice_dice",
+    "write_scores_csv",
+]

@@ -1,0 +1,351 @@
+"""The abdomen around the kidneys, built on a coarse grid in Hounsfield units.
+
+Everything is placed relative to the real kidneys of the mask: the spine sits between them
+(the kidneys are retroperitoneal, either side of the spine, posterior), the liver on the
+patient's right above the right kidney, the spleen on the left above the left kidney, the
+aorta and IVC in front of the spine, bowel in the anterior cavity. The kidneys themselves are
+painted later, at full resolution (:mod:`.kidney`); here their place holds perirenal fat.
+
+Coordinates are millimetres on the full grid, internal orientation: ``z`` grows inferiorly,
+``y`` posteriorly, ``x`` towards the patient's left. Within this module ``X`` and ``Y`` are
+measured from the centre of the vertebral body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from ._grid import smooth_field
+from .params import PhantomParams, Protocol
+
+
+@dataclass(frozen=True)
+class KidneyInfo:
+    """One kidney (a connected component of kidney + tumor), in mm on the full grid."""
+
+    centroid: tuple[float, float, float]
+    low: tuple[float, float, float]
+    high: tuple[float, float, float]
+    side: int  # -1: patient right, +1: patient left
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where the body sits: derived from the kidneys, with per-case randomness."""
+
+    spine_x: float
+    spine_y: float
+    z_kidney_top: float
+    z_kidney_bottom: float
+    kidneys: tuple[KidneyInfo, ...]
+
+
+def find_kidneys(mask: np.ndarray, coords: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 image_centre_x: float) -> list[KidneyInfo]:
+    """The (at most two) largest kidney components of a coarse foreground mask."""
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return []
+    sizes = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
+    order = np.argsort(sizes)[::-1][:2]
+    kept = [int(i) + 1 for i in order if sizes[i] >= 0.1 * sizes[order[0]]]
+    found = []
+    for label, box in zip(range(1, count + 1), ndimage.find_objects(components)):
+        if label not in kept:
+            continue
+        idx = np.nonzero(components[box] == label)
+        centre = tuple(float(c[box[a]][idx[a]].mean()) for a, c in enumerate(coords))
+        low = tuple(float(c[box[a]][0]) for a, c in enumerate(coords))
+        high = tuple(float(c[box[a]][-1]) for a, c in enumerate(coords))
+        found.append((centre, low, high))
+    if len(found) == 2:
+        found.sort(key=lambda k: k[0][2])  # by x: patient right first
+        if abs(found[1][0][2] - found[0][0][2]) > 60.0:
+            return [KidneyInfo(*found[0], side=-1), KidneyInfo(*found[1], side=+1)]
+    # A single kidney (or two pieces on one side): its side is judged from the image centre.
+    found.sort(key=lambda k: -(k[2][0] - k[1][0]) * (k[2][1] - k[1][1]) * (k[2][2] - k[1][2]))
+    return [KidneyInfo(*k, side=-1 if k[0][2] < image_centre_x else +1) for k in found]
+
+
+def make_frame(kidneys: list[KidneyInfo], extent: tuple[float, float, float],
+               rng: np.random.Generator) -> Frame:
+    """Place the spine between the kidneys (or beside a single one)."""
+    ez, ey, ex = extent
+    if len(kidneys) == 2 and kidneys[0].side != kidneys[1].side:
+        spine_x = 0.5 * (kidneys[0].centroid[2] + kidneys[1].centroid[2]) + float(rng.normal(0, 3))
+        spine_y = 0.5 * (kidneys[0].centroid[1] + kidneys[1].centroid[1]) + float(rng.uniform(-4, 12))
+    elif kidneys:
+        k = kidneys[0]
+        spine_x = k.centroid[2] - k.side * float(rng.uniform(60, 80))
+        spine_y = k.centroid[1] + float(rng.uniform(-4, 12))
+    else:
+        spine_x, spine_y = 0.5 * ex, 0.62 * ey
+    if kidneys:
+        z_top = min(k.low[0] for k in kidneys)
+        z_bottom = max(k.high[0] for k in kidneys)
+    else:
+        z_top, z_bottom = 0.3 * ez, 0.7 * ez
+    return Frame(spine_x, spine_y, z_top, z_bottom, tuple(kidneys))
+
+
+def _superellipse(X, Y, ax, ay, p):
+    return (np.abs(X / ax) ** p + np.abs(Y / ay) ** p) ** (1.0 / p)
+
+
+def build_abdomen(
+    kidney_mask: np.ndarray,
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray],
+    spacing: tuple[float, float, float],
+    frame: Frame,
+    protocol: Protocol,
+    params: PhantomParams,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """HU of the abdomen on the coarse grid (Z, Y, X), float32; kidneys left as perirenal fat.
+
+    Args:
+        kidney_mask: coarse kidney + tumor foreground (any fine voxel set).
+        coords: mm positions (full grid) of the coarse voxel centres along z, y and x.
+        spacing: coarse voxel size in mm.
+    """
+    hu_of = protocol.hu
+    shape = kidney_mask.shape
+    zc, yc, xc = coords
+    Z = zc.astype(np.float32)[:, None, None]
+    Y = (yc - frame.spine_y).astype(np.float32)[None, :, None]
+    X = (xc - frame.spine_x).astype(np.float32)[None, None, :]
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    z_top, z_bot = frame.z_kidney_top, frame.z_kidney_bottom
+    z_mid = 0.5 * (z_top + z_bot)
+    kidneys = frame.kidneys
+
+    # ------------------------------------------------------------------ body outline and wall
+    lateral_need = max([abs(k.centroid[2] - frame.spine_x) + 0.5 * (k.high[2] - k.low[2]) + 35.0 for k in kidneys],
+                       default=0.0)
+    posterior_need = max([k.high[1] - frame.spine_y + 18.0 for k in kidneys], default=0.0)
+    ax = max(u(*params.body_half_width_mm), lateral_need)
+    ay = u(*params.body_half_depth_mm)
+    back = max(u(55.0, 90.0), posterior_need)  # vertebral-body centre to the skin of the back
+    y0 = back - 0.92 * ay  # body centre (Y)
+    x0 = u(-8.0, 8.0)
+    power = u(2.0, 2.7)
+    theta = np.arctan2(Y - y0, X - x0 + 0 * Z)  # (1, ny, nx)
+    wobble = np.ones_like(theta)
+    for k in (2, 3, 4, 5):
+        wobble += u(0.0, 0.035) * np.cos(k * theta + u(0, 2 * np.pi))
+    z_wave = 1.0 + 0.04 * np.sin(2 * np.pi * Z / u(250, 500) + u(0, 2 * np.pi))  # (nz, 1, 1)
+    ay_half = np.where(Y - y0 < 0, ay, 1.12 * ay).astype(np.float32)
+    rho = _superellipse(X - x0, Y - y0, ax * z_wave, ay_half * z_wave, power) / wobble
+    radial = np.hypot(X - x0, Y - y0)
+    depth = np.minimum(radial * (1.0 / np.maximum(rho, 1e-3) - 1.0), back - Y)  # mm under the skin
+    body = depth > 0
+
+    anterior = np.clip(-np.sin(theta), 0.0, 1.0)  # 1 at the front, 0 at the sides and back
+    fat_base = u(*params.subcutaneous_fat_mm)
+    fat_t = fat_base * (0.55 + 0.6 * anterior + 0.15 * np.cos(2 * theta + u(0, 6.3))) + 2.0
+    muscle_t = (u(6.0, 13.0) * (0.5 + 0.7 * np.abs(np.cos(theta)) + 0.5 * anterior))
+    wall_inner = fat_t + muscle_t
+    cavity = depth > wall_inner
+
+    hu = np.full(shape, hu_of["air"], dtype=np.float32)
+    fat_texture = smooth_field(rng, shape, spacing, 6.0)
+    visceral_fat = hu_of["fat"] + 8.0 + 6.0 * fat_texture
+    hu[body] = visceral_fat[body]
+    sub_fat = body & (depth < fat_t)
+    hu[sub_fat] = (hu_of["fat"] - 5.0 + 5.0 * fat_texture)[sub_fat]
+    wall = body & ~sub_fat & ~cavity
+    muscle_tex = hu_of["muscle"] + 4.0 * smooth_field(rng, shape, spacing, 4.0)
+    hu[wall] = muscle_tex[wall]
+    hu[body & (depth < 2.0)] = hu_of["skin"]
+
+    def ellipsoid(cz, cy, cx, rz, ry, rx):
+        return ((Z - cz) / rz) ** 2 + ((Y - cy) / ry) ** 2 + ((X - cx) / rx) ** 2
+
+    def paint(mask, value):
+        mask = np.broadcast_to(mask, shape)
+        hu[mask] = value[mask] if isinstance(value, np.ndarray) and value.shape == shape else value
+
+    inner_ax, inner_ay = ax - fat_base, ay - fat_base
+
+    # ------------------------------------------------------------------ chest: lungs above the diaphragm
+    z_dome = z_top - u(25.0, 75.0)
+    dome = z_dome + 35.0 * ((X - x0) / ax) ** 2 + 15.0 * np.clip(Y / ay, 0, None)
+    lung = cavity & (Z < dome) & (np.abs(X) > 25.0)
+    paint(lung, hu_of["lung"] + 15.0 * fat_texture)
+    heart = cavity & (ellipsoid(z_dome - 70.0, -0.45 * ay, 0.15 * ax, 70.0, 0.4 * ay, 0.35 * ax) < 1) & (Z < dome - 10.0)
+    paint(heart, hu_of["blood"])
+
+    # ------------------------------------------------------------------ liver and gallbladder (patient right)
+    right_kidney = [k for k in kidneys if k.side < 0]
+    z_rk = right_kidney[0].centroid[0] if right_kidney else z_mid
+    z_liver_low = z_rk + u(-15.0, 40.0)
+    liver_span = z_liver_low - (z_dome - 10.0)
+    liver_cz = z_dome - 10.0 + 0.35 * liver_span
+    liver = cavity & (Z > dome - 8.0) & (
+        ellipsoid(liver_cz, -0.15 * ay + y0, -0.55 * inner_ax, 0.65 * liver_span, 0.85 * inner_ay, 0.78 * inner_ax) < 1
+    )
+    liver_tex = hu_of["liver"] + 4.0 * smooth_field(rng, shape, spacing, 8.0)
+    # Hepatic vessels: thin tubes along the zero set of a smooth field.
+    vessel_field = smooth_field(rng, shape, spacing, 14.0)
+    liver_vessels = np.abs(vessel_field) < 0.07
+    vessel_hu = hu_of["vein"] if protocol.phase in ("venous", "delayed") else hu_of["liver"] - 15.0
+    liver_tex[liver_vessels] = vessel_hu
+    paint(liver, liver_tex)
+    if rng.random() < 0.6:
+        gb = cavity & (ellipsoid(z_liver_low - u(10, 40), y0 - 0.35 * ay, -0.3 * inner_ax, u(20, 35), u(12, 18), u(12, 20)) < 1)
+        paint(gb, hu_of["fluid"] + u(0, 12))
+
+    # ------------------------------------------------------------------ spleen and stomach (patient left)
+    left_kidney = [k for k in kidneys if k.side > 0]
+    z_lk_top = left_kidney[0].low[0] if left_kidney else z_top
+    spleen_low = z_lk_top + u(5.0, 55.0)
+    spleen_rz = 0.5 * max(spleen_low - z_dome, 40.0)
+    spleen = cavity & (Z > dome - 5.0) & (
+        ellipsoid(spleen_low - spleen_rz, u(0.05, 0.3) * ay, 0.72 * inner_ax, spleen_rz, u(0.3, 0.42) * ay, u(0.2, 0.3) * inner_ax) < 1
+    )
+    spleen_amp = 25.0 if protocol.phase == "arterial" else 4.0  # arterial-phase "moire" spleen
+    paint(spleen, hu_of["spleen"] + spleen_amp * smooth_field(rng, shape, spacing, 6.0))
+    if rng.random() < 0.85:
+        st_c = (z_lk_top - u(10, 40), y0 - u(0.3, 0.5) * ay, u(0.25, 0.45) * inner_ax)
+        st_r = (u(40, 65), u(0.25, 0.38) * ay, u(0.22, 0.32) * inner_ax)
+        stomach_e = ellipsoid(*st_c, *st_r)
+        stomach = cavity & (Z > dome - 5.0) & (stomach_e < 1)
+        paint(stomach, hu_of["bowel_wall"])
+        lumen = stomach & (stomach_e < 0.75)
+        air_level = st_c[1] - st_r[1] * u(-0.2, 0.7)  # gas rises anteriorly (patient supine)
+        content = hu_of["fluid"] + (u(150, 400) if protocol.oral_contrast else u(0, 25))
+        paint(lumen, content)
+        paint(lumen & (Y < air_level), hu_of["air"] + 30.0)
+
+    # ------------------------------------------------------------------ pancreas (in front of the aorta / left kidney)
+    ao_r = u(9.0, 13.0)
+    vb_rx, vb_ry = u(19.0, 25.0), u(14.0, 18.0)
+    ao_x, ao_y = u(4.0, 16.0), -vb_ry - ao_r - u(1.0, 6.0)
+    z_panc = z_top + u(0.1, 0.5) * max(z_bot - z_top, 30.0)
+    panc_y = ao_y - ao_r - u(8.0, 20.0)
+    panc = cavity & (np.abs(Z - z_panc) < u(10.0, 18.0)) & (np.abs(Y - panc_y - 0.15 * X) < u(7.0, 12.0)) & (
+        X > -u(40, 60)) & (X < 0.6 * inner_ax)
+    paint(panc, hu_of["pancreas"] + 6.0 * smooth_field(rng, shape, spacing, 5.0))
+
+    # ------------------------------------------------------------------ bowel loops and colon
+    available = cavity & (hu < hu_of["fat"] + 40.0) & (hu > -500) & (Y < frame_posterior_limit(kidneys, frame))
+    loops = smooth_field(rng, shape, spacing, (30.0, 9.0, 9.0)) - 0.9 * (Y / ay) - 0.4 * (Z < z_top)
+    fill = u(0.3, 0.6)
+    if available.any():
+        level = float(np.quantile(loops[available], 1.0 - fill))
+        lumen = available & (loops > level)
+        bwall = available & (loops > level - 0.18) & ~lumen
+        kind = smooth_field(rng, shape, spacing, 25.0)
+        gas_q, contrast_q = u(-0.6, 0.6), u(0.0, 1.2)
+        content = np.where(kind < gas_q, hu_of["air"] + 50.0,
+                           np.where((kind > contrast_q) & protocol.oral_contrast, hu_of["fluid"] + u(150, 450),
+                                    hu_of["fluid"] + 15.0 + 12.0 * kind)).astype(np.float32)
+        paint(lumen, content)
+        paint(bwall, hu_of["bowel_wall"])
+        for side in (-1.0, 1.0):  # ascending (right) and descending (left) colon
+            k = [kk for kk in kidneys if kk.side == side]
+            cy = (k[0].centroid[1] - frame.spine_y if k else 0.0) - u(25, 45)
+            cx = side * 0.72 * inner_ax
+            rr = u(12.0, 22.0)
+            tube = ((Y - cy) / rr) ** 2 + ((X - cx) / (1.2 * rr)) ** 2
+            colon = cavity & (tube < 1) & (Z > z_top - 20.0 if side < 0 else Z > z_top - 60.0)
+            feces = np.where(smooth_field(rng, shape, spacing, 4.0) > 0.3, hu_of["air"] + 100.0, hu_of["fluid"] + 30.0)
+            paint(colon, hu_of["bowel_wall"])
+            paint(colon & (tube < 0.7), feces.astype(np.float32))
+
+    # ------------------------------------------------------------------ perirenal fat around the kidneys
+    if kidney_mask.any():
+        dist = ndimage.distance_transform_edt(~kidney_mask, sampling=spacing)
+        margin = u(*params.perirenal_fat_mm) * (1.0 + 0.4 * smooth_field(rng, shape, spacing, 20.0))
+        perirenal = body & (dist < np.maximum(margin, 2.0))
+        stranding = np.maximum(smooth_field(rng, shape, spacing, 3.0) - 1.2, 0.0) * u(0, 60)
+        paint(perirenal, hu_of["fat"] + 4.0 * fat_texture + stranding)
+
+    # ------------------------------------------------------------------ muscles of the back and psoas
+    muscle = hu_of["muscle"] + 4.0 * smooth_field(rng, shape, spacing, 5.0)
+    es_r = (u(18.0, 28.0), u(18.0, 28.0))
+    for side in (-1.0, 1.0):
+        es = body & (depth > fat_t) & ((((Y - (vb_ry + 30.0)) / es_r[0]) ** 2 + ((X - side * u(22, 32)) / es_r[1]) ** 2) < 1)
+        paint(es, muscle)
+        ql = body & ((((Y - u(18, 30)) / u(9, 14)) ** 2 + ((X - side * u(50, 65)) / u(12, 18)) ** 2) < 1) & (Z > z_top)
+        paint(ql, muscle)
+        psoas_r = np.clip(4.0 + 16.0 * (Z - (z_top + u(0, 30))) / 130.0, 0.0, 22.0)
+        ps_x = side * (vb_rx + 0.8 * psoas_r + 2.0)
+        psoas = (((Y + 2.0) / np.maximum(psoas_r, 1e-3)) ** 2 + ((X - ps_x) / np.maximum(1.1 * psoas_r, 1e-3)) ** 2) < 1
+        paint(psoas & (psoas_r > 2.0) & body, muscle)
+
+    # ------------------------------------------------------------------ spine: bodies, discs, posterior elements
+    period, disc_t = u(29.0, 36.0), u(6.0, 10.0)
+    phase_z = np.mod(Z + u(0, period), period)
+    is_disc = phase_z < disc_t
+    sway = 6.0 * np.sin(2 * np.pi * Z / u(300, 600) + u(0, 6.3))
+    r_vb = ((Y - sway) / vb_ry) ** 2 + (X / vb_rx) ** 2
+    bone_tex = hu_of["bone_cancellous"] + 25.0 * smooth_field(rng, shape, spacing, 3.0)
+    paint(r_vb < 1, np.where(is_disc, hu_of["disc"], hu_of["bone_cortex"]).astype(np.float32))
+    paint((r_vb < 0.72) & ~is_disc, bone_tex)
+    canal_y, canal_r = vb_ry + u(8.0, 11.0), u(7.0, 9.5)
+    r_canal = np.hypot(Y - sway - canal_y, X)
+    lamina = (phase_z > disc_t + 3.0) & (phase_z < period - 2.0)
+    ring = (r_canal < canal_r + u(4.0, 6.0)) & lamina
+    spinous = (np.abs(X) < 3.5) & (Y - sway > canal_y) & (Y - sway < canal_y + canal_r + u(22, 32)) & lamina
+    transverse = (np.abs(Y - sway - canal_y + 4.0) < 4.0) & (np.abs(X) < vb_rx + u(18, 26)) & (phase_z > 0.5 * period) & lamina
+    paint((ring | spinous | transverse) & body, bone_tex + 180.0)
+    paint(r_canal < canal_r, hu_of["csf"])
+
+    # ------------------------------------------------------------------ ribs in the upper slices
+    rib_band = (depth > fat_t - 1.0) & (depth < fat_t + u(7.0, 10.0)) & body
+    lateral = np.abs(np.cos(theta))
+    z_rib_low = z_mid + u(-25.0, 20.0) + 40.0 * lateral - 30.0 * anterior
+    rib_period, rib_w = u(22.0, 30.0), u(8.0, 12.0)
+    slope = u(25.0, 45.0)
+    rib_phase = np.mod(Z + slope * (theta + np.pi / 2) + u(0, rib_period), rib_period)
+    ribs = rib_band & (Z < z_rib_low) & (rib_phase < rib_w) & (np.abs(X) > vb_rx + 15.0)
+    paint(ribs, hu_of["rib"])
+
+    # ------------------------------------------------------------------ great vessels and renal vessels
+    z_bif = z_bot + u(15.0, 60.0)
+    below = np.clip((Z - z_bif) / 50.0, 0.0, None)
+    aorta = (np.hypot(Y - ao_y, X - ao_x) < ao_r) & (Z <= z_bif)
+    for side in (-1.0, 1.0):  # common iliac arteries below the bifurcation
+        aorta |= (np.hypot(Y - ao_y + 4.0 * below, X - ao_x - side * (5.0 + 35.0 * below)) < 0.7 * ao_r) & (Z > z_bif)
+    paint(aorta & body, hu_of["blood"])
+    ivc_x, ivc_y = -u(18.0, 30.0), -vb_ry - u(6.0, 18.0)
+    ivc = (((Y - ivc_y) / u(7, 11)) ** 2 + ((X - ivc_x) / u(10, 15)) ** 2 < 1) & (Z <= z_bif + 10.0)
+    paint(ivc & body, hu_of["vein"])
+    for k in kidneys:
+        kz, ky, kx = k.centroid
+        hilum_x = kx - k.side * 0.35 * (k.high[2] - k.low[2]) - frame.spine_x
+        for target_x, target_y, radius, tissue in ((ao_x, ao_y, u(2.5, 4.0), "blood"), (ivc_x, ivc_y, u(4.0, 6.5), "vein")):
+            vz = kz + u(-10, 10)
+            seg = _segment_distance(Z, Y, X, (vz, ky - frame.spine_y - 8.0, hilum_x), (vz + u(-5, 5), target_y, target_x))
+            # the renal vein is enhanced early (arterial phase) because the kidney returns contrast fast
+            value = hu_of[tissue] if tissue == "blood" or protocol.phase == "none" else max(hu_of["vein"], hu_of["blood"] * 0.7)
+            paint((seg < radius) & body & ~kidney_mask, value)
+
+    # ------------------------------------------------------------------ iliac wings far below the kidneys
+    z_pelvis = z_bot + u(50.0, 90.0)
+    for side in (-1.0, 1.0):
+        wing = ((np.abs(np.hypot(Y - u(20, 40), (X - side * u(70, 90)) * 0.8) - u(28, 38)) < u(3.0, 5.0))
+                & (Z > z_pelvis) & (np.abs(X) > vb_rx + 25.0) & (Y > -20.0))
+        paint(wing & body, hu_of["rib"] + 80.0)
+
+    return hu
+
+
+def frame_posterior_limit(kidneys: tuple[KidneyInfo, ...], frame: Frame) -> float:
+    """Bowel stays in front of the kidneys' centres (Y, from the vertebral body)."""
+    if not kidneys:
+        return 0.0
+    return float(np.mean([k.centroid[1] for k in kidneys]) - frame.spine_y)
+
+
+def _segment_distance(Z, Y, X, a, b) -> np.ndarray:
+    """Distance (mm) from every voxel to the segment a-b (points as (z, y, x) mm)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    d = b - a
+    length2 = float(d @ d) or 1.0
+    t = np.clip(((Z - a[0]) * d[0] + (Y - a[1]) * d[1] + (X - a[2]) * d[2]) / length2, 0.0, 1.0)
+    return np.sqrt((Z - a[0] - t * d[0]) ** 2 + (Y - a[1] - t * d[1]) ** 2 + (X - a[2] - t * d[2]) ** 2)

@@ -1,0 +1,55 @@
+"""``kits-seg train``: argument parsing for training (the loop lives in :mod:`.loop`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .config import PRESETS, preset
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train both stages on KiTS19-layout data",
+        description="Train stage 1 (with out-of-fold twins for stage 2's inputs) and stage 2 on a folder of "
+        "KiTS19-layout cases (real KiTS19 or `kits-seg phantom` output). Rerun the same command to resume. "
+        "Multi-GPU / multi-node: torchrun --nproc-per-node N -m kitseg.cli train ...",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of case_XXXXX/{imaging,segmentation}.nii.gz")
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumes if it holds a run)")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="recipe (default: paper)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
+    p.add_argument("--val-cases", nargs="*", default=None, help="explicit validation case names")
+    p.add_argument("--cache", type=Path, default=None, help="preprocessed-case cache (default: RUN/cache)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stage1-steps", type=int, default=None)
+    p.add_argument("--stage2-steps", type=int, default=None)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help='override any config field, e.g. --set learning_rate=3e-4 --set \'stage1_kwargs={"base_channels":16}\'')
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .loop import train
+
+    config = preset(args.preset)
+    changes = {k: v for k, v in {
+        "seed": args.seed, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
+        "steps_per_epoch": args.steps_per_epoch}.items() if v is not None}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        changes[field] = json.loads(value)
+    if changes:
+        config = type(config).from_dict({**config.to_dict(), **changes})
+    command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    model = train(args.data, args.out, config, device=args.device, val_fraction=args.val_fraction,
+                  val_cases=args.val_cases, cache_dir=args.cache, progress=not args.no_progress, command=command)
+    print(f"model: {model}")
+    return 0

@@ -1,0 +1,136 @@
+"""Training recipes: one frozen record per run, stored in the run folder and the checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError, MaskConfig, PreprocessingConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (the paper's defaults where it gives them).
+
+    Attributes:
+        stage1_steps / stage2_steps: optimizer steps per stage (over all processes).
+        steps_per_epoch: steps between validations and checkpoints.
+        oof_folds: stage 2 learns from out-of-fold stage-1 predictions made by this many
+            stage-1 models, each trained without the cases it predicts.
+        oof_steps_fraction: fold models train for this fraction of ``stage1_steps`` (they only
+            have to produce y1 maps *as imperfect as* the final stage 1's are on unseen cases).
+        crop_stage1 / crop_stage2: square training crops in stage-grid pixels (None: full slices).
+        foreground_fraction: share of stage-1 samples drawn from slices containing kidney.
+        tumor_fraction: share of stage-2 samples drawn from slices containing tumor.
+    """
+
+    preset: str = "custom"
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    stage1_architecture: str = "unet2d"
+    stage1_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 32, "depth": 4})
+    stage2_architecture: str = "unetpp2d"
+    stage2_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 32, "depth": 4})
+    batch_size_stage1: int = 12
+    batch_size_stage2: int = 8
+    learning_rate: float = 1e-3
+    stage1_steps: int = 20000
+    stage2_steps: int = 20000
+    steps_per_epoch: int = 500
+    oof_folds: int = 2
+    oof_steps_fraction: float = 0.5
+    crop_stage1: int | None = None
+    crop_stage2: int | None = 256
+    foreground_fraction: float = 0.6
+    tumor_fraction: float = 0.4
+    augment: bool = True
+    amp: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size_stage1", "batch_size_stage2", "stage1_steps", "stage2_steps", "steps_per_epoch"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.oof_folds < 2:
+            raise ConfigError(f"oof_folds must be >= 2 (out-of-fold predictions), got {self.oof_folds}")
+        if not 0 < self.oof_steps_fraction <= 1:
+            raise ConfigError(f"oof_steps_fraction must be in (0, 1], got {self.oof_steps_fraction}")
+        for name in ("foreground_fraction", "tumor_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        d["mask"] = self.mask.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"train config: unknown field(s) {', '.join(unknown)}")
+        if "preprocessing" in data:
+            data["preprocessing"] = PreprocessingConfig.from_dict(data["preprocessing"])
+        if "mask" in data:
+            data["mask"] = MaskConfig.from_dict(data["mask"])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # As published: native in-plane resolution, 5 mm slices, full 512 x 512 slices for stage 1.
+    "paper": TrainConfig(
+        preset="paper",
+        preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=None, context_slices=1),
+        stage1_kwargs={"base_channels": 32, "depth": 5},
+        stage2_kwargs={"base_channels": 32, "depth": 4},
+        stage1_steps=30000,
+        stage2_steps=30000,
+        steps_per_epoch=1000,
+        crop_stage1=None,
+        crop_stage2=256,
+    ),
+    # Trains in well under an hour on 2 CPU cores: 2 mm in-plane, narrow networks, small crops.
+    "cpu": TrainConfig(
+        preset="cpu",
+        preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=2.0, context_slices=1),
+        stage1_kwargs={"base_channels": 12, "depth": 4},
+        stage2_kwargs={"base_channels": 12, "depth": 4},
+        stage1_steps=1200,
+        stage2_steps=1000,
+        steps_per_epoch=200,
+        oof_steps_fraction=0.4,
+        crop_stage1=128,
+        crop_stage2=96,
+    ),
+    # Seconds, for tests and smoke runs; its weights are meaningless.
+    "smoke": TrainConfig(
+        preset="smoke",
+        preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=3.0, context_slices=1),
+        stage1_kwargs={"base_channels": 4, "depth": 2},
+        stage2_kwargs={"base_channels": 4, "depth": 2},
+        batch_size_stage1=4,
+        batch_size_stage2=4,
+        stage1_steps=4,
+        stage2_steps=4,
+        steps_per_epoch=2,
+        oof_steps_fraction=0.5,
+        crop_stage1=32,
+        crop_stage2=32,
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None

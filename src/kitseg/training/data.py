@@ -1,0 +1,226 @@
+"""Training data: KiTS19-layout cases on the stage grid, sampled as 2D slices.
+
+Cases are preprocessed once with the same code as inference (:func:`kitseg.preprocess.prepare`)
+and cached as ``.npz`` (float16 image, uint8 labels), so phantoms and real KiTS19 data take
+exactly the path a user's CT takes at prediction time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import MaskConfig, PreprocessingConfig
+from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
+from ..morphology import dilate_ball
+from ..preprocess import StageGrid, prepare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageCase:
+    """One case on the stage grid. image: float32 (Zs, Ys, Xs); labels: uint8, same shape."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+
+    @property
+    def foreground_slices(self) -> np.ndarray:
+        return np.flatnonzero((self.labels > 0).any(axis=(1, 2)))
+
+    @property
+    def tumor_slices(self) -> np.ndarray:
+        return np.flatnonzero((self.labels == 2).any(axis=(1, 2)))
+
+
+def labels_to_stage(labels: np.ndarray, grid: StageGrid, num_classes: int = 3) -> np.ndarray:
+    """Resample a label map like predictions come back: per-class fractions, then argmax."""
+    fractions = np.stack([grid.to_stage((labels == c).astype(np.uint8)) for c in range(num_classes)])
+    return np.argmax(fractions, axis=0).astype(np.uint8)
+
+
+def _cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
+    stat = case.image_path.stat()
+    ident = json.dumps([str(case.image_path.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict()])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path | None) -> StageCase:
+    if case.labels_path is None:
+        raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
+    cache = cache_dir / f"{case.name}-{_cache_key(case, config)}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            return StageCase(case.name, data["image"].astype(np.float32), data["labels"], tuple(data["spacing"]))
+    volume = read_ct(case.image_path)
+    labels = read_labels(case.labels_path, like=volume)
+    prepared = prepare(volume, config)
+    stage_labels = labels_to_stage(labels.array, prepared.grid)
+    result = StageCase(case.name, prepared.image, stage_labels, prepared.grid.spacing)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, image=result.image.astype(np.float16), labels=stage_labels, spacing=np.array(result.spacing))
+        os.replace(tmp, cache)
+    return result
+
+
+def load_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True) -> list[StageCase]:
+    from tqdm import tqdm
+
+    inputs = [c for c in discover_inputs(data_dir) if c.labels_path is not None]
+    if not inputs:
+        raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
+    return [load_stage_case(c, config, cache_dir) for c in tqdm(inputs, desc="preparing cases", disable=not progress)]
+
+
+def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A reproducible train/validation split by case name."""
+    names = sorted(names)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    n_val = max(1, int(round(len(names) * val_fraction))) if len(names) > 1 else 0
+    val = sorted(names[i] for i in order[:n_val])
+    return [n for n in names if n not in val], val
+
+
+def _crop_window(size: int, extent: int, centre: float, rng: np.random.Generator) -> tuple[int, int]:
+    """Start/stop of a window of ``size`` along an axis of length ``extent``, around ``centre``."""
+    if size >= extent:
+        return 0, extent
+    start = int(round(centre - size / 2 + rng.uniform(-size / 4, size / 4)))
+    start = min(max(start, 0), extent - size)
+    return start, start + size
+
+
+def _pad_to(array: np.ndarray, size: int | None, value: float = 0.0) -> np.ndarray:
+    if size is None:
+        return array
+    pad_y, pad_x = max(0, size - array.shape[-2]), max(0, size - array.shape[-1])
+    if pad_y == 0 and pad_x == 0:
+        return array
+    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_y), (0, pad_x)]
+    return np.pad(array, widths, constant_values=value)
+
+
+class Stage1Sampler:
+    """Batches of (B, 2k+1, H, W) slices with neighbours and (B, H, W) foreground targets."""
+
+    def __init__(self, cases: list[StageCase], context: int, crop: int | None, foreground_fraction: float):
+        self.cases, self.context, self.crop, self.fg_fraction = cases, context, crop, foreground_fraction
+        self._fg = [c.foreground_slices for c in cases]
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        images, targets = [], []
+        for _ in range(batch_size):
+            ci = int(rng.integers(len(self.cases)))
+            case, fg = self.cases[ci], self._fg[ci]
+            z = int(rng.choice(fg)) if fg.size and rng.random() < self.fg_fraction else int(rng.integers(case.image.shape[0]))
+            neighbours = np.clip(np.arange(z - self.context, z + self.context + 1), 0, case.image.shape[0] - 1)
+            image, target = case.image[neighbours], (case.labels[z] > 0)
+            if self.crop is not None:
+                ys, xs = np.nonzero(target)
+                cy, cx = (ys.mean(), xs.mean()) if ys.size else (rng.uniform(0, target.shape[0]), rng.uniform(0, target.shape[1]))
+                y0, y1 = _crop_window(self.crop, target.shape[0], cy, rng)
+                x0, x1 = _crop_window(self.crop, target.shape[1], cx, rng)
+                image, target = image[:, y0:y1, x0:x1], target[y0:y1, x0:x1]
+            images.append(_pad_to(image, self.crop, image.min()))
+            targets.append(_pad_to(target, self.crop))
+        return _stack_same_size(images), _stack_same_size(targets).astype(np.int64)
+
+
+class Stage2Sampler:
+    """Batches of stage-2 inputs: (image, y1, mask, labels) slices, cropped around the mask.
+
+    The mask is the ground-truth foreground dilated by the method's ball (as the paper trains);
+    y1 are out-of-fold stage-1 predictions, never the ground truth.
+    """
+
+    def __init__(self, cases: list[StageCase], y1: dict[str, np.ndarray], mask: MaskConfig, crop: int | None, tumor_fraction: float):
+        self.cases, self.y1, self.crop, self.tumor_fraction = cases, y1, crop, tumor_fraction
+        self.masks = []
+        for c in cases:
+            spacing = c.spacing if mask.radius_unit == "mm" else None
+            self.masks.append(dilate_ball(c.labels > 0, mask.radius, spacing))
+        self._mask_slices = [np.flatnonzero(m.any(axis=(1, 2))) for m in self.masks]
+        self._tumor = [c.tumor_slices for c in cases]
+        usable = [i for i, s in enumerate(self._mask_slices) if s.size]
+        if not usable:
+            raise ValueError("no training case has any kidney: stage 2 has nothing to learn from")
+        self._usable = usable
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        parts = {"image": [], "y1": [], "mask": [], "labels": []}
+        for _ in range(batch_size):
+            ci = self._usable[int(rng.integers(len(self._usable)))]
+            case, mask = self.cases[ci], self.masks[ci]
+            tumor = self._tumor[ci]
+            z = int(rng.choice(tumor)) if tumor.size and rng.random() < self.tumor_fraction else int(rng.choice(self._mask_slices[ci]))
+            arrays = {"image": case.image[z], "y1": self.y1[case.name][z].astype(np.float32), "mask": mask[z], "labels": case.labels[z]}
+            if self.crop is not None:
+                ys, xs = np.nonzero(mask[z])
+                pick = int(rng.integers(ys.size))  # centre on a random mask pixel: both kidneys get seen
+                y0, y1 = _crop_window(self.crop, mask.shape[1], ys[pick], rng)
+                x0, x1 = _crop_window(self.crop, mask.shape[2], xs[pick], rng)
+                arrays = {k: v[y0:y1, x0:x1] for k, v in arrays.items()}
+            for k, v in arrays.items():
+                parts[k].append(_pad_to(v, self.crop))
+        image, y1, mask, labels = (_stack_same_size(parts[k]) for k in ("image", "y1", "mask", "labels"))
+        return image, y1.astype(np.float32), mask.astype(np.float32), labels.astype(np.int64)
+
+
+def _stack_same_size(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack 2D/3D arrays, padding to the largest (full slices of different cases differ in size)."""
+    h = max(a.shape[-2] for a in arrays)
+    w = max(a.shape[-1] for a in arrays)
+    out = []
+    for a in arrays:
+        widths = [(0, 0)] * (a.ndim - 2) + [(0, h - a.shape[-2]), (0, w - a.shape[-1])]
+        out.append(np.pad(a, widths) if (h, w) != a.shape[-2:] else a)
+    return np.stack(out)
+
+
+# ------------------------------------------------------------------------------- augmentation
+def random_affine_grids(batch: int, size: tuple[int, int], rng: np.random.Generator, device) -> torch.Tensor:
+    """Sampling grids for a random in-plane rotation (+-15 deg), scale (0.85-1.15) and left-right flip."""
+    angle = np.deg2rad(rng.uniform(-15, 15, batch))
+    scale = rng.uniform(0.85, 1.15, batch)
+    flip = np.where(rng.random(batch) < 0.5, -1.0, 1.0)  # kidneys are bilateral: mirror images are plausible
+    theta = np.zeros((batch, 2, 3), np.float32)
+    theta[:, 0, 0] = np.cos(angle) / scale * flip
+    theta[:, 0, 1] = -np.sin(angle) / scale
+    theta[:, 1, 0] = np.sin(angle) / scale * flip
+    theta[:, 1, 1] = np.cos(angle) / scale
+    theta[:, :, 2] = rng.uniform(-0.05, 0.05, (batch, 2))
+    return F.affine_grid(torch.from_numpy(theta).to(device), [batch, 1, *size], align_corners=False)
+
+
+def warp(x: torch.Tensor, grid: torch.Tensor, mode: str, fill: float = 0.0) -> torch.Tensor:
+    """Resample (B, C, H, W) with a grid; outside the image takes ``fill``."""
+    out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out + fill
+
+
+def augment_intensity(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Contrast/brightness jitter and noise in normalized units (scanner and protocol variation)."""
+    b = image.shape[0]
+    shape = (b,) + (1,) * (image.ndim - 1)
+    scale = torch.from_numpy(rng.uniform(0.85, 1.15, b).astype(np.float32)).view(shape).to(image.device)
+    shift = torch.from_numpy(rng.uniform(-0.1, 0.1, b).astype(np.float32)).view(shape).to(image.device)
+    sigma = torch.from_numpy(rng.uniform(0.0, 0.05, b).astype(np.float32)).view(shape).to(image.device)
+    noise = torch.from_numpy(rng.standard_normal(image.shape).astype(np.float32)).to(image.device)
+    return image * scale + shift + sigma * noise
+

@@ -1,0 +1,421 @@
+"""Training both stages of the method, resumable, on one device or many (``torchrun``).
+
+A run folder holds everything (``kits-seg train --data DIR --out RUN``)::
+
+    RUN/config.json          the TrainConfig (a resumed run must match it)
+    RUN/split.json           training and validation case names
+    RUN/fold{k}/             stage-1 models for out-of-fold y1 (one per fold)
+    RUN/oof_y1/NAME.npy      out-of-fold stage-1 predictions: what stage 2 learns from
+    RUN/stage1/, RUN/stage2/ state.pt (resume), last.kseg, best.kseg, log.csv, curves.png
+    RUN/model.kseg           best stage 1 + best stage 2: the file `kits-seg predict` takes
+
+Every piece checks for its own finished output and resumes from ``state.pt`` after an
+interruption, so rerunning the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import __version__
+from ..checkpoint import ModelBundle, StageModel, save_bundle
+from ..config import KITS_LABELS, ConfigError
+from ..losses import deep_supervision_loss, stage1_loss
+from ..metrics import dice
+from ..networks import build_network
+from ..pipeline import Segmenter, make_mask, stage2_input
+from ..preprocess import PreparedVolume
+from .config import TrainConfig
+from .data import (
+    Stage1Sampler,
+    Stage2Sampler,
+    StageCase,
+    augment_intensity,
+    load_cases,
+    random_affine_grids,
+    split_cases,
+    warp,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ distributed
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return DistInfo(rank, world, local)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------ one network
+@dataclass
+class StageTask:
+    """What differs between stage 1 and stage 2 in the loop."""
+
+    name: str
+    architecture: str
+    kwargs: dict
+    batch_size: int
+    steps: int
+    make_batch: Callable[[np.random.Generator, int, torch.device], tuple[torch.Tensor, Callable]]
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None
+    key_metric: str | None
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _bundle_for(config: TrainConfig, stage: str, module: torch.nn.Module, task: StageTask, provenance: dict) -> ModelBundle:
+    model = StageModel(task.architecture, dict(task.kwargs), module)
+    return ModelBundle(
+        preprocessing=config.preprocessing,
+        label_map=KITS_LABELS,
+        mask=config.mask,
+        stage1=model if stage == "1" else None,
+        stage2=model if stage == "2" else None,
+        provenance=provenance,
+    )
+
+
+def train_network(
+    task: StageTask, folder: Path, config: TrainConfig, device: torch.device, info: DistInfo, stage: str,
+    provenance: dict, progress: bool = True,
+) -> torch.nn.Module:
+    """Train one network (resuming from ``folder/state.pt``); returns the best (or last) module."""
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    module = build_network(task.architecture, **task.kwargs).to(device)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    state_path = folder / "state.pt"
+    step, best = 0, -1.0
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)  # our own file; no code runs
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, best = int(state["step"]), float(state["best"])
+        if state.get("finished"):
+            log.info("%s: finished already (step %d)", folder, step)
+            return _load_result(folder, module, device)
+        log.info("%s: resuming at step %d", folder, step)
+    net = module
+    if info.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    per_rank_batch = max(1, task.batch_size // info.world_size)
+    log_path = folder / "log.csv"
+    bar = tqdm(total=task.steps, initial=step, desc=task.name, disable=not (progress and info.is_main))
+    losses: list[float] = []
+    epoch_start = time.perf_counter()
+    while step < task.steps:
+        # Each (rank, step) draws its own batch: resuming reproduces the same sequence.
+        rng = np.random.default_rng([config.seed, info.rank, step])
+        net.train()
+        inputs, loss_fn = task.make_batch(rng, per_rank_batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
+            outputs = net(inputs)
+        loss = loss_fn(outputs)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if step % config.steps_per_epoch == 0 or step == task.steps:
+            if info.is_main:
+                metrics = task.validate(module) if task.validate else {}
+                score = metrics.get(task.key_metric, -float(np.mean(losses))) if task.key_metric else -float(np.mean(losses))
+                bundle = _bundle_for(config, stage, module, task, {**provenance, "step": step, **metrics})
+                save_bundle(bundle, folder / "last.kseg")
+                if score > best:
+                    best = score
+                    save_bundle(bundle, folder / "best.kseg")
+                _append_log(log_path, {"step": step, "train_loss": float(np.mean(losses)), **metrics,
+                                       "seconds": round(time.perf_counter() - epoch_start, 2)})
+                _atomic_torch_save(
+                    {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "step": step, "best": best, "finished": step >= task.steps},
+                    state_path,
+                )
+                _plot_curves(log_path, folder / "curves.png")
+                bar.write(f"{task.name} step {step}: loss {np.mean(losses):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            losses = []
+            epoch_start = time.perf_counter()
+            _barrier(info)
+    bar.close()
+    return _load_result(folder, module, device)
+
+
+def _load_result(folder: Path, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from ..checkpoint import load_bundle
+
+    best = folder / "best.kseg"
+    if best.is_file():
+        bundle = load_bundle(best)
+        loaded = bundle.stage1 or bundle.stage2
+        return loaded.module.to(device)
+    return module
+
+
+def _append_log(path: Path, row: dict) -> None:
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) < row["step"]]  # drop rows a resume redoes
+    rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _plot_curves(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with log_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    metrics = [k for k in rows[0] if k not in ("step", "train_loss", "seconds")]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(steps, [float(r["train_loss"]) for r in rows], marker="o")
+    ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
+    ax_loss.set_yscale("log")
+    for m in metrics:
+        ax_val.plot(steps, [float(r[m]) if r.get(m) not in (None, "") else np.nan for r in rows], marker="o", label=m)
+    ax_val.set(xlabel="step", ylabel="validation", title="validation Dice", ylim=(0, 1))
+    if metrics:
+        ax_val.legend(loc="lower right")
+    fig.suptitle(log_path.parent.name)
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+# ------------------------------------------------------------------------------ the two stages
+def _prepared(case: StageCase, config: TrainConfig) -> PreparedVolume:
+    return PreparedVolume(image=case.image, grid=None, volume=None, config=config.preprocessing)
+
+
+def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainConfig, device: torch.device) -> dict[str, np.ndarray]:
+    """Stage-1 probabilities on the stage grid, with the inference code itself."""
+    task_bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, StageModel("unet2d", {}, module), None)
+    segmenter = Segmenter(task_bundle, device=device, batch_size=16)
+    return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
+
+
+def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfig, steps: int, name: str, device) -> StageTask:
+    sampler = Stage1Sampler(train, config.preprocessing.context_slices, config.crop_stage1, config.foreground_fraction)
+    kwargs = {"in_channels": config.preprocessing.stage1_in_channels, "num_classes": 2, **config.stage1_kwargs}
+
+    def make_batch(rng, batch, device):
+        image, target = sampler.sample(batch, rng)
+        x = torch.from_numpy(image).to(device)
+        y = torch.from_numpy(target).to(device)
+        if config.augment:
+            grid = random_affine_grids(x.shape[0], x.shape[-2:], rng, device)
+            x = augment_intensity(warp(x, grid, "bilinear", fill=-1.0), rng)
+            y = warp(y[:, None].float(), grid, "nearest")[:, 0].long()
+        return x, lambda out: stage1_loss(out, y)
+
+    def validate(module):
+        if not val:
+            return {}
+        y1 = predict_y1(module, val, config, device)
+        return {"val_foreground_dice": float(np.mean([dice(y1[c.name] >= 0.5, c.labels > 0) for c in val]))}
+
+    return StageTask(name, config.stage1_architecture, kwargs, config.batch_size_stage1, steps, make_batch, validate,
+                     "val_foreground_dice" if val else None)
+
+
+def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_y1: dict, config: TrainConfig, device) -> StageTask:
+    sampler = Stage2Sampler(train, oof_y1, config.mask, config.crop_stage2, config.tumor_fraction)
+    kwargs = {"in_channels": 3, "num_classes": 3, "deep_supervision": True, **config.stage2_kwargs}
+
+    def make_batch(rng, batch, device):
+        image, y1, mask, labels = (torch.from_numpy(a).to(device) for a in sampler.sample(batch, rng))
+        if config.augment:
+            grid = random_affine_grids(image.shape[0], image.shape[-2:], rng, device)
+            image = augment_intensity(warp(image[:, None], grid, "bilinear", fill=-1.0), rng)[:, 0]
+            y1 = warp(y1[:, None], grid, "bilinear")[:, 0].clamp(0, 1)
+            mask = warp(mask[:, None], grid, "nearest")[:, 0]
+            labels = warp(labels[:, None].float(), grid, "nearest")[:, 0].long()
+        x = stage2_input(image, y1, mask)
+        return x, lambda out: deep_supervision_loss(out, labels, mask)
+
+    def validate(module):
+        if not val:
+            return {}
+        bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, None, StageModel("unetpp2d", {}, module))
+        segmenter = Segmenter(bundle, device=device, batch_size=16)
+        kidney, tumor = [], []
+        for c in val:
+            y1 = val_y1[c.name]
+            mask = make_mask(y1, config.mask.threshold, config.mask.radius)
+            labels = np.argmax(segmenter.stage2(_prepared(c, config), y1, mask), axis=0)
+            kidney.append(dice(labels > 0, c.labels > 0))
+            tumor.append(dice(labels == 2, c.labels == 2))
+        k, t = float(np.mean(kidney)), float(np.mean(tumor))
+        return {"val_kidney_dice": k, "val_tumor_dice": t, "val_composite_dice": (k + t) / 2}
+
+    return StageTask("stage 2", config.stage2_architecture, kwargs, config.batch_size_stage2, config.stage2_steps,
+                     make_batch, validate, "val_composite_dice" if val else None)
+
+
+def _check_config(run_dir: Path, config: TrainConfig) -> None:
+    path = run_dir / "config.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != json.loads(json.dumps(config.to_dict())):
+            changed = sorted(k for k in set(previous) | set(config.to_dict()) if previous.get(k) != json.loads(json.dumps(config.to_dict())).get(k))
+            raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: {', '.join(changed)}); use a new --out folder")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def train(
+    data_dir: Path,
+    run_dir: Path,
+    config: TrainConfig,
+    *,
+    device: str = "auto",
+    val_fraction: float = 0.2,
+    val_cases: list[str] | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> Path:
+    """Train stage 1 (with out-of-fold twins) and stage 2; returns ``RUN/model.kseg``."""
+    from ..device import get_device
+
+    info = init_distributed(device)
+    torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
+    run_dir = Path(run_dir)
+    if info.is_main:
+        _check_config(run_dir, config)
+    _barrier(info)
+    cases = load_cases(Path(data_dir), config.preprocessing, cache_dir or run_dir / "cache", progress and info.is_main)
+    by_name = {c.name: c for c in cases}
+    split_path = run_dir / "split.json"
+    if split_path.is_file():
+        split = json.loads(split_path.read_text())
+    else:
+        if val_cases is not None:
+            unknown = sorted(set(val_cases) - set(by_name))
+            if unknown:
+                raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
+            split = {"train": sorted(set(by_name) - set(val_cases)), "validation": sorted(val_cases)}
+        else:
+            tr, va = split_cases(list(by_name), val_fraction, config.seed)
+            split = {"train": tr, "validation": va}
+        if info.is_main:
+            split_path.write_text(json.dumps(split, indent=2))
+    train_cases = [by_name[n] for n in split["train"]]
+    val_set = [by_name[n] for n in split["validation"]]
+    provenance = {
+        "kitseg_version": __version__, "preset": config.preset, "data": str(data_dir), "command": command,
+        "train_cases": split["train"], "validation_cases": split["validation"],
+        "date": time.strftime("%Y-%m-%d"), "processes": info.world_size, "device": torch_device.type,
+    }
+
+    # 1. Out-of-fold stage-1 predictions for stage 2's training (never the ground truth).
+    oof_dir = run_dir / "oof_y1"
+    oof_dir.mkdir(parents=True, exist_ok=True)
+    folds = [train_cases[k :: config.oof_folds] for k in range(config.oof_folds)]
+    for k, held_out in enumerate(folds):
+        if all((oof_dir / f"{c.name}.npy").is_file() for c in held_out):
+            continue
+        rest = [c for c in train_cases if c not in held_out]
+        steps = max(1, int(round(config.stage1_steps * config.oof_steps_fraction)))
+        task = stage1_task(rest, [], config, steps, f"stage 1 fold {k + 1}/{config.oof_folds}", torch_device)
+        module = train_network(task, run_dir / f"fold{k + 1}", config, torch_device, info, "1", provenance, progress)
+        if info.is_main:
+            for name, y1 in predict_y1(module, held_out, config, torch_device).items():
+                np.save(oof_dir / f"{name}.npy", y1.astype(np.float16))
+        _barrier(info)
+    oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy") for c in train_cases}
+
+    # 2. Stage 1 on all training cases.
+    task1 = stage1_task(train_cases, val_set, config, config.stage1_steps, "stage 1", torch_device)
+    stage1 = train_network(task1, run_dir / "stage1", config, torch_device, info, "1", provenance, progress)
+
+    # 3. Stage 2 on out-of-fold y1; validated through the real stage 1, as at inference.
+    val_y1 = predict_y1(stage1, val_set, config, torch_device) if val_set else {}
+    task2 = stage2_task(train_cases, val_set, oof_y1, val_y1, config, torch_device)
+    stage2 = train_network(task2, run_dir / "stage2", config, torch_device, info, "2", provenance, progress)
+
+    model_path = run_dir / "model.kseg"
+    if info.is_main:
+        metrics = {}
+        for stage_dir in ("stage1", "stage2"):
+            with (run_dir / stage_dir / "log.csv").open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            key = "val_foreground_dice" if stage_dir == "stage1" else "val_composite_dice"
+            scored = [r for r in rows if r.get(key)]
+            best_row = max(scored, key=lambda r: float(r[key])) if scored else (rows[-1] if rows else {})
+            metrics[stage_dir] = {k: float(v) for k, v in best_row.items() if k.startswith("val_") or k == "step"}
+        bundle = ModelBundle(
+            preprocessing=config.preprocessing, label_map=KITS_LABELS, mask=config.mask,
+            stage1=StageModel(task1.architecture, dict(task1.kwargs), stage1.cpu()),
+            stage2=StageModel(task2.architecture, dict(task2.kwargs), stage2.cpu()),
+            provenance={**provenance, "train_config": config.to_dict(), "final_validation": metrics},
+        )
+        save_bundle(bundle, model_path)
+        log.info("wrote %s", model_path)
+    _barrier(info)
+    return model_path

@@ -1,0 +1,110 @@
+"""`kits-seg` end to end on synthetic cases: outputs overlay their inputs, errors are one clear line."""
+
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kitseg.checkpoint import save_bundle
+from kitseg.cli import main
+from kitseg.phantom import make_synthetic_case
+
+from .conftest import make_affine
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, tiny_bundle):
+    return save_bundle(tiny_bundle, tmp_path_factory.mktemp("w") / "tiny.kseg")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cases")
+    for i, seed in enumerate((1, 2)):
+        make_synthetic_case(shape=(18, 36, 40), spacing=(3.0, 1.6, 1.6), seed=seed).save_case_folder(
+            root / f"case_{i:05d}"
+        )
+    return root
+
+
+def test_predict_case_folder_writes_kits_name_on_the_input_grid(tmp_path, cases, weights):
+    out = tmp_path / "out"
+    assert main(["predict", str(cases / "case_00001"), "-o", str(out), "--weights", str(weights)]) == 0
+    pred = nib.load(str(out / "prediction_00001.nii.gz"))
+    ct = nib.load(str(cases / "case_00001" / "imaging.nii.gz"))
+    assert pred.shape == ct.shape
+    np.testing.assert_allclose(pred.affine, ct.affine)
+    assert pred.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+def test_predict_file_in_ras_with_intermediates(tmp_path, weights):
+    case = make_synthetic_case(shape=(16, 30, 34), spacing=(2.0, 1.5, 1.5), seed=5)
+    ras_ct = np.ascontiguousarray(case.ct.transpose(2, 1, 0))  # a file stored (x, y, z)
+    affine = make_affine("ras", (2.0, 1.5, 1.5))
+    src = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(ras_ct, affine), str(src))
+    out = tmp_path / "out"
+    args = ["predict", str(src), "-o", str(out), "--weights", str(weights), "--save-intermediates"]
+    assert main(args) == 0
+    for name in ("scan_labels", "scan_y1", "scan_mask", "scan_probs"):
+        img = nib.load(str(out / f"{name}.nii.gz"))
+        assert img.shape[:3] == ras_ct.shape, name
+        np.testing.assert_allclose(img.affine, affine, err_msg=name)
+    y1 = nib.load(str(out / "scan_y1.nii.gz")).get_fdata()
+    assert 0.0 <= y1.min() and y1.max() <= 1.0
+    probs = nib.load(str(out / "scan_probs.nii.gz")).get_fdata()
+    assert probs.shape == ras_ct.shape + (3,)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=0.02)
+    # A second run refuses to replace the outputs, naming one; --overwrite replaces them.
+    assert main(args) == 2
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_predict_folder_then_evaluate_csv(tmp_path, cases, weights, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(cases), "-o", str(out), "--weights", str(weights)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["prediction_00000.nii.gz", "prediction_00001.nii.gz"]
+    csv_path = tmp_path / "scores.csv"
+    assert main(["evaluate", "--pred", str(out), "--gt", str(cases), "--csv", str(csv_path)]) == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["case"] for r in rows[:2]] == ["case_00000", "case_00001"]
+    for column in ("kidney_dice", "tumor_dice", "composite_dice", "kidney_ml", "tumor_ml"):
+        assert column in rows[0]
+
+
+def test_evaluate_ground_truth_against_itself_is_perfect(tmp_path, cases, capsys):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in ("case_00000", "case_00001"):
+        seg = nib.load(str(cases / case / "segmentation.nii.gz"))
+        nib.save(seg, str(pred / case.replace("case_", "prediction_") ) + ".nii.gz")
+    csv_path = tmp_path / "s.csv"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(cases), "--csv", str(csv_path)]) == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert all(float(r["kidney_dice"]) == 1.0 and float(r["tumor_dice"]) == 1.0 for r in rows)
+
+
+def test_errors_are_one_line_naming_the_input(tmp_path, weights, capsys):
+    assert main(["predict", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path), "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "nope.nii.gz: no such file" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x00" * 10)
+    assert main(["predict", str(bad), "-o", str(tmp_path / "o"), "--weights", str(weights)]) == 2
+    assert "bad.nii.gz: cannot be read as NIfTI" in capsys.readouterr().err
+    pickled = tmp_path / "model.kseg"
+    pickled.write_bytes(b"\x80\x04K\x01.")
+    case = make_synthetic_case(shape=(8, 20, 20), seed=0)
+    case.save_case_folder(tmp_path / "case_00009")
+    assert main(["predict", str(tmp_path / "case_00009"), "-o", str(tmp_path / "o"), "--weights", str(pickled)]) == 2
+    assert "model.kseg" in capsys.readouterr().err
+
+
+def test_info_prints_metadata(weights, capsys):
+    assert main(["info", "--weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "devices:" in out and "unetpp2d" in out and "schema_version" in out

@@ -1,0 +1,45 @@
+"""Device selection: real availability, explicit errors, logged fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kitseg import device as device_module
+from kitseg.device import available_devices, describe_devices, get_device
+
+
+@pytest.fixture()
+def no_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_module, "_mps_available", lambda: False)
+
+
+def test_auto_falls_back_to_cpu_and_logs(no_accelerators: None, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="kitseg.device"):
+        assert get_device("auto") == torch.device("cpu")
+    assert "falling back to the CPU" in caplog.text
+    assert available_devices() == ["cpu"]
+    assert "auto selects: cpu" in describe_devices()
+
+
+def test_explicit_unavailable_accelerator_raises(no_accelerators: None) -> None:
+    with pytest.raises(RuntimeError, match="'cuda' was requested but CUDA is not available"):
+        get_device("cuda")
+    with pytest.raises(RuntimeError, match="MPS is not available"):
+        get_device("MPS")
+
+
+def test_cpu_and_bad_names() -> None:
+    assert get_device("cpu") == torch.device("cpu")
+    assert get_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        get_device("gpu0")
+
+
+def test_auto_picks_the_first_available_device() -> None:
+    chosen = get_device()
+    assert available_devices()[0].split(":")[0] == chosen.type
+    assert available_devices()[-1] == "cpu"

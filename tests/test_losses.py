@@ -1,0 +1,69 @@
+"""Loss values against hand-computed ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kitseg.losses import deep_supervision_loss, masked_cross_entropy, stage1_loss
+
+
+def _tiny() -> tuple[torch.Tensor, torch.Tensor]:
+    """N=1, C=3, H=1, W=2: pixel 0 logits (0,0,0) -> p=1/3 each; pixel 1 (0, ln 3, 0) -> (1/5, 3/5, 1/5)."""
+    logits = torch.tensor([[[[0.0, 0.0]], [[0.0, math.log(3.0)]], [[0.0, 0.0]]]])
+    target = torch.tensor([[[1, 1]]])
+    return logits, target
+
+
+def test_masked_ce_hand_computed() -> None:
+    logits, target = _tiny()
+    mask = torch.ones(1, 1, 2)
+    # -(log 1/3 + log 3/5) / (N*H*W*C = 6) = log 5 / 6
+    assert masked_cross_entropy(logits, target, mask).item() == pytest.approx(math.log(5.0) / 6.0, rel=1e-6)
+    half = torch.tensor([[[1.0, 0.0]]])
+    assert masked_cross_entropy(logits, target, half).item() == pytest.approx(math.log(3.0) / 6.0, rel=1e-6)
+    # (N, 1, H, W) and bool masks give the same value
+    assert masked_cross_entropy(logits, target, half.bool()[:, None]).item() == pytest.approx(math.log(3.0) / 6.0)
+
+
+def test_masked_ce_zero_mask_is_zero_and_full_mask_is_ce_over_c() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 5, 7), torch.randint(0, 3, (2, 5, 7))
+    assert masked_cross_entropy(logits, target, torch.zeros(2, 5, 7)).item() == 0.0
+    full = masked_cross_entropy(logits, target, torch.ones(2, 5, 7))
+    torch.testing.assert_close(full, F.cross_entropy(logits, target) / 3)
+
+
+def test_masked_ce_is_stable_for_extreme_logits_and_half_inputs() -> None:
+    logits = torch.tensor([[[[1000.0]], [[-1000.0]], [[0.0]]]]).half()
+    value = masked_cross_entropy(logits, torch.tensor([[[1]]]), torch.ones(1, 1, 1))
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert value.item() == pytest.approx(2000.0 / 3, rel=1e-4)  # -log p = 2000, divided by C = 3
+
+
+def test_stage1_loss_equals_torch_cross_entropy() -> None:
+    torch.manual_seed(1)
+    logits, target = torch.randn(3, 2, 4, 5), torch.randint(0, 2, (3, 4, 5))
+    torch.testing.assert_close(stage1_loss(logits, target), F.cross_entropy(logits, target))
+    with pytest.raises(ValueError, match="target must be"):
+        stage1_loss(logits, target[:, :3])
+
+
+def test_deep_supervision_sums_heads_with_weights() -> None:
+    logits, target = _tiny()
+    mask = torch.ones(1, 1, 2)
+    single = math.log(5.0) / 6.0
+    assert deep_supervision_loss([logits, logits], target, mask).item() == pytest.approx(2 * single, rel=1e-6)
+    weighted = deep_supervision_loss([logits, logits * 0], target, mask, weights=[0.5, 2.0])
+    assert weighted.item() == pytest.approx(0.5 * single + 2.0 * math.log(3.0) / 3.0, rel=1e-6)
+    with pytest.raises(ValueError, match="1 weights for 2 heads"):
+        deep_supervision_loss([logits, logits], target, mask, weights=[1.0])
+
+
+def test_losses_backpropagate() -> None:
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    deep_supervision_loss([logits], torch.zeros(1, 4, 4, dtype=torch.int64), torch.ones(1, 4, 4)).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

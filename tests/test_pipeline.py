@@ -1,0 +1,104 @@
+"""The two-stage pipeline, step by step and end to end, with a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kitseg.geometry import Volume
+from kitseg.pipeline import Segmentation, Segmenter, make_mask, stage2_input
+from kitseg.preprocess import prepare
+
+
+
+def test_stage2_input_formula_on_a_tiny_array():
+    image = np.array([[2.0, -1.0], [0.5, 4.0]], np.float32)
+    y1 = np.array([[0.25, 1.0], [0.0, 0.5]], np.float32)
+    mask = np.array([[1, 1], [0, 1]], bool)
+    i2 = stage2_input(image, y1, mask)
+    assert i2.shape == (3, 2, 2)
+    np.testing.assert_allclose(i2[0], [[0.5, -1.0], [0.0, 2.0]])  # y1 * I
+    np.testing.assert_allclose(i2[1], [[2.0, -1.0], [0.0, 4.0]])  # I
+    np.testing.assert_allclose(i2[2], [[1.5, 0.0], [0.0, 2.0]])  # (1 - y1) * I
+    with pytest.raises(ValueError, match="one shape"):
+        stage2_input(image, y1[:1], mask)
+
+
+def test_make_mask_thresholds_then_dilates():
+    y1 = np.zeros((9, 9, 9), np.float32)
+    y1[4, 4, 4] = 0.6
+    y1[0, 0, 0] = 0.4  # below threshold: ignored
+    mask = make_mask(y1, threshold=0.5, radius=2)
+    assert mask[4, 4, 4] and mask[4, 4, 6] and mask[4, 6, 4] and not mask[4, 6, 6]  # ball, not cube
+    assert not mask[0, 0, 0]
+    assert mask.sum() == 33  # voxels of a radius-2 ball
+    with pytest.raises(ValueError, match="threshold"):
+        make_mask(y1, threshold=1.5)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    from kitseg.phantom import make_synthetic_case
+
+    case = make_synthetic_case(shape=(21, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3)
+    return Volume.from_source_array(case.ct, case.affine)
+
+
+def test_steps_fill_outputs_and_keep_shapes(tiny_bundle, volume):
+    segmenter = Segmenter(tiny_bundle, device="cpu", batch_size=4)
+    prepared = segmenter.prepare(volume)
+    zs = prepared.image.shape[0]
+    assert zs == round(21 * 2.5 / 5.0)
+    y1 = np.full(prepared.image.shape, -1.0, np.float32)
+    progress = list(segmenter.iter_stage1(prepared, y1))
+    assert [p.done for p in progress][-1] == zs and progress[0].slices == (0, 4)
+    assert y1.min() >= 0 and y1.max() <= 1
+    mask = np.zeros_like(y1, bool)
+    mask[3:6, 10:20, 12:25] = True
+    probs = segmenter.stage2(prepared, y1, mask)
+    assert probs.shape == (3,) + prepared.image.shape
+    np.testing.assert_allclose(probs.astype(np.float32).sum(axis=0), 1.0, atol=5e-3)
+    assert np.all(probs[0][~mask] == 1)  # background outside the mask, as the method defines
+    labels = segmenter.labels_on_source(prepared, probs)
+    assert labels.shape == volume.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_empty_mask_gives_background(tiny_bundle, volume):
+    segmenter = Segmenter(tiny_bundle, device="cpu")
+    prepared = segmenter.prepare(volume)
+    y1 = segmenter.stage1(prepared)
+    probs = segmenter.stage2(prepared, y1, np.zeros_like(y1, bool))
+    assert np.all(segmenter.labels_on_source(prepared, probs) == 0)
+
+
+def test_stopping_the_generator_keeps_finished_batches(tiny_bundle, volume):
+    segmenter = Segmenter(tiny_bundle, device="cpu", batch_size=2)
+    prepared = segmenter.prepare(volume)
+    y1 = np.full(prepared.image.shape, -1.0, np.float32)
+    steps = segmenter.iter_stage1(prepared, y1)
+    first = next(steps)
+    steps.close()
+    start, stop = first.slices
+    assert np.all(y1[start:stop] >= 0) and np.all(y1[stop:] == -1)
+
+
+def test_segment_end_to_end_matches_steps(tiny_bundle, volume):
+    segmenter = Segmenter(tiny_bundle, device="cpu")
+    result = segmenter.segment(volume)
+    assert isinstance(result, Segmentation)
+    prepared = prepare(volume, tiny_bundle.preprocessing)
+    y1 = segmenter.stage1(prepared)
+    np.testing.assert_allclose(result.y1, y1, atol=1e-6)
+    mask = make_mask(y1, tiny_bundle.mask.threshold, tiny_bundle.mask.radius)
+    np.testing.assert_array_equal(result.mask, mask)
+    labels = segmenter.labels_on_source(prepared, segmenter.stage2(prepared, y1, mask))
+    np.testing.assert_array_equal(result.labels, labels)
+
+
+def test_segmenter_needs_both_stages(tiny_bundle):
+    from dataclasses import replace
+
+    segmenter = Segmenter(replace(tiny_bundle, stage2=None), device="cpu")
+    with pytest.raises(ValueError, match="no stage 2"):
+        segmenter.require_both_stages()
