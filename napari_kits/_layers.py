@@ -75,10 +75,12 @@ def placement(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def geometry_of(layer_or_metadata: Any) -> LayerGeometry | None:
-    """The :class:`LayerGeometry` stored on a layer (or in a layer's metadata dict), if any."""
+    """The :class:`LayerGeometry` of a layer, a layer's metadata dict or LayerData kwargs, if any."""
     metadata = getattr(layer_or_metadata, "metadata", layer_or_metadata)
     if not isinstance(metadata, dict):
         return None
+    if META_KEY not in metadata and isinstance(metadata.get("metadata"), dict):
+        metadata = metadata["metadata"]  # LayerData kwargs
     geometry = metadata.get(META_KEY)
     return geometry if isinstance(geometry, LayerGeometry) else None
 

@@ -61,8 +61,9 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
         ct = read_volume(case.image_path)
         layers = [ct_layer_data(ct, case.name, case.case_id)]
         if case.labels_path is not None:
-            gt = read_labels(case.labels_path, like=ct)
-            layers.append(ground_truth_layer_data(gt, case.name, case.case_id))
+            gt = read_labels(case.labels_path, like=ct)  # checks it lies on the CT's grid
+            # The CT's grid (identical) so a save can never land on the input CT unnoticed.
+            layers.append(ground_truth_layer_data(ct.like(gt.array), case.name, case.case_id))
         return layers
 
     volume = read_volume(p)

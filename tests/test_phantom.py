@@ -88,3 +88,156 @@ def test_simple_kits_round_trip(tmp_path: Path, default_case: SyntheticCase) -> 
     np.testing.assert_array_equal(np.asarray(img.dataobj), default_case.ct)
     np.testing.assert_array_equal(np.asarray(seg.dataobj), default_case.labels)
     assert sorted(p.name for p in folder.iterdir()) == ["imaging.nii.gz", "segmentation.nii.gz"]
+
+
+# ---------------------------------------------------------------- tier 2: realistic phantom
+
+from kitseg.phantom import (  # noqa: E402
+    MaskReadError,
+    PhantomParams,
+    case_seed,
+    generate_phantom_case,
+    generate_phantom_dataset,
+    synthesize_ct,
+    synthesize_ct_with_protocol,
+)
+
+KITS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kits19"
+needs_kits = pytest.mark.skipif(not KITS_DIR.is_dir(), reason=f"real KiTS19 masks not found at {KITS_DIR}")
+
+
+@pytest.fixture(scope="module")
+def label_map() -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A small procedural label map (two kidneys, one tumor), odd shape."""
+    spacing = (3.0, 1.7, 1.7)
+    return make_synthetic_case(shape=(23, 131, 157), spacing=spacing, seed=4).labels, spacing
+
+
+def _save_mask(path: Path, labels: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(labels.astype(dtype), affine), str(path))
+    return path
+
+
+def _kits_affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    sz, sy, sx = spacing
+    return np.array([[0, 0, -sx, 12.5], [0, -sy, 0, -30.0], [-sz, 0, 0, 71.0], [0, 0, 0, 1]], dtype=float)
+
+
+def test_realistic_shape_dtype_and_determinism(label_map) -> None:
+    labels, spacing = label_map
+    a = synthesize_ct(labels, spacing, np.random.default_rng(5))
+    b = synthesize_ct(labels, spacing, np.random.default_rng(5))
+    c = synthesize_ct(labels, spacing, np.random.default_rng(6))
+    assert a.shape == labels.shape and a.dtype == np.int16
+    assert a.min() >= -1024 and a.max() <= 3071
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # Anatomy around the kidneys: air, fat and bone are all present.
+    assert (a < -900).any() and ((a > -150) & (a < -50)).mean() > 0.05 and (a > 300).any()
+
+
+def test_tumor_not_separable_by_one_threshold(label_map) -> None:
+    """Across cases, tumor and kidney HU overlap: no single threshold separates them (>95%)."""
+    labels, spacing = label_map
+    kidney, tumor, phases = [], [], set()
+    for seed in range(8):
+        ct, protocol = synthesize_ct_with_protocol(labels, spacing, np.random.default_rng(seed))
+        phases.add(protocol.phase)
+        kidney.append(ct[labels == 1][::3])
+        tumor.append(ct[labels == 2])
+    kidney_hu, tumor_hu = np.concatenate(kidney).astype(float), np.concatenate(tumor).astype(float)
+    assert len(phases) >= 2
+    best = 0.0
+    for t in np.percentile(np.concatenate([kidney_hu, tumor_hu]), np.linspace(1, 99, 99)):
+        balanced = 0.5 * ((tumor_hu > t).mean() + (kidney_hu <= t).mean())
+        best = max(best, balanced, 1.0 - balanced)
+    assert best < 0.95, f"a single threshold separates tumor from kidney with balanced accuracy {best:.3f}"
+
+
+def test_realistic_rejects_bad_labels(label_map) -> None:
+    labels, spacing = label_map
+    with pytest.raises(ValueError, match="0 \\(background\\), 1 \\(kidney\\) or 2"):
+        synthesize_ct(np.full((4, 8, 8), 3, np.uint8), spacing, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="spacing"):
+        synthesize_ct(labels, (0.0, 1.0, 1.0), np.random.default_rng(0))
+
+
+def test_phantom_params_round_trip_and_validation() -> None:
+    params = PhantomParams(phases=("arterial", "venous"), phase_weights=(1.0, 2.0), noise_sigma_hu=(8.0, 12.0))
+    assert PhantomParams.from_dict(params.to_dict()) == params
+    with pytest.raises(ValueError, match="phases"):
+        PhantomParams(phases=("portal",), phase_weights=(1.0,))
+    with pytest.raises(ValueError, match="noise_sigma_hu"):
+        PhantomParams(noise_sigma_hu=(30.0, 5.0))
+    with pytest.raises(ValueError, match="unknown field"):
+        PhantomParams.from_dict({"noise": 3})
+
+
+def test_case_file_round_trip_uint16_and_ras(tmp_path: Path, label_map) -> None:
+    labels, spacing = label_map
+    affine = _kits_affine(spacing)
+    mask = _save_mask(tmp_path / "masks" / "case_00007" / "segmentation.nii.gz", labels, affine, np.uint16)
+    out = generate_phantom_case(mask, tmp_path / "out" / "case_00007", seed=3)
+    img, seg = nib.load(out / "imaging.nii.gz"), nib.load(out / "segmentation.nii.gz")
+    assert img.shape == seg.shape == labels.shape
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+    assert img.get_data_dtype() == np.int16 and seg.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), labels)
+    again = generate_phantom_case(mask, tmp_path / "again", seed=3)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(nib.load(again / "imaging.nii.gz").dataobj))
+    # A mask stored in RAS: same grid out, and the image is the same anatomy (reoriented).
+    ras = nib.as_closest_canonical(nib.load(mask))
+    ras_mask = tmp_path / "ras" / "segmentation.nii.gz"
+    ras_mask.parent.mkdir()
+    nib.save(ras, str(ras_mask))
+    ras_out = generate_phantom_case(ras_mask, tmp_path / "ras_out", seed=3)
+    ras_img = nib.load(ras_out / "imaging.nii.gz")
+    assert ras_img.shape == ras.shape
+    np.testing.assert_allclose(ras_img.affine, ras.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(nib.as_closest_canonical(img).dataobj), np.asarray(ras_img.dataobj))
+
+
+def test_dataset_seeds_do_not_depend_on_order_and_skip_existing(tmp_path: Path, label_map) -> None:
+    labels, spacing = label_map
+    masks = tmp_path / "masks"
+    for case in ("case_00001", "case_00002"):
+        _save_mask(masks / case / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    both = generate_phantom_dataset(masks, tmp_path / "all", seed=9, progress=False)
+    only = generate_phantom_dataset(masks, tmp_path / "one", cases=["case_00002"], seed=9, progress=False)
+    assert [p.name for p in both] == ["case_00001", "case_00002"] and [p.name for p in only] == ["case_00002"]
+    read = lambda p: np.asarray(nib.load(p / "imaging.nii.gz").dataobj)  # noqa: E731
+    np.testing.assert_array_equal(read(both[1]), read(only[0]))
+    assert not np.array_equal(read(both[0]), read(both[1]))
+    assert case_seed(9, "case_00001") != case_seed(9, "case_00002") != case_seed(10, "case_00002")
+    stamp = (both[0] / "imaging.nii.gz").stat().st_mtime_ns
+    generate_phantom_dataset(masks, tmp_path / "all", seed=9, progress=False)
+    assert (both[0] / "imaging.nii.gz").stat().st_mtime_ns == stamp
+    generate_phantom_dataset(masks, tmp_path / "all", cases=["case_00001"], seed=9, progress=False, overwrite=True)
+    assert (both[0] / "imaging.nii.gz").stat().st_mtime_ns != stamp
+
+
+def test_dataset_names_an_unreadable_mask(tmp_path: Path) -> None:
+    bad = tmp_path / "masks" / "case_00003" / "segmentation.nii.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a nifti file")
+    with pytest.raises(MaskReadError, match="case_00003"):
+        generate_phantom_dataset(tmp_path / "masks", tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="case_00099"):
+        generate_phantom_dataset(tmp_path / "masks", tmp_path / "out", cases=["case_00099"], progress=False)
+
+
+@needs_kits
+def test_real_mask_crop(tmp_path: Path) -> None:
+    """A crop of a real KiTS19 mask (kidneys + tumor, real geometry) through the file pipeline."""
+    img = nib.load(str(KITS_DIR / "case_00149" / "segmentation.nii.gz"))
+    labels = np.asarray(img.dataobj)[30:75, 190:370, 100:440]
+    assert {1, 2} <= set(np.unique(labels))
+    mask = _save_mask(tmp_path / "case_00149" / "segmentation.nii.gz", labels, img.affine)
+    out = generate_phantom_case(mask, tmp_path / "out", seed=1)
+    ct = np.asarray(nib.load(out / "imaging.nii.gz").dataobj)
+    assert ct.shape == labels.shape and ct.dtype == np.int16
+    np.testing.assert_allclose(nib.load(out / "imaging.nii.gz").affine, img.affine, atol=1e-5)
+    # Kidney tissue is soft tissue (neither fat nor bone) on average, whatever the phase.
+    assert -20 < ct[labels == 1].mean() < 300

@@ -5,6 +5,29 @@
   (:mod:`.realistic`): realistic CT built around real KiTS19 kidney/tumor masks, for training.
 """
 
+from .params import PHASES, PhantomParams, Protocol
+from .realistic import (
+    MaskReadError,
+    case_seed,
+    generate_phantom_case,
+    generate_phantom_dataset,
+    iter_phantom_dataset,
+    synthesize_ct,
+    synthesize_ct_with_protocol,
+)
 from .simple import SyntheticCase, make_synthetic_case
 
-__all__ = ["SyntheticCase", "make_synthetic_case"]
+__all__ = [
+    "PHASES",
+    "MaskReadError",
+    "PhantomParams",
+    "Protocol",
+    "SyntheticCase",
+    "case_seed",
+    "generate_phantom_case",
+    "generate_phantom_dataset",
+    "iter_phantom_dataset",
+    "make_synthetic_case",
+    "synthesize_ct",
+    "synthesize_ct_with_protocol",
+]

@@ -160,13 +160,20 @@ def build_abdomen(
     muscle_tex = hu_of["muscle"] + 4.0 * smooth_field(rng, shape, spacing, 4.0)
     hu[wall] = muscle_tex[wall]
     hu[body & (depth < 2.0)] = hu_of["skin"]
+    if protocol.table:  # the patient table under the back: a curved carbon-fibre plate
+        top = back + u(3.0, 30.0) - 0.0012 * (X - x0) ** 2
+        plate = (Y > top) & (Y < top + u(6.0, 14.0)) & (np.abs(X - x0) < 0.85 * ax) & ~body
+        hu[np.broadcast_to(plate, shape)] = u(-450.0, -150.0)
 
     def ellipsoid(cz, cy, cx, rz, ry, rx):
         return ((Z - cz) / rz) ** 2 + ((Y - cy) / ry) ** 2 + ((X - cx) / rx) ** 2
 
     def paint(mask, value):
         mask = np.broadcast_to(mask, shape)
-        hu[mask] = value[mask] if isinstance(value, np.ndarray) and value.shape == shape else value
+        if isinstance(value, np.ndarray) and value.ndim:
+            hu[mask] = np.broadcast_to(value, shape)[mask]
+        else:
+            hu[mask] = value
 
     inner_ax, inner_ay = ax - fat_base, ay - fat_base
 
@@ -185,7 +192,7 @@ def build_abdomen(
     liver_span = z_liver_low - (z_dome - 10.0)
     liver_cz = z_dome - 10.0 + 0.35 * liver_span
     liver = cavity & (Z > dome - 8.0) & (
-        ellipsoid(liver_cz, -0.15 * ay + y0, -0.55 * inner_ax, 0.65 * liver_span, 0.85 * inner_ay, 0.78 * inner_ax) < 1
+        ellipsoid(liver_cz, -0.15 * ay + y0, -0.6 * inner_ax, 0.65 * liver_span, 0.8 * inner_ay, 0.62 * inner_ax) < 1
     )
     liver_tex = hu_of["liver"] + 4.0 * smooth_field(rng, shape, spacing, 8.0)
     # Hepatic vessels: thin tubes along the zero set of a smooth field.
@@ -239,7 +246,7 @@ def build_abdomen(
         lumen = available & (loops > level)
         bwall = available & (loops > level - 0.18) & ~lumen
         kind = smooth_field(rng, shape, spacing, 25.0)
-        gas_q, contrast_q = u(-0.6, 0.6), u(0.0, 1.2)
+        gas_q, contrast_q = u(-2.0, -0.7), u(0.0, 1.2)
         content = np.where(kind < gas_q, hu_of["air"] + 50.0,
                            np.where((kind > contrast_q) & protocol.oral_contrast, hu_of["fluid"] + u(150, 450),
                                     hu_of["fluid"] + 15.0 + 12.0 * kind)).astype(np.float32)
@@ -252,14 +259,21 @@ def build_abdomen(
             rr = u(12.0, 22.0)
             tube = ((Y - cy) / rr) ** 2 + ((X - cx) / (1.2 * rr)) ** 2
             colon = cavity & (tube < 1) & (Z > z_top - 20.0 if side < 0 else Z > z_top - 60.0)
-            feces = np.where(smooth_field(rng, shape, spacing, 4.0) > 0.3, hu_of["air"] + 100.0, hu_of["fluid"] + 30.0)
+            feces = np.where(smooth_field(rng, shape, spacing, 4.0) > u(0.3, 1.5), hu_of["air"] + 100.0, hu_of["fluid"] + 30.0)
             paint(colon, hu_of["bowel_wall"])
             paint(colon & (tube < 0.7), feces.astype(np.float32))
 
     # ------------------------------------------------------------------ perirenal fat around the kidneys
     if kidney_mask.any():
-        dist = ndimage.distance_transform_edt(~kidney_mask, sampling=spacing)
-        margin = u(*params.perirenal_fat_mm) * (1.0 + 0.4 * smooth_field(rng, shape, spacing, 20.0))
+        margin_mm = u(*params.perirenal_fat_mm)
+        reach = [int(np.ceil(1.5 * margin_mm / d)) + 1 for d in spacing]
+        (z0, z1), (y0_, y1_), (x0_, x1_) = (
+            (max(0, int(np.min(i)) - r), min(n, int(np.max(i)) + r + 1))
+            for i, r, n in zip(np.nonzero(kidney_mask), reach, shape))
+        box = (slice(z0, z1), slice(y0_, y1_), slice(x0_, x1_))
+        dist = np.full(shape, np.inf, dtype=np.float32)
+        dist[box] = ndimage.distance_transform_edt(~kidney_mask[box], sampling=spacing)
+        margin = margin_mm * (1.0 + 0.4 * smooth_field(rng, shape, spacing, 20.0))
         perirenal = body & (dist < np.maximum(margin, 2.0))
         stranding = np.maximum(smooth_field(rng, shape, spacing, 3.0) - 1.2, 0.0) * u(0, 60)
         paint(perirenal, hu_of["fat"] + 4.0 * fat_texture + stranding)
@@ -285,21 +299,21 @@ def build_abdomen(
     r_vb = ((Y - sway) / vb_ry) ** 2 + (X / vb_rx) ** 2
     bone_tex = hu_of["bone_cancellous"] + 25.0 * smooth_field(rng, shape, spacing, 3.0)
     paint(r_vb < 1, np.where(is_disc, hu_of["disc"], hu_of["bone_cortex"]).astype(np.float32))
-    paint((r_vb < 0.72) & ~is_disc, bone_tex)
+    paint((r_vb < 0.8) & ~is_disc, bone_tex)
     canal_y, canal_r = vb_ry + u(8.0, 11.0), u(7.0, 9.5)
     r_canal = np.hypot(Y - sway - canal_y, X)
     lamina = (phase_z > disc_t + 3.0) & (phase_z < period - 2.0)
     ring = (r_canal < canal_r + u(4.0, 6.0)) & lamina
     spinous = (np.abs(X) < 3.5) & (Y - sway > canal_y) & (Y - sway < canal_y + canal_r + u(22, 32)) & lamina
-    transverse = (np.abs(Y - sway - canal_y + 4.0) < 4.0) & (np.abs(X) < vb_rx + u(18, 26)) & (phase_z > 0.5 * period) & lamina
+    transverse = (np.abs(Y - sway - canal_y + 4.0) < 4.0) & (np.abs(X) < vb_rx + u(6, 14)) & (np.abs(phase_z - 0.6 * period) < 2.5)
     paint((ring | spinous | transverse) & body, bone_tex + 180.0)
     paint(r_canal < canal_r, hu_of["csf"])
 
     # ------------------------------------------------------------------ ribs in the upper slices
-    rib_band = (depth > fat_t - 1.0) & (depth < fat_t + u(7.0, 10.0)) & body
+    rib_band = (depth > fat_t + 1.0) & (depth < fat_t + u(5.0, 7.0)) & body
     lateral = np.abs(np.cos(theta))
     z_rib_low = z_mid + u(-25.0, 20.0) + 40.0 * lateral - 30.0 * anterior
-    rib_period, rib_w = u(22.0, 30.0), u(8.0, 12.0)
+    rib_period, rib_w = u(24.0, 32.0), u(6.0, 9.0)
     slope = u(25.0, 45.0)
     rib_phase = np.mod(Z + slope * (theta + np.pi / 2) + u(0, rib_period), rib_period)
     ribs = rib_band & (Z < z_rib_low) & (rib_phase < rib_w) & (np.abs(X) > vb_rx + 15.0)

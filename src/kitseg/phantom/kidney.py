@@ -60,13 +60,15 @@ def sample_tumor_look(rng: np.random.Generator, protocol: Protocol) -> TumorLook
 
 def foreground_crop(labels: np.ndarray, spacing: tuple[float, float, float], margin_mm: float) -> tuple[slice, ...] | None:
     """Bounding box of labels > 0, grown by ``margin_mm`` and clipped to the array."""
-    box = ndimage.find_objects((labels > 0).astype(np.uint8))
-    if not box or box[0] is None:
+    fg = labels > 0
+    if not fg.any():
         return None
-    return tuple(
-        slice(max(0, s.start - int(np.ceil(margin_mm / d))), min(n, s.stop + int(np.ceil(margin_mm / d))))
-        for s, d, n in zip(box[0], spacing, labels.shape)
-    )
+    crop = []
+    for axis, (d, n) in enumerate(zip(spacing, labels.shape)):
+        hit = np.nonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        grow = int(np.ceil(margin_mm / d))
+        crop.append(slice(max(0, int(hit[0]) - grow), min(n, int(hit[-1]) + 1 + grow)))
+    return tuple(crop)
 
 
 def kidney_crop_hu(

@@ -22,8 +22,8 @@ UNENHANCED_HU: dict[str, float] = {
     "lung": -830.0,
     "fat": -100.0,
     "skin": 35.0,
-    "muscle": 48.0,
-    "liver": 58.0,
+    "muscle": 45.0,
+    "liver": 56.0,
     "spleen": 47.0,
     "pancreas": 42.0,
     "blood": 42.0,  # aorta, arteries
@@ -33,8 +33,8 @@ UNENHANCED_HU: dict[str, float] = {
     "csf": 12.0,
     "disc": 85.0,
     "bone_cancellous": 190.0,
-    "bone_cortex": 750.0,
-    "rib": 420.0,
+    "bone_cortex": 550.0,
+    "rib": 380.0,
     "kidney_cortex": 32.0,
     "kidney_medulla": 30.0,
     "urine": 8.0,  # renal pelvis and calyces

@@ -104,8 +104,8 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _bundle_for(config: TrainConfig, stage: str, module: torch.nn.Module, task: StageTask, provenance: dict) -> ModelBundle:
-    model = StageModel(task.architecture, dict(task.kwargs), module)
+def _bundle_for(config: TrainConfig, stage: str, module: torch.nn.Module, provenance: dict) -> ModelBundle:
+    model = StageModel.from_module(module)
     return ModelBundle(
         preprocessing=config.preprocessing,
         label_map=KITS_LABELS,
@@ -131,7 +131,7 @@ def train_network(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     state_path = folder / "state.pt"
-    step, best = 0, -1.0
+    step, best = 0, -float("inf")
     if state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)  # our own file; no code runs
         module.load_state_dict(state["model"])
@@ -170,7 +170,7 @@ def train_network(
             if info.is_main:
                 metrics = task.validate(module) if task.validate else {}
                 score = metrics.get(task.key_metric, -float(np.mean(losses))) if task.key_metric else -float(np.mean(losses))
-                bundle = _bundle_for(config, stage, module, task, {**provenance, "step": step, **metrics})
+                bundle = _bundle_for(config, stage, module, {**provenance, "step": step, **metrics})
                 save_bundle(bundle, folder / "last.kseg")
                 if score > best:
                     best = score
@@ -253,7 +253,7 @@ def _prepared(case: StageCase, config: TrainConfig) -> PreparedVolume:
 
 def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainConfig, device: torch.device) -> dict[str, np.ndarray]:
     """Stage-1 probabilities on the stage grid, with the inference code itself."""
-    task_bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, StageModel("unet2d", {}, module), None)
+    task_bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, StageModel.from_module(module), None)
     segmenter = Segmenter(task_bundle, device=device, batch_size=16)
     return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
 
@@ -300,7 +300,7 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
     def validate(module):
         if not val:
             return {}
-        bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, None, StageModel("unetpp2d", {}, module))
+        bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, None, StageModel.from_module(module))
         segmenter = Segmenter(bundle, device=device, batch_size=16)
         kidney, tumor = [], []
         for c in val:
@@ -411,8 +411,8 @@ def train(
             metrics[stage_dir] = {k: float(v) for k, v in best_row.items() if k.startswith("val_") or k == "step"}
         bundle = ModelBundle(
             preprocessing=config.preprocessing, label_map=KITS_LABELS, mask=config.mask,
-            stage1=StageModel(task1.architecture, dict(task1.kwargs), stage1.cpu()),
-            stage2=StageModel(task2.architecture, dict(task2.kwargs), stage2.cpu()),
+            stage1=StageModel.from_module(stage1.cpu()),
+            stage2=StageModel.from_module(stage2.cpu()),
             provenance={**provenance, "train_config": config.to_dict(), "final_validation": metrics},
         )
         save_bundle(bundle, model_path)

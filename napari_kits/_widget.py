@@ -1,0 +1,914 @@
+"""The "KiTS segmentation" dock widget: Model / Stage 1 / Mask / Stage 2 / Score / Save.
+
+A thin adapter: every computation is an engine call run by :mod:`napari_kits._tasks` in a
+napari thread worker. Workers never touch Qt objects or layers; what they produce reaches the
+viewer through the worker's ``yielded``/``returned`` signals, handled here on the GUI thread.
+
+Layers (all placed in world mm, see :mod:`napari_kits._layers`):
+
+- ``y1``: stage-1 foreground probability on the stage grid, filled in as batches finish;
+- ``mask``: the stage-2 region of interest (y1 >= threshold, dilated), a labels layer the user
+  may paint; stage 2 reads its *current* data;
+- ``labels``: the result on the CT's own grid (1 kidney, 2 tumor), editable with napari's tools;
+- optional ``P(kidney)``/``P(tumor)`` probability layers on the stage grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import _settings as keys
+from ._layers import (
+    LayerGeometry,
+    geometry_of,
+    labels_layer_kwargs,
+    placement,
+    probability_layer_kwargs,
+)
+from ._settings import kits_settings, read_float
+
+log = logging.getLogger(__name__)
+
+#: Minimum time between two refreshes of the y1 layer while stage 1 runs (keeps the GUI fluid).
+REFRESH_INTERVAL_S = 0.15
+MASK_DEBOUNCE_MS = 250
+SCORE_DEBOUNCE_MS = 600
+RESULT_KINDS = ("labels", "y1", "mask", "probability")
+
+
+@dataclass
+class _Session:
+    """What the widget knows about the CT being segmented (arrays are shared with the layers)."""
+
+    ct_layer: Any
+    volume: Any  # kitseg.geometry.Volume over the CT layer's data
+    prepared: Any = None  # kitseg.preprocess.PreparedVolume
+    y1: np.ndarray | None = None
+    y1_complete: bool = False
+    y1_layer: Any = None
+    mask_layer: Any = None
+    labels_layer: Any = None
+
+
+def _volume_of(layer: Any):
+    """A :class:`kitseg.geometry.Volume` view of a CT layer opened by this plugin."""
+    from kitseg.geometry import Volume
+
+    geometry = geometry_of(layer)
+    return Volume(np.asarray(layer.data), geometry.source.internal_affine(), geometry.source)
+
+
+def _section(title: str) -> tuple[QGroupBox, QFormLayout]:
+    box = QGroupBox(title)
+    form = QFormLayout(box)
+    form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+    form.setContentsMargins(6, 6, 6, 6)
+    return box, form
+
+
+def _row(*widgets: QWidget) -> QWidget:
+    holder = QWidget()
+    layout = QHBoxLayout(holder)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for w in widgets:
+        layout.addWidget(w)
+    return holder
+
+
+class KitsWidget(QWidget):
+    """Kidney + tumor segmentation of the selected CT with the two-stage KiTS19 method."""
+
+    #: (task, outcome): task in {"stage 1", "stage 2", "run all"}, outcome in {"done", "cancelled", "error"}.
+    run_finished = Signal(str, str)
+    mask_updated = Signal()
+    scores_updated = Signal()
+    saved = Signal(str)
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.settings = kits_settings()
+        self._segmenter = None
+        self._segmenter_key: tuple | None = None
+        self._session: _Session | None = None
+        self._worker = None
+        self._task = ""
+        self._last_refresh = 0.0
+        self._mask_worker = None
+        self._mask_dirty = False
+        self._after_mask: Callable[[], None] | None = None
+        self._score_worker = None
+        self._score_dirty = False
+        self._scored_layer = None
+        self._per_slice: dict[str, np.ndarray] = {}
+        self._save_worker = None
+        self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
+        self.last_error = ""
+
+        self._build()
+        self._connect_viewer()
+        self._refresh_layer_combos()
+        self._load_settings()
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        content = QWidget()
+        column = QVBoxLayout(content)
+        column.setContentsMargins(4, 4, 4, 4)
+
+        # CT chooser and shared run status
+        self.ct_combo = QComboBox()
+        self.ct_combo.setToolTip("The CT to segment (an image layer opened with napari-kits)")
+        column.addWidget(_row(QLabel("CT"), self.ct_combo))
+
+        # Model
+        box, form = _section("Model")
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setReadOnly(True)
+        self.weights_edit.setPlaceholderText("no model chosen")
+        self.browse_button = QPushButton("Browse…")
+        self.browse_button.setToolTip("Choose a .kseg checkpoint")
+        form.addRow("Weights", _row(self.weights_edit, self.browse_button))
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        self.model_info.setTextFormat(Qt.RichText)
+        self.model_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        form.addRow(self.model_info)
+        self.device_combo = QComboBox()
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 64)
+        self.batch_spin.setValue(8)
+        self.batch_spin.setToolTip("Stage slices per network batch (lower it if memory runs short)")
+        form.addRow("Device", _row(self.device_combo, QLabel("Batch"), self.batch_spin))
+        column.addWidget(box)
+
+        # Stage 1
+        box, form = _section("Stage 1 — kidney + tumor probability (y1)")
+        self.stage1_button = QPushButton("Run stage 1")
+        self.run_all_button = QPushButton("Run all")
+        self.run_all_button.setToolTip("Stage 1, the mask and stage 2 in one go")
+        form.addRow(_row(self.stage1_button, self.run_all_button))
+        column.addWidget(box)
+
+        # Mask
+        box, form = _section("Mask — stage-2 region of interest")
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.0, 1.0)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setDecimals(2)
+        self.threshold_spin.setValue(0.5)
+        self.threshold_spin.setToolTip("Foreground where y1 >= threshold")
+        self.radius_spin = QDoubleSpinBox()
+        self.radius_spin.setRange(0.0, 50.0)
+        self.radius_spin.setSingleStep(1.0)
+        self.radius_spin.setDecimals(1)
+        self.radius_spin.setValue(10.0)
+        self.radius_spin.setSuffix(" vox")
+        self.radius_spin.setToolTip("Dilation radius (ball), in stage-grid voxels unless the model says mm")
+        form.addRow("Threshold", self.threshold_spin)
+        form.addRow("Radius", self.radius_spin)
+        hint = QLabel("Paint or erase the mask layer to steer stage 2.")
+        hint.setWordWrap(True)
+        form.addRow(hint)
+        column.addWidget(box)
+
+        # Stage 2
+        box, form = _section("Stage 2 — kidney / tumor labels")
+        self.stage2_button = QPushButton("Run stage 2")
+        self.probs_check = QCheckBox("Show class probabilities")
+        form.addRow(_row(self.stage2_button, self.probs_check))
+        column.addWidget(box)
+
+        # Progress (shared by the runs)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.progress.setFormat("idle")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        column.addWidget(_row(self.progress, self.cancel_button))
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        column.addWidget(self.status)
+
+        # Score
+        box, form = _section("Score against a reference")
+        self.gt_combo = QComboBox()
+        self.pred_combo = QComboBox()
+        form.addRow("Reference", self.gt_combo)
+        form.addRow("Prediction", self.pred_combo)
+        self.recompute_button = QPushButton("Recompute")
+        self.auto_score_check = QCheckBox("after edits")
+        self.auto_score_check.setChecked(True)
+        self.auto_score_check.setToolTip("Recompute when the prediction layer is painted or replaced")
+        self.worst_button = QPushButton("Worst slice")
+        self.worst_button.setEnabled(False)
+        form.addRow(_row(self.recompute_button, self.auto_score_check, self.worst_button))
+        self.table = QTableWidget(3, 3)
+        self.table.setHorizontalHeaderLabels(["Dice", "Pred. mL", "Ref. mL"])
+        self.table.setVerticalHeaderLabels(["Kidney", "Tumor", "Composite"])
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.table.setFixedHeight(self.table.horizontalHeader().sizeHint().height() + 3 * 26 + 4)
+        form.addRow(self.table)
+        from ._plot import DicePlot
+
+        self.plot = DicePlot()
+        form.addRow(self.plot)
+        column.addWidget(box)
+
+        # Save
+        box, form = _section("Save on the CT's grid (NIfTI)")
+        self.save_combo = QComboBox()
+        self.save_button = QPushButton("Save as…")
+        form.addRow("Layer", _row(self.save_combo, self.save_button))
+        column.addWidget(box)
+        column.addStretch(1)
+
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(340)
+
+        self._mask_timer = QTimer(self)
+        self._mask_timer.setSingleShot(True)
+        self._mask_timer.setInterval(MASK_DEBOUNCE_MS)
+        self._mask_timer.timeout.connect(self.update_mask)
+        self._score_timer = QTimer(self)
+        self._score_timer.setSingleShot(True)
+        self._score_timer.setInterval(SCORE_DEBOUNCE_MS)
+        self._score_timer.timeout.connect(self.compute_scores)
+
+        self.browse_button.clicked.connect(self._browse_weights)
+        self.device_combo.currentIndexChanged.connect(self._on_device_changed)
+        self.batch_spin.valueChanged.connect(lambda v: self.settings.setValue(keys.BATCH_SIZE, int(v)))
+        self.ct_combo.currentIndexChanged.connect(self._on_ct_changed)
+        self.stage1_button.clicked.connect(self.run_stage1)
+        self.run_all_button.clicked.connect(self.run_all)
+        self.stage2_button.clicked.connect(self.run_stage2)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.threshold_spin.valueChanged.connect(self._on_mask_params_changed)
+        self.radius_spin.valueChanged.connect(self._on_mask_params_changed)
+        self.recompute_button.clicked.connect(self.compute_scores)
+        self.worst_button.clicked.connect(self.go_to_worst_slice)
+        self.plot.slice_clicked.connect(self.go_to_slice)
+        self.pred_combo.currentIndexChanged.connect(self._on_pred_changed)
+        self.save_button.clicked.connect(self._save_clicked)
+
+    # ------------------------------------------------------------------ settings and model
+    def _load_settings(self) -> None:
+        from kitseg.device import available_devices
+
+        self.device_combo.blockSignals(True)
+        self.device_combo.addItem(f"auto ({available_devices()[0]})", "auto")
+        for name in available_devices():
+            self.device_combo.addItem(name.upper() if name in ("cpu", "mps") else name, name)
+        saved_device = self.settings.value(keys.DEVICE, "auto")
+        index = self.device_combo.findData(saved_device)
+        self.device_combo.setCurrentIndex(max(index, 0))
+        self.device_combo.blockSignals(False)
+        batch = self.settings.value(keys.BATCH_SIZE, None)
+        if batch is not None:
+            self.batch_spin.setValue(int(batch))
+
+        saved = self.settings.value(keys.WEIGHTS, "")
+        if saved and Path(saved).is_file():
+            self.set_weights(saved, persist=False)
+        else:
+            from kitseg.pipeline import default_weights_path
+
+            try:
+                self.set_weights(default_weights_path(), persist=False)
+            except FileNotFoundError:
+                self.model_info.setText(
+                    "<b>No default weights are installed yet.</b> Choose a trained <tt>.kseg</tt> "
+                    "file with <i>Browse…</i> (train one with <tt>kits-seg train</tt>)."
+                )
+        for key, spin in ((keys.THRESHOLD, self.threshold_spin), (keys.RADIUS, self.radius_spin)):
+            value = read_float(self.settings, key, None)
+            if value is not None:
+                spin.blockSignals(True)
+                spin.setValue(value)
+                spin.blockSignals(False)
+
+    @property
+    def weights_path(self) -> Path | None:
+        text = self.weights_edit.text().strip()
+        return Path(text) if text else None
+
+    @property
+    def device(self) -> str:
+        return self.device_combo.currentData() or "auto"
+
+    def set_weights(self, path: str | Path, persist: bool = True) -> bool:
+        """Choose a ``.kseg`` file and show its metadata; False (and a message) if unusable."""
+        from kitseg.checkpoint import read_metadata
+
+        path = Path(path)
+        try:
+            meta = read_metadata(path)
+        except Exception as error:  # FileNotFoundError, CheckpointError: show, don't crash
+            self.model_info.setText(f"<span style='color:#ff6060'>{_escape(str(error))}</span>")
+            return False
+        self.weights_edit.setText(str(path))
+        self.weights_edit.setToolTip(str(path))
+        self.model_info.setText(_describe_metadata(meta))
+        if persist:
+            self.settings.setValue(keys.WEIGHTS, str(path))
+        mask = meta.get("mask", {})
+        self.radius_spin.setSuffix(" mm" if mask.get("radius_unit") == "mm" else " vox")
+        if read_float(self.settings, keys.THRESHOLD, None) is None and "threshold" in mask:
+            self.threshold_spin.setValue(float(mask["threshold"]))
+        if read_float(self.settings, keys.RADIUS, None) is None and "radius" in mask:
+            self.radius_spin.setValue(float(mask["radius"]))
+        return True
+
+    def _browse_weights(self) -> None:
+        start = str(self.weights_path.parent) if self.weights_path else str(Path.home())
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a model", start, "kitseg checkpoints (*.kseg)")
+        if path:
+            self.set_weights(path)
+
+    def _on_device_changed(self, _index: int) -> None:
+        self.settings.setValue(keys.DEVICE, self.device)
+
+    def _model_arg(self):
+        """The cached Segmenter if it matches the chosen file and device, else a spec to load."""
+        from ._tasks import ModelSpec
+
+        if self.weights_path is None:
+            raise ValueError("choose a model (.kseg) first")
+        spec = ModelSpec(self.weights_path, self.device)
+        if self._segmenter is not None and self._segmenter_key == spec.key:
+            return self._segmenter
+        return spec
+
+    # ------------------------------------------------------------------ layers
+    def _connect_viewer(self) -> None:
+        events = self.viewer.layers.events
+        events.inserted.connect(self._on_layers_changed)
+        events.removed.connect(self._on_layers_changed)
+        events.moved.connect(self._on_layers_changed)
+
+    def _on_layers_changed(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        if event is not None and event.type == "inserted" and layer is not None:
+            layer.events.name.connect(self._refresh_layer_combos)
+        self._refresh_layer_combos()
+
+    def _refresh_layer_combos(self, event=None) -> None:
+        layers = list(self.viewer.layers)
+        cts = [l for l in layers if l.__class__.__name__ == "Image" and getattr(geometry_of(l), "kind", None) == "ct"]
+        labels = [l for l in layers if l.__class__.__name__ == "Labels" and getattr(geometry_of(l), "kind", "") != "mask"]
+        saveable = [l for l in layers if getattr(geometry_of(l), "kind", None) in RESULT_KINDS]
+        gts = sorted(labels, key=lambda l: getattr(geometry_of(l), "kind", "") != "ground_truth")
+        preds = sorted(labels, key=lambda l: getattr(geometry_of(l), "kind", "") != "labels")
+        self._fill(self.ct_combo, cts)
+        self._fill(self.gt_combo, gts)
+        self._fill(self.pred_combo, preds)
+        self._fill(self.save_combo, saveable[::-1])
+        if self._session is not None and self._session.ct_layer not in layers:
+            self._session = None
+
+    @staticmethod
+    def _fill(combo: QComboBox, layers: list) -> None:
+        current = combo.currentData()
+        combo.blockSignals(True)
+        combo.clear()
+        for layer in layers:
+            combo.addItem(layer.name, layer)
+        index = next((i for i, l in enumerate(layers) if l is current), 0 if layers else -1)
+        combo.setCurrentIndex(index)
+        combo.blockSignals(False)
+        if current is not combo.currentData():
+            combo.currentIndexChanged.emit(combo.currentIndex())
+
+    def _on_ct_changed(self, _index: int) -> None:
+        if self._session is not None and self._session.ct_layer is not self.ct_combo.currentData():
+            self._session = None
+
+    def _session_for_ct(self) -> _Session:
+        layer = self.ct_combo.currentData()
+        if layer is None:
+            raise ValueError("open a CT first (File > Open, or File > Open Sample > napari-kits)")
+        if self._session is None or self._session.ct_layer is not layer:
+            self._session = _Session(ct_layer=layer, volume=_volume_of(layer))
+        return self._session
+
+    def _live(self, layer: Any) -> bool:
+        return layer is not None and layer in self.viewer.layers
+
+    def _put_layer(self, current: Any, data: np.ndarray, kind: str, kwargs: dict) -> Any:
+        """Replace ``current``'s data if it is still in the viewer and fits, else add a new layer."""
+        if self._live(current) and current.data.shape == data.shape and current.data.dtype == data.dtype:
+            current.data = data
+            current.scale, current.translate = kwargs["scale"], kwargs["translate"]
+            current.metadata.update(kwargs["metadata"])
+            return current
+        if self._live(current):
+            self.viewer.layers.remove(current)
+        add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
+        return add(data, **kwargs)
+
+    def _stage_geometry(self, kind: str) -> LayerGeometry:
+        session = self._session
+        return geometry_of(session.ct_layer).with_kind(kind, session.prepared.grid)
+
+    # ------------------------------------------------------------------ runs
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    def _start(self, task: str, generator: Callable, *args: Any, on_returned: Callable | None = None) -> Any:
+        from napari.qt.threading import create_worker
+
+        if self.busy:
+            raise RuntimeError(f"{self._task} is still running")
+        self._task = task
+        self._outcome = "done"
+        worker = create_worker(generator, *args, _start_thread=False)
+        worker.yielded.connect(self._on_yielded)
+        if on_returned is not None:
+            worker.returned.connect(on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._set_running(True)
+        self.progress.setRange(0, 0)
+        self.progress.setFormat(f"{task}: starting…")
+        self.status.setText("")
+        self.last_error = ""
+        worker.start()
+        return worker
+
+    def _set_running(self, running: bool) -> None:
+        for w in (self.stage1_button, self.run_all_button, self.stage2_button, self.browse_button,
+                  self.device_combo, self.batch_spin, self.ct_combo, self.threshold_spin, self.radius_spin):
+            w.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if not running:
+            self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        session = self._session
+        ready = session is not None and session.y1_complete and self._live(session.mask_layer)
+        self.stage2_button.setEnabled(not self.busy and ready)
+        self.stage2_button.setToolTip("" if ready else "Run stage 1 first")
+
+    def _guard(self, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except (ValueError, RuntimeError, FileNotFoundError) as error:
+            self._show_error(str(error))
+            return None
+
+    def _show_error(self, text: str) -> None:
+        self.last_error = text
+        self.status.setText(f"<span style='color:#ff6060'>{_escape(text)}</span>")
+        log.warning(text)
+
+    def run_stage1(self) -> Any:
+        """Stage 1 on the chosen CT; the y1 layer fills in as batches finish."""
+        from ._tasks import iter_stage1
+
+        def start():
+            session = self._session_for_ct()
+            session.y1_complete = False
+            return self._start("stage 1", iter_stage1, self._model_arg(), session.volume, session.prepared,
+                               self.batch_spin.value(), on_returned=lambda _y1: self.update_mask(now=True))
+
+        return self._guard(start)
+
+    def run_all(self) -> Any:
+        """Stage 1, the mask (current threshold/radius) and stage 2 in one worker."""
+        from ._tasks import iter_run_all
+
+        def start():
+            session = self._session_for_ct()
+            session.y1_complete = False
+            return self._start("run all", iter_run_all, self._model_arg(), session.volume,
+                               self.threshold_spin.value(), self.radius_spin.value(), session.prepared,
+                               self.probs_check.isChecked(), self.batch_spin.value())
+
+        return self._guard(start)
+
+    def run_stage2(self) -> Any:
+        """Stage 2 inside the mask layer's current data (as painted), then labels on the CT grid."""
+        from ._tasks import iter_stage2
+
+        if self._mask_timer.isActive() or self._mask_worker is not None:
+            # A mask update is pending: run once the mask matches the controls.
+            self._after_mask = self.run_stage2
+            if self._mask_timer.isActive():
+                self._mask_timer.stop()
+                self.update_mask(now=True)
+            return None
+
+        def start():
+            session = self._session
+            if session is None or not session.y1_complete:
+                raise ValueError("run stage 1 first (stage 2 needs a complete y1)")
+            if not self._live(session.mask_layer):
+                raise ValueError("the mask layer is gone: move the threshold or radius to rebuild it")
+            mask = np.array(session.mask_layer.data, dtype=bool)  # a snapshot: painting may go on
+            return self._start("stage 2", iter_stage2, self._model_arg(), session.prepared, session.y1, mask,
+                               self.probs_check.isChecked(), self.batch_spin.value())
+
+        return self._guard(start)
+
+    def cancel(self) -> None:
+        """Stop the running step at its next batch; finished batches stay in place."""
+        if self._worker is not None:
+            self._outcome = "cancelled"
+            self.progress.setFormat(f"{self._task}: cancelling…")
+            self._worker.quit()
+
+    def _on_yielded(self, event: Any) -> None:
+        from kitseg.pipeline import Progress
+
+        from ._tasks import MaskReady, ModelReady, Stage1Started, Stage2Done
+
+        if isinstance(event, Progress):
+            self._show_progress(event)
+        elif isinstance(event, ModelReady):
+            self._segmenter, self._segmenter_key = event.segmenter, event.key
+            self.status.setText(f"Model loaded on {event.segmenter.device}.")
+        elif isinstance(event, Stage1Started):
+            self._on_stage1_started(event)
+        elif isinstance(event, MaskReady):
+            self._set_mask(event.mask)
+            self.mask_updated.emit()
+        elif isinstance(event, Stage2Done):
+            self._on_stage2_done(event)
+
+    def _show_progress(self, p: Any) -> None:
+        session = self._session
+        if p.total > 0:
+            self.progress.setRange(0, p.total)
+            self.progress.setValue(p.done)
+        self.progress.setFormat(f"{p.step}: {p.done}/{p.total}")
+        if p.step == "stage 1" and session is not None:
+            if p.done == p.total:
+                session.y1_complete = True
+            now = time.perf_counter()
+            if self._live(session.y1_layer) and (p.done == p.total or now - self._last_refresh >= REFRESH_INTERVAL_S):
+                session.y1_layer.refresh()
+                self._last_refresh = time.perf_counter()
+
+    def _on_stage1_started(self, event: Any) -> None:
+        session = self._session
+        session.prepared, session.y1 = event.prepared, event.y1
+        geometry = self._stage_geometry("y1")
+        kwargs = probability_layer_kwargs("y1", geometry, geometry.stage_grid.affine)
+        session.y1_layer = self._put_layer(session.y1_layer, event.y1, "image", kwargs)
+        session.y1_layer.visible = True
+        self._last_refresh = time.perf_counter()
+
+    def _set_mask(self, mask: np.ndarray) -> None:
+        session = self._session
+        if session is None or session.prepared is None or mask.shape != session.y1.shape:
+            return
+        geometry = self._stage_geometry("mask")
+        kwargs = labels_layer_kwargs("mask", geometry, geometry.stage_grid.affine, opacity=0.3)
+        layer = self._put_layer(session.mask_layer, mask, "labels", kwargs)
+        if layer is not session.mask_layer:
+            layer.visible = True
+        session.mask_layer = layer
+        self._update_buttons()
+
+    def _on_stage2_done(self, event: Any) -> None:
+        session = self._session
+        geometry = geometry_of(session.ct_layer).with_kind("labels")
+        kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
+        session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs)
+        for layer in (session.y1_layer, session.mask_layer):
+            if self._live(layer):
+                layer.visible = False
+        if event.probabilities:
+            colormaps = {"kidney": "red", "tumor": "yellow"}
+            for name, probs in event.probabilities.items():
+                pgeom = self._stage_geometry("probability")
+                kwargs = probability_layer_kwargs(f"P({name})", pgeom, pgeom.stage_grid.affine,
+                                                  colormap=colormaps.get(name, "magma"))
+                existing = next((l for l in self.viewer.layers if l.name == kwargs["name"]), None)
+                layer = self._put_layer(existing, probs, "image", kwargs)
+                layer.visible = False
+        labels = session.labels_layer
+        labels.editable = True
+        # On top, selected: napari's paint / fill / erase tools act on it at once.
+        index = self.viewer.layers.index(labels)
+        if index != len(self.viewer.layers) - 1:
+            self.viewer.layers.move(index, len(self.viewer.layers))
+        self.viewer.layers.selection.active = labels
+        index = self.pred_combo.findData(labels)
+        if index >= 0:
+            self.pred_combo.setCurrentIndex(index)
+        if self.gt_combo.currentData() is not None and self.gt_combo.currentData() is not labels:
+            self._score_timer.start()
+
+    def _on_errored(self, error: Exception) -> None:
+        self._outcome = "error"
+        self._show_error(f"{self._task} failed: {error}")
+
+    def _on_aborted(self) -> None:
+        self._outcome = "cancelled"
+
+    def _on_finished(self) -> None:
+        task, outcome = self._task, self._outcome
+        self._worker = None
+        self._set_running(False)
+        if outcome == "done":
+            self.progress.setRange(0, 1)
+            self.progress.setValue(1)
+            self.progress.setFormat(f"{task}: done")
+        else:
+            self.progress.setFormat(f"{task}: {outcome}")
+        session = self._session
+        if task == "stage 1" and outcome == "cancelled" and session is not None and self._live(session.y1_layer):
+            session.y1_layer.refresh()
+            self.status.setText("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
+        elif task == "stage 2" and outcome == "cancelled":
+            self.status.setText("Stage 2 cancelled: the labels were not changed.")
+        if task == "run all" and session is not None and self._live(session.y1_layer):
+            session.y1_layer.refresh()
+        self.run_finished.emit(task, outcome)
+
+    # ------------------------------------------------------------------ mask
+    def _on_mask_params_changed(self, _value: float) -> None:
+        self.settings.setValue(keys.THRESHOLD, self.threshold_spin.value())
+        self.settings.setValue(keys.RADIUS, self.radius_spin.value())
+        if self._session is not None and self._session.y1_complete:
+            self._mask_timer.start()
+
+    def update_mask(self, now: bool = False) -> None:
+        """Recompute the mask from y1 in a worker (debounced by the spin boxes' timer)."""
+        from napari.qt.threading import create_worker
+
+        from ._tasks import make_mask, mask_spacing
+
+        self._mask_timer.stop()
+        session = self._session
+        if session is None or not session.y1_complete or session.y1 is None:
+            return
+        if self._mask_worker is not None:
+            self._mask_dirty = True  # recompute when the running one finishes
+            return
+        self._mask_dirty = False
+        spacing = mask_spacing(self._segmenter, session.prepared) if self._segmenter is not None else None
+        worker = create_worker(make_mask, session.y1, self.threshold_spin.value(), self.radius_spin.value(),
+                               spacing, _start_thread=False)
+        worker.returned.connect(self._on_mask_returned)
+        worker.errored.connect(lambda e: self._show_error(f"mask failed: {e}"))
+        worker.finished.connect(self._on_mask_finished)
+        self._mask_worker = worker
+        worker.start()
+
+    def _on_mask_returned(self, ready: Any) -> None:
+        if not self._mask_dirty:
+            self._set_mask(ready.mask)
+
+    def _on_mask_finished(self) -> None:
+        self._mask_worker = None
+        if self._mask_dirty:
+            self.update_mask(now=True)
+            return
+        self.mask_updated.emit()
+        if self._after_mask is not None:
+            action, self._after_mask = self._after_mask, None
+            action()
+
+    # ------------------------------------------------------------------ score
+    def _on_pred_changed(self, _index: int = -1) -> None:
+        layer = self.pred_combo.currentData()
+        if layer is self._scored_layer:
+            return
+        if self._scored_layer is not None:
+            for name in ("paint", "data"):
+                try:
+                    getattr(self._scored_layer.events, name).disconnect(self._on_pred_edited)
+                except (TypeError, ValueError, RuntimeError):
+                    pass
+        self._scored_layer = layer
+        if layer is not None:
+            layer.events.paint.connect(self._on_pred_edited)
+            layer.events.data.connect(self._on_pred_edited)
+
+    def _on_pred_edited(self, event=None) -> None:
+        if self.auto_score_check.isChecked() and self.gt_combo.currentData() is not None:
+            self._score_timer.start()
+
+    def compute_scores(self) -> Any:
+        """KiTS19 Dice and volumes of the prediction against the reference, in a worker."""
+        from napari.qt.threading import create_worker
+
+        self._score_timer.stop()
+        pred, ref = self.pred_combo.currentData(), self.gt_combo.currentData()
+        if pred is None or ref is None:
+            self._show_error("choose a reference and a prediction labels layer to score")
+            return None
+        if pred is ref:
+            self._show_error("the reference and the prediction are the same layer")
+            return None
+        if pred.data.shape != ref.data.shape:
+            self._show_error(f"{pred.name} {pred.data.shape} and {ref.name} {ref.data.shape} are not on one grid")
+            return None
+        if self._score_worker is not None:
+            self._score_dirty = True
+            return None
+        self._score_dirty = False
+        worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), tuple(pred.scale),
+                               pred.name, _start_thread=False)
+        worker.returned.connect(self._on_scores)
+        worker.errored.connect(lambda e: self._show_error(f"scoring failed: {e}"))
+        worker.finished.connect(self._on_score_finished)
+        self._score_worker = worker
+        self._score_slice_layer = pred
+        worker.start()
+        return worker
+
+    def _on_score_finished(self) -> None:
+        self._score_worker = None
+        if self._score_dirty:
+            self.compute_scores()
+
+    def _on_scores(self, result: tuple) -> None:
+        scores, curves = result
+        self.last_scores = scores
+        self._per_slice = curves
+        rows = [
+            (scores.kidney_dice, scores.kidney_ml, scores.ref_kidney_ml),
+            (scores.tumor_dice, scores.tumor_ml, scores.ref_tumor_ml),
+            (scores.composite_dice, None, None),
+        ]
+        for r, values in enumerate(rows):
+            for c, value in enumerate(values):
+                text = "" if value is None else ("n/a" if not np.isfinite(value) else
+                                                 (f"{value:.4f}" if c == 0 else f"{value:.1f}"))
+                item = QTableWidgetItem(text)
+                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                self.table.setItem(r, c, item)
+        self.plot.set_curves(curves)
+        self.worst_button.setEnabled(self.worst_slice() is not None)
+        self.scores_updated.emit()
+
+    def worst_slice(self) -> int | None:
+        """The CT slice with the lowest Dice of either region (slices with nothing to score skipped)."""
+        if not self._per_slice:
+            return None
+        stacked = np.vstack(list(self._per_slice.values()))
+        if not np.isfinite(stacked).any():
+            return None
+        lowest = np.nanmin(np.where(np.isfinite(stacked), stacked, np.inf), axis=0)
+        return int(np.argmin(lowest))
+
+    def go_to_worst_slice(self) -> None:
+        index = self.worst_slice()
+        if index is not None:
+            self.go_to_slice(index)
+
+    def go_to_slice(self, index: int) -> None:
+        """Show CT slice ``index`` of the scored prediction (world position, so every layer follows)."""
+        layer = getattr(self, "_score_slice_layer", None) or self.pred_combo.currentData()
+        if layer is None:
+            return
+        z = float(layer.translate[0] + index * layer.scale[0])
+        self.viewer.dims.set_point(0, z)
+        self.plot.mark_slice(index)
+
+    # ------------------------------------------------------------------ save
+    def _ask_save_path(self, suggestion: Path) -> str | None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save on the CT's grid", str(suggestion), "NIfTI (*.nii.gz *.nii)",
+            options=QFileDialog.DontConfirmOverwrite,  # we ask ourselves, knowing the input CT
+        )
+        return path or None
+
+    def _confirm_overwrite(self, path: Path) -> bool:
+        answer = QMessageBox.question(self, "Replace file?", f"{path} exists already.\nReplace it?",
+                                      QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
+    def _save_clicked(self) -> None:
+        from ._save import default_directory, default_filename
+
+        layer = self.save_combo.currentData()
+        geometry = geometry_of(layer) if layer is not None else None
+        if geometry is None:
+            self._show_error("nothing to save yet: run a segmentation first")
+            return
+        path = self._ask_save_path(default_directory(geometry) / default_filename(geometry, layer.name))
+        if path:
+            self.save_layer(layer, path)
+
+    def save_layer(self, layer: Any, path: str | Path) -> Any:
+        """Write ``layer`` on its CT's grid at ``path``, asking before replacing a file."""
+        from napari.qt.threading import create_worker
+
+        from ._save import save_layer, with_nifti_suffix
+
+        path = with_nifti_suffix(path)
+        geometry = geometry_of(layer)
+        source_path = getattr(getattr(geometry, "source", None), "path", None)
+        if source_path is not None and path.exists() and path.resolve() == Path(source_path).resolve():
+            self._show_error(f"{path}: refusing to overwrite the input CT")
+            return None
+        overwrite = False
+        if path.exists():
+            if not self._confirm_overwrite(path):
+                self.status.setText("Not saved.")
+                return None
+            overwrite = True
+        data = np.array(layer.data)  # a snapshot: the user may keep painting while it writes
+        worker = create_worker(save_layer, data, geometry, path, overwrite, _start_thread=False)
+        worker.returned.connect(lambda written: (self.status.setText(f"Saved {written}"), self.saved.emit(str(written))))
+        worker.errored.connect(lambda e: self._show_error(f"not saved: {e}"))
+        worker.finished.connect(lambda: setattr(self, "_save_worker", None))
+        self._save_worker = worker
+        self.status.setText(f"Saving {path.name}…")
+        worker.start()
+        return worker
+
+    # ------------------------------------------------------------------ teardown
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        for worker in (self._worker, self._mask_worker, self._score_worker):
+            if worker is not None:
+                worker.quit()
+        super().closeEvent(event)
+
+
+def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str) -> tuple:
+    """Worker body: the engine's KiTS19 scores and per-slice Dice curves."""
+    from kitseg.metrics import kits_scores, per_slice_dice
+
+    scores = kits_scores(pred, ref, spacing, case=name)
+    curves = {region: per_slice_dice(pred, ref, region) for region in ("kidney", "tumor")}
+    return scores, curves
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _describe_metadata(meta: dict) -> str:
+    """A few lines for a radiologist/engineer: stages, preprocessing, mask, provenance."""
+    stages = meta.get("stages", {})
+    stage_text = ", ".join(f"{k}: {v.get('architecture')}" for k, v in sorted(stages.items())) or "none"
+    pre = meta.get("preprocessing", {})
+    if pre.get("normalization") == "window":
+        norm = f"window {pre.get('hu_min'):g}..{pre.get('hu_max'):g} HU"
+    else:
+        norm = str(pre.get("normalization"))
+    inplane = pre.get("inplane_spacing_mm")
+    grid = f"{pre.get('slice_spacing_mm'):g} mm slices" + (f", {inplane:g} mm in-plane" if inplane else ", native in-plane")
+    context = pre.get("context_slices", 0)
+    mask = meta.get("mask", {})
+    provenance = meta.get("provenance", {}) or {}
+    prov = "; ".join(f"{k}: {v}" for k, v in list(provenance.items())[:4]) or "not recorded"
+    if len(prov) > 220:
+        prov = prov[:217] + "…"
+    lines = [
+        f"<b>Stages</b> {_escape(stage_text)}",
+        f"<b>Preprocessing</b> {grid}, {norm}, ±{context} context slice(s)",
+        f"<b>Mask</b> threshold {mask.get('threshold')}, radius {mask.get('radius')} {mask.get('radius_unit', 'voxels')}",
+        f"<b>Training / provenance</b> {_escape(prov)}",
+        f"<small>kitseg {meta.get('kitseg_version')}, schema {meta.get('schema_version')}</small>",
+    ]
+    return "<br>".join(lines)

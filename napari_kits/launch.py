@@ -1,0 +1,77 @@
+"""``napari-kits``: napari with the KiTS segmentation widget docked and a CT loaded.
+
+    napari-kits                         # the synthetic sample case
+    napari-kits case_00042/             # a KiTS19 case folder, or a .nii/.nii.gz file
+    napari-kits --weights m.kseg --run-all --screenshot out.png --quit   # CI smoke, no blocking
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="napari-kits", description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="*", help="CT .nii/.nii.gz files or KiTS19 case folders (default: the sample case)")
+    p.add_argument("--weights", type=Path, help="a .kseg checkpoint (default: the shipped weights, or the last used)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--run-all", action="store_true", help="run stage 1, the mask and stage 2 on the first CT")
+    p.add_argument("--screenshot", type=Path, help="save a screenshot of the window (after --run-all finishes)")
+    p.add_argument("--quit", action="store_true", help="close when done (with --run-all / --screenshot)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import napari
+    from qtpy.QtCore import QTimer
+
+    from ._registration import PLUGIN_NAME, WIDGET_NAME, ensure_registered
+
+    ensure_registered()
+    viewer = napari.Viewer(title="napari-kits")
+    if args.inputs:
+        for path in args.inputs:
+            viewer.open(path, plugin=PLUGIN_NAME)
+    else:
+        viewer.open_sample(PLUGIN_NAME, "synthetic")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN_NAME, WIDGET_NAME)
+    if args.weights is not None and not widget.set_weights(args.weights):
+        log.error("cannot use %s: %s", args.weights, widget.model_info.text())
+    if args.device:
+        index = widget.device_combo.findData(args.device.lower())
+        if index >= 0:
+            widget.device_combo.setCurrentIndex(index)
+    outcome = {"code": 0}
+
+    def finish() -> None:
+        if args.screenshot is not None:
+            args.screenshot.parent.mkdir(parents=True, exist_ok=True)
+            viewer.screenshot(str(args.screenshot), canvas_only=False)
+            log.info("screenshot saved to %s", args.screenshot)
+        if args.quit:
+            viewer.close()
+
+    def on_run_finished(task: str, result: str) -> None:
+        if result != "done":
+            outcome["code"] = 1
+            log.error("%s %s %s", task, result, widget.last_error)
+        QTimer.singleShot(300, finish)  # let the last layer updates paint first
+
+    if args.run_all:
+        widget.run_finished.connect(on_run_finished)
+        QTimer.singleShot(0, lambda: widget.run_all() or on_run_finished("run all", "error"))
+    elif args.screenshot is not None or args.quit:
+        QTimer.singleShot(500, finish)
+    napari.run()
+    return outcome["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

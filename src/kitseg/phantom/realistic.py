@@ -1,0 +1,301 @@
+"""Realistic synthetic CT around real KiTS19 kidney/tumor masks (the SynthSeg idea).
+
+The real label map fixes the kidneys and the tumor; everything else is drawn per case: an
+abdomen placed consistently around the kidneys (:mod:`.anatomy`), the inside of the kidneys
+and the tumor's look (:mod:`.kidney`), and what scanners and protocols vary: contrast phase,
+noise level and texture, blur, calibration, field of view (:mod:`.params`). A network trained
+on many such draws must learn shape and context, not one intensity (Billot et al., SynthSeg,
+Medical Image Analysis 2023).
+
+Arrays are (Z, Y, X) in the internal orientation (axis codes I, P, L).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from ..geometry import Volume, voxel_spacing
+from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
+from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
+from .anatomy import build_abdomen, find_kidneys, make_frame
+from .kidney import foreground_crop, kidney_crop_hu
+from .params import PhantomParams, Protocol, sample_protocol
+
+logger = logging.getLogger(__name__)
+
+HU_MIN, HU_MAX = -1024, 3071
+_SLAB = 16  # slices assembled at a time: bounds the memory of the full-resolution steps
+
+
+class MaskReadError(ValueError):
+    """A KiTS19 mask could not be read or is not a label map (0, 1, 2)."""
+
+
+def synthesize_ct(
+    labels: np.ndarray,
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    params: PhantomParams | None = None,
+) -> np.ndarray:
+    """A synthetic CT (int16 HU) whose kidneys and tumor are exactly ``labels``.
+
+    Args:
+        labels: (Z, Y, X) label map in the internal orientation: 0 background, 1 kidney, 2 tumor.
+        spacing: (sz, sy, sx) voxel size in mm.
+        rng: the source of every random choice (same generator state, same image).
+        params: the ranges to draw from; defaults to :class:`PhantomParams()`.
+
+    Returns:
+        (Z, Y, X) int16 array in Hounsfield units, clipped to [-1024, 3071].
+    """
+    image, _ = synthesize_ct_with_protocol(labels, spacing, rng, params)
+    return image
+
+
+def synthesize_ct_with_protocol(
+    labels: np.ndarray,
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    params: PhantomParams | None = None,
+) -> tuple[np.ndarray, Protocol]:
+    """:func:`synthesize_ct`, also returning the drawn :class:`Protocol` (phase, tissue HU, noise...)."""
+    params = PhantomParams() if params is None else params
+    labels = _check_labels(labels)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be three positive numbers in mm (sz, sy, sx), got {spacing}")
+    protocol = sample_protocol(rng, params)
+    shape = labels.shape
+    cs = params.coarse_spacing_mm
+    factors = coarse_factors(spacing, (1.5 * cs, cs, cs))
+    cspacing = tuple(d * f for d, f in zip(spacing, factors))
+    cshape = coarse_shape(shape, factors)
+    coords = tuple((np.arange(c) * f + (f - 1) / 2) * d for c, f, d in zip(cshape, factors, spacing))
+    foreground = block_any(labels > 0, factors)
+    kidneys = find_kidneys(foreground, coords, image_centre_x=(shape[2] - 1) / 2 * spacing[2])
+    extent = tuple(n * d for n, d in zip(shape, spacing))
+    frame = make_frame(kidneys, extent, rng)
+    coarse = build_abdomen(foreground, coords, cspacing, frame, protocol, params, rng)
+    if factors[0] == 1 and protocol.slice_blur_fraction > 0.2:
+        coarse = ndimage.gaussian_filter1d(coarse, protocol.slice_blur_fraction, axis=0, truncate=3.0)
+
+    crop = foreground_crop(labels, spacing, margin_mm=8.0)
+    crop_hu = None
+    if crop is not None:
+        background = _upsample_region(coarse, factors, shape, crop)
+        crop_hu = kidney_crop_hu(labels[crop], background, spacing, crop[2].start * spacing[2],
+                                 frame.spine_x, protocol, params, rng)
+
+    fov = _fov_outside(shape, spacing, rng) if protocol.fov_circle else None
+    noise_factor = 2 if spacing[1] < 0.9 and spacing[2] < 0.9 else 1
+    out = np.empty(shape, dtype=np.int16)
+    for start in range(0, shape[0], _SLAB):
+        zs = slice(start, min(start + _SLAB, shape[0]))
+        slab = _upsample_region(coarse, factors, shape, (zs, slice(0, shape[1]), slice(0, shape[2])))
+        if crop_hu is not None:
+            lo, hi = max(zs.start, crop[0].start), min(zs.stop, crop[0].stop)
+            if lo < hi:
+                slab[lo - start: hi - start, crop[1], crop[2]] = crop_hu[lo - crop[0].start: hi - crop[0].start]
+        slab += protocol.noise_sigma_hu * _correlated_noise(rng, slab.shape, protocol.noise_correlation_px, noise_factor)
+        slab *= protocol.hu_scale
+        slab += protocol.hu_offset
+        if fov is not None:
+            slab[:, fov] = HU_MIN
+        np.clip(slab, HU_MIN, HU_MAX, out=slab)
+        out[zs] = np.rint(slab)
+    return out, protocol
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be a 3D (Z, Y, X) array, got shape {labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise ValueError("labels must hold integer values 0, 1, 2")
+    low, high = int(labels.min(initial=0)), int(labels.max(initial=0))
+    if low < 0 or high > 2:
+        raise ValueError(f"labels must be 0 (background), 1 (kidney) or 2 (tumor); found values in [{low}, {high}]")
+    return labels.astype(np.uint8, copy=False)
+
+
+def _upsample_region(coarse: np.ndarray, factors, shape, region: tuple[slice, ...]) -> np.ndarray:
+    """The fine-grid values of ``coarse`` (linear interpolation) over ``region`` only."""
+    out = coarse
+    # Restrict the coarse array to the rows it needs first, so the work scales with the region.
+    for axis in (0, 1, 2):
+        i0, i1, _ = _axis_weights(shape[axis], coarse.shape[axis], factors[axis])
+        sl = region[axis]
+        lo, hi = int(i0[sl].min()), int(i1[sl].max()) + 1
+        out = np.take(out, np.arange(lo, hi), axis=axis)
+        region = region[:axis] + ((sl, lo),) + region[axis + 1:]
+    for axis in (2, 1, 0):
+        sl, lo = region[axis]
+        i0, i1, w = _axis_weights(shape[axis], coarse.shape[axis], factors[axis])
+        out = _lerp(out, axis, i0[sl] - lo, i1[sl] - lo, w[sl])
+    return out.astype(np.float32, copy=False)
+
+
+def _lerp(array: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, w: np.ndarray) -> np.ndarray:
+    shape = [1] * array.ndim
+    shape[axis] = len(w)
+    a0 = np.take(array, i0, axis=axis)
+    a1 = np.take(array, i1, axis=axis)
+    a1 -= a0
+    a1 *= w.reshape(shape)
+    a0 += a1
+    return a0
+
+
+def _correlated_noise(rng: np.random.Generator, shape: tuple[int, int, int], correlation_px: float,
+                      factor: int) -> np.ndarray:
+    """Unit-variance noise, correlated in-plane over ``correlation_px`` pixels (CT noise texture).
+
+    Drawn on a grid ``factor`` times coarser in-plane (fewer random numbers), smoothed there and
+    up-sampled; the slice axis stays uncorrelated, as in reconstructed CT.
+    """
+    nz, ny, nx = shape
+    small = (nz, -(-ny // factor), -(-nx // factor))
+    noise = rng.standard_normal(small, dtype=np.float32)
+    sigma = max(correlation_px / factor, 0.0)
+    if sigma > 0.25:
+        noise = ndimage.gaussian_filter(noise, (0, sigma, sigma), mode="wrap", truncate=3.0)
+    if factor > 1:
+        noise = upsample_axis(noise, 2, factor, nx)
+        noise = upsample_axis(noise, 1, factor, ny)
+    std = float(noise[:, ::3, ::3].std())
+    noise /= max(std, 1e-6)
+    return noise
+
+
+def _fov_outside(shape, spacing, rng: np.random.Generator) -> np.ndarray:
+    """(Y, X) mask of pixels outside the scanner's reconstruction circle."""
+    ny, nx = shape[1], shape[2]
+    radius = 0.5 * min(ny * spacing[1], nx * spacing[2]) * float(rng.uniform(0.97, 1.03))
+    y = (np.arange(ny) - (ny - 1) / 2) * spacing[1]
+    x = (np.arange(nx) - (nx - 1) / 2) * spacing[2]
+    return (y[:, None] ** 2 + x[None, :] ** 2) > radius**2
+
+
+# ---------------------------------------------------------------------------- files and datasets
+
+
+@dataclass(frozen=True)
+class _Mask:
+    volume: Volume  # internal orientation
+    affine: np.ndarray  # the file's own affine
+    source_array: np.ndarray  # uint8, the file's grid
+
+
+def read_kits_mask(path: Path) -> _Mask:
+    """Read a KiTS19 segmentation (any integer type, e.g. uint16) as uint8 labels 0/1/2."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for truncated or foreign files
+        raise MaskReadError(f"cannot read the mask {path}: {exc}") from exc
+    if data.ndim != 3:
+        raise MaskReadError(f"the mask {path} is not 3D (shape {data.shape})")
+    try:
+        labels = _check_labels(data)
+    except ValueError as exc:
+        raise MaskReadError(f"the mask {path} is not a KiTS19 label map: {exc}") from exc
+    volume = Volume.from_source_array(labels, img.affine, path)
+    return _Mask(volume, np.asarray(img.affine, dtype=np.float64), labels)
+
+
+def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
+                          params: PhantomParams | None = None) -> Path:
+    """Write a phantom case in KiTS19 layout around the real mask ``mask_path``.
+
+    ``out_folder/imaging.nii.gz`` (int16 HU) and ``out_folder/segmentation.nii.gz`` (the mask as
+    uint8) share the mask's shape and affine. Each file is written atomically; the image last,
+    so a folder with ``imaging.nii.gz`` is complete. Returns ``out_folder``.
+    """
+    mask = read_kits_mask(Path(mask_path))
+    volume = mask.volume
+    rng = np.random.default_rng(seed)
+    ct, protocol = synthesize_ct_with_protocol(volume.array, voxel_spacing(volume.affine), rng, params)
+    logger.debug("phantom %s: phase %s, noise %.1f HU", mask_path, protocol.phase, protocol.noise_sigma_hu)
+    out_folder = Path(out_folder)
+    save_nifti_atomic(mask.source_array, mask.affine, out_folder / SEGMENTATION_NAME)
+    save_nifti_atomic(volume.like(ct).to_source(), mask.affine, out_folder / IMAGING_NAME)
+    return out_folder
+
+
+def case_seed(seed: int, case_id: str) -> int:
+    """The seed of one case: a function of (seed, case id) only, not of the order of generation."""
+    digits = "".join(ch for ch in case_id if ch.isdigit())
+    key = int(digits) if digits and case_id.startswith("case_") else zlib.crc32(case_id.encode())
+    return int(np.random.SeedSequence([int(seed), key]).generate_state(1)[0])
+
+
+def iter_phantom_dataset(
+    masks_dir: Path,
+    out_dir: Path,
+    cases: list[str] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    params: PhantomParams | None = None,
+) -> Iterator[tuple[int, int, Path]]:
+    """Generate phantoms case by case, yielding ``(done, total, case_folder)`` after each.
+
+    A generator so that a GUI worker can show progress and stop between cases.
+    """
+    masks_dir, out_dir = Path(masks_dir), Path(out_dir)
+    if not masks_dir.is_dir():
+        raise FileNotFoundError(f"masks folder not found: {masks_dir}")
+    if cases is None:
+        cases = sorted(p.name for p in masks_dir.iterdir() if (p / SEGMENTATION_NAME).is_file())
+        if not cases:
+            raise FileNotFoundError(f"no case_XXXXX/{SEGMENTATION_NAME} under {masks_dir}")
+    else:
+        missing = [c for c in cases if not (masks_dir / c / SEGMENTATION_NAME).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no {SEGMENTATION_NAME} for case(s) {', '.join(missing)} under {masks_dir}")
+    for done, case in enumerate(cases, start=1):
+        folder = out_dir / case
+        if overwrite or not ((folder / IMAGING_NAME).is_file() and (folder / SEGMENTATION_NAME).is_file()):
+            generate_phantom_case(masks_dir / case / SEGMENTATION_NAME, folder, case_seed(seed, case), params)
+        else:
+            logger.info("skipping %s: already written", folder)
+        yield done, len(cases), folder
+
+
+def generate_phantom_dataset(
+    masks_dir: Path,
+    out_dir: Path,
+    cases: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+    params: PhantomParams | None = None,
+) -> list[Path]:
+    """Phantoms for every case (or ``cases``) of a KiTS19 masks folder: ``out_dir/case_XXXXX/``.
+
+    Per-case seeds come from (``seed``, case id), so a case looks the same whatever the order or
+    subset. Cases already written are skipped unless ``overwrite``. Returns the case folders.
+    """
+    steps = iter_phantom_dataset(masks_dir, out_dir, cases, seed, overwrite, params)
+    folders: list[Path] = []
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases) if cases is not None else None, desc="phantoms", unit="case")
+        with bar:
+            for done, total, folder in steps:
+                bar.total = total
+                bar.update(1)
+                folders.append(folder)
+    else:
+        folders = [folder for _, _, folder in steps]
+    return folders

@@ -1,0 +1,157 @@
+"""napari-kits reader, writer, sample data and manifest (no viewer needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .conftest import ORIENTATIONS, REPO, make_affine
+from .conftest_plugin import case_folder, isolated_settings, small_case  # noqa: F401 (fixtures)
+
+pytest.importorskip("napari")
+
+from napari_kits._layers import LABEL_COLORS, geometry_of, placement  # noqa: E402
+from napari_kits._reader import napari_get_reader, read_kits  # noqa: E402
+from napari_kits._writer import write_labels, write_probability  # noqa: E402
+
+MANIFEST = REPO / "napari_kits" / "napari.yaml"
+
+
+def _save(array, affine, path):
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def _meta(layer_data):
+    """The ``meta`` napari hands a writer: the layer's attributes, metadata included."""
+    return {"metadata": layer_data[1]["metadata"], "name": layer_data[1]["name"]}
+
+
+def test_manifest_validates_and_its_commands_import():
+    import npe2
+    from npe2.manifest.utils import import_python_name
+
+    manifest = npe2.PluginManifest.from_file(MANIFEST)
+    assert manifest.name == "napari-kits"
+    for command in manifest.contributions.commands:
+        assert callable(import_python_name(command.python_name)), command.python_name
+    assert [w.display_name for w in manifest.contributions.widgets] == ["KiTS segmentation"]
+    assert {r.accepts_directories for r in manifest.contributions.readers} == {True}
+    assert manifest.contributions.sample_data[0].key == "synthetic"
+
+
+def test_manifest_modules_do_not_import_torch():
+    code = (
+        "import sys; import napari_kits._reader, napari_kits._writer, napari_kits._sample_data, "
+        "napari_kits._widget, napari_kits.launch; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'kitseg.pipeline' not in sys.modules"
+    )
+    env_path = f"{REPO / 'src'}:{REPO}"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_reader_accepts_nifti_and_case_folders_only(tmp_path, case_folder):
+    assert napari_get_reader(str(case_folder)) is read_kits
+    assert napari_get_reader(str(case_folder / "imaging.nii.gz")) is read_kits
+    assert napari_get_reader([str(case_folder)]) is read_kits
+    assert napari_get_reader(str(tmp_path / "image.tif")) is None
+    assert napari_get_reader(str(tmp_path)) is None  # a folder without imaging.nii.gz
+    assert napari_get_reader([str(case_folder), str(case_folder)]) is None
+
+
+def test_case_folder_gives_ct_and_ground_truth(case_folder, small_case):
+    layers = read_kits(str(case_folder))
+    assert [t for _, _, t in layers] == ["image", "labels"]
+    (ct, ct_kwargs, _), (gt, gt_kwargs, _) = layers
+    np.testing.assert_array_equal(ct, small_case.ct)  # KiTS layout is the internal orientation
+    np.testing.assert_array_equal(gt, small_case.labels)
+    assert ct_kwargs["contrast_limits"] == (-160.0, 240.0) and ct_kwargs["colormap"] == "gray"
+    assert ct_kwargs["scale"] == pytest.approx(small_case.spacing)
+    assert gt_kwargs["scale"] == ct_kwargs["scale"] and gt_kwargs["translate"] == ct_kwargs["translate"]
+    assert gt_kwargs["name"] == "case_00007 ground truth"
+    assert geometry_of(gt_kwargs).case_id == "00007"
+    assert gt_kwargs["colormap"][1] == LABEL_COLORS[1]
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_labels_round_trip_through_reader_and_writer(tmp_path, orientation):
+    rng = np.random.default_rng(3)
+    shape = (11, 9, 7) if orientation == "kits" else (7, 9, 11)
+    affine = make_affine(orientation)
+    ct = rng.integers(-1000, 1000, size=shape).astype(np.int16)
+    labels = rng.integers(0, 3, size=shape).astype(np.uint8)
+    ct_path = _save(ct, affine, tmp_path / "ct.nii.gz")
+    labels_path = _save(labels, affine, tmp_path / "ct_seg.nii.gz")
+
+    [(ct_data, ct_kwargs, ct_type)] = read_kits(str(ct_path))
+    [(lab_data, lab_kwargs, lab_type)] = read_kits(str(labels_path))
+    assert (ct_type, lab_type) == ("image", "labels")
+    assert lab_kwargs["scale"] == ct_kwargs["scale"] and lab_kwargs["translate"] == ct_kwargs["translate"]
+    assert sorted(ct_kwargs["scale"]) == pytest.approx([0.7, 0.8, 2.5])
+
+    # The writer puts the (internal) layer data back on the file's exact grid.
+    written = write_labels(str(tmp_path / "out.nii.gz"), lab_data, _meta((lab_data, lab_kwargs, lab_type)))
+    back = nib.load(written[0])
+    assert back.shape == shape
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
+
+    # World placement: voxel centres of the layer land on the file's world points (projected).
+    scale, translate = np.array(ct_kwargs["scale"]), np.array(ct_kwargs["translate"])
+    internal = geometry_of(ct_kwargs).source.internal_affine()
+    axes = internal[:3, :3] / np.linalg.norm(internal[:3, :3], axis=0)
+    for idx in [(0, 0, 0), (2, 3, 4)]:
+        world_ras = internal @ np.array([*idx, 1.0])
+        np.testing.assert_allclose(translate + scale * np.array(idx), axes.T @ world_ras[:3], atol=1e-6)
+
+
+def test_writer_appends_suffix_and_refuses_the_input_ct(tmp_path, case_folder):
+    (_, ct_kwargs, _), (gt, gt_kwargs, _) = read_kits(str(case_folder))
+    out = write_labels(str(tmp_path / "pred"), gt, {"metadata": gt_kwargs["metadata"]})
+    assert out == [str(tmp_path / "pred.nii.gz")]
+    before = (case_folder / "imaging.nii.gz").read_bytes()
+    with pytest.raises(ValueError, match="refusing to overwrite the input CT"):
+        write_labels(str(case_folder / "imaging.nii.gz"), gt, {"metadata": gt_kwargs["metadata"]})
+    assert (case_folder / "imaging.nii.gz").read_bytes() == before
+    with pytest.raises(ValueError, match="no CT geometry"):
+        write_labels(str(tmp_path / "x.nii.gz"), gt, {"metadata": {}})
+    with pytest.raises(ValueError, match="not a result"):
+        write_probability(str(tmp_path / "ct.nii.gz"), gt, {"metadata": ct_kwargs["metadata"]})
+
+
+def test_stage_grid_layers_overlay_the_ct(small_case):
+    """A stage-grid voxel's world position equals the CT's at the matching source coordinate."""
+    from kitseg.config import PreprocessingConfig
+    from kitseg.geometry import Volume
+    from kitseg.preprocess import StageGrid
+
+    volume = Volume.from_source_array(small_case.ct, small_case.affine)
+    grid = StageGrid.for_volume(volume, PreprocessingConfig())
+    ct_scale, ct_translate = map(np.array, placement(volume.affine))
+    st_scale, st_translate = map(np.array, placement(grid.affine))
+    zoom = np.array(grid.zoom)
+    for j in [(0, 0, 0), (3, 10, 20)]:
+        source_index = (np.array(j) + 0.5) * zoom - 0.5
+        np.testing.assert_allclose(st_translate + st_scale * j, ct_translate + ct_scale * source_index, atol=1e-6)
+    assert st_scale[0] == pytest.approx(5.0, rel=0.05)
+
+
+def test_sample_data_is_a_ct_with_ground_truth():
+    from napari_kits._sample_data import make_sample_data
+
+    (ct, kw, kind), (gt, gkw, gkind) = make_sample_data(shape=(12, 40, 44))
+    assert (kind, gkind) == ("image", "labels")
+    assert ct.shape == gt.shape == (12, 40, 44)
+    assert set(np.unique(gt)) <= {0, 1, 2} and (gt == 1).any()
+    assert geometry_of(kw).kind == "ct" and geometry_of(gkw).kind == "ground_truth"

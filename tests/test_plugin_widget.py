@@ -1,0 +1,273 @@
+"""The KiTS segmentation dock widget driven end to end in a real viewer (Xvfb), tiny model."""
+
+from __future__ import annotations
+
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .conftest_plugin import case_folder, isolated_settings, small_case, tiny_kseg  # noqa: F401 (fixtures)
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+RUN_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, tiny_kseg, case_folder):
+    from napari_kits._reader import read_kits
+    from napari_kits._widget import KitsWidget
+
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in read_kits(str(case_folder)):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = KitsWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="KiTS segmentation")
+    assert widget.set_weights(tiny_kseg)
+    return viewer, widget
+
+
+def _run(qtbot, widget, start, task, outcome="done"):
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        assert start() is not None, widget.last_error
+    assert blocker.args == [task, outcome], widget.last_error
+
+
+def _wait_mask(qtbot, widget):
+    qtbot.waitUntil(lambda: widget._session.mask_layer is not None and widget._mask_worker is None
+                    and not widget._mask_timer.isActive(), timeout=RUN_TIMEOUT_MS)
+
+
+def _engine_labels(widget, mask):
+    """What the engine gives for the session's y1 and this mask (the widget must agree)."""
+    seg, prepared = widget._segmenter, widget._session.prepared
+    probs = seg.stage2(prepared, widget._session.y1, mask.astype(bool))
+    return seg.labels_on_source(prepared, probs)
+
+
+def test_viewer_opens_case_folder_through_the_plugin(make_napari_viewer, case_folder):
+    from napari_kits._registration import ensure_registered
+
+    ensure_registered()
+    viewer = make_napari_viewer()
+    viewer.open(str(case_folder), plugin="napari-kits")
+    viewer.open(str(case_folder / "imaging.nii.gz"), plugin="napari-kits")
+    assert [layer.name for layer in viewer.layers] == ["case_00007", "case_00007 ground truth", "imaging"]
+    ct, gt, _ = viewer.layers
+    assert gt.__class__.__name__ == "Labels" and gt.data.shape == ct.data.shape
+    np.testing.assert_allclose(ct.scale, (2.5, 1.5, 1.5))
+    np.testing.assert_allclose(gt.translate, ct.translate)
+    assert tuple(ct.contrast_limits) == (-160.0, 240.0)
+
+
+def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case, case_folder, tmp_path):
+    from kitseg.metrics import kits_scores
+    from kitseg.pipeline import make_mask
+
+    viewer, widget = viewer_widget
+    ct_layer = viewer.layers["case_00007"]
+
+    # Stage 1: y1 on the stage grid (5 mm slices), probabilities in [0, 1], placed over the CT.
+    _run(qtbot, widget, widget.run_stage1, "stage 1")
+    session = widget._session
+    y1_layer = session.y1_layer
+    assert y1_layer.name == "y1" and y1_layer.data.shape == (12, 64, 72)
+    assert 0.0 <= float(y1_layer.data.min()) and float(y1_layer.data.max()) <= 1.0
+    assert y1_layer.data.max() > 0
+    np.testing.assert_allclose(y1_layer.scale, (5.0, 1.5, 1.5))
+    def box(layer):  # napari's extent runs between voxel centres; the voxels' outer edges:
+        return layer.extent.world + np.array([-0.5, 0.5])[:, None] * np.asarray(layer.scale)
+
+    np.testing.assert_allclose(box(y1_layer), box(ct_layer), atol=1e-6)  # same physical box
+    assert y1_layer.metadata["kitseg"].stage_grid.shape == (12, 64, 72)
+
+    # The mask follows the controls (debounced, in a worker) and matches the engine's.
+    _wait_mask(qtbot, widget)
+    mask_layer = session.mask_layer
+    np.testing.assert_array_equal(mask_layer.data, make_mask(session.y1, 0.5, 10.0))
+    with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
+        widget.threshold_spin.setValue(0.0)  # y1 >= 0 everywhere: the whole stage grid
+    assert mask_layer.data.all()
+    with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
+        widget.radius_spin.setValue(2.0)
+    np.testing.assert_array_equal(widget._session.mask_layer.data, make_mask(session.y1, 0.0, 2.0))
+    assert widget.settings.value("mask/threshold") is not None  # persisted
+
+    # Stage 2 on the full mask: labels on the CT grid, as the engine computes them.
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    labels_layer = session.labels_layer
+    assert labels_layer.name == "labels" and labels_layer.data.shape == ct_layer.data.shape
+    np.testing.assert_allclose(labels_layer.scale, ct_layer.scale)
+    np.testing.assert_allclose(labels_layer.translate, ct_layer.translate)
+    full = _engine_labels(widget, session.mask_layer.data)
+    np.testing.assert_array_equal(labels_layer.data, full)
+    assert (labels_layer.data > 0).any()  # otherwise the erased-mask check below proves nothing
+    assert viewer.layers.selection.active is labels_layer and labels_layer.editable
+    assert viewer.layers[-1] is labels_layer
+
+    # Paint: erase the mask; stage 2 must honour the layer's current data -> all background.
+    session.mask_layer.data[:] = 0
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    assert widget._session.labels_layer is labels_layer  # updated in place, not duplicated
+    assert not labels_layer.data.any()
+
+    # Back to the full mask; score against the ground truth.
+    session.mask_layer.data[:] = 1
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findText("case_00007 ground truth"))
+    widget.pred_combo.setCurrentIndex(widget.pred_combo.findData(labels_layer))
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
+        widget.compute_scores()
+    expected = kits_scores(labels_layer.data, small_case.labels, small_case.spacing)
+    got = widget.last_scores
+    assert got.kidney_dice == pytest.approx(expected.kidney_dice)
+    assert got.tumor_dice == pytest.approx(expected.tumor_dice)
+    assert widget.table.item(0, 0).text() == f"{expected.kidney_dice:.4f}"
+    assert widget.table.item(1, 0).text() == f"{expected.tumor_dice:.4f}"
+    assert widget.table.item(2, 0).text() == f"{expected.composite_dice:.4f}"
+    assert widget.table.item(0, 2).text() == f"{expected.ref_kidney_ml:.1f}"
+
+    # Worst slice jumps the viewer there.
+    worst = widget.worst_slice()
+    assert worst is not None
+    widget.go_to_worst_slice()
+    assert viewer.dims.point[0] == pytest.approx(ct_layer.translate[0] + worst * ct_layer.scale[0])
+    widget.plot.slice_clicked.emit(3)
+    assert viewer.dims.point[0] == pytest.approx(ct_layer.translate[0] + 3 * ct_layer.scale[0])
+
+    # Correct the labels (paste the reference) -> scores recompute by themselves: Dice 1.
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
+        labels_layer.data = small_case.labels.copy()
+    assert widget.last_scores.kidney_dice == 1.0 and widget.last_scores.tumor_dice == 1.0
+
+    # Save on the source grid; never over the input CT; ask before replacing.
+    out = tmp_path / "case_00007_corrected.nii.gz"
+    with qtbot.waitSignal(widget.saved, timeout=RUN_TIMEOUT_MS):
+        widget.save_layer(labels_layer, out)
+    saved, source = nib.load(str(out)), nib.load(str(case_folder / "imaging.nii.gz"))
+    assert saved.shape == source.shape
+    np.testing.assert_allclose(saved.affine, source.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), small_case.labels)
+
+    before = (case_folder / "imaging.nii.gz").read_bytes()
+    assert widget.save_layer(labels_layer, case_folder / "imaging.nii.gz") is None
+    assert "refusing to overwrite the input CT" in widget.last_error
+    assert (case_folder / "imaging.nii.gz").read_bytes() == before
+
+    stamp = out.stat().st_mtime_ns
+    widget._confirm_overwrite = lambda path: False
+    assert widget.save_layer(labels_layer, out) is None and out.stat().st_mtime_ns == stamp
+    widget._confirm_overwrite = lambda path: True
+    labels_layer.data = np.zeros_like(labels_layer.data)
+    with qtbot.waitSignal(widget.saved, timeout=RUN_TIMEOUT_MS):
+        widget.save_layer(labels_layer, out)
+    assert not np.asarray(nib.load(str(out)).dataobj).any()
+
+    # y1 (probability, slope 1/255) and the mask (>= 0.5) on the source grid too.
+    for layer, name in ((session.y1_layer, "y1"), (session.mask_layer, "mask")):
+        with qtbot.waitSignal(widget.saved, timeout=RUN_TIMEOUT_MS):
+            widget.save_layer(layer, tmp_path / name)
+        img = nib.load(str(tmp_path / f"{name}.nii.gz"))
+        assert img.shape == source.shape
+        np.testing.assert_allclose(img.affine, source.affine, atol=1e-6)
+    y1_back = np.asarray(nib.load(str(tmp_path / "y1.nii.gz")).get_fdata())
+    expected_y1 = session.prepared.grid.to_source(session.y1)  # the engine's way back
+    np.testing.assert_allclose(y1_back, expected_y1, atol=1.0 / 255 + 1e-6)
+    assert np.asarray(nib.load(str(tmp_path / "mask.nii.gz")).dataobj).all()
+
+
+def test_run_all_reuses_the_loaded_model(qtbot, viewer_widget):
+    viewer, widget = viewer_widget
+    widget.probs_check.setChecked(True)
+    _run(qtbot, widget, widget.run_all, "run all")
+    first = widget._segmenter
+    session = widget._session
+    assert session.y1_complete and session.mask_layer is not None
+    assert session.labels_layer.data.shape == session.ct_layer.data.shape
+    assert {"P(kidney)", "P(tumor)"} <= {layer.name for layer in viewer.layers}
+    np.testing.assert_array_equal(session.labels_layer.data, _engine_labels(widget, session.mask_layer.data))
+    _run(qtbot, widget, widget.run_stage1, "stage 1")
+    assert widget._segmenter is first  # cached, not rebuilt per click
+
+
+def test_cancel_stage1_keeps_layers_consistent(qtbot, viewer_widget, monkeypatch):
+    from kitseg.pipeline import Progress, Segmenter
+
+    viewer, widget = viewer_widget
+    slow = Segmenter._forward_probs
+
+    def slowed(self, net, batch):
+        time.sleep(0.05)
+        return slow(self, net, batch)
+
+    monkeypatch.setattr(Segmenter, "_forward_probs", slowed)
+    widget.batch_spin.setValue(1)
+    cancelled = []
+
+    def cancel_on_first_batch(event):
+        if isinstance(event, Progress) and event.step == "stage 1" and not cancelled:
+            cancelled.append(event.done)
+            widget.cancel()
+
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        worker = widget.run_stage1()
+        worker.yielded.connect(cancel_on_first_batch)
+    assert blocker.args == ["stage 1", "cancelled"]
+    session = widget._session
+    y1 = session.y1_layer.data
+    assert y1.shape == (12, 64, 72) and y1 is session.y1
+    assert y1[0].any() and not y1[-1].any()  # finished batches kept, the rest untouched
+    assert not session.y1_complete and session.mask_layer is None
+    assert "mask" not in [layer.name for layer in viewer.layers]
+    assert not widget.stage2_button.isEnabled() and widget.stage1_button.isEnabled()
+    assert widget.run_stage2() is None and "stage 1 first" in widget.last_error
+
+    # Running again completes and brings the mask.
+    _run(qtbot, widget, widget.run_stage1, "stage 1")
+    _wait_mask(qtbot, widget)
+    assert session.y1_complete and widget.stage2_button.isEnabled()
+
+
+def test_cancel_stage2_leaves_the_labels_alone(qtbot, viewer_widget, monkeypatch):
+    from kitseg.pipeline import Progress, Segmenter
+
+    viewer, widget = viewer_widget
+    _run(qtbot, widget, widget.run_stage1, "stage 1")
+    _wait_mask(qtbot, widget)
+    slow = Segmenter._forward_probs
+    monkeypatch.setattr(Segmenter, "_forward_probs", lambda s, n, b: (time.sleep(0.05), slow(s, n, b))[1])
+    widget.batch_spin.setValue(1)
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        worker = widget.run_stage2()
+        worker.yielded.connect(lambda e: widget.cancel() if isinstance(e, Progress) else None)
+    assert blocker.args == ["stage 2", "cancelled"]
+    assert widget._session.labels_layer is None and "labels" not in [l.name for l in viewer.layers]
+
+
+def test_model_section_without_default_weights(make_napari_viewer, tiny_kseg, tmp_path, isolated_settings):
+    from napari_kits._widget import KitsWidget
+
+    viewer = make_napari_viewer()
+    widget = KitsWidget(viewer)
+    try:
+        from kitseg.pipeline import default_weights_path
+
+        default_weights_path()
+    except FileNotFoundError:
+        assert "No default weights" in widget.model_info.text()
+        assert widget.weights_path is None
+        assert widget.run_stage1() is None and "open a CT first" in widget.last_error
+    assert not widget.set_weights(tmp_path / "missing.kseg")
+    assert widget.set_weights(tiny_kseg)
+    text = widget.model_info.text()
+    assert "unet2d" in text and "5 mm slices" in text and "tiny random weights" in text
+    assert widget.device_combo.itemData(0) == "auto" and widget.device_combo.findData("cpu") > 0
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+
+    # Persisted, in the isolated file only: a new widget starts from the user's last choices.
+    second = KitsWidget(viewer)
+    assert second.weights_path == tiny_kseg and second.device == "cpu"
+    assert isolated_settings.exists()

@@ -1,0 +1,125 @@
+"""Training: the smoke preset end to end, resume after an interruption, and 2-process DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kitseg.checkpoint import load_bundle, read_metadata
+from kitseg.config import ConfigError
+from kitseg.phantom import make_synthetic_case
+from kitseg.training import preset
+from kitseg.training.data import Stage1Sampler, Stage2Sampler, labels_to_stage, load_cases, split_cases
+from kitseg.training.loop import DistInfo, stage1_task, train, train_network
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for i in range(4):
+        make_synthetic_case(shape=(20, 40, 44), spacing=(2.5, 1.5, 1.5), seed=10 + i).save_case_folder(
+            root / f"case_{i:05d}"
+        )
+    return root
+
+
+def test_split_is_reproducible_and_disjoint():
+    names = [f"case_{i:05d}" for i in range(10)]
+    train_a, val_a = split_cases(names, 0.2, seed=3)
+    train_b, val_b = split_cases(list(reversed(names)), 0.2, seed=3)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert len(val_a) == 2 and not set(train_a) & set(val_a)
+
+
+def test_labels_to_stage_keeps_classes(dataset):
+    cases = load_cases(dataset, preset("smoke").preprocessing, cache_dir=None, progress=False)
+    assert all(set(np.unique(c.labels)) <= {0, 1, 2} for c in cases)
+    assert all((c.labels == 2).any() for c in cases)  # small tumors survive the 5 mm grid
+
+
+def test_samplers_shapes_and_oof_inputs(dataset):
+    config = preset("smoke")
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    rng = np.random.default_rng(0)
+    image, target = Stage1Sampler(cases, 1, 32, 1.0).sample(3, rng)
+    assert image.shape == (3, 3, 32, 32) and target.shape == (3, 32, 32) and target.any()
+    y1 = {c.name: np.full(c.image.shape, 0.5, np.float16) for c in cases}
+    img, y, mask, labels = Stage2Sampler(cases, y1, config.mask, 32, 1.0).sample(2, rng)
+    assert img.shape == y.shape == mask.shape == labels.shape == (2, 32, 32)
+    h, w = cases[0].image.shape[1:]  # slices smaller than the crop are zero-padded
+    assert np.all(y[:, :h, :w] == 0.5) and np.all(y[:, h:, :] == 0)  # the given (out-of-fold) y1
+    assert mask.sum() > 0 and (labels == 2).any()
+
+
+def test_train_smoke_end_to_end(dataset, tmp_path):
+    config = preset("smoke")
+    model = train(dataset, tmp_path / "run", config, device="cpu", progress=False, command="test")
+    bundle = load_bundle(model)
+    assert bundle.stage1 is not None and bundle.stage2 is not None
+    meta = read_metadata(model)
+    prov = meta["provenance"]
+    assert prov["validation_cases"] and not set(prov["train_cases"]) & set(prov["validation_cases"])
+    assert set(prov["final_validation"]["stage2"]) >= {"val_kidney_dice", "val_tumor_dice"}
+    for sub in ("stage1", "stage2", "fold1", "fold2"):
+        assert (tmp_path / "run" / sub / "best.kseg").is_file()
+    assert (tmp_path / "run" / "stage2" / "curves.png").stat().st_size > 1000
+    assert len((tmp_path / "run" / "stage1" / "log.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    oof = sorted(p.stem for p in (tmp_path / "run" / "oof_y1").iterdir())
+    assert oof == prov["train_cases"]
+    # The same folder with another recipe is refused, naming the field.
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(dataset, tmp_path / "run", config.replace(learning_rate=0.1), device="cpu", progress=False)
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path):
+    config = preset("smoke").replace(steps_per_epoch=2)
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    device = torch.device("cpu")
+
+    def run(folder, crash_at=None):
+        task = stage1_task(cases, [], config, 4, "stage 1", device)
+        if crash_at is not None:
+            calls = {"n": 0}
+            real = task.make_batch
+
+            def crashing(rng, batch, dev):
+                calls["n"] += 1
+                if calls["n"] == crash_at:
+                    raise KeyboardInterrupt
+                return real(rng, batch, dev)
+
+            task.make_batch = crashing
+        return train_network(task, folder, config, device, DistInfo(), "1", {}, progress=False)
+
+    reference = run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", crash_at=3)  # after the step-2 checkpoint
+    state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and not state["finished"]
+    resumed = run(tmp_path / "resumed")
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    steps = [line.split(",")[0] for line in (tmp_path / "resumed" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(dataset, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "kitseg.cli", "train", "--data", str(dataset), "--out", str(tmp_path / "run"),
+           "--preset", "smoke", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = read_metadata(tmp_path / "run" / "model.kseg")
+    assert meta["provenance"]["processes"] == 2
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["validation"]
