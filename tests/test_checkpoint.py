@@ -192,3 +192,21 @@ def test_missing_stage_tensors_detected(saved: Path) -> None:
     _rewrite(saved, arrays=lambda e: [e.pop(k) for k in [k for k in e if k.startswith("stage2/")]])
     with pytest.raises(CheckpointError, match="stage 2 is declared in the metadata but the file has no stage2/"):
         read_metadata(saved)
+
+
+def test_batch_norm_networks_round_trip(tmp_path):
+    """0-d buffers (num_batches_tracked) keep their shape through the file."""
+    from kitseg.checkpoint import ModelBundle, StageModel, load_bundle, save_bundle
+    from kitseg.config import LabelMap, MaskConfig, PreprocessingConfig
+    from kitseg.networks import build_network
+
+    stage1 = build_network("unet2d", in_channels=3, num_classes=2, base_channels=4, depth=2, norm="batch")
+    stage2 = build_network("unetpp2d", in_channels=3, num_classes=3, base_channels=4, depth=2, norm="batch")
+    bundle = ModelBundle(PreprocessingConfig(), LabelMap(), MaskConfig(),
+                         StageModel.from_module(stage1), StageModel.from_module(stage2))
+    loaded = load_bundle(save_bundle(bundle, tmp_path / "bn.kseg"))
+    state = loaded.stage1.module.state_dict()
+    assert state["encoder.0.1.num_batches_tracked"].shape == ()
+    for (name, a), b in zip(stage2.state_dict().items(), loaded.stage2.module.state_dict().values()):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b)

@@ -102,7 +102,9 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()  # NumPy has no bfloat16; float32 holds it exactly
-    return np.ascontiguousarray(tensor.numpy())
+    # np.array, not np.ascontiguousarray: the latter turns 0-d tensors (BatchNorm's
+    # num_batches_tracked) into shape (1,).
+    return np.array(tensor.numpy(), order="C", copy=True)
 
 
 def weights_sha256(arrays: Mapping[str, np.ndarray]) -> str:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # Stage-2 probabilities are kept as float16 on the stage grid: 3 x 106 x 512 x 512 fits in 170 MB.
 PROB_DTYPE = np.float16
+STAGE2_MARGIN = 16  # pixels of the stage grid
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,18 @@ class Segmenter:
 
     # ---------------------------------------------------------------- stage 2
     def iter_stage2(
-        self, prepared: PreparedVolume, y1: np.ndarray, mask: np.ndarray, probs_out: np.ndarray
+        self,
+        prepared: PreparedVolume,
+        y1: np.ndarray,
+        mask: np.ndarray,
+        probs_out: np.ndarray,
+        crop_to_mask: bool = True,
     ) -> Iterator[Progress]:
         """Fill ``probs_out`` (3, Zs, Ys, Xs) with class probabilities inside the mask.
 
-        Only the mask's bounding box goes through the network; everything outside the mask
-        is background with probability 1, as the method defines.
+        Everything outside the mask is background with probability 1, as the method defines,
+        so only the mask's bounding box goes through the network (``crop_to_mask=False`` runs
+        every full slice instead: the same result, slower; kept for benchmarks and checks).
         """
         if self.stage2_net is None:
             self.require_both_stages()
@@ -188,10 +195,13 @@ class Segmenter:
         probs_out[...] = 0
         probs_out[0] = 1
         mask = mask.astype(bool, copy=False)
-        box = bounding_box(mask)
+        # In-plane margin: the network sees some of the zeros around the mask, as in training crops.
+        box = bounding_box(mask, margin=(0, STAGE2_MARGIN, STAGE2_MARGIN))
         if box is None:
             yield Progress("stage 2", 0, 0)
             return
+        if not crop_to_mask:
+            box = tuple(slice(0, n) for n in shape)
         zs, ys, xs = box
         total = zs.stop - zs.start
         for start in range(zs.start, zs.stop, self.batch_size):

@@ -132,7 +132,7 @@ def build_abdomen(
     y0 = back - 0.92 * ay  # body centre (Y)
     x0 = u(-8.0, 8.0)
     power = u(2.0, 2.7)
-    theta = np.arctan2(Y - y0, X - x0 + 0 * Z)  # (1, ny, nx)
+    theta = np.arctan2(Y - y0, X - x0)  # (1, ny, nx)
     wobble = np.ones_like(theta)
     for k in (2, 3, 4, 5):
         wobble += u(0.0, 0.035) * np.cos(k * theta + u(0, 2 * np.pi))

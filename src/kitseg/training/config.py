@@ -13,6 +13,10 @@ from ..config import ConfigError, MaskConfig, PreprocessingConfig
 class TrainConfig:
     """Everything that defines a training run (the paper's defaults where it gives them).
 
+    Networks use batch normalization: training sees crops and inference sees whole slices or
+    mask boxes of other sizes, and running statistics, unlike per-image instance statistics,
+    do not change with the crop (stage-2 inputs are zero outside the mask).
+
     Attributes:
         stage1_steps / stage2_steps: optimizer steps per stage (over all processes).
         steps_per_epoch: steps between validations and checkpoints.
@@ -29,9 +33,9 @@ class TrainConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     stage1_architecture: str = "unet2d"
-    stage1_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 32, "depth": 4})
+    stage1_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 32, "depth": 4, "norm": "batch"})
     stage2_architecture: str = "unetpp2d"
-    stage2_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 32, "depth": 4})
+    stage2_kwargs: dict[str, Any] = field(default_factory=lambda: {"base_channels": 32, "depth": 4, "norm": "batch"})
     batch_size_stage1: int = 12
     batch_size_stage2: int = 8
     learning_rate: float = 1e-3
@@ -90,8 +94,8 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(
         preset="paper",
         preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=None, context_slices=1),
-        stage1_kwargs={"base_channels": 32, "depth": 5},
-        stage2_kwargs={"base_channels": 32, "depth": 4},
+        stage1_kwargs={"base_channels": 32, "depth": 5, "norm": "batch"},
+        stage2_kwargs={"base_channels": 32, "depth": 4, "norm": "batch"},
         stage1_steps=30000,
         stage2_steps=30000,
         steps_per_epoch=1000,
@@ -102,8 +106,8 @@ PRESETS: dict[str, TrainConfig] = {
     "cpu": TrainConfig(
         preset="cpu",
         preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=2.0, context_slices=1),
-        stage1_kwargs={"base_channels": 12, "depth": 4},
-        stage2_kwargs={"base_channels": 12, "depth": 4},
+        stage1_kwargs={"base_channels": 12, "depth": 4, "norm": "batch"},
+        stage2_kwargs={"base_channels": 12, "depth": 4, "norm": "batch"},
         stage1_steps=1200,
         stage2_steps=1000,
         steps_per_epoch=200,
@@ -115,8 +119,8 @@ PRESETS: dict[str, TrainConfig] = {
     "smoke": TrainConfig(
         preset="smoke",
         preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=3.0, context_slices=1),
-        stage1_kwargs={"base_channels": 4, "depth": 2},
-        stage2_kwargs={"base_channels": 4, "depth": 2},
+        stage1_kwargs={"base_channels": 4, "depth": 2, "norm": "batch"},
+        stage2_kwargs={"base_channels": 4, "depth": 2, "norm": "batch"},
         batch_size_stage1=4,
         batch_size_stage2=4,
         stage1_steps=4,
