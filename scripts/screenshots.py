@@ -19,13 +19,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KIDNEY_SLICE_FRACTION = 0.55  # the phantom's kidneys sit around mid-volume
+_LAST_ERROR = lambda: ""  # noqa: E731 (set once the widget exists)
 
 
-def _wait(app, predicate, timeout: float = 300.0) -> None:
+def _wait(app, predicate, timeout: float = 120.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
-            raise TimeoutError("the step did not finish in time")
+            raise TimeoutError(f"the step did not finish in time: {_LAST_ERROR()}")
         app.processEvents()
         time.sleep(0.01)
     for _ in range(20):  # let the canvas repaint
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     viewer.window._qt_window.resize(*args.size)
     viewer.open_sample(PLUGIN_NAME, "synthetic")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN_NAME, WIDGET_NAME)
+    global _LAST_ERROR
+    _LAST_ERROR = lambda: widget.last_error  # noqa: E731
     weights, random_model = _weights(args.weights)
     widget.set_weights(weights)
     ct = viewer.layers[0]

@@ -193,6 +193,30 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- sample
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="write the built-in synthetic sample case",
+        description="Write the built-in sample case (synthetic abdomen CT with a kidney tumor, made by this "
+        "package's phantom generator) as a KiTS19 case folder OUT/case_00000 (imaging + segmentation).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder to write case_00000/ into")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .phantom import make_sample_case
+
+    folder = args.out / "case_00000"
+    if (folder / "imaging.nii.gz").exists():
+        raise CliError(f"{folder} exists already")
+    make_sample_case(seed=args.seed).save_case_folder(folder)
+    print(f"wrote {folder}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -207,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_info(sub)
     _add_phantom(sub)
+    _add_sample(sub)
     from .training.cli import add_train_parser
 
     add_train_parser(sub)

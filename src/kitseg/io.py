@@ -178,9 +178,25 @@ def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None =
         raise InputError(f"{where}its affine differs from the CT's: the two do not overlay")
 
 
-def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scale: float | None = None,
+                      intent: str | None = None) -> Path:
+    """Write ``array`` with ``affine`` (qform and sform both, so every viewer agrees) atomically.
+
+    The data go to a temporary file in the same folder, then ``os.replace``: a reader or a
+    crashed run never sees a half-written file. ``scale`` sets the NIfTI slope (uint8 data
+    with slope 1/255 read back as 0..1).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.asarray(array), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    if intent:
+        img.header.set_intent(intent)
+    if scale is not None:
+        img.header.set_slope_inter(scale, 0.0)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel compresses by suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
@@ -191,6 +207,7 @@ def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def write_on_source_grid(
@@ -215,17 +232,7 @@ def write_on_source_grid(
         raise InputError(f"{path}: refusing to overwrite the input CT")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
-    data = source.to_source(internal_array)
-    img = nib.Nifti1Image(data, source.affine)
-    # Both qform and sform carry the affine so every viewer places the labels on the CT.
-    img.set_qform(source.affine, code=1)
-    img.set_sform(source.affine, code=1)
-    if intent:
-        img.header.set_intent(intent)
-    if scale is not None:
-        img.header.set_slope_inter(scale, 0.0)
-    _atomic_save(img, path)
-    return path
+    return save_nifti_atomic(source.to_source(internal_array), source.affine, path, scale=scale, intent=intent)
 
 
 def write_labels(labels: np.ndarray, source: SourceGrid, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -239,10 +246,14 @@ def write_labels(labels: np.ndarray, source: SourceGrid, path: str | os.PathLike
 
 
 def write_kits_case(ct_hu: np.ndarray, labels: np.ndarray | None, affine: np.ndarray, folder: str | os.PathLike) -> Path:
-    """Write arrays stored on a KiTS19 grid (already in file orientation) as a case folder."""
+    """Write a KiTS19 case folder from arrays stored on ``affine``'s grid (file orientation).
+
+    The labels go first and the image last, so a folder holding ``imaging.nii.gz`` is complete.
+    """
     folder = Path(folder)
-    ct_img = nib.Nifti1Image(np.asarray(ct_hu), affine)
-    _atomic_save(ct_img, folder / KITS_IMAGE)
     if labels is not None:
-        _atomic_save(nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), affine), folder / KITS_LABELS)
+        if labels.shape != ct_hu.shape:
+            raise ValueError(f"ct {ct_hu.shape} and labels {labels.shape} must have the same shape")
+        save_nifti_atomic(np.asarray(labels, dtype=np.uint8), affine, folder / KITS_LABELS)
+    save_nifti_atomic(np.asarray(ct_hu, dtype=np.int16), affine, folder / KITS_IMAGE)
     return folder

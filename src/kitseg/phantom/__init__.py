@@ -1,6 +1,8 @@
 """Synthetic CT phantoms in Hounsfield units, with kidney/tumor labels.
 
 - :func:`make_synthetic_case` (:mod:`.simple`): a procedural abdomen, fast, for tests and demos.
+- :func:`make_sample_case` (:mod:`.sample`): the built-in sample case (procedural geometry,
+  realistic CT).
 - :func:`synthesize_ct`, :func:`generate_phantom_case`, :func:`generate_phantom_dataset`
   (:mod:`.realistic`): realistic CT built around real KiTS19 kidney/tumor masks, for training.
 """
@@ -15,6 +17,7 @@ from .realistic import (
     synthesize_ct,
     synthesize_ct_with_protocol,
 )
+from .sample import make_sample_case
 from .simple import SyntheticCase, make_synthetic_case
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "generate_phantom_case",
     "generate_phantom_dataset",
     "iter_phantom_dataset",
+    "make_sample_case",
     "make_synthetic_case",
     "synthesize_ct",
     "synthesize_ct_with_protocol",

@@ -7,53 +7,23 @@ affine: no axis handling happens here.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-IMAGING_NAME = "imaging.nii.gz"
-SEGMENTATION_NAME = "segmentation.nii.gz"
+from ..io import KITS_IMAGE as IMAGING_NAME
+from ..io import KITS_LABELS as SEGMENTATION_NAME
+from ..io import save_nifti_atomic, write_kits_case
 
-
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write ``array`` with ``affine`` to ``path`` through a temporary file and ``os.replace``.
-
-    A reader (or a crashed run) never sees a half-written file. The header's qform and
-    sform both carry the affine (code 1, scanner), like the KiTS19 files.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(array.dtype)
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    # The suffix must stay ".nii.gz" so nibabel compresses the temporary file.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+__all__ = ["IMAGING_NAME", "SEGMENTATION_NAME", "kits_affine", "save_case_folder", "save_nifti_atomic"]
 
 
 def save_case_folder(folder: Path, ct: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> Path:
     """Write ``folder/imaging.nii.gz`` (int16 HU) and ``folder/segmentation.nii.gz`` (uint8).
 
-    Both arrays are (Z, Y, X) in the internal orientation and share ``affine``.
-    Returns ``folder``.
+    Both arrays are (Z, Y, X) in the internal orientation, which is KiTS19's file orientation.
     """
-    if ct.shape != labels.shape:
-        raise ValueError(f"ct {ct.shape} and labels {labels.shape} must have the same shape")
-    folder = Path(folder)
-    save_nifti_atomic(np.asarray(labels, dtype=np.uint8), affine, folder / SEGMENTATION_NAME)
-    # The image last: a folder holding imaging.nii.gz is a complete case.
-    save_nifti_atomic(np.asarray(ct, dtype=np.int16), affine, folder / IMAGING_NAME)
-    return folder
+    return write_kits_case(ct, labels, affine, folder)
 
 
 def kits_affine(spacing: tuple[float, float, float], origin: tuple[float, float, float]) -> np.ndarray:
