@@ -116,7 +116,9 @@ class KitsWidget(QWidget):
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
-        self.viewer = napari_viewer
+        # napari hands plugin widgets a PublicOnlyProxy; the widget compares layers by identity
+        # (combo boxes, the session's layers), which needs the real objects.
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self.settings = kits_settings()
         self._segmenter = None
         self._segmenter_key: tuple | None = None
@@ -205,7 +207,7 @@ class KitsWidget(QWidget):
         # Stage 2
         box, form = _section("Stage 2 — kidney / tumor labels")
         self.stage2_button = QPushButton("Run stage 2")
-        self.probs_check = QCheckBox("Show class probabilities")
+        self.probs_check = QCheckBox("Class probabilities")
         form.addRow(_row(self.stage2_button, self.probs_check))
         column.addWidget(box)
 
@@ -265,7 +267,8 @@ class KitsWidget(QWidget):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
-        self.setMinimumWidth(340)
+        # Wide enough that no row is clipped (the scroll area only scrolls vertically).
+        self.setMinimumWidth(content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4)
 
         self._mask_timer = QTimer(self)
         self._mask_timer.setSingleShot(True)

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     os.environ.setdefault("NAPARI_KITS_SETTINGS", str(Path(tempfile.mkdtemp()) / "settings.ini"))
+    import warnings
+
+    # A deprecation toast would sit over the canvas in every picture.
+    warnings.filterwarnings("ignore", message=".*PyQt5 backend is deprecated.*")
     import napari
     from qtpy.QtWidgets import QApplication
 

@@ -102,3 +102,21 @@ def test_segmenter_needs_both_stages(tiny_bundle):
     segmenter = Segmenter(replace(tiny_bundle, stage2=None), device="cpu")
     with pytest.raises(ValueError, match="no stage 2"):
         segmenter.require_both_stages()
+
+
+def test_pruned_stage2_uses_the_shallow_head(volume):
+    import torch
+
+    from kitseg.checkpoint import make_tiny_bundle
+
+    pruned = Segmenter(make_tiny_bundle(seed=0), device="cpu", stage2_level=1)  # own copy: the level sticks
+    prepared = pruned.prepare(volume)
+    y1 = pruned.stage1(prepared)
+    mask = np.ones_like(y1, bool)
+    probs = pruned.stage2(prepared, y1, mask)
+    x = torch.from_numpy(stage2_input(prepared.image, y1, mask))  # (Zs, 3, Ys, Xs)
+    with torch.inference_mode():
+        expected = torch.softmax(pruned.stage2_net(x, level=1)[0], dim=1).numpy().transpose(1, 0, 2, 3)
+    np.testing.assert_allclose(probs.astype(np.float32), expected, atol=2e-3)
+    with pytest.raises(ValueError):
+        Segmenter(make_tiny_bundle(seed=0), device="cpu", stage2_level=9)

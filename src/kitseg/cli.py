@@ -33,6 +33,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radius", type=float, default=None, help="mask dilation radius (default: the model's)")
     p.add_argument("--radius-mm", action="store_true", help="the radius is in mm, not stage-grid voxels")
     p.add_argument(
+        "--stage2-level",
+        type=int,
+        default=None,
+        metavar="K",
+        help="UNet++ pruned inference: only the depth-K sub-network (faster); default: all heads ensembled",
+    )
+    p.add_argument(
         "--save-intermediates",
         action="store_true",
         help="also write y1 (stage-1 probability), the dilated mask and the class probabilities",
@@ -51,7 +58,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     cases = discover_inputs(args.input)
     _check_outputs_free(cases, args)
-    segmenter = Segmenter.from_file(args.weights, device=args.device, batch_size=args.batch_size)
+    segmenter = Segmenter.from_file(
+        args.weights, device=args.device, batch_size=args.batch_size, stage2_level=args.stage2_level
+    )
     model_mask = segmenter.bundle.mask
     mask_config = MaskConfig(
         threshold=model_mask.threshold if args.threshold is None else args.threshold,

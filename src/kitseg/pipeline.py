@@ -106,7 +106,21 @@ def _stage1_batch(image: np.ndarray, indices: np.ndarray, context: int) -> np.nd
 class Segmenter:
     """A loaded two-stage model on one device; reuse it across cases (the weights load once)."""
 
-    def __init__(self, bundle: ModelBundle, device: str | torch.device = "auto", batch_size: int = 8):
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        device: str | torch.device = "auto",
+        batch_size: int = 8,
+        stage2_level: int | None = None,
+    ):
+        """
+        Args:
+            bundle: the loaded model file.
+            device: "auto" (cuda > mps > cpu), or a device name.
+            batch_size: slices per network call.
+            stage2_level: UNet++ pruned inference: use only the sub-network of this depth and its
+                supervised head (faster, slightly less accurate); None ensembles all heads.
+        """
         if bundle.stage1 is None and bundle.stage2 is None:
             raise ValueError("the model has no stage at all")
         if batch_size < 1:
@@ -116,6 +130,10 @@ class Segmenter:
         self.batch_size = batch_size
         self.stage1_net = bundle.stage1.module.to(self.device).eval() if bundle.stage1 else None
         self.stage2_net = bundle.stage2.module.to(self.device).eval() if bundle.stage2 else None
+        if stage2_level is not None:
+            if self.stage2_net is None or not hasattr(self.stage2_net, "set_inference_level"):
+                raise ValueError("stage2_level needs a UNet++ stage 2")
+            self.stage2_net.set_inference_level(stage2_level)
 
     def require_both_stages(self) -> None:
         """Segmentation needs both stages; a stage-1-only file can still make y1 maps."""
@@ -124,8 +142,11 @@ class Segmenter:
                 raise ValueError(f"the model has no stage {number}; segmentation needs both stages")
 
     @classmethod
-    def from_file(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 8) -> "Segmenter":
-        segmenter = cls(load_bundle(path or default_weights_path()), device=device, batch_size=batch_size)
+    def from_file(
+        cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 8, stage2_level: int | None = None
+    ) -> "Segmenter":
+        bundle = load_bundle(path or default_weights_path())
+        segmenter = cls(bundle, device=device, batch_size=batch_size, stage2_level=stage2_level)
         segmenter.require_both_stages()
         return segmenter
 
