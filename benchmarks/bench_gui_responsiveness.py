@@ -111,13 +111,16 @@ def main(argv=None):
     meter.gaps.clear()
 
     timings = {}
-    for phase, start, done in (
-        ("stage 1 (+ mask)", widget.run_stage1,
-         lambda: finished and widget._session.mask_layer is not None and widget._mask_worker is None),
-        ("mask update", lambda: widget.threshold_spin.setValue(0.6),
-         lambda: widget._mask_worker is None and not widget._mask_timer.isActive() and time.perf_counter() - t > 0.5),
+    mask_done = lambda: widget._mask_worker is None and not widget._mask_timer.isActive() and time.perf_counter() - t > 0.5  # noqa: E731
+    steps = [
+        ("stage 1 (+ mask)", widget.run_stage1, lambda: finished and widget._session.mask_layer is not None and mask_done()),
+        ("mask update", lambda: widget.threshold_spin.setValue(0.6), mask_done),
         ("stage 2 (+ labels)", widget.run_stage2, lambda: finished),
-    ):
+    ]
+    # The first run creates the layers (napari/vispy cost, once); the second reuses them.
+    steps += [(f"{name}, again", start, done) for name, start, done in steps]
+    steps[4] = ("mask update, again", lambda: widget.threshold_spin.setValue(0.5), mask_done)
+    for phase, start, done in steps:
         finished.clear()
         meter.phase = phase
         t = time.perf_counter()

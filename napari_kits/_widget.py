@@ -64,6 +64,7 @@ REFRESH_INTERVAL_S = 0.15
 MASK_DEBOUNCE_MS = 250
 SCORE_DEBOUNCE_MS = 600
 RESULT_KINDS = ("labels", "y1", "mask", "probability")
+PROGRESS_STEPS = 1000
 
 
 @dataclass
@@ -213,7 +214,8 @@ class KitsWidget(QWidget):
 
         # Progress (shared by the runs)
         self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
+        # A fixed range: changing it (or the busy mode) makes Qt relayout the whole window (~0.1 s).
+        self.progress.setRange(0, PROGRESS_STEPS)
         self.progress.setValue(0)
         self.progress.setTextVisible(True)
         self.progress.setFormat("idle")
@@ -475,7 +477,7 @@ class KitsWidget(QWidget):
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._set_running(True)
-        self.progress.setRange(0, 0)
+        self.progress.setValue(0)
         self.progress.setFormat(f"{task}: starting…")
         self.status.setText("")
         self.last_error = ""
@@ -585,8 +587,7 @@ class KitsWidget(QWidget):
     def _show_progress(self, p: Any) -> None:
         session = self._session
         if p.total > 0:
-            self.progress.setRange(0, p.total)
-            self.progress.setValue(p.done)
+            self.progress.setValue(round(PROGRESS_STEPS * p.done / p.total))
         self.progress.setFormat(f"{p.step}: {p.done}/{p.total}")
         if p.step == "stage 1" and session is not None:
             if p.done == p.total:
@@ -659,8 +660,7 @@ class KitsWidget(QWidget):
         self._worker = None
         self._set_running(False)
         if outcome == "done":
-            self.progress.setRange(0, 1)
-            self.progress.setValue(1)
+            self.progress.setValue(PROGRESS_STEPS)
             self.progress.setFormat(f"{task}: done")
         else:
             self.progress.setFormat(f"{task}: {outcome}")

@@ -81,7 +81,7 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path):
-    config = preset("smoke").replace(steps_per_epoch=2)
+    config = preset("smoke").replace(steps_per_epoch=2, lr_schedule="poly")
     cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
     device = torch.device("cpu")
 

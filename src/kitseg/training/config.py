@@ -27,6 +27,8 @@ class TrainConfig:
         crop_stage1 / crop_stage2: square training crops in stage-grid pixels (None: full slices).
         foreground_fraction: share of stage-1 samples drawn from slices containing kidney.
         tumor_fraction: share of stage-2 samples drawn from slices containing tumor.
+        lr_schedule: "constant" (the paper: Adam at 1e-3 throughout) or "poly" (decays to 0 as
+            (1 - step/steps)^0.9, as nnU-Net does: converges within a short budget).
     """
 
     preset: str = "custom"
@@ -39,6 +41,7 @@ class TrainConfig:
     batch_size_stage1: int = 12
     batch_size_stage2: int = 8
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
     stage1_steps: int = 20000
     stage2_steps: int = 20000
     steps_per_epoch: int = 500
@@ -63,6 +66,8 @@ class TrainConfig:
         for name in ("foreground_fraction", "tumor_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "poly"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -108,10 +113,11 @@ PRESETS: dict[str, TrainConfig] = {
         preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=2.0, context_slices=1),
         stage1_kwargs={"base_channels": 12, "depth": 4, "norm": "batch"},
         stage2_kwargs={"base_channels": 12, "depth": 4, "norm": "batch"},
-        stage1_steps=1200,
-        stage2_steps=1000,
-        steps_per_epoch=200,
-        oof_steps_fraction=0.4,
+        lr_schedule="poly",
+        stage1_steps=600,
+        stage2_steps=900,
+        steps_per_epoch=150,
+        oof_steps_fraction=1 / 3,
         crop_stage1=128,
         crop_stage2=96,
     ),

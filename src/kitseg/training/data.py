@@ -78,13 +78,23 @@ def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Pat
     return result
 
 
-def load_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True) -> list[StageCase]:
+def load_cases(
+    data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True, workers: int = 1
+) -> list[StageCase]:
+    """Every case with labels in ``data_dir``, on the stage grid (cached; ``workers`` processes)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     inputs = [c for c in discover_inputs(data_dir) if c.labels_path is not None]
     if not inputs:
         raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
-    return [load_stage_case(c, config, cache_dir) for c in tqdm(inputs, desc="preparing cases", disable=not progress)]
+    bar = dict(total=len(inputs), desc="preparing cases", disable=not progress)
+    if workers <= 1:
+        return [load_stage_case(c, config, cache_dir) for c in tqdm(inputs, **bar)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        jobs = pool.map(load_stage_case, inputs, [config] * len(inputs), [cache_dir] * len(inputs))
+        return list(tqdm(jobs, **bar))
 
 
 def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

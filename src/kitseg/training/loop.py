@@ -127,6 +127,11 @@ def train_network(
     torch.manual_seed(config.seed)
     module = build_network(task.architecture, **task.kwargs).to(device)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
+    if config.lr_schedule == "poly":
+        decay = lambda step: max(0.0, 1.0 - step / task.steps) ** 0.9  # noqa: E731
+    else:
+        decay = lambda step: 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -137,6 +142,7 @@ def train_network(
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        scheduler.load_state_dict(state["scheduler"])
         step, best = int(state["step"]), float(state["best"])
         if state.get("finished"):
             log.info("%s: finished already (step %d)", folder, step)
@@ -162,6 +168,7 @@ def train_network(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         losses.append(float(loss.detach()))
         step += 1
         bar.update(1)
@@ -179,6 +186,7 @@ def train_network(
                                        "seconds": round(time.perf_counter() - epoch_start, 2)})
                 _atomic_torch_save(
                     {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "scheduler": scheduler.state_dict(),
                      "step": step, "best": best, "finished": step >= task.steps},
                     state_path,
                 )
@@ -349,7 +357,8 @@ def train(
     if info.is_main:
         _check_config(run_dir, config)
     _barrier(info)
-    cases = load_cases(Path(data_dir), config.preprocessing, cache_dir or run_dir / "cache", progress and info.is_main)
+    cases = load_cases(Path(data_dir), config.preprocessing, cache_dir or run_dir / "cache", progress and info.is_main,
+                       workers=max(1, min(4, (os.cpu_count() or 1) // info.world_size)))
     by_name = {c.name: c for c in cases}
     split_path = run_dir / "split.json"
     if split_path.is_file():
