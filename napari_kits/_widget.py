@@ -270,7 +270,7 @@ class KitsWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
         # Wide enough that no row is clipped (the scroll area only scrolls vertically).
-        self.setMinimumWidth(content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4)
+        self.setMinimumWidth(max(430, content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4))
 
         self._mask_timer = QTimer(self)
         self._mask_timer.setSingleShot(True)

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     def shot(name: str, caption: str = "") -> None:
         if caption:
             widget.status.setText(caption)
+        for toast in app.allWidgets():  # napari's notification toasts would cover the canvas
+            if type(toast).__name__ == "NapariQtNotification":
+                toast.close()
         _wait(app, lambda: True)
         path = args.out / f"{name}.png"
         viewer.screenshot(str(path), canvas_only=False)
@@ -122,9 +125,6 @@ def main(argv: list[str] | None = None) -> None:
         scroll.ensureWidgetVisible(widget.plot)
     shot("05_score", "Scores vs the ground truth (outlined); the viewer jumped to the worst slice.")
 
-    viewer.dims.ndisplay = 3
-    viewer.layers[0].visible = False
-    shot("06_3d", "3D view of the labels.")
     viewer.close()
 
 

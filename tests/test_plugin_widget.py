@@ -271,3 +271,22 @@ def test_model_section_without_default_weights(make_napari_viewer, tiny_kseg, tm
     second = KitsWidget(viewer)
     assert second.weights_path == tiny_kseg and second.device == "cpu"
     assert isolated_settings.exists()
+
+
+def test_launch_runs_all_and_quits(tmp_path, tiny_kseg, isolated_settings):
+    """The console script end to end (the npe2 path: widget behind napari's viewer proxy)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    shot = tmp_path / "smoke.png"
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'src'}:{REPO}")
+    result = subprocess.run(
+        [sys.executable, "-m", "napari_kits.launch", "--weights", str(tiny_kseg), "--device", "cpu",
+         "--run-all", "--screenshot", str(shot), "--quit"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shot.stat().st_size > 10_000

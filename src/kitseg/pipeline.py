@@ -203,8 +203,9 @@ class Segmenter:
         """Fill ``probs_out`` (3, Zs, Ys, Xs) with class probabilities inside the mask.
 
         Everything outside the mask is background with probability 1, as the method defines,
-        so only the mask's bounding box goes through the network (``crop_to_mask=False`` runs
-        every full slice instead: the same result, slower; kept for benchmarks and checks).
+        so only the mask's bounding box (plus a margin) goes through the network.
+        ``crop_to_mask=False`` runs every full slice instead: slower, and different only where
+        the network's view reaches past the box's margin (kept for benchmarks and checks).
         """
         if self.stage2_net is None:
             self.require_both_stages()
