@@ -86,7 +86,7 @@ def _volume_of(layer: Any):
     from kitseg.geometry import Volume
 
     geometry = geometry_of(layer)
-    return Volume(np.asarray(layer.data), geometry.source.internal_affine(), geometry.source)
+    return Volume.from_internal(np.asarray(layer.data), geometry.source)
 
 
 def _section(title: str) -> tuple[QGroupBox, QFormLayout]:
@@ -317,7 +317,7 @@ class KitsWidget(QWidget):
         if saved and Path(saved).is_file():
             self.set_weights(saved, persist=False)
         else:
-            from kitseg.pipeline import default_weights_path
+            from kitseg.weights import default_weights_path
 
             try:
                 self.set_weights(default_weights_path(), persist=False)

@@ -38,7 +38,7 @@ def _weights(path: Path | None) -> tuple[Path, bool]:
     if path is not None:
         return path, False
     try:
-        from kitseg.pipeline import default_weights_path
+        from kitseg.weights import default_weights_path
 
         return default_weights_path(), False
     except FileNotFoundError:

@@ -159,7 +159,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import __version__
     from .checkpoint import read_metadata
     from .device import describe_devices
-    from .pipeline import default_weights_path
+    from .weights import default_weights_path
 
     print(f"kitseg {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
     print(f"devices: {describe_devices()}")

@@ -115,6 +115,13 @@ class Volume:
         internal = np.ascontiguousarray(nio.apply_orientation(array, grid.to_internal))
         return cls(internal, grid.internal_affine(), grid)
 
+    @classmethod
+    def from_internal(cls, array: np.ndarray, source: SourceGrid) -> "Volume":
+        """Wrap an internal-orientation array that lies on ``source``'s grid."""
+        if tuple(array.shape[:3]) != source.internal_shape():
+            raise ValueError(f"array of shape {array.shape} is not on the grid {source.internal_shape()}")
+        return cls(array, source.internal_affine(), source)
+
     def like(self, array: np.ndarray) -> "Volume":
         """Another array on this volume's internal grid (a label map, a probability map...)."""
         if tuple(array.shape[:3]) != self.shape:

@@ -29,6 +29,7 @@ from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
 from .networks import predict_logits
 from .preprocess import PreparedVolume, prepare
+from .weights import default_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,6 @@ def make_mask(
     """
     MaskConfig(threshold=threshold, radius=radius)  # validates the values
     return dilate_ball(y1 >= threshold, radius, spacing)
-
-
-def default_weights_path() -> Path:
-    """The shipped default model (``kitseg/weights/default.kseg``)."""
-    path = Path(__file__).parent / "weights" / "default.kseg"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: the default weights are not installed; pass --weights FILE.kseg "
-            "(train one with `kits-seg train`)"
-        )
-    return path
 
 
 def _stage1_batch(image: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:

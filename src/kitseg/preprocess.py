@@ -71,13 +71,18 @@ class StageGrid:
 
     @classmethod
     def for_volume(cls, volume: Volume, config: PreprocessingConfig) -> "StageGrid":
-        spacing = volume.spacing
+        return cls.for_config(volume.shape, volume.affine, config)
+
+    @classmethod
+    def for_config(cls, shape: tuple[int, int, int], affine: np.ndarray, config: PreprocessingConfig) -> "StageGrid":
+        """The stage grid of an internal (Z, Y, X) grid with this affine (no image needed)."""
+        spacing = voxel_spacing(affine)
         targets = (config.slice_spacing_mm, config.inplane_spacing_mm, config.inplane_spacing_mm)
-        shape = tuple(
+        stage_shape = tuple(
             n if target is None else max(1, int(round(n * s / target)))
-            for n, s, target in zip(volume.shape, spacing, targets)
+            for n, s, target in zip(shape, spacing, targets)
         )
-        return cls(tuple(volume.shape), np.asarray(volume.affine, dtype=np.float64), shape)
+        return cls(tuple(int(n) for n in shape), np.asarray(affine, dtype=np.float64), stage_shape)
 
     @property
     def zoom(self) -> tuple[float, float, float]:
