@@ -67,3 +67,32 @@ def test_losses_backpropagate() -> None:
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)
     deep_supervision_loss([logits], torch.zeros(1, 4, 4, dtype=torch.int64), torch.ones(1, 4, 4)).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_masked_soft_dice_on_a_hand_example():
+    from kitseg.losses import masked_soft_dice_loss
+
+    # Two pixels, both inside the mask; class 1 predicted with certainty where the target is 1.
+    big = 50.0
+    logits = torch.tensor([[[[-big, -big]], [[big, -big]], [[-big, big]]]])  # (1, 3, 1, 2)
+    target = torch.tensor([[[1, 2]]])
+    mask = torch.ones(1, 1, 2)
+    assert masked_soft_dice_loss(logits, target, mask, smooth=0.0).item() == pytest.approx(0.0, abs=1e-6)
+    wrong = torch.tensor([[[2, 1]]])
+    assert masked_soft_dice_loss(logits, wrong, mask, smooth=0.0).item() == pytest.approx(1.0, abs=1e-6)
+    # Outside the mask nothing counts: masking the wrong pixel leaves one right, one ignored.
+    half = torch.tensor([[[1.0, 0.0]]])
+    assert masked_soft_dice_loss(logits, torch.tensor([[[1, 1]]]), half, classes=(1,), smooth=0.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_deep_supervision_dice_weight_zero_is_the_paper_loss():
+    from kitseg.losses import deep_supervision_loss, masked_cross_entropy, masked_soft_dice_loss
+
+    torch.manual_seed(0)
+    heads = [torch.randn(2, 3, 4, 5) for _ in range(3)]
+    target = torch.randint(0, 3, (2, 4, 5))
+    mask = torch.ones(2, 4, 5)
+    plain = sum(masked_cross_entropy(h, target, mask) for h in heads)
+    torch.testing.assert_close(deep_supervision_loss(heads, target, mask), plain)
+    with_dice = plain + 0.5 * sum(masked_soft_dice_loss(h, target, mask) for h in heads)
+    torch.testing.assert_close(deep_supervision_loss(heads, target, mask, dice_weight=0.5), with_dice)

@@ -80,13 +80,41 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor
     return -(mask.float() * target_log_probs).sum() / (n * h * w * c)
 
 
+def masked_soft_dice_loss(
+    logits: Tensor, target: Tensor, mask: Tensor, classes: Sequence[int] = (1, 2), smooth: float = 1.0
+) -> Tensor:
+    """``1 - mean_c Dice_c`` of the softmax probabilities inside the mask (not in the paper).
+
+    Dice is computed over the whole batch (not per image), so slices without a class do not
+    produce 0/0. It weighs a small tumor as much as a large kidney, which cross-entropy does
+    not: nnU-Net trains with CE + Dice for that reason.
+
+    Args:
+        logits: ``(N, C, H, W)``; target: ``(N, H, W)`` int64; mask: ``(N, H, W)`` or ``(N, 1, H, W)``.
+        classes: the class indices whose Dice is averaged (foreground classes).
+    """
+    _check_logits_target(logits, target, "masked_soft_dice_loss")
+    mask = (mask[:, 0] if mask.ndim == 4 else mask).float()
+    probs = torch.softmax(logits.float(), dim=1)
+    dices = []
+    for c in classes:
+        p = probs[:, c] * mask
+        t = (target == c).float() * mask
+        dices.append((2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth))
+    return 1 - torch.stack(dices).mean()
+
+
 def deep_supervision_loss(
     outputs: Sequence[Tensor] | Tensor,
     target: Tensor,
     mask: Tensor,
     weights: Sequence[float] | None = None,
+    dice_weight: float = 0.0,
 ) -> Tensor:
     """Sum of :func:`masked_cross_entropy` over the UNet++ heads, each optionally weighted.
+
+    ``dice_weight > 0`` adds that multiple of :func:`masked_soft_dice_loss` per head (an
+    option beyond the paper, for small tumors); 0 is the paper's loss exactly.
 
     Args:
         outputs: the network's list of logits, each ``(N, C, H, W)`` (a bare tensor counts as one head).
@@ -104,7 +132,10 @@ def deep_supervision_loss(
         weights = [1.0] * len(heads)
     if len(weights) != len(heads):
         raise ValueError(f"deep_supervision_loss: {len(weights)} weights for {len(heads)} heads")
-    total = masked_cross_entropy(heads[0], target, mask) * float(weights[0])
-    for head, weight in zip(heads[1:], weights[1:]):
-        total = total + masked_cross_entropy(head, target, mask) * float(weight)
+    total = torch.zeros((), device=heads[0].device)
+    for head, weight in zip(heads, weights):
+        loss = masked_cross_entropy(head, target, mask)
+        if dice_weight:
+            loss = loss + dice_weight * masked_soft_dice_loss(head, target, mask)
+        total = total + loss * float(weight)
     return total

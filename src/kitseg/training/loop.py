@@ -303,7 +303,7 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
             mask = warp(mask[:, None], grid, "nearest")[:, 0]
             labels = warp(labels[:, None].float(), grid, "nearest")[:, 0].long()
         x = stage2_input(image, y1, mask)
-        return x, lambda out: deep_supervision_loss(out, labels, mask)
+        return x, lambda out: deep_supervision_loss(out, labels, mask, dice_weight=config.stage2_dice_weight)
 
     def validate(module):
         if not val:
