@@ -247,19 +247,18 @@ def test_cancel_stage2_leaves_the_labels_alone(qtbot, viewer_widget, monkeypatch
     assert widget._session.labels_layer is None and "labels" not in [l.name for l in viewer.layers]
 
 
-def test_model_section_without_default_weights(make_napari_viewer, tiny_kseg, tmp_path, isolated_settings):
+def test_model_section_without_default_weights(
+    make_napari_viewer, tiny_kseg, tmp_path, isolated_settings, monkeypatch
+):
+    import kitseg.weights
     from napari_kits._widget import KitsWidget
 
+    monkeypatch.setattr(kitseg.weights, "DEFAULT_WEIGHTS", tmp_path / "not-installed.kseg")
     viewer = make_napari_viewer()
     widget = KitsWidget(viewer)
-    try:
-        from kitseg.pipeline import default_weights_path
-
-        default_weights_path()
-    except FileNotFoundError:
-        assert "No default weights" in widget.model_info.text()
-        assert widget.weights_path is None
-        assert widget.run_stage1() is None and "open a CT first" in widget.last_error
+    assert "No default weights" in widget.model_info.text()
+    assert widget.weights_path is None
+    assert widget.run_stage1() is None and "open a CT first" in widget.last_error
     assert not widget.set_weights(tmp_path / "missing.kseg")
     assert widget.set_weights(tiny_kseg)
     text = widget.model_info.text()
