@@ -52,7 +52,6 @@ from ._layers import (
     LayerGeometry,
     geometry_of,
     labels_layer_kwargs,
-    placement,
     probability_layer_kwargs,
 )
 from ._settings import kits_settings, read_float

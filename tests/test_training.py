@@ -16,7 +16,7 @@ from kitseg.checkpoint import load_bundle, read_metadata
 from kitseg.config import ConfigError
 from kitseg.phantom import make_synthetic_case
 from kitseg.training import preset
-from kitseg.training.data import Stage1Sampler, Stage2Sampler, labels_to_stage, load_cases, split_cases
+from kitseg.training.data import Stage1Sampler, Stage2Sampler, load_cases, split_cases
 from kitseg.training.loop import DistInfo, stage1_task, train, train_network
 
 REPO = Path(__file__).resolve().parents[1]

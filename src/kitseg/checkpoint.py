@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kitseg.atomic import atomic_path
 from kitseg.config import ConfigError, LabelMap, MaskConfig, PreprocessingConfig
 from kitseg.networks import UNet2D, UNetPlusPlus2D, available_networks, build_network, network_name
 
@@ -391,17 +391,8 @@ def save_bundle(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = 
     _validate_metadata(json.loads(text), path)  # never write a file load_bundle would refuse
     arrays[METADATA_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            np.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        np.savez(stream, **arrays)
     logger.info("Saved checkpoint %s (stages: %s)", path, ", ".join(stages_meta) or "none")
     return path
 

@@ -7,7 +7,7 @@ carry it without pickling, and ``from_dict`` names the field that is wrong.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 NormalizationMode = Literal["window", "zscore"]

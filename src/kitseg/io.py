@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from .atomic import atomic_path
 from .geometry import SourceGrid, Volume, strip_nifti_suffix
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,6 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scal
     with slope 1/255 read back as 0..1).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(np.asarray(array), affine)
     img.set_qform(affine, code=1)
@@ -197,16 +196,8 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scal
     if scale is not None:
         img.header.set_slope_inter(scale, 0.0)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel compresses by suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 

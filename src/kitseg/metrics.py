@@ -22,13 +22,14 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from .atomic import atomic_path
 
 Region = Literal["kidney", "tumor"]
 
@@ -245,17 +246,11 @@ def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike) -> P
     means = aggregate(scores)
     rows = [s.to_row() for s in scores]
     rows.append({"case": "mean", **{name: means[name] for name in _NUMERIC_FIELDS}})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: v if k == "case" else repr(float(v)) for k, v in row.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v if k == "case" else repr(float(v)) for k, v in row.items()})
     return path
 
 

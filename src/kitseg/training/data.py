@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path
 from ..config import MaskConfig, PreprocessingConfig
 from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
 from ..morphology import dilate_ball
@@ -70,11 +69,8 @@ def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Pat
     stage_labels = labels_to_stage(labels.array, prepared.grid)
     result = StageCase(case.name, prepared.image, stage_labels, prepared.grid.spacing)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, image=result.image.astype(np.float16), labels=stage_labels, spacing=np.array(result.spacing))
-        os.replace(tmp, cache)
+        with atomic_path(cache, ".npz") as tmp:
+            np.savez(tmp, image=result.image.astype(np.float16), labels=stage_labels, spacing=np.array(result.spacing))
     return result
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..checkpoint import ModelBundle, StageModel, save_bundle
 from ..config import KITS_LABELS, ConfigError
 from ..losses import deep_supervision_loss, stage1_loss
@@ -99,9 +100,8 @@ class StageTask:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _bundle_for(config: TrainConfig, stage: str, module: torch.nn.Module, provenance: dict) -> ModelBundle:
@@ -217,12 +217,10 @@ def _append_log(path: Path, row: dict) -> None:
             rows = [r for r in csv.DictReader(fh) if int(r["step"]) < row["step"]]  # drop rows a resume redoes
     rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _plot_curves(log_path: Path, png: Path) -> None:
@@ -248,10 +246,9 @@ def _plot_curves(log_path: Path, png: Path) -> None:
         ax_val.legend(loc="lower right")
     fig.suptitle(log_path.parent.name)
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(png, ".png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 # ------------------------------------------------------------------------------ the two stages
