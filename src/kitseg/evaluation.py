@@ -21,14 +21,14 @@ class EvaluationPair:
 
 
 def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
+    """The case name of a prediction file and its ground truth in ``gt_dir`` (None if absent)."""
     stem = strip_nifti_suffix(pred.name)
     match = _PREDICTION_RE.match(stem)
     if match:
         case = f"case_{match.group(1)}"
-        candidates = [gt_dir / case / KITS_LABELS, gt_dir / f"{case}.nii.gz", gt_dir / f"{case}.nii"]
     else:
         case = stem[: -len("_labels")] if stem.endswith("_labels") else stem
-        candidates = [gt_dir / case / KITS_LABELS, gt_dir / f"{case}.nii.gz", gt_dir / f"{case}.nii"]
+    candidates = [gt_dir / case / KITS_LABELS, gt_dir / f"{case}.nii.gz", gt_dir / f"{case}.nii"]
     return case, next((c for c in candidates if c.is_file()), None)
 
 

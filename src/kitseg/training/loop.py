@@ -322,15 +322,18 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
 
 
 def _check_config(run_dir: Path, config: TrainConfig) -> None:
+    """Record the recipe in a new run folder; refuse to resume one made with another recipe."""
     path = run_dir / "config.json"
+    current = json.loads(json.dumps(config.to_dict()))  # as it reads back from JSON (tuples -> lists)
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous != json.loads(json.dumps(config.to_dict())):
-            changed = sorted(k for k in set(previous) | set(config.to_dict()) if previous.get(k) != json.loads(json.dumps(config.to_dict())).get(k))
-            raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: {', '.join(changed)}); use a new --out folder")
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: {', '.join(changed)}); "
+                              "use a new --out folder")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config.to_dict(), indent=2))
+        path.write_text(json.dumps(current, indent=2))
 
 
 def train(
