@@ -61,8 +61,17 @@ class Stage2Done:
 
 
 def load_segmenter(spec: ModelSpec, batch_size: int = 8):
+    import os
+
+    import torch
+
     from kitseg.pipeline import Segmenter
 
+    # Leave one core to the GUI thread: with every core busy in torch's CPU kernels the Qt
+    # event loop stalls for 100+ ms at a time (benchmarks/bench_gui_responsiveness.py).
+    cores = os.cpu_count() or 1
+    if cores > 1 and torch.get_num_threads() >= cores:
+        torch.set_num_threads(cores - 1)
     return Segmenter.from_file(spec.path, device=spec.device, batch_size=batch_size)
 
 
