@@ -1,0 +1,32 @@
+"""Packaging: setup.cfg lists every package (the layout needs an explicit list), data ship."""
+
+from __future__ import annotations
+
+import configparser
+
+from .conftest import REPO
+
+
+def _listed_packages() -> set[str]:
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    return {line.strip() for line in config["options"]["packages"].splitlines() if line.strip()}
+
+
+def test_every_package_is_listed_in_setup_cfg():
+    found = set()
+    for root, prefix in ((REPO / "src" / "kitseg", "kitseg"), (REPO / "napari_kits", "napari_kits")):
+        for init in root.rglob("__init__.py"):
+            parts = init.parent.relative_to(root).parts
+            found.add(".".join((prefix, *parts)))
+    assert found == _listed_packages()
+
+
+def test_shipped_model_and_its_card_are_package_data():
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    data = config["options.package_data"]["kitseg"]
+    assert "weights/*.kseg" in data and "weights/*.md" in data
+    weights = REPO / "src" / "kitseg" / "weights"
+    assert (weights / "default.kseg").stat().st_size < 20 * 1024 * 1024  # "small enough to ship"
+    assert "CC BY-NC-SA 4.0" in (weights / "MODEL_CARD.md").read_text()
