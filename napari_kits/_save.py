@@ -48,16 +48,6 @@ def with_nifti_suffix(path: str | os.PathLike) -> Path:
     return path if path.name.endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
 
 
-def _stage_mask_to_source(mask: np.ndarray, geometry: LayerGeometry) -> np.ndarray:
-    """Linear resampling of the 0/1 mask, thresholded at 0.5 (as kitseg.outputs does)."""
-    grid = geometry.stage_grid
-    out = np.zeros(grid.source_shape, np.uint8)
-    stage = (np.asarray(mask) > 0).astype(np.float32)
-    for i, plane in grid.iter_to_source(stage):
-        out[i] = plane >= 0.5
-    return out
-
-
 def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a plugin layer's data as NIfTI on the CT file's grid; returns the path written.
 
@@ -66,7 +56,8 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
         kitseg.io.InputError: ``path`` is the input CT, or not a NIfTI name.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
-    from kitseg.io import write_labels, write_on_source_grid
+    from kitseg.io import write_labels
+    from kitseg.outputs import write_stage_mask, write_stage_probability
 
     if geometry is None:
         raise SaveError(
@@ -76,12 +67,11 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
     path = with_nifti_suffix(path)
     data = np.asarray(data)
     if geometry.kind == "mask" and geometry.on_stage_grid:
-        return write_labels(_stage_mask_to_source(data, geometry), geometry.source, path, overwrite=overwrite)
+        return write_stage_mask(data, geometry.stage_grid, geometry.source, path, overwrite=overwrite)
     if geometry.kind in ("y1", "probability") and geometry.on_stage_grid:
-        from kitseg.outputs import probability_to_source_uint8
-
-        probs = probability_to_source_uint8(geometry.stage_grid, np.asarray(data, np.float32))
-        return write_on_source_grid(probs, geometry.source, path, overwrite=overwrite, scale=1.0 / 255.0)
+        return write_stage_probability(
+            np.asarray(data, np.float32), geometry.stage_grid, geometry.source, path, overwrite=overwrite
+        )
     if geometry.kind in ("labels", "ground_truth"):
         return write_labels(data, geometry.source, path, overwrite=overwrite)
     raise SaveError(f"a {geometry.kind!r} layer is not a result; save labels, y1, the mask or probabilities")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .geometry import SourceGrid
 from .io import CaseInput, write_labels, write_on_source_grid
 from .pipeline import Segmentation
 from .preprocess import StageGrid
@@ -39,6 +40,20 @@ def probability_to_source_uint8(grid: StageGrid, stage: np.ndarray) -> np.ndarra
     return out
 
 
+def write_stage_probability(stage: np.ndarray, grid: StageGrid, source: SourceGrid, path: Path,
+                            overwrite: bool = False) -> Path:
+    """Write stage-grid probabilities (y1, or class channels first) on the CT's grid (uint8, slope 1/255)."""
+    data = probability_to_source_uint8(grid, stage)
+    return write_on_source_grid(data, source, path, overwrite=overwrite, scale=1.0 / 255.0)
+
+
+def write_stage_mask(mask: np.ndarray, grid: StageGrid, source: SourceGrid, path: Path, overwrite: bool = False) -> Path:
+    """Write a stage-grid 0/1 mask on the CT's grid: linear resampling, then >= 0.5."""
+    resampled = probability_to_source_uint8(grid, (np.asarray(mask) > 0).astype(np.float32))
+    # uint8 q = round(255 p) is >= 128 exactly when p >= 0.5.
+    return write_labels((resampled >= 128).astype(np.uint8), source, path, overwrite=overwrite)
+
+
 def write_prediction(
     result: Segmentation, case: CaseInput, out_dir: Path, intermediates: bool = False, overwrite: bool = False
 ) -> list[Path]:
@@ -49,13 +64,7 @@ def write_prediction(
     if intermediates:
         grid = result.prepared.grid
         y1_path, mask_path, probs_path = rest
-        written.append(_write_probability(probability_to_source_uint8(grid, result.y1), source, y1_path, overwrite))
-        mask_src = probability_to_source_uint8(grid, result.mask.astype(np.float32)) >= 128
-        written.append(write_labels(mask_src.astype(np.uint8), source, mask_path, overwrite=overwrite))
-        probs = probability_to_source_uint8(grid, result.probs)
-        written.append(_write_probability(probs, source, probs_path, overwrite))
+        written.append(write_stage_probability(result.y1, grid, source, y1_path, overwrite))
+        written.append(write_stage_mask(result.mask, grid, source, mask_path, overwrite))
+        written.append(write_stage_probability(result.probs, grid, source, probs_path, overwrite))
     return written
-
-
-def _write_probability(data_uint8: np.ndarray, source, path: Path, overwrite: bool) -> Path:
-    return write_on_source_grid(data_uint8, source, path, overwrite=overwrite, scale=1.0 / 255.0)
