@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from ..geometry import Volume, voxel_spacing
+from ..io import InputError, read_labels
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
 from .anatomy import build_abdomen, find_kidneys, make_frame
@@ -199,18 +199,14 @@ def read_kits_mask(path: Path) -> _Mask:
     """Read a KiTS19 segmentation (any integer type, e.g. uint16) as uint8 labels 0/1/2."""
     path = Path(path)
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for truncated or foreign files
-        raise MaskReadError(f"cannot read the mask {path}: {exc}") from exc
-    if data.ndim != 3:
-        raise MaskReadError(f"the mask {path} is not 3D (shape {data.shape})")
+        volume = read_labels(path)  # the engine's reader: geometry, dtype and range checks
+    except InputError as exc:
+        raise MaskReadError(f"cannot read the mask {exc}") from exc
     try:
-        labels = _check_labels(data)
+        volume.array = _check_labels(volume.array)
     except ValueError as exc:
         raise MaskReadError(f"the mask {path} is not a KiTS19 label map: {exc}") from exc
-    volume = Volume.from_source_array(labels, img.affine, path)
-    return _Mask(volume, np.asarray(img.affine, dtype=np.float64), labels)
+    return _Mask(volume, volume.source.affine, volume.to_source())
 
 
 def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
