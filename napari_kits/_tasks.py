@@ -11,7 +11,7 @@ the probabilities on the stage grid (Zs, Ys, Xs).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,23 @@ class Stage2Done:
     probabilities: dict[str, np.ndarray] | None  # class name -> float32 (Zs, Ys, Xs), if asked
 
 
+class TaskFailed(Exception):
+    """A run failed; carries the original error (see :func:`reporting_failures`)."""
+
+
+def reporting_failures(generator: Callable[..., Iterator[Any]], *args: Any, **kwargs: Any) -> Iterator[Any]:
+    """Run ``generator``, re-raising a RuntimeError as :class:`TaskFailed`.
+
+    superqt's generator workers take a RuntimeError for "the worker was deleted" and drop it:
+    no ``errored``, no ``finished``, and the widget would wait forever. torch reports most
+    failures (out of memory, wrong shapes) as RuntimeError.
+    """
+    try:
+        return (yield from generator(*args, **kwargs))
+    except RuntimeError as error:
+        raise TaskFailed(str(error) or type(error).__name__) from error
+
+
 def load_segmenter(spec: ModelSpec, batch_size: int = 8):
     import os
 
@@ -99,15 +116,21 @@ def mask_spacing(segmenter: Any, prepared: Any):
     return prepared.grid.spacing if segmenter.bundle.mask.radius_unit == "mm" else None
 
 
-def iter_stage1(model: Any, volume: Any, prepared: Any = None, batch_size: int = 8) -> Iterator[Any]:
-    """Load (if needed), prepare (if needed) and run stage 1, filling a fresh y1 in place."""
+def iter_stage1(
+    model: Any, volume: Any, prepared: Any = None, batch_size: int = 8, y1: np.ndarray | None = None
+) -> Iterator[Any]:
+    """Load (if needed), prepare (if needed) and run stage 1, filling ``y1`` (zeros; the layer's data) in place.
+
+    Without ``y1``, or if it does not match the model's stage grid, a fresh array is filled.
+    """
     from kitseg.pipeline import Progress
 
     segmenter = yield from _model(model, batch_size)
     if prepared is None or prepared.config != segmenter.preprocessing:
         prepared = segmenter.prepare(volume)
     yield Progress("prepare", 1, 1)
-    y1 = np.zeros(prepared.image.shape, np.float32)
+    if y1 is None or y1.shape != prepared.image.shape or y1.dtype != np.float32:
+        y1 = np.zeros(prepared.image.shape, np.float32)
     yield Stage1Started(prepared, y1)
     yield from segmenter.iter_stage1(prepared, y1)
     return y1
@@ -141,13 +164,13 @@ def iter_run_all(
     prepared: Any = None,
     with_probabilities: bool = False,
     batch_size: int = 8,
+    y1: np.ndarray | None = None,
 ) -> Iterator[Any]:
     """Stage 1, the mask and stage 2 in one go (what the CLI's ``segment`` does), with events."""
     from kitseg.pipeline import Progress
 
     segmenter = yield from _model(model, batch_size)
-    y1 = None
-    for event in iter_stage1(segmenter, volume, prepared, batch_size):
+    for event in iter_stage1(segmenter, volume, prepared, batch_size, y1):
         if isinstance(event, Stage1Started):
             prepared, y1 = event.prepared, event.y1
         yield event

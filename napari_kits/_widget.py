@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,6 +78,11 @@ class _Session:
     y1_layer: Any = None
     mask_layer: Any = None
     labels_layer: Any = None
+    # Output layers added empty before a run starts and not filled yet, by kind ("mask", "labels").
+    # Adding a layer blocks the GUI thread for 0.1-0.3 s (napari builds its visual), so it
+    # happens when the user clicks, never in the middle of a run; a run that ends without
+    # results removes them again.
+    spare: dict = field(default_factory=dict)
 
 
 def _volume_of(layer: Any):
@@ -136,6 +141,10 @@ class KitsWidget(QWidget):
         self._save_worker = None
         self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
         self.last_error = ""
+        self._weights_meta: dict | None = None
+        # napari's Labels layer imports pandas on first use (~0.4 s): pay that now, while the
+        # widget opens, rather than when the first mask appears in the middle of a run.
+        import pandas  # noqa: F401
 
         self._build()
         self._connect_viewer()
@@ -351,6 +360,7 @@ class KitsWidget(QWidget):
         except Exception as error:  # FileNotFoundError, CheckpointError: show, don't crash
             self.model_info.setText(f"<span style='color:#ff6060'>{_escape(str(error))}</span>")
             return False
+        self._weights_meta = meta
         self.weights_edit.setText(str(path))
         self.weights_edit.setToolTip(str(path))
         self.model_info.setText(_describe_metadata(meta))
@@ -439,10 +449,14 @@ class KitsWidget(QWidget):
     def _live(self, layer: Any) -> bool:
         return layer is not None and layer in self.viewer.layers
 
-    def _put_layer(self, current: Any, data: np.ndarray, kind: str, kwargs: dict) -> Any:
-        """Replace ``current``'s data if it is still in the viewer and fits, else add a new layer."""
+    def _put_layer(self, current: Any, data: np.ndarray, kind: str, kwargs: dict, spare: str | None = None) -> Any:
+        """Show ``data`` in ``current`` (else the session's spare layer ``spare``) if it fits, else in a new layer."""
+        session = self._session
+        if not self._live(current) and spare is not None and session is not None:
+            current = session.spare.pop(spare, None)
         if self._live(current) and current.data.shape == data.shape and current.data.dtype == data.dtype:
-            current.data = data
+            if current.data is not data:
+                current.data = data
             current.scale, current.translate = kwargs["scale"], kwargs["translate"]
             current.metadata.update(kwargs["metadata"])
             return current
@@ -451,23 +465,77 @@ class KitsWidget(QWidget):
         add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
         return add(data, **kwargs)
 
-    def _stage_geometry(self, kind: str) -> LayerGeometry:
+    def _stage_geometry(self, kind: str, grid: Any = None) -> LayerGeometry:
         session = self._session
-        return geometry_of(session.ct_layer).with_kind(kind, session.prepared.grid)
+        return geometry_of(session.ct_layer).with_kind(kind, grid if grid is not None else session.prepared.grid)
+
+    def _stage_grid(self, session: _Session) -> Any:
+        """The chosen model's stage grid for the session's CT (from its metadata; no weights read)."""
+        from kitseg.config import PreprocessingConfig
+        from kitseg.preprocess import StageGrid
+
+        if self._weights_meta is None:
+            raise ValueError("choose a model (.kseg) first")
+        config = PreprocessingConfig.from_dict(self._weights_meta["preprocessing"])
+        if session.prepared is not None and session.prepared.config == config:
+            return session.prepared.grid
+        return StageGrid.for_volume(session.volume, config)
+
+    def _layer_makers(self, session: _Session, grid: Any, kinds: tuple[str, ...],
+                      y1: np.ndarray | None = None) -> list[Callable[[], None]]:
+        """Steps that show the run's output layers before it starts, one layer per step.
+
+        ``y1`` (zeros on ``grid``) becomes the y1 layer's data, which stage 1 fills in place;
+        "mask" and "labels" layers are added empty, as spares, unless the session has them.
+        """
+        makers: list[Callable[[], None]] = []
+        if "y1" in kinds:
+            def make_y1():
+                geometry = self._stage_geometry("y1", grid)
+                kwargs = probability_layer_kwargs("y1", geometry, grid.affine)
+                session.y1_layer = self._put_layer(session.y1_layer, y1, "image", kwargs)
+                session.y1_layer.visible = True
+            makers.append(make_y1)
+        if "mask" in kinds and not self._live(session.mask_layer):
+            def make_mask():
+                kwargs = labels_layer_kwargs("mask", self._stage_geometry("mask", grid), grid.affine, opacity=0.3)
+                session.spare["mask"] = self.viewer.add_labels(np.zeros(grid.shape, np.uint8), **kwargs)
+            makers.append(make_mask)
+        if "labels" in kinds and not self._live(session.labels_layer):
+            def make_labels():
+                geometry = geometry_of(session.ct_layer).with_kind("labels")
+                kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
+                session.spare["labels"] = self.viewer.add_labels(np.zeros(session.volume.shape, np.uint8), **kwargs)
+            makers.append(make_labels)
+        return makers
+
+    def _drop_spare_layers(self, session: _Session | None) -> None:
+        """Remove the output layers a run made but never filled (cancelled or failed)."""
+        if session is None:
+            return
+        for kind in list(session.spare):
+            layer = session.spare.pop(kind)
+            if self._live(layer):
+                self.viewer.layers.remove(layer)
 
     # ------------------------------------------------------------------ runs
     @property
     def busy(self) -> bool:
         return self._worker is not None
 
-    def _start(self, task: str, generator: Callable, *args: Any, on_returned: Callable | None = None) -> Any:
+    def _start(self, task: str, generator: Callable, *args: Any, on_returned: Callable | None = None,
+               makers: list[Callable[[], None]] | None = None, **kwargs: Any) -> Any:
         from napari.qt.threading import create_worker
 
         if self.busy:
             raise RuntimeError(f"{self._task} is still running")
         self._task = task
         self._outcome = "done"
-        worker = create_worker(generator, *args, _start_thread=False)
+        from ._tasks import reporting_failures
+
+        # Errors are the widget's to report (status line, log), not napari's to re-raise.
+        worker = create_worker(reporting_failures, generator, *args, **kwargs,
+                               _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
         if on_returned is not None:
             worker.returned.connect(on_returned)
@@ -480,8 +548,24 @@ class KitsWidget(QWidget):
         self.progress.setFormat(f"{task}: starting…")
         self.status.setText("")
         self.last_error = ""
-        worker.start()
+        self._start_after(list(makers or []), worker)
         return worker
+
+    def _start_after(self, makers: list[Callable[[], None]], worker: Any) -> None:
+        """Run each layer maker in its own event-loop turn (short stalls, not one long one), then start."""
+        if worker is not self._worker:
+            return  # finished (cancelled) in the meantime
+        if not makers:
+            worker.start()
+            return
+        try:
+            makers.pop(0)()
+        except Exception as error:  # the run cannot show its results: do not start it
+            self._outcome = "error"
+            self._show_error(f"{self._task} failed: {error}")
+            self._on_finished()
+            return
+        QTimer.singleShot(0, lambda: self._start_after(makers, worker))
 
     def _set_running(self, running: bool) -> None:
         for w in (self.stage1_button, self.run_all_button, self.stage2_button, self.browse_button,
@@ -515,9 +599,14 @@ class KitsWidget(QWidget):
 
         def start():
             session = self._session_for_ct()
+            model = self._model_arg()
+            grid = self._stage_grid(session)
             session.y1_complete = False
-            return self._start("stage 1", iter_stage1, self._model_arg(), session.volume, session.prepared,
-                               self.batch_spin.value(), on_returned=lambda _y1: self.update_mask(now=True))
+            y1 = np.zeros(grid.shape, np.float32)
+            makers = self._layer_makers(session, grid, ("y1", "mask"), y1)
+            return self._start("stage 1", iter_stage1, model, session.volume, session.prepared,
+                               self.batch_spin.value(), on_returned=lambda _y1: self.update_mask(now=True),
+                               makers=makers, y1=y1)
 
         return self._guard(start)
 
@@ -527,10 +616,15 @@ class KitsWidget(QWidget):
 
         def start():
             session = self._session_for_ct()
+            model = self._model_arg()
+            grid = self._stage_grid(session)
             session.y1_complete = False
-            return self._start("run all", iter_run_all, self._model_arg(), session.volume,
+            y1 = np.zeros(grid.shape, np.float32)
+            makers = self._layer_makers(session, grid, ("y1", "mask", "labels"), y1)
+            return self._start("run all", iter_run_all, model, session.volume,
                                self.threshold_spin.value(), self.radius_spin.value(), session.prepared,
-                               self.probs_check.isChecked(), self.batch_spin.value())
+                               self.probs_check.isChecked(), self.batch_spin.value(),
+                               makers=makers, y1=y1)
 
         return self._guard(start)
 
@@ -553,8 +647,10 @@ class KitsWidget(QWidget):
             if not self._live(session.mask_layer):
                 raise ValueError("the mask layer is gone: move the threshold or radius to rebuild it")
             mask = np.array(session.mask_layer.data, dtype=bool)  # a snapshot: painting may go on
-            return self._start("stage 2", iter_stage2, self._model_arg(), session.prepared, session.y1, mask,
-                               self.probs_check.isChecked(), self.batch_spin.value())
+            model = self._model_arg()
+            makers = self._layer_makers(session, session.prepared.grid, ("labels",))
+            return self._start("stage 2", iter_stage2, model, session.prepared, session.y1, mask,
+                               self.probs_check.isChecked(), self.batch_spin.value(), makers=makers)
 
         return self._guard(start)
 
@@ -611,7 +707,7 @@ class KitsWidget(QWidget):
             return
         geometry = self._stage_geometry("mask")
         kwargs = labels_layer_kwargs("mask", geometry, geometry.stage_grid.affine, opacity=0.3)
-        layer = self._put_layer(session.mask_layer, mask, "labels", kwargs)
+        layer = self._put_layer(session.mask_layer, mask, "labels", kwargs, spare="mask")
         if layer is not session.mask_layer:
             layer.visible = True
         session.mask_layer = layer
@@ -621,7 +717,7 @@ class KitsWidget(QWidget):
         session = self._session
         geometry = geometry_of(session.ct_layer).with_kind("labels")
         kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
-        session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs)
+        session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs, spare="labels")
         for layer in (session.y1_layer, session.mask_layer):
             if self._live(layer):
                 layer.visible = False
@@ -649,6 +745,7 @@ class KitsWidget(QWidget):
 
     def _on_errored(self, error: Exception) -> None:
         self._outcome = "error"
+        log.error("%s failed", self._task, exc_info=error)
         self._show_error(f"{self._task} failed: {error}")
 
     def _on_aborted(self) -> None:
@@ -664,6 +761,8 @@ class KitsWidget(QWidget):
         else:
             self.progress.setFormat(f"{task}: {outcome}")
         session = self._session
+        if outcome != "done":
+            self._drop_spare_layers(session)
         if task == "stage 1" and outcome == "cancelled" and session is not None and self._live(session.y1_layer):
             session.y1_layer.refresh()
             self.status.setText("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
@@ -696,7 +795,7 @@ class KitsWidget(QWidget):
         self._mask_dirty = False
         spacing = mask_spacing(self._segmenter, session.prepared) if self._segmenter is not None else None
         worker = create_worker(make_mask, session.y1, self.threshold_spin.value(), self.radius_spin.value(),
-                               spacing, _start_thread=False)
+                               spacing, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_mask_returned)
         worker.errored.connect(lambda e: self._show_error(f"mask failed: {e}"))
         worker.finished.connect(self._on_mask_finished)
@@ -757,7 +856,7 @@ class KitsWidget(QWidget):
             return None
         self._score_dirty = False
         worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), tuple(pred.scale),
-                               pred.name, _start_thread=False)
+                               pred.name, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_scores)
         worker.errored.connect(lambda e: self._show_error(f"scoring failed: {e}"))
         worker.finished.connect(self._on_score_finished)
@@ -859,7 +958,8 @@ class KitsWidget(QWidget):
                 return None
             overwrite = True
         data = np.array(layer.data)  # a snapshot: the user may keep painting while it writes
-        worker = create_worker(save_layer, data, geometry, path, overwrite, _start_thread=False)
+        worker = create_worker(save_layer, data, geometry, path, overwrite,
+                               _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda written: (self.status.setText(f"Saved {written}"), self.saved.emit(str(written))))
         worker.errored.connect(lambda e: self._show_error(f"not saved: {e}"))
         worker.finished.connect(lambda: setattr(self, "_save_worker", None))

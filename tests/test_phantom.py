@@ -234,3 +234,35 @@ def test_real_mask_crop(tmp_path: Path) -> None:
     np.testing.assert_allclose(nib.load(out / "imaging.nii.gz").affine, img.affine, atol=1e-5)
     # Kidney tissue is soft tissue (neither fat nor bone) on average, whatever the phase.
     assert -20 < ct[labels == 1].mean() < 300
+
+
+def test_organ_lesions_are_unlabelled_hard_negatives() -> None:
+    """Liver/spleen lesions: painted inside the organ only, with cyst or tumor-like densities."""
+    from kitseg.phantom.anatomy import _paint_organ_lesions
+    from kitseg.phantom.params import PhantomParams, sample_protocol
+
+    spacing = (3.0, 2.0, 2.0)
+    shape = (30, 64, 64)
+    Z, Y, X = (np.arange(n, dtype=np.float32) * d for n, d in zip(shape, spacing))
+    Z, Y, X = Z[:, None, None], Y[None, :, None], X[None, None, :]
+    organ = np.zeros(shape, bool)
+    organ[5:25, 10:50, 10:50] = True
+    params = PhantomParams(organ_lesion_probability=1.0)
+    changed_cases = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        protocol = sample_protocol(rng, params)
+        hu = np.full(shape, 60.0, np.float32)
+        _paint_organ_lesions(hu, organ, spacing, protocol, params, rng, Z, Y, X)
+        changed = hu != 60.0
+        assert not changed[~organ].any()  # never outside the organ
+        changed_cases += bool(changed.any())
+        assert np.all((hu[changed] > -40) & (hu[changed] < 400))
+    assert changed_cases >= 5
+    rng = np.random.default_rng(0)
+    hu = np.full(shape, 60.0, np.float32)
+    _paint_organ_lesions(hu, organ, spacing, sample_protocol(rng, params), PhantomParams(organ_lesion_probability=0.0),
+                         rng, Z, Y, X)
+    assert np.all(hu == 60.0)
+    with pytest.raises(ValueError, match="organ_lesion_probability"):
+        PhantomParams(organ_lesion_probability=1.5)

@@ -289,3 +289,25 @@ def test_launch_runs_all_and_quits(tmp_path, tiny_kseg, isolated_settings):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.stat().st_size > 10_000
+
+
+def test_output_layers_exist_before_the_run_and_go_when_it_fails(qtbot, viewer_widget, monkeypatch):
+    from kitseg.pipeline import Segmenter
+
+    viewer, widget = viewer_widget
+    shown_at_start = []
+
+    def failing_stage1(self, prepared, y1):
+        shown_at_start.append({layer.name: layer for layer in viewer.layers})
+        raise RuntimeError("boom")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(Segmenter, "iter_stage1", failing_stage1)
+    _run(qtbot, widget, widget.run_all, "run all", outcome="error")
+    # The output layers were in the viewer before the worker ran (no layer is added mid-run)...
+    assert {"y1", "mask", "labels"} <= set(shown_at_start[0])
+    assert shown_at_start[0]["labels"].data.shape == viewer.layers["case_00007"].data.shape
+    # ... and the empty ones left with the failed run; y1 stays (what finished of it).
+    names = [layer.name for layer in viewer.layers]
+    assert "mask" not in names and "labels" not in names and "y1" in names
+    assert "boom" in widget.last_error and widget._session.spare == {}

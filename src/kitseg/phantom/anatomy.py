@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from ._grid import smooth_field
+from .kidney import sample_tumor_look
 from .params import PhantomParams, Protocol
 
 
@@ -227,6 +228,11 @@ def build_abdomen(
         paint(lumen, content)
         paint(lumen & (Y < air_level), hu_of["air"] + 30.0)
 
+    # ------------------------------------------------------------------ unlabelled lesions in liver and spleen
+    # Cysts and solid masses that look like renal tumors but are not kidney: a network must
+    # learn where a tumor may be (in or on the kidney), not only what it looks like.
+    _paint_organ_lesions(hu, liver | spleen, spacing, protocol, params, rng, Z, Y, X)
+
     # ------------------------------------------------------------------ pancreas (in front of the aorta / left kidney)
     ao_r = u(9.0, 13.0)
     vb_rx, vb_ry = u(19.0, 25.0), u(14.0, 18.0)
@@ -340,11 +346,20 @@ def build_abdomen(
             paint((seg < radius) & body & ~kidney_mask, value)
 
     # ------------------------------------------------------------------ iliac wings far below the kidneys
+    # The iliacus lines the wing's inner face and the gluteal muscles its outer one: muscle masses
+    # of kidney-like density beside bone, which a model must learn are not kidney.
     z_pelvis = z_bot + u(50.0, 90.0)
     for side in (-1.0, 1.0):
-        wing = ((np.abs(np.hypot(Y - u(20, 40), (X - side * u(70, 90)) * 0.8) - u(28, 38)) < u(3.0, 5.0))
-                & (Z > z_pelvis) & (np.abs(X) > vb_rx + 25.0) & (Y > -20.0))
-        paint(wing & body, hu_of["rib"] + 80.0)
+        wing_y, wing_x, wing_r, wing_t = u(20, 40), side * u(70, 90), u(28, 38), u(3.0, 5.0)
+        wing_rho = np.hypot(Y - wing_y, (X - wing_x) * 0.8)
+        in_pelvis = (Z > z_pelvis) & (np.abs(X) > vb_rx + 25.0) & body
+        iliacus = in_pelvis & cavity & (wing_rho < wing_r - wing_t) & (Y > wing_y - u(0.6, 1.0) * wing_r)
+        paint(iliacus, muscle)
+        gluteus = in_pelvis & (depth > fat_t) & (wing_rho > wing_r + wing_t) & (
+            wing_rho < wing_r + wing_t + u(15.0, 35.0)) & (Y > wing_y - 0.3 * wing_r)
+        paint(gluteus, muscle)
+        wing = (np.abs(wing_rho - wing_r) < wing_t) & in_pelvis & (Y > -20.0)
+        paint(wing, hu_of["rib"] + 80.0)
 
     return hu
 
@@ -363,3 +378,27 @@ def _segment_distance(Z, Y, X, a, b) -> np.ndarray:
     length2 = float(d @ d) or 1.0
     t = np.clip(((Z - a[0]) * d[0] + (Y - a[1]) * d[1] + (X - a[2]) * d[2]) / length2, 0.0, 1.0)
     return np.sqrt((Z - a[0] - t * d[0]) ** 2 + (Y - a[1] - t * d[1]) ** 2 + (X - a[2] - t * d[2]) ** 2)
+
+
+def _paint_organ_lesions(hu: np.ndarray, organ: np.ndarray, spacing, protocol: Protocol, params: PhantomParams,
+                         rng: np.random.Generator, Z, Y, X) -> None:
+    """Paint 0-4 unlabelled focal lesions (cysts, solid masses with renal-tumor looks) in ``organ``."""
+    if not organ.any() or rng.random() >= params.organ_lesion_probability:
+        return
+    candidates = np.argwhere(organ)
+    texture = smooth_field(rng, hu.shape, spacing, float(rng.uniform(2.0, 7.0)))
+    cortex_gain = max(protocol.hu["kidney_cortex"] - 32.0, 0.0)
+    for _ in range(1 + min(int(rng.poisson(1.0)), 3)):
+        iz, iy, ix = candidates[rng.integers(len(candidates))]
+        radius = float(rng.uniform(4.0, 30.0)) * np.asarray(rng.uniform(0.75, 1.25, 3), np.float32)
+        r2 = (((Z - float(Z.ravel()[iz])) / radius[0]) ** 2 + ((Y - float(Y.ravel()[iy])) / radius[1]) ** 2
+              + ((X - float(X.ravel()[ix])) / radius[2]) ** 2)
+        lesion = np.broadcast_to(r2 < 1.0, hu.shape) & organ
+        if rng.random() < 0.4:  # simple cyst: water density, sharp wall
+            hu[lesion] = float(rng.uniform(-5.0, 20.0))
+            continue
+        look = sample_tumor_look(rng, protocol)
+        value = look.unenhanced_hu + look.enhancement_ratio * cortex_gain + look.heterogeneity_hu * texture
+        if look.necrosis:
+            value = np.where(np.broadcast_to(r2, hu.shape) < look.necrosis_fraction ** 2, look.necrosis_hu + 5.0 * texture, value)
+        hu[lesion] = value[lesion]

@@ -83,6 +83,8 @@ class PhantomParams:
         body_half_width_mm, body_half_depth_mm: body semi-axes (left-right, anterior-posterior).
         subcutaneous_fat_mm, perirenal_fat_mm: fat thicknesses.
         cyst_probability: chance that a kidney carries (non-tumor) cysts.
+        organ_lesion_probability: chance that the liver and spleen carry unlabelled lesions
+            (cysts, solid masses that look like renal tumors): hard negatives.
         oral_contrast_probability: chance the bowel holds positive oral contrast.
         fov_circle_probability: chance that voxels outside the reconstruction circle are -1024.
         table_probability: chance a patient table shows under the back.
@@ -90,7 +92,7 @@ class PhantomParams:
     """
 
     phases: tuple[Phase, ...] = PHASES
-    phase_weights: tuple[float, ...] = (0.15, 0.3, 0.4, 0.15)
+    phase_weights: tuple[float, ...] = (0.25, 0.3, 0.3, 0.15)
     noise_sigma_hu: tuple[float, float] = (5.0, 30.0)
     noise_correlation_px: tuple[float, float] = (0.6, 1.4)
     psf_sigma_mm: tuple[float, float] = (0.3, 0.8)
@@ -103,6 +105,7 @@ class PhantomParams:
     subcutaneous_fat_mm: tuple[float, float] = (6.0, 40.0)
     perirenal_fat_mm: tuple[float, float] = (4.0, 18.0)
     cyst_probability: float = 0.4
+    organ_lesion_probability: float = 0.5
     oral_contrast_probability: float = 0.4
     fov_circle_probability: float = 0.5
     table_probability: float = 0.7
@@ -122,7 +125,7 @@ class PhantomParams:
                      "body_half_depth_mm", "slice_blur_fraction"):
             if getattr(self, name)[0] < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("cyst_probability", "oral_contrast_probability", "fov_circle_probability", "table_probability"):
+        for name in ("cyst_probability", "organ_lesion_probability", "oral_contrast_probability", "fov_circle_probability", "table_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not self.coarse_spacing_mm > 0:
