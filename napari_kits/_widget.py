@@ -64,6 +64,8 @@ MASK_DEBOUNCE_MS = 250
 SCORE_DEBOUNCE_MS = 600
 RESULT_KINDS = ("labels", "y1", "mask", "probability")
 PROGRESS_STEPS = 1000
+#: Pause between adding two output layers before a run (lets the event loop breathe).
+MAKER_GAP_MS = 20
 
 
 @dataclass
@@ -552,7 +554,7 @@ class KitsWidget(QWidget):
         return worker
 
     def _start_after(self, makers: list[Callable[[], None]], worker: Any) -> None:
-        """Run each layer maker in its own event-loop turn (short stalls, not one long one), then start."""
+        """Run the layer makers a few ms apart (repaints and input get in between), then start."""
         if worker is not self._worker:
             return  # finished (cancelled) in the meantime
         if not makers:
@@ -565,7 +567,7 @@ class KitsWidget(QWidget):
             self._show_error(f"{self._task} failed: {error}")
             self._on_finished()
             return
-        QTimer.singleShot(0, lambda: self._start_after(makers, worker))
+        QTimer.singleShot(MAKER_GAP_MS, lambda: self._start_after(makers, worker))
 
     def _set_running(self, running: bool) -> None:
         for w in (self.stage1_button, self.run_all_button, self.stage2_button, self.browse_button,
