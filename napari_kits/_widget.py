@@ -68,6 +68,9 @@ PROGRESS_STEPS = 1000
 MAKER_GAP_MS = 20
 
 
+_NOTHING = object()  # no y1 to put back
+
+
 @dataclass
 class _Session:
     """What the widget knows about the CT being segmented (arrays are shared with the layers)."""
@@ -85,6 +88,9 @@ class _Session:
     # happens when the user clicks, never in the middle of a run; a run that ends without
     # results removes them again.
     spare: dict = field(default_factory=dict)
+    # While a stage-1 run has shown zeros in the y1 layer but not started: what to put back if
+    # it ends first (the previous y1 array, or None when the run added the layer).
+    y1_before: Any = _NOTHING
 
 
 def _volume_of(layer: Any):
@@ -144,6 +150,8 @@ class KitsWidget(QWidget):
         self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
         self.last_error = ""
         self._weights_meta: dict | None = None
+        self._run_session: _Session | None = None  # the session the current run writes to
+        self._pending_makers: list[Callable[[], None]] = []
         # napari's Labels layer imports pandas on first use (~0.4 s): pay that now, while the
         # widget opens, rather than when the first mask appears in the middle of a run.
         import pandas  # noqa: F401
@@ -286,6 +294,10 @@ class KitsWidget(QWidget):
         self._mask_timer.setSingleShot(True)
         self._mask_timer.setInterval(MASK_DEBOUNCE_MS)
         self._mask_timer.timeout.connect(self.update_mask)
+        self._maker_timer = QTimer(self)  # adds a run's output layers one by one before it starts
+        self._maker_timer.setSingleShot(True)
+        self._maker_timer.setInterval(MAKER_GAP_MS)
+        self._maker_timer.timeout.connect(self._next_maker)
         self._score_timer = QTimer(self)
         self._score_timer.setSingleShot(True)
         self._score_timer.setInterval(SCORE_DEBOUNCE_MS)
@@ -467,8 +479,8 @@ class KitsWidget(QWidget):
         add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
         return add(data, **kwargs)
 
-    def _stage_geometry(self, kind: str, grid: Any = None) -> LayerGeometry:
-        session = self._session
+    def _stage_geometry(self, kind: str, grid: Any = None, session: _Session | None = None) -> LayerGeometry:
+        session = session or self._session
         return geometry_of(session.ct_layer).with_kind(kind, grid if grid is not None else session.prepared.grid)
 
     def _stage_grid(self, session: _Session) -> Any:
@@ -493,17 +505,18 @@ class KitsWidget(QWidget):
         makers: list[Callable[[], None]] = []
         if "y1" in kinds:
             def make_y1():
-                geometry = self._stage_geometry("y1", grid)
+                geometry = self._stage_geometry("y1", grid, session)
                 kwargs = probability_layer_kwargs("y1", geometry, grid.affine)
+                session.y1_before = session.y1_layer.data if self._live(session.y1_layer) else None
                 session.y1_layer = self._put_layer(session.y1_layer, y1, "image", kwargs)
                 session.y1_layer.visible = True
             makers.append(make_y1)
-        if "mask" in kinds and not self._live(session.mask_layer):
+        if "mask" in kinds and not self._live(session.mask_layer) and not self._live(session.spare.get("mask")):
             def make_mask():
-                kwargs = labels_layer_kwargs("mask", self._stage_geometry("mask", grid), grid.affine, opacity=0.3)
+                kwargs = labels_layer_kwargs("mask", self._stage_geometry("mask", grid, session), grid.affine, opacity=0.3)
                 session.spare["mask"] = self.viewer.add_labels(np.zeros(grid.shape, np.uint8), **kwargs)
             makers.append(make_mask)
-        if "labels" in kinds and not self._live(session.labels_layer):
+        if "labels" in kinds and not self._live(session.labels_layer) and not self._live(session.spare.get("labels")):
             def make_labels():
                 geometry = geometry_of(session.ct_layer).with_kind("labels")
                 kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
@@ -511,14 +524,23 @@ class KitsWidget(QWidget):
             makers.append(make_labels)
         return makers
 
-    def _drop_spare_layers(self, session: _Session | None) -> None:
-        """Remove the output layers a run made but never filled (cancelled or failed)."""
+    def _undo_unfilled_outputs(self, session: _Session | None) -> None:
+        """After a cancelled or failed run: remove the layers it added but never filled, and
+        give the y1 layer back what it showed if stage 1 never started."""
         if session is None:
             return
         for kind in list(session.spare):
             layer = session.spare.pop(kind)
             if self._live(layer):
                 self.viewer.layers.remove(layer)
+        before, session.y1_before = session.y1_before, _NOTHING
+        if before is _NOTHING or not self._live(session.y1_layer):
+            return
+        if before is None:
+            self.viewer.layers.remove(session.y1_layer)
+            session.y1_layer = None
+        else:
+            session.y1_layer.data = before
 
     # ------------------------------------------------------------------ runs
     @property
@@ -535,7 +557,7 @@ class KitsWidget(QWidget):
         self._outcome = "done"
         from ._tasks import reporting_failures
 
-        # Errors are the widget's to report (status line, log), not napari's to re-raise.
+        # The widget reports errors (status line, log); napari need not re-raise them.
         worker = create_worker(reporting_failures, generator, *args, **kwargs,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
@@ -550,24 +572,35 @@ class KitsWidget(QWidget):
         self.progress.setFormat(f"{task}: starting…")
         self.status.setText("")
         self.last_error = ""
-        self._start_after(list(makers or []), worker)
+        self._run_session = self._session
+        self._pending_makers = list(makers or [])
+        self._next_maker()
         return worker
 
-    def _start_after(self, makers: list[Callable[[], None]], worker: Any) -> None:
-        """Run the layer makers a few ms apart (repaints and input get in between), then start."""
-        if worker is not self._worker:
-            return  # finished (cancelled) in the meantime
-        if not makers:
-            worker.start()
+    def _next_maker(self) -> None:
+        """Add the next output layer (a few ms apart: repaints and input get in between), then start."""
+        worker = self._worker
+        if worker is None:
+            return
+        if worker.abort_requested or self._session is not self._run_session:
+            self._pending_makers.clear()
+            if not worker.abort_requested:
+                self._outcome = "error"
+                self._show_error(f"{self._task} not started: the CT layer was closed")
+            self._on_finished()  # the worker never started: it will not signal
             return
         try:
-            makers.pop(0)()
-        except Exception as error:  # the run cannot show its results: do not start it
+            if self._pending_makers:
+                self._pending_makers.pop(0)()
+                self._maker_timer.start()
+            else:
+                worker.start()
+        except Exception as error:  # the run could not show its results or start: report, stop
+            self._pending_makers.clear()
             self._outcome = "error"
-            self._show_error(f"{self._task} failed: {error}")
+            log.error("%s not started", self._task, exc_info=error)
+            self._show_error(f"{self._task} not started: {error}")
             self._on_finished()
-            return
-        QTimer.singleShot(MAKER_GAP_MS, lambda: self._start_after(makers, worker))
 
     def _set_running(self, running: bool) -> None:
         for w in (self.stage1_button, self.run_all_button, self.stage2_button, self.browse_button,
@@ -603,7 +636,6 @@ class KitsWidget(QWidget):
             session = self._session_for_ct()
             model = self._model_arg()
             grid = self._stage_grid(session)
-            session.y1_complete = False
             y1 = np.zeros(grid.shape, np.float32)
             makers = self._layer_makers(session, grid, ("y1", "mask"), y1)
             return self._start("stage 1", iter_stage1, model, session.volume, session.prepared,
@@ -620,7 +652,6 @@ class KitsWidget(QWidget):
             session = self._session_for_ct()
             model = self._model_arg()
             grid = self._stage_grid(session)
-            session.y1_complete = False
             y1 = np.zeros(grid.shape, np.float32)
             makers = self._layer_makers(session, grid, ("y1", "mask", "labels"), y1)
             return self._start("run all", iter_run_all, model, session.volume,
@@ -696,6 +727,8 @@ class KitsWidget(QWidget):
 
     def _on_stage1_started(self, event: Any) -> None:
         session = self._session
+        session.y1_before = _NOTHING
+        session.y1_complete = False
         session.prepared, session.y1 = event.prepared, event.y1
         geometry = self._stage_geometry("y1")
         kwargs = probability_layer_kwargs("y1", geometry, geometry.stage_grid.affine)
@@ -763,9 +796,12 @@ class KitsWidget(QWidget):
         else:
             self.progress.setFormat(f"{task}: {outcome}")
         session = self._session
+        run_session, self._run_session = self._run_session, None
+        stage1_started = run_session is not None and run_session.y1_before is _NOTHING
         if outcome != "done":
-            self._drop_spare_layers(session)
-        if task == "stage 1" and outcome == "cancelled" and session is not None and self._live(session.y1_layer):
+            self._undo_unfilled_outputs(run_session)
+        if (task == "stage 1" and outcome == "cancelled" and stage1_started and session is not None
+                and self._live(session.y1_layer)):
             session.y1_layer.refresh()
             self.status.setText("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
         elif task == "stage 2" and outcome == "cancelled":
@@ -799,10 +835,17 @@ class KitsWidget(QWidget):
         worker = create_worker(make_mask, session.y1, self.threshold_spin.value(), self.radius_spin.value(),
                                spacing, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_mask_returned)
-        worker.errored.connect(lambda e: self._show_error(f"mask failed: {e}"))
+        worker.errored.connect(self._on_mask_errored)
         worker.finished.connect(self._on_mask_finished)
         self._mask_worker = worker
         worker.start()
+
+    def _on_mask_errored(self, error: Exception) -> None:
+        self._show_error(f"mask failed: {error}")
+        session = self._session
+        spare = session.spare.pop("mask", None) if session is not None else None
+        if self._live(spare):
+            self.viewer.layers.remove(spare)
 
     def _on_mask_returned(self, ready: Any) -> None:
         if not self._mask_dirty:
@@ -972,6 +1015,8 @@ class KitsWidget(QWidget):
 
     # ------------------------------------------------------------------ teardown
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self._maker_timer.stop()
+        self._pending_makers.clear()
         for worker in (self._worker, self._mask_worker, self._score_worker):
             if worker is not None:
                 worker.quit()

@@ -311,3 +311,34 @@ def test_output_layers_exist_before_the_run_and_go_when_it_fails(qtbot, viewer_w
     names = [layer.name for layer in viewer.layers]
     assert "mask" not in names and "labels" not in names and "y1" in names
     assert "boom" in widget.last_error and widget._session.spare == {}
+
+
+def test_cancel_at_the_click_puts_the_layers_back(qtbot, viewer_widget):
+    viewer, widget = viewer_widget
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        assert widget.run_stage1() is not None
+        widget.cancel()  # before the worker started: its output layers go again
+    assert blocker.args == ["stage 1", "cancelled"]
+    names = [layer.name for layer in viewer.layers]
+    assert "y1" not in names and "mask" not in names and widget._session.y1_layer is None
+
+    _run(qtbot, widget, widget.run_stage1, "stage 1")
+    _wait_mask(qtbot, widget)
+    session = widget._session
+    y1_before = session.y1_layer.data.copy()
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        widget.run_stage1()
+        widget.cancel()
+    assert blocker.args == ["stage 1", "cancelled"]
+    np.testing.assert_array_equal(session.y1_layer.data, y1_before)  # the finished y1, not zeros
+    assert session.y1_complete and widget.stage2_button.isEnabled()
+
+
+def test_closing_the_ct_before_the_run_starts(qtbot, viewer_widget):
+    viewer, widget = viewer_widget
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        assert widget.run_all() is not None
+        viewer.layers.remove("case_00007")
+    assert blocker.args == ["run all", "error"]
+    assert "CT layer was closed" in widget.last_error and not widget.busy
+    assert not {"y1", "mask", "labels"} & {layer.name for layer in viewer.layers}
