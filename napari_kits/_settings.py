@@ -1,4 +1,4 @@
-"""Persistent user choices (weights file, device, mask threshold and radius).
+"""Persistent user choices (weights file, device, mask threshold and radius, label clean-up).
 
 Stored with ``QSettings("napari-kits", "napari-kits")``; ``NAPARI_KITS_SETTINGS`` names an
 ``.ini`` file to use instead (tests point it into a temporary folder so they never read or
@@ -18,6 +18,7 @@ DEVICE = "model/device"
 BATCH_SIZE = "model/batch_size"
 THRESHOLD = "mask/threshold"
 RADIUS = "mask/radius"
+CLEANUP = "labels/cleanup"
 
 
 def kits_settings() -> QSettings:
@@ -33,3 +34,12 @@ def read_float(settings: QSettings, key: str, default: float | None) -> float | 
         return float(value) if value is not None else default
     except (TypeError, ValueError):
         return default
+
+
+def read_bool(settings: QSettings, key: str, default: bool) -> bool:
+    value = settings.value(key, None)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # .ini files store text
+        return value.lower() == "true"
+    return default

@@ -137,16 +137,26 @@ def iter_stage1(
 
 
 def iter_stage2(
-    model: Any, prepared: Any, y1: np.ndarray, mask: np.ndarray, with_probabilities: bool = False, batch_size: int = 8
+    model: Any,
+    prepared: Any,
+    y1: np.ndarray,
+    mask: np.ndarray,
+    with_probabilities: bool = False,
+    batch_size: int = 8,
+    cleanup: bool = True,
 ) -> Iterator[Any]:
-    """Stage 2 inside ``mask`` (the layer's current, possibly edited data), then labels on the CT grid."""
+    """Stage 2 inside ``mask`` (the layer's current, possibly edited data), then labels on the CT grid.
+
+    ``cleanup`` removes stray pieces from the labels (kitseg.postprocess, the CLI's default).
+    """
     from kitseg.pipeline import PROB_DTYPE
+    from kitseg.postprocess import CleanupRules
 
     segmenter = yield from _model(model, batch_size)
     probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
     yield from segmenter.iter_stage2(prepared, y1, np.asarray(mask) > 0, probs)
     labels = np.zeros(prepared.volume.shape, np.uint8)
-    yield from segmenter.iter_labels_on_source(prepared, probs, labels)
+    yield from segmenter.iter_labels_on_source(prepared, probs, labels, CleanupRules() if cleanup else None)
     probabilities = None
     if with_probabilities:
         names = segmenter.bundle.label_map.names
@@ -165,6 +175,7 @@ def iter_run_all(
     with_probabilities: bool = False,
     batch_size: int = 8,
     y1: np.ndarray | None = None,
+    cleanup: bool = True,
 ) -> Iterator[Any]:
     """Stage 1, the mask and stage 2 in one go (what the CLI's ``segment`` does), with events."""
     from kitseg.pipeline import Progress
@@ -177,4 +188,4 @@ def iter_run_all(
     ready = make_mask(y1, threshold, radius, mask_spacing(segmenter, prepared))
     yield ready
     yield Progress("mask", 1, 1)
-    return (yield from iter_stage2(segmenter, prepared, y1, ready.mask, with_probabilities, batch_size))
+    return (yield from iter_stage2(segmenter, prepared, y1, ready.mask, with_probabilities, batch_size, cleanup))

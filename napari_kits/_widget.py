@@ -54,7 +54,7 @@ from ._layers import (
     labels_layer_kwargs,
     probability_layer_kwargs,
 )
-from ._settings import kits_settings, read_float
+from ._settings import kits_settings, read_bool, read_float
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,14 @@ class KitsWidget(QWidget):
         box, form = _section("Stage 2 — kidney / tumor labels")
         self.stage2_button = QPushButton("Run stage 2")
         self.probs_check = QCheckBox("Class probabilities")
+        self.cleanup_check = QCheckBox("Remove stray pieces")
+        self.cleanup_check.setChecked(True)
+        self.cleanup_check.setToolTip(
+            "Drop labelled pieces with no kidney voxel or under 10% of the largest piece's size "
+            "(false positives in muscle, liver or bowel); uncheck to keep every piece"
+        )
         form.addRow(_row(self.stage2_button, self.probs_check))
+        form.addRow(self.cleanup_check)
         column.addWidget(box)
 
         # Progress (shared by the runs)
@@ -306,6 +313,7 @@ class KitsWidget(QWidget):
         self.browse_button.clicked.connect(self._browse_weights)
         self.device_combo.currentIndexChanged.connect(self._on_device_changed)
         self.batch_spin.valueChanged.connect(lambda v: self.settings.setValue(keys.BATCH_SIZE, int(v)))
+        self.cleanup_check.toggled.connect(lambda on: self.settings.setValue(keys.CLEANUP, bool(on)))
         self.ct_combo.currentIndexChanged.connect(self._on_ct_changed)
         self.stage1_button.clicked.connect(self.run_stage1)
         self.run_all_button.clicked.connect(self.run_all)
@@ -348,6 +356,7 @@ class KitsWidget(QWidget):
                     "<b>No default weights are installed yet.</b> Choose a trained <tt>.kseg</tt> "
                     "file with <i>Browse…</i> (train one with <tt>kits-seg train</tt>)."
                 )
+        self.cleanup_check.setChecked(read_bool(self.settings, keys.CLEANUP, True))
         for key, spin in ((keys.THRESHOLD, self.threshold_spin), (keys.RADIUS, self.radius_spin)):
             value = read_float(self.settings, key, None)
             if value is not None:
@@ -604,7 +613,8 @@ class KitsWidget(QWidget):
 
     def _set_running(self, running: bool) -> None:
         for w in (self.stage1_button, self.run_all_button, self.stage2_button, self.browse_button,
-                  self.device_combo, self.batch_spin, self.ct_combo, self.threshold_spin, self.radius_spin):
+                  self.device_combo, self.batch_spin, self.ct_combo, self.threshold_spin, self.radius_spin,
+                  self.cleanup_check):
             w.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         if not running:
@@ -657,7 +667,7 @@ class KitsWidget(QWidget):
             return self._start("run all", iter_run_all, model, session.volume,
                                self.threshold_spin.value(), self.radius_spin.value(), session.prepared,
                                self.probs_check.isChecked(), self.batch_spin.value(),
-                               makers=makers, y1=y1)
+                               makers=makers, y1=y1, cleanup=self.cleanup_check.isChecked())
 
         return self._guard(start)
 
@@ -683,7 +693,8 @@ class KitsWidget(QWidget):
             model = self._model_arg()
             makers = self._layer_makers(session, session.prepared.grid, ("labels",))
             return self._start("stage 2", iter_stage2, model, session.prepared, session.y1, mask,
-                               self.probs_check.isChecked(), self.batch_spin.value(), makers=makers)
+                               self.probs_check.isChecked(), self.batch_spin.value(), makers=makers,
+                               cleanup=self.cleanup_check.isChecked())
 
         return self._guard(start)
 

@@ -23,6 +23,7 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--out", type=Path, default=None, help="keep the prediction here")
     parser.add_argument("--figure", type=Path, default=None, help="save reference vs prediction slices (PNG)")
+    parser.add_argument("--no-cleanup", action="store_true", help="keep stray pieces (kitseg.postprocess)")
     args = parser.parse_args()
     ct_path = REALCT / "totalseg_example_ct.nii.gz"
     ref_path = REALCT / "totalseg_example_ct_pred_labels.nii.gz"
@@ -33,13 +34,14 @@ def main() -> int:
     from kitseg.io import read_ct, read_labels, write_labels
     from kitseg.metrics import dice
     from kitseg.pipeline import Segmenter
+    from kitseg.postprocess import CleanupRules
 
     volume = read_ct(ct_path)
     reference = read_labels(ref_path, like=volume)
     ref_kidney = np.isin(reference.array, (2, 3))
     segmenter = Segmenter.from_file(args.weights, device="cpu")
     start = time.perf_counter()
-    result = segmenter.segment(volume)
+    result = segmenter.segment(volume, cleanup=None if args.no_cleanup else CleanupRules())
     seconds = time.perf_counter() - start
     pred_kidney = result.labels > 0
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0

@@ -64,6 +64,28 @@ def test_predict_file_in_ras_with_intermediates(tmp_path, weights):
     assert main(args + ["--overwrite"]) == 0
 
 
+def test_predict_cleanup_only_removes_whole_pieces(tmp_path, cases, weights):
+    """By default stray pieces go (kitseg.postprocess); --no-cleanup keeps the raw labels."""
+    from scipy import ndimage
+
+    from kitseg.postprocess import CleanupRules, remove_stray_components
+
+    case = str(cases / "case_00000")
+    base = ["predict", case, "--weights", str(weights)]
+    assert main(base + ["-o", str(tmp_path / "clean")]) == 0
+    assert main(base + ["-o", str(tmp_path / "raw"), "--no-cleanup"]) == 0
+    clean = np.asarray(nib.load(str(tmp_path / "clean" / "prediction_00000.nii.gz")).dataobj)
+    raw = np.asarray(nib.load(str(tmp_path / "raw" / "prediction_00000.nii.gz")).dataobj)
+    expected = raw.copy()
+    remove_stray_components(expected, CleanupRules())
+    np.testing.assert_array_equal(clean, expected)
+    # Every piece of the raw map is either kept whole or cleared whole.
+    pieces, count = ndimage.label(raw > 0, structure=ndimage.generate_binary_structure(3, 1))
+    for piece in range(1, count + 1):
+        inside = pieces == piece
+        assert np.array_equal(clean[inside], raw[inside]) or not clean[inside].any()
+
+
 def test_predict_folder_then_evaluate_csv(tmp_path, cases, weights, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(cases), "-o", str(out), "--weights", str(weights)]) == 0

@@ -108,6 +108,17 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     assert viewer.layers.selection.active is labels_layer and labels_layer.editable
     assert viewer.layers[-1] is labels_layer
 
+    # Stray-piece clean-up is on by default; unchecked, the raw argmax comes back (and it persists).
+    from napari_kits._settings import read_bool
+
+    widget.cleanup_check.setChecked(False)
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    seg, prepared = widget._segmenter, session.prepared
+    raw = seg.labels_on_source(prepared, seg.stage2(prepared, session.y1, session.mask_layer.data > 0), cleanup=None)
+    np.testing.assert_array_equal(labels_layer.data, raw)
+    assert read_bool(widget.settings, "labels/cleanup", True) is False
+    widget.cleanup_check.setChecked(True)
+
     # Paint: erase the mask; stage 2 must honour the layer's current data -> all background.
     session.mask_layer.data[:] = 0
     _run(qtbot, widget, widget.run_stage2, "stage 2")

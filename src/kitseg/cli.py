@@ -44,6 +44,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write y1 (stage-1 probability), the dilated mask and the class probabilities",
     )
+    p.add_argument(
+        "--no-cleanup",
+        action="store_true",
+        help="keep every predicted piece; by default pieces with no kidney voxel or under 10%% of the "
+        "largest piece's size are removed (kitseg.postprocess)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_predict)
 
@@ -55,6 +61,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .io import discover_inputs, read_ct
     from .outputs import write_prediction
     from .pipeline import Progress, Segmentation, Segmenter
+    from .postprocess import CleanupRules
 
     cases = discover_inputs(args.input)
     _check_outputs_free(cases, args)
@@ -73,7 +80,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         volume = read_ct(case.image_path)
         result = None
         with tqdm(desc=case.name, unit="step", leave=False, disable=None) as bar:
-            for item in segmenter.iter_segment(volume, mask_config):
+            for item in segmenter.iter_segment(volume, mask_config, None if args.no_cleanup else CleanupRules()):
                 if isinstance(item, Segmentation):
                     result = item
                 elif isinstance(item, Progress):

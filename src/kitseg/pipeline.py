@@ -4,7 +4,8 @@
     y1 = segmenter.stage1(prepared)                      # P(kidney or tumor), (Zs, Ys, Xs)
     mask = make_mask(y1, threshold=0.5, radius=10)       # dilated foreground, the stage-2 ROI
     probs = segmenter.stage2(prepared, y1, mask)         # (3, Zs, Ys, Xs): background, kidney, tumor
-    labels = segmenter.labels_on_source(prepared, probs) # uint8 on the CT's own grid
+    labels = segmenter.labels_on_source(prepared, probs) # uint8 on the CT's own grid, stray
+                                                         # pieces removed (kitseg.postprocess)
 
 Every long step has an ``iter_*`` twin: a generator that fills a caller-owned output array batch
 by batch and yields :class:`Progress` after each batch, so a caller can show partial results
@@ -27,6 +28,7 @@ from .config import MaskConfig
 from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
+from .postprocess import CleanupRules, remove_stray_components
 from .networks import predict_logits
 from .preprocess import PreparedVolume, prepare
 from .weights import default_weights_path
@@ -236,12 +238,17 @@ class Segmenter:
 
     # ---------------------------------------------------------------- back to the CT grid
     def iter_labels_on_source(
-        self, prepared: PreparedVolume, probs: np.ndarray, labels_out: np.ndarray
+        self,
+        prepared: PreparedVolume,
+        probs: np.ndarray,
+        labels_out: np.ndarray,
+        cleanup: CleanupRules | None = CleanupRules(),
     ) -> Iterator[Progress]:
         """Resample probabilities to the CT's grid slice by slice, then argmax into ``labels_out``.
 
         Only the source region that the non-background stage box reaches is resampled; the
-        rest of the CT is background by construction.
+        rest of the CT is background by construction. ``cleanup`` then removes foreground
+        pieces that cannot be a kidney (None keeps the raw argmax).
         """
         grid = prepared.grid
         labels_out[...] = 0
@@ -257,25 +264,33 @@ class Segmenter:
             done = i - src_z.start + 1
             if done % 16 == 0 or done == total:
                 yield Progress("labels", done, total)
+        if cleanup is not None:
+            report = remove_stray_components(labels_out, cleanup)
+            if report.removed:
+                log.info("removed %d stray piece(s), %d voxels", report.removed, report.removed_voxels)
 
-    def labels_on_source(self, prepared: PreparedVolume, probs: np.ndarray) -> np.ndarray:
+    def labels_on_source(
+        self, prepared: PreparedVolume, probs: np.ndarray, cleanup: CleanupRules | None = CleanupRules()
+    ) -> np.ndarray:
         labels = np.zeros(prepared.volume.shape, np.uint8)
-        for _ in self.iter_labels_on_source(prepared, probs, labels):
+        for _ in self.iter_labels_on_source(prepared, probs, labels, cleanup):
             pass
         return labels
 
     # ---------------------------------------------------------------- all steps
-    def segment(self, volume: Volume, mask_config: MaskConfig | None = None) -> "Segmentation":
+    def segment(
+        self, volume: Volume, mask_config: MaskConfig | None = None, cleanup: CleanupRules | None = CleanupRules()
+    ) -> "Segmentation":
         """Both stages end to end; see :meth:`iter_segment` for progress."""
         result = None
-        for item in self.iter_segment(volume, mask_config):
+        for item in self.iter_segment(volume, mask_config, cleanup):
             if isinstance(item, Segmentation):
                 result = item
         assert result is not None
         return result
 
     def iter_segment(
-        self, volume: Volume, mask_config: MaskConfig | None = None
+        self, volume: Volume, mask_config: MaskConfig | None = None, cleanup: CleanupRules | None = CleanupRules()
     ) -> Iterator["Progress | Segmentation"]:
         """Run every step, yielding Progress, then the :class:`Segmentation` last."""
         self.require_both_stages()
@@ -290,7 +305,7 @@ class Segmenter:
         probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
         yield from self.iter_stage2(prepared, y1, mask, probs)
         labels = np.zeros(volume.shape, np.uint8)
-        yield from self.iter_labels_on_source(prepared, probs, labels)
+        yield from self.iter_labels_on_source(prepared, probs, labels, cleanup)
         yield Segmentation(labels=labels, y1=y1, mask=mask, probs=probs, prepared=prepared)
 
 

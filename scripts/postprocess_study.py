@@ -1,0 +1,73 @@
+"""Choose the label clean-up rules (kitseg.postprocess) on predictions already made.
+
+    python scripts/postprocess_study.py --pred work_data/val_pred --gt work_data/val_gt \
+        [--realct-pred work_data/realct/totalseg_example_ct_labels.nii.gz]
+
+Scores every rule variant on the same predictions (KiTS19 definitions) and, where given, the
+kidney Dice of the real CT prediction (`scripts/evaluate_realct.py --out DIR` writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
+VARIANTS = {  # name: (require_kidney, min_fraction); None = no clean-up
+    "none": None,
+    "kidney piece": (True, 0.0),
+    "size >= 0.1 largest": (False, 0.1),
+    "size >= 0.2 largest": (False, 0.2),
+    "kidney piece + size >= 0.1": (True, 0.1),
+    "kidney piece + size >= 0.2": (True, 0.2),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", type=Path, required=True)
+    parser.add_argument("--gt", type=Path, required=True)
+    parser.add_argument("--realct-pred", type=Path, default=None)
+    args = parser.parse_args()
+
+    from kitseg.evaluation import pair_predictions
+    from kitseg.io import read_labels
+    from kitseg.metrics import aggregate, dice, kits_scores
+    from kitseg.postprocess import CleanupRules, remove_stray_components
+
+    pairs = pair_predictions(args.pred, args.gt)
+    scores: dict[str, list] = {name: [] for name in VARIANTS}
+    for pair in pairs:
+        ref, pred = read_labels(pair.reference), read_labels(pair.prediction)
+        for name, rule in VARIANTS.items():
+            labels = pred.array.copy()
+            if rule is not None:
+                remove_stray_components(labels, CleanupRules(*rule))
+            scores[name].append(kits_scores(labels, ref.array, ref.spacing, case=pair.case))
+
+    realct = {}
+    if args.realct_pred is not None:
+        reference = read_labels(REALCT / "totalseg_example_ct_pred_labels.nii.gz")
+        ref_kidney = np.isin(reference.array, (2, 3))
+        pred = read_labels(args.realct_pred)
+        for name, rule in VARIANTS.items():
+            labels = pred.array.copy()
+            if rule is not None:
+                remove_stray_components(labels, CleanupRules(*rule))
+            realct[name] = dice(labels > 0, ref_kidney)
+
+    print(f"{len(pairs)} cases from {args.pred}")
+    print(f"{'rule':30s} {'kidney':>7s} {'tumor':>7s} {'compos.':>7s} {'min kid':>7s} {'realct':>7s}")
+    for name in VARIANTS:
+        mean = aggregate(scores[name])
+        worst = min(s.kidney_dice for s in scores[name])
+        extra = f"{realct[name]:7.4f}" if name in realct else ""
+        print(f"{name:30s} {mean['kidney_dice']:7.4f} {mean['tumor_dice']:7.4f} {mean['composite_dice']:7.4f} "
+              f"{worst:7.4f} {extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
