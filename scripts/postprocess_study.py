@@ -1,10 +1,13 @@
 """Choose the label clean-up rules (kitseg.postprocess) on predictions already made.
 
     python scripts/postprocess_study.py --pred work_data/val_pred --gt work_data/val_gt \
-        [--realct-pred work_data/realct/totalseg_example_ct_labels.nii.gz]
+        [--realct-pred work_data/realct/totalseg_example_ct_labels.nii.gz] [--masks ../shared/data/kits19]
 
-Scores every rule variant on the same predictions (KiTS19 definitions) and, where given, the
-kidney Dice of the real CT prediction (`scripts/evaluate_realct.py --out DIR` writes it).
+Scores every rule variant on the same raw predictions (`kits-seg predict --no-cleanup`; KiTS19
+definitions) and, where given, the kidney Dice of the real CT prediction
+(`scripts/evaluate_realct.py --no-cleanup --out DIR` writes it). With ``--masks``, each rule is
+also applied to real ground-truth masks: a rule that changes a true label map (a small second
+kidney beside a kidney with a huge tumor) would delete real anatomy on some patient.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realc
 VARIANTS = {  # name: (require_kidney, min_fraction); None = no clean-up
     "none": None,
     "kidney piece": (True, 0.0),
+    "size >= 0.05 largest": (False, 0.05),
     "size >= 0.1 largest": (False, 0.1),
     "size >= 0.2 largest": (False, 0.2),
     "kidney piece + size >= 0.1": (True, 0.1),
@@ -30,6 +34,7 @@ def main() -> int:
     parser.add_argument("--pred", type=Path, required=True)
     parser.add_argument("--gt", type=Path, required=True)
     parser.add_argument("--realct-pred", type=Path, default=None)
+    parser.add_argument("--masks", type=Path, default=None, help="KiTS19 case folders with segmentation.nii.gz")
     args = parser.parse_args()
 
     from kitseg.evaluation import pair_predictions
@@ -58,14 +63,30 @@ def main() -> int:
                 remove_stray_components(labels, CleanupRules(*rule))
             realct[name] = dice(labels > 0, ref_kidney)
 
+    damage: dict[str, list[str]] = {}
+    if args.masks is not None:
+        masks = sorted(args.masks.glob("case_*/segmentation.nii.gz"))
+        damage = {name: [] for name in VARIANTS}
+        for path in masks:
+            truth = read_labels(path).array
+            for name, rule in VARIANTS.items():
+                labels = truth.copy()
+                if rule is not None:
+                    remove_stray_components(labels, CleanupRules(*rule))
+                score = kits_scores(labels, truth, (1.0, 1.0, 1.0))
+                if min(score.kidney_dice, score.tumor_dice) < 0.99:
+                    damage[name].append(f"{path.parent.name} ({score.kidney_dice:.3f})")
+        print(f"ground truth check: {len(masks)} masks from {args.masks}")
+
     print(f"{len(pairs)} cases from {args.pred}")
-    print(f"{'rule':30s} {'kidney':>7s} {'tumor':>7s} {'compos.':>7s} {'min kid':>7s} {'realct':>7s}")
+    print(f"{'rule':30s} {'kidney':>7s} {'tumor':>7s} {'compos.':>7s} {'min kid':>7s} {'realct':>7s}  truths hurt")
     for name in VARIANTS:
         mean = aggregate(scores[name])
         worst = min(s.kidney_dice for s in scores[name])
-        extra = f"{realct[name]:7.4f}" if name in realct else ""
+        extra = f"{realct[name]:7.4f}" if name in realct else f"{'':7s}"
+        hurt = (f"{len(damage[name])}: {', '.join(damage[name][:5])}" if damage[name] else "0") if damage else ""
         print(f"{name:30s} {mean['kidney_dice']:7.4f} {mean['tumor_dice']:7.4f} {mean['composite_dice']:7.4f} "
-              f"{worst:7.4f} {extra}")
+              f"{worst:7.4f} {extra}  {hurt}")
     return 0
 
 
