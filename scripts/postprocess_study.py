@@ -42,15 +42,18 @@ def main() -> int:
     from kitseg.metrics import aggregate, dice, kits_scores
     from kitseg.postprocess import CleanupRules, remove_stray_components
 
+    def cleaned(labels: np.ndarray, rule: tuple[bool, float] | None) -> np.ndarray:
+        labels = labels.copy()
+        if rule is not None:
+            remove_stray_components(labels, CleanupRules(*rule))
+        return labels
+
     pairs = pair_predictions(args.pred, args.gt)
     scores: dict[str, list] = {name: [] for name in VARIANTS}
     for pair in pairs:
         ref, pred = read_labels(pair.reference), read_labels(pair.prediction)
         for name, rule in VARIANTS.items():
-            labels = pred.array.copy()
-            if rule is not None:
-                remove_stray_components(labels, CleanupRules(*rule))
-            scores[name].append(kits_scores(labels, ref.array, ref.spacing, case=pair.case))
+            scores[name].append(kits_scores(cleaned(pred.array, rule), ref.array, ref.spacing, case=pair.case))
 
     realct = {}
     if args.realct_pred is not None:
@@ -58,10 +61,7 @@ def main() -> int:
         ref_kidney = np.isin(reference.array, (2, 3))
         pred = read_labels(args.realct_pred)
         for name, rule in VARIANTS.items():
-            labels = pred.array.copy()
-            if rule is not None:
-                remove_stray_components(labels, CleanupRules(*rule))
-            realct[name] = dice(labels > 0, ref_kidney)
+            realct[name] = dice(cleaned(pred.array, rule) > 0, ref_kidney)
 
     damage: dict[str, list[str]] = {}
     if args.masks is not None:
@@ -70,10 +70,7 @@ def main() -> int:
         for path in masks:
             truth = read_labels(path).array
             for name, rule in VARIANTS.items():
-                labels = truth.copy()
-                if rule is not None:
-                    remove_stray_components(labels, CleanupRules(*rule))
-                score = kits_scores(labels, truth, (1.0, 1.0, 1.0))
+                score = kits_scores(cleaned(truth, rule), truth, (1.0, 1.0, 1.0))
                 if min(score.kidney_dice, score.tumor_dice) < 0.99:
                     damage[name].append(f"{path.parent.name} ({score.kidney_dice:.3f})")
         print(f"ground truth check: {len(masks)} masks from {args.masks}")

@@ -28,8 +28,8 @@ from .config import MaskConfig
 from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
-from .postprocess import CleanupRules, remove_stray_components
 from .networks import predict_logits
+from .postprocess import CleanupRules, remove_stray_components
 from .preprocess import PreparedVolume, prepare
 from .weights import default_weights_path
 

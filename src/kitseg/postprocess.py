@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .config import KITS_LABELS
 from .morphology import bounding_box
 
-KIDNEY, TUMOR = 1, 2
+KIDNEY = KITS_LABELS.value("kidney")
 # Face-connected pieces: diagonal contacts on a 5 mm grid are too weak to join two organs.
 _STRUCTURE = ndimage.generate_binary_structure(3, 1)
 
