@@ -80,6 +80,34 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
         train(dataset, tmp_path / "run", config.replace(learning_rate=0.1), device="cpu", progress=False)
 
 
+def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):
+    config = preset("smoke")
+    base = train(dataset, tmp_path / "base", config, device="cpu", progress=False)
+    # A vanishing learning rate: the fine-tuned networks must still hold the given weights.
+    still = config.replace(learning_rate=1e-12)
+    tuned = train(dataset, tmp_path / "tuned", still, device="cpu", progress=False, init_from=base)
+    before, after = load_bundle(base), load_bundle(tuned)
+    for key in ("1", "2"):
+        for (name, a), b in zip(before.stage(key).module.named_parameters(), after.stage(key).module.parameters()):
+            torch.testing.assert_close(a, b, msg=f"stage {key} {name}")
+    prov = read_metadata(tuned)["provenance"]
+    assert prov["init_from"]["stage2_sha256"] == read_metadata(base)["stages"]["2"]["weights_sha256"]
+    # The out-of-fold models start from scratch (the given weights may have seen these cases).
+    fold = load_bundle(tmp_path / "tuned" / "fold1" / "best.kseg").stage1.module
+    assert any(not torch.equal(a, b) for a, b in zip(fold.parameters(), before.stage1.module.parameters()))
+    # Resuming a fine-tuning run without its starting weights is refused.
+    with pytest.raises(ConfigError, match="--init-from base.kseg|--init-from model.kseg"):
+        train(dataset, tmp_path / "tuned", still, device="cpu", progress=False)
+
+
+def test_fine_tuning_refuses_a_model_of_another_recipe(dataset, tmp_path):
+    base = train(dataset, tmp_path / "base", preset("smoke"), device="cpu", progress=False)
+    wider = preset("smoke").replace(stage2_kwargs={"base_channels": 8, "depth": 2, "norm": "batch"})
+    with pytest.raises(ConfigError, match=r"model\.kseg: stage 2 is unetpp2d"):
+        train(dataset, tmp_path / "wider", wider, device="cpu", progress=False, init_from=base)
+    assert not (tmp_path / "wider" / "stage1").exists()  # refused before any training
+
+
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path):
     config = preset("smoke").replace(steps_per_epoch=2, lr_schedule="poly")
     cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)

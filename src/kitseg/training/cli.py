@@ -32,6 +32,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help='override any config field, e.g. --set learning_rate=3e-4 --set \'stage1_kwargs={"base_channels":16}\'')
+    p.add_argument("--init-from", type=Path, default=None, metavar="MODEL.kseg",
+                   help="fine-tune: start stage 1 and stage 2 from this model's weights (it must match the recipe; "
+                   "e.g. the shipped model with --preset cpu)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -50,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = type(config).from_dict({**config.to_dict(), **changes})
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     model = train(args.data, args.out, config, device=args.device, val_fraction=args.val_fraction,
-                  val_cases=args.val_cases, cache_dir=args.cache, progress=not args.no_progress, command=command)
+                  val_cases=args.val_cases, cache_dir=args.cache, progress=not args.no_progress, command=command,
+                  init_from=args.init_from)
     print(f"model: {model}")
     return 0

@@ -118,14 +118,19 @@ def _bundle_for(config: TrainConfig, stage: str, module: torch.nn.Module, proven
 
 def train_network(
     task: StageTask, folder: Path, config: TrainConfig, device: torch.device, info: DistInfo, stage: str,
-    provenance: dict, progress: bool = True,
+    provenance: dict, progress: bool = True, initial: dict[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
-    """Train one network (resuming from ``folder/state.pt``); returns the best (or last) module."""
+    """Train one network (resuming from ``folder/state.pt``); returns the best (or last) module.
+
+    ``initial``: starting weights (fine-tuning); a resumed run continues from its own state.
+    """
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     module = build_network(task.architecture, **task.kwargs).to(device)
+    if initial is not None:
+        module.load_state_dict(initial)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
     if config.lr_schedule == "poly":
         decay = lambda step: max(0.0, 1.0 - step / task.steps) ** 0.9  # noqa: E731
@@ -321,6 +326,52 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
                      make_batch, validate, "val_composite_dice" if val else None)
 
 
+def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dict], dict]:
+    """Both stages' weights from a ``.kseg`` file to fine-tune, checked against the recipe.
+
+    Returns the state dicts by stage ("1", "2") and a provenance record (file name and hashes).
+    The file is read like any model file: arrays and JSON only, nothing unpickled.
+    """
+    from ..checkpoint import load_bundle, read_metadata
+
+    bundle = load_bundle(path)
+    if bundle.preprocessing != config.preprocessing:
+        raise ConfigError(f"{path}: was trained on another grid or intensity window ({bundle.preprocessing}) than "
+                          f"the {config.preset!r} recipe ({config.preprocessing}); fine-tune with the recipe it was made with")
+    wanted = {"1": (config.stage1_architecture, config.stage1_kwargs), "2": (config.stage2_architecture, config.stage2_kwargs)}
+    states = {}
+    for key, (architecture, kwargs) in wanted.items():
+        stage = bundle.stage(key)
+        if stage is None:
+            raise ConfigError(f"{path}: holds no stage {key} network; fine-tuning needs both stages")
+        differs = {k: v for k, v in kwargs.items() if stage.kwargs.get(k) != v}
+        if stage.architecture != architecture or differs:
+            raise ConfigError(f"{path}: stage {key} is {stage.architecture} {stage.kwargs}, but the recipe builds "
+                              f"{architecture} {kwargs}")
+        states[key] = stage.module.state_dict()
+    meta = read_metadata(path)
+    record = {"file": Path(path).name, **{f"stage{k}_sha256": meta["stages"][k]["weights_sha256"] for k in ("1", "2")}}
+    return states, record
+
+
+def _check_init(run_dir: Path, record: dict | None) -> None:
+    """A run started from given weights must resume from the same ones (and one without, without)."""
+    path = run_dir / "init.json"
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    started = any((run_dir / d / "state.pt").is_file() for d in ("stage1", "stage2"))
+
+    def hashes(r: dict | None) -> dict | None:  # the same weights may sit at another path now
+        return {k: v for k, v in r.items() if k != "file"} if r else None
+
+    if started and hashes(previous) != hashes(record):
+        was = f"--init-from {previous['file']}" if previous else "no --init-from"
+        raise ConfigError(f"{run_dir}: this run was started with {was}; resume it the same way or use a new --out folder")
+    if record is not None:
+        path.write_text(json.dumps(record, indent=2))
+    elif not started:
+        path.unlink(missing_ok=True)  # a start from scratch after all: forget the earlier choice
+
+
 def _check_config(run_dir: Path, config: TrainConfig) -> None:
     """Record the recipe in a new run folder; refuse to resume one made with another recipe."""
     path = run_dir / "config.json"
@@ -347,15 +398,24 @@ def train(
     cache_dir: Path | None = None,
     progress: bool = True,
     command: str = "",
+    init_from: Path | None = None,
 ) -> Path:
-    """Train stage 1 (with out-of-fold twins) and stage 2; returns ``RUN/model.kseg``."""
+    """Train stage 1 (with out-of-fold twins) and stage 2; returns ``RUN/model.kseg``.
+
+    ``init_from``: a ``.kseg`` model whose two networks are the starting point of the final
+    stage 1 and stage 2 (fine-tuning, e.g. the shipped model on a user's own cases). The
+    out-of-fold stage-1 models still start from scratch: the given weights may have seen the
+    training cases, and their y1 would then be better than stage 1's on new cases.
+    """
     from ..device import get_device
 
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
     run_dir = Path(run_dir)
+    initial, init_record = load_initial_weights(Path(init_from), config) if init_from is not None else ({}, None)
     if info.is_main:
         _check_config(run_dir, config)
+        _check_init(run_dir, init_record)
     _barrier(info)
     cases = load_cases(Path(data_dir), config.preprocessing, cache_dir or run_dir / "cache", progress and info.is_main,
                        workers=max(1, min(4, (os.cpu_count() or 1) // info.world_size)))
@@ -381,6 +441,8 @@ def train(
         "train_cases": split["train"], "validation_cases": split["validation"],
         "date": time.strftime("%Y-%m-%d"), "processes": info.world_size, "device": torch_device.type,
     }
+    if init_record is not None:
+        provenance["init_from"] = init_record
 
     # 1. Out-of-fold stage-1 predictions for stage 2's training (never the ground truth).
     oof_dir = run_dir / "oof_y1"
@@ -401,12 +463,14 @@ def train(
 
     # 2. Stage 1 on all training cases.
     task1 = stage1_task(train_cases, val_set, config, config.stage1_steps, "stage 1", torch_device)
-    stage1 = train_network(task1, run_dir / "stage1", config, torch_device, info, "1", provenance, progress)
+    stage1 = train_network(task1, run_dir / "stage1", config, torch_device, info, "1", provenance, progress,
+                           initial=initial.get("1"))
 
     # 3. Stage 2 on out-of-fold y1; validated through the real stage 1, as at inference.
     val_y1 = predict_y1(stage1, val_set, config, torch_device) if val_set else {}
     task2 = stage2_task(train_cases, val_set, oof_y1, val_y1, config, torch_device)
-    stage2 = train_network(task2, run_dir / "stage2", config, torch_device, info, "2", provenance, progress)
+    stage2 = train_network(task2, run_dir / "stage2", config, torch_device, info, "2", provenance, progress,
+                           initial=initial.get("2"))
 
     model_path = run_dir / "model.kseg"
     if info.is_main:
