@@ -23,7 +23,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from kitseg.io import read_ct, read_labels
-    from kitseg.metrics import dice
+    from kitseg.metrics import kits_scores
     from kitseg.phantom.sample import make_sample_case
     from kitseg.pipeline import Segmenter
 
@@ -35,13 +35,13 @@ def main() -> int:
             folder = make_sample_case(seed=seed).save_case_folder(Path(tmp) / f"case_{seed:05d}")
             volume = read_ct(folder / "imaging.nii.gz")
             reference = read_labels(folder / "segmentation.nii.gz", like=volume).array
-            tumor_ml = float((reference == 2).sum() * np.prod(volume.spacing) / 1000)
-            row = f"{seed:4d}  {tumor_ml:8.1f}"
-            for name, segmenter in segmenters.items():
-                labels = segmenter.segment(volume).labels
-                pair = (dice(labels > 0, reference > 0), dice(labels == 2, reference == 2))
-                scores[name].append(pair)
-                row += f"  {pair[0]:.3f} {pair[1]:.3f}"
+            case = {name: kits_scores(seg.segment(volume).labels, reference, volume.spacing)
+                    for name, seg in segmenters.items()}
+            ref_tumor_ml = next(iter(case.values())).ref_tumor_ml
+            row = f"{seed:4d}  {ref_tumor_ml:8.1f}"
+            for name, score in case.items():
+                scores[name].append((score.kidney_dice, score.tumor_dice))
+                row += f"  {score.kidney_dice:.3f} {score.tumor_dice:.3f}"
             print(row, flush=True)
     for name, pairs in scores.items():
         kidney, tumor = np.mean(pairs, axis=0)

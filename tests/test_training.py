@@ -96,7 +96,7 @@ def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):
     fold = load_bundle(tmp_path / "tuned" / "fold1" / "best.kseg").stage1.module
     assert any(not torch.equal(a, b) for a, b in zip(fold.parameters(), before.stage1.module.parameters()))
     # Resuming a fine-tuning run without its starting weights is refused.
-    with pytest.raises(ConfigError, match="--init-from base.kseg|--init-from model.kseg"):
+    with pytest.raises(ConfigError, match=r"started with --init-from model\.kseg"):
         train(dataset, tmp_path / "tuned", still, device="cpu", progress=False)
 
 

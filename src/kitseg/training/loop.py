@@ -344,8 +344,7 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
         stage = bundle.stage(key)
         if stage is None:
             raise ConfigError(f"{path}: holds no stage {key} network; fine-tuning needs both stages")
-        differs = {k: v for k, v in kwargs.items() if stage.kwargs.get(k) != v}
-        if stage.architecture != architecture or differs:
+        if stage.architecture != architecture or any(stage.kwargs.get(k) != v for k, v in kwargs.items()):
             raise ConfigError(f"{path}: stage {key} is {stage.architecture} {stage.kwargs}, but the recipe builds "
                               f"{architecture} {kwargs}")
         states[key] = stage.module.state_dict()
