@@ -18,14 +18,17 @@ from pathlib import Path
 import numpy as np
 
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
-VARIANTS = {  # name: (require_kidney, min_fraction); None = no clean-up
+VARIANTS = {  # name: (require_kidney, min_fraction, same_level); None = no clean-up
     "none": None,
-    "kidney piece": (True, 0.0),
-    "size >= 0.05 largest": (False, 0.05),
-    "size >= 0.1 largest": (False, 0.1),
-    "size >= 0.2 largest": (False, 0.2),
-    "kidney piece + size >= 0.1": (True, 0.1),
-    "kidney piece + size >= 0.2": (True, 0.2),
+    "kidney piece": (True, 0.0, False),
+    "size >= 0.05 largest": (False, 0.05, False),
+    "size >= 0.1 largest": (False, 0.1, False),
+    "size >= 0.2 largest": (False, 0.2, False),
+    "same level": (False, 0.0, True),
+    "kidney piece + size >= 0.1": (True, 0.1, False),
+    "kidney piece + size >= 0.2": (True, 0.2, False),
+    "kidney piece + same level": (True, 0.0, True),
+    "kidney + size >= 0.1 + level": (True, 0.1, True),
 }
 
 
@@ -42,7 +45,7 @@ def main() -> int:
     from kitseg.metrics import aggregate, dice, kits_scores
     from kitseg.postprocess import CleanupRules, remove_stray_components
 
-    def cleaned(labels: np.ndarray, rule: tuple[bool, float] | None) -> np.ndarray:
+    def cleaned(labels: np.ndarray, rule: tuple[bool, float, bool] | None) -> np.ndarray:
         labels = labels.copy()
         if rule is not None:
             remove_stray_components(labels, CleanupRules(*rule))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -31,13 +33,51 @@ def test_default_rules_keep_both_kidneys_with_their_tumors():
     np.testing.assert_array_equal(labels, kept)  # everything else untouched, tumors included
 
 
+def test_a_piece_below_the_kidneys_goes_even_when_it_outweighs_each_kidney():
+    labels = np.zeros((30, 30, 40), np.uint8)
+    labels[2:10, 5:15, 3:12] = 1  # right kidney, 720 voxels, slices 2-9
+    labels[4:11, 5:14, 25:33] = 1  # left kidney, 504 voxels, slices 4-10
+    labels[14:26, 10:20, 5:12] = 1  # a gluteal-muscle blob, 840 voxels, slices 14-25
+    report = remove_stray_components(labels)
+    assert (report.kept, report.removed, report.removed_voxels) == (2, 1, 840)
+    assert labels[2:10, 5:15, 3:12].all() and labels[4:11, 5:14, 25:33].all()
+    labels[4:11, 5:14, 25:33] = 0  # one kidney only: the blob outweighs it and is kept instead
+    labels[14:26, 10:20, 5:12] = 1
+    remove_stray_components(labels)
+    assert labels[14:26].sum() == 840 and not labels[:14].any()
+
+
+KITS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kits19"
+# The real masks whose second piece shares the fewest slices with the largest (0.23-0.61 of
+# its range; found with scripts/postprocess_study.py --masks over all 150 cases).
+HARDEST_REAL_CASES = ("case_00040", "case_00109", "case_00126", "case_00091", "case_00002")
+
+
+@pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
+@pytest.mark.parametrize("case", HARDEST_REAL_CASES)
+def test_default_rules_leave_real_masks_untouched(case):
+    from kitseg.io import read_labels
+
+    truth = read_labels(KITS_DIR / case / "segmentation.nii.gz").array
+    without_level_rule = truth.copy()
+    remove_stray_components(without_level_rule, CleanupRules(same_level=False))
+    labels = truth.copy()
+    report = remove_stray_components(labels)
+    assert report.kept >= 2 and report.removed_voxels < 20  # the size rule clears annotation specks
+    np.testing.assert_array_equal(labels, without_level_rule)
+
+
 def test_each_rule_alone():
     labels = _two_kidneys_and_strays()
-    remove_stray_components(labels, CleanupRules(require_kidney=True, min_fraction=0.0))
+    remove_stray_components(labels, CleanupRules(require_kidney=True, min_fraction=0.0, same_level=False))
     assert not labels[10:12, 22:27, 2:7].any() and labels[0, 25:28, 30:33].all()  # speck has kidney
     labels = _two_kidneys_and_strays()
-    remove_stray_components(labels, CleanupRules(require_kidney=False, min_fraction=0.05))
+    remove_stray_components(labels, CleanupRules(require_kidney=False, min_fraction=0.05, same_level=False))
     assert not labels[0, 25:28, 30:33].any() and labels[10:12, 22:27, 2:7].all()  # 50 >= 0.05 * 720
+    labels = _two_kidneys_and_strays()
+    remove_stray_components(labels, CleanupRules(require_kidney=False, min_fraction=0.0, same_level=True))
+    assert not labels[0, 25:28, 30:33].any() and not labels[10:12, 22:27, 2:7].any()  # above / below the kidneys
+    assert labels[2:10, 5:15, 3:12].all()
 
 
 def test_a_lone_tumor_is_kept_rather_than_emptying_the_map():

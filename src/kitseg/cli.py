@@ -40,6 +40,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="UNet++ pruned inference: only the depth-K sub-network (faster); default: all heads ensembled",
     )
     p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="test-time mirroring: also run each slice mirrored left-right and average (twice the network time)",
+    )
+    p.add_argument(
         "--save-intermediates",
         action="store_true",
         help="also write y1 (stage-1 probability), the dilated mask and the class probabilities",
@@ -47,8 +52,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-cleanup",
         action="store_true",
-        help="keep every predicted piece; by default pieces with no kidney voxel or under 10%% of the "
-        "largest piece's size are removed (kitseg.postprocess)",
+        help="keep every predicted piece; by default pieces with no kidney voxel, under 10%% of the "
+        "largest piece's size, or above or below the kidneys' slices are removed (kitseg.postprocess)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_predict)
@@ -66,7 +71,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cases = discover_inputs(args.input)
     _check_outputs_free(cases, args)
     segmenter = Segmenter.from_file(
-        args.weights, device=args.device, batch_size=args.batch_size, stage2_level=args.stage2_level
+        args.weights, device=args.device, batch_size=args.batch_size, stage2_level=args.stage2_level, mirror=args.mirror
     )
     model_mask = segmenter.bundle.mask
     mask_config = MaskConfig(

@@ -104,6 +104,7 @@ class Segmenter:
         device: str | torch.device = "auto",
         batch_size: int = 8,
         stage2_level: int | None = None,
+        mirror: bool = False,
     ):
         """
         Args:
@@ -112,6 +113,9 @@ class Segmenter:
             batch_size: slices per network call.
             stage2_level: UNet++ pruned inference: use only the sub-network of this depth and its
                 supervised head (faster, slightly less accurate); None ensembles all heads.
+            mirror: test-time mirroring: average each network's output on a slice and on its
+                left-right mirror image (twice the network time). The networks were trained
+                with such flips, so both views are ones they know.
         """
         if bundle.stage1 is None and bundle.stage2 is None:
             raise ValueError("the model has no stage at all")
@@ -120,6 +124,7 @@ class Segmenter:
         self.bundle = bundle
         self.device = device if isinstance(device, torch.device) else get_device(device)
         self.batch_size = batch_size
+        self.mirror = mirror
         self.stage1_net = bundle.stage1.module.to(self.device).eval() if bundle.stage1 else None
         self.stage2_net = bundle.stage2.module.to(self.device).eval() if bundle.stage2 else None
         if stage2_level is not None:
@@ -135,10 +140,15 @@ class Segmenter:
 
     @classmethod
     def from_file(
-        cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 8, stage2_level: int | None = None
+        cls,
+        path: str | Path | None = None,
+        device: str = "auto",
+        batch_size: int = 8,
+        stage2_level: int | None = None,
+        mirror: bool = False,
     ) -> "Segmenter":
         bundle = load_bundle(path or default_weights_path())
-        segmenter = cls(bundle, device=device, batch_size=batch_size, stage2_level=stage2_level)
+        segmenter = cls(bundle, device=device, batch_size=batch_size, stage2_level=stage2_level, mirror=mirror)
         segmenter.require_both_stages()
         return segmenter
 
@@ -157,9 +167,12 @@ class Segmenter:
     def _forward_probs(self, net: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         with self._autocast():
-            out = net(x)
-        # UNet++ returns one logits map per supervised head; predict_logits ensembles them.
-        return torch.softmax(predict_logits(out).float(), dim=1).cpu().numpy()
+            # UNet++ returns one logits map per supervised head; predict_logits ensembles them.
+            probs = torch.softmax(predict_logits(net(x)).float(), dim=1)
+            if self.mirror:
+                mirrored = torch.softmax(predict_logits(net(torch.flip(x, dims=(-1,)))).float(), dim=1)
+                probs = 0.5 * (probs + torch.flip(mirrored, dims=(-1,)))
+        return probs.cpu().numpy()
 
     # ---------------------------------------------------------------- stage 1
     def iter_stage1(self, prepared: PreparedVolume, y1_out: np.ndarray) -> Iterator[Progress]:
