@@ -230,8 +230,9 @@ class KitsWidget(QWidget):
         self.cleanup_check = QCheckBox("Remove stray pieces")
         self.cleanup_check.setChecked(True)
         self.cleanup_check.setToolTip(
-            "Drop labelled pieces with no kidney voxel or under 10% of the largest piece's size "
-            "(false positives in muscle, liver or bowel); uncheck to keep every piece"
+            "Drop labelled pieces with no kidney voxel, under 10% of the largest piece's size, or "
+            "entirely above or below the kidneys' slices (false positives in muscle, liver, bowel "
+            "or pelvis); uncheck to keep every piece"
         )
         form.addRow(_row(self.stage2_button, self.probs_check))
         form.addRow(self.cleanup_check)

@@ -24,6 +24,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep the prediction here")
     parser.add_argument("--figure", type=Path, default=None, help="save reference vs prediction slices (PNG)")
     parser.add_argument("--no-cleanup", action="store_true", help="keep stray pieces (kitseg.postprocess)")
+    parser.add_argument("--mirror", action="store_true", help="test-time mirroring (kitseg.pipeline.Segmenter)")
     args = parser.parse_args()
     ct_path = REALCT / "totalseg_example_ct.nii.gz"
     ref_path = REALCT / "totalseg_example_ct_pred_labels.nii.gz"
@@ -39,7 +40,7 @@ def main() -> int:
     volume = read_ct(ct_path)
     reference = read_labels(ref_path, like=volume)
     ref_kidney = np.isin(reference.array, (2, 3))
-    segmenter = Segmenter.from_file(args.weights, device="cpu")
+    segmenter = Segmenter.from_file(args.weights, device="cpu", mirror=args.mirror)
     start = time.perf_counter()
     result = segmenter.segment(volume, cleanup=None if args.no_cleanup else CleanupRules())
     seconds = time.perf_counter() - start

@@ -86,6 +86,18 @@ def test_predict_cleanup_only_removes_whole_pieces(tmp_path, cases, weights):
         assert np.array_equal(clean[inside], raw[inside]) or not clean[inside].any()
 
 
+def test_predict_with_mirroring_writes_the_mirrored_average(tmp_path, cases, weights):
+    from kitseg.io import read_ct
+    from kitseg.pipeline import Segmenter
+
+    case = cases / "case_00000"
+    assert main(["predict", str(case), "--weights", str(weights), "-o", str(tmp_path), "--mirror", "--no-cleanup"]) == 0
+    written = np.asarray(nib.load(str(tmp_path / "prediction_00000.nii.gz")).dataobj)
+    volume = read_ct(case / "imaging.nii.gz")
+    expected = Segmenter.from_file(weights, device="cpu", mirror=True).segment(volume, cleanup=None).labels
+    np.testing.assert_array_equal(written, volume.source.to_source(expected))
+
+
 def test_predict_folder_then_evaluate_csv(tmp_path, cases, weights, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(cases), "-o", str(out), "--weights", str(weights)]) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -97,8 +99,6 @@ def test_segment_end_to_end_matches_steps(tiny_bundle, volume):
 
 
 def test_segmenter_needs_both_stages(tiny_bundle):
-    from dataclasses import replace
-
     segmenter = Segmenter(replace(tiny_bundle, stage2=None), device="cpu")
     with pytest.raises(ValueError, match="no stage 2"):
         segmenter.require_both_stages()
@@ -120,3 +120,14 @@ def test_pruned_stage2_uses_the_shallow_head(volume):
     np.testing.assert_allclose(probs.astype(np.float32), expected, atol=2e-3)
     with pytest.raises(ValueError):
         Segmenter(make_tiny_bundle(seed=0), device="cpu", stage2_level=9)
+
+
+def test_mirroring_averages_a_slice_and_its_mirror_image(tiny_bundle, volume):
+    plain = Segmenter(tiny_bundle, device="cpu")
+    mirrored = Segmenter(tiny_bundle, device="cpu", mirror=True)
+    prepared = plain.prepare(volume)
+    flipped = replace(prepared, image=np.ascontiguousarray(prepared.image[:, :, ::-1]))
+    y1 = plain.stage1(prepared)
+    y1_of_mirror_image = plain.stage1(flipped)[:, :, ::-1]
+    np.testing.assert_allclose(mirrored.stage1(prepared), 0.5 * (y1 + y1_of_mirror_image), atol=1e-5)
+    assert not np.allclose(y1, y1_of_mirror_image, atol=1e-3)  # the random network is not symmetric

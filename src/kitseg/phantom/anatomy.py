@@ -361,6 +361,11 @@ def build_abdomen(
         wing = (np.abs(wing_rho - wing_r) < wing_t) & in_pelvis & (Y > -20.0)
         paint(wing, hu_of["rib"] + 80.0)
 
+    # ------------------------------------------------------------------ adrenals and splenic lobules
+    # Drawn from a child generator so that every earlier draw, hence every earlier phantom's
+    # anatomy, stays as it was.
+    _paint_suprarenal_negatives(hu, kidney_mask, body & ~spleen, spleen, frame, protocol, params,
+                                rng.spawn(1)[0], Z, Y, X)
     return hu
 
 
@@ -378,6 +383,52 @@ def _segment_distance(Z, Y, X, a, b) -> np.ndarray:
     length2 = float(d @ d) or 1.0
     t = np.clip(((Z - a[0]) * d[0] + (Y - a[1]) * d[1] + (X - a[2]) * d[2]) / length2, 0.0, 1.0)
     return np.sqrt((Z - a[0] - t * d[0]) ** 2 + (Y - a[1] - t * d[1]) ** 2 + (X - a[2] - t * d[2]) ** 2)
+
+
+def _paint_suprarenal_negatives(hu: np.ndarray, kidney_mask: np.ndarray, body: np.ndarray, spleen: np.ndarray,
+                                frame: Frame, protocol: Protocol, params: PhantomParams, rng: np.random.Generator,
+                                Z, Y, X) -> None:
+    """Unlabelled soft tissue just above and medial to the kidneys' upper poles.
+
+    There stage 1 expects kidney, and real scans show adrenal glands (thin limbs in an inverted
+    V or Y, sometimes with a nodule) and the spleen's lobulated medial tip: kidney-dense shapes
+    that are not kidney. Without them a model marks such tissue as kidney on real CT.
+    """
+    near_kidney = ndimage.binary_dilation(kidney_mask, iterations=2)
+    free = np.broadcast_to(body, hu.shape) & ~near_kidney
+    gain = max(protocol.hu["kidney_cortex"] - 32.0, 0.0)  # how strongly this phase enhances
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    for kidney in frame.kidneys:
+        if rng.random() >= params.adrenal_probability:
+            continue
+        side = kidney.side
+        kz, ky, kx = kidney.centroid
+        medial_x = kx - side * 0.3 * (kidney.high[2] - kidney.low[2]) - frame.spine_x
+        apex = (ky - frame.spine_y - u(8.0, 22.0), medial_x - side * u(0.0, 12.0))
+        z_top, z_bottom = kidney.low[0] - u(15.0, 35.0), kidney.low[0] + u(0.0, 20.0)
+        in_range = (Z > z_top) & (Z < z_bottom)
+        gland = np.zeros(hu.shape, bool)
+        for dy, dx in ((u(15.0, 30.0), -side * u(2.0, 10.0)), (u(12.0, 25.0), side * u(4.0, 14.0))):
+            limb = _segment_distance(0.0, Y, X, (0.0, *apex), (0.0, apex[0] + dy, apex[1] + dx))  # in-plane
+            gland |= np.broadcast_to((limb < u(1.8, 3.5)) & in_range, hu.shape)
+        value = u(20.0, 45.0) + u(0.3, 0.6) * gain
+        hu[gland & free] = value
+        if rng.random() < params.adrenal_nodule_probability:  # adenoma: round, often fat-rich (low HU)
+            radius = u(6.0, 18.0)
+            centre = (u(z_top, z_bottom), apex[0] + u(5.0, 15.0), apex[1])
+            nodule = np.broadcast_to(((Z - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (X - centre[2]) ** 2) < radius ** 2,
+                                     hu.shape)
+            hu[nodule & free] = u(-10.0, 40.0) + u(0.1, 0.8) * gain
+    if spleen.any() and rng.random() < params.adrenal_probability:
+        # A lobule on the spleen's posterior-medial tip, towards the left kidney's upper pole.
+        iz, iy, ix = np.nonzero(spleen)
+        reach = np.broadcast_to(Y, hu.shape)[iz, iy, ix] - np.abs(np.broadcast_to(X, hu.shape)[iz, iy, ix])
+        tip = int(np.argmax(reach))
+        radius = u(8.0, 20.0)
+        centre = (float(Z.ravel()[iz[tip]]) + u(-10.0, 20.0), float(Y.ravel()[iy[tip]]), float(X.ravel()[ix[tip]]) - radius * u(0.4, 0.9))
+        lobule = np.broadcast_to(((Z - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (X - centre[2]) ** 2) < radius ** 2, hu.shape)
+        spleen_hu = float(np.median(hu[spleen]))
+        hu[lobule & free] = spleen_hu
 
 
 def _paint_organ_lesions(hu: np.ndarray, organ: np.ndarray, spacing, protocol: Protocol, params: PhantomParams,

@@ -85,6 +85,9 @@ class PhantomParams:
         cyst_probability: chance that a kidney carries (non-tumor) cysts.
         organ_lesion_probability: chance that the liver and spleen carry unlabelled lesions
             (cysts, solid masses that look like renal tumors): hard negatives.
+        adrenal_probability: chance that a kidney has an adrenal gland drawn above it (and that
+            the spleen has a lobule towards the left kidney): unlabelled hard negatives.
+        adrenal_nodule_probability: chance that such an adrenal carries a nodule (adenoma).
         oral_contrast_probability: chance the bowel holds positive oral contrast.
         fov_circle_probability: chance that voxels outside the reconstruction circle are -1024.
         table_probability: chance a patient table shows under the back.
@@ -106,6 +109,8 @@ class PhantomParams:
     perirenal_fat_mm: tuple[float, float] = (4.0, 18.0)
     cyst_probability: float = 0.4
     organ_lesion_probability: float = 0.5
+    adrenal_probability: float = 0.8
+    adrenal_nodule_probability: float = 0.25
     oral_contrast_probability: float = 0.4
     fov_circle_probability: float = 0.5
     table_probability: float = 0.7
@@ -125,7 +130,8 @@ class PhantomParams:
                      "body_half_depth_mm", "slice_blur_fraction"):
             if getattr(self, name)[0] < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("cyst_probability", "organ_lesion_probability", "oral_contrast_probability", "fov_circle_probability", "table_probability"):
+        for name in ("cyst_probability", "organ_lesion_probability", "adrenal_probability",
+                     "adrenal_nodule_probability", "oral_contrast_probability", "fov_circle_probability", "table_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not self.coarse_spacing_mm > 0:
