@@ -4,6 +4,10 @@
 
 The reference is a published model's kidney labels (2 = right, 3 = left kidney), not expert
 annotation: an approximate check of how the model transfers from phantoms to real anatomy.
+
+Second check, where pydicom and a JPEG 2000 decoder are installed (`pip install pydicom pylibjpeg
+pylibjpeg-openjpeg`; the project itself reads no DICOM): the contrast-enhanced series of the
+upper abdomen (liver and spleen, no kidney), where every labelled voxel is a false positive.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def main() -> int:
     half = volume.shape[2] // 2
     for side, cols, label in (("right", slice(0, half), 2), ("left", slice(half, None), 3)):
         print(f"  {side} kidney Dice: {dice(pred_kidney[:, :, cols], reference.array[:, :, cols] == label):.4f}")
+    _kidney_free_check(segmenter, None if args.no_cleanup else CleanupRules())
     if args.figure:
         _figure(volume.array, ref_kidney, result.labels, args.figure)
         print(f"wrote {args.figure}")
@@ -61,6 +66,40 @@ def main() -> int:
         out = write_labels(result.labels, volume.source, args.out / "totalseg_example_ct_labels.nii.gz", overwrite=True)
         print(f"wrote {out}")
     return 0
+
+
+def _kidney_free_check(segmenter, cleanup) -> None:
+    folder = REALCT / "totalseg_upper_abdomen_dicom"
+    try:
+        import pydicom
+    except ImportError:
+        print("kidney-free DICOM check skipped: pydicom is not installed")
+        return
+    if not folder.is_dir():
+        print(f"kidney-free DICOM check skipped: {folder} is absent")
+        return
+    from kitseg.geometry import Volume
+
+    slices = sorted((pydicom.dcmread(path) for path in folder.iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+    try:
+        hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
+    except Exception as error:  # no JPEG 2000 decoder
+        print(f"kidney-free DICOM check skipped: {error}")
+        return
+    first = slices[0]
+    if [float(v) for v in first.ImageOrientationPatient] != [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]:
+        raise SystemExit(f"{folder}: only axial series without tilt are handled here")
+    row_mm, col_mm = (float(v) for v in first.PixelSpacing)
+    step_mm = float(np.median(np.diff([float(d.ImagePositionPatient[2]) for d in slices])))
+    affine = np.eye(4)  # array (slice, row, column) -> LPS (DICOM), then LPS -> RAS (NIfTI)
+    affine[:3, :3] = [[0.0, 0.0, col_mm], [0.0, row_mm, 0.0], [step_mm, 0.0, 0.0]]
+    affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
+    affine[:2] *= -1
+    volume = Volume.from_source_array(hu.astype(np.int16), affine)
+    labels = segmenter.segment(volume, cleanup=cleanup).labels
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    print(f"kidney-free contrast CT {volume.shape}: {np.sum(labels > 0) * voxel_ml:.1f} mL labelled "
+          f"(tumor {np.sum(labels == 2) * voxel_ml:.1f} mL), all false positive")
 
 
 def _figure(ct: np.ndarray, ref_kidney: np.ndarray, labels: np.ndarray, path: Path) -> None:
