@@ -211,6 +211,22 @@ def test_dataset_seeds_do_not_depend_on_order_and_skip_existing(tmp_path: Path, 
     assert (both[0] / "imaging.nii.gz").stat().st_mtime_ns != stamp
 
 
+def test_phantom_command_takes_parameter_ranges_from_json(tmp_path: Path, label_map) -> None:
+    from kitseg.cli import main
+
+    labels, spacing = label_map
+    masks = tmp_path / "masks"
+    _save_mask(masks / "case_00001" / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    (tmp_path / "none.json").write_text('{"adrenal_probability": 0}')
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "cli"), "--params", str(tmp_path / "none.json")]) == 0
+    generate_phantom_dataset(masks, tmp_path / "api", seed=0, progress=False, params=PhantomParams(adrenal_probability=0.0))
+    read = lambda p: np.asarray(nib.load(p / "case_00001" / "imaging.nii.gz").dataobj)  # noqa: E731
+    np.testing.assert_array_equal(read(tmp_path / "cli"), read(tmp_path / "api"))
+    (tmp_path / "bad.json").write_text('{"adrenal_probabilty": 0}')
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "bad"), "--params", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_dataset_names_an_unreadable_mask(tmp_path: Path) -> None:
     bad = tmp_path / "masks" / "case_00003" / "segmentation.nii.gz"
     bad.parent.mkdir(parents=True)
@@ -266,3 +282,20 @@ def test_organ_lesions_are_unlabelled_hard_negatives() -> None:
     assert np.all(hu == 60.0)
     with pytest.raises(ValueError, match="organ_lesion_probability"):
         PhantomParams(organ_lesion_probability=1.5)
+
+
+def test_adrenals_and_splenic_lobules_are_unlabelled_and_change_nothing_else(label_map) -> None:
+    """Hard negatives above the kidneys: painted outside them, and no other draw moves."""
+    from scipy import ndimage
+
+    labels, spacing = label_map
+    with_them = synthesize_ct(labels, spacing, np.random.default_rng(2),
+                              PhantomParams(adrenal_probability=1.0, adrenal_nodule_probability=1.0))
+    without = synthesize_ct(labels, spacing, np.random.default_rng(2), PhantomParams(adrenal_probability=0.0))
+    changed = with_them != without
+    assert changed.sum() > 500
+    assert not changed[ndimage.binary_erosion(labels > 0, iterations=2)].any()  # the kidneys keep their look
+    kidney_distance_mm = ndimage.distance_transform_edt(labels == 0, sampling=spacing)
+    assert np.percentile(kidney_distance_mm[changed], 90) < 60.0  # beside the kidneys, not anywhere
+    with pytest.raises(ValueError, match="adrenal_probability"):
+        PhantomParams(adrenal_probability=-0.1)

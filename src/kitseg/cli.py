@@ -199,6 +199,14 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", nargs="*", default=None, help="case folder names (default: all)")
     p.add_argument("--overwrite", action="store_true", help="regenerate cases that exist already")
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help='randomization ranges to change, e.g. {"noise_sigma_hu": [5, 15], "adrenal_probability": 0} '
+        "(kitseg.phantom.params.PhantomParams; the rest keep their defaults)",
+    )
     p.set_defaults(func=cmd_phantom)
 
 
@@ -207,11 +215,29 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     if not args.masks.is_dir():
         raise CliError(f"{args.masks}: no such folder")
+    params = _read_phantom_params(args.params) if args.params else None
     written = generate_phantom_dataset(
-        args.masks, args.out, cases=args.cases, seed=args.seed, progress=True, overwrite=args.overwrite
+        args.masks, args.out, cases=args.cases, seed=args.seed, progress=True, overwrite=args.overwrite, params=params
     )
     print(f"wrote {len(written)} case(s) to {args.out}")
     return 0
+
+
+def _read_phantom_params(path: Path):
+    import json
+
+    from .phantom.params import PhantomParams
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{path}: cannot read phantom parameters as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: phantom parameters must be a JSON object of field: value")
+    try:
+        return PhantomParams.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"{path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- sample
