@@ -3,7 +3,9 @@
 #
 #   bash scripts/train_default_model.sh [MASKS_DIR] [WORK_DIR]
 #
-# 1. phantoms: a realistic synthetic CT around each of the 150 real KiTS19 masks (seed 0);
+# 1. phantoms: a realistic synthetic CT around each of the 150 real KiTS19 masks (seed 0), without
+#    the adrenal hard negatives added to the generator after this model was trained
+#    (scripts/phantoms_without_adrenals.json: the same images, bit for bit, as back then);
 # 2. training: the `cpu` preset with 5000 stage-2 steps (the preset has 2000, to fit in under an
 #    hour) on cases 00000-00119, validation on cases 00120-00149 (about 65 minutes on 2 cores);
 # 3. a second round of the same recipe started from the first round's model (--init-from: a warm
@@ -17,7 +19,7 @@ WORK=${2:-work_data}
 KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
 
-$KITS phantom --masks "$MASKS" --out "$WORK/phantoms" --seed 0
+$KITS phantom --masks "$MASKS" --out "$WORK/phantoms" --seed 0 --params scripts/phantoms_without_adrenals.json
 $KITS train --data "$WORK/phantoms" --out "$WORK/run_cpu" --preset cpu --device cpu \
   --stage2-steps 5000 --val-cases $VAL ${TRAIN_ARGS:-}
 $KITS train --data "$WORK/phantoms" --out "$WORK/run_ft" --preset cpu --device cpu \
