@@ -29,9 +29,9 @@ def main() -> int:
     from kitseg.checkpoint import load_bundle, read_metadata, save_bundle
 
     first, second = load_bundle(args.stage1), load_bundle(args.stage2)
-    for name, stage in (("stage 1", first.stage1), ("stage 2", second.stage2)):
+    for path, name, stage in ((args.stage1, "stage 1", first.stage1), (args.stage2, "stage 2", second.stage2)):
         if stage is None:
-            raise SystemExit(f"{args.stage1 if name == 'stage 1' else args.stage2}: has no {name}")
+            raise SystemExit(f"{path}: has no {name}")
     for field in ("preprocessing", "label_map", "mask"):
         if getattr(first, field) != getattr(second, field):
             raise SystemExit(f"{args.stage1} and {args.stage2} differ in {field}: their stages cannot be combined")

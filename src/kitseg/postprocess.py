@@ -11,10 +11,11 @@ and checked on the 150 real KiTS19 masks, none of which they change:
   seen with no kidney next to it is almost always a false positive;
 - ``min_fraction``: a piece smaller than this fraction of the largest piece is dropped
   (0 keeps all sizes);
-- ``same_level``: the two kidneys lie side by side, so in every real mask each piece shares
-  slices with the largest one. The pieces are grouped around the piece whose slice range
-  gathers the most foreground, and a piece sharing no slice with it is dropped: a blob on a
-  gluteal muscle or in the sacral canal far below the kidneys, or on the lung bases above.
+- ``same_level``: the two kidneys lie side by side, so in every real mask each piece of at
+  least a tenth of the largest shares slices with it. The pieces are grouped around the piece
+  whose slice range gathers the most foreground, and a piece sharing no slice with it is
+  dropped: a blob on a gluteal muscle or around the sacrum far below the kidneys, or beside
+  the stomach above them.
 """
 
 from __future__ import annotations
@@ -114,4 +115,3 @@ def _main_level_group(pieces: np.ndarray, sizes: np.ndarray, candidates: np.ndar
     group = np.zeros_like(candidates)
     group[labels[shares[anchor]]] = True
     return group
-

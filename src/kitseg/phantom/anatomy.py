@@ -415,20 +415,21 @@ def _paint_suprarenal_negatives(hu: np.ndarray, kidney_mask: np.ndarray, body: n
         hu[gland & free] = value
         if rng.random() < params.adrenal_nodule_probability:  # adenoma: round, often fat-rich (low HU)
             radius = u(6.0, 18.0)
-            centre = (u(z_top, z_bottom), apex[0] + u(5.0, 15.0), apex[1])
-            nodule = np.broadcast_to(((Z - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (X - centre[2]) ** 2) < radius ** 2,
-                                     hu.shape)
+            nodule = _ball(Z, Y, X, (u(z_top, z_bottom), apex[0] + u(5.0, 15.0), apex[1]), radius, hu.shape)
             hu[nodule & free] = u(-10.0, 40.0) + u(0.1, 0.8) * gain
     if spleen.any() and rng.random() < params.adrenal_probability:
         # A lobule on the spleen's posterior-medial tip, towards the left kidney's upper pole.
+        z, y, x = (axis.ravel() for axis in (Z, Y, X))
         iz, iy, ix = np.nonzero(spleen)
-        reach = np.broadcast_to(Y, hu.shape)[iz, iy, ix] - np.abs(np.broadcast_to(X, hu.shape)[iz, iy, ix])
-        tip = int(np.argmax(reach))
+        tip = int(np.argmax(y[iy] - np.abs(x[ix])))
         radius = u(8.0, 20.0)
-        centre = (float(Z.ravel()[iz[tip]]) + u(-10.0, 20.0), float(Y.ravel()[iy[tip]]), float(X.ravel()[ix[tip]]) - radius * u(0.4, 0.9))
-        lobule = np.broadcast_to(((Z - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (X - centre[2]) ** 2) < radius ** 2, hu.shape)
-        spleen_hu = float(np.median(hu[spleen]))
-        hu[lobule & free] = spleen_hu
+        centre = (float(z[iz[tip]]) + u(-10.0, 20.0), float(y[iy[tip]]), float(x[ix[tip]]) - radius * u(0.4, 0.9))
+        hu[_ball(Z, Y, X, centre, radius, hu.shape) & free] = float(np.median(hu[spleen]))
+
+
+def _ball(Z, Y, X, centre, radius: float, shape) -> np.ndarray:
+    """A ball of ``radius`` mm around ``centre`` (z, y, x mm), as a (read-only) mask of ``shape``."""
+    return np.broadcast_to((Z - centre[0]) ** 2 + (Y - centre[1]) ** 2 + (X - centre[2]) ** 2 < radius ** 2, shape)
 
 
 def _paint_organ_lesions(hu: np.ndarray, organ: np.ndarray, spacing, protocol: Protocol, params: PhantomParams,
