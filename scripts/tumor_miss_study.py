@@ -1,0 +1,87 @@
+"""Which tumors does a model miss? Tumor Dice by tumor size and by tumor-to-kidney contrast.
+
+    kits-seg evaluate --pred work_data/val_pred --gt work_data/val_gt --csv work_data/val_scores.csv
+    python scripts/tumor_miss_study.py --gt work_data/val_gt --scores work_data/val_scores.csv
+
+For every case of the scores CSV (written by ``kits-seg evaluate --csv``): the reference tumor's
+volume, the mean HU of tumor and of kidney in the CT (``imaging.nii.gz``), their contrast in
+units of the kidney's HU spread, and the tumor Dice; then the mean Dice per size band and for
+tumors brighter or darker than the kidney on average. ``--ceiling`` also takes each reference
+label map to the networks' grid of a model (one-hot, ``--weights``, default the shipped model)
+and back, the way a
+prediction travels: the tumor Dice that resampling alone leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gt", type=Path, required=True, help="KiTS19 case folders (imaging + segmentation)")
+    parser.add_argument("--scores", type=Path, required=True, help="CSV of kits-seg evaluate --csv")
+    parser.add_argument("--ceiling", action="store_true", help="also score the reference after the grid round trip")
+    parser.add_argument("--weights", type=Path, default=None, help="model whose grid --ceiling uses (default: shipped)")
+    args = parser.parse_args()
+
+    from kitseg.checkpoint import read_metadata
+    from kitseg.config import PreprocessingConfig
+    from kitseg.io import read_ct, read_labels
+    from kitseg.metrics import dice
+    from kitseg.preprocess import StageGrid
+    from kitseg.weights import default_weights_path
+
+    weights = args.weights or default_weights_path()
+    preprocessing = PreprocessingConfig(**read_metadata(weights)["preprocessing"])
+
+    def round_trip(labels_volume) -> np.ndarray:
+        grid = StageGrid.for_volume(labels_volume, preprocessing)
+        one_hot = [grid.to_stage((labels_volume.array == k).astype(np.float32)) for k in range(3)]
+        return grid.to_source(np.stack(one_hot)).argmax(axis=0)
+
+    rows = [r for r in csv.DictReader(args.scores.open()) if r["case"].startswith("case_")]
+    if not rows:
+        raise SystemExit(f"{args.scores}: no case rows")
+    cases, ceilings = [], []
+    print(f"{'case':<11} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'tumor Dice':>10}")
+    for row in rows:
+        ct = read_ct(args.gt / row["case"] / "imaging.nii.gz")
+        labels_volume = read_labels(args.gt / row["case"] / "segmentation.nii.gz", like=ct)
+        labels = labels_volume.array
+        kidney_hu, tumor_hu = ct.array[labels == 1], ct.array[labels == 2]
+        if tumor_hu.size == 0 or kidney_hu.size == 0:
+            continue  # no tumor: nothing to miss
+        contrast = float((tumor_hu.mean() - kidney_hu.mean()) / max(kidney_hu.std(), 1.0))
+        case = (row["case"], float(row["ref_tumor_ml"]), float(kidney_hu.mean()), float(tumor_hu.mean()),
+                contrast, float(row["tumor_dice"]))
+        cases.append(case)
+        line = f"{case[0]:<11} {case[1]:9.1f} {case[2]:10.1f} {case[3]:9.1f} {case[4]:8.2f} {case[5]:10.3f}"
+        if args.ceiling:
+            ceilings.append(dice(round_trip(labels_volume) == 2, labels == 2))
+            line += f"  ceiling {ceilings[-1]:.3f}"
+        print(line)
+
+    def report(name: str, chosen: list) -> None:
+        dice = [c[5] for c in chosen]
+        print(f"{name:<34} {len(dice):3d} cases  mean tumor Dice {np.mean(dice) if dice else float('nan'):.3f}")
+
+    print(f"\n{len(cases)} cases with a tumor, from {args.scores}")
+    for low, high in SIZE_BANDS_ML:
+        report(f"tumor {low:g}-{high:g} mL", [c for c in cases if low <= c[1] < high])
+    report("tumor brighter than kidney (mean)", [c for c in cases if c[4] > 0])
+    report("tumor darker than kidney (mean)", [c for c in cases if c[4] <= 0])
+    if ceilings:
+        print(f"resampling ceiling ({weights.name}: {preprocessing.slice_spacing_mm:g} mm slices, "
+              f"{preprocessing.inplane_spacing_mm or 'native'} mm in-plane): mean tumor Dice {np.mean(ceilings):.3f} (lowest {min(ceilings):.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
