@@ -17,10 +17,20 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
+
+
+class TumorCase(NamedTuple):
+    case: str
+    tumor_ml: float
+    kidney_hu: float
+    tumor_hu: float
+    contrast: float  # (tumor HU - kidney HU) / kidney HU spread
+    tumor_dice: float
 
 
 def main() -> int:
@@ -59,27 +69,29 @@ def main() -> int:
         if tumor_hu.size == 0 or kidney_hu.size == 0:
             continue  # no tumor: nothing to miss
         contrast = float((tumor_hu.mean() - kidney_hu.mean()) / max(kidney_hu.std(), 1.0))
-        case = (row["case"], float(row["ref_tumor_ml"]), float(kidney_hu.mean()), float(tumor_hu.mean()),
-                contrast, float(row["tumor_dice"]))
-        cases.append(case)
-        line = f"{case[0]:<11} {case[1]:9.1f} {case[2]:10.1f} {case[3]:9.1f} {case[4]:8.2f} {case[5]:10.3f}"
+        c = TumorCase(row["case"], float(row["ref_tumor_ml"]), float(kidney_hu.mean()), float(tumor_hu.mean()),
+                      contrast, float(row["tumor_dice"]))
+        cases.append(c)
+        line = (f"{c.case:<11} {c.tumor_ml:9.1f} {c.kidney_hu:10.1f} {c.tumor_hu:9.1f} {c.contrast:8.2f} "
+                f"{c.tumor_dice:10.3f}")
         if args.ceiling:
             ceilings.append(dice(round_trip(labels_volume) == 2, labels == 2))
             line += f"  ceiling {ceilings[-1]:.3f}"
         print(line)
 
-    def report(name: str, chosen: list) -> None:
-        dice = [c[5] for c in chosen]
-        print(f"{name:<34} {len(dice):3d} cases  mean tumor Dice {np.mean(dice) if dice else float('nan'):.3f}")
+    def report(name: str, chosen: list[TumorCase]) -> None:
+        scores = [c.tumor_dice for c in chosen]
+        print(f"{name:<34} {len(scores):3d} cases  mean tumor Dice {np.mean(scores) if scores else float('nan'):.3f}")
 
     print(f"\n{len(cases)} cases with a tumor, from {args.scores}")
     for low, high in SIZE_BANDS_ML:
-        report(f"tumor {low:g}-{high:g} mL", [c for c in cases if low <= c[1] < high])
-    report("tumor brighter than kidney (mean)", [c for c in cases if c[4] > 0])
-    report("tumor darker than kidney (mean)", [c for c in cases if c[4] <= 0])
+        report(f"tumor {low:g}-{high:g} mL", [c for c in cases if low <= c.tumor_ml < high])
+    report("tumor brighter than kidney (mean)", [c for c in cases if c.contrast > 0])
+    report("tumor darker than kidney (mean)", [c for c in cases if c.contrast <= 0])
     if ceilings:
         print(f"resampling ceiling ({weights.name}: {preprocessing.slice_spacing_mm:g} mm slices, "
-              f"{preprocessing.inplane_spacing_mm or 'native'} mm in-plane): mean tumor Dice {np.mean(ceilings):.3f} (lowest {min(ceilings):.3f})")
+              f"{preprocessing.inplane_spacing_mm or 'native'} mm in-plane): "
+              f"mean tumor Dice {np.mean(ceilings):.3f} (lowest {min(ceilings):.3f})")
     return 0
 
 
