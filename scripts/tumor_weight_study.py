@@ -26,10 +26,7 @@ def main() -> int:
     parser.add_argument("--weights", type=float, nargs="+", default=WEIGHTS)
     args = parser.parse_args()
 
-    import nibabel as nib
-
-    from kitseg.geometry import Volume
-    from kitseg.io import read_labels
+    from kitseg.io import read_labels, read_probabilities
     from kitseg.metrics import aggregate, kits_scores
     from kitseg.postprocess import remove_stray_components
 
@@ -40,9 +37,7 @@ def main() -> int:
     for path in probs_files:
         case_id = path.name[len("prediction_") : -len("_probs.nii.gz")]
         ref = read_labels(args.gt / f"case_{case_id}" / "segmentation.nii.gz")
-        img = nib.load(path)
-        stored = np.asarray(img.dataobj, dtype=np.float32)  # (..., 3) on the CT's file grid, 0..1
-        probs = np.stack([Volume.from_source_array(stored[..., c], img.affine).array for c in range(3)], axis=-1)
+        probs = read_probabilities(path).array  # (Z, Y, X, 3), 0..1 from the 8-bit store
         if probs.shape[:3] != ref.shape:
             raise SystemExit(f"{path}: grid {probs.shape[:3]} differs from the reference {ref.shape}")
         for w in args.weights:

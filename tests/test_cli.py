@@ -59,6 +59,18 @@ def test_predict_file_in_ras_with_intermediates(tmp_path, weights):
     probs = nib.load(str(out / "scan_probs.nii.gz")).get_fdata()
     assert probs.shape == ras_ct.shape + (3,)
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=0.02)
+    # Read back by the engine, channels last, each channel oriented as read_volume orients a
+    # 3D file holding it alone.
+    from kitseg.io import read_probabilities, read_volume
+
+    internal_probs = read_probabilities(out / "scan_probs.nii.gz")
+    assert internal_probs.array.shape == read_volume(src).shape + (3,)
+    for c in range(3):
+        alone = tmp_path / f"class{c}.nii.gz"
+        nib.save(nib.Nifti1Image(probs[..., c].astype(np.float32), affine), str(alone))
+        np.testing.assert_allclose(internal_probs.array[..., c], read_volume(alone).array, atol=1e-6)
+    y1_path = out / "scan_y1.nii.gz"
+    np.testing.assert_allclose(read_probabilities(y1_path).array, read_volume(y1_path, integer_ok=False).array)
     # A second run refuses to replace the outputs, naming one; --overwrite replaces them.
     assert main(args) == 2
     assert main(args + ["--overwrite"]) == 0

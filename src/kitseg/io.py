@@ -90,7 +90,8 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     return cases
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
+def _load_nifti(path: Path, channels_ok: bool = False) -> nib.Nifti1Image:
+    """Open a NIfTI header; 3D, or 4D with channels last when ``channels_ok``."""
     try:
         img = nib.load(str(path))
     except FileNotFoundError:
@@ -99,8 +100,9 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
         raise InputError(f"{path}: cannot be read as NIfTI ({exc})") from None
     if len(img.shape) == 4 and img.shape[3] == 1:
         img = img.slicer[..., 0]
-    if len(img.shape) != 3:
-        raise InputError(f"{path}: expected a 3D volume, got shape {img.shape}")
+    if not (len(img.shape) == 3 or (channels_ok and len(img.shape) == 4)):
+        wanted = "a 3D volume (or one with channels last)" if channels_ok else "a 3D volume"
+        raise InputError(f"{path}: expected {wanted}, got shape {img.shape}")
     if min(img.shape) < 1:
         raise InputError(f"{path}: empty volume of shape {img.shape}")
     return img
@@ -144,6 +146,31 @@ def read_volume(path: str | os.PathLike, *, integer_ok: bool = True) -> Volume:
         return Volume.from_source_array(array, affine, path)
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
+
+
+def read_probabilities(path: str | os.PathLike) -> Volume:
+    """Read a probability map that ``kits-seg predict --save-intermediates`` wrote, as float32.
+
+    ``*_y1.nii.gz`` gives a (Z, Y, X) volume; ``*_probs.nii.gz`` (class channels last, as NIfTI
+    stores vector data) gives (Z, Y, X, C), each channel in the internal orientation.
+    """
+    path = Path(path)
+    img = _load_nifti(path, channels_ok=True)
+    if img.affine is None:
+        raise InputError(f"{path}: the file has no affine (no qform/sform)")
+    data = _read_array(img, path, integer_ok=False)
+    if data.ndim == 3:
+        channels = [data]
+    else:
+        channels = [data[..., c] for c in range(data.shape[3])]
+    try:
+        first = Volume.from_source_array(channels[0], img.affine, path)
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if data.ndim == 3:
+        return first
+    internal = [first.array] + [Volume.from_source_array(c, img.affine, path).array for c in channels[1:]]
+    return first.like(np.stack(internal, axis=-1))
 
 
 def read_ct(path: str | os.PathLike) -> Volume:
