@@ -1,6 +1,10 @@
-"""Make one model file from stage 1 of one `.kseg` and stage 2 of another.
+"""Make one model file from stage 1 of one `.kseg` and stage 2 of another (or of several).
 
     python scripts/combine_stages.py --stage1 RUN/stage1/best.kseg --stage2 OTHER.kseg --out M.kseg
+    python scripts/combine_stages.py --stage1 A.kseg --stage2 A.kseg B.kseg --out M.kseg
+
+With several ``--stage2`` files the new stage 2 is their ensemble (``kitseg.networks.StageEnsemble``:
+the mean of their class probabilities).
 
 Used when a fine-tuning round improves stage 1 (where a false kidney piece starts: stage 2 only
 looks inside stage 1's mask) before its stage 2 is done or better. Both files must share the
@@ -20,33 +24,49 @@ from pathlib import Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage1", type=Path, required=True, help="model file whose stage 1 is taken")
-    parser.add_argument("--stage2", type=Path, required=True, help="model file whose stage 2 is taken")
+    parser.add_argument("--stage2", type=Path, nargs="+", required=True,
+                        help="model file(s) whose stage 2 is taken; several make an ensemble")
     parser.add_argument("--out", type=Path, required=True, help="new model file (not overwritten)")
     args = parser.parse_args()
 
     from dataclasses import replace
 
-    from kitseg.checkpoint import load_bundle, read_metadata, save_bundle
+    from kitseg.checkpoint import StageModel, load_bundle, read_metadata, save_bundle
+    from kitseg.networks import build_network
 
-    first, second = load_bundle(args.stage1), load_bundle(args.stage2)
-    for path, name, stage in ((args.stage1, "stage 1", first.stage1), (args.stage2, "stage 2", second.stage2)):
+    first = load_bundle(args.stage1)
+    seconds = [load_bundle(path) for path in args.stage2]
+    stages = [(args.stage1, "stage 1", first.stage1)] + [(p, "stage 2", b.stage2) for p, b in zip(args.stage2, seconds)]
+    for path, name, stage in stages:
         if stage is None:
             raise SystemExit(f"{path}: has no {name}")
-    for field in ("preprocessing", "label_map", "mask"):
-        if getattr(first, field) != getattr(second, field):
-            raise SystemExit(f"{args.stage1} and {args.stage2} differ in {field}: their stages cannot be combined")
+    for path, second in zip(args.stage2, seconds):
+        for field in ("preprocessing", "label_map", "mask"):
+            if getattr(first, field) != getattr(second, field):
+                raise SystemExit(f"{args.stage1} and {path} differ in {field}: their stages cannot be combined")
 
     def source(path: Path, key: str) -> dict:
         meta = read_metadata(path)
         return {"file": path.name, "weights_sha256": meta["stages"][key]["weights_sha256"],
                 "provenance": meta["provenance"]}
 
+    stage2_sources = [source(path, "2") for path in args.stage2]
     provenance = {
         "command": "python scripts/combine_stages.py " + " ".join(sys.argv[1:]),
         "date": date.today().isoformat(),
-        "combined_from": {"stage1": source(args.stage1, "1"), "stage2": source(args.stage2, "2")},
+        "combined_from": {"stage1": source(args.stage1, "1"),
+                          "stage2": stage2_sources[0] if len(stage2_sources) == 1 else stage2_sources},
     }
-    combined = replace(second, stage1=first.stage1, provenance=provenance)
+    stage2 = seconds[0].stage2
+    if len(seconds) > 1:
+        members = [b.stage2 for b in seconds]
+        ensemble = build_network("ensemble", members=[{"architecture": m.architecture, "kwargs": m.kwargs}
+                                                      for m in members])
+        for slot, member in zip(ensemble.members, members):
+            slot.load_state_dict(member.module.state_dict())
+        stage2 = StageModel.from_module(ensemble.eval())
+    second = seconds[0]
+    combined = replace(second, stage1=first.stage1, stage2=stage2, provenance=provenance)
     print(f"wrote {save_bundle(combined, args.out, overwrite=False)}")
     return 0
 

@@ -153,7 +153,7 @@ def test_tampered_weights_fail_the_hash(saved: Path) -> None:
 
 def test_unknown_architecture_lists_valid_ones(saved: Path) -> None:
     _rewrite(saved, meta=lambda m: m["stages"]["1"].update(architecture="resnet50"))
-    with pytest.raises(CheckpointError, match=r"unknown network 'resnet50'; available: unet2d, unetpp2d"):
+    with pytest.raises(CheckpointError, match=r"unknown network 'resnet50'; available: ensemble, unet2d, unetpp2d"):
         read_metadata(saved)
 
 

@@ -89,7 +89,7 @@ def test_predict_logits_averages_heads() -> None:
 
 
 def test_registry_builds_and_lists_names() -> None:
-    assert available_networks() == ["unet2d", "unetpp2d"]
+    assert available_networks() == ["ensemble", "unet2d", "unetpp2d"]
     model = build_network("unet2d", in_channels=3, num_classes=2, base_channels=4, depth=2)
     assert isinstance(model, UNet2D)
     assert json.loads(json.dumps(model.init_kwargs)) == {

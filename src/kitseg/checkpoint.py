@@ -191,6 +191,11 @@ def _check_stage_compatibility(
     else:
         expected = {"in_channels": 3, "num_classes": len(label_map.names)}
         why = {"in_channels": "mask * (y1*I, I, (1-y1)*I)", "num_classes": "the label map"}
+    members = kwargs.get("members")
+    if isinstance(members, list):  # an ensemble: every member must fit the stage
+        for member in members:
+            if isinstance(member, dict) and isinstance(member.get("kwargs"), dict):
+                _check_stage_compatibility(key, member["kwargs"], preprocessing, label_map, path)
     for name, value in expected.items():
         if name in kwargs and kwargs[name] != value:
             raise _fail(

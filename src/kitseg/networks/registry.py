@@ -12,12 +12,14 @@ from typing import Any
 
 from torch import nn
 
+from kitseg.networks.ensemble import StageEnsemble
 from kitseg.networks.unet import UNet2D
 from kitseg.networks.unetpp import UNetPlusPlus2D
 
 _NETWORKS: dict[str, type[nn.Module]] = {
     "unet2d": UNet2D,
     "unetpp2d": UNetPlusPlus2D,
+    "ensemble": StageEnsemble,  # inference only: the mean probability of trained networks
 }
 
 

@@ -1,0 +1,91 @@
+"""Stage ensembles: the mean of trained networks' probabilities, stored and loaded like one network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kitseg.checkpoint import METADATA_KEY, CheckpointError, load_bundle, make_tiny_bundle, read_metadata, save_bundle
+from kitseg.geometry import Volume
+from kitseg.networks import build_network, predict_logits
+from kitseg.phantom import make_synthetic_case
+from kitseg.pipeline import Segmenter
+
+TINY_KWARGS = {"in_channels": 3, "num_classes": 3, "base_channels": 4, "depth": 2}
+TINY_UNETPP = {"architecture": "unetpp2d", "kwargs": TINY_KWARGS}
+NESTED = {"architecture": "ensemble", "kwargs": {"members": [TINY_UNETPP, TINY_UNETPP]}}
+COMBINE = Path(__file__).resolve().parents[1] / "scripts" / "combine_stages.py"
+
+
+def test_softmax_of_the_ensemble_is_the_mean_of_its_members_probabilities():
+    torch.manual_seed(0)
+    ensemble = build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP]).eval()
+    x = torch.randn(2, 3, 24, 20)
+    with torch.no_grad():
+        probs = torch.softmax(ensemble(x), dim=1)
+        members = [torch.softmax(predict_logits(m(x)), dim=1) for m in ensemble.members]
+    assert not torch.allclose(members[0], members[1])  # two different networks
+    torch.testing.assert_close(probs, (members[0] + members[1]) / 2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "members, problem",
+    [
+        ([TINY_UNETPP], "at least 2"),
+        ([TINY_UNETPP, NESTED], "another ensemble"),
+        ([TINY_UNETPP, {"architecture": "unetpp2d", "kwargs": {**TINY_KWARGS, "num_classes": 2}}], "differ"),
+        ([TINY_UNETPP, {"architecture": "unetpp2d"}], "member 1"),
+    ],
+)
+def test_bad_ensembles_are_refused_with_the_reason(members, problem):
+    with pytest.raises(ValueError, match=problem):
+        build_network("ensemble", members=members)
+
+
+def _combine(tmp_path: Path, *stage2_files: str, out: str = "ens.kseg") -> subprocess.CompletedProcess:
+    args = [sys.executable, str(COMBINE), "--stage1", str(tmp_path / "a.kseg"), "--stage2",
+            *[str(tmp_path / f) for f in stage2_files], "--out", str(tmp_path / out)]
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path):
+    """combine_stages.py --stage2 A B: one file, stage 2 = mean of A's and B's stage-2 probabilities."""
+    save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")
+    save_bundle(make_tiny_bundle(seed=2), tmp_path / "b.kseg")
+    assert _combine(tmp_path, "a.kseg", "b.kseg").returncode == 0
+    meta = read_metadata(tmp_path / "ens.kseg")
+    assert meta["stages"]["2"]["architecture"] == "ensemble"
+    assert [s["file"] for s in meta["provenance"]["combined_from"]["stage2"]] == ["a.kseg", "b.kseg"]
+
+    case = make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3)
+    volume = Volume.from_source_array(case.ct, np.diag([2.5, 1.5, 1.5, 1.0]))
+    ensemble, a, b = (Segmenter.from_file(tmp_path / f, device="cpu") for f in ("ens.kseg", "a.kseg", "b.kseg"))
+    prepared = ensemble.prepare(volume)
+    y1 = ensemble.stage1(prepared)
+    mask = np.ones_like(y1, dtype=bool)
+    expected = (a.stage2(prepared, y1, mask) + b.stage2(prepared, y1, mask)) / 2
+    # Stage probabilities are stored as float16: equal up to its rounding.
+    np.testing.assert_allclose(ensemble.stage2(prepared, y1, mask), expected, atol=2e-3)
+    assert _combine(tmp_path, "a.kseg", "b.kseg").returncode != 0  # never overwrites
+
+
+def test_a_member_that_does_not_fit_the_stage_is_refused_on_load(tmp_path):
+    save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")
+    save_bundle(make_tiny_bundle(seed=2), tmp_path / "b.kseg")
+    assert _combine(tmp_path, "a.kseg", "b.kseg").returncode == 0
+    # Rewrite the metadata so that member 1 claims 4 input channels: the file must be refused.
+    with np.load(tmp_path / "ens.kseg", allow_pickle=False) as archive:
+        arrays = dict(archive)
+    meta = json.loads(arrays[METADATA_KEY].tobytes().decode())
+    meta["stages"]["2"]["kwargs"]["members"][1]["kwargs"]["in_channels"] = 4
+    arrays[METADATA_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(tmp_path / "bad.kseg", "wb") as stream:
+        np.savez(stream, **arrays)
+    with pytest.raises(CheckpointError, match=r"bad\.kseg.*in_channels' is 4 but must be 3"):
+        load_bundle(tmp_path / "bad.kseg")
