@@ -10,8 +10,9 @@
 #    hour) on cases 00000-00119, validation on cases 00120-00149 (about 65 minutes on 2 cores);
 # 3. a second round of the same recipe started from the first round's model (--init-from: a warm
 #    restart of the learning-rate schedule; about 75 minutes);
-# 3b. round 3 on the default phantoms (with adrenal glands) from round 2's model; its stage 1
-#    joined with round 2's stage 2 is the shipped model (scripts/combine_stages.py, MODEL_CARD.md);
+# 3b. round 3 on the default phantoms (with adrenal glands) from round 2's model; the shipped
+#    model is its stage 1 with an ensemble of round 2's and round 3's stage 2 (the mean of their
+#    probabilities; scripts/combine_stages.py, MODEL_CARD.md);
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption.
 set -euo pipefail
@@ -31,7 +32,7 @@ $KITS train --data "$WORK/phantoms_v3" --out "$WORK/run_v3" --preset cpu --devic
   --stage2-steps 3000 --val-cases $VAL --init-from "$WORK/run_ft/model.kseg" ${TRAIN_ARGS:-}
 MODEL="$WORK/model_shipped.kseg"
 [ -f "$MODEL" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$WORK/run_v3/stage1/best.kseg" \
-  --stage2 "$WORK/run_ft/model.kseg" --out "$MODEL"
+  --stage2 "$WORK/run_ft/model.kseg" "$WORK/run_v3/model.kseg" --out "$MODEL"
 mkdir -p "$WORK/val_gt"
 for c in $VAL; do ln -sfn "$(realpath "$WORK/phantoms/$c")" "$WORK/val_gt/$c"; done
 $KITS predict "$WORK/val_gt" -o "$WORK/val_pred" --weights "$MODEL" --overwrite

@@ -108,6 +108,29 @@ def test_fine_tuning_refuses_a_model_of_another_recipe(dataset, tmp_path):
     assert not (tmp_path / "wider" / "stage1").exists()  # refused before any training
 
 
+def test_fine_tuning_an_ensemble_starts_stage2_from_its_first_member(dataset, tmp_path):
+    """The shipped model's stage 2 is an ensemble; --init-from takes its first member."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kitseg.training.loop import load_initial_weights
+
+    config = preset("smoke")
+    first = train(dataset, tmp_path / "first", config, device="cpu", progress=False)
+    second = train(dataset, tmp_path / "second", config.replace(seed=1), device="cpu", progress=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "combine_stages.py"
+    ensemble = tmp_path / "ensemble.kseg"
+    subprocess.run([sys.executable, str(script), "--stage1", str(first), "--stage2", str(first), str(second),
+                    "--out", str(ensemble)], check=True, capture_output=True)
+    states, record = load_initial_weights(ensemble, config)
+    expected = load_bundle(first).stage2.module.state_dict()
+    assert states["2"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(states["2"][name], tensor, msg=name)
+    assert record["stage2_sha256"] == read_metadata(ensemble)["stages"]["2"]["weights_sha256"]
+
+
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path):
     config = preset("smoke").replace(steps_per_epoch=2, lr_schedule="poly")
     cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)

@@ -332,7 +332,7 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
     Returns the state dicts by stage ("1", "2") and a provenance record (file name and hashes).
     The file is read like any model file: arrays and JSON only, nothing unpickled.
     """
-    from ..checkpoint import load_bundle, read_metadata
+    from ..checkpoint import StageModel, load_bundle, read_metadata
 
     bundle = load_bundle(path)
     if bundle.preprocessing != config.preprocessing:
@@ -344,6 +344,11 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
         stage = bundle.stage(key)
         if stage is None:
             raise ConfigError(f"{path}: holds no stage {key} network; fine-tuning needs both stages")
+        if stage.architecture == "ensemble":
+            # One network is trained: start from the ensemble's first member (README, Fine-tuning).
+            first = stage.kwargs["members"][0]
+            stage = StageModel(first["architecture"], first["kwargs"], stage.module.members[0])
+            log.info("%s: stage %s is an ensemble; fine-tuning starts from its first member", path, key)
         if stage.architecture != architecture or any(stage.kwargs.get(k) != v for k, v in kwargs.items()):
             raise ConfigError(f"{path}: stage {key} is {stage.architecture} {stage.kwargs}, but the recipe builds "
                               f"{architecture} {kwargs}")
