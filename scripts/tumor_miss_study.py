@@ -7,9 +7,8 @@ For every case of the scores CSV (written by ``kits-seg evaluate --csv``): the r
 volume, the mean HU of tumor and of kidney in the CT (``imaging.nii.gz``), their contrast in
 units of the kidney's HU spread, and the tumor Dice; then the mean Dice per size band and for
 tumors brighter or darker than the kidney on average. ``--ceiling`` also takes each reference
-label map to the networks' grid of a model (one-hot, ``--weights``, default the shipped model)
-and back, the way a
-prediction travels: the tumor Dice that resampling alone leaves.
+label map to a model's network grid and back (one-hot, ``--weights``, default the shipped
+model), the way a prediction travels: the tumor Dice that resampling alone leaves.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)
+        """The grid's (Z, Y, X); channel axes, if any, trail in ``array``."""
+        return tuple(self.array.shape[:3])
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -110,8 +111,12 @@ class Volume:
 
     @classmethod
     def from_source_array(cls, array: np.ndarray, affine: np.ndarray, path: Path | None = None) -> "Volume":
-        """Wrap an array stored on a file's grid (any orientation) as an internal volume."""
-        grid = source_grid_for(array.shape, affine, path)
+        """Wrap an array stored on a file's grid (any orientation) as an internal volume.
+
+        Trailing channel axes (3D + channels, as NIfTI stores vector data) are carried along,
+        the reverse of :meth:`SourceGrid.to_source`.
+        """
+        grid = source_grid_for(array.shape[:3], affine, path)
         internal = np.ascontiguousarray(nio.apply_orientation(array, grid.to_internal))
         return cls(internal, grid.internal_affine(), grid)
 

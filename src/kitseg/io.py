@@ -134,10 +134,8 @@ def _read_array(img: nib.Nifti1Image, path: Path, integer_ok: bool) -> np.ndarra
     return out
 
 
-def read_volume(path: str | os.PathLike, *, integer_ok: bool = True) -> Volume:
-    """Read a 3D NIfTI file as an internal-orientation :class:`Volume`."""
-    path = Path(path)
-    img = _load_nifti(path)
+def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
+    img = _load_nifti(path, channels_ok)
     affine = img.affine
     if affine is None:
         raise InputError(f"{path}: the file has no affine (no qform/sform)")
@@ -148,29 +146,18 @@ def read_volume(path: str | os.PathLike, *, integer_ok: bool = True) -> Volume:
         raise InputError(f"{path}: {exc}") from None
 
 
+def read_volume(path: str | os.PathLike, *, integer_ok: bool = True) -> Volume:
+    """Read a 3D NIfTI file as an internal-orientation :class:`Volume`."""
+    return _read_internal(Path(path), integer_ok, channels_ok=False)
+
+
 def read_probabilities(path: str | os.PathLike) -> Volume:
     """Read a probability map that ``kits-seg predict --save-intermediates`` wrote, as float32.
 
     ``*_y1.nii.gz`` gives a (Z, Y, X) volume; ``*_probs.nii.gz`` (class channels last, as NIfTI
     stores vector data) gives (Z, Y, X, C), each channel in the internal orientation.
     """
-    path = Path(path)
-    img = _load_nifti(path, channels_ok=True)
-    if img.affine is None:
-        raise InputError(f"{path}: the file has no affine (no qform/sform)")
-    data = _read_array(img, path, integer_ok=False)
-    if data.ndim == 3:
-        channels = [data]
-    else:
-        channels = [data[..., c] for c in range(data.shape[3])]
-    try:
-        first = Volume.from_source_array(channels[0], img.affine, path)
-    except ValueError as exc:
-        raise InputError(f"{path}: {exc}") from None
-    if data.ndim == 3:
-        return first
-    internal = [first.array] + [Volume.from_source_array(c, img.affine, path).array for c in channels[1:]]
-    return first.like(np.stack(internal, axis=-1))
+    return _read_internal(Path(path), integer_ok=False, channels_ok=True)
 
 
 def read_ct(path: str | os.PathLike) -> Volume:
