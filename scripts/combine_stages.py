@@ -9,7 +9,9 @@ the mean of their class probabilities).
 Used when a fine-tuning round improves stage 1 (where a false kidney piece starts: stage 2 only
 looks inside stage 1's mask) before its stage 2 is done or better. Both files must share the
 preprocessing, label map and mask settings, or the networks would read another image than the
-one they were trained on. The new file's provenance names both sources, with their weight
+one they were trained on; the one allowed difference is how many neighbouring slices stage 2
+sees (``stage2_context_slices``): a stage 2 that sees fewer is widened to exactly the same
+network on the wider input, so it can join an ensemble with one that sees more. The new file's provenance names both sources, with their weight
 SHA-256s and their own provenance, so `kits-seg info` tells where each stage came from.
 """
 
@@ -33,6 +35,7 @@ def main() -> int:
 
     from kitseg.checkpoint import StageModel, load_bundle, read_metadata, save_bundle
     from kitseg.networks import build_network
+    from kitseg.pipeline import widen_stage2_input
 
     first = load_bundle(args.stage1)
     seconds = [load_bundle(path) for path in args.stage2]
@@ -40,10 +43,28 @@ def main() -> int:
     for path, name, stage in stages:
         if stage is None:
             raise SystemExit(f"{path}: has no {name}")
+    # Stage 2 may see neighbouring slices (stage2_context_slices); any other difference would make
+    # a network read another image than the one it was trained on.
+    context = max(b.preprocessing.stage2_context_slices for b in seconds)
+    preprocessing = replace(first.preprocessing, stage2_context_slices=context)
     for path, second in zip(args.stage2, seconds):
-        for field in ("preprocessing", "label_map", "mask"):
+        if replace(second.preprocessing, stage2_context_slices=context) != preprocessing:
+            raise SystemExit(f"{args.stage1} and {path} differ in preprocessing: their stages cannot be combined")
+        for field in ("label_map", "mask"):
             if getattr(first, field) != getattr(second, field):
                 raise SystemExit(f"{args.stage1} and {path} differ in {field}: their stages cannot be combined")
+
+    def widened(bundle) -> StageModel:
+        """The bundle's stage 2, reading ``context`` neighbours on each side (exactly the same output)."""
+        stage, own = bundle.stage2, bundle.preprocessing.stage2_context_slices
+        if own == context:
+            return stage
+        if stage.architecture == "ensemble":
+            raise SystemExit("an ensemble stage 2 cannot be widened; combine its source files instead")
+        kwargs = {**stage.kwargs, "in_channels": preprocessing.stage2_in_channels}
+        module = build_network(stage.architecture, **kwargs)
+        module.load_state_dict(widen_stage2_input(stage.module.state_dict(), module.state_dict(), own, context))
+        return StageModel(stage.architecture, kwargs, module.eval())
 
     def source(path: Path, key: str) -> dict:
         meta = read_metadata(path)
@@ -57,16 +78,16 @@ def main() -> int:
         "combined_from": {"stage1": source(args.stage1, "1"),
                           "stage2": stage2_sources[0] if len(stage2_sources) == 1 else stage2_sources},
     }
-    stage2 = seconds[0].stage2
+    members = [widened(b) for b in seconds]
+    stage2 = members[0]
     if len(seconds) > 1:
-        members = [b.stage2 for b in seconds]
         ensemble = build_network("ensemble", members=[{"architecture": m.architecture, "kwargs": m.kwargs}
                                                       for m in members])
         for slot, member in zip(ensemble.members, members):
             slot.load_state_dict(member.module.state_dict())
         stage2 = StageModel.from_module(ensemble.eval())
-    second = seconds[0]
-    combined = replace(second, stage1=first.stage1, stage2=stage2, provenance=provenance)
+    combined = replace(seconds[0], preprocessing=preprocessing, stage1=first.stage1, stage2=stage2,
+                       provenance=provenance)
     print(f"wrote {save_bundle(combined, args.out, overwrite=False)}")
     return 0
 

@@ -9,6 +9,8 @@ units of the kidney's HU spread, and the tumor Dice; then the mean Dice per size
 tumors brighter or darker than the kidney on average. ``--ceiling`` also takes each reference
 label map to a model's network grid and back (one-hot, ``--weights``, default the shipped
 model), the way a prediction travels: the tumor Dice that resampling alone leaves.
+``--phantom-seed N`` (phantoms made by ``kits-seg phantom --seed N``) also names each case's
+contrast phase, drawn again from the case's seed, and reports the Dice per phase.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TumorCase(NamedTuple):
     tumor_hu: float
     contrast: float  # (tumor HU - kidney HU) / kidney HU spread
     tumor_dice: float
+    phase: str  # contrast phase of a phantom ("?" when not asked for)
 
 
 def main() -> int:
@@ -38,17 +41,28 @@ def main() -> int:
     parser.add_argument("--scores", type=Path, required=True, help="CSV of kits-seg evaluate --csv")
     parser.add_argument("--ceiling", action="store_true", help="also score the reference after the grid round trip")
     parser.add_argument("--weights", type=Path, default=None, help="model whose grid --ceiling uses (default: shipped)")
+    parser.add_argument("--phantom-seed", type=int, default=None,
+                        help="the --seed of kits-seg phantom that made --gt: report the Dice per contrast phase")
     args = parser.parse_args()
 
     from kitseg.checkpoint import read_metadata
     from kitseg.config import PreprocessingConfig
     from kitseg.io import read_ct, read_labels
     from kitseg.metrics import dice
+    from kitseg.phantom.params import PhantomParams, sample_protocol
+    from kitseg.phantom.realistic import case_seed
     from kitseg.preprocess import StageGrid
     from kitseg.weights import default_weights_path
 
     weights = args.weights or default_weights_path()
     preprocessing = PreprocessingConfig(**read_metadata(weights)["preprocessing"])
+
+    def phase_of(case: str) -> str:
+        if args.phantom_seed is None:
+            return "?"
+        # The protocol is the first draw from the case's generator (kitseg.phantom.realistic).
+        rng = np.random.default_rng(case_seed(args.phantom_seed, case))
+        return sample_protocol(rng, PhantomParams()).phase
 
     def round_trip(labels_volume) -> np.ndarray:
         grid = StageGrid.for_volume(labels_volume, preprocessing)
@@ -59,7 +73,7 @@ def main() -> int:
     if not rows:
         raise SystemExit(f"{args.scores}: no case rows")
     cases, ceilings = [], []
-    print(f"{'case':<11} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'tumor Dice':>10}")
+    print(f"{'case':<11} {'phase':<8} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'tumor Dice':>10}")
     for row in rows:
         ct = read_ct(args.gt / row["case"] / "imaging.nii.gz")
         labels_volume = read_labels(args.gt / row["case"] / "segmentation.nii.gz", like=ct)
@@ -69,9 +83,9 @@ def main() -> int:
             continue  # no tumor: nothing to miss
         contrast = float((tumor_hu.mean() - kidney_hu.mean()) / max(kidney_hu.std(), 1.0))
         c = TumorCase(row["case"], float(row["ref_tumor_ml"]), float(kidney_hu.mean()), float(tumor_hu.mean()),
-                      contrast, float(row["tumor_dice"]))
+                      contrast, float(row["tumor_dice"]), phase_of(row["case"]))
         cases.append(c)
-        line = (f"{c.case:<11} {c.tumor_ml:9.1f} {c.kidney_hu:10.1f} {c.tumor_hu:9.1f} {c.contrast:8.2f} "
+        line = (f"{c.case:<11} {c.phase:<8} {c.tumor_ml:9.1f} {c.kidney_hu:10.1f} {c.tumor_hu:9.1f} {c.contrast:8.2f} "
                 f"{c.tumor_dice:10.3f}")
         if args.ceiling:
             ceilings.append(dice(round_trip(labels_volume) == 2, labels == 2))
@@ -87,6 +101,8 @@ def main() -> int:
         report(f"tumor {low:g}-{high:g} mL", [c for c in cases if low <= c.tumor_ml < high])
     report("tumor brighter than kidney (mean)", [c for c in cases if c.contrast > 0])
     report("tumor darker than kidney (mean)", [c for c in cases if c.contrast <= 0])
+    for phase in sorted({c.phase for c in cases} - {"?"}):
+        report(f"phase {phase}", [c for c in cases if c.phase == phase])
     if ceilings:
         print(f"resampling ceiling ({weights.name}: {preprocessing.slice_spacing_mm:g} mm slices, "
               f"{preprocessing.inplane_spacing_mm or 'native'} mm in-plane): "

@@ -164,6 +164,8 @@ def test_unknown_architecture_lists_valid_ones(saved: Path) -> None:
         (lambda m: m["stages"]["2"].pop("weights_sha256"), r"field 'stages\.2\.weights_sha256' is missing"),
         (lambda m: m["preprocessing"].update(context_slice=1), r"unknown field\(s\) context_slice"),
         (lambda m: m["preprocessing"].update(context_slices=2), r"stages\.1\.kwargs\.in_channels' is 3 but must be 5"),
+        (lambda m: m["preprocessing"].update(stage2_context_slices=1),
+         r"stages\.2\.kwargs\.in_channels' is 3 but must be 9"),
     ],
 )
 def test_missing_or_wrong_field_is_named(saved: Path, edit: Callable, message: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kitseg.checkpoint import METADATA_KEY, CheckpointError, load_bundle, make_tiny_bundle, read_metadata, save_bundle
+from kitseg.config import PreprocessingConfig
 from kitseg.geometry import Volume
 from kitseg.networks import build_network, predict_logits
 from kitseg.phantom import make_synthetic_case
@@ -54,12 +55,18 @@ def _combine(tmp_path: Path, *stage2_files: str, out: str = "ens.kseg") -> subpr
     return subprocess.run(args, capture_output=True, text=True)
 
 
-def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path):
-    """combine_stages.py --stage2 A B: one file, stage 2 = mean of A's and B's stage-2 probabilities."""
+@pytest.mark.parametrize("b_context", [0, 1])
+def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path, b_context):
+    """combine_stages.py --stage2 A B: one file, stage 2 = mean of A's and B's stage-2 probabilities.
+
+    With B's stage 2 seeing a neighbouring slice on each side (A's not), A's joins widened.
+    """
     save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")
-    save_bundle(make_tiny_bundle(seed=2), tmp_path / "b.kseg")
+    save_bundle(make_tiny_bundle(seed=2, preprocessing=PreprocessingConfig(stage2_context_slices=b_context)),
+                tmp_path / "b.kseg")
     assert _combine(tmp_path, "a.kseg", "b.kseg").returncode == 0
     meta = read_metadata(tmp_path / "ens.kseg")
+    assert meta["preprocessing"]["stage2_context_slices"] == b_context
     assert meta["stages"]["2"]["architecture"] == "ensemble"
     assert [s["file"] for s in meta["provenance"]["combined_from"]["stage2"]] == ["a.kseg", "b.kseg"]
 

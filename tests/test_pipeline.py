@@ -122,6 +122,39 @@ def test_pruned_stage2_uses_the_shallow_head(volume):
         Segmenter(make_tiny_bundle(seed=0), device="cpu", stage2_level=9)
 
 
+def test_stage2_neighbours_widened_network_predicts_as_before_then_uses_them(tiny_bundle, volume):
+    import torch
+
+    from kitseg.checkpoint import StageModel
+    from kitseg.networks import build_network
+    from kitseg.pipeline import stage2_context_input, widen_stage2_input
+
+    plain = tiny_bundle.stage2
+    kwargs = {**plain.kwargs, "in_channels": 9}
+    net = build_network(plain.architecture, **kwargs)
+    net.load_state_dict(widen_stage2_input(plain.module.state_dict(), net.state_dict(), 0, 1))
+    wide_bundle = replace(tiny_bundle, preprocessing=replace(tiny_bundle.preprocessing, stage2_context_slices=1),
+                          stage2=StageModel(plain.architecture, kwargs, net.eval()))
+    before, after = Segmenter(tiny_bundle, device="cpu", batch_size=3), Segmenter(wide_bundle, device="cpu", batch_size=3)
+    prepared = before.prepare(volume)
+    y1 = before.stage1(prepared)
+    mask = make_mask(y1, 0.5, 2) | (np.arange(y1.shape[0]) >= 2)[:, None, None]
+    np.testing.assert_allclose(after.stage2(prepared, y1, mask).astype(np.float32),
+                               before.stage2(prepared, y1, mask).astype(np.float32), atol=2e-3)
+    # The input puts each slice's (y1*I, I, (1-y1)*I) slice by slice, the centre in channels 3..5.
+    near = np.array([[0, 0, 1], [3, 4, 5]])
+    x = stage2_context_input(prepared.image[near], y1[near], mask[near])
+    assert x.shape == (2, 9) + prepared.image.shape[1:]
+    np.testing.assert_array_equal(x[1, 3:6], stage2_input(prepared.image[4], y1[4], mask[4]))
+    np.testing.assert_array_equal(x[0, 0:3], x[0, 3:6])  # the first slice's missing neighbour: itself
+    # Once the neighbours' weights are not zero they change the output.
+    first = next(p for p in net.parameters() if p.ndim == 4)
+    with torch.no_grad():
+        first[:, :3] = 0.5
+    assert not np.allclose(after.stage2(prepared, y1, mask).astype(np.float32),
+                           before.stage2(prepared, y1, mask).astype(np.float32), atol=1e-2)
+
+
 def test_mirroring_averages_a_slice_and_its_mirror_image(tiny_bundle, volume):
     plain = Segmenter(tiny_bundle, device="cpu")
     mirrored = Segmenter(tiny_bundle, device="cpu", mirror=True)

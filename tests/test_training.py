@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from kitseg.checkpoint import load_bundle, read_metadata
 from kitseg.config import ConfigError
 from kitseg.phantom import make_synthetic_case
 from kitseg.training import preset
-from kitseg.training.data import Stage1Sampler, Stage2Sampler, load_cases, split_cases
+from kitseg.training.data import Stage1Sampler, Stage2Sampler, StageCase, load_cases, split_cases
 from kitseg.training.loop import DistInfo, stage1_task, train, train_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,35 @@ def test_split_is_reproducible_and_disjoint():
     assert len(val_a) == 2 and not set(train_a) & set(val_a)
 
 
+def test_out_of_fold_split_keeps_images_of_one_mask_together(dataset, tmp_path):
+    from kitseg.training.data import out_of_fold_split
+
+    config = preset("smoke")
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    names = [[c.name for c in fold] for fold in out_of_fold_split(cases, 2)]
+    assert names == [[c.name for c in cases[k::2]] for k in range(2)]  # no repeats: as before
+    # A second image drawn around case 0's mask (another phantom seed) must share its fold.
+    redraw = StageCase("case_00000_seed1", cases[0].image + 0.1, cases[0].labels.copy(), cases[0].spacing)
+    folds = out_of_fold_split(sorted([*cases, redraw], key=lambda c: c.name), 2)
+    where = {c.name: k for k, fold in enumerate(folds) for c in fold}
+    assert where["case_00000_seed1"] == where["case_00000"]
+    assert sorted(where) == sorted(c.name for c in [*cases, redraw]) and all(folds)
+
+
+def test_a_validation_case_sharing_a_training_label_map_is_named(dataset, tmp_path, caplog):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    same_mask = make_synthetic_case(shape=(20, 40, 44), spacing=(2.5, 1.5, 1.5), seed=10)  # case_00000's seed
+    replace(same_mask, ct=same_mask.ct + 7).save_case_folder(data / "case_00000_seed1")  # another image of it
+    with caplog.at_level("WARNING", logger="kitseg.training.loop"):
+        train(data, tmp_path / "run", preset("smoke"), device="cpu", progress=False,
+              val_cases=["case_00000_seed1", "case_00003"])
+    assert "validation case case_00000_seed1 has the same label map as training case case_00000" in caplog.text
+    assert "case_00003 has the same" not in caplog.text
+
+
 def test_labels_to_stage_keeps_classes(dataset):
     cases = load_cases(dataset, preset("smoke").preprocessing, cache_dir=None, progress=False)
     assert all(set(np.unique(c.labels)) <= {0, 1, 2} for c in cases)
@@ -54,10 +84,25 @@ def test_samplers_shapes_and_oof_inputs(dataset):
     assert image.shape == (3, 3, 32, 32) and target.shape == (3, 32, 32) and target.any()
     y1 = {c.name: np.full(c.image.shape, 0.5, np.float16) for c in cases}
     img, y, mask, labels = Stage2Sampler(cases, y1, config.mask, 32, 1.0).sample(2, rng)
-    assert img.shape == y.shape == mask.shape == labels.shape == (2, 32, 32)
+    assert img.shape == y.shape == mask.shape == (2, 1, 32, 32) and labels.shape == (2, 32, 32)
     h, w = cases[0].image.shape[1:]  # slices smaller than the crop are zero-padded
-    assert np.all(y[:, :h, :w] == 0.5) and np.all(y[:, h:, :] == 0)  # the given (out-of-fold) y1
+    assert np.all(y[..., :h, :w] == 0.5) and np.all(y[..., h:, :] == 0)  # the given (out-of-fold) y1
     assert mask.sum() > 0 and (labels == 2).any()
+
+
+def test_stage2_sampler_gives_each_slice_its_neighbours(dataset):
+    config = preset("smoke")
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    # y1 = the slice index, so each sample shows which slices it was cut from.
+    y1 = {c.name: np.broadcast_to(np.arange(c.image.shape[0], dtype=np.float16)[:, None, None], c.image.shape)
+          for c in cases}
+    img, y, mask, labels = Stage2Sampler(cases, y1, config.mask, None, 0.5, context=1).sample(16, np.random.default_rng(1))
+    assert img.shape[:2] == y.shape[:2] == mask.shape[:2] == (16, 3) and labels.shape == (16,) + img.shape[2:]
+    z = y[:, 1, 0, 0]
+    n = cases[0].image.shape[0]
+    np.testing.assert_array_equal(y[:, 0, 0, 0], np.maximum(z - 1, 0))  # the edge slice repeats, as at inference
+    np.testing.assert_array_equal(y[:, 2, 0, 0], np.minimum(z + 1, n - 1))
+    assert np.all(mask[:, 1].reshape(16, -1).any(axis=1))  # the sampled slice is inside the mask
 
 
 def test_train_smoke_end_to_end(dataset, tmp_path):
@@ -129,6 +174,36 @@ def test_fine_tuning_an_ensemble_starts_stage2_from_its_first_member(dataset, tm
     for name, tensor in expected.items():
         torch.testing.assert_close(states["2"][name], tensor, msg=name)
     assert record["stage2_sha256"] == read_metadata(ensemble)["stages"]["2"]["weights_sha256"]
+
+
+def test_fine_tuning_gives_stage2_neighbouring_slices(dataset, tmp_path):
+    """--stage2-context-slices 1 from a 3-channel model: stage 2 starts from exactly the given network."""
+    from kitseg.training.loop import load_initial_weights
+
+    plain = preset("smoke")
+    base = train(dataset, tmp_path / "base", plain, device="cpu", progress=False)
+    wide = plain.replace(preprocessing=replace(plain.preprocessing, stage2_context_slices=1))
+    states, _ = load_initial_weights(base, wide)
+    before = load_bundle(base).stage2.module.state_dict()
+    first = next(name for name, t in before.items() if t.ndim == 4)
+    assert states["2"][first].shape[1] == 9
+    torch.testing.assert_close(states["2"][first][:, 3:6], before[first])  # the centre slice: the old weights
+    assert not states["2"][first][:, :3].any() and not states["2"][first][:, 6:].any()  # neighbours start at zero
+    for name, tensor in before.items():
+        if name != first:
+            torch.testing.assert_close(states["2"][name], tensor, msg=name)
+    result = subprocess.run(
+        [sys.executable, "-m", "kitseg.cli", "train", "--data", str(dataset), "--out", str(tmp_path / "wide"),
+         "--preset", "smoke", "--device", "cpu", "--no-progress", "--stage2-context-slices", "1",
+         "--init-from", str(base)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert result.returncode == 0, result.stderr
+    model = load_bundle(tmp_path / "wide" / "model.kseg")
+    assert model.preprocessing.stage2_context_slices == 1 and model.stage2.kwargs["in_channels"] == 9
+    # A model that already sees neighbours cannot be narrowed back to the paper's input.
+    with pytest.raises(ConfigError, match="stage2_context_slices to at least 1"):
+        load_initial_weights(tmp_path / "wide" / "model.kseg", plain)
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path):

@@ -189,8 +189,9 @@ def _check_stage_compatibility(
         expected = {"in_channels": preprocessing.stage1_in_channels, "num_classes": 2}
         why = {"in_channels": "2 * preprocessing.context_slices + 1", "num_classes": "background + foreground"}
     else:
-        expected = {"in_channels": 3, "num_classes": len(label_map.names)}
-        why = {"in_channels": "mask * (y1*I, I, (1-y1)*I)", "num_classes": "the label map"}
+        expected = {"in_channels": preprocessing.stage2_in_channels, "num_classes": len(label_map.names)}
+        why = {"in_channels": "3 * (2 * preprocessing.stage2_context_slices + 1): mask * (y1*I, I, (1-y1)*I) per slice",
+               "num_classes": "the label map"}
     members = kwargs.get("members")
     if isinstance(members, list):  # an ensemble: every member must fit the stage
         for member in members:
@@ -416,7 +417,8 @@ def make_tiny_bundle(seed: int = 0, preprocessing: PreprocessingConfig | None = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         stage1 = UNet2D(preprocessing.stage1_in_channels, 2, base_channels=4, depth=2)
-        stage2 = UNetPlusPlus2D(3, len(label_map.names), base_channels=4, depth=2, deep_supervision=True)
+        stage2 = UNetPlusPlus2D(preprocessing.stage2_in_channels, len(label_map.names), base_channels=4, depth=2,
+                                deep_supervision=True)
     return ModelBundle(
         preprocessing=preprocessing,
         label_map=label_map,

@@ -88,11 +88,50 @@ def make_mask(
     return dilate_ball(y1 >= threshold, radius, spacing)
 
 
+def neighbour_indices(indices: np.ndarray, context: int, n_slices: int) -> np.ndarray:
+    """(B, 2*context+1) slice indices: each slice with its neighbours, the edge slices repeated."""
+    offsets = np.arange(-context, context + 1)
+    return np.clip(np.asarray(indices)[:, None] + offsets[None, :], 0, n_slices - 1)
+
+
 def _stage1_batch(image: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
     """(B, 2*context+1, Ys, Xs) input: each slice with its neighbours (edges repeat)."""
-    offsets = np.arange(-context, context + 1)
-    neighbour = np.clip(indices[:, None] + offsets[None, :], 0, image.shape[0] - 1)
-    return image[neighbour]
+    return image[neighbour_indices(indices, context, image.shape[0])]
+
+
+def stage2_context_input(image, y1, mask):
+    """:func:`stage2_input` of a slice and its neighbours, as one (B, 3*K, H, W) network input.
+
+    ``image``, ``y1`` and ``mask`` are (B, K, H, W): K = 2*context+1 slices centred on each
+    sample. Channels run slice by slice, each the method's (y1*I, I, (1-y1)*I), so the
+    centre slice's three are channels 3*context .. 3*context+2 and K = 1 is the paper's input.
+    """
+    x = stage2_input(image, y1, mask)  # (B, K, 3, H, W)
+    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def widen_stage2_input(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], from_context: int,
+                       to_context: int) -> dict[str, torch.Tensor]:
+    """A stage-2 state dict for more neighbouring slices, computing exactly what it computed before.
+
+    Weights reading the input (the first convolution: ``3 * (2*from_context + 1)`` input channels)
+    are placed on the same slices in the wider input and the new slices' weights are zero, so
+    fine-tuning starts from the given network's output and learns what the neighbours add.
+    """
+    offset = 3 * (to_context - from_context)
+    widened = {}
+    for name, tensor in state.items():
+        want = target[name].shape
+        if tensor.shape == want:
+            widened[name] = tensor
+            continue
+        if (tensor.ndim < 2 or tensor.shape[0] != want[0] or tensor.shape[2:] != want[2:]
+                or tensor.shape[1] != 3 * (2 * from_context + 1) or want[1] != 3 * (2 * to_context + 1)):
+            raise ValueError(f"stage 2 weight {name!r} has shape {tuple(tensor.shape)}; cannot widen it to {tuple(want)}")
+        wide = torch.zeros(want, dtype=tensor.dtype)
+        wide[:, offset: offset + tensor.shape[1]] = tensor
+        widened[name] = wide
+    return widened
 
 
 class Segmenter:
@@ -231,10 +270,13 @@ class Segmenter:
             box = tuple(slice(0, n) for n in shape)
         zs, ys, xs = box
         total = zs.stop - zs.start
+        context = self.bundle.preprocessing.stage2_context_slices
         for start in range(zs.start, zs.stop, self.batch_size):
             stop = min(zs.stop, start + self.batch_size)
             region = (slice(start, stop), ys, xs)
-            batch = stage2_input(prepared.image[region], y1[region], mask[region])
+            # Neighbours come from the whole volume: outside the mask they are zeros, as in training.
+            near = neighbour_indices(np.arange(start, stop), context, shape[0])
+            batch = stage2_context_input(prepared.image[near, ys, xs], y1[near, ys, xs], mask[near, ys, xs])
             probs = self._forward_probs(self.stage2_net, batch)  # (B, 3, h, w)
             inside = mask[region][:, None]
             background = np.zeros((1, 3, 1, 1), np.float32)

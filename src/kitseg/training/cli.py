@@ -30,6 +30,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage1-steps", type=int, default=None)
     p.add_argument("--stage2-steps", type=int, default=None)
     p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--stage2-context-slices", type=int, default=None, metavar="N",
+                   help="neighbouring slices on each side that stage 2 also sees (0: the paper's 3-channel input)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help='override any config field, e.g. --set learning_rate=3e-4 --set \'stage1_kwargs={"base_channels":16}\'')
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL.kseg",
@@ -49,6 +51,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for item in args.set:
         field, _, value = item.partition("=")
         changes[field] = json.loads(value)
+    if args.stage2_context_slices is not None:
+        preprocessing = changes.get("preprocessing", config.preprocessing.to_dict())
+        changes["preprocessing"] = {**preprocessing, "stage2_context_slices": args.stage2_context_slices}
     if changes:
         config = type(config).from_dict({**config.to_dict(), **changes})
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -21,6 +21,7 @@ from ..atomic import atomic_path
 from ..config import MaskConfig, PreprocessingConfig
 from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
 from ..morphology import dilate_ball
+from ..pipeline import neighbour_indices
 from ..preprocess import StageGrid, prepare
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def labels_to_stage(labels: np.ndarray, grid: StageGrid, num_classes: int = 3) -
 
 def _cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
     stat = case.image_path.stat()
-    ident = json.dumps([str(case.image_path.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict()])
+    ident = json.dumps([str(case.image_path.resolve()), stat.st_size, stat.st_mtime_ns, config.preparation_key()])
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
@@ -101,6 +102,25 @@ def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[
     n_val = max(1, int(round(len(names) * val_fraction))) if len(names) > 1 else 0
     val = sorted(names[i] for i in order[:n_val])
     return [n for n in names if n not in val], val
+
+
+def label_map_key(case: StageCase) -> str:
+    """Identifies a case's label map: images drawn around one mask (phantoms of other seeds) share it."""
+    return hashlib.sha256(repr(case.labels.shape).encode() + case.labels.tobytes()).hexdigest()
+
+
+def out_of_fold_split(cases: list[StageCase], n_folds: int) -> list[list[StageCase]]:
+    """Training cases in ``n_folds`` folds for out-of-fold y1, cases sharing a label map in one fold.
+
+    A fold model predicts y1 for the cases it did not see; had it seen another image of the same
+    mask, it would know the anatomy and its y1 would be better than stage 1's on a new patient.
+    Without such repeats the folds are ``cases[k::n_folds]``.
+    """
+    groups: dict[str, list[StageCase]] = {}
+    for case in cases:
+        groups.setdefault(label_map_key(case), []).append(case)
+    ordered = list(groups.values())
+    return [[case for group in ordered[k::n_folds] for case in group] for k in range(n_folds)]
 
 
 def _crop_window(size: int, extent: int, centre: float, rng: np.random.Generator) -> tuple[int, int]:
@@ -152,11 +172,14 @@ class Stage2Sampler:
     """Batches of stage-2 inputs: (image, y1, mask, labels) slices, cropped around the mask.
 
     The mask is the ground-truth foreground dilated by the method's ball (as the paper trains);
-    y1 are out-of-fold stage-1 predictions, never the ground truth.
+    y1 are out-of-fold stage-1 predictions, never the ground truth. image, y1 and mask come as
+    (B, 2*context+1, H, W): each sampled slice with its neighbours (edges repeated, as at
+    inference); labels are the sampled slice's, (B, H, W).
     """
 
-    def __init__(self, cases: list[StageCase], y1: dict[str, np.ndarray], mask: MaskConfig, crop: int | None, tumor_fraction: float):
-        self.cases, self.y1, self.crop, self.tumor_fraction = cases, y1, crop, tumor_fraction
+    def __init__(self, cases: list[StageCase], y1: dict[str, np.ndarray], mask: MaskConfig, crop: int | None,
+                 tumor_fraction: float, context: int = 0):
+        self.cases, self.y1, self.crop, self.tumor_fraction, self.context = cases, y1, crop, tumor_fraction, context
         self.masks = []
         for c in cases:
             spacing = c.spacing if mask.radius_unit == "mm" else None
@@ -175,13 +198,15 @@ class Stage2Sampler:
             case, mask = self.cases[ci], self.masks[ci]
             tumor = self._tumor[ci]
             z = int(rng.choice(tumor)) if tumor.size and rng.random() < self.tumor_fraction else int(rng.choice(self._mask_slices[ci]))
-            arrays = {"image": case.image[z], "y1": self.y1[case.name][z].astype(np.float32), "mask": mask[z], "labels": case.labels[z]}
+            near = neighbour_indices(np.array([z]), self.context, case.image.shape[0])[0]
+            arrays = {"image": case.image[near], "y1": self.y1[case.name][near].astype(np.float32), "mask": mask[near],
+                      "labels": case.labels[z]}
             if self.crop is not None:
                 ys, xs = np.nonzero(mask[z])
                 pick = int(rng.integers(ys.size))  # centre on a random mask pixel: both kidneys get seen
                 y0, y1 = _crop_window(self.crop, mask.shape[1], ys[pick], rng)
                 x0, x1 = _crop_window(self.crop, mask.shape[2], xs[pick], rng)
-                arrays = {k: v[y0:y1, x0:x1] for k, v in arrays.items()}
+                arrays = {k: v[..., y0:y1, x0:x1] for k, v in arrays.items()}
             for k, v in arrays.items():
                 parts[k].append(_pad_to(v, self.crop))
         image, y1, mask, labels = (_stack_same_size(parts[k]) for k in ("image", "y1", "mask", "labels"))

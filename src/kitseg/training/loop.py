@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from ..config import KITS_LABELS, ConfigError
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..networks import build_network
-from ..pipeline import Segmenter, make_mask, stage2_input
+from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2_input
 from ..preprocess import PreparedVolume
 from .config import TrainConfig
 from .data import (
@@ -44,7 +45,9 @@ from .data import (
     Stage2Sampler,
     StageCase,
     augment_intensity,
+    label_map_key,
     load_cases,
+    out_of_fold_split,
     random_affine_grids,
     split_cases,
     warp,
@@ -292,20 +295,28 @@ def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfi
                      "val_foreground_dice" if val else None)
 
 
+def stage2_network_kwargs(config: TrainConfig) -> dict:
+    return {"in_channels": config.preprocessing.stage2_in_channels, "num_classes": len(KITS_LABELS.names),
+            "deep_supervision": True, **config.stage2_kwargs}
+
+
 def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_y1: dict, config: TrainConfig, device) -> StageTask:
-    sampler = Stage2Sampler(train, oof_y1, config.mask, config.crop_stage2, config.tumor_fraction)
-    kwargs = {"in_channels": 3, "num_classes": 3, "deep_supervision": True, **config.stage2_kwargs}
+    context = config.preprocessing.stage2_context_slices
+    sampler = Stage2Sampler(train, oof_y1, config.mask, config.crop_stage2, config.tumor_fraction, context)
+    kwargs = stage2_network_kwargs(config)
 
     def make_batch(rng, batch, device):
+        # image, y1, mask: (B, K, H, W), the sampled slice and its neighbours; labels: (B, H, W).
         image, y1, mask, labels = (torch.from_numpy(a).to(device) for a in sampler.sample(batch, rng))
         if config.augment:
             grid = random_affine_grids(image.shape[0], image.shape[-2:], rng, device)
-            image = augment_intensity(warp(image[:, None], grid, "bilinear", fill=-1.0), rng)[:, 0]
-            y1 = warp(y1[:, None], grid, "bilinear")[:, 0].clamp(0, 1)
-            mask = warp(mask[:, None], grid, "nearest")[:, 0]
+            image = augment_intensity(warp(image, grid, "bilinear", fill=-1.0), rng)
+            y1 = warp(y1, grid, "bilinear").clamp(0, 1)
+            mask = warp(mask, grid, "nearest")
             labels = warp(labels[:, None].float(), grid, "nearest")[:, 0].long()
-        x = stage2_input(image, y1, mask)
-        return x, lambda out: deep_supervision_loss(out, labels, mask, dice_weight=config.stage2_dice_weight)
+        x = stage2_context_input(image, y1, mask)
+        centre_mask = mask[:, context]
+        return x, lambda out: deep_supervision_loss(out, labels, centre_mask, dice_weight=config.stage2_dice_weight)
 
     def validate(module):
         if not val:
@@ -335,9 +346,14 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
     from ..checkpoint import StageModel, load_bundle, read_metadata
 
     bundle = load_bundle(path)
-    if bundle.preprocessing != config.preprocessing:
+    from_context = bundle.preprocessing.stage2_context_slices
+    to_context = config.preprocessing.stage2_context_slices
+    if dataclasses.replace(bundle.preprocessing, stage2_context_slices=to_context) != config.preprocessing:
         raise ConfigError(f"{path}: was trained on another grid or intensity window ({bundle.preprocessing}) than "
                           f"the {config.preset!r} recipe ({config.preprocessing}); fine-tune with the recipe it was made with")
+    if from_context > to_context:
+        raise ConfigError(f"{path}: its stage 2 sees {from_context} neighbouring slice(s) on each side; the recipe "
+                          f"gives it {to_context}: set stage2_context_slices to at least {from_context}")
     wanted = {"1": (config.stage1_architecture, config.stage1_kwargs), "2": (config.stage2_architecture, config.stage2_kwargs)}
     states = {}
     for key, (architecture, kwargs) in wanted.items():
@@ -353,6 +369,11 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
             raise ConfigError(f"{path}: stage {key} is {stage.architecture} {stage.kwargs}, but the recipe builds "
                               f"{architecture} {kwargs}")
         states[key] = stage.module.state_dict()
+    if to_context != from_context:
+        target = build_network(config.stage2_architecture, **stage2_network_kwargs(config)).state_dict()
+        states["2"] = widen_stage2_input(states["2"], target, from_context, to_context)
+        log.info("%s: stage 2 widened from %d to %d neighbouring slices (new inputs start at zero weight)",
+                 path, from_context, to_context)
     meta = read_metadata(path)
     record = {"file": Path(path).name, **{f"stage{k}_sha256": meta["stages"][k]["weights_sha256"] for k in ("1", "2")}}
     return states, record
@@ -440,6 +461,11 @@ def train(
             split_path.write_text(json.dumps(split, indent=2))
     train_cases = [by_name[n] for n in split["train"]]
     val_set = [by_name[n] for n in split["validation"]]
+    seen = {label_map_key(c): c.name for c in train_cases}
+    for case in val_set:
+        if label_map_key(case) in seen:
+            log.warning("validation case %s has the same label map as training case %s: its Dice will be optimistic",
+                        case.name, seen[label_map_key(case)])
     provenance = {
         "kitseg_version": __version__, "preset": config.preset, "data": str(data_dir), "command": command,
         "train_cases": split["train"], "validation_cases": split["validation"],
@@ -451,7 +477,7 @@ def train(
     # 1. Out-of-fold stage-1 predictions for stage 2's training (never the ground truth).
     oof_dir = run_dir / "oof_y1"
     oof_dir.mkdir(parents=True, exist_ok=True)
-    folds = [train_cases[k :: config.oof_folds] for k in range(config.oof_folds)]
+    folds = out_of_fold_split(train_cases, config.oof_folds)
     for k, held_out in enumerate(folds):
         if all((oof_dir / f"{c.name}.npy").is_file() for c in held_out):
             continue
