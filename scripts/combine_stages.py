@@ -35,7 +35,7 @@ def main() -> int:
 
     from kitseg.checkpoint import StageModel, load_bundle, read_metadata, save_bundle
     from kitseg.networks import build_network
-    from kitseg.pipeline import widen_stage2_input
+    from kitseg.pipeline import widen_stage2
 
     first = load_bundle(args.stage1)
     seconds = [load_bundle(path) for path in args.stage2]
@@ -54,18 +54,6 @@ def main() -> int:
             if getattr(first, field) != getattr(second, field):
                 raise SystemExit(f"{args.stage1} and {path} differ in {field}: their stages cannot be combined")
 
-    def widened(bundle) -> StageModel:
-        """The bundle's stage 2, reading ``context`` neighbours on each side (exactly the same output)."""
-        stage, own = bundle.stage2, bundle.preprocessing.stage2_context_slices
-        if own == context:
-            return stage
-        if stage.architecture == "ensemble":
-            raise SystemExit("an ensemble stage 2 cannot be widened; combine its source files instead")
-        kwargs = {**stage.kwargs, "in_channels": preprocessing.stage2_in_channels}
-        module = build_network(stage.architecture, **kwargs)
-        module.load_state_dict(widen_stage2_input(stage.module.state_dict(), module.state_dict(), own, context))
-        return StageModel(stage.architecture, kwargs, module.eval())
-
     def source(path: Path, key: str) -> dict:
         meta = read_metadata(path)
         return {"file": path.name, "weights_sha256": meta["stages"][key]["weights_sha256"],
@@ -78,7 +66,10 @@ def main() -> int:
         "combined_from": {"stage1": source(args.stage1, "1"),
                           "stage2": stage2_sources[0] if len(stage2_sources) == 1 else stage2_sources},
     }
-    members = [widened(b) for b in seconds]
+    try:  # a stage 2 that sees fewer neighbours, rebuilt to compute the same on the wider input
+        members = [widen_stage2(b.stage2, b.preprocessing.stage2_context_slices, context) for b in seconds]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     stage2 = members[0]
     if len(seconds) > 1:
         ensemble = build_network("ensemble", members=[{"architecture": m.architecture, "kwargs": m.kwargs}

@@ -80,6 +80,10 @@ def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path,
     # Stage probabilities are stored as float16: equal up to its rounding.
     np.testing.assert_allclose(ensemble.stage2(prepared, y1, mask), expected, atol=2e-3)
     assert _combine(tmp_path, "a.kseg", "b.kseg").returncode != 0  # never overwrites
+    if b_context:  # an ensemble cannot be widened to join a wider stage 2: it says what to do instead
+        assert _combine(tmp_path, "a.kseg", "a.kseg", out="narrow_ensemble.kseg").returncode == 0
+        refused = _combine(tmp_path, "narrow_ensemble.kseg", "b.kseg", out="nested.kseg")
+        assert refused.returncode != 0 and "an ensemble stage 2 cannot be widened" in refused.stderr
 
 
 def test_a_member_that_does_not_fit_the_stage_is_refused_on_load(tmp_path):

@@ -125,16 +125,14 @@ def test_pruned_stage2_uses_the_shallow_head(volume):
 def test_stage2_neighbours_widened_network_predicts_as_before_then_uses_them(tiny_bundle, volume):
     import torch
 
-    from kitseg.checkpoint import StageModel
-    from kitseg.networks import build_network
-    from kitseg.pipeline import stage2_context_input, widen_stage2_input
+    from kitseg.pipeline import stage2_context_input, widen_stage2
 
     plain = tiny_bundle.stage2
-    kwargs = {**plain.kwargs, "in_channels": 9}
-    net = build_network(plain.architecture, **kwargs)
-    net.load_state_dict(widen_stage2_input(plain.module.state_dict(), net.state_dict(), 0, 1))
+    wide = widen_stage2(plain, 0, 1)
+    assert wide.kwargs == {**plain.kwargs, "in_channels": 9} and widen_stage2(plain, 0, 0) is plain
+    net = wide.module
     wide_bundle = replace(tiny_bundle, preprocessing=replace(tiny_bundle.preprocessing, stage2_context_slices=1),
-                          stage2=StageModel(plain.architecture, kwargs, net.eval()))
+                          stage2=wide)
     before, after = Segmenter(tiny_bundle, device="cpu", batch_size=3), Segmenter(wide_bundle, device="cpu", batch_size=3)
     prepared = before.prepare(volume)
     y1 = before.stage1(prepared)

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import ModelBundle, load_bundle
+from .checkpoint import ModelBundle, StageModel, load_bundle
 from .config import MaskConfig
 from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
-from .networks import predict_logits
+from .networks import build_network, predict_logits
 from .postprocess import CleanupRules, remove_stray_components
 from .preprocess import PreparedVolume, prepare
 from .weights import default_weights_path
@@ -132,6 +132,22 @@ def widen_stage2_input(state: dict[str, torch.Tensor], target: dict[str, torch.T
         wide[:, offset: offset + tensor.shape[1]] = tensor
         widened[name] = wide
     return widened
+
+
+def widen_stage2(stage: StageModel, from_context: int, to_context: int) -> StageModel:
+    """``stage`` (a stage-2 network) rebuilt to read ``to_context`` neighbours on each side.
+
+    Its output is exactly the given network's (:func:`widen_stage2_input`); an ensemble is
+    refused, since its members would each need widening: combine their source files instead.
+    """
+    if from_context == to_context:
+        return stage
+    if stage.architecture == "ensemble":
+        raise ValueError("an ensemble stage 2 cannot be widened; widen its members' source files instead")
+    kwargs = {**stage.kwargs, "in_channels": 3 * (2 * to_context + 1)}
+    module = build_network(stage.architecture, **kwargs)
+    module.load_state_dict(widen_stage2_input(stage.module.state_dict(), module.state_dict(), from_context, to_context))
+    return StageModel(stage.architecture, kwargs, module.eval())
 
 
 class Segmenter:

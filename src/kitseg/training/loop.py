@@ -37,7 +37,7 @@ from ..config import KITS_LABELS, ConfigError
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..networks import build_network
-from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2_input
+from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2
 from ..preprocess import PreparedVolume
 from .config import TrainConfig
 from .data import (
@@ -355,7 +355,7 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
         raise ConfigError(f"{path}: its stage 2 sees {from_context} neighbouring slice(s) on each side; the recipe "
                           f"gives it {to_context}: set stage2_context_slices to at least {from_context}")
     wanted = {"1": (config.stage1_architecture, config.stage1_kwargs), "2": (config.stage2_architecture, config.stage2_kwargs)}
-    states = {}
+    stages = {}
     for key, (architecture, kwargs) in wanted.items():
         stage = bundle.stage(key)
         if stage is None:
@@ -368,12 +368,12 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
         if stage.architecture != architecture or any(stage.kwargs.get(k) != v for k, v in kwargs.items()):
             raise ConfigError(f"{path}: stage {key} is {stage.architecture} {stage.kwargs}, but the recipe builds "
                               f"{architecture} {kwargs}")
-        states[key] = stage.module.state_dict()
+        stages[key] = stage
     if to_context != from_context:
-        target = build_network(config.stage2_architecture, **stage2_network_kwargs(config)).state_dict()
-        states["2"] = widen_stage2_input(states["2"], target, from_context, to_context)
+        stages["2"] = widen_stage2(stages["2"], from_context, to_context)
         log.info("%s: stage 2 widened from %d to %d neighbouring slices (new inputs start at zero weight)",
                  path, from_context, to_context)
+    states = {key: stage.module.state_dict() for key, stage in stages.items()}
     meta = read_metadata(path)
     record = {"file": Path(path).name, **{f"stage{k}_sha256": meta["stages"][k]["weights_sha256"] for k in ("1", "2")}}
     return states, record
