@@ -3,8 +3,12 @@
     python scripts/combine_stages.py --stage1 RUN/stage1/best.kseg --stage2 OTHER.kseg --out M.kseg
     python scripts/combine_stages.py --stage1 A.kseg --stage2 A.kseg B.kseg --out M.kseg
 
-With several ``--stage2`` files the new stage 2 is their ensemble (``kitseg.networks.StageEnsemble``:
-the mean of their class probabilities).
+With several ``--stage2`` networks the new stage 2 is their ensemble (``kitseg.networks.StageEnsemble``:
+the mean of their class probabilities, each network weighing the same). A file whose stage 2 is
+an ensemble gives all its members, or only one with ``FILE@K`` (K counts from 0):
+
+    python scripts/combine_stages.py --stage1 M.kseg --stage2 M.kseg C.kseg --out M_plus_C.kseg
+    python scripts/combine_stages.py --stage1 M.kseg --stage2 M.kseg@1 --out M_member1.kseg
 
 Used when a fine-tuning round improves stage 1 (where a false kidney piece starts: stage 2 only
 looks inside stage 1's mask) before its stage 2 is done or better. Both files must share the
@@ -26,8 +30,9 @@ from pathlib import Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage1", type=Path, required=True, help="model file whose stage 1 is taken")
-    parser.add_argument("--stage2", type=Path, nargs="+", required=True,
-                        help="model file(s) whose stage 2 is taken; several make an ensemble")
+    parser.add_argument("--stage2", nargs="+", required=True,
+                        help="model file(s) whose stage 2 is taken (FILE@K: member K of its ensemble); "
+                             "several networks make an ensemble")
     parser.add_argument("--out", type=Path, required=True, help="new model file (not overwritten)")
     args = parser.parse_args()
 
@@ -37,9 +42,10 @@ def main() -> int:
     from kitseg.networks import build_network
     from kitseg.pipeline import widen_stage2
 
+    sources = [_split_member(text) for text in args.stage2]
     first = load_bundle(args.stage1)
-    seconds = [load_bundle(path) for path in args.stage2]
-    stages = [(args.stage1, "stage 1", first.stage1)] + [(p, "stage 2", b.stage2) for p, b in zip(args.stage2, seconds)]
+    seconds = [load_bundle(path) for path, _ in sources]
+    stages = [(args.stage1, "stage 1", first.stage1)] + [(p, "stage 2", b.stage2) for (p, _), b in zip(sources, seconds)]
     for path, name, stage in stages:
         if stage is None:
             raise SystemExit(f"{path}: has no {name}")
@@ -47,31 +53,38 @@ def main() -> int:
     # a network read another image than the one it was trained on.
     context = max(b.preprocessing.stage2_context_slices for b in seconds)
     preprocessing = replace(first.preprocessing, stage2_context_slices=context)
-    for path, second in zip(args.stage2, seconds):
+    for (path, _), second in zip(sources, seconds):
         if replace(second.preprocessing, stage2_context_slices=context) != preprocessing:
             raise SystemExit(f"{args.stage1} and {path} differ in preprocessing: their stages cannot be combined")
         for field in ("label_map", "mask"):
             if getattr(first, field) != getattr(second, field):
                 raise SystemExit(f"{args.stage1} and {path} differ in {field}: their stages cannot be combined")
 
-    def source(path: Path, key: str) -> dict:
+    def source(path: Path, key: str, member: int | None = None) -> dict:
         meta = read_metadata(path)
-        return {"file": path.name, "weights_sha256": meta["stages"][key]["weights_sha256"],
-                "provenance": meta["provenance"]}
+        record = {"file": path.name, "weights_sha256": meta["stages"][key]["weights_sha256"],
+                  "provenance": meta["provenance"]}
+        return record if member is None else {**record, "member": member}
 
-    stage2_sources = [source(path, "2") for path in args.stage2]
+    stage2_sources = [source(path, "2", member) for path, member in sources]
     provenance = {
         "command": "python scripts/combine_stages.py " + " ".join(sys.argv[1:]),
         "date": date.today().isoformat(),
         "combined_from": {"stage1": source(args.stage1, "1"),
                           "stage2": stage2_sources[0] if len(stage2_sources) == 1 else stage2_sources},
     }
-    try:  # a stage 2 that sees fewer neighbours, rebuilt to compute the same on the wider input
-        members = [widen_stage2(b.stage2, b.preprocessing.stage2_context_slices, context) for b in seconds]
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
+    members = []
+    for (path, member), bundle in zip(sources, seconds):
+        networks = bundle.stage2.members
+        if member is not None:
+            if not 0 <= member < len(networks):
+                raise SystemExit(f"{path}: its stage 2 has {len(networks)} network(s); there is no member {member}")
+            networks = networks[member:member + 1]
+        # A stage 2 that sees fewer neighbours, rebuilt to compute the same on the wider input.
+        own = bundle.preprocessing.stage2_context_slices
+        members += [widen_stage2(network, own, context) for network in networks]
     stage2 = members[0]
-    if len(seconds) > 1:
+    if len(members) > 1:
         ensemble = build_network("ensemble", members=[{"architecture": m.architecture, "kwargs": m.kwargs}
                                                       for m in members])
         for slot, member in zip(ensemble.members, members):
@@ -81,6 +94,14 @@ def main() -> int:
                        provenance=provenance)
     print(f"wrote {save_bundle(combined, args.out, overwrite=False)}")
     return 0
+
+
+def _split_member(text: str) -> tuple[Path, int | None]:
+    """``FILE`` or ``FILE@K`` (member K of FILE's ensemble stage 2)."""
+    path, at, member = text.rpartition("@")
+    if not at or Path(text).exists() or not member.isdigit():
+        return Path(text), None
+    return Path(path), int(member)
 
 
 if __name__ == "__main__":

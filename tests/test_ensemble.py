@@ -80,10 +80,27 @@ def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path,
     # Stage probabilities are stored as float16: equal up to its rounding.
     np.testing.assert_allclose(ensemble.stage2(prepared, y1, mask), expected, atol=2e-3)
     assert _combine(tmp_path, "a.kseg", "b.kseg").returncode != 0  # never overwrites
-    if b_context:  # an ensemble cannot be widened to join a wider stage 2: it says what to do instead
-        assert _combine(tmp_path, "a.kseg", "a.kseg", out="narrow_ensemble.kseg").returncode == 0
-        refused = _combine(tmp_path, "narrow_ensemble.kseg", "b.kseg", out="nested.kseg")
-        assert refused.returncode != 0 and "an ensemble stage 2 cannot be widened" in refused.stderr
+
+    # An ensemble file gives its members (each widened where needed), or one of them with FILE@K.
+    assert _combine(tmp_path, "ens.kseg", "a.kseg", out="three.kseg").returncode == 0
+    assert _combine(tmp_path, "ens.kseg@1", out="member1.kseg").returncode == 0
+    three, member1 = (Segmenter.from_file(tmp_path / f, device="cpu") for f in ("three.kseg", "member1.kseg"))
+    a_probs, b_probs = a.stage2(prepared, y1, mask), b.stage2(prepared, y1, mask)
+    np.testing.assert_allclose(three.stage2(prepared, y1, mask), (2 * a_probs + b_probs) / 3, atol=3e-3)
+    np.testing.assert_allclose(member1.stage2(prepared, y1, mask), b_probs, atol=2e-3)
+    assert read_metadata(tmp_path / "member1.kseg")["provenance"]["combined_from"]["stage2"]["member"] == 1
+    missing = _combine(tmp_path, "ens.kseg@2", out="none.kseg")
+    assert missing.returncode != 0 and "has 2 network(s); there is no member 2" in missing.stderr
+
+
+def test_an_ensemble_stage_cannot_be_widened_as_one_network():
+    from kitseg.checkpoint import StageModel
+    from kitseg.pipeline import widen_stage2
+
+    ensemble = StageModel.from_module(build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP]))
+    assert [m.kwargs for m in ensemble.members] == [TINY_KWARGS, TINY_KWARGS]
+    with pytest.raises(ValueError, match="widen its members"):
+        widen_stage2(ensemble, 0, 1)
 
 
 def test_a_member_that_does_not_fit_the_stage_is_refused_on_load(tmp_path):

@@ -105,6 +105,30 @@ def test_stage2_sampler_gives_each_slice_its_neighbours(dataset):
     assert np.all(mask[:, 1].reshape(16, -1).any(axis=1))  # the sampled slice is inside the mask
 
 
+def test_stage2_sampler_redraws_the_tumor_contrast_in_half_the_samples(dataset):
+    from scipy import ndimage
+
+    from kitseg.training.data import TUMOR_EDGE_SIGMA_PX
+
+    config = preset("smoke")
+    case = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)[0]
+    flat = StageCase(case.name, np.zeros_like(case.image), case.labels, case.spacing)  # the image shows only the shift
+    y1 = {case.name: np.full(case.image.shape, 0.5, np.float16)}
+    img, _, _, labels = Stage2Sampler([flat], y1, config.mask, None, 1.0, tumor_contrast=0.4).sample(40, np.random.default_rng(2))
+    shifts = []
+    for image, target in zip(img[:, 0], labels):
+        edge = ndimage.gaussian_filter((target == 2).astype(np.float32), TUMOR_EDGE_SIGMA_PX)
+        shift = float(image.sum() / edge.sum())
+        np.testing.assert_allclose(image, shift * edge, atol=1e-6)  # the tumor, edge blurred, and nothing else
+        shifts.append(shift)
+    shifts = np.array(shifts)
+    assert np.all(np.abs(shifts) <= 0.4) and (shifts > 0).any() and (shifts < 0).any()
+    assert 8 <= np.count_nonzero(shifts) <= 32  # about half the samples keep the phantom's own contrast
+    with pytest.raises(ConfigError, match="window"):
+        config.replace(stage2_tumor_contrast_hu=30.0,
+                       preprocessing=replace(config.preprocessing, normalization="zscore"))
+
+
 def test_train_smoke_end_to_end(dataset, tmp_path):
     config = preset("smoke")
     model = train(dataset, tmp_path / "run", config, device="cpu", progress=False, command="test")
@@ -123,6 +147,11 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     # The same folder with another recipe is refused, naming the field.
     with pytest.raises(ConfigError, match="learning_rate"):
         train(dataset, tmp_path / "run", config.replace(learning_rate=0.1), device="cpu", progress=False)
+    # A run recorded before a recipe field existed resumes: the field reads as its default.
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    del recorded["stage2_tumor_contrast_hu"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
+    assert train(dataset, tmp_path / "run", config, device="cpu", progress=False) == model
 
 
 def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):

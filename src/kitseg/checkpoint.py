@@ -75,6 +75,14 @@ class StageModel:
         """Wrap a registered network, taking its architecture name and ``init_kwargs``."""
         return cls(network_name(module), dict(module.init_kwargs), module)
 
+    @property
+    def members(self) -> list["StageModel"]:
+        """The networks this stage averages: an ensemble's members, else the stage itself."""
+        if self.architecture != "ensemble":
+            return [self]
+        return [StageModel(spec["architecture"], spec["kwargs"], module)
+                for spec, module in zip(self.kwargs["members"], self.module.members)]
+
 
 @dataclass(frozen=True, eq=False)
 class ModelBundle:

@@ -27,6 +27,9 @@ class TrainConfig:
         crop_stage1 / crop_stage2: square training crops in stage-grid pixels (None: full slices).
         foreground_fraction: share of stage-1 samples drawn from slices containing kidney.
         tumor_fraction: share of stage-2 samples drawn from slices containing tumor.
+        stage2_tumor_contrast_hu: stage-2 training shifts the tumor's intensity in half the samples
+            that show tumor by a uniform draw in +-this many HU (0: off; needs the ``window``
+            normalization), so that a tumor is not learnt by the one intensity its image gave it.
         stage2_dice_weight: adds this multiple of a soft Dice loss (kidney, tumor) to stage 2's
             masked cross-entropy; 0 is the paper's loss. Dice counts a small tumor as much as a
             large kidney, so it helps tumors when training is short.
@@ -46,6 +49,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
     stage2_dice_weight: float = 0.0
+    stage2_tumor_contrast_hu: float = 0.0
     stage1_steps: int = 20000
     stage2_steps: int = 20000
     steps_per_epoch: int = 500
@@ -70,6 +74,10 @@ class TrainConfig:
         for name in ("foreground_fraction", "tumor_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.stage2_tumor_contrast_hu < 0:
+            raise ConfigError(f"stage2_tumor_contrast_hu must be >= 0, got {self.stage2_tumor_contrast_hu}")
+        if self.stage2_tumor_contrast_hu and self.preprocessing.normalization != "window":
+            raise ConfigError("stage2_tumor_contrast_hu needs the 'window' normalization (HU must map to fixed units)")
         if self.stage2_dice_weight < 0:
             raise ConfigError(f"stage2_dice_weight must be >= 0, got {self.stage2_dice_weight}")
         if self.lr_schedule not in ("constant", "poly"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..atomic import atomic_path
 from ..config import MaskConfig, PreprocessingConfig
@@ -168,6 +169,11 @@ class Stage1Sampler:
         return _stack_same_size(images), _stack_same_size(targets).astype(np.int64)
 
 
+# In-plane blur (stage-grid pixels) of a redrawn tumor's edge: the phantoms' point-spread function
+# and the area averaging onto the 2 mm grid soften an edge by about one pixel.
+TUMOR_EDGE_SIGMA_PX = 0.75
+
+
 class Stage2Sampler:
     """Batches of stage-2 inputs: (image, y1, mask, labels) slices, cropped around the mask.
 
@@ -175,11 +181,18 @@ class Stage2Sampler:
     y1 are out-of-fold stage-1 predictions, never the ground truth. image, y1 and mask come as
     (B, 2*context+1, H, W): each sampled slice with its neighbours (edges repeated, as at
     inference); labels are the sampled slice's, (B, H, W).
+
+    ``tumor_contrast`` > 0 (normalized intensity units) redraws the tumor's contrast: in half
+    the samples that show tumor, the tumor's intensity is shifted by a uniform draw in
+    ``[-tumor_contrast, tumor_contrast]``, its edge blurred as the scanner blurs it. Each mask
+    is drawn once as a phantom, so the network could learn that mask's tumor by its intensity;
+    this makes it see each tumor darker and brighter (per-label intensity draws, as in SynthSeg).
     """
 
     def __init__(self, cases: list[StageCase], y1: dict[str, np.ndarray], mask: MaskConfig, crop: int | None,
-                 tumor_fraction: float, context: int = 0):
+                 tumor_fraction: float, context: int = 0, tumor_contrast: float = 0.0):
         self.cases, self.y1, self.crop, self.tumor_fraction, self.context = cases, y1, crop, tumor_fraction, context
+        self.tumor_contrast = tumor_contrast
         self.masks = []
         for c in cases:
             spacing = c.spacing if mask.radius_unit == "mm" else None
@@ -200,13 +213,18 @@ class Stage2Sampler:
             z = int(rng.choice(tumor)) if tumor.size and rng.random() < self.tumor_fraction else int(rng.choice(self._mask_slices[ci]))
             near = neighbour_indices(np.array([z]), self.context, case.image.shape[0])[0]
             arrays = {"image": case.image[near], "y1": self.y1[case.name][near].astype(np.float32), "mask": mask[near],
-                      "labels": case.labels[z]}
+                      "labels": case.labels[z], "tumor": case.labels[near] == 2}
             if self.crop is not None:
                 ys, xs = np.nonzero(mask[z])
                 pick = int(rng.integers(ys.size))  # centre on a random mask pixel: both kidneys get seen
                 y0, y1 = _crop_window(self.crop, mask.shape[1], ys[pick], rng)
                 x0, x1 = _crop_window(self.crop, mask.shape[2], xs[pick], rng)
                 arrays = {k: v[..., y0:y1, x0:x1] for k, v in arrays.items()}
+            tumor_here = arrays.pop("tumor")
+            if self.tumor_contrast > 0 and tumor_here.any() and rng.random() < 0.5:
+                edge = ndimage.gaussian_filter(tumor_here.astype(np.float32), (0, TUMOR_EDGE_SIGMA_PX, TUMOR_EDGE_SIGMA_PX))
+                shift = np.float32(rng.uniform(-self.tumor_contrast, self.tumor_contrast))
+                arrays["image"] = np.clip(arrays["image"] + shift * edge, -1.0, 1.0)
             for k, v in arrays.items():
                 parts[k].append(_pad_to(v, self.crop))
         image, y1, mask, labels = (_stack_same_size(parts[k]) for k in ("image", "y1", "mask", "labels"))

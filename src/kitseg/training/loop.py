@@ -302,7 +302,9 @@ def stage2_network_kwargs(config: TrainConfig) -> dict:
 
 def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_y1: dict, config: TrainConfig, device) -> StageTask:
     context = config.preprocessing.stage2_context_slices
-    sampler = Stage2Sampler(train, oof_y1, config.mask, config.crop_stage2, config.tumor_fraction, context)
+    window = config.preprocessing.hu_max - config.preprocessing.hu_min  # HU onto 2 normalized units
+    sampler = Stage2Sampler(train, oof_y1, config.mask, config.crop_stage2, config.tumor_fraction, context,
+                            tumor_contrast=2.0 * config.stage2_tumor_contrast_hu / window)
     kwargs = stage2_network_kwargs(config)
 
     def make_batch(rng, batch, device):
@@ -343,7 +345,7 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
     Returns the state dicts by stage ("1", "2") and a provenance record (file name and hashes).
     The file is read like any model file: arrays and JSON only, nothing unpickled.
     """
-    from ..checkpoint import StageModel, load_bundle, read_metadata
+    from ..checkpoint import load_bundle, read_metadata
 
     bundle = load_bundle(path)
     from_context = bundle.preprocessing.stage2_context_slices
@@ -362,8 +364,7 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
             raise ConfigError(f"{path}: holds no stage {key} network; fine-tuning needs both stages")
         if stage.architecture == "ensemble":
             # One network is trained: start from the ensemble's first member (README, Fine-tuning).
-            first = stage.kwargs["members"][0]
-            stage = StageModel(first["architecture"], first["kwargs"], stage.module.members[0])
+            stage = stage.members[0]
             log.info("%s: stage %s is an ensemble; fine-tuning starts from its first member", path, key)
         if stage.architecture != architecture or any(stage.kwargs.get(k) != v for k, v in kwargs.items()):
             raise ConfigError(f"{path}: stage {key} is {stage.architecture} {stage.kwargs}, but the recipe builds "
@@ -402,7 +403,8 @@ def _check_config(run_dir: Path, config: TrainConfig) -> None:
     path = run_dir / "config.json"
     current = json.loads(json.dumps(config.to_dict()))  # as it reads back from JSON (tuples -> lists)
     if path.is_file():
-        previous = json.loads(path.read_text())
+        # Read through the recipe class, so a field added since the run began compares at its default.
+        previous = json.loads(json.dumps(TrainConfig.from_dict(json.loads(path.read_text())).to_dict()))
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
             raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: {', '.join(changed)}); "
