@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -154,6 +155,20 @@ def test_info_prints_metadata(weights, capsys):
     assert main(["info", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out
     assert "devices:" in out and "unetpp2d" in out and "schema_version" in out
+
+
+def test_info_into_a_closed_pipe_stops_quietly(weights):
+    """`kits-seg info | head`: the reader leaves before the end; no traceback, the Unix SIGPIPE status."""
+    import os
+    import subprocess
+    import sys
+
+    # `true` exits at once, so the pipe is closed before kits-seg writes a byte.
+    shell = f"set -o pipefail; {sys.executable} -m kitseg.cli info --weights {weights} | true"
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == 141
 
 
 def test_shipped_default_model_segments_the_sample(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -296,13 +297,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .io import InputError
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # so that a closed pipe shows here, in the handler below, not at exit
+        return status
     except (CliError, InputError, CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"kits-seg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kits-seg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`kits-seg info | head`): stop quietly, as Unix tools do; point stdout
+        # at /dev/null so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
