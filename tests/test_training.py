@@ -174,6 +174,24 @@ def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):
         train(dataset, tmp_path / "tuned", still, device="cpu", progress=False)
 
 
+def test_keep_stage1_trains_stage2_only_against_the_given_stage1(dataset, tmp_path):
+    config = preset("smoke")
+    base = train(dataset, tmp_path / "base", config, device="cpu", progress=False)
+    kept = train(dataset, tmp_path / "kept", config.replace(seed=1), device="cpu", progress=False,
+                 init_from=base, keep_stage1=True)
+    before, after = load_bundle(base), load_bundle(kept)
+    for a, b in zip(before.stage1.module.state_dict().values(), after.stage1.module.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert not (tmp_path / "kept" / "stage1").exists() and (tmp_path / "kept" / "stage2" / "best.kseg").is_file()
+    assert (tmp_path / "kept" / "oof_y1").is_dir()  # stage 2 still learns from out-of-fold y1
+    prov = read_metadata(kept)["provenance"]
+    assert prov["init_from"]["keep_stage1"] and "val_foreground_dice" in prov["final_validation"]["stage1"]
+    with pytest.raises(ConfigError, match="started with --init-from model.kseg --keep-stage1"):  # resumed without it
+        train(dataset, tmp_path / "kept", config.replace(seed=1), device="cpu", progress=False, init_from=base)
+    with pytest.raises(ConfigError, match="needs the model to keep it from"):
+        train(dataset, tmp_path / "other", config, device="cpu", progress=False, keep_stage1=True)
+
+
 def test_fine_tuning_refuses_a_model_of_another_recipe(dataset, tmp_path):
     base = train(dataset, tmp_path / "base", preset("smoke"), device="cpu", progress=False)
     wider = preset("smoke").replace(stage2_kwargs={"base_channels": 8, "depth": 2, "norm": "batch"})

@@ -37,6 +37,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL.kseg",
                    help="fine-tune: start stage 1 and stage 2 from this model's weights (it must match the recipe; "
                    "e.g. the shipped model with --preset cpu)")
+    p.add_argument("--keep-stage1", action="store_true",
+                   help="with --init-from: keep that model's stage 1 as this run's (not trained further); "
+                   "only the out-of-fold stage-1 models and stage 2 are trained")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -59,6 +62,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     model = train(args.data, args.out, config, device=args.device, val_fraction=args.val_fraction,
                   val_cases=args.val_cases, cache_dir=args.cache, progress=not args.no_progress, command=command,
-                  init_from=args.init_from)
+                  init_from=args.init_from, keep_stage1=args.keep_stage1)
     print(f"model: {model}")
     return 0

@@ -390,7 +390,8 @@ def _check_init(run_dir: Path, record: dict | None) -> None:
         return {k: v for k, v in r.items() if k != "file"} if r else None
 
     if started and hashes(previous) != hashes(record):
-        was = f"--init-from {previous['file']}" if previous else "no --init-from"
+        was = (f"--init-from {previous['file']}" + (" --keep-stage1" if previous.get("keep_stage1") else "")
+               if previous else "no --init-from")
         raise ConfigError(f"{run_dir}: this run was started with {was}; resume it the same way or use a new --out folder")
     if record is not None:
         path.write_text(json.dumps(record, indent=2))
@@ -426,6 +427,7 @@ def train(
     progress: bool = True,
     command: str = "",
     init_from: Path | None = None,
+    keep_stage1: bool = False,
 ) -> Path:
     """Train stage 1 (with out-of-fold twins) and stage 2; returns ``RUN/model.kseg``.
 
@@ -433,13 +435,19 @@ def train(
     stage 1 and stage 2 (fine-tuning, e.g. the shipped model on a user's own cases). The
     out-of-fold stage-1 models still start from scratch: the given weights may have seen the
     training cases, and their y1 would then be better than stage 1's on new cases.
+    ``keep_stage1``: the given model's stage 1 *is* the run's final stage 1 (a run that trains
+    stage 2 only, against the stage 1 it will be used with).
     """
     from ..device import get_device
 
+    if keep_stage1 and init_from is None:
+        raise ConfigError("keeping stage 1 (--keep-stage1) needs the model to keep it from (--init-from)")
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
     run_dir = Path(run_dir)
     initial, init_record = load_initial_weights(Path(init_from), config) if init_from is not None else ({}, None)
+    if keep_stage1:
+        init_record["keep_stage1"] = True  # part of what a resumed run must repeat
     if info.is_main:
         _check_config(run_dir, config)
         _check_init(run_dir, init_record)
@@ -493,10 +501,16 @@ def train(
         _barrier(info)
     oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy") for c in train_cases}
 
-    # 2. Stage 1 on all training cases.
+    # 2. Stage 1 on all training cases (or the given model's, kept).
     task1 = stage1_task(train_cases, val_set, config, config.stage1_steps, "stage 1", torch_device)
-    stage1 = train_network(task1, run_dir / "stage1", config, torch_device, info, "1", provenance, progress,
-                           initial=initial.get("1"))
+    if keep_stage1:
+        stage1 = build_network(task1.architecture, **task1.kwargs)
+        stage1.load_state_dict(initial["1"])
+        stage1 = stage1.to(torch_device).eval()
+        log.info("stage 1: kept from %s (not trained)", init_from)
+    else:
+        stage1 = train_network(task1, run_dir / "stage1", config, torch_device, info, "1", provenance, progress,
+                               initial=initial.get("1"))
 
     # 3. Stage 2 on out-of-fold y1; validated through the real stage 1, as at inference.
     val_y1 = predict_y1(stage1, val_set, config, torch_device) if val_set else {}
@@ -507,7 +521,10 @@ def train(
     model_path = run_dir / "model.kseg"
     if info.is_main:
         metrics = {}
-        for stage_dir in ("stage1", "stage2"):
+        if keep_stage1:
+            metrics["stage1"] = {"val_foreground_dice": float(np.mean([dice(val_y1[c.name] >= 0.5, c.labels > 0)
+                                                                       for c in val_set]))} if val_set else {}
+        for stage_dir in ("stage2",) if keep_stage1 else ("stage1", "stage2"):
             with (run_dir / stage_dir / "log.csv").open(newline="") as fh:
                 rows = list(csv.DictReader(fh))
             key = "val_foreground_dice" if stage_dir == "stage1" else "val_composite_dice"
