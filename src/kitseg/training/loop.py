@@ -271,6 +271,11 @@ def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainCon
     return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
 
 
+def foreground_dice(y1: dict[str, np.ndarray], cases: list[StageCase]) -> float:
+    """Mean Dice of ``y1 >= 0.5`` against each case's kidney-or-tumor labels."""
+    return float(np.mean([dice(y1[c.name] >= 0.5, c.labels > 0) for c in cases]))
+
+
 def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfig, steps: int, name: str, device) -> StageTask:
     sampler = Stage1Sampler(train, config.preprocessing.context_slices, config.crop_stage1, config.foreground_fraction)
     kwargs = {"in_channels": config.preprocessing.stage1_in_channels, "num_classes": 2, **config.stage1_kwargs}
@@ -288,8 +293,7 @@ def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfi
     def validate(module):
         if not val:
             return {}
-        y1 = predict_y1(module, val, config, device)
-        return {"val_foreground_dice": float(np.mean([dice(y1[c.name] >= 0.5, c.labels > 0) for c in val]))}
+        return {"val_foreground_dice": foreground_dice(predict_y1(module, val, config, device), val)}
 
     return StageTask(name, config.stage1_architecture, kwargs, config.batch_size_stage1, steps, make_batch, validate,
                      "val_foreground_dice" if val else None)
@@ -522,8 +526,7 @@ def train(
     if info.is_main:
         metrics = {}
         if keep_stage1:
-            metrics["stage1"] = {"val_foreground_dice": float(np.mean([dice(val_y1[c.name] >= 0.5, c.labels > 0)
-                                                                       for c in val_set]))} if val_set else {}
+            metrics["stage1"] = {"val_foreground_dice": foreground_dice(val_y1, val_set)} if val_set else {}
         for stage_dir in ("stage2",) if keep_stage1 else ("stage1", "stage2"):
             with (run_dir / stage_dir / "log.csv").open(newline="") as fh:
                 rows = list(csv.DictReader(fh))
