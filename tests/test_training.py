@@ -318,3 +318,22 @@ def test_combine_stages_script_takes_each_stage_from_its_file(tmp_path):
     assert meta["provenance"]["combined_from"]["stage1"]["file"] == "a.kseg"
     assert load_bundle(tmp_path / "ab.kseg").stage2 is not None
     assert subprocess.run(args, capture_output=True).returncode != 0  # never overwrites
+
+
+def test_fit_gap_study_scores_training_and_validation_cases_as_training_does(dataset, tmp_path):
+    """scripts/fit_gap_study.py: its validation row is the run's own stage-2 validation, re-measured."""
+    model = train(dataset, tmp_path / "run", preset("smoke"), device="cpu", progress=False)
+    script = REPO / "scripts" / "fit_gap_study.py"
+    proc = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "run"), "--data", str(dataset),
+                           "--train-cases", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(" (")[0]: line.split(")", 1)[1].split() for line in proc.stdout.splitlines()
+            if line.startswith(("training", "validation"))}
+    assert int(rows["training"][0]) == 2
+    recorded = read_metadata(model)["provenance"]["final_validation"]["stage2"]
+    n_val, kidney, tumor = int(rows["validation"][0]), float(rows["validation"][1]), float(rows["validation"][2])
+    assert n_val == len(json.loads((tmp_path / "run" / "split.json").read_text())["validation"])
+    # The same networks and y1; only the cached image's float16 rounding differs.
+    assert kidney == pytest.approx(recorded["val_kidney_dice"], abs=0.02)
+    assert tumor == pytest.approx(recorded["val_tumor_dice"], abs=0.02)
+    assert all(0.0 <= float(v) <= 1.0 for v in rows["training"][1:3])

@@ -28,6 +28,11 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     return cls(**kwargs)
 
 
+def stage2_in_channels(context_slices: int) -> int:
+    """Stage 2's input channels: the method's (y1*I, I, (1-y1)*I) for the slice and each neighbour."""
+    return 3 * (2 * context_slices + 1)
+
+
 @dataclass(frozen=True)
 class PreprocessingConfig:
     """How a CT is brought to the grid and intensity range the networks work on.
@@ -74,7 +79,7 @@ class PreprocessingConfig:
 
     @property
     def stage2_in_channels(self) -> int:
-        return 3 * (2 * self.stage2_context_slices + 1)
+        return stage2_in_channels(self.stage2_context_slices)
 
     def preparation_key(self) -> dict[str, Any]:
         """The fields that shape a prepared volume (grid and intensities), not the networks' inputs."""

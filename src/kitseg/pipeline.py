@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelBundle, StageModel, load_bundle
-from .config import MaskConfig
+from .config import MaskConfig, stage2_in_channels
 from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
@@ -114,7 +114,7 @@ def widen_stage2_input(state: dict[str, torch.Tensor], target: dict[str, torch.T
                        to_context: int) -> dict[str, torch.Tensor]:
     """A stage-2 state dict for more neighbouring slices, computing exactly what it computed before.
 
-    Weights reading the input (the first convolution: ``3 * (2*from_context + 1)`` input channels)
+    Weights reading the input (the first convolution: ``stage2_in_channels(from_context)`` inputs)
     are placed on the same slices in the wider input and the new slices' weights are zero, so
     fine-tuning starts from the given network's output and learns what the neighbours add.
     """
@@ -126,7 +126,7 @@ def widen_stage2_input(state: dict[str, torch.Tensor], target: dict[str, torch.T
             widened[name] = tensor
             continue
         if (tensor.ndim < 2 or tensor.shape[0] != want[0] or tensor.shape[2:] != want[2:]
-                or tensor.shape[1] != 3 * (2 * from_context + 1) or want[1] != 3 * (2 * to_context + 1)):
+                or tensor.shape[1] != stage2_in_channels(from_context) or want[1] != stage2_in_channels(to_context)):
             raise ValueError(f"stage 2 weight {name!r} has shape {tuple(tensor.shape)}; cannot widen it to {tuple(want)}")
         wide = torch.zeros(want, dtype=tensor.dtype)
         wide[:, offset: offset + tensor.shape[1]] = tensor
@@ -144,7 +144,7 @@ def widen_stage2(stage: StageModel, from_context: int, to_context: int) -> Stage
         return stage
     if stage.architecture == "ensemble":
         raise ValueError("an ensemble stage 2 cannot be widened; widen its members' source files instead")
-    kwargs = {**stage.kwargs, "in_channels": 3 * (2 * to_context + 1)}
+    kwargs = {**stage.kwargs, "in_channels": stage2_in_channels(to_context)}
     module = build_network(stage.architecture, **kwargs)
     module.load_state_dict(widen_stage2_input(stage.module.state_dict(), module.state_dict(), from_context, to_context))
     return StageModel(stage.architecture, kwargs, module.eval())

@@ -304,6 +304,17 @@ def stage2_network_kwargs(config: TrainConfig) -> dict:
             "deep_supervision": True, **config.stage2_kwargs}
 
 
+def stage2_dice(segmenter: Segmenter, cases: list[StageCase], y1: dict[str, np.ndarray],
+                config: TrainConfig) -> list[tuple[float, float]]:
+    """(kidney, tumor) Dice of each case on the stage grid, stage 2 reading ``y1[case]`` and its mask."""
+    scores = []
+    for c in cases:
+        mask = make_mask(y1[c.name], config.mask.threshold, config.mask.radius)
+        labels = np.argmax(segmenter.stage2(_prepared(c, config), y1[c.name], mask), axis=0)
+        scores.append((dice(labels > 0, c.labels > 0), dice(labels == 2, c.labels == 2)))
+    return scores
+
+
 def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_y1: dict, config: TrainConfig, device) -> StageTask:
     context = config.preprocessing.stage2_context_slices
     window = config.preprocessing.hu_max - config.preprocessing.hu_min  # HU onto 2 normalized units
@@ -328,15 +339,8 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
         if not val:
             return {}
         bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, None, StageModel.from_module(module))
-        segmenter = Segmenter(bundle, device=device, batch_size=16)
-        kidney, tumor = [], []
-        for c in val:
-            y1 = val_y1[c.name]
-            mask = make_mask(y1, config.mask.threshold, config.mask.radius)
-            labels = np.argmax(segmenter.stage2(_prepared(c, config), y1, mask), axis=0)
-            kidney.append(dice(labels > 0, c.labels > 0))
-            tumor.append(dice(labels == 2, c.labels == 2))
-        k, t = float(np.mean(kidney)), float(np.mean(tumor))
+        scores = stage2_dice(Segmenter(bundle, device=device, batch_size=16), val, val_y1, config)
+        k, t = (float(np.mean(column)) for column in zip(*scores))
         return {"val_kidney_dice": k, "val_tumor_dice": t, "val_composite_dice": (k + t) / 2}
 
     return StageTask("stage 2", config.stage2_architecture, kwargs, config.batch_size_stage2, config.stage2_steps,

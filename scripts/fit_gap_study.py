@@ -1,0 +1,77 @@
+"""Does stage 2 underfit or overfit? Its Dice on training cases beside its Dice on validation cases.
+
+    python scripts/fit_gap_study.py --run work_data/run_r4 --data work_data/phantoms_v3 [--weights M.kseg]
+
+For a training run folder (``kits-seg train --out RUN``) and its data: stage 2 of the model
+(default ``RUN/model.kseg``) scores a sample of the run's training cases, each through its
+out-of-fold y1 (``RUN/oof_y1``: what stage 2 learnt from), and the run's validation cases
+through the model's own stage 1 (what training validates with). Both on the stage grid, without
+augmentation, KiTS19 definitions; tumor Dice also by tumor size. Training cases scoring no
+better than validation ones mean the network has not fitted what it was shown (more steps or
+capacity would help); training far above validation means it learnt its cases, not the task
+(more or more varied data would help). The run's prepared-case cache is read, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a kits-seg train --out folder")
+    parser.add_argument("--data", type=Path, required=True, help="the KiTS19-layout folder the run trained on")
+    parser.add_argument("--weights", type=Path, default=None, help="model whose stage 2 is scored (default RUN/model.kseg)")
+    parser.add_argument("--train-cases", type=int, default=30, help="how many training cases to score (random sample)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of that sample")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    from kitseg.checkpoint import load_bundle
+    from kitseg.pipeline import Segmenter
+    from kitseg.training.config import TrainConfig
+    from kitseg.training.data import load_cases
+    from kitseg.training.loop import _prepared, stage2_dice
+
+    for needed in ("config.json", "split.json", "oof_y1"):
+        if not (args.run / needed).exists():
+            raise SystemExit(f"{args.run}: no {needed}; is it a kits-seg train --out folder?")
+    config = TrainConfig.from_dict(json.loads((args.run / "config.json").read_text()))
+    split = json.loads((args.run / "split.json").read_text())
+    weights = args.weights or args.run / "model.kseg"
+    segmenter = Segmenter(load_bundle(weights), device=args.device, batch_size=16)
+
+    cases = {c.name: c for c in load_cases(args.data, config.preprocessing, args.run / "cache", progress=False)}
+    missing = sorted(set(split["train"] + split["validation"]) - set(cases))
+    if missing:
+        raise SystemExit(f"{args.data}: lacks the run's case(s) {', '.join(missing[:5])}")
+    rng = np.random.default_rng(args.seed)
+    sample = sorted(rng.choice(split["train"], min(args.train_cases, len(split["train"])), replace=False))
+    train_y1 = {n: np.load(args.run / "oof_y1" / f"{n}.npy").astype(np.float32) for n in sample}
+    val_y1 = {n: segmenter.stage1(_prepared(cases[n], config)) for n in split["validation"]}
+
+    print(f"stage 2 of {weights}, run {args.run}")
+    print(f"{'cases':<25} {'n':>3} {'kidney':>7} {'tumor':>7}   " + "   ".join(
+        f"{f'tumor {lo:g}-{hi:g} mL':>16}" for lo, hi in SIZE_BANDS_ML))
+    for title, names, y1 in (("training (out-of-fold y1)", sample, train_y1),
+                             ("validation (stage 1's y1)", split["validation"], val_y1)):
+        chosen = [cases[n] for n in names]
+        scores = stage2_dice(segmenter, chosen, y1, config)
+        bands = []
+        for lo, hi in SIZE_BANDS_ML:
+            in_band = [t for c, (_, t) in zip(chosen, scores)
+                       if lo <= (c.labels == 2).sum() * float(np.prod(c.spacing)) / 1000.0 < hi and (c.labels == 2).any()]
+            bands.append(f"{np.mean(in_band):.3f} ({len(in_band):>2} cases)" if in_band else "  -  (no case)")
+        kidney, tumor = (float(np.mean(column)) for column in zip(*scores))
+        print(f"{title:<25} {len(names):>3} {kidney:>7.4f} {tumor:>7.4f}   " + "   ".join(f"{b:>16}" for b in bands))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
