@@ -43,3 +43,30 @@ def test_auto_picks_the_first_available_device() -> None:
     chosen = get_device()
     assert available_devices()[0].split(":")[0] == chosen.type
     assert available_devices()[-1] == "cpu"
+
+
+
+def test_mixed_precision_only_where_the_hardware_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device_module, "cpu_has_fast_bfloat16", lambda: False)
+    assert device_module.mixed_precision_dtype(cpu) is None  # emulated bfloat16 is slower than float32
+    monkeypatch.setattr(device_module, "cpu_has_fast_bfloat16", lambda: True)
+    assert device_module.mixed_precision_dtype(cpu) is torch.bfloat16
+    assert device_module.mixed_precision_dtype(torch.device("mps")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert device_module.mixed_precision_dtype(torch.device("cuda")) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert device_module.mixed_precision_dtype(torch.device("cuda")) is torch.bfloat16
+
+
+def test_fast_bfloat16_is_read_from_the_cpu_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True, "avx512_bf16": True})
+    assert device_module.cpu_has_fast_bfloat16() is True
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})  # no AMX: emulated
+    assert device_module.cpu_has_fast_bfloat16() is False
+
+    def unreadable():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", unreadable)
+    assert device_module.cpu_has_fast_bfloat16() is False

@@ -18,7 +18,8 @@ from kitseg.config import ConfigError
 from kitseg.phantom import make_synthetic_case
 from kitseg.training import preset
 from kitseg.training.data import Stage1Sampler, Stage2Sampler, StageCase, load_cases, split_cases
-from kitseg.training.loop import DistInfo, stage1_task, train, train_network
+from kitseg.device import mixed_precision_dtype
+from kitseg.training.loop import DistInfo, precision_name, stage1_task, train, train_network
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,6 +139,7 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     prov = meta["provenance"]
     assert prov["validation_cases"] and not set(prov["train_cases"]) & set(prov["validation_cases"])
     assert set(prov["final_validation"]["stage2"]) >= {"val_kidney_dice", "val_tumor_dice"}
+    assert prov["precision"] == precision_name(mixed_precision_dtype(torch.device("cpu")))  # this CPU's
     for sub in ("stage1", "stage2", "fold1", "fold2"):
         assert (tmp_path / "run" / sub / "best.kseg").is_file()
     assert (tmp_path / "run" / "stage2" / "curves.png").stat().st_size > 1000
@@ -253,7 +255,12 @@ def test_fine_tuning_gives_stage2_neighbouring_slices(dataset, tmp_path):
         load_initial_weights(tmp_path / "wide" / "model.kseg", plain)
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path):
+@pytest.mark.parametrize("fast_bfloat16", [False, True], ids=["float32", "mixed-bfloat16"])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path, monkeypatch, caplog, fast_bfloat16):
+    # Both precisions on any CPU: where bfloat16 is not fast here it is emulated, slower but the same arithmetic.
+    from kitseg import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_fast_bfloat16", lambda: fast_bfloat16)
     config = preset("smoke").replace(steps_per_epoch=2, lr_schedule="poly")
     cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
     device = torch.device("cpu")
@@ -273,7 +280,9 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp
             task.make_batch = crashing
         return train_network(task, folder, config, device, DistInfo(), "1", {}, progress=False)
 
-    reference = run(tmp_path / "straight")
+    with caplog.at_level("INFO", logger="kitseg.training.loop"):
+        reference = run(tmp_path / "straight")
+    assert ("mixed bfloat16" if fast_bfloat16 else "float32") in caplog.text
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", crash_at=3)  # after the step-2 checkpoint
     state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)

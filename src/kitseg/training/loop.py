@@ -34,6 +34,7 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..checkpoint import ModelBundle, StageModel, save_bundle
 from ..config import KITS_LABELS, ConfigError
+from ..device import get_device, mixed_precision_dtype
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..networks import build_network
@@ -119,6 +120,11 @@ def _bundle_for(config: TrainConfig, stage: str, module: torch.nn.Module, proven
     )
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """``"float32"`` or e.g. ``"mixed bfloat16"``, as the provenance records it."""
+    return "float32" if amp_dtype is None else f"mixed {str(amp_dtype).removeprefix('torch.')}"
+
+
 def train_network(
     task: StageTask, folder: Path, config: TrainConfig, device: torch.device, info: DistInfo, stage: str,
     provenance: dict, progress: bool = True, initial: dict[str, torch.Tensor] | None = None,
@@ -140,9 +146,10 @@ def train_network(
     else:
         decay = lambda step: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    amp_dtype = mixed_precision_dtype(device) if config.amp else None
+    use_amp = amp_dtype is not None
+    log.info("%s: %s", task.name, precision_name(amp_dtype))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     state_path = folder / "state.pt"
     step, best = 0, -float("inf")
     if state_path.is_file():
@@ -446,8 +453,6 @@ def train(
     ``keep_stage1``: the given model's stage 1 *is* the run's final stage 1 (a run that trains
     stage 2 only, against the stage 1 it will be used with).
     """
-    from ..device import get_device
-
     if keep_stage1 and init_from is None:
         raise ConfigError("keeping stage 1 (--keep-stage1) needs the model to keep it from (--init-from)")
     info = init_distributed(device)
@@ -488,6 +493,7 @@ def train(
         "kitseg_version": __version__, "preset": config.preset, "data": str(data_dir), "command": command,
         "train_cases": split["train"], "validation_cases": split["validation"],
         "date": time.strftime("%Y-%m-%d"), "processes": info.world_size, "device": torch_device.type,
+        "precision": precision_name(mixed_precision_dtype(torch_device) if config.amp else None),
     }
     if init_record is not None:
         provenance["init_from"] = init_record
