@@ -9,6 +9,10 @@ units of the kidney's HU spread, and the tumor Dice; then the mean Dice per size
 tumors brighter or darker than the kidney on average. ``--ceiling`` also takes each reference
 label map to a model's network grid and back (one-hot, ``--weights``, default the shipped
 model), the way a prediction travels: the tumor Dice that resampling alone leaves.
+``separability`` is what the network has to go on by intensity alone: on the model's grid (the
+image as stage 2 sees it), the detectability index d' = |mean tumor - mean kidney| / pooled
+spread, against the kidney within 10 mm of the tumor. Under about 0.5 the two HU distributions
+overlap almost entirely; the Dice is reported per d' band.
 ``--phantom-seed N`` (phantoms made by ``kits-seg phantom --seed N``) also names each case's
 contrast phase, drawn again from the case's seed, and reports the Dice per phase.
 """
@@ -21,8 +25,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from scipy import ndimage
 
 SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
+SEPARABILITY_BANDS = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, float("inf")))
+NEAR_TUMOR_MM = 10.0
 
 
 class TumorCase(NamedTuple):
@@ -31,6 +38,7 @@ class TumorCase(NamedTuple):
     kidney_hu: float
     tumor_hu: float
     contrast: float  # (tumor HU - kidney HU) / kidney HU spread
+    separability: float  # d' of tumor against the kidney around it, on the model's grid
     tumor_dice: float
     phase: str  # contrast phase of a phantom ("?" when not asked for)
 
@@ -69,11 +77,25 @@ def main() -> int:
         one_hot = [grid.to_stage((labels_volume.array == k).astype(np.float32)) for k in range(3)]
         return grid.to_source(np.stack(one_hot)).argmax(axis=0)
 
+    def separability(ct, labels: np.ndarray) -> float:
+        grid = StageGrid.for_volume(ct, preprocessing)
+        image = grid.to_stage(ct.array)
+        stage_labels = np.stack([grid.to_stage((labels == k).astype(np.float32)) for k in range(3)]).argmax(axis=0)
+        tumor = stage_labels == 2
+        if not tumor.any():
+            return float("nan")
+        near = ndimage.distance_transform_edt(~tumor, sampling=grid.spacing) <= NEAR_TUMOR_MM
+        kidney = (stage_labels == 1) & near
+        if not kidney.any():
+            kidney = stage_labels == 1
+        t, k = image[tumor], image[kidney]
+        return float(abs(t.mean() - k.mean()) / max(np.sqrt((t.var() + k.var()) / 2.0), 1.0))
+
     rows = [r for r in csv.DictReader(args.scores.open()) if r["case"].startswith("case_")]
     if not rows:
         raise SystemExit(f"{args.scores}: no case rows")
     cases, ceilings = [], []
-    print(f"{'case':<11} {'phase':<8} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'tumor Dice':>10}")
+    print(f"{'case':<11} {'phase':<8} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'d prime':>7} {'tumor Dice':>10}")
     for row in rows:
         ct = read_ct(args.gt / row["case"] / "imaging.nii.gz")
         labels_volume = read_labels(args.gt / row["case"] / "segmentation.nii.gz", like=ct)
@@ -83,9 +105,10 @@ def main() -> int:
             continue  # no tumor: nothing to miss
         contrast = float((tumor_hu.mean() - kidney_hu.mean()) / max(kidney_hu.std(), 1.0))
         c = TumorCase(row["case"], float(row["ref_tumor_ml"]), float(kidney_hu.mean()), float(tumor_hu.mean()),
-                      contrast, float(row["tumor_dice"]), phase_of(row["case"]))
+                      contrast, separability(ct, labels), float(row["tumor_dice"]), phase_of(row["case"]))
         cases.append(c)
         line = (f"{c.case:<11} {c.phase:<8} {c.tumor_ml:9.1f} {c.kidney_hu:10.1f} {c.tumor_hu:9.1f} {c.contrast:8.2f} "
+                f"{c.separability:7.2f} "
                 f"{c.tumor_dice:10.3f}")
         if args.ceiling:
             ceilings.append(dice(round_trip(labels_volume) == 2, labels == 2))
@@ -101,6 +124,8 @@ def main() -> int:
         report(f"tumor {low:g}-{high:g} mL", [c for c in cases if low <= c.tumor_ml < high])
     report("tumor brighter than kidney (mean)", [c for c in cases if c.contrast > 0])
     report("tumor darker than kidney (mean)", [c for c in cases if c.contrast <= 0])
+    for low, high in SEPARABILITY_BANDS:
+        report(f"separability d' {low:g}-{high:g}", [c for c in cases if low <= c.separability < high])
     for phase in sorted({c.phase for c in cases} - {"?"}):
         report(f"phase {phase}", [c for c in cases if c.phase == phase])
     if ceilings:

@@ -96,3 +96,41 @@ def test_deep_supervision_dice_weight_zero_is_the_paper_loss():
     torch.testing.assert_close(deep_supervision_loss(heads, target, mask), plain)
     with_dice = plain + 0.5 * sum(masked_soft_dice_loss(h, target, mask) for h in heads)
     torch.testing.assert_close(deep_supervision_loss(heads, target, mask, dice_weight=0.5), with_dice)
+
+
+def test_per_image_soft_dice_weighs_a_small_tumor_as_much_as_a_large_one():
+    from kitseg.losses import masked_soft_dice_loss
+
+    def certain(classes: list[int]) -> torch.Tensor:  # (3, 1, W) logits predicting these classes
+        return torch.nn.functional.one_hot(torch.tensor([classes]), 3).permute(2, 0, 1).float() * 100.0
+
+    # A: a 9-pixel tumor found exactly; B: a 1-pixel tumor called kidney; C: no tumor, all called tumor.
+    target = torch.tensor([[[2] * 9 + [1]], [[2] + [1] * 9], [[1] * 10]])
+    logits = torch.stack([certain([2] * 9 + [1]), certain([1] * 10), certain([2] * 10)])
+    mask = torch.ones(3, 1, 10)
+    only_ab = slice(0, 2)
+    # Over the batch, A's 9 pixels drown B's miss: Dice 18/19.
+    batch = masked_soft_dice_loss(logits[only_ab], target[only_ab], mask[only_ab], classes=(2,), smooth=0.0)
+    assert batch.item() == pytest.approx(1 - 18 / 19, abs=1e-6)
+    # Per image, A scores 1 and B 0; C shows no tumor, so its false tumor is left to cross-entropy.
+    per_image = masked_soft_dice_loss(logits, target, mask, classes=(2,), smooth=0.0, per_image=True)
+    assert per_image.item() == pytest.approx(0.5, abs=1e-6)
+    # No image shows the class: no Dice term, and the graph still backpropagates.
+    free = logits[2:].clone().requires_grad_(True)
+    none = masked_soft_dice_loss(free, target[2:], mask[2:], classes=(2,), per_image=True)
+    none.backward()
+    assert none.item() == 0.0 and free.grad is not None
+
+
+def test_deep_supervision_passes_per_image_dice_on():
+    from kitseg.losses import deep_supervision_loss, masked_cross_entropy, masked_soft_dice_loss
+
+    torch.manual_seed(1)
+    heads = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+    target = torch.randint(0, 3, (4, 6, 6))
+    mask = torch.ones(4, 6, 6)
+    expected = sum(masked_cross_entropy(h, target, mask) + masked_soft_dice_loss(h, target, mask, per_image=True)
+                   for h in heads)
+    got = deep_supervision_loss(heads, target, mask, dice_weight=1.0, dice_per_image=True)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, deep_supervision_loss(heads, target, mask, dice_weight=1.0))

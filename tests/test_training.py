@@ -130,6 +130,13 @@ def test_stage2_sampler_redraws_the_tumor_contrast_in_half_the_samples(dataset):
                        preprocessing=replace(config.preprocessing, normalization="zscore"))
 
 
+def test_switches_must_be_booleans():
+    # --set takes JSON: "1" would otherwise slip in where true/false is meant.
+    with pytest.raises(ConfigError, match="stage2_dice_per_image must be true or false, got 1"):
+        preset("cpu").replace(stage2_dice_per_image=1)
+    assert preset("cpu").replace(stage2_dice_per_image=True).stage2_dice_per_image is True
+
+
 def test_train_smoke_end_to_end(dataset, tmp_path):
     config = preset("smoke")
     model = train(dataset, tmp_path / "run", config, device="cpu", progress=False, command="test")

@@ -81,13 +81,18 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor
 
 
 def masked_soft_dice_loss(
-    logits: Tensor, target: Tensor, mask: Tensor, classes: Sequence[int] = (1, 2), smooth: float = 1.0
+    logits: Tensor, target: Tensor, mask: Tensor, classes: Sequence[int] = (1, 2), smooth: float = 1.0,
+    per_image: bool = False,
 ) -> Tensor:
-    """``1 - mean_c Dice_c`` of the softmax probabilities inside the mask (not in the paper).
+    """``1 - mean Dice`` of the softmax probabilities inside the mask (not in the paper).
 
-    Dice is computed over the whole batch (not per image), so slices without a class do not
-    produce 0/0. It weighs a small tumor as much as a large kidney, which cross-entropy does
-    not: nnU-Net trains with CE + Dice for that reason.
+    By default Dice is computed per class over the whole batch, so slices without a class do
+    not produce 0/0. It weighs a small tumor as much as a large kidney, which cross-entropy does
+    not: nnU-Net trains with CE + Dice for that reason. Within a batch, though, a large tumor
+    still outweighs a small one. ``per_image=True`` takes the Dice of each (image, class) pair
+    whose target holds that class and averages those, so a slice through a 2 mL tumor counts as
+    much as one through a 500 mL tumor, as KiTS19's per-case mean Dice counts the cases; pairs
+    without the class are left to cross-entropy (a batch with none gives 0).
 
     Args:
         logits: ``(N, C, H, W)``; target: ``(N, H, W)`` int64; mask: ``(N, H, W)`` or ``(N, 1, H, W)``.
@@ -96,12 +101,21 @@ def masked_soft_dice_loss(
     _check_logits_target(logits, target, "masked_soft_dice_loss")
     mask = (mask[:, 0] if mask.ndim == 4 else mask).float()
     probs = torch.softmax(logits.float(), dim=1)
-    dices = []
+    sum_over = (1, 2) if per_image else (0, 1, 2)
+    dices, present = [], []
     for c in classes:
         p = probs[:, c] * mask
         t = (target == c).float() * mask
-        dices.append((2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth))
-    return 1 - torch.stack(dices).mean()
+        t_sum = t.sum(dim=sum_over)
+        dices.append((2 * (p * t).sum(dim=sum_over) + smooth) / (p.sum(dim=sum_over) + t_sum + smooth))
+        present.append(t_sum > 0)
+    dices = torch.stack(dices)
+    if not per_image:
+        return 1 - dices.mean()
+    present = torch.stack(present)
+    if not present.any():
+        return dices.sum() * 0.0  # keeps the graph (and the device) without a term to learn from
+    return 1 - dices[present].mean()
 
 
 def deep_supervision_loss(
@@ -110,11 +124,13 @@ def deep_supervision_loss(
     mask: Tensor,
     weights: Sequence[float] | None = None,
     dice_weight: float = 0.0,
+    dice_per_image: bool = False,
 ) -> Tensor:
     """Sum of :func:`masked_cross_entropy` over the UNet++ heads, each optionally weighted.
 
     ``dice_weight > 0`` adds that multiple of :func:`masked_soft_dice_loss` per head (an
-    option beyond the paper, for small tumors); 0 is the paper's loss exactly.
+    option beyond the paper, for small tumors); 0 is the paper's loss exactly. ``dice_per_image``
+    is passed on to :func:`masked_soft_dice_loss` as ``per_image``.
 
     Args:
         outputs: the network's list of logits, each ``(N, C, H, W)`` (a bare tensor counts as one head).
@@ -136,6 +152,6 @@ def deep_supervision_loss(
     for head, weight in zip(heads, weights):
         loss = masked_cross_entropy(head, target, mask)
         if dice_weight:
-            loss = loss + dice_weight * masked_soft_dice_loss(head, target, mask)
+            loss = loss + dice_weight * masked_soft_dice_loss(head, target, mask, per_image=dice_per_image)
         total = total + loss * float(weight)
     return total

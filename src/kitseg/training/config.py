@@ -33,6 +33,8 @@ class TrainConfig:
         stage2_dice_weight: adds this multiple of a soft Dice loss (kidney, tumor) to stage 2's
             masked cross-entropy; 0 is the paper's loss. Dice counts a small tumor as much as a
             large kidney, so it helps tumors when training is short.
+        stage2_dice_per_image: that Dice per slice and class, over the slices showing the class,
+            instead of over the batch: a small tumor's slice weighs as much as a large one's.
         lr_schedule: "constant" (the paper: Adam at 1e-3 throughout) or "poly" (decays to 0 as
             (1 - step/steps)^0.9, as nnU-Net does: converges within a short budget).
         amp: mixed precision (autocast; weights, losses and optimizer stay float32) where it is
@@ -52,6 +54,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
     stage2_dice_weight: float = 0.0
+    stage2_dice_per_image: bool = False
     stage2_tumor_contrast_hu: float = 0.0
     stage1_steps: int = 20000
     stage2_steps: int = 20000
@@ -83,6 +86,9 @@ class TrainConfig:
             raise ConfigError("stage2_tumor_contrast_hu needs the 'window' normalization (HU must map to fixed units)")
         if self.stage2_dice_weight < 0:
             raise ConfigError(f"stage2_dice_weight must be >= 0, got {self.stage2_dice_weight}")
+        for name in ("augment", "amp", "stage2_dice_per_image"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.lr_schedule not in ("constant", "poly"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}")
         if not self.learning_rate > 0:

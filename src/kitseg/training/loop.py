@@ -340,7 +340,8 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
             labels = warp(labels[:, None].float(), grid, "nearest")[:, 0].long()
         x = stage2_context_input(image, y1, mask)
         centre_mask = mask[:, context]
-        return x, lambda out: deep_supervision_loss(out, labels, centre_mask, dice_weight=config.stage2_dice_weight)
+        return x, lambda out: deep_supervision_loss(out, labels, centre_mask, dice_weight=config.stage2_dice_weight,
+                                                    dice_per_image=config.stage2_dice_per_image)
 
     def validate(module):
         if not val:
