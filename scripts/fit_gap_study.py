@@ -4,8 +4,9 @@
 
 For a training run folder (``kits-seg train --out RUN``) and its data: stage 2 of the model
 (default ``RUN/model.kseg``) scores a sample of the run's training cases, each through its
-out-of-fold y1 (``RUN/oof_y1``: what stage 2 learnt from), and the run's validation cases
-through the model's own stage 1 (what training validates with). Both on the stage grid, without
+out-of-fold y1 (``RUN/oof_y1``: what stage 2 learnt from) and again through the model's own
+stage 1, and the run's validation cases through the model's own stage 1 (what training
+validates with). Both on the stage grid, without
 augmentation, KiTS19 definitions; tumor Dice also by tumor size. Training cases scoring no
 better than validation ones mean the network has not fitted what it was shown (more steps or
 capacity would help); training far above validation means it learnt its cases, not the task
@@ -55,11 +56,15 @@ def main() -> int:
     sample = sorted(rng.choice(split["train"], min(args.train_cases, len(split["train"])), replace=False))
     train_y1 = {n: np.load(args.run / "oof_y1" / f"{n}.npy").astype(np.float32) for n in sample}
     val_y1 = {n: segmenter.stage1(_prepared(cases[n], config)) for n in split["validation"]}
+    # The same training cases through the model's own stage 1 (which trained on them, so its y1 is
+    # cleaner than out-of-fold): separates a weak y1 from a stage 2 that has not fitted its cases.
+    train_own_y1 = {n: segmenter.stage1(_prepared(cases[n], config)) for n in sample}
 
     print(f"stage 2 of {weights}, run {args.run}")
     print(f"{'cases':<25} {'n':>3} {'kidney':>7} {'tumor':>7}   " + "   ".join(
         f"{f'tumor {lo:g}-{hi:g} mL':>16}" for lo, hi in SIZE_BANDS_ML))
     for title, names, y1 in (("training (out-of-fold y1)", sample, train_y1),
+                             ("training (stage 1's y1)", sample, train_own_y1),
                              ("validation (stage 1's y1)", split["validation"], val_y1)):
         chosen = [cases[n] for n in names]
         scores = stage2_dice(segmenter, chosen, y1, config)

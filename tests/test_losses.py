@@ -112,14 +112,17 @@ def test_per_image_soft_dice_weighs_a_small_tumor_as_much_as_a_large_one():
     # Over the batch, A's 9 pixels drown B's miss: Dice 18/19.
     batch = masked_soft_dice_loss(logits[only_ab], target[only_ab], mask[only_ab], classes=(2,), smooth=0.0)
     assert batch.item() == pytest.approx(1 - 18 / 19, abs=1e-6)
-    # Per image, A scores 1 and B 0; C shows no tumor, so its false tumor is left to cross-entropy.
-    per_image = masked_soft_dice_loss(logits, target, mask, classes=(2,), smooth=0.0, per_image=True)
-    assert per_image.item() == pytest.approx(0.5, abs=1e-6)
-    # No image shows the class: no Dice term, and the graph still backpropagates.
-    free = logits[2:].clone().requires_grad_(True)
-    none = masked_soft_dice_loss(free, target[2:], mask[2:], classes=(2,), per_image=True)
-    none.backward()
-    assert none.item() == 0.0 and free.grad is not None
+    # Per image, A scores 1 and B 0; C shows no tumor and predicts 10 pixels of it: smooth/(10+smooth).
+    smooth = 1e-3
+    per_image = masked_soft_dice_loss(logits, target, mask, classes=(2,), smooth=smooth, per_image=True)
+    a, b, c = (18 + smooth) / (18 + smooth), smooth / (1 + smooth), smooth / (10 + smooth)
+    assert per_image.item() == pytest.approx(1 - (a + b + c) / 3, abs=1e-5)
+    # A slice without tumor that predicts none scores 1: nothing to lose there.
+    clean = certain([1] * 10).unsqueeze(0)
+    empty = masked_soft_dice_loss(clean, target[2:], mask[2:], classes=(2,), smooth=smooth, per_image=True)
+    assert empty.item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="per_image needs smooth > 0"):
+        masked_soft_dice_loss(logits, target, mask, classes=(2,), smooth=0.0, per_image=True)
 
 
 def test_deep_supervision_passes_per_image_dice_on():

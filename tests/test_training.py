@@ -343,13 +343,16 @@ def test_fit_gap_study_scores_training_and_validation_cases_as_training_does(dat
     proc = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "run"), "--data", str(dataset),
                            "--train-cases", "2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split(" (")[0]: line.split(")", 1)[1].split() for line in proc.stdout.splitlines()
+    rows = {line[:25].strip(): line[25:].split() for line in proc.stdout.splitlines()
             if line.startswith(("training", "validation"))}
-    assert int(rows["training"][0]) == 2
+    assert set(rows) == {"training (out-of-fold y1)", "training (stage 1's y1)", "validation (stage 1's y1)"}
+    assert int(rows["training (out-of-fold y1)"][0]) == int(rows["training (stage 1's y1)"][0]) == 2
     recorded = read_metadata(model)["provenance"]["final_validation"]["stage2"]
-    n_val, kidney, tumor = int(rows["validation"][0]), float(rows["validation"][1]), float(rows["validation"][2])
+    validation = rows["validation (stage 1's y1)"]
+    n_val, kidney, tumor = int(validation[0]), float(validation[1]), float(validation[2])
     assert n_val == len(json.loads((tmp_path / "run" / "split.json").read_text())["validation"])
     # The same networks and y1; only the cached image's float16 rounding differs.
     assert kidney == pytest.approx(recorded["val_kidney_dice"], abs=0.02)
     assert tumor == pytest.approx(recorded["val_tumor_dice"], abs=0.02)
-    assert all(0.0 <= float(v) <= 1.0 for v in rows["training"][1:3])
+    for title in ("training (out-of-fold y1)", "training (stage 1's y1)"):
+        assert all(0.0 <= float(v) <= 1.0 for v in rows[title][1:3])

@@ -33,8 +33,9 @@ class TrainConfig:
         stage2_dice_weight: adds this multiple of a soft Dice loss (kidney, tumor) to stage 2's
             masked cross-entropy; 0 is the paper's loss. Dice counts a small tumor as much as a
             large kidney, so it helps tumors when training is short.
-        stage2_dice_per_image: that Dice per slice and class, over the slices showing the class,
-            instead of over the batch: a small tumor's slice weighs as much as a large one's.
+        stage2_dice_per_image: that Dice per slice and class (every pair, as nnU-Net without
+            batch Dice) instead of over the batch: a small tumor's slice weighs as much as a large
+            one's. Off in every preset; see the model card for what it did on CPU budgets.
         lr_schedule: "constant" (the paper: Adam at 1e-3 throughout) or "poly" (decays to 0 as
             (1 - step/steps)^0.9, as nnU-Net does: converges within a short budget).
         amp: mixed precision (autocast; weights, losses and optimizer stay float32) where it is
