@@ -38,3 +38,24 @@ def write_synthetic_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[f
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(ct, kits_affine(spacing, (0.0, 0.0, 0.0))), str(path))
     return path
+
+
+def timed_steps(task, stage: str, config, device, steps: int) -> tuple:
+    """Seconds per step of ``steps`` training steps (after 3 warm-up steps); returns (seconds, module)."""
+    import dataclasses
+    import tempfile
+    import time
+
+    import torch
+
+    from kitseg.training.loop import DistInfo, train_network
+
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = dataclasses.replace(task, steps=3)
+        train_network(warm, Path(tmp) / "warm", config, device, DistInfo(), stage, {}, progress=False)
+        start = time.perf_counter()
+        module = train_network(dataclasses.replace(task, steps=steps), Path(tmp) / "run", config, device, DistInfo(), stage, {},
+                               progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # queued GPU work belongs to the steps
+        return (time.perf_counter() - start) / steps, module

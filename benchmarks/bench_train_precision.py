@@ -15,7 +15,6 @@ cases, both ways with the same seed (the same batches), and its foreground Dice 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -24,19 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
-
-
-def timed_steps(task, stage: str, config, device, steps: int) -> float:
-    """Seconds per step of ``steps`` training steps (after 3 warm-up steps)."""
-    from kitseg.training.loop import DistInfo, train_network
-
-    with tempfile.TemporaryDirectory() as tmp:
-        warm = dataclasses.replace(task, steps=3)
-        train_network(warm, Path(tmp) / "warm", config, device, DistInfo(), stage, {}, progress=False)
-        start = time.perf_counter()
-        train_network(dataclasses.replace(task, steps=steps), Path(tmp) / "run", config, device, DistInfo(), stage, {}, progress=False)
-        return (time.perf_counter() - start) / steps
+from _common import machine, timed_steps  # noqa: E402
 
 
 def main() -> int:
@@ -74,7 +61,7 @@ def main() -> int:
     for name, config in precisions.items():
         task1 = stage1_task(cases, [], config, args.steps, "stage 1", device)
         task2 = stage2_task(cases, [], y1, {}, config, device)
-        times[name] = (timed_steps(task1, "1", config, device, args.steps), timed_steps(task2, "2", config, device, args.steps))
+        times[name] = (timed_steps(task1, "1", config, device, args.steps)[0], timed_steps(task2, "2", config, device, args.steps)[0])
     for name, (t1, t2) in times.items():
         print(f"{name:<16} stage 1 {t1 * 1000:6.0f} ms/step (batch {base.batch_size_stage1}, {base.crop_stage1}^2)   "
               f"stage 2 {t2 * 1000:6.0f} ms/step (batch {base.batch_size_stage2}, {base.crop_stage2}^2)")

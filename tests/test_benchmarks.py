@@ -1,0 +1,29 @@
+"""The GPU check script runs end to end (on the CPU here: CPU against CPU), so it works the day a GPU is lent."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_times_training_and_inference_and_compares_predictions():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--preset", "smoke",
+         "--steps", "2", "--shape", "20", "96", "96", "--train-shape", "12", "96", "96"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for stage in ("1", "2"):
+        rate = re.search(rf"training stage {stage}: .* ([\d.]+) images/s", out)
+        assert rate and float(rate.group(1)) > 0, out
+    comparisons = re.findall(r"cpu vs cpu: largest y1 difference (\S+), same label in ([\d.]+)%", out)
+    assert len(comparisons) == 2, out  # the briefly trained preset model and the shipped one
+    for difference, same in comparisons:
+        # The same file on the same device twice: identical.
+        assert float(difference) == 0.0 and float(same) == 100.0, out
+    assert len(re.findall(r"on cpu: +[\d.]+ s end to end", out)) == 4, out
