@@ -10,10 +10,11 @@
    as a user's would be). It and the shipped model segment a CT of ``--shape`` (default the median
    KiTS19 case, 108 x 512 x 512 at 3 mm) on ``--device``, timed after one warm-up run:
    stage-grid slices/s through both stages, and the end-to-end seconds.
-3. Agreement: the same files segment the same CT on the CPU (with ``--device cpu``: CPU twice). Reported: the largest y1
-   difference, and the share of voxels with the same label (float16 on CUDA against float32 on
-   the CPU; a borderline voxel may flip). The figures are printed, with the machine; nothing is
-   asserted here, the numbers go into the README and the model card.
+3. Agreement: the same files segment the same CT on the CPU (with ``--device cpu``: the CPU
+   twice). Reported: the largest y1 difference, and the share of voxels with the same label
+   (float16 on CUDA against float32 on the CPU; a borderline voxel may flip). The figures are
+   printed, with the machine; nothing is asserted here, the numbers go into the README and the
+   model card.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ def main() -> int:
 
     from kitseg.checkpoint import ModelBundle, StageModel, load_bundle, save_bundle
     from kitseg.config import KITS_LABELS
+    from kitseg.device import mixed_precision_dtype
     from kitseg.io import read_ct
     from kitseg.phantom import make_synthetic_case
     from kitseg.pipeline import Segmenter
     from kitseg.training import preset
     from kitseg.training.data import load_cases
     from kitseg.training.loop import precision_name, stage1_task, stage2_task
-    from kitseg.device import mixed_precision_dtype
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -80,9 +81,8 @@ def main() -> int:
 
         briefly_trained = ModelBundle(config.preprocessing, KITS_LABELS, config.mask,
                                       StageModel.from_module(net1.cpu()), StageModel.from_module(net2.cpu()))
-        models = {f"{args.preset} preset, {args.steps + 3} steps": save_bundle(briefly_trained, tmp / "model.kseg")}
-        if args.weights:
-            models[args.weights.name] = args.weights
+        models = {f"{args.preset} preset, {args.steps + 3} steps": save_bundle(briefly_trained, tmp / "model.kseg"),
+                  args.weights.name: args.weights}
         ct = read_ct(write_synthetic_ct(tmp / "ct.nii.gz", tuple(args.shape), (args.slice_mm, 0.8, 0.8)))
         print(f"inference CT: {ct.shape} at {args.slice_mm} mm slices")
         for name, path in models.items():

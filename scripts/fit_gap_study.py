@@ -6,11 +6,10 @@ For a training run folder (``kits-seg train --out RUN``) and its data: stage 2 o
 (default ``RUN/model.kseg``) scores a sample of the run's training cases, each through its
 out-of-fold y1 (``RUN/oof_y1``: what stage 2 learnt from) and again through the model's own
 stage 1, and the run's validation cases through the model's own stage 1 (what training
-validates with). Both on the stage grid, without
-augmentation, KiTS19 definitions; tumor Dice also by tumor size. Training cases scoring no
-better than validation ones mean the network has not fitted what it was shown (more steps or
-capacity would help); training far above validation means it learnt its cases, not the task
-(more or more varied data would help). The run's prepared-case cache is read, not rebuilt.
+validates with). All on the stage grid, without augmentation, KiTS19 definitions; tumor Dice
+also by tumor size. Training cases scoring no better than validation ones mean the network has
+not fitted what it was shown (more steps or capacity would help); training far above validation
+means it learnt its cases, not the task (more or more varied data would help). The run's prepared-case cache is read, not rebuilt.
 """
 
 from __future__ import annotations
@@ -54,11 +53,14 @@ def main() -> int:
         raise SystemExit(f"{args.data}: lacks the run's case(s) {', '.join(missing[:5])}")
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(split["train"], min(args.train_cases, len(split["train"])), replace=False))
+    def own_stage1_y1(names):
+        return {n: segmenter.stage1(_prepared(cases[n], config)) for n in names}
+
     train_y1 = {n: np.load(args.run / "oof_y1" / f"{n}.npy").astype(np.float32) for n in sample}
-    val_y1 = {n: segmenter.stage1(_prepared(cases[n], config)) for n in split["validation"]}
     # The same training cases through the model's own stage 1 (which trained on them, so its y1 is
     # cleaner than out-of-fold): separates a weak y1 from a stage 2 that has not fitted its cases.
-    train_own_y1 = {n: segmenter.stage1(_prepared(cases[n], config)) for n in sample}
+    train_own_y1 = own_stage1_y1(sample)
+    val_y1 = own_stage1_y1(split["validation"])
 
     print(f"stage 2 of {weights}, run {args.run}")
     print(f"{'cases':<25} {'n':>3} {'kidney':>7} {'tumor':>7}   " + "   ".join(
