@@ -336,11 +336,19 @@ def test_combine_stages_script_takes_each_stage_from_its_file(tmp_path):
     assert subprocess.run(args, capture_output=True).returncode != 0  # never overwrites
 
 
-def test_fit_gap_study_scores_training_and_validation_cases_as_training_does(dataset, tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(dataset, tmp_path_factory):
+    """A finished smoke-preset run folder (model.kseg, split, cache, out-of-fold y1)."""
+    run = tmp_path_factory.mktemp("smoke_run") / "run"
+    train(dataset, run, preset("smoke"), device="cpu", progress=False)
+    return run
+
+
+def test_fit_gap_study_scores_training_and_validation_cases_as_training_does(dataset, smoke_run):
     """scripts/fit_gap_study.py: its validation row is the run's own stage-2 validation, re-measured."""
-    model = train(dataset, tmp_path / "run", preset("smoke"), device="cpu", progress=False)
+    model = smoke_run / "model.kseg"
     script = REPO / "scripts" / "fit_gap_study.py"
-    proc = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "run"), "--data", str(dataset),
+    proc = subprocess.run([sys.executable, str(script), "--run", str(smoke_run), "--data", str(dataset),
                            "--train-cases", "2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line[:25].strip(): line[25:].split() for line in proc.stdout.splitlines()
@@ -350,9 +358,26 @@ def test_fit_gap_study_scores_training_and_validation_cases_as_training_does(dat
     recorded = read_metadata(model)["provenance"]["final_validation"]["stage2"]
     validation = rows["validation (stage 1's y1)"]
     n_val, kidney, tumor = int(validation[0]), float(validation[1]), float(validation[2])
-    assert n_val == len(json.loads((tmp_path / "run" / "split.json").read_text())["validation"])
+    assert n_val == len(json.loads((smoke_run / "split.json").read_text())["validation"])
     # The same networks and y1; only the cached image's float16 rounding differs.
     assert kidney == pytest.approx(recorded["val_kidney_dice"], abs=0.02)
     assert tumor == pytest.approx(recorded["val_tumor_dice"], abs=0.02)
     for title in ("training (out-of-fold y1)", "training (stage 1's y1)"):
         assert all(0.0 <= float(v) <= 1.0 for v in rows[title][1:3])
+
+
+def test_stage2_head_study_scores_the_head_average_and_each_head(dataset, smoke_run):
+    """scripts/stage2_head_study.py: "all" is what training validated; each head alone is pruned inference."""
+    model = smoke_run / "model.kseg"
+    script = REPO / "scripts" / "stage2_head_study.py"
+    proc = subprocess.run([sys.executable, str(script), "--run", str(smoke_run), "--data", str(dataset),
+                           "--weights", str(model)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line[:14].strip(): [float(v) for v in line[14:].split()[:2]] for line in proc.stdout.splitlines()
+            if line.startswith(("all", "head"))}
+    depth = preset("smoke").stage2_kwargs["depth"]
+    assert list(rows) == ["all (mean)"] + [f"head {k} only" for k in range(1, depth + 1)]
+    recorded = read_metadata(model)["provenance"]["final_validation"]["stage2"]
+    assert rows["all (mean)"][0] == pytest.approx(recorded["val_kidney_dice"], abs=0.02)
+    assert rows["all (mean)"][1] == pytest.approx(recorded["val_tumor_dice"], abs=0.02)
+    assert all(0.0 <= v <= 1.0 for scores in rows.values() for v in scores)

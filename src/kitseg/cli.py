@@ -38,7 +38,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="UNet++ pruned inference: only the depth-K sub-network (faster); default: all heads ensembled",
+        help=(
+            "UNet++ pruned inference: only the depth-K sub-network (faster, less accurate; shipped model, K=2: "
+            "stage 2 2.7x faster, phantom tumor Dice 0.45 -> 0.42); default: all heads ensembled"
+        ),
     )
     p.add_argument(
         "--mirror",
