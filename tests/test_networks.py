@@ -112,3 +112,41 @@ def test_registry_bad_kwargs_name_the_network() -> None:
         build_network("unet2d", num_classes=2)
     with pytest.raises(ValueError, match=r"network 'unet2d'.*norm must be one of"):
         build_network("unet2d", in_channels=1, num_classes=2, norm="layer")
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_widened_unetpp_computes_what_the_narrow_one_did_then_grows(norm: str) -> None:
+    from kitseg.networks.unetpp import widened_state_dict
+
+    torch.manual_seed(0)
+    narrow = UNetPlusPlus2D(3, 3, base_channels=4, depth=3, norm=norm)
+    with torch.no_grad():
+        for _ in range(2):  # batch-norm statistics that are not the defaults
+            narrow(torch.randn(4, 3, 24, 24))
+    wide = UNetPlusPlus2D(3, 3, base_channels=6, depth=3, norm=norm)
+    wide.load_state_dict(widened_state_dict(narrow, wide))
+    x = torch.randn(2, 3, 20, 28)
+    for mode in ("eval", "train"):
+        getattr(narrow, mode)(), getattr(wide, mode)()
+        with torch.no_grad():
+            for a, b in zip(narrow(x), wide(x), strict=True):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    # The added channels' zero weights into the kept ones get gradient: training grows them.
+    wide.train()
+    sum(out.square().mean() for out in wide(x)).backward()
+    grad = wide.nodes["x0_1"][0].weight.grad  # (4 + 2 out, 2 maps x (4 + 2) in)
+    assert grad[:4, [4, 5, 10, 11]].abs().sum() > 0
+
+
+def test_widening_refuses_what_would_change_the_function() -> None:
+    from kitseg.networks.unetpp import widened_state_dict
+
+    narrow = UNetPlusPlus2D(3, 3, base_channels=4, depth=2, norm="batch")
+    for wide, why in ((UNetPlusPlus2D(3, 3, base_channels=8, depth=2, norm="group"), "base_channels only"),
+                      (UNetPlusPlus2D(3, 3, base_channels=8, depth=3, norm="batch"), "base_channels only"),
+                      (UNetPlusPlus2D(3, 3, base_channels=2, depth=2, norm="batch"), "cannot narrow")):
+        with pytest.raises(ValueError, match=why):
+            widened_state_dict(narrow, wide)
+    grouped = UNetPlusPlus2D(3, 3, base_channels=4, depth=2, norm="group")
+    with pytest.raises(ValueError, match="group norm"):
+        widened_state_dict(grouped, UNetPlusPlus2D(3, 3, base_channels=8, depth=2, norm="group"))

@@ -15,6 +15,7 @@ import torch
 
 from kitseg.checkpoint import load_bundle, read_metadata
 from kitseg.config import ConfigError
+from kitseg.networks import build_network
 from kitseg.phantom import make_synthetic_case
 from kitseg.training import preset
 from kitseg.training.data import Stage1Sampler, Stage2Sampler, StageCase, load_cases, split_cases
@@ -381,3 +382,24 @@ def test_stage2_head_study_scores_the_head_average_and_each_head(dataset, smoke_
     assert rows["all (mean)"][0] == pytest.approx(recorded["val_kidney_dice"], abs=0.02)
     assert rows["all (mean)"][1] == pytest.approx(recorded["val_tumor_dice"], abs=0.02)
     assert all(0.0 <= v <= 1.0 for scores in rows.values() for v in scores)
+
+
+def test_fine_tuning_into_a_wider_stage2_starts_from_the_given_networks_output(smoke_run):
+    """--init-from with a recipe of more stage-2 base channels grows the file's UNet++ (exactly)."""
+    from kitseg.networks import predict_logits
+    from kitseg.training.loop import load_initial_weights, stage2_network_kwargs
+
+    model = smoke_run / "model.kseg"
+    config = preset("smoke")
+    wider = config.replace(stage2_kwargs={**config.stage2_kwargs, "base_channels": 6})
+    states, record = load_initial_weights(model, wider)
+    grown = build_network(wider.stage2_architecture, **stage2_network_kwargs(wider))
+    grown.load_state_dict(states["2"])
+    given = load_bundle(model).stage2.module
+    x = torch.randn(2, given.in_channels, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(predict_logits(grown.eval()(x)), predict_logits(given.eval()(x)), atol=1e-5, rtol=1e-5)
+    assert record["stage2_sha256"] == read_metadata(model)["stages"]["2"]["weights_sha256"]
+    narrower = config.replace(stage2_kwargs={**config.stage2_kwargs, "base_channels": 2})
+    with pytest.raises(ConfigError, match="recipe builds"):
+        load_initial_weights(model, narrower)

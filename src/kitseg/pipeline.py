@@ -29,6 +29,7 @@ from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
 from .networks import build_network, predict_logits
+from .networks.unetpp import widened_state_dict
 from .postprocess import CleanupRules, remove_stray_components
 from .preprocess import PreparedVolume, prepare
 from .weights import default_weights_path
@@ -149,6 +150,23 @@ def widen_stage2(stage: StageModel, from_context: int, to_context: int) -> Stage
     module.load_state_dict(widen_stage2_input(stage.module.state_dict(), module.state_dict(), from_context, to_context))
     return StageModel(stage.architecture, kwargs, module.eval())
 
+
+
+def widen_stage_channels(stage: StageModel, base_channels: int) -> StageModel:
+    """``stage`` (a UNet++) rebuilt with ``base_channels``, computing exactly what it computed.
+
+    The added channels start with zero weights into the old ones (:func:`widened_state_dict`), so
+    fine-tuning a wider network starts from the given one's output. An ensemble is refused, as
+    in :func:`widen_stage2`.
+    """
+    if stage.kwargs.get("base_channels") == base_channels:
+        return stage
+    if stage.architecture != "unetpp2d":
+        raise ValueError(f"only a UNet++ can be widened, not {stage.architecture!r}")
+    kwargs = {**stage.kwargs, "base_channels": base_channels}
+    module = build_network(stage.architecture, **kwargs)
+    module.load_state_dict(widened_state_dict(stage.module, module))
+    return StageModel(stage.architecture, kwargs, module.eval())
 
 class Segmenter:
     """A loaded two-stage model on one device; reuse it across cases (the weights load once)."""

@@ -175,3 +175,74 @@ def predict_logits(model_output: list[Tensor] | Tensor) -> Tensor:
     if len(model_output) == 1:
         return model_output[0]
     return torch.stack(list(model_output), dim=0).mean(dim=0)
+
+
+
+def widened_state_dict(narrow: UNetPlusPlus2D, wide: UNetPlusPlus2D) -> dict[str, Tensor]:
+    """``wide``'s state dict set to compute exactly what ``narrow`` computes (a Net2Net-style start).
+
+    The networks differ only in ``base_channels``. Every channel of ``narrow`` keeps its weights
+    in ``wide``; each added channel keeps ``wide``'s random weights from its inputs and gets zero
+    weights into the channels that were there before (and into the heads): the output is unchanged
+    at first, and training grows the added channels from there. The dense skip connections
+    concatenate several maps, so a node's kept input channels are found map by map. Batch and
+    instance norm act per channel and keep the function; group norm mixes channels and is refused.
+    """
+    same = {k: v for k, v in narrow.init_kwargs.items() if k != "base_channels"}
+    if {k: v for k, v in wide.init_kwargs.items() if k != "base_channels"} != same:
+        raise ValueError(f"widening changes base_channels only: {narrow.init_kwargs} -> {wide.init_kwargs}")
+    if same["norm"] == "group":
+        raise ValueError("group norm mixes channels: a network with it cannot be widened exactly")
+    old_base, new_base = narrow.init_kwargs["base_channels"], wide.init_kwargs["base_channels"]
+    if new_base < old_base:
+        raise ValueError(f"cannot narrow a network: base_channels {old_base} -> {new_base}")
+
+    def kept(level: int, maps: int = 1) -> Tensor:
+        """Where ``narrow``'s channels of ``maps`` concatenated level-``level`` feature maps sit in ``wide``."""
+        old, new = old_base * 2**level, new_base * 2**level
+        return torch.cat([torch.arange(old) + m * new for m in range(maps)])
+
+    # Kept (output, input) channels of each convolution; None: that side is not widened (the
+    # network's input, the heads' classes).
+    convs: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    for i in range(narrow.depth + 1):
+        convs[f"encoder.{i}.0"] = (kept(i), kept(i - 1) if i > 0 else None)
+        convs[f"encoder.{i}.4"] = (kept(i), kept(i))
+    for j in range(1, narrow.depth + 1):
+        for i in range(narrow.depth + 1 - j):
+            convs[f"up.{_node(i, j)}"] = (kept(i), kept(i + 1))
+            convs[f"nodes.{_node(i, j)}.0"] = (kept(i), kept(i, maps=j + 1))
+            convs[f"nodes.{_node(i, j)}.4"] = (kept(i), kept(i))
+    for k in range(len(narrow.heads)):
+        convs[f"heads.{k}"] = (None, kept(0))
+    # Each conv block's norms follow its convolutions (ConvBlock: 0 conv, 1 norm, ..., 4 conv, 5 norm).
+    norms = {f"{conv[:-2]}.{int(conv[-1]) + 1}": out for conv, (out, _) in convs.items()
+             if conv.startswith(("encoder.", "nodes."))}
+
+    modules = dict(wide.named_modules())
+    state = {name: tensor.clone() for name, tensor in wide.state_dict().items()}
+    for name, old in narrow.state_dict().items():
+        prefix, _, field = name.rpartition(".")
+        new = state[name]
+        if field == "num_batches_tracked":
+            new.copy_(old)
+        elif prefix in norms:
+            new[norms[prefix]] = old
+        elif prefix in convs:
+            out_kept, in_kept = (torch.arange(n) if k is None else k for k, n in zip(convs[prefix], _channels(modules[prefix])))
+            if field == "bias":
+                new[out_kept] = old
+            elif isinstance(modules[prefix], nn.ConvTranspose2d):  # weight (in, out, kh, kw)
+                new[:, out_kept] = 0.0
+                new[in_kept[:, None], out_kept[None, :]] = old
+            else:  # weight (out, in, kh, kw)
+                new[out_kept] = 0.0
+                new[out_kept[:, None], in_kept[None, :]] = old
+        else:
+            raise ValueError(f"widened_state_dict does not know the layer {prefix!r}")
+    return state
+
+
+def _channels(layer: nn.Module) -> tuple[int, int]:
+    """(output, input) channels of a convolution."""
+    return layer.out_channels, layer.in_channels

@@ -38,7 +38,7 @@ from ..device import get_device, mixed_precision_dtype
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..networks import build_network
-from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2
+from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2, widen_stage_channels
 from ..preprocess import PreparedVolume
 from .config import TrainConfig
 from .data import (
@@ -382,6 +382,13 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
             # One network is trained: start from the ensemble's first member (README, Fine-tuning).
             stage = stage.members[0]
             log.info("%s: stage %s is an ensemble; fine-tuning starts from its first member", path, key)
+        wider = kwargs.get("base_channels", 0) > stage.kwargs.get("base_channels", 0)
+        if key == "2" and stage.architecture == architecture and wider and all(
+                stage.kwargs.get(k) == v for k, v in kwargs.items() if k != "base_channels"):
+            # A wider recipe grows the given network: it starts from that network's output exactly.
+            log.info("%s: stage 2 widened from %d to %d base channels (new channels start at zero weight out)",
+                     path, stage.kwargs["base_channels"], kwargs["base_channels"])
+            stage = widen_stage_channels(stage, kwargs["base_channels"])
         if stage.architecture != architecture or any(stage.kwargs.get(k) != v for k, v in kwargs.items()):
             raise ConfigError(f"{path}: stage {key} is {stage.architecture} {stage.kwargs}, but the recipe builds "
                               f"{architecture} {kwargs}")
