@@ -204,10 +204,11 @@ def test_keep_stage1_trains_stage2_only_against_the_given_stage1(dataset, tmp_pa
 
 def test_fine_tuning_refuses_a_model_of_another_recipe(dataset, tmp_path):
     base = train(dataset, tmp_path / "base", preset("smoke"), device="cpu", progress=False)
-    wider = preset("smoke").replace(stage2_kwargs={"base_channels": 8, "depth": 2, "norm": "batch"})
+    # A deeper stage 2 is another network (a wider one is grown from it: see the test below).
+    deeper = preset("smoke").replace(stage2_kwargs={"base_channels": 4, "depth": 3, "norm": "batch"})
     with pytest.raises(ConfigError, match=r"model\.kseg: stage 2 is unetpp2d"):
-        train(dataset, tmp_path / "wider", wider, device="cpu", progress=False, init_from=base)
-    assert not (tmp_path / "wider" / "stage1").exists()  # refused before any training
+        train(dataset, tmp_path / "deeper", deeper, device="cpu", progress=False, init_from=base)
+    assert not (tmp_path / "deeper" / "stage1").exists()  # refused before any training
 
 
 def test_fine_tuning_an_ensemble_starts_stage2_from_its_first_member(dataset, tmp_path):
