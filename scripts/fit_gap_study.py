@@ -9,7 +9,8 @@ stage 1, and the run's validation cases through the model's own stage 1 (what tr
 validates with). All on the stage grid, without augmentation, KiTS19 definitions; tumor Dice
 also by tumor size. Training cases scoring no better than validation ones mean the network has
 not fitted what it was shown (more steps or capacity would help); training far above validation
-means it learnt its cases, not the task (more or more varied data would help). The run's prepared-case cache is read, not rebuilt.
+means it learnt its cases, not the task (more or more varied data would help). The run's
+prepared-case cache is read, not rebuilt.
 """
 
 from __future__ import annotations
@@ -21,6 +22,35 @@ from pathlib import Path
 import numpy as np
 
 SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
+BAND_HEADER = "   ".join(f"{f'tumor {lo:g}-{hi:g} mL':>16}" for lo, hi in SIZE_BANDS_ML)
+
+
+def load_run(run: Path, data: Path, parts: tuple[str, ...], files: tuple[str, ...] = ("config.json", "split.json")):
+    """A ``kits-seg train --out`` folder's recipe and split, and its ``parts`` of the split's cases
+    (read from the run's prepared-case cache, not rebuilt): ``(config, split, cases by name)``."""
+    from kitseg.training.config import TrainConfig
+    from kitseg.training.data import load_cases
+
+    for needed in files:
+        if not (run / needed).exists():
+            raise SystemExit(f"{run}: no {needed}; is it a kits-seg train --out folder?")
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    split = json.loads((run / "split.json").read_text())
+    cases = {c.name: c for c in load_cases(data, config.preprocessing, run / "cache", progress=False)}
+    missing = sorted(set().union(*(split[part] for part in parts)) - set(cases))
+    if missing:
+        raise SystemExit(f"{data}: lacks the run's case(s) {', '.join(missing[:5])}")
+    return config, split, cases
+
+
+def band_cells(cases: list, tumor_dice: list[float]) -> str:
+    """Mean tumor Dice of the cases with a tumor, per size band (columns under BAND_HEADER)."""
+    volumes_ml = [(c.labels == 2).sum() * float(np.prod(c.spacing)) / 1000.0 for c in cases]
+    cells = []
+    for lo, hi in SIZE_BANDS_ML:
+        in_band = [t for v, t in zip(volumes_ml, tumor_dice) if lo <= v < hi and v > 0]
+        cells.append(f"{np.mean(in_band):.3f} ({len(in_band):>2} cases)" if in_band else "  -  (no case)")
+    return "   ".join(f"{cell:>16}" for cell in cells)
 
 
 def main() -> int:
@@ -35,24 +65,15 @@ def main() -> int:
 
     from kitseg.checkpoint import load_bundle
     from kitseg.pipeline import Segmenter
-    from kitseg.training.config import TrainConfig
-    from kitseg.training.data import load_cases
     from kitseg.training.loop import _prepared, stage2_dice
 
-    for needed in ("config.json", "split.json", "oof_y1"):
-        if not (args.run / needed).exists():
-            raise SystemExit(f"{args.run}: no {needed}; is it a kits-seg train --out folder?")
-    config = TrainConfig.from_dict(json.loads((args.run / "config.json").read_text()))
-    split = json.loads((args.run / "split.json").read_text())
+    config, split, cases = load_run(args.run, args.data, ("train", "validation"),
+                                    files=("config.json", "split.json", "oof_y1"))
     weights = args.weights or args.run / "model.kseg"
     segmenter = Segmenter(load_bundle(weights), device=args.device, batch_size=16)
-
-    cases = {c.name: c for c in load_cases(args.data, config.preprocessing, args.run / "cache", progress=False)}
-    missing = sorted(set(split["train"] + split["validation"]) - set(cases))
-    if missing:
-        raise SystemExit(f"{args.data}: lacks the run's case(s) {', '.join(missing[:5])}")
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(split["train"], min(args.train_cases, len(split["train"])), replace=False))
+
     def own_stage1_y1(names):
         return {n: segmenter.stage1(_prepared(cases[n], config)) for n in names}
 
@@ -63,20 +84,14 @@ def main() -> int:
     val_y1 = own_stage1_y1(split["validation"])
 
     print(f"stage 2 of {weights}, run {args.run}")
-    print(f"{'cases':<25} {'n':>3} {'kidney':>7} {'tumor':>7}   " + "   ".join(
-        f"{f'tumor {lo:g}-{hi:g} mL':>16}" for lo, hi in SIZE_BANDS_ML))
+    print(f"{'cases':<25} {'n':>3} {'kidney':>7} {'tumor':>7}   " + BAND_HEADER)
     for title, names, y1 in (("training (out-of-fold y1)", sample, train_y1),
                              ("training (stage 1's y1)", sample, train_own_y1),
                              ("validation (stage 1's y1)", split["validation"], val_y1)):
         chosen = [cases[n] for n in names]
         scores = stage2_dice(segmenter, chosen, y1, config)
-        bands = []
-        for lo, hi in SIZE_BANDS_ML:
-            in_band = [t for c, (_, t) in zip(chosen, scores)
-                       if lo <= (c.labels == 2).sum() * float(np.prod(c.spacing)) / 1000.0 < hi and (c.labels == 2).any()]
-            bands.append(f"{np.mean(in_band):.3f} ({len(in_band):>2} cases)" if in_band else "  -  (no case)")
         kidney, tumor = (float(np.mean(column)) for column in zip(*scores))
-        print(f"{title:<25} {len(names):>3} {kidney:>7.4f} {tumor:>7.4f}   " + "   ".join(f"{b:>16}" for b in bands))
+        print(f"{title:<25} {len(names):>3} {kidney:>7.4f} {tumor:>7.4f}   " + band_cells(chosen, [t for _, t in scores]))
     return 0
 
 

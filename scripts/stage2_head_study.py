@@ -14,13 +14,12 @@ alone beats the average, the average is the wrong ensemble. The run's case cache
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
+from fit_gap_study import BAND_HEADER, band_cells, load_run  # the same run reading and size bands
 
 
 def main() -> int:
@@ -32,44 +31,27 @@ def main() -> int:
     args = parser.parse_args()
 
     from kitseg.checkpoint import load_bundle
-    from kitseg.weights import default_weights_path
     from kitseg.pipeline import Segmenter
-    from kitseg.training.config import TrainConfig
-    from kitseg.training.data import load_cases
     from kitseg.training.loop import _prepared, stage2_dice
+    from kitseg.weights import default_weights_path
 
-    for needed in ("config.json", "split.json"):
-        if not (args.run / needed).exists():
-            raise SystemExit(f"{args.run}: no {needed}; is it a kits-seg train --out folder?")
-    config = TrainConfig.from_dict(json.loads((args.run / "config.json").read_text()))
-    names = json.loads((args.run / "split.json").read_text())["validation"]
+    config, split, cases = load_run(args.run, args.data, ("validation",))
+    chosen = [cases[n] for n in split["validation"]]
     weights = args.weights or default_weights_path()
-    cases = {c.name: c for c in load_cases(args.data, config.preprocessing, args.run / "cache", progress=False)}
-    missing = sorted(set(names) - set(cases))
-    if missing:
-        raise SystemExit(f"{args.data}: lacks the run's validation case(s) {', '.join(missing[:5])}")
-    chosen = [cases[n] for n in names]
-    volumes_ml = [(c.labels == 2).sum() * float(np.prod(c.spacing)) / 1000.0 for c in chosen]
-
     segmenter = Segmenter(load_bundle(weights), device=args.device, batch_size=16)
     y1 = {c.name: segmenter.stage1(_prepared(c, config)) for c in chosen}
     depth = config.stage2_kwargs["depth"]
 
     print(f"stage 2 of {weights}: {len(chosen)} validation cases of {args.run}, stage grid")
-    print(f"{'stage 2 heads':<14} {'kidney':>7} {'tumor':>7}   " + "   ".join(
-        f"{f'tumor {lo:g}-{hi:g} mL':>16}" for lo, hi in SIZE_BANDS_ML) + "   seconds")
+    print(f"{'stage 2 heads':<14} {'kidney':>7} {'tumor':>7}   " + BAND_HEADER + "   seconds")
     for level in (None, *range(1, depth + 1)):
         segmenter = Segmenter(load_bundle(weights), device=args.device, batch_size=16, stage2_level=level)
         start = time.perf_counter()
         scores = stage2_dice(segmenter, chosen, y1, config)
         seconds = time.perf_counter() - start
-        bands = []
-        for lo, hi in SIZE_BANDS_ML:
-            in_band = [t for v, (_, t) in zip(volumes_ml, scores) if lo <= v < hi and v > 0]
-            bands.append(f"{np.mean(in_band):.3f} ({len(in_band):>2} cases)" if in_band else "  -  (no case)")
         kidney, tumor = (float(np.mean(column)) for column in zip(*scores))
         title = "all (mean)" if level is None else f"head {level} only"
-        print(f"{title:<14} {kidney:>7.4f} {tumor:>7.4f}   " + "   ".join(f"{b:>16}" for b in bands)
+        print(f"{title:<14} {kidney:>7.4f} {tumor:>7.4f}   " + band_cells(chosen, [t for _, t in scores])
               + f"   {seconds:7.1f}", flush=True)
     return 0
 

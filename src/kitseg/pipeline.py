@@ -151,7 +151,6 @@ def widen_stage2(stage: StageModel, from_context: int, to_context: int) -> Stage
     return StageModel(stage.architecture, kwargs, module.eval())
 
 
-
 def widen_stage_channels(stage: StageModel, base_channels: int) -> StageModel:
     """``stage`` (a UNet++) rebuilt with ``base_channels``, computing exactly what it computed.
 
@@ -167,6 +166,7 @@ def widen_stage_channels(stage: StageModel, base_channels: int) -> StageModel:
     module = build_network(stage.architecture, **kwargs)
     module.load_state_dict(widened_state_dict(stage.module, module))
     return StageModel(stage.architecture, kwargs, module.eval())
+
 
 class Segmenter:
     """A loaded two-stage model on one device; reuse it across cases (the weights load once)."""
