@@ -5,12 +5,14 @@
 #
 # 1. phantoms: a realistic synthetic CT around each of the 150 real KiTS19 masks (seed 0), without
 #    the adrenal hard negatives added to the generator after this model was trained
+#    and with the medulla drawn as random patches, as the generator did until 2026-12-03
 #    (scripts/phantoms_without_adrenals.json: the same images, bit for bit, as back then);
 # 2. training: the `cpu` preset with 5000 stage-2 steps (the preset has 2000, to fit in under an
 #    hour) on cases 00000-00119, validation on cases 00120-00149 (about 65 minutes on 2 cores);
 # 3. a second round of the same recipe started from the first round's model (--init-from: a warm
 #    restart of the learning-rate schedule; about 75 minutes);
-# 3b. round 3 on the default phantoms (with adrenal glands) from round 2's model; the shipped
+# 3b. round 3 on the phantoms with adrenal glands (scripts/phantoms_blob_medulla.json: the
+#    generator's default of 2026-11-29) from round 2's model; the shipped
 #    model is its stage 1 with an ensemble of round 2's and round 3's stage 2 (the mean of their
 #    probabilities; scripts/combine_stages.py, MODEL_CARD.md);
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
@@ -27,7 +29,7 @@ $KITS train --data "$WORK/phantoms" --out "$WORK/run_cpu" --preset cpu --device 
   --stage2-steps 5000 --val-cases $VAL ${TRAIN_ARGS:-}
 $KITS train --data "$WORK/phantoms" --out "$WORK/run_ft" --preset cpu --device cpu \
   --stage2-steps 5000 --val-cases $VAL --init-from "$WORK/run_cpu/model.kseg" ${TRAIN_ARGS:-}
-$KITS phantom --masks "$MASKS" --out "$WORK/phantoms_v3" --seed 0
+$KITS phantom --masks "$MASKS" --out "$WORK/phantoms_v3" --seed 0 --params scripts/phantoms_blob_medulla.json
 $KITS train --data "$WORK/phantoms_v3" --out "$WORK/run_v3" --preset cpu --device cpu \
   --stage2-steps 3000 --val-cases $VAL --init-from "$WORK/run_ft/model.kseg" ${TRAIN_ARGS:-}
 MODEL="$WORK/model_shipped.kseg"

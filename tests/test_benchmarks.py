@@ -1,4 +1,4 @@
-"""The GPU check script runs end to end (on the CPU here: CPU against CPU), so it works the day a GPU is lent."""
+"""Benchmark scripts run end to end: the GPU check on the CPU (so it works the day a GPU is lent), the I/O one small."""
 
 from __future__ import annotations
 
@@ -27,3 +27,11 @@ def test_gpu_check_dry_run_times_training_and_inference_and_compares_predictions
         # The same file on the same device twice: identical.
         assert float(difference) == 0.0 and float(same) == 100.0, out
     assert len(re.findall(r"on cpu: +[\d.]+ s end to end", out)) == 4, out
+
+
+def test_io_benchmark_checks_the_tiled_copy_and_reads_a_case():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_io.py"), "--shape", "9", "70", "66"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(re.findall(r"np.ascontiguousarray [\d.]+ s, c_contiguous [\d.]+ s", proc.stdout)) == 2, proc.stdout
+    assert re.search(r"read_ct \+ read_labels of a \(9, 70, 66\) case .*: [\d.]+ s", proc.stdout), proc.stdout

@@ -299,3 +299,39 @@ def test_adrenals_and_splenic_lobules_are_unlabelled_and_change_nothing_else(lab
     assert np.percentile(kidney_distance_mm[changed], 90) < 60.0  # beside the kidneys, not anywhere
     with pytest.raises(ValueError, match="adrenal_probability"):
         PhantomParams(adrenal_probability=-0.1)
+
+
+def test_radial_medulla_lies_under_the_cortex_and_narrows_towards_the_sinus() -> None:
+    """Pyramids: none in the cortex, widest at their bases under it, narrow at their tips."""
+    from scipy import ndimage
+
+    from kitseg.phantom.kidney import radial_pyramids
+
+    spacing = (2.0, 1.5, 1.5)
+    z, y, x = np.ogrid[:64, :48, :40]
+    kidney = ((z - 31.5) * 2 / 55) ** 2 + ((y - 23.5) * 1.5 / 30) ** 2 + ((x - 19.5) * 1.5 / 25) ** 2 < 1  # 11x6x5 cm
+    depth, nearest_outside = ndimage.distance_transform_edt(kidney, sampling=spacing, return_indices=True)
+    depth = depth.astype(np.float32)
+    for seed in range(3):
+        medulla = radial_pyramids(depth, nearest_outside, spacing, 6.0, 14.0, np.random.default_rng(seed))
+        assert medulla.shape == kidney.shape and 0.0 <= medulla.min() and medulla.max() <= 1.0
+
+        def share(low_mm: float, high_mm: float) -> float:
+            return float(medulla[(depth > low_mm) & (depth < high_mm)].mean())
+
+        assert medulla[(depth > 0) & (depth < 4.0)].max() < 0.15  # the cortex
+        assert share(7.0, 9.0) > 0.3 and share(12.5, 14.0) < 0.7 * share(7.0, 9.0)
+    np.testing.assert_array_equal(radial_pyramids(depth, nearest_outside, spacing, 6.0, 14.0, np.random.default_rng(1)),
+                                  radial_pyramids(depth, nearest_outside, spacing, 6.0, 14.0, np.random.default_rng(1)))
+
+
+def test_medulla_pattern_is_a_validated_parameter(label_map) -> None:
+    labels, spacing = label_map
+    params = PhantomParams(medulla="blobs")
+    assert PhantomParams.from_dict(params.to_dict()) == params and PhantomParams().medulla == "radial"
+    with pytest.raises(ValueError, match="medulla"):
+        PhantomParams(medulla="cones")
+    rng = np.random.default_rng
+    old = synthesize_ct(labels, spacing, rng(3), PhantomParams(medulla="blobs", phases=("arterial",), phase_weights=(1.0,)))
+    new = synthesize_ct(labels, spacing, rng(3), PhantomParams(phases=("arterial",), phase_weights=(1.0,)))
+    assert not np.array_equal(old[labels == 1], new[labels == 1])

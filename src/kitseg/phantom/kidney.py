@@ -98,7 +98,8 @@ def kidney_crop_hu(
     ispacing = tuple(d * f for d, f in zip(spacing, factors))
     ishape = tuple(int(np.ceil(n / f)) for n, f in zip(shape, factors))
     fg_i = ndimage.binary_fill_holes(block_mean(fg, factors) >= 0.5)
-    depth = ndimage.distance_transform_edt(fg_i, sampling=ispacing).astype(np.float32)
+    depth, nearest_outside = ndimage.distance_transform_edt(fg_i, sampling=ispacing, return_indices=True)
+    depth = depth.astype(np.float32)
 
     # Medial direction per column: towards the spine.
     x_i = crop_origin_x_mm + (np.arange(ishape[2]) * factors[2] + (factors[2] - 1) / 2) * spacing[2]
@@ -115,11 +116,17 @@ def kidney_crop_hu(
 
     # --- parenchyma: cortex rim, medullary pyramids, sinus (fat) and pelvis (urine / excreted contrast)
     cortex_t = float(rng.uniform(4.0, 7.5))
-    pyramids = smooth_field(rng, ishape, ispacing, 4.0)
-    w_med = _sigmoid((depth - cortex_t) / 1.0) * _sigmoid((pyramids + 0.4) / 0.25)
-    k_hu = hu_of["kidney_cortex"] * (1.0 - w_med) + hu_of["kidney_medulla"] * w_med
-    k_hu += 4.0 * smooth_field(rng, ishape, ispacing, 3.0)
-    sinus_depth = float(rng.uniform(10.0, 16.0))
+    if params.medulla == "blobs":  # the generator before 2026-12-03: remakes older phantoms bit for bit
+        pyramids = smooth_field(rng, ishape, ispacing, 4.0)
+        w_med = _sigmoid((depth - cortex_t) / 1.0) * _sigmoid((pyramids + 0.4) / 0.25)
+        k_hu = hu_of["kidney_cortex"] * (1.0 - w_med) + hu_of["kidney_medulla"] * w_med
+        k_hu += 4.0 * smooth_field(rng, ishape, ispacing, 3.0)
+        sinus_depth = float(rng.uniform(10.0, 16.0))
+    else:
+        sinus_depth = float(rng.uniform(10.0, 16.0))
+        w_med = radial_pyramids(depth, nearest_outside, ispacing, cortex_t, sinus_depth, rng)
+        k_hu = hu_of["kidney_cortex"] * (1.0 - w_med) + hu_of["kidney_medulla"] * w_med
+        k_hu += 4.0 * smooth_field(rng, ishape, ispacing, 3.0)
     sinus = (depth > sinus_depth) & (medial > -3.0)
     sinus_hu = UNENHANCED_HU["fat"] + float(rng.uniform(30.0, 70.0)) + 15.0 * smooth_field(rng, ishape, ispacing, 3.0)
     k_hu = np.where(sinus, sinus_hu, k_hu)
@@ -171,6 +178,31 @@ def kidney_crop_hu(
 
     sigma = (protocol.slice_blur_fraction,) + (protocol.psf_sigma_mm / spacing[1], protocol.psf_sigma_mm / spacing[2])
     return ndimage.gaussian_filter(out, sigma, mode="nearest", truncate=3.0)
+
+
+def radial_pyramids(
+    depth: np.ndarray,
+    nearest_outside: np.ndarray,
+    spacing: tuple[float, float, float],
+    cortex_mm: float,
+    sinus_depth_mm: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Medulla weight (0-1): pyramids under the cortex, narrowing towards the sinus.
+
+    A kidney's medulla is a ring of cone-shaped pyramids, their bases under a cortex of even
+    thickness, their tips (papillae) pointing at the sinus, the cortex reaching down between
+    them as the renal columns. Drawn as a random pattern on the kidney's surface carried straight
+    inwards (each voxel reads it at its nearest point outside the kidney, ``nearest_outside``
+    from the distance transform), with a threshold that rises with depth so that each pyramid
+    narrows to its tip. Random blobs instead would look like small dark tumors in the
+    corticomedullary phase, which a real medulla does not: its regular pattern is what a tumor breaks.
+    """
+    surface_pattern = smooth_field(rng, depth.shape, spacing, 5.0)[tuple(nearest_outside)]
+    irregularity = 0.25 * smooth_field(rng, depth.shape, spacing, 3.0)
+    below_cortex = np.clip((depth - cortex_mm) / max(sinus_depth_mm - cortex_mm, 1.0), 0.0, 1.0)
+    threshold = -0.25 + 1.3 * below_cortex  # about 60% of the base area is pyramid, 15% at the tips
+    return _sigmoid((depth - cortex_mm) / 1.0) * _sigmoid((surface_pattern + irregularity - threshold) / 0.2)
 
 
 def _ball_region(centre_mm, radius_mm, spacing, shape):

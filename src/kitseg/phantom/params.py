@@ -92,6 +92,9 @@ class PhantomParams:
         fov_circle_probability: chance that voxels outside the reconstruction circle are -1024.
         table_probability: chance a patient table shows under the back.
         coarse_spacing_mm: grid on which the anatomy around the kidneys is built, then upsampled.
+        medulla: ``"radial"`` draws the renal medulla as pyramids under the cortex pointing at
+            the sinus; ``"blobs"``, the generator before 2026-12-03, as random patches (kept to
+            remake the phantoms older models were trained on).
     """
 
     phases: tuple[Phase, ...] = PHASES
@@ -115,6 +118,7 @@ class PhantomParams:
     fov_circle_probability: float = 0.5
     table_probability: float = 0.7
     coarse_spacing_mm: float = 2.0
+    medulla: Literal["radial", "blobs"] = "radial"
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.phases if p not in PHASES]
@@ -134,6 +138,8 @@ class PhantomParams:
                      "adrenal_nodule_probability", "oral_contrast_probability", "fov_circle_probability", "table_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.medulla not in ("radial", "blobs"):
+            raise ValueError(f"medulla must be 'radial' or 'blobs', got {self.medulla!r}")
         if not self.coarse_spacing_mm > 0:
             raise ValueError(f"coarse_spacing_mm must be > 0, got {self.coarse_spacing_mm}")
 
