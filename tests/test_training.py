@@ -92,6 +92,27 @@ def test_samplers_shapes_and_oof_inputs(dataset):
     assert mask.sum() > 0 and (labels == 2).any()
 
 
+def test_out_of_fold_y1_is_the_full_passs_on_the_slices_stage2_trains_on():
+    """predict_y1(training_mask_only=True): exact where stage 2's training mask reaches, zero elsewhere."""
+    from kitseg.morphology import dilate_ball
+    from kitseg.training.loop import predict_y1
+
+    config = preset("smoke")
+    rng = np.random.default_rng(0)
+    labels = np.zeros((40, 48, 52), np.uint8)
+    labels[18:21, 20:28, 10:20] = 1
+    case = StageCase("case_00000", rng.uniform(-1, 1, labels.shape).astype(np.float32), labels, (5.0, 3.0, 3.0))
+    torch.manual_seed(0)
+    net = build_network(config.stage1_architecture, in_channels=config.preprocessing.stage1_in_channels, num_classes=2,
+                        **config.stage1_kwargs).eval()
+    full = predict_y1(net, [case], config, torch.device("cpu"))[case.name]
+    partial = predict_y1(net, [case], config, torch.device("cpu"), training_mask_only=True)[case.name]
+    mask_slices = dilate_ball(labels > 0, config.mask.radius, None).any(axis=(1, 2))
+    assert 0 < mask_slices.sum() < len(mask_slices)  # the test needs slices on both sides
+    np.testing.assert_array_equal(partial[mask_slices], full[mask_slices])
+    assert not partial[~mask_slices].any() and full[~mask_slices].any()
+
+
 def test_stage2_sampler_gives_each_slice_its_neighbours(dataset):
     config = preset("smoke")
     cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)

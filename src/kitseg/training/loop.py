@@ -38,6 +38,7 @@ from ..device import get_device, mixed_precision_dtype
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..networks import build_network
+from ..morphology import bounding_box, dilate_ball
 from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2, widen_stage_channels
 from ..preprocess import PreparedVolume
 from .config import TrainConfig
@@ -271,11 +272,33 @@ def _prepared(case: StageCase, config: TrainConfig) -> PreparedVolume:
     return PreparedVolume(image=case.image, grid=None, volume=None, config=config.preprocessing)
 
 
-def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainConfig, device: torch.device) -> dict[str, np.ndarray]:
-    """Stage-1 probabilities on the stage grid, with the inference code itself."""
+def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainConfig, device: torch.device,
+               training_mask_only: bool = False) -> dict[str, np.ndarray]:
+    """Stage-1 probabilities on the stage grid, with the inference code itself.
+
+    ``training_mask_only``: only on the slices of the mask stage 2 trains in (the labels
+    dilated, as :class:`Stage2Sampler` makes it); zero elsewhere, where stage 2's input is
+    masked out. Each slice is predicted whole, with its neighbours, as at inference, so these
+    slices get exactly the y1 a full pass gives (cropping in-plane too would be 3.6x faster but
+    changed y1 >= 0.5 on 1-2.5% of the mask: stage 1 sees across the whole slice).
+    """
     task_bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, StageModel.from_module(module), None)
     segmenter = Segmenter(task_bundle, device=device, batch_size=16)
-    return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
+    if not training_mask_only:
+        return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
+    context = config.preprocessing.context_slices
+    y1s = {}
+    for case in cases:
+        y1 = np.zeros(case.image.shape, np.float32)
+        spacing = case.spacing if config.mask.radius_unit == "mm" else None
+        box = bounding_box(dilate_ball(case.labels > 0, config.mask.radius, spacing))
+        if box is not None:
+            # The neighbours of the box's end slices come along, so those slices see what they would in a full pass.
+            outer = slice(max(0, box[0].start - context), min(case.image.shape[0], box[0].stop + context))
+            slab = PreparedVolume(image=case.image[outer], grid=None, volume=None, config=config.preprocessing)
+            y1[box[0]] = segmenter.stage1(slab)[box[0].start - outer.start: box[0].stop - outer.start]
+        y1s[case.name] = y1
+    return y1s
 
 
 def foreground_dice(y1: dict[str, np.ndarray], cases: list[StageCase]) -> float:
@@ -518,7 +541,7 @@ def train(
         task = stage1_task(rest, [], config, steps, f"stage 1 fold {k + 1}/{config.oof_folds}", torch_device)
         module = train_network(task, run_dir / f"fold{k + 1}", config, torch_device, info, "1", provenance, progress)
         if info.is_main:
-            for name, y1 in predict_y1(module, held_out, config, torch_device).items():
+            for name, y1 in predict_y1(module, held_out, config, torch_device, training_mask_only=True).items():
                 np.save(oof_dir / f"{name}.npy", y1.astype(np.float16))
         _barrier(info)
     oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy") for c in train_cases}
