@@ -10,7 +10,9 @@ validates with). All on the stage grid, without augmentation, KiTS19 definitions
 also by tumor size. Training cases scoring no better than validation ones mean the network has
 not fitted what it was shown (more steps or capacity would help); training far above validation
 means it learnt its cases, not the task (more or more varied data would help). The run's
-prepared-case cache is read, not rebuilt.
+prepared-case cache is read, not rebuilt. Runs since 2026-12-03 keep out-of-fold y1 only on the
+slices of stage 2's training mask (0 elsewhere): through it, stage 1's false positives on other
+slices are not seen, so that row can score a little higher than it would for older runs.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
 #    the adrenal hard negatives added to the generator after this model was trained
 #    and with the medulla drawn as random patches, as the generator did until 2026-12-03
 #    (scripts/phantoms_without_adrenals.json: the same images, bit for bit, as back then);
-# 2. training: the `cpu` preset with 5000 stage-2 steps (the preset has 2000, to fit in under an
-#    hour) on cases 00000-00119, validation on cases 00120-00149 (about 65 minutes on 2 cores);
+# 2. training: the `cpu` preset with 5000 stage-2 steps (the preset has 2000: 55 minutes from
+#    scratch) on cases 00000-00119, validation on cases 00120-00149 (about 65 minutes on 2 cores);
 # 3. a second round of the same recipe started from the first round's model (--init-from: a warm
 #    restart of the learning-rate schedule; about 75 minutes);
 # 3b. round 3 on the phantoms with adrenal glands (scripts/phantoms_blob_medulla.json: the

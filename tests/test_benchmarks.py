@@ -33,5 +33,5 @@ def test_io_benchmark_checks_the_tiled_copy_and_reads_a_case():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_io.py"), "--shape", "9", "70", "66"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(re.findall(r"np.ascontiguousarray [\d.]+ s, c_contiguous [\d.]+ s", proc.stdout)) == 2, proc.stdout
+    assert len(re.findall(r"np.ascontiguousarray [\d.]+ s, to_c_order [\d.]+ s", proc.stdout)) == 2, proc.stdout
     assert re.search(r"read_ct \+ read_labels of a \(9, 70, 66\) case .*: [\d.]+ s", proc.stdout), proc.stdout

@@ -123,15 +123,17 @@ def test_real_kits19_mask_keeps_its_geometry(tmp_path):
 
 
 @pytest.mark.parametrize("order", ["F", "C"])
-def test_tiled_contiguous_copy_equals_numpys(order: str) -> None:
-    """The tiled copy behind every read and write: same values, C order, for any strides."""
-    from kitseg.geometry import c_contiguous
+def test_tiled_c_order_copy_equals_numpys(order: str) -> None:
+    """The copy behind every read and write: same values, C order, for any strides."""
+    from kitseg.geometry import to_c_order
 
     rng = np.random.default_rng(0)
     volume = np.asarray(rng.integers(-1000, 1000, (7, 131, 70)), dtype=np.int16, order=order)
     views = [volume, volume[::-1, :, ::-1], volume.transpose(2, 1, 0), volume[:, ::2, 5:],
-             np.stack([volume, volume + 1], axis=-1).transpose(1, 0, 2, 3)]  # with a channel axis
+             np.stack([volume, volume + 1], axis=-1).transpose(1, 0, 2, 3), volume[0]]  # with a channel axis; 2D
     for view in views:
-        copy = c_contiguous(view, tile=16)
+        copy = to_c_order(view, tile=16)
         assert copy.flags.c_contiguous and copy.dtype == view.dtype
         np.testing.assert_array_equal(copy, view)
+    with pytest.raises(ValueError, match="tile"):
+        to_c_order(volume, tile=0)

@@ -208,8 +208,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         metavar="JSON",
-        help='randomization ranges to change, e.g. {"noise_sigma_hu": [5, 15], "adrenal_probability": 0} '
-        "(kitseg.phantom.params.PhantomParams; the rest keep their defaults)",
+        help='randomization ranges and switches to change, e.g. {"noise_sigma_hu": [5, 15], '
+        '"adrenal_probability": 0, "medulla": "blobs"} (kitseg.phantom.params.PhantomParams; the rest keep '
+        "their defaults)",
     )
     p.set_defaults(func=cmd_phantom)
 

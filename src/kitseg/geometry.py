@@ -62,21 +62,26 @@ class SourceGrid:
                 f"array of shape {internal_array.shape} is not on this volume's grid {expected}"
             )
         back = nio.ornt_transform(INTERNAL_ORNT, nio.io_orientation(self.affine))
-        return c_contiguous(nio.apply_orientation(internal_array, back))
+        return to_c_order(nio.apply_orientation(internal_array, back))
 
 
 INTERNAL_ORNT = nio.axcodes2ornt(INTERNAL_AXCODES)
 
 
-def c_contiguous(array: np.ndarray, tile: int = 64) -> np.ndarray:
-    """``np.ascontiguousarray``, copied in tiles of ``tile`` x ``tile`` over axes 1 and 2.
+def to_c_order(array: np.ndarray, tile: int = 64) -> np.ndarray:
+    """``np.ascontiguousarray``, copied tile by tile (``tile`` x ``tile`` over axes 1 and 2) when
+    the first axis is the fastest-varying one in memory.
 
-    NIfTI data arrive in Fortran order and reorientation permutes axes, so the C-ordered copy
-    is a 3D transpose. NumPy's single pass strides across the whole volume for every voxel
-    written (3.8 s for a 602 x 512 x 512 label map on a 2-core Xeon); a tile at a time keeps the
-    reads in cache (0.5 s, ``benchmarks/bench_io.py``).
+    That is the case for a KiTS19-layout file (slices on the file's first axis, stored in
+    Fortran order, as NIfTI stores): its C-ordered copy is a 3D transpose. NumPy's single pass
+    strides across the whole volume for every voxel written (3.6 s for a 602 x 512 x 512 label
+    map on a 2-core Xeon); a tile at a time keeps the reads in cache (0.4 s,
+    ``benchmarks/bench_io.py``). Other layouts (slices on the file's last axis) are nearly C
+    ordered already and take NumPy's copy.
     """
-    if array.flags.c_contiguous or array.ndim < 3:
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if array.flags.c_contiguous or array.ndim < 3 or abs(array.strides[0]) >= abs(array.strides[2]):
         return np.ascontiguousarray(array)
     out = np.empty(array.shape, array.dtype)
     for y in range(0, array.shape[1], tile):
@@ -134,7 +139,7 @@ class Volume:
         the reverse of :meth:`SourceGrid.to_source`.
         """
         grid = source_grid_for(array.shape[:3], affine, path)
-        internal = c_contiguous(nio.apply_orientation(array, grid.to_internal))
+        internal = to_c_order(nio.apply_orientation(array, grid.to_internal))
         return cls(internal, grid.internal_affine(), grid)
 
     @classmethod

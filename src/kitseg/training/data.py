@@ -52,6 +52,12 @@ def labels_to_stage(labels: np.ndarray, grid: StageGrid, num_classes: int = 3) -
     return np.argmax(fractions, axis=0).astype(np.uint8)
 
 
+def training_mask(case: StageCase, mask: MaskConfig) -> np.ndarray:
+    """Where stage 2 trains: the labelled foreground dilated by the mask's ball, as the paper trains."""
+    spacing = case.spacing if mask.radius_unit == "mm" else None
+    return dilate_ball(case.labels > 0, mask.radius, spacing)
+
+
 def _cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
     stat = case.image_path.stat()
     ident = json.dumps([str(case.image_path.resolve()), stat.st_size, stat.st_mtime_ns, config.preparation_key()])
@@ -193,10 +199,7 @@ class Stage2Sampler:
                  tumor_fraction: float, context: int = 0, tumor_contrast: float = 0.0):
         self.cases, self.y1, self.crop, self.tumor_fraction, self.context = cases, y1, crop, tumor_fraction, context
         self.tumor_contrast = tumor_contrast
-        self.masks = []
-        for c in cases:
-            spacing = c.spacing if mask.radius_unit == "mm" else None
-            self.masks.append(dilate_ball(c.labels > 0, mask.radius, spacing))
+        self.masks = [training_mask(c, mask) for c in cases]
         self._mask_slices = [np.flatnonzero(m.any(axis=(1, 2))) for m in self.masks]
         self._tumor = [c.tumor_slices for c in cases]
         usable = [i for i, s in enumerate(self._mask_slices) if s.size]

@@ -5,7 +5,8 @@ A run folder holds everything (``kits-seg train --data DIR --out RUN``)::
     RUN/config.json          the TrainConfig (a resumed run must match it)
     RUN/split.json           training and validation case names
     RUN/fold{k}/             stage-1 models for out-of-fold y1 (one per fold)
-    RUN/oof_y1/NAME.npy      out-of-fold stage-1 predictions: what stage 2 learns from
+    RUN/oof_y1/NAME.npy      out-of-fold stage-1 predictions: what stage 2 learns from (float16;
+                             since 2026-12-03 made on the slices of stage 2's training mask only, 0 elsewhere)
     RUN/stage1/, RUN/stage2/ state.pt (resume), last.kseg, best.kseg, log.csv, curves.png
     RUN/model.kseg           best stage 1 + best stage 2: the file `kits-seg predict` takes
 
@@ -37,8 +38,8 @@ from ..config import KITS_LABELS, ConfigError
 from ..device import get_device, mixed_precision_dtype
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
+from ..morphology import bounding_box
 from ..networks import build_network
-from ..morphology import bounding_box, dilate_ball
 from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2, widen_stage_channels
 from ..preprocess import PreparedVolume
 from .config import TrainConfig
@@ -52,6 +53,7 @@ from .data import (
     out_of_fold_split,
     random_affine_grids,
     split_cases,
+    training_mask,
     warp,
 )
 
@@ -273,25 +275,24 @@ def _prepared(case: StageCase, config: TrainConfig) -> PreparedVolume:
 
 
 def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainConfig, device: torch.device,
-               training_mask_only: bool = False) -> dict[str, np.ndarray]:
+               mask_slices_only: bool = False) -> dict[str, np.ndarray]:
     """Stage-1 probabilities on the stage grid, with the inference code itself.
 
-    ``training_mask_only``: only on the slices of the mask stage 2 trains in (the labels
-    dilated, as :class:`Stage2Sampler` makes it); zero elsewhere, where stage 2's input is
-    masked out. Each slice is predicted whole, with its neighbours, as at inference, so these
-    slices get exactly the y1 a full pass gives (cropping in-plane too would be 3.6x faster but
-    changed y1 >= 0.5 on 1-2.5% of the mask: stage 1 sees across the whole slice).
+    ``mask_slices_only``: only over the slice range of the mask stage 2 trains in
+    (:func:`training_mask`); zero elsewhere, where stage 2's input is masked out. Each slice is
+    predicted whole, with its neighbours, as at inference, so in that range y1 is what a full
+    pass gives (cropping in-plane too would be 3.6x faster but changed y1 >= 0.5 on 1-2.5% of
+    the mask: stage 1 sees across the whole slice).
     """
     task_bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, StageModel.from_module(module), None)
     segmenter = Segmenter(task_bundle, device=device, batch_size=16)
-    if not training_mask_only:
+    if not mask_slices_only:
         return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
     context = config.preprocessing.context_slices
     y1s = {}
     for case in cases:
         y1 = np.zeros(case.image.shape, np.float32)
-        spacing = case.spacing if config.mask.radius_unit == "mm" else None
-        box = bounding_box(dilate_ball(case.labels > 0, config.mask.radius, spacing))
+        box = bounding_box(training_mask(case, config.mask))
         if box is not None:
             # The neighbours of the box's end slices come along, so those slices see what they would in a full pass.
             outer = slice(max(0, box[0].start - context), min(case.image.shape[0], box[0].stop + context))
@@ -339,7 +340,8 @@ def stage2_dice(segmenter: Segmenter, cases: list[StageCase], y1: dict[str, np.n
     """(kidney, tumor) Dice of each case on the stage grid, stage 2 reading ``y1[case]`` and its mask."""
     scores = []
     for c in cases:
-        mask = make_mask(y1[c.name], config.mask.threshold, config.mask.radius)
+        spacing = c.spacing if config.mask.radius_unit == "mm" else None
+        mask = make_mask(y1[c.name], config.mask.threshold, config.mask.radius, spacing)
         labels = np.argmax(segmenter.stage2(_prepared(c, config), y1[c.name], mask), axis=0)
         scores.append((dice(labels > 0, c.labels > 0), dice(labels == 2, c.labels == 2)))
     return scores
@@ -541,7 +543,7 @@ def train(
         task = stage1_task(rest, [], config, steps, f"stage 1 fold {k + 1}/{config.oof_folds}", torch_device)
         module = train_network(task, run_dir / f"fold{k + 1}", config, torch_device, info, "1", provenance, progress)
         if info.is_main:
-            for name, y1 in predict_y1(module, held_out, config, torch_device, training_mask_only=True).items():
+            for name, y1 in predict_y1(module, held_out, config, torch_device, mask_slices_only=True).items():
                 np.save(oof_dir / f"{name}.npy", y1.astype(np.float16))
         _barrier(info)
     oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy") for c in train_cases}
