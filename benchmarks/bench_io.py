@@ -5,10 +5,11 @@ Usage (from the repository root)::
     PYTHONPATH=src python benchmarks/bench_io.py [--shape 602 512 512]
 
 NIfTI stores voxels in Fortran order, so bringing a KiTS19-layout volume (slices on the file's
-first axis) to the engine's C-ordered (slices, rows, cols) array is a 3D transpose. Times, best of 3, that copy for a KiTS19-sized
-uint8 label map and int16 CT (default: 602 x 512 x 512, the size of ``case_00001``) with
-``np.ascontiguousarray`` and with :func:`kitseg.geometry.to_c_order`, checks they are equal,
-then times ``read_ct`` + ``read_labels`` of such a case written to a temporary folder.
+first axis) to the engine's C-ordered (slices, rows, cols) array is a 3D transpose. Times, best
+of 3, that copy for a KiTS19-sized uint8 label map and int16 CT (default: 602 x 512 x 512, the
+size of ``case_00001``) with ``np.ascontiguousarray`` and with :func:`kitseg.geometry.to_c_order`,
+checks they are equal, then times ``read_ct`` + ``read_labels`` of such a case written to a
+temporary folder.
 """
 
 from __future__ import annotations

@@ -133,6 +133,10 @@ class MaskConfig:
         if self.radius_unit not in ("voxels", "mm"):
             raise ConfigError(f"radius_unit must be 'voxels' or 'mm', got {self.radius_unit!r}")
 
+    def dilation_spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float] | None:
+        """What ``make_mask``/``dilate_ball`` take as spacing: the grid's mm for a radius in mm, else None."""
+        return spacing if self.radius_unit == "mm" else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -388,8 +388,7 @@ class Segmenter:
         yield Progress("prepare", 1, 1)
         y1 = np.zeros(prepared.image.shape, np.float32)
         yield from self.iter_stage1(prepared, y1)
-        spacing = prepared.grid.spacing if mask_config.radius_unit == "mm" else None
-        mask = make_mask(y1, mask_config.threshold, mask_config.radius, spacing)
+        mask = make_mask(y1, mask_config.threshold, mask_config.radius, mask_config.dilation_spacing(prepared.grid.spacing))
         yield Progress("mask", 1, 1)
         probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
         yield from self.iter_stage2(prepared, y1, mask, probs)

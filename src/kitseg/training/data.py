@@ -54,8 +54,7 @@ def labels_to_stage(labels: np.ndarray, grid: StageGrid, num_classes: int = 3) -
 
 def training_mask(case: StageCase, mask: MaskConfig) -> np.ndarray:
     """Where stage 2 trains: the labelled foreground dilated by the mask's ball, as the paper trains."""
-    spacing = case.spacing if mask.radius_unit == "mm" else None
-    return dilate_ball(case.labels > 0, mask.radius, spacing)
+    return dilate_ball(case.labels > 0, mask.radius, mask.dilation_spacing(case.spacing))
 
 
 def _cache_key(case: CaseInput, config: PreprocessingConfig) -> str:

@@ -340,8 +340,7 @@ def stage2_dice(segmenter: Segmenter, cases: list[StageCase], y1: dict[str, np.n
     """(kidney, tumor) Dice of each case on the stage grid, stage 2 reading ``y1[case]`` and its mask."""
     scores = []
     for c in cases:
-        spacing = c.spacing if config.mask.radius_unit == "mm" else None
-        mask = make_mask(y1[c.name], config.mask.threshold, config.mask.radius, spacing)
+        mask = make_mask(y1[c.name], config.mask.threshold, config.mask.radius, config.mask.dilation_spacing(c.spacing))
         labels = np.argmax(segmenter.stage2(_prepared(c, config), y1[c.name], mask), axis=0)
         scores.append((dice(labels > 0, c.labels > 0), dice(labels == 2, c.labels == 2)))
     return scores
