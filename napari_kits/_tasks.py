@@ -113,7 +113,7 @@ def make_mask(y1: np.ndarray, threshold: float, radius: float, spacing=None) -> 
 
 def mask_spacing(segmenter: Any, prepared: Any):
     """Radius unit of the model: mm (pass the stage spacing) or stage voxels (None)."""
-    return prepared.grid.spacing if segmenter.bundle.mask.radius_unit == "mm" else None
+    return segmenter.bundle.mask.dilation_spacing(prepared.grid.spacing)
 
 
 def iter_stage1(

@@ -407,6 +407,35 @@ def test_stage2_head_study_scores_the_head_average_and_each_head(dataset, smoke_
     assert all(0.0 <= v <= 1.0 for scores in rows.values() for v in scores)
 
 
+def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_scripts_read(dataset, smoke_run, tmp_path):
+    """scripts/stage2_compare_study.py: a model's row is the run's own validation; CSVs feed compare_scores."""
+    from kitseg.checkpoint import make_tiny_bundle, save_bundle
+
+    model = smoke_run / "model.kseg"
+    other = tmp_path / "other.kseg"
+    save_bundle(make_tiny_bundle(seed=3), other)
+    script = REPO / "scripts" / "stage2_compare_study.py"
+    proc = subprocess.run([sys.executable, str(script), "--run", str(smoke_run), "--data", str(dataset),
+                           "--weights", str(model), str(other), "--csv-dir", str(tmp_path / "csv")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:3]] for line in proc.stdout.splitlines()
+            if line.startswith((str(model), str(other)))}
+    recorded = read_metadata(model)["provenance"]["final_validation"]["stage2"]
+    assert rows[str(model)][0] == pytest.approx(recorded["val_kidney_dice"], abs=0.02)
+    assert rows[str(model)][1] == pytest.approx(recorded["val_tumor_dice"], abs=0.02)
+    n_val = len(json.loads((smoke_run / "split.json").read_text())["validation"])
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["other.csv", f"{smoke_run.name}.csv"]
+    compare = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"),
+                              str(tmp_path / "csv" / f"{smoke_run.name}.csv"), str(tmp_path / "csv" / "other.csv")],
+                             capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert f"{n_val} paired cases" in compare.stdout
+    kidney_row = next(line.split() for line in compare.stdout.splitlines() if line.startswith("kidney_dice"))
+    assert float(kidney_row[1]) == pytest.approx(rows[str(model)][0], abs=1e-4)
+    assert float(kidney_row[2]) == pytest.approx(rows[str(other)][0], abs=1e-4)
+
+
 def test_fine_tuning_into_a_wider_stage2_starts_from_the_given_networks_output(smoke_run):
     """--init-from with a recipe of more stage-2 base channels grows the file's UNet++ (exactly)."""
     from kitseg.networks import predict_logits
