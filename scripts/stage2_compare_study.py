@@ -6,16 +6,19 @@
 Scores each model as ``kits-seg train`` validates (stage 2 reading stage 1's y1 and its mask,
 KiTS19 definitions) without the 20-odd minutes of predicting on the CTs' own grids: a quick way
 to ask whether stage 2 trained on one phantom generation does better on another's images. y1 is
-computed once per distinct stage 1 (models fine-tuned with ``--keep-stage1`` share it). With
-``--csv-dir``, one CSV per model in the columns of ``kits-seg evaluate --csv`` that
-``compare_scores.py`` and ``tumor_miss_study.py`` read (volumes on the stage grid), named after
-the model's run folder. The run's case cache is read, not rebuilt.
+computed once per distinct stage 1 (models fine-tuned with ``--keep-stage1`` share it; the first
+model of each such group also pays for it in the seconds column). Every model is given the run's
+cached images and the run's stage-2 mask rule, so each must have been trained on the run's grid
+and intensity window (checked). With ``--csv-dir``, one CSV per model, named after its run folder,
+with the subset of ``kits-seg evaluate --csv``'s columns that ``compare_scores.py`` and
+``tumor_miss_study.py`` read (volumes on the stage grid). The run's case cache is read, not rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import time
 from pathlib import Path
 
@@ -47,13 +50,19 @@ def main() -> int:
     names = [csv_name(w) for w in args.weights]
     if args.csv_dir is not None and len(set(names)) < len(names):
         raise SystemExit(f"--csv-dir: two models would share a CSV name ({', '.join(names)})")
+    bundles = [load_bundle(w) for w in args.weights]
+    for weights, bundle in zip(args.weights, bundles):  # fail before the first minutes of scoring
+        ignoring_context = dataclasses.replace(bundle.preprocessing,
+                                               stage2_context_slices=config.preprocessing.stage2_context_slices)
+        if ignoring_context != config.preprocessing:
+            raise SystemExit(f"{weights}: trained on another grid or intensity window ({bundle.preprocessing}) than "
+                             f"{args.run}'s cached cases ({config.preprocessing})")
     y1_by_stage1: dict[str, dict[str, np.ndarray]] = {}
 
     print(f"{len(chosen)} validation cases of {args.run} ({args.data}), stage grid")
     print(f"{'model':<40} {'kidney':>7} {'tumor':>7}   " + BAND_HEADER + "   seconds")
-    for weights, name in zip(args.weights, names):
+    for weights, name, bundle in zip(args.weights, names, bundles):
         start = time.perf_counter()
-        bundle = load_bundle(weights)
         segmenter = Segmenter(bundle, device=args.device, batch_size=16)
         key = read_metadata(weights)["stages"]["1"]["weights_sha256"]
         if key not in y1_by_stage1:

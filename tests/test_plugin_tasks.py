@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from .conftest_plugin import case_folder, isolated_settings, small_case  # noqa: F401 (fixtures)
+from .conftest_plugin import case_folder, small_case  # noqa: F401 (fixtures)
 
 
 @pytest.mark.parametrize("radius_unit", ["voxels", "mm"])

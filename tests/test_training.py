@@ -408,32 +408,55 @@ def test_stage2_head_study_scores_the_head_average_and_each_head(dataset, smoke_
 
 
 def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_scripts_read(dataset, smoke_run, tmp_path):
-    """scripts/stage2_compare_study.py: a model's row is the run's own validation; CSVs feed compare_scores."""
-    from kitseg.checkpoint import make_tiny_bundle, save_bundle
+    """scripts/stage2_compare_study.py: a model's row is the run's own validation and does not depend on the
+    models scored before it (y1 shared only by an identical stage 1); its CSVs feed the other scripts."""
+    import dataclasses
+
+    from kitseg.checkpoint import load_bundle, make_tiny_bundle, save_bundle
 
     model = smoke_run / "model.kseg"
-    other = tmp_path / "other.kseg"
-    save_bundle(make_tiny_bundle(seed=3), other)
+    run_preprocessing = load_bundle(model).preprocessing
+    other = save_bundle(make_tiny_bundle(seed=3, preprocessing=run_preprocessing), tmp_path / "other.kseg")
+    shared = save_bundle(dataclasses.replace(load_bundle(model), stage2=load_bundle(other).stage2),
+                         tmp_path / "shared.kseg")  # the run's stage 1, another stage 2
     script = REPO / "scripts" / "stage2_compare_study.py"
-    proc = subprocess.run([sys.executable, str(script), "--run", str(smoke_run), "--data", str(dataset),
-                           "--weights", str(model), str(other), "--csv-dir", str(tmp_path / "csv")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:3]] for line in proc.stdout.splitlines()
-            if line.startswith((str(model), str(other)))}
+
+    def scores(*weights, csv_dir=None):
+        args = [sys.executable, str(script), "--run", str(smoke_run), "--data", str(dataset),
+                "--weights", *map(str, weights)] + (["--csv-dir", str(csv_dir)] if csv_dir else [])
+        proc = subprocess.run(args, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {line.split()[0]: [float(v) for v in line.split()[1:3]] for line in proc.stdout.splitlines()
+                if line.startswith(str(tmp_path)) or line.startswith(str(model))}
+
+    rows = scores(model, other, shared, csv_dir=tmp_path / "csv")
     recorded = read_metadata(model)["provenance"]["final_validation"]["stage2"]
     assert rows[str(model)][0] == pytest.approx(recorded["val_kidney_dice"], abs=0.02)
     assert rows[str(model)][1] == pytest.approx(recorded["val_tumor_dice"], abs=0.02)
+    assert rows[str(other)] == scores(other)[str(other)]  # its own y1, not the run model's
+    assert rows[str(shared)] == scores(shared)[str(shared)]  # the run model's y1, reused
+
+    csvs = tmp_path / "csv"
+    assert sorted(p.name for p in csvs.iterdir()) == sorted(["other.csv", "shared.csv", f"{smoke_run.name}.csv"])
     n_val = len(json.loads((smoke_run / "split.json").read_text())["validation"])
-    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["other.csv", f"{smoke_run.name}.csv"]
     compare = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"),
-                              str(tmp_path / "csv" / f"{smoke_run.name}.csv"), str(tmp_path / "csv" / "other.csv")],
-                             capture_output=True, text=True)
+                              str(csvs / f"{smoke_run.name}.csv"), str(csvs / "other.csv")], capture_output=True, text=True)
     assert compare.returncode == 0, compare.stderr[-3000:]
     assert f"{n_val} paired cases" in compare.stdout
-    kidney_row = next(line.split() for line in compare.stdout.splitlines() if line.startswith("kidney_dice"))
-    assert float(kidney_row[1]) == pytest.approx(rows[str(model)][0], abs=1e-4)
-    assert float(kidney_row[2]) == pytest.approx(rows[str(other)][0], abs=1e-4)
+    summary = {line.split()[0]: line.split()[1:3] for line in compare.stdout.splitlines() if "_dice" in line}
+    assert float(summary["kidney_dice"][0]) == pytest.approx(rows[str(model)][0], abs=1e-4)
+    assert float(summary["kidney_dice"][1]) == pytest.approx(rows[str(other)][0], abs=1e-4)
+    assert float(summary["tumor_dice"][0]) == pytest.approx(rows[str(model)][1], abs=1e-4)
+    miss = subprocess.run([sys.executable, str(REPO / "scripts" / "tumor_miss_study.py"), "--gt", str(dataset),
+                           "--scores", str(csvs / "other.csv")], capture_output=True, text=True)
+    assert miss.returncode == 0, miss.stderr[-3000:]
+    assert "cases with a tumor" in miss.stdout
+
+    window = dataclasses.replace(run_preprocessing, hu_max=run_preprocessing.hu_max + 100)
+    elsewhere = save_bundle(make_tiny_bundle(seed=4, preprocessing=window), tmp_path / "elsewhere.kseg")
+    refused = subprocess.run([sys.executable, str(script), "--run", str(smoke_run), "--data", str(dataset),
+                              "--weights", str(model), str(elsewhere)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "elsewhere.kseg: trained on another grid or intensity window" in refused.stderr
 
 
 def test_fine_tuning_into_a_wider_stage2_starts_from_the_given_networks_output(smoke_run):
