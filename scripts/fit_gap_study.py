@@ -45,9 +45,14 @@ def load_run(run: Path, data: Path, parts: tuple[str, ...], files: tuple[str, ..
     return config, split, cases
 
 
+def tumor_ml(case) -> float:
+    """The reference tumor's volume on the stage grid (mL)."""
+    return (case.labels == 2).sum() * float(np.prod(case.spacing)) / 1000.0
+
+
 def band_cells(cases: list, tumor_dice: list[float]) -> str:
     """Mean tumor Dice of the cases with a tumor, per size band (columns under BAND_HEADER)."""
-    volumes_ml = [(c.labels == 2).sum() * float(np.prod(c.spacing)) / 1000.0 for c in cases]
+    volumes_ml = [tumor_ml(c) for c in cases]
     cells = []
     for lo, hi in SIZE_BANDS_ML:
         in_band = [t for v, t in zip(volumes_ml, tumor_dice) if lo <= v < hi and v > 0]

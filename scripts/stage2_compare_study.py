@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fit_gap_study import BAND_HEADER, band_cells, load_run  # the same run reading and size bands
+from fit_gap_study import BAND_HEADER, band_cells, load_run, tumor_ml  # the same run reading and size bands
 
 
 def csv_name(weights: Path) -> str:
@@ -77,8 +77,7 @@ def main() -> int:
                 writer = csv.writer(stream)
                 writer.writerow(["case", "kidney_dice", "tumor_dice", "composite_dice", "ref_tumor_ml"])
                 for c, (k, t) in zip(chosen, scores):
-                    ref_tumor_ml = (c.labels == 2).sum() * float(np.prod(c.spacing)) / 1000.0
-                    writer.writerow([c.name, k, t, (k + t) / 2, ref_tumor_ml])
+                    writer.writerow([c.name, k, t, (k + t) / 2, tumor_ml(c)])
     return 0
 
 
