@@ -54,7 +54,7 @@ def main() -> int:
     context = max(b.preprocessing.stage2_context_slices for b in seconds)
     preprocessing = replace(first.preprocessing, stage2_context_slices=context)
     for (path, _), second in zip(sources, seconds):
-        if replace(second.preprocessing, stage2_context_slices=context) != preprocessing:
+        if not second.preprocessing.matches_except_stage2_context(preprocessing):
             raise SystemExit(f"{args.stage1} and {path} differ in preprocessing: their stages cannot be combined")
         for field in ("label_map", "mask"):
             if getattr(first, field) != getattr(second, field):

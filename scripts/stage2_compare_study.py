@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import time
 from pathlib import Path
 
@@ -52,9 +51,7 @@ def main() -> int:
         raise SystemExit(f"--csv-dir: two models would share a CSV name ({', '.join(names)})")
     bundles = [load_bundle(w) for w in args.weights]
     for weights, bundle in zip(args.weights, bundles):  # fail before the first minutes of scoring
-        ignoring_context = dataclasses.replace(bundle.preprocessing,
-                                               stage2_context_slices=config.preprocessing.stage2_context_slices)
-        if ignoring_context != config.preprocessing:
+        if not bundle.preprocessing.matches_except_stage2_context(config.preprocessing):
             raise SystemExit(f"{weights}: trained on another grid or intensity window ({bundle.preprocessing}) than "
                              f"{args.run}'s cached cases ({config.preprocessing})")
     y1_by_stage1: dict[str, dict[str, np.ndarray]] = {}

@@ -128,3 +128,13 @@ def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="unknown field.*spacing"):
         PreprocessingConfig.from_dict({"spacing": 3})
     assert PreprocessingConfig.from_dict(PreprocessingConfig().to_dict()) == PreprocessingConfig()
+
+
+def test_only_stage2_context_may_differ_between_a_model_and_a_recipe():
+    recipe = PreprocessingConfig(inplane_spacing_mm=2.0)
+    assert recipe.matches_except_stage2_context(PreprocessingConfig(inplane_spacing_mm=2.0, stage2_context_slices=1))
+    assert PreprocessingConfig(inplane_spacing_mm=2.0, stage2_context_slices=2).matches_except_stage2_context(recipe)
+    for other in (PreprocessingConfig(inplane_spacing_mm=3.0), PreprocessingConfig(inplane_spacing_mm=2.0, hu_max=300.0),
+                  PreprocessingConfig(inplane_spacing_mm=2.0, context_slices=2)):
+        assert not recipe.matches_except_stage2_context(other)
+        assert not other.matches_except_stage2_context(recipe)

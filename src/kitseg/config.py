@@ -85,6 +85,15 @@ class PreprocessingConfig:
         """The fields that shape a prepared volume (grid and intensities), not the networks' inputs."""
         return {k: v for k, v in self.to_dict().items() if k not in ("context_slices", "stage2_context_slices")}
 
+    def matches_except_stage2_context(self, other: "PreprocessingConfig") -> bool:
+        """Same grid, window and stage-1 input; only stage 2's neighbouring slices may differ.
+
+        The rule for reusing a network under another recipe: a stage 2 can be widened to see
+        more slices (``pipeline.widen_stage2``), but on another grid or intensity window every
+        network would read an image other than the one it was trained on.
+        """
+        return dataclasses.replace(self, stage2_context_slices=other.stage2_context_slices) == other
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

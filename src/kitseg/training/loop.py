@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import os
@@ -390,7 +389,7 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
     bundle = load_bundle(path)
     from_context = bundle.preprocessing.stage2_context_slices
     to_context = config.preprocessing.stage2_context_slices
-    if dataclasses.replace(bundle.preprocessing, stage2_context_slices=to_context) != config.preprocessing:
+    if not bundle.preprocessing.matches_except_stage2_context(config.preprocessing):
         raise ConfigError(f"{path}: was trained on another grid or intensity window ({bundle.preprocessing}) than "
                           f"the {config.preset!r} recipe ({config.preprocessing}); fine-tune with the recipe it was made with")
     if from_context > to_context:
