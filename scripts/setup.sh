@@ -8,8 +8,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# Pin torch first: an unpinned install would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# Pin torch first: an unpinned install would pull a multi-GB CUDA build. The pin alone gives the
+# CPU wheel only where pip's own configuration supplies one (as on the project's CI machines); on
+# plain PyPI under Linux set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get it.
+.venv/bin/python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[napari,dev]"
 if ! command -v xvfb-run >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
