@@ -72,7 +72,7 @@ def main() -> int:
 
     from kitseg.checkpoint import load_bundle
     from kitseg.pipeline import Segmenter
-    from kitseg.training.loop import _prepared, stage2_dice
+    from kitseg.training.loop import stage1_y1, stage2_dice
 
     config, split, cases = load_run(args.run, args.data, ("train", "validation"),
                                     files=("config.json", "split.json", "oof_y1"))
@@ -81,14 +81,11 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(split["train"], min(args.train_cases, len(split["train"])), replace=False))
 
-    def own_stage1_y1(names):
-        return {n: segmenter.stage1(_prepared(cases[n], config)) for n in names}
-
     train_y1 = {n: np.load(args.run / "oof_y1" / f"{n}.npy").astype(np.float32) for n in sample}
     # The same training cases through the model's own stage 1 (which trained on them, so its y1 is
     # cleaner than out-of-fold): separates a weak y1 from a stage 2 that has not fitted its cases.
-    train_own_y1 = own_stage1_y1(sample)
-    val_y1 = own_stage1_y1(split["validation"])
+    train_own_y1 = stage1_y1(segmenter, [cases[n] for n in sample], config)
+    val_y1 = stage1_y1(segmenter, [cases[n] for n in split["validation"]], config)
 
     print(f"stage 2 of {weights}, run {args.run}")
     print(f"{'cases':<25} {'n':>3} {'kidney':>7} {'tumor':>7}   " + BAND_HEADER)

@@ -42,7 +42,7 @@ def main() -> int:
 
     from kitseg.checkpoint import load_bundle, read_metadata
     from kitseg.pipeline import Segmenter
-    from kitseg.training.loop import _prepared, stage2_dice
+    from kitseg.training.loop import stage1_y1, stage2_dice
 
     config, split, cases = load_run(args.run, args.data, ("validation",))
     chosen = [cases[n] for n in split["validation"]]
@@ -63,7 +63,7 @@ def main() -> int:
         segmenter = Segmenter(bundle, device=args.device, batch_size=16)
         key = read_metadata(weights)["stages"]["1"]["weights_sha256"]
         if key not in y1_by_stage1:
-            y1_by_stage1[key] = {c.name: segmenter.stage1(_prepared(c, config)) for c in chosen}
+            y1_by_stage1[key] = stage1_y1(segmenter, chosen, config)
         scores = stage2_dice(segmenter, chosen, y1_by_stage1[key], config)
         kidney, tumor = (float(np.mean(column)) for column in zip(*scores))
         print(f"{str(weights):<40} {kidney:>7.4f} {tumor:>7.4f}   " + band_cells(chosen, [t for _, t in scores])

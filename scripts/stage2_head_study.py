@@ -32,14 +32,14 @@ def main() -> int:
 
     from kitseg.checkpoint import load_bundle
     from kitseg.pipeline import Segmenter
-    from kitseg.training.loop import _prepared, stage2_dice
+    from kitseg.training.loop import stage1_y1, stage2_dice
     from kitseg.weights import default_weights_path
 
     config, split, cases = load_run(args.run, args.data, ("validation",))
     chosen = [cases[n] for n in split["validation"]]
     weights = args.weights or default_weights_path()
     segmenter = Segmenter(load_bundle(weights), device=args.device, batch_size=16)
-    y1 = {c.name: segmenter.stage1(_prepared(c, config)) for c in chosen}
+    y1 = stage1_y1(segmenter, chosen, config)
     depth = config.stage2_kwargs["depth"]
 
     print(f"stage 2 of {weights}: {len(chosen)} validation cases of {args.run}, stage grid")

@@ -273,6 +273,11 @@ def _prepared(case: StageCase, config: TrainConfig) -> PreparedVolume:
     return PreparedVolume(image=case.image, grid=None, volume=None, config=config.preprocessing)
 
 
+def stage1_y1(segmenter: Segmenter, cases: list[StageCase], config: TrainConfig) -> dict[str, np.ndarray]:
+    """Each case's stage-1 probabilities on the stage grid, whole volume (the pair of :func:`stage2_dice`)."""
+    return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
+
+
 def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainConfig, device: torch.device,
                mask_slices_only: bool = False) -> dict[str, np.ndarray]:
     """Stage-1 probabilities on the stage grid, with the inference code itself.
@@ -286,7 +291,7 @@ def predict_y1(module: torch.nn.Module, cases: list[StageCase], config: TrainCon
     task_bundle = ModelBundle(config.preprocessing, KITS_LABELS, config.mask, StageModel.from_module(module), None)
     segmenter = Segmenter(task_bundle, device=device, batch_size=16)
     if not mask_slices_only:
-        return {c.name: segmenter.stage1(_prepared(c, config)) for c in cases}
+        return stage1_y1(segmenter, cases, config)
     context = config.preprocessing.context_slices
     y1s = {}
     for case in cases:
