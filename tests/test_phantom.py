@@ -335,3 +335,29 @@ def test_medulla_pattern_is_a_validated_parameter(label_map) -> None:
     old = synthesize_ct(labels, spacing, rng(3), PhantomParams(medulla="blobs", phases=("arterial",), phase_weights=(1.0,)))
     new = synthesize_ct(labels, spacing, rng(3), PhantomParams(phases=("arterial",), phase_weights=(1.0,)))
     assert not np.array_equal(old[labels == 1], new[labels == 1])
+
+
+def test_vertebral_density_range_changes_only_the_bone(label_map) -> None:
+    from kitseg.phantom.params import sample_protocol
+
+    wide, legacy = PhantomParams(), PhantomParams(cancellous_bone_hu=None)
+    for params in (wide, legacy, PhantomParams(cancellous_bone_hu=(100.0, 120.0))):
+        assert PhantomParams.from_dict(params.to_dict()) == params
+    with pytest.raises(ValueError, match="cancellous_bone_hu"):
+        PhantomParams(cancellous_bone_hu=(250.0, 70.0))
+    bone = {"wide": [], "legacy": []}
+    for seed in range(300):
+        a, b = sample_protocol(np.random.default_rng(seed), wide), sample_protocol(np.random.default_rng(seed), legacy)
+        assert {k: v for k, v in a.hu.items() if k != "bone_cancellous"} == {k: v for k, v in b.hu.items() if k != "bone_cancellous"}
+        bone["wide"].append(a.hu["bone_cancellous"])
+        bone["legacy"].append(b.hu["bone_cancellous"])
+    low, high = wide.cancellous_bone_hu
+    assert low <= min(bone["wide"]) < 100.0 and 220.0 < max(bone["wide"]) <= high  # osteoporotic to young
+    assert min(bone["legacy"]) > 100.0  # why it was widened: never an osteoporotic vertebra
+    # Same draw mapped onto the range: the same case, other vertebrae only.
+    labels, spacing = label_map
+    old = synthesize_ct(labels, spacing, np.random.default_rng(4), legacy)
+    new = synthesize_ct(labels, spacing, np.random.default_rng(4), wide)
+    changed = old != new
+    assert changed.any() and changed.mean() < 0.05
+    np.testing.assert_array_equal(old[labels > 0], new[labels > 0])

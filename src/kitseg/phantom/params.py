@@ -8,6 +8,7 @@ All intensities are Hounsfield units (HU); all lengths are millimetres.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -92,6 +93,11 @@ class PhantomParams:
         fov_circle_probability: chance that voxels outside the reconstruction circle are -1024.
         table_probability: chance a patient table shows under the back.
         coarse_spacing_mm: grid on which the anatomy around the kidneys is built, then upsampled.
+        cancellous_bone_hu: range of the vertebral bodies' (unenhanced) trabecular bone. Wide since
+            2026-12-03: in adults over 50 (KiTS19's median age is 60) an osteoporotic L1 measures
+            about 110 HU or less (Pickhardt et al., AJR 2013), in the range of an enhancing tumor; a
+            model that never saw such a vertebra called one beside the kidneys tumor. ``None``: the
+            generator before, 190 HU with a spread of 25 (remakes older phantoms bit for bit).
         medulla: ``"radial"`` draws the renal medulla as pyramids under the cortex pointing at
             the sinus; ``"blobs"``, the generator before 2026-12-03, as random patches (kept to
             remake the phantoms older models were trained on).
@@ -118,6 +124,7 @@ class PhantomParams:
     fov_circle_probability: float = 0.5
     table_probability: float = 0.7
     coarse_spacing_mm: float = 2.0
+    cancellous_bone_hu: tuple[float, float] | None = (70.0, 250.0)
     medulla: Literal["radial", "blobs"] = "radial"
 
     def __post_init__(self) -> None:
@@ -140,6 +147,10 @@ class PhantomParams:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.medulla not in ("radial", "blobs"):
             raise ValueError(f"medulla must be 'radial' or 'blobs', got {self.medulla!r}")
+        if self.cancellous_bone_hu is not None:
+            low, high = self.cancellous_bone_hu
+            if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+                raise ValueError(f"cancellous_bone_hu must be a range (low <= high) or None, got {self.cancellous_bone_hu}")
         if not self.coarse_spacing_mm > 0:
             raise ValueError(f"coarse_spacing_mm must be > 0, got {self.coarse_spacing_mm}")
 
@@ -184,11 +195,18 @@ def sample_protocol(rng: np.random.Generator, params: PhantomParams) -> Protocol
     phase: Phase = params.phases[int(rng.choice(len(params.phases), p=weights / weights.sum()))]
     enhancement = _uniform(rng, params.enhancement_scale)
     deltas = ENHANCEMENT_HU[phase]
-    hu = {}
+    hu, standard_draw = {}, {}
     for tissue, base in UNENHANCED_HU.items():
         spread = 0.0 if tissue in ("air",) else (25.0 if tissue.startswith("bone") or tissue == "rib" else 5.0)
         enhanced = base + enhancement * deltas.get(tissue, 0.0) * float(rng.uniform(0.85, 1.15))
-        hu[tissue] = enhanced + float(rng.normal(0.0, spread))
+        standard_draw[tissue] = float(rng.normal(0.0, 1.0))
+        hu[tissue] = enhanced + spread * standard_draw[tissue]
+    if params.cancellous_bone_hu is not None:
+        # The same normal draw, mapped through its CDF onto the range: no extra draw, so the rest
+        # of the case (anatomy, tumor, noise) is what it was with the narrow range.
+        low, high = params.cancellous_bone_hu
+        quantile = 0.5 * (1.0 + math.erf(standard_draw["bone_cancellous"] / math.sqrt(2.0)))
+        hu["bone_cancellous"] = low + (high - low) * quantile
     return Protocol(
         phase=phase,
         hu=hu,

@@ -15,9 +15,10 @@ from .simple import SyntheticCase, make_synthetic_case
 
 SAMPLE_SHAPE = (64, 256, 256)
 SAMPLE_SPACING = (3.0, 1.5, 1.5)
-# The generator as the shipped model's training phantoms were drawn (their medulla as patches),
-# so that the sample, and every figure measured on it, stays what the shipped model was made for.
-SAMPLE_PARAMS = PhantomParams(medulla="blobs")
+# The generator as the shipped model's training phantoms were drawn (their medulla as patches,
+# the narrow bone density), so that the sample, and every figure measured on it, stays what the
+# shipped model was made for.
+SAMPLE_PARAMS = PhantomParams(medulla="blobs", cancellous_bone_hu=None)
 
 
 def make_sample_case(seed: int = 0, shape=SAMPLE_SHAPE, spacing=SAMPLE_SPACING) -> SyntheticCase:
