@@ -133,7 +133,8 @@ class PhantomParams:
             raise ValueError(f"phases must be a non-empty subset of {PHASES}, got {self.phases}")
         if len(self.phase_weights) != len(self.phases) or min(self.phase_weights) < 0 or sum(self.phase_weights) <= 0:
             raise ValueError("phase_weights must give one non-negative weight per phase, not all zero")
-        for name in _RANGE_FIELDS:
+        optional_ranges = () if self.cancellous_bone_hu is None else ("cancellous_bone_hu",)
+        for name in _RANGE_FIELDS + optional_ranges:
             low, high = getattr(self, name)
             if not (np.isfinite(low) and np.isfinite(high) and low <= high):
                 raise ValueError(f"{name} must be a range (low <= high), got {(low, high)}")
@@ -147,10 +148,6 @@ class PhantomParams:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.medulla not in ("radial", "blobs"):
             raise ValueError(f"medulla must be 'radial' or 'blobs', got {self.medulla!r}")
-        if self.cancellous_bone_hu is not None:
-            low, high = self.cancellous_bone_hu
-            if not (np.isfinite(low) and np.isfinite(high) and low <= high):
-                raise ValueError(f"cancellous_bone_hu must be a range (low <= high) or None, got {self.cancellous_bone_hu}")
         if not self.coarse_spacing_mm > 0:
             raise ValueError(f"coarse_spacing_mm must be > 0, got {self.coarse_spacing_mm}")
 
