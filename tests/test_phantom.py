@@ -361,3 +361,50 @@ def test_vertebral_density_range_changes_only_the_bone(label_map) -> None:
     changed = old != new
     assert changed.any() and changed.mean() < 0.05
     np.testing.assert_array_equal(old[labels > 0], new[labels > 0])
+
+
+def test_extra_tumors_grow_inside_the_kidney_and_the_files_agree(tmp_path: Path, label_map) -> None:
+    from scipy import ndimage
+
+    from kitseg.phantom import add_synthetic_tumors
+
+    labels, spacing = label_map
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    grown = add_synthetic_tumors(labels, spacing, np.random.default_rng(0), count=3, volume_ml=(1.0, 8.0))
+    assert grown.dtype == np.uint8 and grown.shape == labels.shape
+    np.testing.assert_array_equal(grown[labels == 2], 2)  # the real tumor stays
+    new = (grown == 2) & (labels != 2)
+    pieces, n = ndimage.label(new)
+    sizes = ndimage.sum(new, pieces, range(1, n + 1)) * voxel_ml
+    assert n >= 1 and sizes.max() <= 8.0 * 1.5  # volume drawn in range, outline wobble aside
+    # Each grows out of kidney; what lies outside the old kidney touches it (a bulge, not a new organ).
+    assert all((labels[pieces == i] == 1).any() for i in range(1, n + 1)) and (labels[new] == 1).mean() > 0.4
+    bulge = new & (labels == 0)
+    largest_radius_mm = 1.1 * (3 * 8000.0 / (4 * np.pi)) ** (1 / 3)  # 8 mL, the widest axis ratios
+    assert bulge.any() and ndimage.distance_transform_edt(labels == 0, sampling=spacing)[bulge].max() <= 0.6 * largest_radius_mm
+    np.testing.assert_array_equal(add_synthetic_tumors(labels, spacing, np.random.default_rng(0), 3, (1.0, 8.0)), grown)
+    np.testing.assert_array_equal(add_synthetic_tumors(np.zeros_like(labels), spacing, np.random.default_rng(0), 2, (1.0, 8.0)), 0)
+
+    # The case keeps its protocol (drawn first): same phase, tissue values and scanner.
+    _, with_tumors = synthesize_ct_with_protocol(grown, spacing, np.random.default_rng(2))
+    _, without = synthesize_ct_with_protocol(labels, spacing, np.random.default_rng(2))
+    assert with_tumors == without
+
+    # Through the case writer: the segmentation holds the new tumors and the image paints them.
+    with pytest.raises(ValueError, match="extra_tumors"):
+        PhantomParams(extra_tumors=(2, 1))
+    with pytest.raises(ValueError, match="extra_tumor_ml"):
+        PhantomParams(extra_tumor_ml=(0.0, 5.0))
+    params = PhantomParams(extra_tumors=(2, 2), extra_tumor_ml=(2.0, 6.0))
+    assert PhantomParams.from_dict(params.to_dict()) == params
+    mask = _save_mask(tmp_path / "masks" / "case_00005" / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    plain = generate_phantom_case(mask, tmp_path / "plain", seed=1)
+    extra = generate_phantom_case(mask, tmp_path / "extra", seed=1, params=params)
+    read = lambda p, name: np.asarray(nib.load(p / name).dataobj)  # noqa: E731
+    seg, img = read(extra, "segmentation.nii.gz"), read(extra, "imaging.nii.gz")
+    np.testing.assert_array_equal(read(plain, "segmentation.nii.gz"), labels)
+    added = (seg == 2) & (labels != 2)
+    assert added.sum() * voxel_ml > 2.0
+    assert (seg[labels == 2] == 2).all() and set(np.unique(seg)) <= {0, 1, 2}
+    assert not np.array_equal(read(plain, "imaging.nii.gz")[added], img[added])
+    np.testing.assert_allclose(nib.load(extra / "segmentation.nii.gz").affine, nib.load(extra / "imaging.nii.gz").affine)

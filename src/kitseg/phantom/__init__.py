@@ -5,8 +5,11 @@
   realistic CT).
 - :func:`synthesize_ct`, :func:`generate_phantom_case`, :func:`generate_phantom_dataset`
   (:mod:`.realistic`): realistic CT built around real KiTS19 kidney/tumor masks, for training.
+- :func:`add_synthetic_tumors` (:mod:`.extra_tumors`): more small tumors grown into a mask's
+  kidneys, for training folders (``PhantomParams.extra_tumors``).
 """
 
+from .extra_tumors import add_synthetic_tumors
 from .params import PHASES, PhantomParams, Protocol
 from .realistic import (
     MaskReadError,
@@ -26,6 +29,7 @@ __all__ = [
     "PhantomParams",
     "Protocol",
     "SyntheticCase",
+    "add_synthetic_tumors",
     "case_seed",
     "generate_phantom_case",
     "generate_phantom_dataset",

@@ -98,6 +98,11 @@ class PhantomParams:
             about 110 HU or less (Pickhardt et al., AJR 2013), in the range of an enhancing tumor; a
             model that never saw such a vertebra called one beside the kidneys tumor. ``None``: the
             generator before, 190 HU with a spread of 25 (remakes older phantoms bit for bit).
+        extra_tumors: (low, high) number of tumors grown into each mask's kidneys before the
+            image is drawn (uniform integer, both ends included; :mod:`.extra_tumors`); the
+            written segmentation holds them. ``(0, 0)``, the default, keeps the mask as it is.
+            For training data: more small tumors than the masks hold (model card).
+        extra_tumor_ml: (low, high) volume of each extra tumor, drawn log-uniformly.
         medulla: ``"radial"`` draws the renal medulla as pyramids under the cortex pointing at
             the sinus; ``"blobs"``, the generator before 2026-12-03, as random patches (kept to
             remake the phantoms older models were trained on).
@@ -125,6 +130,8 @@ class PhantomParams:
     table_probability: float = 0.7
     coarse_spacing_mm: float = 2.0
     cancellous_bone_hu: tuple[float, float] | None = (70.0, 250.0)
+    extra_tumors: tuple[int, int] = (0, 0)
+    extra_tumor_ml: tuple[float, float] = (0.5, 20.0)
     medulla: Literal["radial", "blobs"] = "radial"
 
     def __post_init__(self) -> None:
@@ -146,6 +153,13 @@ class PhantomParams:
                      "adrenal_nodule_probability", "oral_contrast_probability", "fov_circle_probability", "table_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        low, high = self.extra_tumors
+        whole = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (low, high))
+        if not (whole and 0 <= low <= high):
+            raise ValueError(f"extra_tumors must be a range of whole numbers, 0 <= low <= high, got {self.extra_tumors}")
+        low_ml, high_ml = self.extra_tumor_ml
+        if not (np.isfinite(low_ml) and np.isfinite(high_ml) and 0 < low_ml <= high_ml):
+            raise ValueError(f"extra_tumor_ml must be a range of volumes in mL, 0 < low <= high, got {self.extra_tumor_ml}")
         if self.medulla not in ("radial", "blobs"):
             raise ValueError(f"medulla must be 'radial' or 'blobs', got {self.medulla!r}")
         if not self.coarse_spacing_mm > 0:

@@ -26,6 +26,7 @@ from ..io import InputError, read_labels
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
 from .anatomy import build_abdomen, find_kidneys, make_frame
+from .extra_tumors import add_synthetic_tumors
 from .kidney import foreground_crop, kidney_crop_hu
 from .params import PhantomParams, Protocol, sample_protocol
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 HU_MIN, HU_MAX = -1024, 3071
 _SLAB = 16  # slices assembled at a time: bounds the memory of the full-resolution steps
+_EXTRA_TUMOR_STREAM = 2  # second seed word of the extra tumors' random stream
 
 
 class MaskReadError(ValueError):
@@ -214,16 +216,25 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     """Write a phantom case in KiTS19 layout around the real mask ``mask_path``.
 
     ``out_folder/imaging.nii.gz`` (int16 HU) and ``out_folder/segmentation.nii.gz`` (the mask as
-    uint8) share the mask's shape and affine. Each file is written atomically; the image last,
+    uint8, with the tumors ``params.extra_tumors`` adds) share the mask's shape and affine. Each file is written atomically; the image last,
     so a folder with ``imaging.nii.gz`` is complete. Returns ``out_folder``.
     """
     mask = read_kits_mask(Path(mask_path))
     volume = mask.volume
+    spacing = voxel_spacing(volume.affine)
+    params = PhantomParams() if params is None else params
+    labels, labels_in_source = volume.array, mask.source_array
+    if params.extra_tumors[1] > 0:
+        # A stream of its own: the tumors do not shift the image's draws (its protocol is the mask's own).
+        tumor_rng = np.random.default_rng([seed, _EXTRA_TUMOR_STREAM])
+        count = int(tumor_rng.integers(params.extra_tumors[0], params.extra_tumors[1] + 1))
+        labels = add_synthetic_tumors(labels, spacing, tumor_rng, count, params.extra_tumor_ml)
+        labels_in_source = volume.like(labels).to_source()
     rng = np.random.default_rng(seed)
-    ct, protocol = synthesize_ct_with_protocol(volume.array, voxel_spacing(volume.affine), rng, params)
+    ct, protocol = synthesize_ct_with_protocol(labels, spacing, rng, params)
     logger.debug("phantom %s: phase %s, noise %.1f HU", mask_path, protocol.phase, protocol.noise_sigma_hu)
     out_folder = Path(out_folder)
-    save_nifti_atomic(mask.source_array, mask.affine, out_folder / SEGMENTATION_NAME)
+    save_nifti_atomic(labels_in_source, mask.affine, out_folder / SEGMENTATION_NAME)
     save_nifti_atomic(volume.like(ct).to_source(), mask.affine, out_folder / IMAGING_NAME)
     return out_folder
 
