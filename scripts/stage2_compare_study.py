@@ -8,8 +8,8 @@ KiTS19 definitions) without the 20-odd minutes of predicting on the CTs' own gri
 to ask whether stage 2 trained on one phantom generation does better on another's images. y1 is
 computed once per distinct stage 1 (models fine-tuned with ``--keep-stage1`` share it; the first
 model of each such group also pays for it in the seconds column). Every model is given the run's
-cached images and the run's stage-2 mask rule, so each must have been trained on the run's grid
-and intensity window (checked). With ``--csv-dir``, one CSV per model, named after its run folder,
+cached images and the run's stage-2 mask rule (or, with ``--mask-radius-mm``, a ball of that many
+mm), so each must have been trained on the run's grid and intensity window (checked). With ``--csv-dir``, one CSV per model, named after its run folder,
 with the subset of ``kits-seg evaluate --csv``'s columns that ``compare_scores.py`` and
 ``tumor_miss_study.py`` read (volumes on the stage grid). The run's case cache is read, not rebuilt.
 """
@@ -37,14 +37,20 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="the KiTS19-layout folder the run trained on")
     parser.add_argument("--weights", type=Path, nargs="+", required=True, help="models scored")
     parser.add_argument("--csv-dir", type=Path, default=None, help="write one per-case CSV per model here")
+    parser.add_argument("--mask-radius-mm", type=float, default=None, metavar="R",
+                        help="stage 2's mask a ball of R mm instead of the run's rule (e.g. 20: 4 slices along z "
+                        "where 10 stage-grid voxels reach 50 mm)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     from kitseg.checkpoint import load_bundle, read_metadata
+    from kitseg.config import MaskConfig
     from kitseg.pipeline import Segmenter
     from kitseg.training.loop import stage1_y1, stage2_dice
 
     config, split, cases = load_run(args.run, args.data, ("validation",))
+    if args.mask_radius_mm is not None:
+        config = config.replace(mask=MaskConfig(config.mask.threshold, args.mask_radius_mm, "mm"))
     chosen = [cases[n] for n in split["validation"]]
     names = [csv_name(w) for w in args.weights]
     if args.csv_dir is not None and len(set(names)) < len(names):
@@ -56,7 +62,7 @@ def main() -> int:
                              f"{args.run}'s cached cases ({config.preprocessing})")
     y1_by_stage1: dict[str, dict[str, np.ndarray]] = {}
 
-    print(f"{len(chosen)} validation cases of {args.run} ({args.data}), stage grid")
+    print(f"{len(chosen)} validation cases of {args.run} ({args.data}), stage grid, mask {config.mask}")
     print(f"{'model':<40} {'kidney':>7} {'tumor':>7}   " + BAND_HEADER + "   seconds")
     for weights, name, bundle in zip(args.weights, names, bundles):
         start = time.perf_counter()

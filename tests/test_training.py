@@ -459,6 +459,30 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
     assert refused.returncode != 0 and "elsewhere.kseg: trained on another grid or intensity window" in refused.stderr
 
 
+def test_stage2_compare_study_scores_under_a_mask_of_given_mm(dataset, smoke_run):
+    """--mask-radius-mm R: every model's stage 2 reads a ball of R mm instead of the run's rule."""
+    from kitseg.config import MaskConfig
+    from kitseg.pipeline import Segmenter
+    from kitseg.training.config import TrainConfig
+    from kitseg.training.loop import stage1_y1, stage2_dice
+
+    model = smoke_run / "model.kseg"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "stage2_compare_study.py"), "--run", str(smoke_run),
+                           "--data", str(dataset), "--weights", str(model), "--mask-radius-mm", "7.5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "radius=7.5, radius_unit='mm'" in proc.stdout
+    row = next(line.split() for line in proc.stdout.splitlines() if line.startswith(str(model)))
+    config = TrainConfig.from_dict(json.loads((smoke_run / "config.json").read_text()))
+    names = json.loads((smoke_run / "split.json").read_text())["validation"]
+    cases = [c for c in load_cases(dataset, config.preprocessing, smoke_run / "cache", progress=False) if c.name in names]
+    segmenter = Segmenter(load_bundle(model), device="cpu", batch_size=16)
+    mm_mask = config.replace(mask=MaskConfig(config.mask.threshold, 7.5, "mm"))
+    expected = stage2_dice(segmenter, cases, stage1_y1(segmenter, cases, config), mm_mask)
+    assert float(row[1]) == pytest.approx(np.mean([k for k, _ in expected]), abs=1e-4)
+    assert float(row[2]) == pytest.approx(np.mean([t for _, t in expected]), abs=1e-4)
+
+
 def test_fine_tuning_into_a_wider_stage2_starts_from_the_given_networks_output(smoke_run):
     """--init-from with a recipe of more stage-2 base channels grows the file's UNet++ (exactly)."""
     from kitseg.networks import predict_logits
