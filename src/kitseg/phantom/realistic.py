@@ -216,8 +216,9 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     """Write a phantom case in KiTS19 layout around the real mask ``mask_path``.
 
     ``out_folder/imaging.nii.gz`` (int16 HU) and ``out_folder/segmentation.nii.gz`` (the mask as
-    uint8, with the tumors ``params.extra_tumors`` adds) share the mask's shape and affine. Each file is written atomically; the image last,
-    so a folder with ``imaging.nii.gz`` is complete. Returns ``out_folder``.
+    uint8, with the tumors ``params.extra_tumors`` adds) share the mask's shape and affine. Each
+    file is written atomically; the image last, so a folder with ``imaging.nii.gz`` is complete.
+    Returns ``out_folder``.
     """
     mask = read_kits_mask(Path(mask_path))
     volume = mask.volume
@@ -225,7 +226,7 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     params = PhantomParams() if params is None else params
     labels, labels_in_source = volume.array, mask.source_array
     if params.extra_tumors[1] > 0:
-        # A stream of its own: the tumors do not shift the image's draws (its protocol is the mask's own).
+        # A stream of its own, so that the case's protocol (drawn first) stays the mask's own.
         tumor_rng = np.random.default_rng([seed, _EXTRA_TUMOR_STREAM])
         count = int(tumor_rng.integers(params.extra_tumors[0], params.extra_tumors[1] + 1))
         labels = add_synthetic_tumors(labels, spacing, tumor_rng, count, params.extra_tumor_ml)
