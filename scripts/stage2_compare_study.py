@@ -9,9 +9,10 @@ to ask whether stage 2 trained on one phantom generation does better on another'
 computed once per distinct stage 1 (models fine-tuned with ``--keep-stage1`` share it; the first
 model of each such group also pays for it in the seconds column). Every model is given the run's
 cached images and the run's stage-2 mask rule (or, with ``--mask-radius-mm``, a ball of that many
-mm), so each must have been trained on the run's grid and intensity window (checked). With ``--csv-dir``, one CSV per model, named after its run folder,
-with the subset of ``kits-seg evaluate --csv``'s columns that ``compare_scores.py`` and
-``tumor_miss_study.py`` read (volumes on the stage grid). The run's case cache is read, not rebuilt.
+mm), so each must have been trained on the run's grid and intensity window (checked). With
+``--csv-dir``, one CSV per model, named after its run folder, with the subset of ``kits-seg
+evaluate --csv``'s columns that ``compare_scores.py`` and ``tumor_miss_study.py`` read (volumes
+on the stage grid). The run's case cache is read, not rebuilt.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import numpy as np
 from scipy import ndimage
 
 from ._grid import smooth_field
+from .kidney import KIDNEY, TUMOR
 
-KIDNEY, TUMOR = 1, 2
 # Axis ratios of the ellipsoid, about 1: small renal tumors are round.
 _AXIS_RATIO = (0.75, 1.3)
 # How far outside the kidney a tumor may reach, as a fraction of its radius: a tumor centred

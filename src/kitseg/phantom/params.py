@@ -65,7 +65,7 @@ ENHANCEMENT_HU: dict[Phase, dict[str, float]] = {
 _RANGE_FIELDS = (
     "noise_sigma_hu", "noise_correlation_px", "psf_sigma_mm", "slice_blur_fraction", "hu_scale",
     "hu_offset", "enhancement_scale", "body_half_width_mm", "body_half_depth_mm",
-    "subcutaneous_fat_mm", "perirenal_fat_mm",
+    "subcutaneous_fat_mm", "perirenal_fat_mm", "extra_tumor_ml",
 )
 
 
@@ -157,9 +157,8 @@ class PhantomParams:
         whole = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (low, high))
         if not (whole and 0 <= low <= high):
             raise ValueError(f"extra_tumors must be a range of whole numbers, 0 <= low <= high, got {self.extra_tumors}")
-        low_ml, high_ml = self.extra_tumor_ml
-        if not (np.isfinite(low_ml) and np.isfinite(high_ml) and 0 < low_ml <= high_ml):
-            raise ValueError(f"extra_tumor_ml must be a range of volumes in mL, 0 < low <= high, got {self.extra_tumor_ml}")
+        if not self.extra_tumor_ml[0] > 0:  # drawn log-uniformly
+            raise ValueError(f"extra_tumor_ml must be positive volumes in mL, got {self.extra_tumor_ml}")
         if self.medulla not in ("radial", "blobs"):
             raise ValueError(f"medulla must be 'radial' or 'blobs', got {self.medulla!r}")
         if not self.coarse_spacing_mm > 0:
