@@ -18,6 +18,7 @@ DEVICE = "model/device"
 BATCH_SIZE = "model/batch_size"
 THRESHOLD = "mask/threshold"
 RADIUS = "mask/radius"
+RADIUS_UNIT = "mask/radius_unit"  # a radius is kept with its unit: voxels or mm, as the model it was set for
 CLEANUP = "labels/cleanup"
 
 

@@ -150,6 +150,7 @@ class KitsWidget(QWidget):
         self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
         self.last_error = ""
         self._weights_meta: dict | None = None
+        self._applying_model_mask = False  # spin boxes set from a model, not by the user
         self._run_session: _Session | None = None  # the session the current run writes to
         self._pending_makers: list[Callable[[], None]] = []
         # napari's Labels layer imports pandas on first use (~0.4 s): pay that now, while the
@@ -358,12 +359,11 @@ class KitsWidget(QWidget):
                     "file with <i>Browse…</i> (train one with <tt>kits-seg train</tt>)."
                 )
         self.cleanup_check.setChecked(read_bool(self.settings, keys.CLEANUP, True))
-        for key, spin in ((keys.THRESHOLD, self.threshold_spin), (keys.RADIUS, self.radius_spin)):
-            value = read_float(self.settings, key, None)
-            if value is not None:
-                spin.blockSignals(True)
-                spin.setValue(value)
-                spin.blockSignals(False)
+        threshold = read_float(self.settings, keys.THRESHOLD, None)  # the radius: set_weights, by unit
+        if threshold is not None:
+            self.threshold_spin.blockSignals(True)
+            self.threshold_spin.setValue(threshold)
+            self.threshold_spin.blockSignals(False)
 
     @property
     def weights_path(self) -> Path | None:
@@ -390,13 +390,34 @@ class KitsWidget(QWidget):
         self.model_info.setText(_describe_metadata(meta))
         if persist:
             self.settings.setValue(keys.WEIGHTS, str(path))
-        mask = meta.get("mask", {})
-        self.radius_spin.setSuffix(" mm" if mask.get("radius_unit") == "mm" else " vox")
-        if read_float(self.settings, keys.THRESHOLD, None) is None and "threshold" in mask:
-            self.threshold_spin.setValue(float(mask["threshold"]))
-        if read_float(self.settings, keys.RADIUS, None) is None and "radius" in mask:
-            self.radius_spin.setValue(float(mask["radius"]))
+        self._apply_model_mask(meta.get("mask", {}))
         return True
+
+    def _radius_unit(self) -> str:
+        """The unit of the radius spin box: the loaded model's (``"voxels"`` or ``"mm"``)."""
+        return ((self._weights_meta or {}).get("mask") or {}).get("radius_unit", "voxels")
+
+    def _apply_model_mask(self, mask: dict) -> None:
+        """The model's mask rule in the spin boxes, unless the user chose otherwise for this unit.
+
+        A radius the user chose is kept with its unit: 10 stage-grid voxels are not 10 mm, so a
+        model whose radius is in the other unit starts from its own. What is set here is the
+        model's, not the user's choice, so it is not persisted.
+        """
+        unit = mask.get("radius_unit", "voxels")
+        self.radius_spin.setSuffix(" mm" if unit == "mm" else " vox")
+        threshold = read_float(self.settings, keys.THRESHOLD, None)
+        radius = read_float(self.settings, keys.RADIUS, None)
+        if radius is not None and self.settings.value(keys.RADIUS_UNIT, "voxels") != unit:
+            radius = None
+        self._applying_model_mask = True
+        try:
+            if threshold is None and "threshold" in mask:
+                self.threshold_spin.setValue(float(mask["threshold"]))
+            if "radius" in mask or radius is not None:
+                self.radius_spin.setValue(radius if radius is not None else float(mask["radius"]))
+        finally:
+            self._applying_model_mask = False
 
     def _browse_weights(self) -> None:
         start = str(self.weights_path.parent) if self.weights_path else str(Path.home())
@@ -824,8 +845,10 @@ class KitsWidget(QWidget):
 
     # ------------------------------------------------------------------ mask
     def _on_mask_params_changed(self, _value: float) -> None:
-        self.settings.setValue(keys.THRESHOLD, self.threshold_spin.value())
-        self.settings.setValue(keys.RADIUS, self.radius_spin.value())
+        if not self._applying_model_mask:  # the user's choice, remembered with the radius' unit
+            self.settings.setValue(keys.THRESHOLD, self.threshold_spin.value())
+            self.settings.setValue(keys.RADIUS, self.radius_spin.value())
+            self.settings.setValue(keys.RADIUS_UNIT, self._radius_unit())
         if self._session is not None and self._session.y1_complete:
             self._mask_timer.start()
 

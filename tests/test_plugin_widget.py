@@ -283,6 +283,33 @@ def test_model_section_without_default_weights(
     assert isolated_settings.exists()
 
 
+def test_mask_radius_is_kept_with_its_unit(make_napari_viewer, tiny_kseg, tmp_path, isolated_settings):
+    """A radius chosen for a model in voxels is not applied as mm to a model whose mask is in mm."""
+    import dataclasses
+
+    from kitseg.checkpoint import load_bundle, save_bundle
+    from kitseg.config import MaskConfig
+    from napari_kits._widget import KitsWidget
+
+    mm_model = save_bundle(dataclasses.replace(load_bundle(tiny_kseg), mask=MaskConfig(0.5, 20.0, "mm")),
+                           tmp_path / "mm.kseg")
+    widget = KitsWidget(make_napari_viewer())
+    assert widget.set_weights(tiny_kseg)
+    assert widget.radius_spin.value() == 10.0 and widget.radius_spin.suffix() == " vox"
+    assert widget.settings.value("mask/radius") is None  # the model's rule is not the user's choice
+    widget.radius_spin.setValue(3.0)  # the user's choice, for models in voxels
+    assert widget.set_weights(mm_model)
+    assert widget.radius_spin.value() == 20.0 and widget.radius_spin.suffix() == " mm"
+    assert float(widget.settings.value("mask/radius")) == 3.0  # loading a model did not overwrite it
+    assert widget.set_weights(tiny_kseg)
+    assert widget.radius_spin.value() == 3.0 and widget.radius_spin.suffix() == " vox"
+    assert KitsWidget(widget.viewer).radius_spin.value() == 3.0  # a new widget: the same choice
+    widget.set_weights(mm_model)
+    widget.radius_spin.setValue(15.0)
+    assert KitsWidget(widget.viewer).radius_spin.value() == 15.0  # now the choice is in mm, for this model
+    assert widget.set_weights(tiny_kseg) and widget.radius_spin.value() == 10.0  # back to its own
+
+
 def test_launch_runs_all_and_quits(tmp_path, tiny_kseg, isolated_settings):
     """The console script end to end (the npe2 path: widget behind napari's viewer proxy)."""
     import os
