@@ -17,6 +17,10 @@ one they were trained on; the one allowed difference is how many neighbouring sl
 sees (``stage2_context_slices``): a stage 2 that sees fewer is widened to exactly the same
 network on the wider input, so it can join an ensemble with one that sees more. The new file's provenance names both sources, with their weight
 SHA-256s and their own provenance, so `kits-seg info` tells where each stage came from.
+
+``--mask-radius-mm R`` gives the new file stage 2's mask as a ball of R mm (the threshold kept),
+whatever radius its sources were trained with; their radii may then differ. Stage 2 reads the
+image inside the mask, so measure first (``stage2_compare_study.py --mask-radius-mm R``).
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ def main() -> int:
                         help="model file(s) whose stage 2 is taken (FILE@K: member K of its ensemble); "
                              "several networks make an ensemble")
     parser.add_argument("--out", type=Path, required=True, help="new model file (not overwritten)")
+    parser.add_argument("--mask-radius-mm", type=float, default=None, metavar="R",
+                        help="the new file's stage-2 mask: a ball of R mm (the sources' radii may differ)")
     args = parser.parse_args()
 
     from dataclasses import replace
 
     from kitseg.checkpoint import StageModel, load_bundle, read_metadata, save_bundle
+    from kitseg.config import MaskConfig
     from kitseg.networks import build_network
     from kitseg.pipeline import widen_stage2
 
@@ -56,9 +63,11 @@ def main() -> int:
     for (path, _), second in zip(sources, seconds):
         if not second.preprocessing.matches_except_stage2_context(preprocessing):
             raise SystemExit(f"{args.stage1} and {path} differ in preprocessing: their stages cannot be combined")
-        for field in ("label_map", "mask"):
-            if getattr(first, field) != getattr(second, field):
-                raise SystemExit(f"{args.stage1} and {path} differ in {field}: their stages cannot be combined")
+        if first.label_map != second.label_map:
+            raise SystemExit(f"{args.stage1} and {path} differ in label_map: their stages cannot be combined")
+        same_mask = first.mask.threshold == second.mask.threshold if args.mask_radius_mm is not None else first.mask == second.mask
+        if not same_mask:
+            raise SystemExit(f"{args.stage1} and {path} differ in mask: their stages cannot be combined")
 
     def source(path: Path, key: str, member: int | None = None) -> dict:
         meta = read_metadata(path)
@@ -90,7 +99,8 @@ def main() -> int:
         for slot, member in zip(ensemble.members, members):
             slot.load_state_dict(member.module.state_dict())
         stage2 = StageModel.from_module(ensemble.eval())
-    combined = replace(seconds[0], preprocessing=preprocessing, stage1=first.stage1, stage2=stage2,
+    mask = first.mask if args.mask_radius_mm is None else MaskConfig(first.mask.threshold, args.mask_radius_mm, "mm")
+    combined = replace(seconds[0], preprocessing=preprocessing, mask=mask, stage1=first.stage1, stage2=stage2,
                        provenance=provenance)
     print(f"wrote {save_bundle(combined, args.out, overwrite=False)}")
     return 0

@@ -93,6 +93,27 @@ def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path,
     assert missing.returncode != 0 and "has 2 network(s); there is no member 2" in missing.stderr
 
 
+def test_combined_file_can_take_a_mask_in_mm(tmp_path):
+    """--mask-radius-mm: the new file's mask is a ball of that many mm; without it, masks must agree."""
+    from dataclasses import replace
+
+    from kitseg.config import MaskConfig
+
+    save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")  # 10 stage-grid voxels
+    save_bundle(replace(make_tiny_bundle(seed=2), mask=MaskConfig(0.5, 20.0, "mm")), tmp_path / "b.kseg")
+    refused = _combine(tmp_path, "a.kseg", "b.kseg")
+    assert refused.returncode != 0 and "differ in mask" in refused.stderr
+    args = [sys.executable, str(COMBINE), "--stage1", str(tmp_path / "a.kseg"), "--stage2", str(tmp_path / "a.kseg"),
+            str(tmp_path / "b.kseg"), "--out", str(tmp_path / "ens.kseg"), "--mask-radius-mm", "20"]
+    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+    assert load_bundle(tmp_path / "ens.kseg").mask == MaskConfig(0.5, 20.0, "mm")
+    save_bundle(replace(make_tiny_bundle(seed=3), mask=MaskConfig(0.3)), tmp_path / "c.kseg")
+    args[args.index(str(tmp_path / "b.kseg"))] = str(tmp_path / "c.kseg")
+    args[args.index(str(tmp_path / "ens.kseg"))] = str(tmp_path / "other.kseg")
+    threshold = subprocess.run(args, capture_output=True, text=True)  # the threshold must still agree
+    assert threshold.returncode != 0 and "differ in mask" in threshold.stderr
+
+
 def test_an_ensemble_stage_cannot_be_widened_as_one_network():
     from kitseg.checkpoint import StageModel
     from kitseg.pipeline import widen_stage2
