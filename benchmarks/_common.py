@@ -41,21 +41,26 @@ def write_synthetic_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[f
 
 
 def timed_steps(task, stage: str, config, device, steps: int) -> tuple:
-    """Seconds per step of ``steps`` training steps (after 3 warm-up steps); returns (seconds, module)."""
+    """Seconds per training step, the mean of ``steps`` steps after 3 warm-up steps; and the module.
+
+    Timed between calls of the task's batch maker: a step is everything from drawing its batch to
+    drawing the next (the loop reads each step's loss, which waits for the GPU). The checkpoint
+    writes at a run's end, as long as many GPU steps, are left out.
+    """
     import dataclasses
     import tempfile
     import time
 
-    import torch
-
     from kitseg.training.loop import DistInfo, train_network
 
+    warm_up = 3
+    stamps: list[float] = []
+
+    def stamped_batch(rng, batch, batch_device):
+        stamps.append(time.perf_counter())
+        return task.make_batch(rng, batch, batch_device)
+
+    timed = dataclasses.replace(task, steps=warm_up + steps + 1, make_batch=stamped_batch)
     with tempfile.TemporaryDirectory() as tmp:
-        warm = dataclasses.replace(task, steps=3)
-        train_network(warm, Path(tmp) / "warm", config, device, DistInfo(), stage, {}, progress=False)
-        start = time.perf_counter()
-        module = train_network(dataclasses.replace(task, steps=steps), Path(tmp) / "run", config, device, DistInfo(), stage, {},
-                               progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # queued GPU work belongs to the steps
-        return (time.perf_counter() - start) / steps, module
+        module = train_network(timed, Path(tmp) / "run", config, device, DistInfo(), stage, {}, progress=False)
+    return (stamps[warm_up + steps] - stamps[warm_up]) / steps, module

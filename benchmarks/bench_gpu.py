@@ -5,7 +5,9 @@
 
 1. Training: ``--steps`` timed steps (after 3 warm-up steps) of the preset's stage-1 and stage-2
    training on synthetic cases (sampling, augmentation, forward, backward, Adam:
-   ``train_network`` itself, in the preset's precision: mixed on CUDA); images/s = batch / step time.
+   ``train_network`` itself, in the preset's precision: mixed on CUDA; the checkpoint writes at
+   the run's end left out, ``_common.timed_steps``); images/s = batch / step time.
+   ``--train-only`` stops here.
 2. Those two briefly trained networks become a model file of the preset (saved and loaded again,
    as a user's would be). It and the shipped model segment a CT of ``--shape`` (default the median
    KiTS19 case, 108 x 512 x 512 at 3 mm) on ``--device``, timed after one warm-up run:
@@ -36,6 +38,7 @@ def main() -> int:
     parser.add_argument("--preset", default="paper", help="the training preset to time (default: paper)")
     parser.add_argument("--device", default="cuda", help="the device to time and to compare with the CPU")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per stage")
+    parser.add_argument("--train-only", action="store_true", help="time training only (part 1)")
     parser.add_argument("--shape", type=int, nargs=3, default=(108, 512, 512), metavar=("Z", "Y", "X"))
     parser.add_argument("--slice-mm", type=float, default=3.0)
     parser.add_argument("--train-shape", type=int, nargs=3, default=(40, 512, 512), metavar=("Z", "Y", "X"),
@@ -79,9 +82,11 @@ def main() -> int:
             print(f"training stage {stage}: {seconds * 1000:7.1f} ms/step, batch {batch} ({crop_text}): "
                   f"{batch / seconds:7.1f} images/s")
 
+        if args.train_only:
+            return 0
         briefly_trained = ModelBundle(config.preprocessing, KITS_LABELS, config.mask,
                                       StageModel.from_module(net1.cpu()), StageModel.from_module(net2.cpu()))
-        models = {f"{args.preset} preset, {args.steps + 3} steps": save_bundle(briefly_trained, tmp / "model.kseg"),
+        models = {f"{args.preset} preset, {args.steps + 4} steps": save_bundle(briefly_trained, tmp / "model.kseg"),
                   args.weights.name: args.weights}
         ct = read_ct(write_synthetic_ct(tmp / "ct.nii.gz", tuple(args.shape), (args.slice_mm, 0.8, 0.8)))
         print(f"inference CT: {ct.shape} at {args.slice_mm} mm slices")

@@ -35,3 +35,16 @@ def test_io_benchmark_checks_the_tiled_copy_and_reads_a_case():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(re.findall(r"np.ascontiguousarray [\d.]+ s, to_c_order [\d.]+ s", proc.stdout)) == 2, proc.stdout
     assert re.search(r"read_ct \+ read_labels of a \(9, 70, 66\) case .*: [\d.]+ s", proc.stdout), proc.stdout
+
+
+def test_gpu_kernel_benchmark_dry_run_times_each_layout_of_both_stages():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_gpu_kernels.py"), "--device", "cpu", "--preset", "smoke",
+         "--steps", "1", "--rounds", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"stage ([12]) (\S+) +[\d.]+ ms/step .* ([\d.]+)x plain", proc.stdout)
+    assert [(stage, name) for stage, name, _ in rows] == [
+        (stage, name) for stage in "12" for name in ("plain", "cudnn.benchmark", "channels_last", "both")], proc.stdout
+    assert all(float(ratio) > 0 for *_, ratio in rows) and rows[0][2] == "1.00", proc.stdout

@@ -76,6 +76,7 @@ def test_resume_on_cuda_continues_the_interrupted_run(dataset, tmp_path, monkeyp
     # A run interrupted on a GPU can be inspected, or continued, on a machine without one.
     state = torch.load(tmp_path / "resumed" / "state.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 2 and not state["finished"]
+    assert state["model"]["encoder.0.0.weight"].is_contiguous(memory_format=torch.channels_last)  # trained so
     assert bool(state["scaler"]) is not bfloat16  # the float16 scaler's scale travels with the run
     resumed = run(tmp_path / "resumed")
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):

@@ -70,3 +70,8 @@ def test_fast_bfloat16_is_read_from_the_cpu_capabilities(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", unreadable)
     assert device_module.cpu_has_fast_bfloat16() is False
+
+
+def test_training_lays_activations_out_channels_last_on_cuda_only():
+    assert device_module.training_memory_format(torch.device("cuda")) is torch.channels_last
+    assert device_module.training_memory_format(torch.device("cpu")) is torch.contiguous_format

@@ -34,7 +34,7 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..checkpoint import ModelBundle, StageModel, save_bundle
 from ..config import KITS_LABELS, ConfigError
-from ..device import get_device, mixed_precision_dtype
+from ..device import get_device, mixed_precision_dtype, training_memory_format
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..morphology import bounding_box
@@ -139,7 +139,8 @@ def train_network(
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    module = build_network(task.architecture, **task.kwargs).to(device)
+    memory_format = training_memory_format(device)
+    module = build_network(task.architecture, **task.kwargs).to(device, memory_format=memory_format)
     if initial is not None:
         module.load_state_dict(initial)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
@@ -178,6 +179,7 @@ def train_network(
         rng = np.random.default_rng([config.seed, info.rank, step])
         net.train()
         inputs, loss_fn = task.make_batch(rng, per_rank_batch, device)
+        inputs = inputs.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
             outputs = net(inputs)
         loss = loss_fn(outputs)
