@@ -50,5 +50,58 @@ def tiny_bundle():
     return make_tiny_bundle(seed=0)
 
 
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Four small synthetic KiTS19-layout cases to train on."""
+    from kitseg.phantom import make_synthetic_case
+
+    root = tmp_path_factory.mktemp("data")
+    for i in range(4):
+        make_synthetic_case(shape=(20, 40, 44), spacing=(2.5, 1.5, 1.5), seed=10 + i).save_case_folder(
+            root / f"case_{i:05d}"
+        )
+    return root
+
+
 def requires(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared development data)")
+
+
+def straight_and_resumed_runs(dataset: Path, tmp_path: Path, device) -> tuple:
+    """Stage 1 of the smoke preset, 4 steps with a checkpoint every 2, trained straight and again
+    interrupted at step 3 (after the step-2 checkpoint) and then resumed.
+
+    Returns the straight run's module, the resumed run's module, the state file as the interruption
+    left it (loaded on the CPU) and the steps the resumed run's log lists.
+    """
+    import torch
+
+    from kitseg.training import preset
+    from kitseg.training.data import load_cases
+    from kitseg.training.loop import DistInfo, stage1_task, train_network
+
+    config = preset("smoke").replace(steps_per_epoch=2, lr_schedule="poly")
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+
+    def run(folder: Path, crash_at: int | None = None):
+        task = stage1_task(cases, [], config, 4, "stage 1", device)
+        if crash_at is not None:
+            calls = {"n": 0}
+            real = task.make_batch
+
+            def crashing(rng, batch, dev):
+                calls["n"] += 1
+                if calls["n"] == crash_at:
+                    raise KeyboardInterrupt
+                return real(rng, batch, dev)
+
+            task.make_batch = crashing
+        return train_network(task, folder, config, device, DistInfo(), "1", {}, progress=False)
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", crash_at=3)
+    state = torch.load(tmp_path / "resumed" / "state.pt", map_location="cpu", weights_only=True)
+    resumed = run(tmp_path / "resumed")
+    steps = [line.split(",")[0] for line in (tmp_path / "resumed" / "log.csv").read_text().splitlines()[1:]]
+    return straight, resumed, state, steps

@@ -20,26 +20,15 @@ import torch
 
 from kitseg.checkpoint import load_bundle, read_metadata
 from kitseg.io import read_ct
-from kitseg.phantom import make_sample_case, make_synthetic_case
+from kitseg.phantom import make_sample_case
 from kitseg.pipeline import Segmenter
-from kitseg.training import preset
-from kitseg.training.data import load_cases
-from kitseg.training.loop import DistInfo, stage1_task, train_network
 from kitseg.weights import default_weights_path
+
+from .conftest import straight_and_resumed_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for i in range(4):
-        make_synthetic_case(shape=(20, 64, 72), spacing=(2.5, 1.5, 1.5), seed=10 + i).save_case_folder(
-            root / f"case_{i:05d}"
-        )
-    return root
 
 
 @pytest.mark.parametrize("bfloat16", [True, False], ids=["mixed-bfloat16", "mixed-float16"])
@@ -49,40 +38,16 @@ def test_resume_on_cuda_continues_the_interrupted_run(dataset, tmp_path, monkeyp
     # Deterministic kernels, so that the resumed run can be compared with the straight one.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    config = preset("smoke").replace(steps_per_epoch=2, lr_schedule="poly")
-    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
-    device = torch.device("cuda")
-
-    def run(folder, crash_at=None):
-        task = stage1_task(cases, [], config, 4, "stage 1", device)
-        if crash_at is not None:
-            calls = {"n": 0}
-            real = task.make_batch
-
-            def crashing(rng, batch, dev):
-                calls["n"] += 1
-                if calls["n"] == crash_at:
-                    raise KeyboardInterrupt
-                return real(rng, batch, dev)
-
-            task.make_batch = crashing
-        return train_network(task, folder, config, device, DistInfo(), "1", {}, progress=False)
-
     with caplog.at_level("INFO", logger="kitseg.training.loop"):
-        reference = run(tmp_path / "straight")
+        straight, resumed, state, steps = straight_and_resumed_runs(dataset, tmp_path, torch.device("cuda"))
     assert ("mixed bfloat16" if bfloat16 else "mixed float16") in caplog.text
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", crash_at=3)  # after the step-2 checkpoint
     # A run interrupted on a GPU can be inspected, or continued, on a machine without one.
-    state = torch.load(tmp_path / "resumed" / "state.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 2 and not state["finished"]
-    assert state["model"]["encoder.0.0.weight"].is_contiguous(memory_format=torch.channels_last)  # trained so
     assert bool(state["scaler"]) is not bfloat16  # the float16 scaler's scale travels with the run
-    resumed = run(tmp_path / "resumed")
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+    assert state["model"]["encoder.0.0.weight"].is_contiguous(memory_format=torch.channels_last)  # trained so
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert a.is_cuda and torch.isfinite(a.float()).all(), name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
-    steps = [line.split(",")[0] for line in (tmp_path / "resumed" / "log.csv").read_text().splitlines()[1:]]
     assert steps == ["2", "4"]
 
 

@@ -20,19 +20,11 @@ from kitseg.phantom import make_synthetic_case
 from kitseg.training import preset
 from kitseg.training.data import Stage1Sampler, Stage2Sampler, StageCase, load_cases, split_cases
 from kitseg.device import mixed_precision_dtype
-from kitseg.training.loop import DistInfo, precision_name, stage1_task, train, train_network
+from kitseg.training.loop import precision_name, train
+
+from .conftest import straight_and_resumed_runs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for i in range(4):
-        make_synthetic_case(shape=(20, 40, 44), spacing=(2.5, 1.5, 1.5), seed=10 + i).save_case_folder(
-            root / f"case_{i:05d}"
-        )
-    return root
 
 
 def test_split_is_reproducible_and_disjoint():
@@ -292,36 +284,12 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp
     from kitseg import device as device_module
 
     monkeypatch.setattr(device_module, "cpu_has_fast_bfloat16", lambda: fast_bfloat16)
-    config = preset("smoke").replace(steps_per_epoch=2, lr_schedule="poly")
-    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
-    device = torch.device("cpu")
-
-    def run(folder, crash_at=None):
-        task = stage1_task(cases, [], config, 4, "stage 1", device)
-        if crash_at is not None:
-            calls = {"n": 0}
-            real = task.make_batch
-
-            def crashing(rng, batch, dev):
-                calls["n"] += 1
-                if calls["n"] == crash_at:
-                    raise KeyboardInterrupt
-                return real(rng, batch, dev)
-
-            task.make_batch = crashing
-        return train_network(task, folder, config, device, DistInfo(), "1", {}, progress=False)
-
     with caplog.at_level("INFO", logger="kitseg.training.loop"):
-        reference = run(tmp_path / "straight")
+        straight, resumed, state, steps = straight_and_resumed_runs(dataset, tmp_path, torch.device("cpu"))
     assert ("mixed bfloat16" if fast_bfloat16 else "float32") in caplog.text
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", crash_at=3)  # after the step-2 checkpoint
-    state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
     assert state["step"] == 2 and not state["finished"]
-    resumed = run(tmp_path / "resumed")
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
-    steps = [line.split(",")[0] for line in (tmp_path / "resumed" / "log.csv").read_text().splitlines()[1:]]
     assert steps == ["2", "4"]
 
 
