@@ -34,15 +34,14 @@ def main() -> int:
     from kitseg.losses import deep_supervision_loss, stage1_loss
     from kitseg.networks import build_network
     from kitseg.training import preset
-    from kitseg.training.loop import stage2_network_kwargs
+    from kitseg.training.loop import stage1_network_kwargs, stage2_network_kwargs
 
     device = torch.device(args.device)
     config = preset(args.preset)
     amp = mixed_precision_dtype(device) if config.amp else None
     side1 = config.crop_stage1 or 512  # full slices: KiTS19's 512 x 512
     stages = {  # the network's recipe, a batch's shape, its loss
-        "1": (lambda: build_network(config.stage1_architecture, in_channels=config.preprocessing.stage1_in_channels,
-                                    num_classes=2, **config.stage1_kwargs),
+        "1": (lambda: build_network(config.stage1_architecture, **stage1_network_kwargs(config)),
               (config.batch_size_stage1, config.preprocessing.stage1_in_channels, side1, side1),
               lambda out, y, m: stage1_loss(out, y.clamp(max=1))),
         "2": (lambda: build_network(config.stage2_architecture, **stage2_network_kwargs(config)),

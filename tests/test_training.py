@@ -20,7 +20,7 @@ from kitseg.phantom import make_synthetic_case
 from kitseg.training import preset
 from kitseg.training.data import Stage1Sampler, Stage2Sampler, StageCase, load_cases, split_cases
 from kitseg.device import mixed_precision_dtype
-from kitseg.training.loop import precision_name, train
+from kitseg.training.loop import precision_name, stage1_network_kwargs, train
 
 from .conftest import straight_and_resumed_runs
 
@@ -96,8 +96,7 @@ def test_out_of_fold_y1_is_the_full_passs_on_the_slices_stage2_trains_on(labelle
     labels[labelled_slices, 20:28, 10:20] = 1  # in the middle, and at either end of the volume
     case = StageCase("case_00000", rng.uniform(-1, 1, labels.shape).astype(np.float32), labels, (5.0, 3.0, 3.0))
     torch.manual_seed(0)
-    net = build_network(config.stage1_architecture, in_channels=config.preprocessing.stage1_in_channels, num_classes=2,
-                        **config.stage1_kwargs).eval()
+    net = build_network(config.stage1_architecture, **stage1_network_kwargs(config)).eval()
     full = predict_y1(net, [case], config, torch.device("cpu"))[case.name]
     partial = predict_y1(net, [case], config, torch.device("cpu"), mask_slices_only=True)[case.name]
     mask_slices = training_mask(case, config.mask).any(axis=(1, 2))

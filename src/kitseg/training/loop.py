@@ -315,7 +315,7 @@ def foreground_dice(y1: dict[str, np.ndarray], cases: list[StageCase]) -> float:
 
 def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfig, steps: int, name: str, device) -> StageTask:
     sampler = Stage1Sampler(train, config.preprocessing.context_slices, config.crop_stage1, config.foreground_fraction)
-    kwargs = {"in_channels": config.preprocessing.stage1_in_channels, "num_classes": 2, **config.stage1_kwargs}
+    kwargs = stage1_network_kwargs(config)
 
     def make_batch(rng, batch, device):
         image, target = sampler.sample(batch, rng)
@@ -334,6 +334,10 @@ def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfi
 
     return StageTask(name, config.stage1_architecture, kwargs, config.batch_size_stage1, steps, make_batch, validate,
                      "val_foreground_dice" if val else None)
+
+
+def stage1_network_kwargs(config: TrainConfig) -> dict:
+    return {"in_channels": config.preprocessing.stage1_in_channels, "num_classes": 2, **config.stage1_kwargs}
 
 
 def stage2_network_kwargs(config: TrainConfig) -> dict:
