@@ -40,27 +40,34 @@ def write_synthetic_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[f
     return path
 
 
-def timed_steps(task, stage: str, config, device, steps: int) -> tuple:
+def timed_steps(task, stage: str, config, device, steps: int, prefetch: bool | None = None) -> tuple:
     """Seconds per training step, the mean of ``steps`` steps after 3 warm-up steps; and the module.
 
-    Timed between calls of the task's batch maker: a step is everything from drawing its batch to
-    drawing the next (the loop reads each step's loss, which waits for the GPU). The checkpoint
-    writes at a run's end, as long as many GPU steps, are left out.
+    Timed between calls of the task's batch maker, which the loop makes once per step: the
+    interval holds the steps' batches (drawn in line, or waited for when ``prefetch``ed), their
+    augmentation and the steps themselves. The GPU is waited for at both ends, since the loop
+    reads the loss back only every few steps. The checkpoint writes at a run's end, as long as
+    many GPU steps, are left out.
     """
     import dataclasses
     import tempfile
     import time
+
+    import torch
 
     from kitseg.training.loop import DistInfo, train_network
 
     warm_up = 3
     stamps: list[float] = []
 
-    def stamped_batch(rng, batch, batch_device):
+    def stamped_batch(arrays, rng, batch_device):
+        if len(stamps) in (warm_up, warm_up + steps) and batch_device.type == "cuda":
+            torch.cuda.synchronize(batch_device)
         stamps.append(time.perf_counter())
-        return task.make_batch(rng, batch, batch_device)
+        return task.make_batch(arrays, rng, batch_device)
 
     timed = dataclasses.replace(task, steps=warm_up + steps + 1, make_batch=stamped_batch)
     with tempfile.TemporaryDirectory() as tmp:
-        module = train_network(timed, Path(tmp) / "run", config, device, DistInfo(), stage, {}, progress=False)
+        module = train_network(timed, Path(tmp) / "run", config, device, DistInfo(), stage, {}, progress=False,
+                               prefetch=prefetch)
     return (stamps[warm_up + steps] - stamps[warm_up]) / steps, module

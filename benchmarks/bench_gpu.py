@@ -6,7 +6,8 @@
 1. Training: ``--steps`` timed steps (after 3 warm-up steps) of the preset's stage-1 and stage-2
    training on synthetic cases (sampling, augmentation, forward, backward, Adam:
    ``train_network`` itself, in the preset's precision: mixed on CUDA; the checkpoint writes at
-   the run's end left out, ``_common.timed_steps``); images/s = batch / step time.
+   the run's end left out, ``_common.timed_steps``); images/s = batch / step time. Each stage
+   is timed twice, its batches drawn ahead in a thread (as training does on a GPU) and in line.
    ``--train-only`` stops here.
 2. Those two briefly trained networks become a model file of the preset (saved and loaded again,
    as a user's would be). It and the shipped model segment a CT of ``--shape`` (default the median
@@ -74,13 +75,17 @@ def main() -> int:
             case.save_case_folder(tmp / f"case_{i:05d}")
         cases = load_cases(tmp, config.preprocessing, None, progress=False)
         y1 = {c.name: (c.labels > 0).astype(np.float32) for c in cases}  # speed only: any y1 of the right shape
-        t1, net1 = timed_steps(stage1_task(cases, [], config, args.steps, "stage 1", device), "1", config, device, args.steps)
-        t2, net2 = timed_steps(stage2_task(cases, [], y1, {}, config, device), "2", config, device, args.steps)
-        for stage, seconds, batch, crop in (("1", t1, config.batch_size_stage1, config.crop_stage1),
-                                            ("2", t2, config.batch_size_stage2, config.crop_stage2)):
+        tasks = {"1": (stage1_task(cases, [], config, args.steps, "stage 1", device), config.batch_size_stage1, config.crop_stage1),
+                 "2": (stage2_task(cases, [], y1, {}, config, device), config.batch_size_stage2, config.crop_stage2)}
+        nets = {}
+        for stage, (task, batch, crop) in tasks.items():
             crop_text = f"{crop}^2 crops" if crop else "full slices"
-            print(f"training stage {stage}: {seconds * 1000:7.1f} ms/step, batch {batch} ({crop_text}): "
-                  f"{batch / seconds:7.1f} images/s")
+            # Batches drawn ahead in a thread (as training does off the CPU) and, to compare, in line.
+            for prefetch in (True, False):
+                seconds, nets[stage, prefetch] = timed_steps(task, stage, config, device, args.steps, prefetch=prefetch)
+                print(f"training stage {stage}: {seconds * 1000:7.1f} ms/step, batch {batch} ({crop_text}): "
+                      f"{batch / seconds:7.1f} images/s, batches drawn {'ahead' if prefetch else 'in line'}")
+        net1, net2 = nets["1", True], nets["2", True]
 
         if args.train_only:
             return 0

@@ -67,10 +67,11 @@ def requires(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared development data)")
 
 
-def straight_and_resumed_runs(dataset: Path, tmp_path: Path, device) -> tuple:
+def straight_and_resumed_runs(dataset: Path, tmp_path: Path, device, prefetch: bool | None = None) -> tuple:
     """Stage 1 of the smoke preset, 4 steps with a checkpoint every 2, trained straight and again
     interrupted at step 3 (after the step-2 checkpoint) and then resumed.
 
+    ``prefetch``: as ``train_network`` takes it (default: batches drawn ahead on a GPU only).
     Returns the straight run's module, the resumed run's module, the state file as the interruption
     left it (loaded on the CPU) and the steps the resumed run's log lists.
     """
@@ -89,14 +90,14 @@ def straight_and_resumed_runs(dataset: Path, tmp_path: Path, device) -> tuple:
             calls = {"n": 0}
             real = task.make_batch
 
-            def crashing(rng, batch, dev):
+            def crashing(arrays, rng, dev):
                 calls["n"] += 1
                 if calls["n"] == crash_at:
                     raise KeyboardInterrupt
-                return real(rng, batch, dev)
+                return real(arrays, rng, dev)
 
             task.make_batch = crashing
-        return train_network(task, folder, config, device, DistInfo(), "1", {}, progress=False)
+        return train_network(task, folder, config, device, DistInfo(), "1", {}, progress=False, prefetch=prefetch)
 
     straight = run(tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):

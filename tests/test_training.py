@@ -277,19 +277,96 @@ def test_fine_tuning_gives_stage2_neighbouring_slices(dataset, tmp_path):
         load_initial_weights(tmp_path / "wide" / "model.kseg", plain)
 
 
-@pytest.mark.parametrize("fast_bfloat16", [False, True], ids=["float32", "mixed-bfloat16"])
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path, monkeypatch, caplog, fast_bfloat16):
+@pytest.mark.parametrize(("fast_bfloat16", "prefetch"), [(False, False), (True, False), (False, True)],
+                         ids=["float32", "mixed-bfloat16", "float32-batches-drawn-ahead"])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp_path, monkeypatch, caplog, fast_bfloat16,
+                                                                    prefetch):
     # Both precisions on any CPU: where bfloat16 is not fast here it is emulated, slower but the same arithmetic.
     from kitseg import device as device_module
 
     monkeypatch.setattr(device_module, "cpu_has_fast_bfloat16", lambda: fast_bfloat16)
     with caplog.at_level("INFO", logger="kitseg.training.loop"):
-        straight, resumed, state, steps = straight_and_resumed_runs(dataset, tmp_path, torch.device("cpu"))
+        straight, resumed, state, steps = straight_and_resumed_runs(dataset, tmp_path, torch.device("cpu"), prefetch)
     assert ("mixed bfloat16" if fast_bfloat16 else "float32") in caplog.text
     assert state["step"] == 2 and not state["finished"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert steps == ["2", "4"]
+
+
+def test_case_preparation_workers_run_one_blas_thread():
+    # N workers each with one BLAS thread per core thrash (load_cases' initializer docstring).
+    from concurrent.futures import ProcessPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    from kitseg.training.data import _one_blas_thread
+
+    with ProcessPoolExecutor(max_workers=1, initializer=_one_blas_thread) as pool:
+        pools = pool.submit(threadpool_info).result()
+    blas = [p for p in pools if p["user_api"] == "blas"]
+    assert blas and all(p["num_threads"] == 1 for p in blas), pools
+
+
+def _stage2_draw(dataset):
+    config = preset("smoke")
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    y1 = {c.name: (c.labels > 0).astype(np.float32) for c in cases}
+    return Stage2Sampler(cases, y1, config.mask, 32, 0.5).sample
+
+
+def test_batches_drawn_ahead_are_the_batches_drawn_in_line(dataset):
+    from kitseg.training.prefetch import Prefetcher, in_line
+
+    draw = _stage2_draw(dataset)
+    # From step 3, as a resumed run starts: the thread must follow the same (seed, rank, step) generators.
+    with Prefetcher(draw, 7, 1, 3, 9, 4, depth=2) as ahead:
+        drawn_ahead = list(ahead)
+    drawn_in_line = list(in_line(draw, 7, 1, 3, 9, 4))
+    assert len(drawn_ahead) == len(drawn_in_line) == 6
+    for (arrays_a, rng_a), (arrays_b, rng_b) in zip(drawn_ahead, drawn_in_line):
+        assert len(arrays_a) == 4 and all(isinstance(a, torch.Tensor) for a in arrays_a)
+        for a, b in zip(arrays_a, arrays_b):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # The step's augmentation continues each generator where the sampler left it.
+        assert rng_a.integers(2**62) == rng_b.integers(2**62)
+    assert not torch.equal(drawn_in_line[0][0][0], drawn_in_line[1][0][0])  # each step its own batch
+
+
+def test_an_error_while_drawing_ahead_reaches_the_training_thread(dataset):
+    from kitseg.training.prefetch import Prefetcher
+
+    draw = _stage2_draw(dataset)
+
+    def failing(batch, rng):
+        if failing.calls == 2:
+            raise ValueError("case_00001: cannot be read")
+        failing.calls += 1
+        return draw(batch, rng)
+
+    failing.calls = 0
+    with Prefetcher(failing, 0, 0, 0, 10, 2) as ahead:
+        assert len([next(ahead), next(ahead)]) == 2
+        with pytest.raises(ValueError, match="case_00001"):
+            next(ahead)
+    # Leaving early (Ctrl-C, an error in the step) stops the thread, however many steps were left.
+    with Prefetcher(draw, 0, 0, 0, 10**6, 2) as endless:
+        next(endless)
+    assert not endless._thread.is_alive()
+
+
+def test_training_with_batches_drawn_ahead_equals_training_in_line(dataset, tmp_path):
+    from kitseg.training.loop import DistInfo, stage1_task, train_network
+
+    config = preset("smoke").replace(steps_per_epoch=3)
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    modules = [train_network(stage1_task(cases, [], config, 5, "stage 1", torch.device("cpu")), tmp_path / str(prefetch),
+                             config, torch.device("cpu"), DistInfo(), "1", {}, progress=False, prefetch=prefetch)
+               for prefetch in (False, True)]
+    for (name, a), b in zip(modules[0].state_dict().items(), modules[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    logs = [(tmp_path / str(prefetch) / "log.csv").read_text().splitlines() for prefetch in (False, True)]
+    assert [line.split(",")[:2] for line in logs[0]] == [line.split(",")[:2] for line in logs[1]]  # step, loss
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from ..networks import build_network
 from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2, widen_stage_channels
 from ..preprocess import PreparedVolume
 from .config import TrainConfig
+from .prefetch import Prefetcher, in_line
 from .data import (
     Stage1Sampler,
     Stage2Sampler,
@@ -100,7 +101,11 @@ class StageTask:
     kwargs: dict
     batch_size: int
     steps: int
-    make_batch: Callable[[np.random.Generator, int, torch.device], tuple[torch.Tensor, Callable]]
+    # draw_batch(batch, rng): the arrays of one batch (numpy, CPU; may run in a background thread).
+    draw_batch: Callable[[int, np.random.Generator], tuple[np.ndarray, ...]]
+    # make_batch(tensors, rng, device): moves them to the device and augments them, the generator
+    # continuing where draw_batch left it; returns the network input and the loss of its output.
+    make_batch: Callable[[tuple[torch.Tensor, ...], np.random.Generator, torch.device], tuple[torch.Tensor, Callable]]
     validate: Callable[[torch.nn.Module], dict[str, float]] | None
     key_metric: str | None
 
@@ -130,10 +135,14 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
 def train_network(
     task: StageTask, folder: Path, config: TrainConfig, device: torch.device, info: DistInfo, stage: str,
     provenance: dict, progress: bool = True, initial: dict[str, torch.Tensor] | None = None,
+    prefetch: bool | None = None,
 ) -> torch.nn.Module:
     """Train one network (resuming from ``folder/state.pt``); returns the best (or last) module.
 
     ``initial``: starting weights (fine-tuning); a resumed run continues from its own state.
+    ``prefetch``: draw batches ahead in a thread (default: on a GPU, where drawing them in line
+    leaves it idle; on the CPU the thread would compete with the step for the same cores). The
+    batches are the same either way (``prefetch.py``).
     """
     from tqdm import tqdm
 
@@ -150,7 +159,6 @@ def train_network(
         decay = lambda step: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     amp_dtype = mixed_precision_dtype(device) if config.amp else None
-    use_amp = amp_dtype is not None
     log.info("%s: %s", task.name, precision_name(amp_dtype))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     state_path = folder / "state.pt"
@@ -172,50 +180,63 @@ def train_network(
     per_rank_batch = max(1, task.batch_size // info.world_size)
     log_path = folder / "log.csv"
     bar = tqdm(total=task.steps, initial=step, desc=task.name, disable=not (progress and info.is_main))
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # read back every few steps: reading waits for the GPU
     epoch_start = time.perf_counter()
-    while step < task.steps:
-        # Each (rank, step) draws its own batch: resuming reproduces the same sequence.
-        rng = np.random.default_rng([config.seed, info.rank, step])
-        net.train()
-        inputs, loss_fn = task.make_batch(rng, per_rank_batch, device)
-        inputs = inputs.contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
-            outputs = net(inputs)
-        loss = loss_fn(outputs)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if step % config.steps_per_epoch == 0 or step == task.steps:
-            if info.is_main:
-                metrics = task.validate(module) if task.validate else {}
-                score = metrics.get(task.key_metric, -float(np.mean(losses))) if task.key_metric else -float(np.mean(losses))
-                bundle = _bundle_for(config, stage, module, {**provenance, "step": step, **metrics})
-                save_bundle(bundle, folder / "last.kseg")
-                if score > best:
-                    best = score
-                    save_bundle(bundle, folder / "best.kseg")
-                _append_log(log_path, {"step": step, "train_loss": float(np.mean(losses)), **metrics,
-                                       "seconds": round(time.perf_counter() - epoch_start, 2)})
-                _atomic_torch_save(
-                    {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "scheduler": scheduler.state_dict(),
-                     "step": step, "best": best, "finished": step >= task.steps},
-                    state_path,
-                )
-                _plot_curves(log_path, folder / "curves.png")
-                bar.write(f"{task.name} step {step}: loss {np.mean(losses):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            losses = []
-            epoch_start = time.perf_counter()
-            _barrier(info)
+    if prefetch is None:
+        prefetch = device.type != "cpu"
+    # Each (rank, step) draws its own batch: resuming reproduces the same sequence.
+    batch_args = (task.draw_batch, config.seed, info.rank, step, task.steps, per_rank_batch)
+    batches = Prefetcher(*batch_args, pin=device.type == "cuda") if prefetch else contextlib.nullcontext(in_line(*batch_args))
+    with batches as steps_batches:
+        for arrays, rng in steps_batches:
+            step, losses = _train_step(task, net, arrays, rng, device, memory_format, optimizer, scheduler, scaler,
+                                       amp_dtype, step, losses)
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{float(torch.stack(losses[-25:]).mean()):.4f}")
+            if step % config.steps_per_epoch == 0 or step == task.steps:
+                mean_loss = float(torch.stack(losses).mean())
+                if info.is_main:
+                    metrics = task.validate(module) if task.validate else {}
+                    score = metrics.get(task.key_metric, -mean_loss) if task.key_metric else -mean_loss
+                    bundle = _bundle_for(config, stage, module, {**provenance, "step": step, **metrics})
+                    save_bundle(bundle, folder / "last.kseg")
+                    if score > best:
+                        best = score
+                        save_bundle(bundle, folder / "best.kseg")
+                    _append_log(log_path, {"step": step, "train_loss": mean_loss, **metrics,
+                                           "seconds": round(time.perf_counter() - epoch_start, 2)})
+                    _atomic_torch_save(
+                        {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "scheduler": scheduler.state_dict(),
+                         "step": step, "best": best, "finished": step >= task.steps},
+                        state_path,
+                    )
+                    _plot_curves(log_path, folder / "curves.png")
+                    bar.write(f"{task.name} step {step}: loss {mean_loss:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                losses = []
+                epoch_start = time.perf_counter()
+                _barrier(info)
     bar.close()
     return _load_result(folder, module, device)
+
+
+def _train_step(task: StageTask, net: torch.nn.Module, arrays: tuple, rng: np.random.Generator, device: torch.device,
+                memory_format, optimizer, scheduler, scaler, amp_dtype, step: int, losses: list) -> tuple[int, list]:
+    """One optimizer step on one batch; returns the step count and the losses, this one appended."""
+    net.train()
+    inputs, loss_fn = task.make_batch(arrays, rng, device)
+    inputs = inputs.contiguous(memory_format=memory_format)
+    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+        outputs = net(inputs)
+    loss = loss_fn(outputs)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    losses.append(loss.detach().float())
+    return step + 1, losses
 
 
 def _load_result(folder: Path, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -317,10 +338,8 @@ def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfi
     sampler = Stage1Sampler(train, config.preprocessing.context_slices, config.crop_stage1, config.foreground_fraction)
     kwargs = stage1_network_kwargs(config)
 
-    def make_batch(rng, batch, device):
-        image, target = sampler.sample(batch, rng)
-        x = torch.from_numpy(image).to(device)
-        y = torch.from_numpy(target).to(device)
+    def make_batch(arrays, rng, device):
+        x, y = (a.to(device, non_blocking=True) for a in arrays)
         if config.augment:
             grid = random_affine_grids(x.shape[0], x.shape[-2:], rng, device)
             x = augment_intensity(warp(x, grid, "bilinear", fill=-1.0), rng)
@@ -332,7 +351,7 @@ def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfi
             return {}
         return {"val_foreground_dice": foreground_dice(predict_y1(module, val, config, device), val)}
 
-    return StageTask(name, config.stage1_architecture, kwargs, config.batch_size_stage1, steps, make_batch, validate,
+    return StageTask(name, config.stage1_architecture, kwargs, config.batch_size_stage1, steps, sampler.sample, make_batch, validate,
                      "val_foreground_dice" if val else None)
 
 
@@ -363,9 +382,9 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
                             tumor_contrast=2.0 * config.stage2_tumor_contrast_hu / window)
     kwargs = stage2_network_kwargs(config)
 
-    def make_batch(rng, batch, device):
+    def make_batch(arrays, rng, device):
         # image, y1, mask: (B, K, H, W), the sampled slice and its neighbours; labels: (B, H, W).
-        image, y1, mask, labels = (torch.from_numpy(a).to(device) for a in sampler.sample(batch, rng))
+        image, y1, mask, labels = (a.to(device, non_blocking=True) for a in arrays)
         if config.augment:
             grid = random_affine_grids(image.shape[0], image.shape[-2:], rng, device)
             image = augment_intensity(warp(image, grid, "bilinear", fill=-1.0), rng)
@@ -386,7 +405,7 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
         return {"val_kidney_dice": k, "val_tumor_dice": t, "val_composite_dice": (k + t) / 2}
 
     return StageTask("stage 2", config.stage2_architecture, kwargs, config.batch_size_stage2, config.stage2_steps,
-                     make_batch, validate, "val_composite_dice" if val else None)
+                     sampler.sample, make_batch, validate, "val_composite_dice" if val else None)
 
 
 def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dict], dict]:
@@ -508,7 +527,7 @@ def train(
         _check_init(run_dir, init_record)
     _barrier(info)
     cases = load_cases(Path(data_dir), config.preprocessing, cache_dir or run_dir / "cache", progress and info.is_main,
-                       workers=max(1, min(4, (os.cpu_count() or 1) // info.world_size)))
+                       workers=max(1, min(8, (os.cpu_count() or 1) // info.world_size)))  # up to ~2 GB each
     by_name = {c.name: c for c in cases}
     split_path = run_dir / "split.json"
     if split_path.is_file():
