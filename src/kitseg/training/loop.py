@@ -42,7 +42,6 @@ from ..networks import build_network
 from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2, widen_stage_channels
 from ..preprocess import PreparedVolume
 from .config import TrainConfig
-from .prefetch import Prefetcher, in_line
 from .data import (
     Stage1Sampler,
     Stage2Sampler,
@@ -56,6 +55,7 @@ from .data import (
     training_mask,
     warp,
 )
+from .prefetch import Prefetcher, in_line
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,8 @@ def train_network(
     batches = Prefetcher(*batch_args, pin=device.type == "cuda") if prefetch else contextlib.nullcontext(in_line(*batch_args))
     with batches as steps_batches:
         for arrays, rng in steps_batches:
-            step, losses = _train_step(task, net, arrays, rng, device, memory_format, optimizer, scheduler, scaler,
-                                       amp_dtype, step, losses)
+            losses.append(_train_step(task, net, arrays, rng, device, memory_format, optimizer, scheduler, scaler, amp_dtype))
+            step += 1
             bar.update(1)
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{float(torch.stack(losses[-25:]).mean()):.4f}")
@@ -222,8 +222,8 @@ def train_network(
 
 
 def _train_step(task: StageTask, net: torch.nn.Module, arrays: tuple, rng: np.random.Generator, device: torch.device,
-                memory_format, optimizer, scheduler, scaler, amp_dtype, step: int, losses: list) -> tuple[int, list]:
-    """One optimizer step on one batch; returns the step count and the losses, this one appended."""
+                memory_format, optimizer, scheduler, scaler, amp_dtype) -> torch.Tensor:
+    """One optimizer step on one batch; returns its loss, still on the device (reading it waits for the GPU)."""
     net.train()
     inputs, loss_fn = task.make_batch(arrays, rng, device)
     inputs = inputs.contiguous(memory_format=memory_format)
@@ -235,8 +235,7 @@ def _train_step(task: StageTask, net: torch.nn.Module, arrays: tuple, rng: np.ra
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    losses.append(loss.detach().float())
-    return step + 1, losses
+    return loss.detach().float()
 
 
 def _load_result(folder: Path, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
