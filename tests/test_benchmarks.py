@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -48,3 +49,17 @@ def test_gpu_kernel_benchmark_dry_run_times_each_layout_of_both_stages():
     assert [(stage, name) for stage, name, _ in rows] == [
         (stage, name) for stage in "12" for name in ("plain", "cudnn.benchmark", "channels_last", "both")], proc.stdout
     assert all(float(ratio) > 0 for *_, ratio in rows) and rows[0][2] == "1.00", proc.stdout
+
+
+def test_training_memory_benchmark_measures_both_runs_and_the_cache(dataset, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_train_memory.py"), "--data", str(dataset), "--cases", "4",
+         "--val", "1", "--preset", "smoke", "--json", str(tmp_path / "memory.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"(preparing|prepared): peak anonymous ([\d.]+) GiB, file-backed ([\d.]+) GiB", proc.stdout)
+    assert [r[0] for r in rows] == ["preparing", "prepared"], proc.stdout
+    assert all(float(anon) > 0 for _, anon, _ in rows), proc.stdout
+    figures = json.loads((tmp_path / "memory.json").read_text())
+    assert figures["cache_bytes"] > 0 and figures["prepared"]["anon"] > 0

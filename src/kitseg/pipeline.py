@@ -96,8 +96,11 @@ def neighbour_indices(indices: np.ndarray, context: int, n_slices: int) -> np.nd
 
 
 def _stage1_batch(image: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
-    """(B, 2*context+1, Ys, Xs) input: each slice with its neighbours (edges repeat)."""
-    return image[neighbour_indices(indices, context, image.shape[0])]
+    """(B, 2*context+1, Ys, Xs) float32 input: each slice with its neighbours (edges repeat).
+
+    The image may be stored narrower (training maps its cases as float16): a batch at a time is cast.
+    """
+    return image[neighbour_indices(indices, context, image.shape[0])].astype(np.float32, copy=False)
 
 
 def stage2_context_input(image, y1, mask):

@@ -7,6 +7,8 @@ A run folder holds everything (``kits-seg train --data DIR --out RUN``)::
     RUN/fold{k}/             stage-1 models for out-of-fold y1 (one per fold)
     RUN/oof_y1/NAME.npy      out-of-fold stage-1 predictions: what stage 2 learns from (float16;
                              since 2026-12-03 made on the slices of stage 2's training mask only, 0 elsewhere)
+    RUN/val_y1/NAME.npy      the final stage 1's predictions of the validation cases (made again at each start)
+    RUN/cache/               the prepared cases (``--cache`` puts them elsewhere; ``data.py``)
     RUN/stage1/, RUN/stage2/ state.pt (resume), last.kseg, best.kseg, log.csv, curves.png
     RUN/model.kseg           best stage 1 + best stage 2: the file `kits-seg predict` takes
 
@@ -51,6 +53,7 @@ from .data import (
     load_cases,
     out_of_fold_split,
     random_affine_grids,
+    save_npy,
     split_cases,
     training_mask,
     warp,
@@ -570,10 +573,11 @@ def train(
         task = stage1_task(rest, [], config, steps, f"stage 1 fold {k + 1}/{config.oof_folds}", torch_device)
         module = train_network(task, run_dir / f"fold{k + 1}", config, torch_device, info, "1", provenance, progress)
         if info.is_main:
-            for name, y1 in predict_y1(module, held_out, config, torch_device, mask_slices_only=True).items():
-                np.save(oof_dir / f"{name}.npy", y1.astype(np.float16))
+            for case in held_out:  # one at a time: half the training cases' y1 at once would fill the memory
+                y1 = predict_y1(module, [case], config, torch_device, mask_slices_only=True)[case.name]
+                save_npy(oof_dir / f"{case.name}.npy", y1.astype(np.float16))
         _barrier(info)
-    oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy") for c in train_cases}
+    oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy", mmap_mode="r") for c in train_cases}  # mapped, as the cases
 
     # 2. Stage 1 on all training cases (or the given model's, kept).
     task1 = stage1_task(train_cases, val_set, config, config.stage1_steps, "stage 1", torch_device)
@@ -587,7 +591,12 @@ def train(
                                initial=initial.get("1"))
 
     # 3. Stage 2 on out-of-fold y1; validated through the real stage 1, as at inference.
-    val_y1 = predict_y1(stage1, val_set, config, torch_device) if val_set else {}
+    val_y1 = {}
+    for case in val_set if info.is_main else []:  # only the main process validates
+        # On disk and mapped, as the training cases' y1 (float32, so validation scores as before).
+        path = run_dir / "val_y1" / f"{case.name}.npy"
+        save_npy(path, predict_y1(stage1, [case], config, torch_device)[case.name])
+        val_y1[case.name] = np.load(path, mmap_mode="r")
     task2 = stage2_task(train_cases, val_set, oof_y1, val_y1, config, torch_device)
     stage2 = train_network(task2, run_dir / "stage2", config, torch_device, info, "2", provenance, progress,
                            initial=initial.get("2"))

@@ -1,0 +1,107 @@
+"""The training cache: prepared cases and training masks on disk, mapped into memory rather than read."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from kitseg.io import InputError, discover_inputs
+from kitseg.morphology import dilate_ball
+from kitseg.training import preset
+from kitseg.training import data as training_data
+from kitseg.training.data import load_cases, training_mask
+
+
+def _mapped(array: np.ndarray) -> bool:
+    return isinstance(array, np.memmap) and not array.flags.writeable
+
+
+def test_cached_cases_are_mapped_and_equal_the_cases_prepared_in_memory(dataset, tmp_path):
+    config = preset("smoke").preprocessing
+    in_memory = load_cases(dataset, config, cache_dir=None, progress=False)
+    cached = load_cases(dataset, config, cache_dir=tmp_path / "cache", progress=False)
+    assert [c.name for c in cached] == [c.name for c in in_memory] == [f"case_{i:05d}" for i in range(4)]
+    for a, b in zip(cached, in_memory):
+        assert _mapped(a.image) and _mapped(a.labels) and a.cache_stem is not None
+        assert a.image.dtype == b.image.dtype == np.float16
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert a.spacing == b.spacing
+    # Several preparation workers write the same cache; this process maps what they wrote.
+    with_workers = load_cases(dataset, config, cache_dir=tmp_path / "cache2", progress=False, workers=2)
+    for a, b in zip(with_workers, cached):
+        assert _mapped(a.image) and a.name == b.name
+        np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_a_prepared_case_is_not_prepared_again_unless_its_files_are_incomplete(dataset, tmp_path, monkeypatch):
+    config = preset("smoke").preprocessing
+    cache = tmp_path / "cache"
+    first = load_cases(dataset, config, cache_dir=cache, progress=False)
+
+    def refuse(*args):
+        raise AssertionError("prepared again")
+
+    monkeypatch.setattr(training_data, "_prepare_arrays", refuse)
+    again = load_cases(dataset, config, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(again[2].image, first[2].image)
+    # A preparation cut short before its record was written leaves no case that looks complete.
+    record = next(cache.glob("case_00002-*.json"))
+    record.unlink()
+    monkeypatch.undo()
+    redone = load_cases(dataset, config, cache_dir=cache, progress=False)
+    assert record.is_file()
+    np.testing.assert_array_equal(redone[2].image, first[2].image)
+
+
+def test_a_cache_of_the_earlier_format_is_converted_not_prepared_again(dataset, tmp_path, monkeypatch):
+    config = preset("smoke").preprocessing
+    cache = tmp_path / "cache"
+    reference = load_cases(dataset, config, cache_dir=None, progress=False)
+    cache.mkdir()
+    for case_input, case in zip(sorted(discover_inputs(dataset), key=lambda c: c.name), reference):
+        # Until 2026-12-04 a case was one .npz archive under the same name.
+        np.savez(cache / f"{case.name}-{training_data._cache_key(case_input, config)}.npz",
+                 image=case.image, labels=case.labels, spacing=np.array(case.spacing))
+    monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
+    converted = load_cases(dataset, config, cache_dir=cache, progress=False)
+    assert not list(cache.glob("*.npz"))  # the same arrays now live in mappable files
+    for a, b in zip(converted, reference):
+        assert _mapped(a.image) and a.spacing == b.spacing
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_a_case_whose_name_holds_a_dot_keeps_its_name(dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dataset / "case_00001", data / "patient.7")
+    (case,) = load_cases(data, preset("smoke").preprocessing, cache_dir=tmp_path / "cache", progress=False)
+    assert case.name == "patient.7" and _mapped(case.image)
+
+
+def test_a_damaged_cache_entry_names_its_file(dataset, tmp_path):
+    config = preset("smoke").preprocessing
+    cache = tmp_path / "cache"
+    load_cases(dataset, config, cache_dir=cache, progress=False)
+    labels = next(cache.glob("case_00000-*.labels.npy"))
+    np.save(labels, np.zeros((3, 4, 5), np.uint8))  # not the recorded shape
+    with pytest.raises(InputError, match=r"case_00000-.*inconsistent.*delete the cache folder"):
+        load_cases(dataset, config, cache_dir=cache, progress=False)
+
+
+def test_training_masks_are_cached_per_mask_recipe(dataset, tmp_path):
+    config = preset("smoke")
+    case = load_cases(dataset, config.preprocessing, cache_dir=tmp_path / "cache", progress=False)[0]
+    expected = dilate_ball(case.labels > 0, config.mask.radius, config.mask.dilation_spacing(case.spacing))
+    mask = training_mask(case, config.mask)
+    assert _mapped(mask)
+    np.testing.assert_array_equal(mask, expected)
+    files = sorted((tmp_path / "cache").glob(f"{case.cache_stem.name}.mask-*.npy"))
+    assert len(files) == 1
+    np.testing.assert_array_equal(training_mask(case, config.mask), expected)  # read back, not made again
+    wider = replace(config.mask, radius=config.mask.radius + 2)
+    assert training_mask(case, wider).sum() > expected.sum()
+    assert len(list((tmp_path / "cache").glob(f"{case.cache_stem.name}.mask-*.npy"))) == 2
