@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 
@@ -63,8 +64,8 @@ def test_a_cache_of_the_earlier_format_is_converted_not_prepared_again(dataset, 
     reference = load_cases(dataset, config, cache_dir=None, progress=False)
     cache.mkdir()
     for case_input, case in zip(sorted(discover_inputs(dataset), key=lambda c: c.name), reference):
-        # Until 2026-12-04 a case was one .npz archive under the same name.
-        np.savez(cache / f"{case.name}-{training_data._cache_key(case_input, config)}.npz",
+        # Until 2026-12-04 a case was one .npz archive, under a key that covered the CT only.
+        np.savez(cache / f"{case.name}-{training_data._legacy_cache_key(case_input, config)}.npz",
                  image=case.image, labels=case.labels, spacing=np.array(case.spacing))
     monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
     converted = load_cases(dataset, config, cache_dir=cache, progress=False)
@@ -73,6 +74,32 @@ def test_a_cache_of_the_earlier_format_is_converted_not_prepared_again(dataset, 
         assert _mapped(a.image) and a.spacing == b.spacing
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_corrected_labels_are_prepared_again(dataset, tmp_path):
+    import nibabel as nib
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    config = preset("smoke").preprocessing
+    cache = tmp_path / "cache"
+    (case_input,) = [c for c in discover_inputs(data) if c.name == "case_00001"]
+    # An archive of the earlier format, older than the labels: they may have changed since (not converted).
+    legacy = cache / f"case_00001-{training_data._legacy_cache_key(case_input, config)}.npz"
+    cache.mkdir()
+    np.savez(legacy, image=np.zeros((1, 1, 1), np.float16), labels=np.zeros((1, 1, 1), np.uint8), spacing=np.ones(3))
+    os.utime(legacy, ns=(0, 0))
+    before = {c.name: c for c in load_cases(data, config, cache_dir=cache, progress=False)}["case_00001"]
+    assert before.image.shape != (1, 1, 1) and not legacy.exists()
+    # The user corrects the labels: every tumor voxel becomes kidney.
+    path = data / "case_00001" / "segmentation.nii.gz"
+    image = nib.load(path)
+    corrected = np.asarray(image.dataobj).copy()
+    corrected[corrected == 2] = 1
+    nib.save(nib.Nifti1Image(corrected, image.affine, image.header), path)
+    after = {c.name: c for c in load_cases(data, config, cache_dir=cache, progress=False)}["case_00001"]
+    assert (before.labels == 2).any() and not (after.labels == 2).any()
+    assert (after.labels == 1).sum() > (before.labels == 1).sum()  # the tumor is kidney now
 
 
 def test_a_case_whose_name_holds_a_dot_keeps_its_name(dataset, tmp_path):

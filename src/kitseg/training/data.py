@@ -88,9 +88,20 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
+def _file_stamp(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
 def _cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
-    stat = case.image_path.stat()
-    ident = json.dumps([str(case.image_path.resolve()), stat.st_size, stat.st_mtime_ns, config.preparation_key()])
+    """Changes with the CT file, the label file (a user's corrections) and the preprocessing recipe."""
+    ident = json.dumps([*_file_stamp(case.image_path), *_file_stamp(case.labels_path), config.preparation_key()])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
+    """The key of the cache's format before 2026-12-04 (one ``.npz`` per case), which missed the labels."""
+    ident = json.dumps([*_file_stamp(case.image_path), config.preparation_key()])
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
@@ -107,7 +118,7 @@ def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir:
 
     ``STEM.image.npy`` (float16), ``STEM.labels.npy`` (uint8) and ``STEM.json`` (spacing, shape),
     the JSON written last, so that a preparation cut short leaves no case that looks complete.
-    The stem's key changes with the CT file and the preprocessing recipe.
+    The stem's key changes with the CT file, the label file and the preprocessing recipe.
     """
     if case.labels_path is None:
         raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
@@ -115,8 +126,9 @@ def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir:
     if _beside(stem, ".json").is_file():
         return stem
     cache_dir.mkdir(parents=True, exist_ok=True)
-    legacy = _beside(stem, ".npz")  # the cache's format before 2026-12-04: one archive per case
-    if legacy.is_file():
+    legacy = cache_dir / f"{case.name}-{_legacy_cache_key(case, config)}.npz"
+    # Converted only if written after the labels last changed: its key did not cover them.
+    if legacy.is_file() and legacy.stat().st_mtime_ns >= case.labels_path.stat().st_mtime_ns:
         with np.load(legacy, allow_pickle=False) as data:
             image, labels, spacing = data["image"], data["labels"], tuple(float(s) for s in data["spacing"])
     else:
@@ -125,7 +137,7 @@ def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir:
     save_npy(_beside(stem, ".labels.npy"), labels)
     with atomic_path(_beside(stem, ".json")) as tmp:
         tmp.write_text(json.dumps({"name": case.name, "spacing": list(spacing), "shape": list(image.shape)}))
-    legacy.unlink(missing_ok=True)  # converted: the same arrays, now mappable
+    legacy.unlink(missing_ok=True)  # converted (the same arrays, now mappable) or out of date
     return stem
 
 
