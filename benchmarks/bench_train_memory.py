@@ -8,7 +8,8 @@ Runs `kits-seg train` twice in a child process on the first ``--cases`` case fol
 ``--data`` (the last ``--val`` of them for validation), with the recipe's grid (default: the
 `paper` preset, native in-plane resolution) and its networks shrunk to a few channels and
 steps, so the data is what fills the memory. The first run prepares the cases into a cache;
-the second starts a new run folder over that cache, as a new training on prepared data does.
+the second starts a new run folder over that cache, as a new training on prepared data does
+(``--first-only`` skips it: for large sets, where the first run is what decides whether it fits).
 Memory is sampled every 0.1 s over the whole process tree (preparation workers included):
 
 - anonymous: memory the processes own (RssAnon); it has to fit in RAM (no swap here);
@@ -79,6 +80,7 @@ def main() -> int:
     parser.add_argument("--val", type=int, default=4, help="of which held out for validation (default 4)")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--src", type=Path, default=None, help="another engine's src/ folder to measure instead")
+    parser.add_argument("--first-only", action="store_true", help="only the run that prepares the cases (large sets)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -104,13 +106,14 @@ def main() -> int:
         ]
         cmd = [sys.executable, "-m", "kitseg.cli", "train"]
         results["preparing"] = run_training([*cmd, "--out", str(Path(tmp) / "run1"), *common], env)
-        results["prepared"] = run_training([*cmd, "--out", str(Path(tmp) / "run2"), *common], env)
+        if not args.first_only:
+            results["prepared"] = run_training([*cmd, "--out", str(Path(tmp) / "run2"), *common], env)
         cache_bytes = sum(f.stat().st_size for f in (Path(tmp) / "cache").iterdir())
     results["cache_bytes"] = cache_bytes
     gib = 2.0**30
     print(f"{machine()}\nengine: {results['engine']}; preset {args.preset}, {args.cases} cases ({args.val} validation); "
           f"cache {cache_bytes / gib:.2f} GiB")
-    for phase in ("preparing", "prepared"):
+    for phase in ("preparing", "prepared")[: 1 if args.first_only else 2]:
         r = results[phase]
         print(f"  {phase:>9}: peak anonymous {r['anon'] / gib:.2f} GiB, file-backed {r['file'] / gib:.2f} GiB, "
               f"together {r['total'] / gib:.2f} GiB; {r['seconds']:.0f} s")
