@@ -3,9 +3,10 @@
 Cases are preprocessed once with the same code as inference (:func:`kitseg.preprocess.prepare`),
 so phantoms and real KiTS19 data take exactly the path a user's CT takes at prediction time, and
 cached as ``.npy`` files (float16 image, uint8 labels) that training maps into memory rather
-than reads: 150 KiTS19-sized cases at native in-plane resolution (the ``paper`` preset) are
-about 15 GB of images and labels on the stage grid, more than many GPU workstations' RAM, and
-``torchrun`` ranks on one machine share the mapped pages instead of holding a copy each.
+than reads: the 150 KiTS19 geometries at native in-plane resolution (the ``paper`` preset) are
+2.9 G voxels on the stage grid, 23 GB per process once float32 images, labels, masks and y1 were
+held in memory, more than many GPU workstations' RAM; mapped, the kernel keeps what sampling
+touches, and ``torchrun`` ranks on one machine share the pages instead of holding a copy each.
 """
 
 from __future__ import annotations
