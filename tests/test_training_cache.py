@@ -132,3 +132,19 @@ def test_training_masks_are_cached_per_mask_recipe(dataset, tmp_path):
     wider = replace(config.mask, radius=config.mask.radius + 2)
     assert training_mask(case, wider).sum() > expected.sum()
     assert len(list((tmp_path / "cache").glob(f"{case.cache_stem.name}.mask-*.npy"))) == 2
+
+
+def test_processes_prepare_their_shares_of_the_cases(dataset, tmp_path, monkeypatch):
+    from kitseg.training.data import prepare_cases
+
+    config = preset("smoke").preprocessing
+    cache = tmp_path / "cache"
+    stems = prepare_cases(dataset, config, cache, progress=False, share=(1, 3))
+    assert [s.name.rsplit("-", 1)[0] for s in stems] == ["case_00001"]  # cases 1, 4, ... of 0-3
+    assert [p.name.rsplit("-", 1)[0] for p in cache.glob("*.json")] == ["case_00001"]
+    for k in (0, 2):
+        prepare_cases(dataset, config, cache, progress=False, share=(k, 3))
+    assert len(list(cache.glob("*.json"))) == 4
+    monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
+    cases = load_cases(dataset, config, cache_dir=cache, progress=False)  # all prepared: only mapped
+    assert [c.name for c in cases] == [f"case_{i:05d}" for i in range(4)] and all(_mapped(c.image) for c in cases)

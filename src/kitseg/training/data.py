@@ -164,6 +164,32 @@ def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.nd
     return prepared.image.astype(np.float16), labels_to_stage(labels.array, prepared.grid), prepared.grid.spacing
 
 
+def _labelled_inputs(data_dir: Path) -> list[CaseInput]:
+    inputs = [c for c in discover_inputs(data_dir) if c.labels_path is not None]
+    if not inputs:
+        raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
+    return inputs
+
+
+def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, progress: bool = True,
+                  workers: int = 1, share: tuple[int, int] = (0, 1)) -> list[Path]:
+    """Prepare the labelled cases of ``data_dir`` into ``cache_dir``; returns their stems.
+
+    ``share=(k, n)``: only every n-th case from the k-th, so that n processes (``torchrun``
+    ranks) prepare a data set together instead of each all of it.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    inputs = _labelled_inputs(data_dir)[share[0]::share[1]]
+    bar = dict(total=len(inputs), desc="preparing cases", disable=not progress)
+    if workers <= 1:
+        return [prepare_cached_case(c, config, cache_dir) for c in tqdm(inputs, **bar)]
+    with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
+        return list(tqdm(pool.map(prepare_cached_case, inputs, [config] * len(inputs), [cache_dir] * len(inputs)), **bar))
+
+
 def load_cases(
     data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True, workers: int = 1
 ) -> list[StageCase]:
@@ -172,22 +198,18 @@ def load_cases(
     With a cache, the workers write the cases there and this process maps them: nothing large
     travels between processes, and the cases take no memory of their own.
     """
+    if cache_dir is not None:
+        return [open_cached_case(stem) for stem in prepare_cases(data_dir, config, cache_dir, progress, workers)]
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
-    inputs = [c for c in discover_inputs(data_dir) if c.labels_path is not None]
-    if not inputs:
-        raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
+    inputs = _labelled_inputs(data_dir)
     bar = dict(total=len(inputs), desc="preparing cases", disable=not progress)
     if workers <= 1:
-        return [load_stage_case(c, config, cache_dir) for c in tqdm(inputs, **bar)]
+        return [load_stage_case(c, config, None) for c in tqdm(inputs, **bar)]
     with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
-        if cache_dir is None:
-            jobs = pool.map(load_stage_case, inputs, [config] * len(inputs), [None] * len(inputs))
-            return list(tqdm(jobs, **bar))
-        stems = pool.map(prepare_cached_case, inputs, [config] * len(inputs), [cache_dir] * len(inputs))
-        return [open_cached_case(stem) for stem in tqdm(stems, **bar)]
+        return list(tqdm(pool.map(load_stage_case, inputs, [config] * len(inputs), [None] * len(inputs)), **bar))
 
 
 def _one_blas_thread() -> None:

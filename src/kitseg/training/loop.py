@@ -52,6 +52,7 @@ from .data import (
     label_map_key,
     load_cases,
     out_of_fold_split,
+    prepare_cases,
     random_affine_grids,
     save_npy,
     split_cases,
@@ -528,8 +529,13 @@ def train(
         _check_config(run_dir, config)
         _check_init(run_dir, init_record)
     _barrier(info)
-    cases = load_cases(Path(data_dir), config.preprocessing, cache_dir or run_dir / "cache", progress and info.is_main,
-                       workers=max(1, min(8, (os.cpu_count() or 1) // info.world_size)))  # up to ~2 GB each
+    cache = cache_dir or run_dir / "cache"
+    workers = max(1, min(8, (os.cpu_count() or 1) // info.world_size))  # up to ~2 GB each
+    if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
+        prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
+                      share=(info.rank, info.world_size))
+        _barrier(info)
+    cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers)
     by_name = {c.name: c for c in cases}
     split_path = run_dir / "split.json"
     if split_path.is_file():
