@@ -106,8 +106,14 @@ def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+def _require_labels(case: CaseInput) -> None:
+    if case.labels_path is None:
+        raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
+
+
 def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path | None) -> StageCase:
     """One case on the stage grid: memory-mapped from ``cache_dir`` (prepared first if needed), or in memory."""
+    _require_labels(case)
     if cache_dir is None:
         image, labels, spacing = _prepare_arrays(case, config)
         return StageCase(case.name, image, labels, spacing)
@@ -117,12 +123,11 @@ def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Pat
 def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path) -> Path:
     """Make sure ``cache_dir`` holds the case on the stage grid; returns the stem of its files.
 
-    ``STEM.image.npy`` (float16), ``STEM.labels.npy`` (uint8) and ``STEM.json`` (spacing, shape),
+    ``STEM.image.npy`` (float16), ``STEM.labels.npy`` (uint8) and ``STEM.json`` (name, spacing, shape),
     the JSON written last, so that a preparation cut short leaves no case that looks complete.
     The stem's key changes with the CT file, the label file and the preprocessing recipe.
     """
-    if case.labels_path is None:
-        raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
+    _require_labels(case)
     stem = cache_dir / f"{case.name}-{_cache_key(case, config)}"
     if _beside(stem, ".json").is_file():
         return stem
@@ -155,8 +160,6 @@ def open_cached_case(stem: Path) -> StageCase:
 
 def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
     """(float16 image, uint8 labels, spacing) on the stage grid, read and prepared as at inference."""
-    if case.labels_path is None:
-        raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
     volume = read_ct(case.image_path)
     labels = read_labels(case.labels_path, like=volume)
     prepared = prepare(volume, config)
