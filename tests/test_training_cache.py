@@ -148,3 +148,17 @@ def test_processes_prepare_their_shares_of_the_cases(dataset, tmp_path, monkeypa
     monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
     cases = load_cases(dataset, config, cache_dir=cache, progress=False)  # all prepared: only mapped
     assert [c.name for c in cases] == [f"case_{i:05d}" for i in range(4)] and all(_mapped(c.image) for c in cases)
+
+
+def test_prepare_only_fills_the_cache_that_the_training_then_uses(dataset, tmp_path, monkeypatch, capsys):
+    from kitseg.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--out", str(run), "--preset", "smoke", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--prepare-only"]) == 0
+    assert "4 cases prepared in" in capsys.readouterr().out
+    assert len(list((run / "cache").glob("*.json"))) == 4
+    assert not (run / "config.json").exists() and not (run / "model.kseg").exists()  # nothing trained, nothing fixed
+    monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
+    assert main(args) == 0
+    assert (run / "model.kseg").is_file()

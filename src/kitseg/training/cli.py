@@ -40,6 +40,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-stage1", action="store_true",
                    help="with --init-from: keep that model's stage 1 as this run's (not trained further); "
                    "only the out-of-fold stage-1 models and stage 2 are trained")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="prepare the cases into the cache (RUN/cache, or --cache) and stop, e.g. on a CPU node "
+                   "before the GPU job: the same command without this flag then trains on them")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -59,6 +62,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         changes["preprocessing"] = {**preprocessing, "stage2_context_slices": args.stage2_context_slices}
     if changes:
         config = type(config).from_dict({**config.to_dict(), **changes})
+    if args.prepare_only:
+        from .data import prepare_cases, preparation_workers
+
+        cache = args.cache or args.out / "cache"
+        stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers())
+        print(f"{len(stems)} cases prepared in {cache}")
+        return 0
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     model = train(args.data, args.out, config, device=args.device, val_fraction=args.val_fraction,
                   val_cases=args.val_cases, cache_dir=args.cache, progress=not args.no_progress, command=command,

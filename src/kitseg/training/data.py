@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +166,11 @@ def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.nd
     prepared = prepare(volume, config)
     # float16 keeps normalized intensities to within 1e-3 (a fraction of a HU in the window) at half the bytes.
     return prepared.image.astype(np.float16), labels_to_stage(labels.array, prepared.grid), prepared.grid.spacing
+
+
+def preparation_workers(processes: int = 1) -> int:
+    """Worker processes that prepare cases, per training process (``processes`` on this machine)."""
+    return max(1, min(8, (os.cpu_count() or 1) // processes))  # up to ~2 GB each at the `paper` grid
 
 
 def _labelled_inputs(data_dir: Path) -> list[CaseInput]:

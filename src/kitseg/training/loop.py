@@ -53,6 +53,7 @@ from .data import (
     load_cases,
     out_of_fold_split,
     prepare_cases,
+    preparation_workers,
     random_affine_grids,
     save_npy,
     split_cases,
@@ -530,7 +531,7 @@ def train(
         _check_init(run_dir, init_record)
     _barrier(info)
     cache = cache_dir or run_dir / "cache"
-    workers = max(1, min(8, (os.cpu_count() or 1) // info.world_size))  # up to ~2 GB each
+    workers = preparation_workers(info.world_size)
     if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
         prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
                       share=(info.rank, info.world_size))
