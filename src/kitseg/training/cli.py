@@ -63,9 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if changes:
         config = type(config).from_dict({**config.to_dict(), **changes})
     if args.prepare_only:
-        from .data import prepare_cases, preparation_workers
+        from .data import cache_folder, prepare_cases, preparation_workers
 
-        cache = args.cache or args.out / "cache"
+        cache = cache_folder(args.out, args.cache)
         stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers())
         print(f"{len(stems)} cases prepared in {cache}")
         return 0

@@ -72,7 +72,7 @@ def training_mask(case: StageCase, mask: MaskConfig) -> np.ndarray:
     """
     if case.cache_stem is None:
         return dilate_ball(case.labels > 0, mask.radius, mask.dilation_spacing(case.spacing))
-    recipe = hashlib.sha256(json.dumps(mask.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    recipe = _digest(mask.to_dict(), 12)
     path = _beside(case.cache_stem, f".mask-{recipe}.npy")
     if not path.is_file():
         save_npy(path, dilate_ball(case.labels > 0, mask.radius, mask.dilation_spacing(case.spacing)))
@@ -90,6 +90,10 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
+def _digest(ident, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def _file_stamp(path: Path) -> list:
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
@@ -97,14 +101,12 @@ def _file_stamp(path: Path) -> list:
 
 def _cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
     """Changes with the CT file, the label file (a user's corrections) and the preprocessing recipe."""
-    ident = json.dumps([*_file_stamp(case.image_path), *_file_stamp(case.labels_path), config.preparation_key()])
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return _digest([*_file_stamp(case.image_path), *_file_stamp(case.labels_path), config.preparation_key()])
 
 
 def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
     """The key of the cache's format before 2026-12-04 (one ``.npz`` per case), which missed the labels."""
-    ident = json.dumps([*_file_stamp(case.image_path), config.preparation_key()])
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return _digest([*_file_stamp(case.image_path), config.preparation_key()])
 
 
 def _require_labels(case: CaseInput) -> None:
@@ -112,10 +114,24 @@ def _require_labels(case: CaseInput) -> None:
         raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
 
 
+def _cache_stem(case: CaseInput, config: PreprocessingConfig, cache_dir: Path) -> Path:
+    _require_labels(case)
+    return cache_dir / f"{case.name}-{_cache_key(case, config)}"
+
+
+def _is_prepared(stem: Path) -> bool:
+    return _beside(stem, ".json").is_file()  # written last
+
+
+def cache_folder(run_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Where a run's prepared cases live: ``--cache`` if given, else ``RUN/cache``."""
+    return Path(cache_dir) if cache_dir is not None else Path(run_dir) / "cache"
+
+
 def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path | None) -> StageCase:
     """One case on the stage grid: memory-mapped from ``cache_dir`` (prepared first if needed), or in memory."""
-    _require_labels(case)
     if cache_dir is None:
+        _require_labels(case)
         image, labels, spacing = _prepare_arrays(case, config)
         return StageCase(case.name, image, labels, spacing)
     return open_cached_case(prepare_cached_case(case, config, cache_dir))
@@ -128,9 +144,8 @@ def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir:
     the JSON written last, so that a preparation cut short leaves no case that looks complete.
     The stem's key changes with the CT file, the label file and the preprocessing recipe.
     """
-    _require_labels(case)
-    stem = cache_dir / f"{case.name}-{_cache_key(case, config)}"
-    if _beside(stem, ".json").is_file():
+    stem = _cache_stem(case, config, cache_dir)
+    if _is_prepared(stem):
         return stem
     cache_dir.mkdir(parents=True, exist_ok=True)
     legacy = cache_dir / f"{case.name}-{_legacy_cache_key(case, config)}.npz"
@@ -185,18 +200,14 @@ def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, 
     """Prepare the labelled cases of ``data_dir`` into ``cache_dir``; returns their stems.
 
     ``share=(k, n)``: only every n-th case from the k-th, so that n processes (``torchrun``
-    ranks) prepare a data set together instead of each all of it.
+    ranks) prepare a data set together instead of each all of it. Cases prepared already are
+    only looked up (no worker starts for them: a resumed run finds them all).
     """
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
     inputs = _labelled_inputs(data_dir)[share[0]::share[1]]
-    bar = dict(total=len(inputs), desc="preparing cases", disable=not progress)
-    if workers <= 1:
-        return [prepare_cached_case(c, config, cache_dir) for c in tqdm(inputs, **bar)]
-    with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
-        return list(tqdm(pool.map(prepare_cached_case, inputs, [config] * len(inputs), [cache_dir] * len(inputs)), **bar))
+    stems = [_cache_stem(c, config, cache_dir) for c in inputs]
+    missing = [c for c, stem in zip(inputs, stems) if not _is_prepared(stem)]
+    _each_case(prepare_cached_case, missing, config, cache_dir, progress, workers)
+    return stems
 
 
 def load_cases(
@@ -209,16 +220,21 @@ def load_cases(
     """
     if cache_dir is not None:
         return [open_cached_case(stem) for stem in prepare_cases(data_dir, config, cache_dir, progress, workers)]
+    return _each_case(load_stage_case, _labelled_inputs(data_dir), config, None, progress, workers)
+
+
+def _each_case(func, inputs: list[CaseInput], config: PreprocessingConfig, cache_dir: Path | None, progress: bool,
+               workers: int) -> list:
+    """``func(case, config, cache_dir)`` for each case, in ``workers`` processes (one BLAS thread each)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
-    inputs = _labelled_inputs(data_dir)
-    bar = dict(total=len(inputs), desc="preparing cases", disable=not progress)
-    if workers <= 1:
-        return [load_stage_case(c, config, None) for c in tqdm(inputs, **bar)]
-    with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
-        return list(tqdm(pool.map(load_stage_case, inputs, [config] * len(inputs), [None] * len(inputs)), **bar))
+    bar = dict(total=len(inputs), desc="preparing cases", disable=not progress or not inputs)
+    if workers <= 1 or len(inputs) <= 1:
+        return [func(c, config, cache_dir) for c in tqdm(inputs, **bar)]
+    with ProcessPoolExecutor(max_workers=min(workers, len(inputs)), initializer=_one_blas_thread) as pool:
+        return list(tqdm(pool.map(func, inputs, [config] * len(inputs), [cache_dir] * len(inputs)), **bar))
 
 
 def _one_blas_thread() -> None:

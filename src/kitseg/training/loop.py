@@ -49,6 +49,7 @@ from .data import (
     Stage2Sampler,
     StageCase,
     augment_intensity,
+    cache_folder,
     label_map_key,
     load_cases,
     out_of_fold_split,
@@ -530,7 +531,7 @@ def train(
         _check_config(run_dir, config)
         _check_init(run_dir, init_record)
     _barrier(info)
-    cache = cache_dir or run_dir / "cache"
+    cache = cache_folder(run_dir, cache_dir)
     workers = preparation_workers(info.world_size)
     if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
         prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
