@@ -151,6 +151,26 @@ def test_errors_are_one_line_naming_the_input(tmp_path, weights, capsys):
     assert "model.kseg" in capsys.readouterr().err
 
 
+def test_a_full_disk_is_one_line_naming_the_output_and_the_earlier_file_stays(tmp_path, cases, weights, capsys,
+                                                                                monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights)]) == 0
+    written = out / "prediction_00000.nii.gz"
+    before = written.read_bytes()
+
+    def disk_full(img, filename):  # as gzip's write() fails on a full disk: no file named
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("kitseg.io.nib.save", disk_full)
+    assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"kits-seg: error: No space left on device: {written}\n"
+    assert written.read_bytes() == before and [p.name for p in out.iterdir()] == [written.name]  # no partial file
+
+
 def test_info_prints_metadata(weights, capsys):
     assert main(["info", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out

@@ -162,3 +162,44 @@ def test_prepare_only_fills_the_cache_that_the_training_then_uses(dataset, tmp_p
     monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
     assert main(args) == 0
     assert (run / "model.kseg").is_file()
+
+
+def test_the_cache_size_is_known_from_the_headers_before_anything_is_prepared(dataset, tmp_path):
+    config = preset("smoke").preprocessing
+    cases = load_cases(dataset, config, cache_dir=tmp_path / "cache", progress=False)
+    by_name = {c.name: c for c in cases}
+    for case in discover_inputs(dataset):
+        assert training_data._stage_voxels(case, config) == by_name[case.name].image.size
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_preparing_with_the_sizes_named(
+        dataset, tmp_path, monkeypatch, capsys):
+    import errno
+    from collections import namedtuple
+
+    import kitseg.atomic
+    from kitseg.cli import main
+
+    config = preset("smoke").preprocessing
+    needed = sum(training_data._stage_voxels(c, config) for c in discover_inputs(dataset)) * 3
+    usage = namedtuple("usage", "total used free")
+    prepare_arrays = training_data._prepare_arrays
+    monkeypatch.setattr(kitseg.atomic.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - needed + 1, needed - 1))
+    monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared without the space"))
+    cache = tmp_path / "new" / "cache"  # not made yet: the check looks at the disk it will be on
+    with pytest.raises(OSError) as caught:
+        load_cases(dataset, config, cache_dir=cache, progress=False)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(cache)
+    assert "preparing 4 case(s)" in str(caught.value) and "GB free" in str(caught.value)
+    # The command line says it in one line, not a traceback.
+    run = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--out", str(run), "--preset", "smoke", "--device", "cpu",
+            "--no-progress", "--prepare-only"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kits-seg: error: preparing 4 case(s) into the cache needs about") and str(run / "cache") in err
+    assert "Traceback" not in err
+    # Room for exactly what it needs: prepared.
+    monkeypatch.setattr(kitseg.atomic.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - needed, needed))
+    monkeypatch.setattr(training_data, "_prepare_arrays", prepare_arrays)
+    assert len(load_cases(dataset, config, cache_dir=cache, progress=False)) == 4

@@ -8,7 +8,9 @@ are flushed to disk, and ``os.replace`` puts them in place in one step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +41,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def require_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
+    """Fail before a long job starts, not hours into it, when ``folder``'s disk cannot hold ``needed_bytes``.
+
+    ``what`` says what needs the space, for the message. ``folder`` need not exist yet.
+    """
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise OSError(errno.ENOSPC, f"{what} needs about {needed_bytes / 1e9:.1f} GB and the disk holding it has "
+                      f"{free / 1e9:.1f} GB free; free some space or choose a folder on another disk", str(folder))

@@ -315,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # at /dev/null so that the interpreter's own flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # the system's refusal (disk full, no permission), not a fault of the tool
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"kits-seg: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,16 +18,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, require_free_space
 from ..config import MaskConfig, PreprocessingConfig
+from ..geometry import source_grid_for
 from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
 from ..morphology import dilate_ball
 from ..pipeline import neighbour_indices
+from ..preprocess import StageGrid
 from ..preprocess import StageGrid, prepare
 
 log = logging.getLogger(__name__)
@@ -206,8 +209,24 @@ def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, 
     inputs = _labelled_inputs(data_dir)[share[0]::share[1]]
     stems = [_cache_stem(c, config, cache_dir) for c in inputs]
     missing = [c for c, stem in zip(inputs, stems) if not _is_prepared(stem)]
+    if missing:
+        needed = sum(_stage_voxels(c, config) for c in missing) * _CACHE_BYTES_PER_VOXEL
+        require_free_space(cache_dir, needed, f"preparing {len(missing)} case(s) into the cache")
     _each_case(prepare_cached_case, missing, config, cache_dir, progress, workers)
     return stems
+
+
+_CACHE_BYTES_PER_VOXEL = 3  # float16 image + uint8 labels
+
+
+def _stage_voxels(case: CaseInput, config: PreprocessingConfig) -> int:
+    """Voxels of the case on the stage grid, from the CT's header alone (0 if unreadable: preparing it will say why)."""
+    try:
+        img = nib.load(case.image_path)
+        source = source_grid_for(img.shape[:3], img.affine, case.image_path)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+        return 0
+    return int(np.prod(StageGrid.for_config(source.internal_shape(), source.internal_affine(), config).shape))
 
 
 def load_cases(
