@@ -32,8 +32,23 @@ class DicePlot(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
         self.canvas.mpl_connect("button_press_event", self._on_click)
+        self._stale = True
         self._style()
-        self.canvas.draw_idle()
+
+    def _request_draw(self) -> None:
+        # Only a plot on screen draws; a hidden one draws when shown. A widget that is garbage but
+        # not yet collected (one never docked, in a reference cycle) is never shown, and so never
+        # starts a draw that the collector, running inside it, would delete its canvas under.
+        if self.isVisible():
+            self.canvas.draw_idle()
+        else:
+            self._stale = True
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self._stale:
+            self._stale = False
+            self.canvas.draw_idle()
 
     def _style(self) -> None:
         ax = self.axes
@@ -61,13 +76,13 @@ class DicePlot(QWidget):
             for text in legend.get_texts():
                 text.set_color(_FOREGROUND)
         self._marker = None
-        self.canvas.draw_idle()
+        self._request_draw()
 
     def mark_slice(self, index: int) -> None:
         if self._marker is not None:
             self._marker.remove()
         self._marker = self.axes.axvline(index, color="#00b4ff", linewidth=1, alpha=0.8)
-        self.canvas.draw_idle()
+        self._request_draw()
 
     def nearest_slice(self, x: float, y: float | None = None) -> int | None:
         """The plotted slice nearest to data coordinates (x, y) (nearest in x if y is None)."""

@@ -380,3 +380,26 @@ def test_closing_the_ct_before_the_run_starts(qtbot, viewer_widget):
     assert blocker.args == ["run all", "error"]
     assert "CT layer was closed" in widget.last_error and not widget.busy
     assert not {"y1", "mask", "labels"} & {layer.name for layer in viewer.layers}
+
+
+def test_dice_plot_draws_when_on_screen_and_not_before(qtbot):
+    """A hidden plot does not draw (a widget never docked, garbage in a reference cycle, must not
+    start a draw that the collector deletes its canvas under); shown, it draws what it was given."""
+    import numpy as np
+
+    from napari_kits._plot import DicePlot
+
+    plot = DicePlot()
+    qtbot.addWidget(plot)
+    draws = []
+    plot.canvas.mpl_connect("draw_event", lambda event: draws.append(event))
+    plot.set_curves({"kidney": np.array([np.nan, 0.5, 0.9]), "tumor": np.array([np.nan, np.nan, 0.2])})
+    plot.mark_slice(1)
+    qtbot.wait(50)
+    assert draws == []
+    plot.show()
+    qtbot.waitUntil(lambda: len(draws) > 0, timeout=5000)
+    assert [line.get_label() for line in plot.axes.get_lines()[:2]] == ["kidney", "tumor"]
+    drawn = len(draws)
+    plot.mark_slice(2)
+    qtbot.waitUntil(lambda: len(draws) > drawn, timeout=5000)
