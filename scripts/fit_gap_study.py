@@ -27,18 +27,20 @@ SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
 BAND_HEADER = "   ".join(f"{f'tumor {lo:g}-{hi:g} mL':>16}" for lo, hi in SIZE_BANDS_ML)
 
 
-def load_run(run: Path, data: Path, parts: tuple[str, ...], files: tuple[str, ...] = ("config.json", "split.json")):
+def load_run(run: Path, data: Path, parts: tuple[str, ...], files: tuple[str, ...] = ("config.json", "split.json"),
+             cache: Path | None = None):
     """A ``kits-seg train --out`` folder's recipe and split, and its ``parts`` of the split's cases
-    (read from the run's prepared-case cache, not rebuilt): ``(config, split, cases by name)``."""
+    (read from the run's prepared-case cache, ``cache`` if it trained with ``--cache``, not
+    rebuilt): ``(config, split, cases by name)``."""
     from kitseg.training.config import TrainConfig
-    from kitseg.training.data import load_cases
+    from kitseg.training.data import cache_folder, load_cases
 
     for needed in files:
         if not (run / needed).exists():
             raise SystemExit(f"{run}: no {needed}; is it a kits-seg train --out folder?")
     config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     split = json.loads((run / "split.json").read_text())
-    cases = {c.name: c for c in load_cases(data, config.preprocessing, run / "cache", progress=False)}
+    cases = {c.name: c for c in load_cases(data, config.preprocessing, cache_folder(run, cache), progress=False)}
     missing = sorted(set().union(*(split[part] for part in parts)) - set(cases))
     if missing:
         raise SystemExit(f"{data}: lacks the run's case(s) {', '.join(missing[:5])}")
@@ -64,6 +66,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a kits-seg train --out folder")
     parser.add_argument("--data", type=Path, required=True, help="the KiTS19-layout folder the run trained on")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="the run's prepared-case cache, if it trained with --cache (default RUN/cache)")
     parser.add_argument("--weights", type=Path, default=None, help="model whose stage 2 is scored (default RUN/model.kseg)")
     parser.add_argument("--train-cases", type=int, default=30, help="how many training cases to score (random sample)")
     parser.add_argument("--seed", type=int, default=0, help="seed of that sample")
@@ -75,7 +79,7 @@ def main() -> int:
     from kitseg.training.loop import stage1_y1, stage2_dice
 
     config, split, cases = load_run(args.run, args.data, ("train", "validation"),
-                                    files=("config.json", "split.json", "oof_y1"))
+                                    files=("config.json", "split.json", "oof_y1"), cache=args.cache)
     weights = args.weights or args.run / "model.kseg"
     segmenter = Segmenter(load_bundle(weights), device=args.device, batch_size=16)
     rng = np.random.default_rng(args.seed)

@@ -36,6 +36,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a kits-seg train --out folder (its split and cache)")
     parser.add_argument("--data", type=Path, required=True, help="the KiTS19-layout folder the run trained on")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="the run's prepared-case cache, if it trained with --cache (default RUN/cache)")
     parser.add_argument("--weights", type=Path, nargs="+", required=True, help="models scored")
     parser.add_argument("--csv-dir", type=Path, default=None, help="write one per-case CSV per model here")
     parser.add_argument("--mask-radius-mm", type=float, default=None, metavar="R",
@@ -49,7 +51,7 @@ def main() -> int:
     from kitseg.pipeline import Segmenter
     from kitseg.training.loop import stage1_y1, stage2_dice
 
-    config, split, cases = load_run(args.run, args.data, ("validation",))
+    config, split, cases = load_run(args.run, args.data, ("validation",), cache=args.cache)
     if args.mask_radius_mm is not None:
         config = config.replace(mask=MaskConfig(config.mask.threshold, args.mask_radius_mm, "mm"))
     chosen = [cases[n] for n in split["validation"]]

@@ -26,6 +26,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a kits-seg train --out folder (its split and cache)")
     parser.add_argument("--data", type=Path, required=True, help="the KiTS19-layout folder the run trained on")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="the run's prepared-case cache, if it trained with --cache (default RUN/cache)")
     parser.add_argument("--weights", type=Path, default=None, help="model scored (default: the shipped one)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -35,7 +37,7 @@ def main() -> int:
     from kitseg.training.loop import stage1_y1, stage2_dice
     from kitseg.weights import default_weights_path
 
-    config, split, cases = load_run(args.run, args.data, ("validation",))
+    config, split, cases = load_run(args.run, args.data, ("validation",), cache=args.cache)
     chosen = [cases[n] for n in split["validation"]]
     weights = args.weights or default_weights_path()
     segmenter = Segmenter(load_bundle(weights), device=args.device, batch_size=16)

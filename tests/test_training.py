@@ -527,6 +527,26 @@ def test_stage2_compare_study_scores_under_a_mask_of_given_mm(dataset, smoke_run
     assert float(row[2]) == pytest.approx(np.mean([t for _, t in expected]), abs=1e-4)
 
 
+def test_the_studies_read_a_cache_kept_outside_the_run_folder(dataset, smoke_run, tmp_path):
+    """A run trained with --cache DIR: --cache DIR reads the cases there instead of preparing them again."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "split.json", "model.kseg"):
+        shutil.copy(smoke_run / name, run / name)
+    shutil.copytree(smoke_run / "cache", tmp_path / "shared_cache")
+    outputs = []
+    for run_dir, cache in ((smoke_run, []), (run, ["--cache", str(tmp_path / "shared_cache")])):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "stage2_compare_study.py"), "--run", str(run_dir),
+                               "--data", str(dataset), "--weights", str(run_dir / "model.kseg"), *cache],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(next(line.split()[1:3] for line in proc.stdout.splitlines() if "model.kseg" in line))
+    assert outputs[0] == outputs[1]
+    assert not (run / "cache").exists()  # nothing prepared again
+
+
 def test_fine_tuning_into_a_wider_stage2_starts_from_the_given_networks_output(smoke_run):
     """--init-from with a recipe of more stage-2 base channels grows the file's UNet++ (exactly)."""
     from kitseg.networks import predict_logits
