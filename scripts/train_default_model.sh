@@ -15,6 +15,12 @@
 #    generator's default of 2026-11-29) from round 2's model; the shipped
 #    model is its stage 1 with an ensemble of round 2's and round 3's stage 2 (the mean of their
 #    probabilities; scripts/combine_stages.py, MODEL_CARD.md);
+# 3c. round 4, the shipped model since 2026-12-04: round 3's stage 1 kept; stage 2 trained from round
+#    2's on both phantom generations with extra small tumors in the training masks (the blob-medulla
+#    generator of round 3 and today's default, pyramids and a range of bone densities), its
+#    out-of-fold y1 from the fold models of run_xt_r20 (MODEL_CARD.md: "stage 2 trained with the
+#    20 mm mask"; only its fold models are used here), and used with stage 2's mask a 20 mm ball
+#    (scripts/combine_stages.py --mask-radius-mm 20). Set ROUND4=0 to stop at round 3.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption.
 set -euo pipefail
@@ -32,9 +38,32 @@ $KITS train --data "$WORK/phantoms" --out "$WORK/run_ft" --preset cpu --device c
 $KITS phantom --masks "$MASKS" --out "$WORK/phantoms_v3" --seed 0 --params scripts/phantoms_blob_medulla.json
 $KITS train --data "$WORK/phantoms_v3" --out "$WORK/run_v3" --preset cpu --device cpu \
   --stage2-steps 3000 --val-cases $VAL --init-from "$WORK/run_ft/model.kseg" ${TRAIN_ARGS:-}
-MODEL="$WORK/model_shipped.kseg"
+MODEL="$WORK/model_round3.kseg"
 [ -f "$MODEL" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$WORK/run_v3/stage1/best.kseg" \
   --stage2 "$WORK/run_ft/model.kseg" "$WORK/run_v3/model.kseg" --out "$MODEL"
+if [ "${ROUND4:-1}" = 1 ]; then
+  TRAIN=$(seq -f "case_%05g" 0 119)
+  $KITS phantom --masks "$MASKS" --out "$WORK/data_xt" --seed 0 --params scripts/phantoms_extra_tumors.json --cases $TRAIN
+  $KITS phantom --masks "$MASKS" --out "$WORK/data_xt" --seed 0 --params scripts/phantoms_blob_medulla.json --cases $VAL
+  $KITS phantom --masks "$MASKS" --out "$WORK/phantoms_rad_xt" --seed 0 --params scripts/phantoms_extra_tumors_radial.json \
+    --cases $TRAIN
+  $KITS phantom --masks "$MASKS" --out "$WORK/phantoms_rad" --seed 0 --cases $VAL
+  $KITS train --data "$WORK/data_xt" --out "$WORK/run_xt_r20" --preset cpu --device cpu --stage2-steps 3000 \
+    --val-cases $VAL --init-from "$MODEL" --keep-stage1 --set 'mask={"threshold":0.5,"radius":20,"radius_unit":"mm"}'
+  mkdir -p "$WORK/data_mixr" "$WORK/run_mixr"
+  for c in $TRAIN $VAL; do ln -sfn "$(realpath "$WORK/data_xt/$c")" "$WORK/data_mixr/$c"; done
+  for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_rad_xt/$c")" "$WORK/data_mixr/${c}_radial"; done
+  for c in $VAL; do ln -sfn "$(realpath "$WORK/phantoms_rad/$c")" "$WORK/data_mixr/${c}_radial"; done
+  [ -d "$WORK/run_mixr/fold1" ] || cp -r "$WORK/run_xt_r20/fold1" "$WORK/run_xt_r20/fold2" "$WORK/run_mixr/"
+  # (the copied fold models predict y1 for both images of each training mask: they share a fold)
+  $KITS train --data "$WORK/data_mixr" --out "$WORK/run_mixr" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu \
+    --stage2-steps 3000 --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) \
+    --init-from "$MODEL" --keep-stage1
+  MODEL4="$WORK/model_round4.kseg"
+  [ -f "$MODEL4" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL" --stage2 "$WORK/run_mixr/model.kseg" \
+    --out "$MODEL4" --mask-radius-mm 20
+  MODEL=$MODEL4
+fi
 mkdir -p "$WORK/val_gt"
 for c in $VAL; do ln -sfn "$(realpath "$WORK/phantoms/$c")" "$WORK/val_gt/$c"; done
 $KITS predict "$WORK/val_gt" -o "$WORK/val_pred" --weights "$MODEL" --overwrite
