@@ -30,7 +30,6 @@ from ..geometry import source_grid_for
 from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
 from ..morphology import dilate_ball
 from ..pipeline import neighbour_indices
-from ..preprocess import StageGrid
 from ..preprocess import StageGrid, prepare
 
 log = logging.getLogger(__name__)
