@@ -41,13 +41,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None:  # a failed write() names no file: name the one being written
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file: name ours
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 
