@@ -27,12 +27,14 @@ def main() -> None:
     parser.add_argument("--inplane-mm", type=float, default=0.78)
     parser.add_argument("--weights", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--repeat", type=int, default=2, help="runs (the best is reported)")
+    parser.add_argument("--mirror", default="off", help="kits-seg predict --mirror MODE (off, stage2, both)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ct = write_synthetic_ct(tmp / "ct.nii.gz", tuple(args.shape), (args.slice_mm, args.inplane_mm, args.inplane_mm))
-        cmd = [sys.executable, "-m", "kitseg.cli", "predict", str(ct), "-o", str(tmp / "out"), "--overwrite", "--device", "cpu"]
+        cmd = [sys.executable, "-m", "kitseg.cli", "predict", str(ct), "-o", str(tmp / "out"), "--overwrite", "--device", "cpu",
+               "--mirror", args.mirror]
         if args.weights:
             cmd += ["--weights", str(args.weights)]
         env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}

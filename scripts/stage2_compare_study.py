@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--mask-radius-mm", type=float, default=None, metavar="R",
                         help="stage 2's mask a ball of R mm instead of the run's rule (e.g. 20: 4 slices along z "
                         "where 10 stage-grid voxels reach 50 mm)")
+    parser.add_argument("--mirror-stage2", action="store_true",
+                        help="test-time mirroring in stage 2 only (Segmenter(mirror=\"stage2\"))")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -69,7 +71,7 @@ def main() -> int:
     print(f"{'model':<40} {'kidney':>7} {'tumor':>7}   " + BAND_HEADER + "   seconds")
     for weights, name, bundle in zip(args.weights, names, bundles):
         start = time.perf_counter()
-        segmenter = Segmenter(bundle, device=args.device, batch_size=16)
+        segmenter = Segmenter(bundle, device=args.device, batch_size=16, mirror="stage2" if args.mirror_stage2 else "off")
         key = read_metadata(weights)["stages"]["1"]["weights_sha256"]
         if key not in y1_by_stage1:
             y1_by_stage1[key] = stage1_y1(segmenter, chosen, config)

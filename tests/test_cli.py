@@ -99,15 +99,16 @@ def test_predict_cleanup_only_removes_whole_pieces(tmp_path, cases, weights):
         assert np.array_equal(clean[inside], raw[inside]) or not clean[inside].any()
 
 
-def test_predict_with_mirroring_writes_the_mirrored_average(tmp_path, cases, weights):
+@pytest.mark.parametrize(("flags", "mode"), [(["--mirror"], "both"), (["--mirror", "stage2"], "stage2")])
+def test_predict_with_mirroring_writes_the_mirrored_average(tmp_path, cases, weights, flags, mode):
     from kitseg.io import read_ct
     from kitseg.pipeline import Segmenter
 
     case = cases / "case_00000"
-    assert main(["predict", str(case), "--weights", str(weights), "-o", str(tmp_path), "--mirror", "--no-cleanup"]) == 0
+    assert main(["predict", str(case), "--weights", str(weights), "-o", str(tmp_path), *flags, "--no-cleanup"]) == 0
     written = np.asarray(nib.load(str(tmp_path / "prediction_00000.nii.gz")).dataobj)
     volume = read_ct(case / "imaging.nii.gz")
-    expected = Segmenter.from_file(weights, device="cpu", mirror=True).segment(volume, cleanup=None).labels
+    expected = Segmenter.from_file(weights, device="cpu", mirror=mode).segment(volume, cleanup=None).labels
     np.testing.assert_array_equal(written, volume.source.to_source(expected))
 
 

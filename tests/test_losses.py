@@ -29,6 +29,22 @@ def test_masked_ce_hand_computed() -> None:
     assert masked_cross_entropy(logits, target, half.bool()[:, None]).item() == pytest.approx(math.log(3.0) / 6.0)
 
 
+def test_masked_ce_class_weights_count_a_class_pixels_that_many_times() -> None:
+    logits, _ = _tiny()
+    target = torch.tensor([[[1, 2]]])  # pixel 0 kidney (p = 1/3), pixel 1 tumor (p = 1/5)
+    mask = torch.ones(1, 1, 2)
+    plain = (math.log(3.0) + math.log(5.0)) / 6.0
+    assert masked_cross_entropy(logits, target, mask).item() == pytest.approx(plain, rel=1e-6)
+    weighted = masked_cross_entropy(logits, target, mask, class_weights=(1.0, 1.0, 3.0))
+    assert weighted.item() == pytest.approx((math.log(3.0) + 3 * math.log(5.0)) / 6.0, rel=1e-6)
+    outside = masked_cross_entropy(logits, target, torch.tensor([[[1.0, 0.0]]]), class_weights=(1.0, 1.0, 3.0))
+    assert outside.item() == pytest.approx(math.log(3.0) / 6.0, rel=1e-6)  # the mask still rules
+    assert deep_supervision_loss([logits, logits], target, mask, class_weights=(1.0, 1.0, 3.0)).item() == pytest.approx(
+        2 * weighted.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="2 class weights for 3 classes"):
+        masked_cross_entropy(logits, target, mask, class_weights=(1.0, 3.0))
+
+
 def test_masked_ce_zero_mask_is_zero_and_full_mask_is_ce_over_c() -> None:
     torch.manual_seed(0)
     logits, target = torch.randn(2, 3, 5, 7), torch.randint(0, 3, (2, 5, 7))

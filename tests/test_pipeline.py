@@ -162,3 +162,23 @@ def test_mirroring_averages_a_slice_and_its_mirror_image(tiny_bundle, volume):
     y1_of_mirror_image = plain.stage1(flipped)[:, :, ::-1]
     np.testing.assert_allclose(mirrored.stage1(prepared), 0.5 * (y1 + y1_of_mirror_image), atol=1e-5)
     assert not np.allclose(y1, y1_of_mirror_image, atol=1e-3)  # the random network is not symmetric
+
+
+def test_stage2_only_mirroring_leaves_stage1_as_it_is(tiny_bundle, volume):
+    plain = Segmenter(tiny_bundle, device="cpu")
+    stage2_only = Segmenter(tiny_bundle, device="cpu", mirror="stage2")
+    both = Segmenter(tiny_bundle, device="cpu", mirror="both")
+    prepared = plain.prepare(volume)
+    y1 = plain.stage1(prepared)
+    np.testing.assert_array_equal(stage2_only.stage1(prepared), y1)
+    mask = make_mask(y1, 0.0, 0)  # every voxel: stage 2 runs on whole slices
+    probs = plain.stage2(prepared, y1, mask).astype(np.float32)
+    flipped = replace(prepared, image=np.ascontiguousarray(prepared.image[:, :, ::-1]))
+    probs_of_mirror_image = plain.stage2(flipped, np.ascontiguousarray(y1[:, :, ::-1]), mask)[..., ::-1].astype(np.float32)
+    expected = 0.5 * (probs + probs_of_mirror_image)
+    np.testing.assert_allclose(stage2_only.stage2(prepared, y1, mask).astype(np.float32), expected, atol=2e-3)
+    np.testing.assert_allclose(both.stage2(prepared, y1, mask).astype(np.float32), expected, atol=2e-3)
+    assert not np.allclose(probs, probs_of_mirror_image, atol=1e-2)  # the random network is not symmetric
+    assert Segmenter(tiny_bundle, device="cpu", mirror=True).mirror == "both"
+    with pytest.raises(ValueError, match="mirror must be one of off, stage2, both"):
+        Segmenter(tiny_bundle, device="cpu", mirror="stage1")

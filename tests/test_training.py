@@ -144,6 +144,31 @@ def test_stage2_sampler_redraws_the_tumor_contrast_in_half_the_samples(dataset):
                        preprocessing=replace(config.preprocessing, normalization="zscore"))
 
 
+def test_stage2_tumor_weight_reaches_the_loss(dataset):
+    from kitseg.losses import deep_supervision_loss
+    from kitseg.training.loop import stage2_task
+
+    config = preset("smoke").replace(augment=False)
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    y1 = {c.name: np.full(c.image.shape, 0.5, np.float16) for c in cases}
+    arrays = stage2_task(cases, [], y1, {}, config, "cpu").draw_batch(4, np.random.default_rng(0))
+    tensors = tuple(torch.from_numpy(a) for a in arrays)
+    assert (tensors[3] == 2).any()  # the batch shows tumor
+    logits = [torch.randn(4, 3, *tensors[3].shape[1:], generator=torch.Generator().manual_seed(0))]
+    centre_mask = tensors[2][:, config.preprocessing.stage2_context_slices]
+    values = []
+    for weight in (1.0, 3.0):
+        task = stage2_task(cases, [], y1, {}, config.replace(stage2_tumor_weight=weight), "cpu")
+        _, loss = task.make_batch(tensors, np.random.default_rng(0), torch.device("cpu"))
+        expected = deep_supervision_loss(logits, tensors[3], centre_mask, dice_weight=config.stage2_dice_weight,
+                                         class_weights=(1.0, 1.0, weight))
+        values.append(loss(logits))
+        torch.testing.assert_close(values[-1], expected)
+    assert values[1] > values[0]  # the tumor pixels count three times
+    with pytest.raises(ConfigError, match="stage2_tumor_weight must be > 0, got 0"):
+        config.replace(stage2_tumor_weight=0)
+
+
 def test_switches_must_be_booleans():
     # --set takes JSON: "1" would otherwise slip in where true/false is meant.
     with pytest.raises(ConfigError, match="stage2_dice_per_image must be true or false, got 1"):

@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import MIRROR_MODES
+
 log = logging.getLogger("kitseg")
 
 
@@ -45,8 +47,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--mirror",
-        action="store_true",
-        help="test-time mirroring: also run each slice mirrored left-right and average (twice the network time)",
+        nargs="?",
+        const="both",
+        default="off",
+        choices=MIRROR_MODES,
+        help="test-time mirroring: also run each slice mirrored left-right and average; 'stage2' (stage 2 only) "
+        "or 'both' (the default of a bare --mirror; twice the network time). Default: off",
     )
     p.add_argument(
         "--save-intermediates",

@@ -28,6 +28,10 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     return cls(**kwargs)
 
 
+# Test-time mirroring (kitseg.pipeline.Segmenter): none, stage 2 only, both stages.
+MIRROR_MODES = ("off", "stage2", "both")
+
+
 def stage2_in_channels(context_slices: int) -> int:
     """Stage 2's input channels: the method's (y1*I, I, (1-y1)*I) for the slice and each neighbour."""
     return 3 * (2 * context_slices + 1)

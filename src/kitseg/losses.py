@@ -44,7 +44,9 @@ def stage1_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.nll_loss(_float32_log_softmax(logits), target)
 
 
-def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+def masked_cross_entropy(
+    logits: Tensor, target: Tensor, mask: Tensor, class_weights: Sequence[float] | None = None
+) -> Tensor:
     """Stage-2 masked cross-entropy, as the paper writes it: ``-mean(mask * L * log y2)``.
 
     The mean runs over pixels **and** channels: with ``L`` the one-hot target,
@@ -59,11 +61,15 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor
         logits: ``(N, C, H, W)`` (stage 2: C = 3, background / kidney / tumor).
         target: ``(N, H, W)`` int64 in ``0..C-1``.
         mask: ``(N, H, W)`` or ``(N, 1, H, W)``, bool or float (soft weights allowed).
+        class_weights: one weight per class, multiplying the mask at the pixels of that class
+            (not in the paper; ``None``: every class 1, the paper's loss).
 
     Returns:
         A float32 scalar.
     """
     _check_logits_target(logits, target, "masked_cross_entropy")
+    if class_weights is not None and len(class_weights) != logits.shape[1]:
+        raise ValueError(f"masked_cross_entropy: {len(class_weights)} class weights for {logits.shape[1]} classes")
     n, c, h, w = logits.shape
     if mask.ndim == 4:
         if mask.shape[1] != 1:
@@ -77,7 +83,10 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor
     log_probs = _float32_log_softmax(logits)
     # Gathering the target channel is the one-hot product without materializing the one-hot tensor.
     target_log_probs = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
-    return -(mask.float() * target_log_probs).sum() / (n * h * w * c)
+    weight = mask.float()
+    if class_weights is not None:
+        weight = weight * torch.tensor(class_weights, dtype=torch.float32, device=logits.device)[target]
+    return -(weight * target_log_probs).sum() / (n * h * w * c)
 
 
 def masked_soft_dice_loss(
@@ -123,12 +132,14 @@ def deep_supervision_loss(
     weights: Sequence[float] | None = None,
     dice_weight: float = 0.0,
     dice_per_image: bool = False,
+    class_weights: Sequence[float] | None = None,
 ) -> Tensor:
     """Sum of :func:`masked_cross_entropy` over the UNet++ heads, each optionally weighted.
 
     ``dice_weight > 0`` adds that multiple of :func:`masked_soft_dice_loss` per head (an
     option beyond the paper, for small tumors); 0 is the paper's loss exactly. ``dice_per_image``
-    is passed on to :func:`masked_soft_dice_loss` as ``per_image``.
+    is passed on to :func:`masked_soft_dice_loss` as ``per_image``, ``class_weights`` to
+    :func:`masked_cross_entropy`.
 
     Args:
         outputs: the network's list of logits, each ``(N, C, H, W)`` (a bare tensor counts as one head).
@@ -148,7 +159,7 @@ def deep_supervision_loss(
         raise ValueError(f"deep_supervision_loss: {len(weights)} weights for {len(heads)} heads")
     total = torch.zeros((), device=heads[0].device)
     for head, weight in zip(heads, weights):
-        loss = masked_cross_entropy(head, target, mask)
+        loss = masked_cross_entropy(head, target, mask, class_weights)
         if dice_weight:
             loss = loss + dice_weight * masked_soft_dice_loss(head, target, mask, per_image=dice_per_image)
         total = total + loss * float(weight)

@@ -36,6 +36,9 @@ class TrainConfig:
         stage2_dice_per_image: that Dice per slice and class (every pair, as nnU-Net without
             batch Dice) instead of over the batch: a small tumor's slice weighs as much as a large
             one's. Off in every preset; see the model card for what it did on CPU budgets.
+        stage2_tumor_weight: stage 2's cross-entropy counts each tumor pixel this many times (1:
+            the paper's loss), so that the few pixels of a small tumor weigh more against the
+            many of the kidney around it.
         lr_schedule: "constant" (the paper: Adam at 1e-3 throughout) or "poly" (decays to 0 as
             (1 - step/steps)^0.9, as nnU-Net does: converges within a short budget).
         amp: mixed precision (autocast; weights, losses and optimizer stay float32) where it is
@@ -57,6 +60,7 @@ class TrainConfig:
     stage2_dice_weight: float = 0.0
     stage2_dice_per_image: bool = False
     stage2_tumor_contrast_hu: float = 0.0
+    stage2_tumor_weight: float = 1.0
     stage1_steps: int = 20000
     stage2_steps: int = 20000
     steps_per_epoch: int = 500
@@ -87,6 +91,8 @@ class TrainConfig:
             raise ConfigError("stage2_tumor_contrast_hu needs the 'window' normalization (HU must map to fixed units)")
         if self.stage2_dice_weight < 0:
             raise ConfigError(f"stage2_dice_weight must be >= 0, got {self.stage2_dice_weight}")
+        if not self.stage2_tumor_weight > 0:
+            raise ConfigError(f"stage2_tumor_weight must be > 0, got {self.stage2_tumor_weight}")
         for name in ("augment", "amp", "stage2_dice_per_image"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

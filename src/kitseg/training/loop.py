@@ -386,6 +386,7 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
     sampler = Stage2Sampler(train, oof_y1, config.mask, config.crop_stage2, config.tumor_fraction, context,
                             tumor_contrast=2.0 * config.stage2_tumor_contrast_hu / window)
     kwargs = stage2_network_kwargs(config)
+    class_weights = None if config.stage2_tumor_weight == 1 else (1.0, 1.0, config.stage2_tumor_weight)
 
     def make_batch(arrays, rng, device):
         # image, y1, mask: (B, K, H, W), the sampled slice and its neighbours; labels: (B, H, W).
@@ -399,7 +400,8 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
         x = stage2_context_input(image, y1, mask)
         centre_mask = mask[:, context]
         return x, lambda out: deep_supervision_loss(out, labels, centre_mask, dice_weight=config.stage2_dice_weight,
-                                                    dice_per_image=config.stage2_dice_per_image)
+                                                    dice_per_image=config.stage2_dice_per_image,
+                                                    class_weights=class_weights)
 
     def validate(module):
         if not val:
