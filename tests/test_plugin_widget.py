@@ -210,9 +210,9 @@ def test_cancel_stage1_keeps_layers_consistent(qtbot, viewer_widget, monkeypatch
     viewer, widget = viewer_widget
     slow = Segmenter._forward_probs
 
-    def slowed(self, net, batch):
+    def slowed(self, net, batch, *args):
         time.sleep(0.05)
-        return slow(self, net, batch)
+        return slow(self, net, batch, *args)
 
     monkeypatch.setattr(Segmenter, "_forward_probs", slowed)
     widget.batch_spin.setValue(1)
@@ -249,7 +249,7 @@ def test_cancel_stage2_leaves_the_labels_alone(qtbot, viewer_widget, monkeypatch
     _run(qtbot, widget, widget.run_stage1, "stage 1")
     _wait_mask(qtbot, widget)
     slow = Segmenter._forward_probs
-    monkeypatch.setattr(Segmenter, "_forward_probs", lambda s, n, b: (time.sleep(0.05), slow(s, n, b))[1])
+    monkeypatch.setattr(Segmenter, "_forward_probs", lambda s, n, b, *a: (time.sleep(0.05), slow(s, n, b, *a))[1])
     widget.batch_spin.setValue(1)
     with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
         worker = widget.run_stage2()
