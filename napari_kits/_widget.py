@@ -1073,6 +1073,8 @@ def _escape(text: str) -> str:
 
 def _describe_metadata(meta: dict) -> str:
     """A few lines for a radiologist/engineer: stages, preprocessing, mask, provenance."""
+    from kitseg.checkpoint import provenance_summary  # loaded already by read_metadata's caller
+
     stages = meta.get("stages", {})
     stage_text = ", ".join(f"{k}: {v.get('architecture')}" for k, v in sorted(stages.items())) or "none"
     pre = meta.get("preprocessing", {})
@@ -1084,15 +1086,12 @@ def _describe_metadata(meta: dict) -> str:
     grid = f"{pre.get('slice_spacing_mm'):g} mm slices" + (f", {inplane:g} mm in-plane" if inplane else ", native in-plane")
     context = pre.get("context_slices", 0)
     mask = meta.get("mask", {})
-    provenance = meta.get("provenance", {}) or {}
-    prov = "; ".join(f"{k}: {v}" for k, v in list(provenance.items())[:4]) or "not recorded"
-    if len(prov) > 220:
-        prov = prov[:217] + "…"
+    origins = provenance_summary(meta) or ["not recorded"]
     lines = [
         f"<b>Stages</b> {_escape(stage_text)}",
         f"<b>Preprocessing</b> {grid}, {norm}, ±{context} context slice(s)",
         f"<b>Mask</b> threshold {mask.get('threshold')}, radius {mask.get('radius')} {mask.get('radius_unit', 'voxels')}",
-        f"<b>Training / provenance</b> {_escape(prov)}",
+        "<b>Training</b> " + "<br>".join(_escape(line) for line in origins) + " (all of it: <tt>kits-seg info</tt>)",
         f"<small>kitseg {meta.get('kitseg_version')}, schema {meta.get('schema_version')}</small>",
     ]
     return "<br>".join(lines)

@@ -212,3 +212,30 @@ def test_batch_norm_networks_round_trip(tmp_path):
     for (name, a), b in zip(stage2.state_dict().items(), loaded.stage2.module.state_dict().values()):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a, b)
+
+
+def test_provenance_summary_follows_each_stage_to_its_training_run():
+    from kitseg.checkpoint import provenance_summary
+
+    def run(date, data, cases, **extra):
+        return {"date": date, "data": data, "preset": "cpu", "train_cases": [f"case_{i:05d}" for i in range(cases)],
+                "validation_cases": ["case_00099"], **extra}
+
+    first = run("2026-11-29", "phantoms_v3", 120)
+    second = run("2026-12-05", "data_mixr", 240, init_from={"file": "round3.kseg", "keep_stage1": True})
+    # A stage-1-only run's file, then a run that kept its stage 1: combined, stage 2 an ensemble of two.
+    combined = {"date": "2026-12-05", "combined_from": {
+        "stage1": {"file": "best.kseg", "provenance": first},
+        "stage2": [{"file": "a.kseg", "provenance": first}, {"file": "b.kseg", "provenance": {"combined_from": {
+            "stage2": {"file": "model.kseg", "provenance": second}}}}],
+    }}
+    lines = provenance_summary({"stages": {"1": {}, "2": {}}, "provenance": combined})
+    assert lines[0] == "stage 1: trained 2026-11-29 on phantoms_v3 (120 training, 1 validation cases; cpu preset)"
+    assert lines[1] == ("stage 2: ensemble of 2: trained 2026-11-29 on phantoms_v3 (120 training, 1 validation cases; "
+                        "cpu preset) | trained 2026-12-05 on data_mixr (240 training, 1 validation cases; cpu preset, "
+                        "fine-tuned from round3.kseg)")
+    assert lines[2] == "stages joined 2026-12-05"
+    kept = provenance_summary({"stages": {"1": {}, "2": {}}, "provenance": second})
+    assert kept[0] == "stage 1: kept from round3.kseg (not trained in this run)" and kept[1].startswith("stage 2: trained")
+    assert provenance_summary({"stages": {"1": {}}, "provenance": {}}) == ["stage 1: not recorded"]
+    assert provenance_summary({"stages": {"2": {}}, "provenance": {"note": "random"}}) == ["stage 2: random"]

@@ -178,6 +178,12 @@ def test_info_prints_metadata(weights, capsys):
     assert "devices:" in out and "unetpp2d" in out and "schema_version" in out
 
 
+def test_info_says_where_the_shipped_model_came_from(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "  stage 1: trained " in out and "  stage 2: trained " in out  # the provenance, followed to its runs
+
+
 def test_info_into_a_closed_pipe_stops_quietly(weights):
     """`kits-seg info | head`: the reader leaves before the end; no traceback, the Unix SIGPIPE status."""
     import os

@@ -282,6 +282,40 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         return _metadata_from_archive(archive, path)
 
 
+def provenance_summary(meta: Mapping[str, Any]) -> list[str]:
+    """One line per stage saying where its weights came from, read from a file's provenance.
+
+    Files made by ``scripts/combine_stages.py`` nest their sources' provenance; this follows each
+    stage down to the training run that made it (every member, for an ensemble), so a reader
+    sees "trained on what, when" without the full record (``kits-seg info``).
+    """
+    provenance = meta.get("provenance") or {}
+    lines = []
+    for number in sorted(meta.get("stages", {})):
+        origins = _stage_origins(provenance, f"stage{number}")
+        joined = origins[0] if len(origins) == 1 else f"ensemble of {len(origins)}: " + " | ".join(origins)
+        lines.append(f"stage {number}: {joined}")
+    if "combined_from" in provenance and provenance.get("date"):
+        lines.append(f"stages joined {provenance['date']}")
+    return lines
+
+
+def _stage_origins(provenance: Mapping[str, Any], stage: str) -> list[str]:
+    combined = provenance.get("combined_from")
+    if isinstance(combined, Mapping) and stage in combined:
+        entries = combined[stage] if isinstance(combined[stage], list) else [combined[stage]]
+        return [origin for entry in entries for origin in _stage_origins(entry.get("provenance") or {}, stage)]
+    init_from = provenance.get("init_from") or {}
+    if stage == "stage1" and init_from.get("keep_stage1"):
+        return [f"kept from {init_from.get('file', 'another model')} (not trained in this run)"]
+    if "train_cases" not in provenance:
+        return [str(provenance.get("note", "not recorded"))]  # e.g. make_tiny_bundle's
+    train, val = len(provenance.get("train_cases") or []), len(provenance.get("validation_cases") or [])
+    started = f", fine-tuned from {init_from['file']}" if init_from.get("file") else ""
+    return [f"trained {provenance.get('date', '?')} on {provenance.get('data', '?')} ({train} training, {val} validation "
+            f"cases; {provenance.get('preset', '?')} preset{started})"]
+
+
 def _load_stage(
     archive: np.lib.npyio.NpzFile, key: str, stage: dict[str, Any], path: str | os.PathLike, device: torch.device
 ) -> StageModel:

@@ -179,7 +179,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import read_metadata
+    from .checkpoint import provenance_summary, read_metadata
     from .device import describe_devices
     from .weights import default_weights_path
 
@@ -192,6 +192,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     meta = read_metadata(path)
     print(f"weights: {path}")
+    for line in provenance_summary(meta):
+        print(f"  {line}")
     print(json.dumps(meta, indent=2, sort_keys=True))
     return 0
 
