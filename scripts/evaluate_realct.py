@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kitseg.config import MIRROR_MODES
+from kitseg.cli import add_mirror_option
 
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
 
@@ -30,8 +30,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep the prediction here")
     parser.add_argument("--figure", type=Path, default=None, help="save reference vs prediction slices (PNG)")
     parser.add_argument("--no-cleanup", action="store_true", help="keep stray pieces (kitseg.postprocess)")
-    parser.add_argument("--mirror", nargs="?", const="both", default="off", choices=MIRROR_MODES,
-                        help="test-time mirroring (kitseg.pipeline.Segmenter; a bare --mirror: both stages)")
+    add_mirror_option(parser)
     args = parser.parse_args()
     ct_path = REALCT / "totalseg_example_ct.nii.gz"
     ref_path = REALCT / "totalseg_example_ct_pred_labels.nii.gz"

@@ -20,6 +20,19 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------------------- predict
+def add_mirror_option(parser: argparse.ArgumentParser) -> None:
+    """``--mirror [stage2|both]`` (a bare ``--mirror`` mirrors both stages), for Segmenter(mirror=...)."""
+    parser.add_argument(
+        "--mirror",
+        nargs="?",
+        const="both",
+        default="off",
+        choices=MIRROR_MODES,
+        help="test-time mirroring: also run each slice mirrored left-right and average; 'stage2' (stage 2 only) "
+        "or 'both' (the default of a bare --mirror; twice the network time). Default: off",
+    )
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -45,15 +58,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
             "stage 2 2.7x faster, phantom tumor Dice 0.45 -> 0.42); default: all heads ensembled"
         ),
     )
-    p.add_argument(
-        "--mirror",
-        nargs="?",
-        const="both",
-        default="off",
-        choices=MIRROR_MODES,
-        help="test-time mirroring: also run each slice mirrored left-right and average; 'stage2' (stage 2 only) "
-        "or 'both' (the default of a bare --mirror; twice the network time). Default: off",
-    )
+    add_mirror_option(p)
     p.add_argument(
         "--save-intermediates",
         action="store_true",
