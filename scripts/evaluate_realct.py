@@ -22,6 +22,8 @@ import numpy as np
 from kitseg.cli import add_mirror_option
 
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
+REALCT_CT = REALCT / "totalseg_example_ct.nii.gz"
+REALCT_REFERENCE = REALCT / "totalseg_example_ct_pred_labels.nii.gz"  # 2 = right, 3 = left kidney
 
 
 def main() -> int:
@@ -32,8 +34,7 @@ def main() -> int:
     parser.add_argument("--no-cleanup", action="store_true", help="keep stray pieces (kitseg.postprocess)")
     add_mirror_option(parser)
     args = parser.parse_args()
-    ct_path = REALCT / "totalseg_example_ct.nii.gz"
-    ref_path = REALCT / "totalseg_example_ct_pred_labels.nii.gz"
+    ct_path, ref_path = REALCT_CT, REALCT_REFERENCE
     if not ct_path.is_file():
         print(f"skipped: {ct_path} is absent (shared development data)")
         return 0

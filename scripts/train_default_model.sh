@@ -21,9 +21,12 @@
 #    out-of-fold y1 from the fold models of run_xt_r20 (MODEL_CARD.md: "stage 2 trained with the
 #    20 mm mask"; only its fold models are used here), and used with stage 2's mask a 20 mm ball
 #    (scripts/combine_stages.py --mask-radius-mm 20). Set ROUND4=0 to stop at round 3.
-# 3d. round 5, the shipped model since 2026-12-05: round 4's stage-2 run again with tumor pixels
+# 3d. round 5 (shipped on 2026-12-05 until round 6): round 4's stage-2 run again with tumor pixels
 #    weighted 3 in the cross-entropy (--set stage2_tumor_weight=3; run_mixr's fold models and
 #    out-of-fold y1 reused), validated every 1000 steps. Set ROUND5=0 to stop at round 4.
+# 3e. round 6, the shipped model since 2026-12-05: round 5's stage 2 trained 2000 steps more, with
+#    augmentation noise of up to 30 HU instead of 15 (--set augment_noise_hu=30). Set ROUND6=0 to
+#    stop at round 5.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption.
 set -euo pipefail
@@ -77,6 +80,19 @@ if [ "${ROUND4:-1}" = 1 ]; then
     [ -f "$MODEL5" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL4" --stage2 "$WORK/run_tw3/model.kseg" \
       --out "$MODEL5" --mask-radius-mm 20
     MODEL=$MODEL5
+    if [ "${ROUND6:-1}" = 1 ]; then
+      mkdir -p "$WORK/run_r6noise"
+      [ -d "$WORK/run_r6noise/fold1" ] || cp -r "$WORK/run_mixr/fold1" "$WORK/run_mixr/fold2" "$WORK/run_r6noise/"
+      [ -d "$WORK/run_r6noise/oof_y1" ] || cp -al "$WORK/run_mixr/oof_y1" "$WORK/run_r6noise/oof_y1"
+      $KITS train --data "$WORK/data_mixr" --out "$WORK/run_r6noise" --cache "$WORK/run_xt_r20/cache" --preset cpu \
+        --device cpu --stage2-steps 2000 --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) \
+        --init-from "$MODEL5" --keep-stage1 --set stage2_tumor_weight=3 --set steps_per_epoch=1000 \
+        --set augment_noise_hu=30
+      MODEL6="$WORK/model_round6.kseg"
+      [ -f "$MODEL6" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL5" \
+        --stage2 "$WORK/run_r6noise/model.kseg" --out "$MODEL6" --mask-radius-mm 20
+      MODEL=$MODEL6
+    fi
   fi
 fi
 mkdir -p "$WORK/val_gt"

@@ -169,6 +169,29 @@ def test_stage2_tumor_weight_reaches_the_loss(dataset):
         config.replace(stage2_tumor_weight=0)
 
 
+def test_augment_noise_hu_sets_the_training_noise_of_both_stages(dataset):
+    from kitseg.training.loop import stage1_task, stage2_task
+
+    config = preset("smoke")
+    assert config.augment_noise_sigma() == 0.05  # the amount runs made before the option had: they repeat
+    narrow = replace(config.preprocessing, hu_min=0.0, hu_max=300.0)
+    assert config.replace(preprocessing=narrow).augment_noise_sigma() == pytest.approx(0.1)  # HU, whatever the window
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    y1 = {c.name: np.full(c.image.shape, 0.5, np.float16) for c in cases}
+    makers = {"stage 1": lambda c: stage1_task(cases, [], c, 2, "stage 1", "cpu"),
+              "stage 2": lambda c: stage2_task(cases, [], y1, {}, c, "cpu")}
+    for stage, make in makers.items():
+        tensors = tuple(torch.from_numpy(a) for a in make(config).draw_batch(4, np.random.default_rng(0)))
+        inputs = {hu: make(config.replace(augment_noise_hu=hu)).make_batch(tensors, np.random.default_rng(1), torch.device("cpu"))[0]
+                  for hu in (0.0, 15.0, 30.0)}
+        # The same draws, the noise scaled: the input moves from the noiseless one twice as far at 30 HU.
+        moved_15, moved_30 = inputs[15.0] - inputs[0.0], inputs[30.0] - inputs[0.0]
+        assert moved_15.abs().max() > 0, stage
+        torch.testing.assert_close(moved_30, 2 * moved_15, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="augment_noise_hu must be >= 0, got -1"):
+        config.replace(augment_noise_hu=-1)
+
+
 def test_switches_must_be_booleans():
     # --set takes JSON: "1" would otherwise slip in where true/false is meant.
     with pytest.raises(ConfigError, match="stage2_dice_per_image must be true or false, got 1"):

@@ -8,6 +8,8 @@ from typing import Any
 
 from ..config import ConfigError, MaskConfig, PreprocessingConfig
 
+DEFAULT_WINDOW_HU = PreprocessingConfig().hu_max - PreprocessingConfig().hu_min
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -39,6 +41,10 @@ class TrainConfig:
         stage2_tumor_weight: stage 2's cross-entropy counts each tumor pixel this many times (1:
             the paper's loss), so that the few pixels of a small tumor weigh more against the
             many of the kidney around it.
+        augment_noise_hu: training adds Gaussian noise to each image, its standard deviation drawn
+            uniformly up to this many HU on the networks' grid (with the ``window`` normalization;
+            other normalizations read it as that fraction of the default 600 HU window). The
+            phantoms already carry their own noise; this widens the range a model tolerates.
         lr_schedule: "constant" (the paper: Adam at 1e-3 throughout) or "poly" (decays to 0 as
             (1 - step/steps)^0.9, as nnU-Net does: converges within a short budget).
         amp: mixed precision (autocast; weights, losses and optimizer stay float32) where it is
@@ -71,6 +77,7 @@ class TrainConfig:
     foreground_fraction: float = 0.6
     tumor_fraction: float = 0.4
     augment: bool = True
+    augment_noise_hu: float = 15.0
     amp: bool = True
     seed: int = 0
 
@@ -89,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"stage2_tumor_contrast_hu must be >= 0, got {self.stage2_tumor_contrast_hu}")
         if self.stage2_tumor_contrast_hu and self.preprocessing.normalization != "window":
             raise ConfigError("stage2_tumor_contrast_hu needs the 'window' normalization (HU must map to fixed units)")
+        if self.augment_noise_hu < 0:
+            raise ConfigError(f"augment_noise_hu must be >= 0, got {self.augment_noise_hu}")
         if self.stage2_dice_weight < 0:
             raise ConfigError(f"stage2_dice_weight must be >= 0, got {self.stage2_dice_weight}")
         if not self.stage2_tumor_weight > 0:
@@ -119,6 +128,12 @@ class TrainConfig:
         if "mask" in data:
             data["mask"] = MaskConfig.from_dict(data["mask"])
         return cls(**data)
+
+    def augment_noise_sigma(self) -> float:
+        """``augment_noise_hu`` in the networks' normalized units (the window maps onto 2 units)."""
+        pre = self.preprocessing
+        window = pre.hu_max - pre.hu_min if pre.normalization == "window" else DEFAULT_WINDOW_HU
+        return 2.0 * self.augment_noise_hu / window
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

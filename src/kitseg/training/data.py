@@ -434,13 +434,17 @@ def warp(x: torch.Tensor, grid: torch.Tensor, mode: str, fill: float = 0.0) -> t
     return out + fill
 
 
-def augment_intensity(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Contrast/brightness jitter and noise in normalized units (scanner and protocol variation)."""
+def augment_intensity(image: torch.Tensor, rng: np.random.Generator, max_noise: float = 0.05) -> torch.Tensor:
+    """Contrast/brightness jitter and noise in normalized units (scanner and protocol variation).
+
+    ``max_noise``: the noise's standard deviation is drawn uniformly up to this (0.05: 15 HU in
+    the default window; ``TrainConfig.augment_noise_sigma``).
+    """
     b = image.shape[0]
     shape = (b,) + (1,) * (image.ndim - 1)
     scale = torch.from_numpy(rng.uniform(0.85, 1.15, b).astype(np.float32)).view(shape).to(image.device)
     shift = torch.from_numpy(rng.uniform(-0.1, 0.1, b).astype(np.float32)).view(shape).to(image.device)
-    sigma = torch.from_numpy(rng.uniform(0.0, 0.05, b).astype(np.float32)).view(shape).to(image.device)
+    sigma = torch.from_numpy(rng.uniform(0.0, max_noise, b).astype(np.float32)).view(shape).to(image.device)
     if image.device.type == "cpu":  # numpy's stream: CPU runs recorded earlier repeat bit for bit
         noise = torch.from_numpy(rng.standard_normal(image.shape).astype(np.float32))
     else:

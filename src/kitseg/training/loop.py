@@ -347,7 +347,7 @@ def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfi
         x, y = (a.to(device, non_blocking=True) for a in arrays)
         if config.augment:
             grid = random_affine_grids(x.shape[0], x.shape[-2:], rng, device)
-            x = augment_intensity(warp(x, grid, "bilinear", fill=-1.0), rng)
+            x = augment_intensity(warp(x, grid, "bilinear", fill=-1.0), rng, config.augment_noise_sigma())
             y = warp(y[:, None].float(), grid, "nearest")[:, 0].long()
         return x, lambda out: stage1_loss(out, y)
 
@@ -393,7 +393,7 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
         image, y1, mask, labels = (a.to(device, non_blocking=True) for a in arrays)
         if config.augment:
             grid = random_affine_grids(image.shape[0], image.shape[-2:], rng, device)
-            image = augment_intensity(warp(image, grid, "bilinear", fill=-1.0), rng)
+            image = augment_intensity(warp(image, grid, "bilinear", fill=-1.0), rng, config.augment_noise_sigma())
             y1 = warp(y1, grid, "bilinear").clamp(0, 1)
             mask = warp(mask, grid, "nearest")
             labels = warp(labels[:, None].float(), grid, "nearest")[:, 0].long()
