@@ -42,9 +42,10 @@ class TrainConfig:
             the paper's loss), so that the few pixels of a small tumor weigh more against the
             many of the kidney around it.
         augment_noise_hu: training adds Gaussian noise to each image, its standard deviation drawn
-            uniformly up to this many HU on the networks' grid (with the ``window`` normalization;
-            other normalizations read it as that fraction of the default 600 HU window). The
-            phantoms already carry their own noise; this widens the range a model tolerates.
+            uniformly up to this many HU on the networks' grid. With the ``zscore`` normalization,
+            where HU have no fixed scale, it converts as in the default 600 HU window (15 HU: 0.05
+            units, the amount every run before this option used). The phantoms carry noise of
+            their own; this widens the range a model tolerates.
         lr_schedule: "constant" (the paper: Adam at 1e-3 throughout) or "poly" (decays to 0 as
             (1 - step/steps)^0.9, as nnU-Net does: converges within a short budget).
         amp: mixed precision (autocast; weights, losses and optimizer stay float32) where it is
