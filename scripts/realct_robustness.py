@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from evaluate_realct import REALCT_CT, REALCT_REFERENCE  # a sibling script: python puts scripts/ on the path
+from kitseg.geometry import voxel_spacing
 
 AIR_HU = -1024.0
 PAD_VOXELS = 20
@@ -162,7 +163,7 @@ def padded_with_air(ct, affine, slice_axis, reference):
 
 def cropped_to_kidneys(ct, affine, slice_axis, reference):
     """A narrow field of view: in-plane, only the kidneys and 30 mm around them."""
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     box = []
     for a in range(3):
         if a == slice_axis:
@@ -203,7 +204,7 @@ RESAMPLED = ("slices 2x thick (pairs averaged)", "slices at half spacing", "pixe
 
 def slice_axis_of(affine: np.ndarray) -> int:
     """The array axis that runs head to foot (the one most aligned with world S)."""
-    return int(np.argmax(np.abs(affine[2, :3]) / np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
+    return int(np.argmax(np.abs(affine[2, :3]) / np.array(voxel_spacing(affine))))
 
 
 def main() -> int:

@@ -342,12 +342,13 @@ def foreground_dice(y1: dict[str, np.ndarray], cases: list[StageCase]) -> float:
 def stage1_task(train: list[StageCase], val: list[StageCase], config: TrainConfig, steps: int, name: str, device) -> StageTask:
     sampler = Stage1Sampler(train, config.preprocessing.context_slices, config.crop_stage1, config.foreground_fraction)
     kwargs = stage1_network_kwargs(config)
+    noise_sigma = config.augment_noise_sigma()
 
     def make_batch(arrays, rng, device):
         x, y = (a.to(device, non_blocking=True) for a in arrays)
         if config.augment:
             grid = random_affine_grids(x.shape[0], x.shape[-2:], rng, device)
-            x = augment_intensity(warp(x, grid, "bilinear", fill=-1.0), rng, config.augment_noise_sigma())
+            x = augment_intensity(warp(x, grid, "bilinear", fill=-1.0), rng, noise_sigma)
             y = warp(y[:, None].float(), grid, "nearest")[:, 0].long()
         return x, lambda out: stage1_loss(out, y)
 
@@ -387,13 +388,14 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
                             tumor_contrast=2.0 * config.stage2_tumor_contrast_hu / window)
     kwargs = stage2_network_kwargs(config)
     class_weights = None if config.stage2_tumor_weight == 1 else (1.0, 1.0, config.stage2_tumor_weight)
+    noise_sigma = config.augment_noise_sigma()
 
     def make_batch(arrays, rng, device):
         # image, y1, mask: (B, K, H, W), the sampled slice and its neighbours; labels: (B, H, W).
         image, y1, mask, labels = (a.to(device, non_blocking=True) for a in arrays)
         if config.augment:
             grid = random_affine_grids(image.shape[0], image.shape[-2:], rng, device)
-            image = augment_intensity(warp(image, grid, "bilinear", fill=-1.0), rng, config.augment_noise_sigma())
+            image = augment_intensity(warp(image, grid, "bilinear", fill=-1.0), rng, noise_sigma)
             y1 = warp(y1, grid, "bilinear").clamp(0, 1)
             mask = warp(mask, grid, "nearest")
             labels = warp(labels[:, None].float(), grid, "nearest")[:, 0].long()
