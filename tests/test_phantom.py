@@ -408,3 +408,32 @@ def test_extra_tumors_grow_inside_the_kidney_and_the_files_agree(tmp_path: Path,
     assert (seg[labels == 2] == 2).all() and set(np.unique(seg)) <= {0, 1, 2}
     assert not np.array_equal(read(plain, "imaging.nii.gz")[added], img[added])
     np.testing.assert_allclose(nib.load(extra / "segmentation.nii.gz").affine, nib.load(extra / "imaging.nii.gz").affine)
+
+
+def test_hypervascular_enhancement_range_makes_tumors_brighter_than_the_kidney(label_map) -> None:
+    from kitseg.phantom.kidney import sample_tumor_look
+    from kitseg.phantom.params import sample_protocol
+
+    bright = PhantomParams(hypervascular_probability=1.0, hypervascular_enhancement=(1.5, 1.8))
+    assert PhantomParams.from_dict(bright.to_dict()) == bright
+    for bad in ({"hypervascular_probability": 1.2}, {"hypervascular_enhancement": (1.8, 0.6)},
+                {"hypervascular_enhancement": (-0.1, 1.0)}):
+        with pytest.raises(ValueError, match="hypervascular"):
+            PhantomParams(**bad)
+    protocol = sample_protocol(np.random.default_rng(0), PhantomParams(phases=("arterial",), phase_weights=(1.0,)))
+    ratios = {name: [sample_tumor_look(np.random.default_rng(seed), protocol, params).enhancement_ratio
+                     for seed in range(200)]
+              for name, params in (("default", PhantomParams()), ("bright", bright),
+                                   ("weak", PhantomParams(hypervascular_probability=0.0)))}
+    assert max(ratios["default"]) <= 1.3 and max(ratios["weak"]) <= 0.65 and min(ratios["bright"]) >= 1.5
+    # The whole image: an arterial tumor enhancing 1.5-1.8 times the cortex outshines its kidney;
+    # a weakly enhancing one stays darker.
+    labels, spacing = label_map
+    arterial = {"phases": ("arterial",), "phase_weights": (1.0,)}
+    images = {name: synthesize_ct(labels, spacing, np.random.default_rng(3), PhantomParams(**arterial, **extra))
+              for name, extra in (("bright", {"hypervascular_probability": 1.0, "hypervascular_enhancement": (1.5, 1.8)}),
+                                  ("weak", {"hypervascular_probability": 0.0}))}
+    kidney, tumor = labels == 1, labels == 2
+    for name, image in images.items():
+        brighter = np.median(image[tumor]) > np.median(image[kidney])
+        assert brighter == (name == "bright"), name

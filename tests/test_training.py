@@ -222,7 +222,13 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     del recorded["stage2_tumor_contrast_hu"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
+    # Resuming predicts only the out-of-fold y1 that is missing (lost, or of a case added since).
+    oof_files = sorted((tmp_path / "run" / "oof_y1").iterdir())
+    oof_files[0].unlink()
+    kept_times = {p.name: p.stat().st_mtime_ns for p in oof_files[1:]}
     assert train(dataset, tmp_path / "run", config, device="cpu", progress=False) == model
+    assert oof_files[0].is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in oof_files[1:]} == kept_times
 
 
 def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):

@@ -449,7 +449,7 @@ def _paint_organ_lesions(hu: np.ndarray, organ: np.ndarray, spacing, protocol: P
         if rng.random() < 0.4:  # simple cyst: water density, sharp wall
             hu[lesion] = float(rng.uniform(-5.0, 20.0))
             continue
-        look = sample_tumor_look(rng, protocol)
+        look = sample_tumor_look(rng, protocol, params)
         value = look.unenhanced_hu + look.enhancement_ratio * cortex_gain + look.heterogeneity_hu * texture
         if look.necrosis:
             value = np.where(np.broadcast_to(r2, hu.shape) < look.necrosis_fraction ** 2, look.necrosis_hu + 5.0 * texture, value)

@@ -38,9 +38,10 @@ class TumorLook:
     fat: bool
 
 
-def sample_tumor_look(rng: np.random.Generator, protocol: Protocol) -> TumorLook:
-    hypervascular = rng.random() < 0.45  # clear-cell-like; otherwise papillary/chromophobe-like
-    ratio = float(rng.uniform(0.6, 1.3) if hypervascular else rng.uniform(0.1, 0.65))
+def sample_tumor_look(rng: np.random.Generator, protocol: Protocol, params: PhantomParams) -> TumorLook:
+    hypervascular = rng.random() < params.hypervascular_probability  # clear-cell-like
+    low, high = params.hypervascular_enhancement if hypervascular else (0.1, 0.65)  # papillary/chromophobe-like
+    ratio = float(rng.uniform(low, high))
     if protocol.phase == "delayed" and hypervascular:
         ratio *= float(rng.uniform(0.5, 0.9))  # wash-out
     unenhanced = float(rng.uniform(50.0, 70.0) if rng.random() < 0.1 else rng.uniform(22.0, 45.0))
@@ -134,7 +135,7 @@ def kidney_crop_hu(
     k_hu = np.where(pelvis, hu_of["urine"], k_hu)
 
     # --- tumor
-    look = sample_tumor_look(rng, protocol)
+    look = sample_tumor_look(rng, protocol, params)
     cortex_gain = hu_of["kidney_cortex"] - UNENHANCED_HU["kidney_cortex"]
     t_base = look.unenhanced_hu + look.enhancement_ratio * max(cortex_gain, 0.0)
     texture = smooth_field(rng, ishape, ispacing, look.texture_mm)

@@ -65,7 +65,7 @@ ENHANCEMENT_HU: dict[Phase, dict[str, float]] = {
 _RANGE_FIELDS = (
     "noise_sigma_hu", "noise_correlation_px", "psf_sigma_mm", "slice_blur_fraction", "hu_scale",
     "hu_offset", "enhancement_scale", "body_half_width_mm", "body_half_depth_mm",
-    "subcutaneous_fat_mm", "perirenal_fat_mm", "extra_tumor_ml",
+    "subcutaneous_fat_mm", "perirenal_fat_mm", "extra_tumor_ml", "hypervascular_enhancement",
 )
 
 
@@ -103,6 +103,12 @@ class PhantomParams:
             written segmentation holds them. ``(0, 0)``, the default, keeps the mask as it is.
             For training data: more small tumors than the masks hold (model card).
         extra_tumor_ml: (low, high) volume of each extra tumor, drawn log-uniformly.
+        hypervascular_probability: chance that a tumor is hypervascular (clear-cell-like); the
+            others enhance weakly (papillary/chromophobe-like, 0.1-0.65 of the cortex's enhancement).
+        hypervascular_enhancement: a hypervascular tumor's enhancement as a fraction of the renal
+            cortex's. Above about 1.1 the tumor is brighter than its kidney; the default (0.6, 1.3)
+            makes few such tumors, and a model trained on it labelled every one of them kidney
+            (model card, round 7); training data may ask for more, e.g. (0.6, 1.8).
         medulla: ``"radial"`` draws the renal medulla as pyramids under the cortex pointing at
             the sinus; ``"blobs"``, the generator before 2026-12-03, as random patches (kept to
             remake the phantoms older models were trained on).
@@ -132,6 +138,8 @@ class PhantomParams:
     cancellous_bone_hu: tuple[float, float] | None = (70.0, 250.0)
     extra_tumors: tuple[int, int] = (0, 0)
     extra_tumor_ml: tuple[float, float] = (0.5, 20.0)
+    hypervascular_probability: float = 0.45
+    hypervascular_enhancement: tuple[float, float] = (0.6, 1.3)
     medulla: Literal["radial", "blobs"] = "radial"
 
     def __post_init__(self) -> None:
@@ -146,11 +154,12 @@ class PhantomParams:
             if not (np.isfinite(low) and np.isfinite(high) and low <= high):
                 raise ValueError(f"{name} must be a range (low <= high), got {(low, high)}")
         for name in ("noise_sigma_hu", "noise_correlation_px", "psf_sigma_mm", "hu_scale", "body_half_width_mm",
-                     "body_half_depth_mm", "slice_blur_fraction"):
+                     "body_half_depth_mm", "slice_blur_fraction", "hypervascular_enhancement"):
             if getattr(self, name)[0] < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("cyst_probability", "organ_lesion_probability", "adrenal_probability",
-                     "adrenal_nodule_probability", "oral_contrast_probability", "fov_circle_probability", "table_probability"):
+                     "adrenal_nodule_probability", "hypervascular_probability", "oral_contrast_probability",
+                     "fov_circle_probability", "table_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         low, high = self.extra_tumors
