@@ -437,3 +437,17 @@ def test_hypervascular_enhancement_range_makes_tumors_brighter_than_the_kidney(l
     for name, image in images.items():
         brighter = np.median(image[tumor]) > np.median(image[kidney])
         assert brighter == (name == "bright"), name
+
+
+def test_the_recipes_phantom_parameter_files_are_valid() -> None:
+    """Every ``--params`` file the shipped model's recipe names loads: a typo would stop a retrain halfway."""
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = (root / "scripts" / "train_default_model.sh").read_text()
+    named = sorted(set(re.findall(r"--params (scripts/\S+\.json)", recipe)))
+    assert len(named) >= 4, named
+    for name in named:
+        params = PhantomParams.from_dict(json.loads((root / name).read_text()))
+        assert PhantomParams.from_dict(params.to_dict()) == params, name

@@ -107,8 +107,9 @@ class PhantomParams:
             others enhance weakly (papillary/chromophobe-like, 0.1-0.65 of the cortex's enhancement).
         hypervascular_enhancement: a hypervascular tumor's enhancement as a fraction of the renal
             cortex's. Above about 1.1 the tumor is brighter than its kidney; the default (0.6, 1.3)
-            makes few such tumors, and a model trained on it labelled every one of them kidney
-            (model card, round 7); training data may ask for more, e.g. (0.6, 1.8).
+            makes few such tumors, and models trained on it miss most of them (model card: "stage 2
+            with bright-tumor twins"). Training data may ask for more: (0.6, 1.8) in
+            ``scripts/phantoms_bright_tumors.json``.
         medulla: ``"radial"`` draws the renal medulla as pyramids under the cortex pointing at
             the sinus; ``"blobs"``, the generator before 2026-12-03, as random patches (kept to
             remake the phantoms older models were trained on).
