@@ -48,20 +48,38 @@ def test_out_of_fold_split_keeps_images_of_one_mask_together(dataset, tmp_path):
     where = {c.name: k for k, fold in enumerate(folds) for c in fold}
     assert where["case_00000_seed1"] == where["case_00000"]
     assert sorted(where) == sorted(c.name for c in [*cases, redraw]) and all(folds)
+    # A twin whose labels differ (its own extra tumors) is tied to its patient by its name.
+    grown = cases[1].labels.copy()
+    grown[grown == 1] = np.where(np.random.default_rng(0).random(int((grown == 1).sum())) < 0.05, 2, 1)
+    twin = StageCase(f"{cases[1].name}_bright", cases[1].image + 0.2, grown, cases[1].spacing)
+    everything = sorted([*cases, redraw, twin], key=lambda c: c.name)
+    folds = out_of_fold_split(everything, 2)
+    where = {c.name: k for k, fold in enumerate(folds) for c in fold}
+    assert where[twin.name] == where[cases[1].name] and where["case_00000_seed1"] == where["case_00000"]
+    assert sorted(where) == sorted(c.name for c in everything)
+    # Other names are not tied: a case called case_00001x is its own patient.
+    other = StageCase("case_00001x", cases[1].image, grown, cases[1].spacing)
+    assert len(out_of_fold_split([cases[1], other], 2)[1]) == 1
 
 
-def test_a_validation_case_sharing_a_training_label_map_is_named(dataset, tmp_path, caplog):
+def test_a_validation_case_sharing_a_training_label_map_or_patient_is_named(dataset, tmp_path, caplog):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     same_mask = make_synthetic_case(shape=(20, 40, 44), spacing=(2.5, 1.5, 1.5), seed=10)  # case_00000's seed
     replace(same_mask, ct=same_mask.ct + 7).save_case_folder(data / "case_00000_seed1")  # another image of it
+    # A twin of case_00001 with other labels (its own extra tumors): tied by its name only.
+    twin = make_synthetic_case(shape=(20, 40, 44), spacing=(2.5, 1.5, 1.5), seed=11)
+    labels = twin.labels.copy()
+    labels[(labels == 1) & (np.arange(labels.shape[-1]) < labels.shape[-1] // 2)] = 2
+    replace(twin, labels=labels).save_case_folder(data / "case_00001_bright")
     with caplog.at_level("WARNING", logger="kitseg.training.loop"):
         train(data, tmp_path / "run", preset("smoke"), device="cpu", progress=False,
-              val_cases=["case_00000_seed1", "case_00003"])
+              val_cases=["case_00000_seed1", "case_00001_bright", "case_00003"])
     assert "validation case case_00000_seed1 has the same label map as training case case_00000" in caplog.text
-    assert "case_00003 has the same" not in caplog.text
+    assert "validation case case_00001_bright is named as another image of training case case_00001" in caplog.text
+    assert "case_00003 has the same" not in caplog.text and "case_00003 is named" not in caplog.text
 
 
 def test_labels_to_stage_keeps_classes(dataset):

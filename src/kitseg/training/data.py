@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,16 +285,43 @@ def label_map_key(case: StageCase) -> str:
     return hashlib.sha256(repr(case.labels.shape).encode() + case.labels.tobytes()).hexdigest()
 
 
+_KITS_STEM = re.compile(r"^(case_\d+)(?:_|$)")
+
+
+def source_keys(case: StageCase) -> tuple[str, ...]:
+    """What ties a case to its patient: its label map, and a name ``case_XXXXX_<suffix>`` (another
+    image of ``case_XXXXX``, e.g. a phantom twin whose extra tumors changed the label map)."""
+    stem = _KITS_STEM.match(case.name)
+    return (label_map_key(case),) + ((f"name:{stem.group(1)}",) if stem else ())
+
+
 def out_of_fold_split(cases: list[StageCase], n_folds: int) -> list[list[StageCase]]:
-    """Training cases in ``n_folds`` folds for out-of-fold y1, cases sharing a label map in one fold.
+    """Training cases in ``n_folds`` folds for out-of-fold y1, the images of one patient in one fold.
 
     A fold model predicts y1 for the cases it did not see; had it seen another image of the same
     mask, it would know the anatomy and its y1 would be better than stage 1's on a new patient.
-    Without such repeats the folds are ``cases[k::n_folds]``.
+    Cases sharing any of :func:`source_keys` are one group; groups go to folds in the order of
+    their first case. Without such repeats the folds are ``cases[k::n_folds]``.
     """
-    groups: dict[str, list[StageCase]] = {}
-    for case in cases:
-        groups.setdefault(label_map_key(case), []).append(case)
+    parent = list(range(len(cases)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    for i, case in enumerate(cases):
+        for key in source_keys(case):
+            if key in first_with:
+                a, b = root(first_with[key]), root(i)
+                parent[max(a, b)] = min(a, b)  # the group's root stays its first case
+            else:
+                first_with[key] = i
+    groups: dict[int, list[StageCase]] = {}
+    for i, case in enumerate(cases):
+        groups.setdefault(root(i), []).append(case)
     ordered = list(groups.values())
     return [[case for group in ordered[k::n_folds] for case in group] for k in range(n_folds)]
 

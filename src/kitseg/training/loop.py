@@ -50,13 +50,13 @@ from .data import (
     StageCase,
     augment_intensity,
     cache_folder,
-    label_map_key,
     load_cases,
     out_of_fold_split,
     prepare_cases,
     preparation_workers,
     random_affine_grids,
     save_npy,
+    source_keys,
     split_cases,
     training_mask,
     warp,
@@ -559,11 +559,13 @@ def train(
             split_path.write_text(json.dumps(split, indent=2))
     train_cases = [by_name[n] for n in split["train"]]
     val_set = [by_name[n] for n in split["validation"]]
-    seen = {label_map_key(c): c.name for c in train_cases}
+    seen = {key: c.name for c in train_cases for key in source_keys(c)}
     for case in val_set:
-        if label_map_key(case) in seen:
-            log.warning("validation case %s has the same label map as training case %s: its Dice will be optimistic",
-                        case.name, seen[label_map_key(case)])
+        shared = next((key for key in source_keys(case) if key in seen), None)
+        if shared is not None:
+            how = "is named as another image of" if shared.startswith("name:") else "has the same label map as"
+            log.warning("validation case %s %s training case %s: its Dice will be optimistic",
+                        case.name, how, seen[shared])
     provenance = {
         "kitseg_version": __version__, "preset": config.preset, "data": str(data_dir), "command": command,
         "train_cases": split["train"], "validation_cases": split["validation"],
