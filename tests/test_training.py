@@ -240,7 +240,7 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     del recorded["stage2_tumor_contrast_hu"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
-    # Resuming predicts only the out-of-fold y1 that is missing (lost, or of a case added since).
+    # Resuming predicts only the out-of-fold y1 still missing (not yet written, or not copied in).
     oof_files = sorted((tmp_path / "run" / "oof_y1").iterdir())
     oof_files[0].unlink()
     kept_times = {p.name: p.stat().st_mtime_ns for p in oof_files[1:]}

@@ -588,7 +588,8 @@ def train(
         module = train_network(task, run_dir / f"fold{k + 1}", config, torch_device, info, "1", provenance, progress)
         if info.is_main:
             for case in held_out:  # one at a time: half the training cases' y1 at once would fill the memory
-                if (oof_dir / f"{case.name}.npy").is_file():  # done before an interruption, or a case added since
+                # Done before an interruption, or copied in from a run with the same folds.
+                if (oof_dir / f"{case.name}.npy").is_file():
                     continue
                 y1 = predict_y1(module, [case], config, torch_device, mask_slices_only=True)[case.name]
                 save_npy(oof_dir / f"{case.name}.npy", y1.astype(np.float16))
