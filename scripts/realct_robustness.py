@@ -9,8 +9,8 @@ kidney labels changed with it where the grid changes), runs the model as ``kits-
 does, takes its label map back to the scan's own grid and scores the kidneys (label > 0) against
 the reference there, so every row is scored on the same voxels. The scan is 3 mm isotropic
 and non-contrast, with noise of about 12 HU of its own (median local standard deviation in soft
-tissue and fat); the added noise stays nearly whole on the networks' grid, where training added
-up to 15 HU (``augment_noise_hu``) to the phantoms' own. A robust model scores every
+tissue and fat); the added noise stays nearly whole on the networks' grid, where training adds
+up to ``augment_noise_hu`` (15 HU by default, 30 for the shipped model's stage 2) to the phantoms' own. A robust model scores every
 variant about as the scan as stored; the reference is a published model's labels, not expert
 annotation (``evaluate_realct.py``).
 
@@ -36,7 +36,8 @@ import numpy as np
 from scipy import ndimage
 
 from evaluate_realct import REALCT_CT, REALCT_REFERENCE  # a sibling script: python puts scripts/ on the path
-from kitseg.geometry import voxel_spacing
+from kitseg.atomic import atomic_path
+from kitseg.geometry import source_grid_for, voxel_spacing
 
 AIR_HU = -1024.0
 PAD_VOXELS = 20
@@ -203,8 +204,9 @@ RESAMPLED = ("slices 2x thick (pairs averaged)", "slices at half spacing", "pixe
 
 
 def slice_axis_of(affine: np.ndarray) -> int:
-    """The array axis that runs head to foot (the one most aligned with world S)."""
-    return int(np.argmax(np.abs(affine[2, :3]) / np.array(voxel_spacing(affine))))
+    """The array axis the engine reads as slices (the one it turns into internal axis 0, I-S)."""
+    to_internal = source_grid_for((1, 1, 1), affine).to_internal
+    return int(np.flatnonzero(to_internal[:, 0] == 0)[0])
 
 
 def main() -> int:
@@ -259,8 +261,7 @@ def main() -> int:
         print(f"{name:34s} {row['grid']:>15s} {row['kidney_dice']:11.4f} {ceiling} {row['tumor_ml']:8.1f} "
               f"{row['seconds']:5.1f}{same}")
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
+        with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, ["variant", "grid", "kidney_dice", "grid_ceiling", "tumor_ml", "seconds", "same_as_stored"])
             writer.writeheader()
             writer.writerows(rows)

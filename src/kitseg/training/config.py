@@ -130,11 +130,16 @@ class TrainConfig:
             data["mask"] = MaskConfig.from_dict(data["mask"])
         return cls(**data)
 
-    def augment_noise_sigma(self) -> float:
-        """``augment_noise_hu`` in the networks' normalized units (the window maps onto 2 units)."""
+    def hu_to_units(self, hu: float) -> float:
+        """A HU difference in the networks' normalized units: the window maps onto 2 units (under
+        ``zscore``, where HU have no fixed scale, the default window's)."""
         pre = self.preprocessing
         window = pre.hu_max - pre.hu_min if pre.normalization == "window" else DEFAULT_WINDOW_HU
-        return 2.0 * self.augment_noise_hu / window
+        return 2.0 * hu / window
+
+    def augment_noise_sigma(self) -> float:
+        """``augment_noise_hu`` in the networks' normalized units."""
+        return self.hu_to_units(self.augment_noise_hu)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
