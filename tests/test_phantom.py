@@ -211,6 +211,32 @@ def test_dataset_seeds_do_not_depend_on_order_and_skip_existing(tmp_path: Path, 
     assert (both[0] / "imaging.nii.gz").stat().st_mtime_ns != stamp
 
 
+def test_workers_draw_the_same_images_and_name_a_bad_mask(tmp_path: Path, label_map) -> None:
+    from kitseg.cli import main
+
+    labels, spacing = label_map
+    masks = tmp_path / "masks"
+    names = ["case_00003", "case_00001", "case_00002"]
+    for case in names:
+        _save_mask(masks / case / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    serial = generate_phantom_dataset(masks, tmp_path / "serial", cases=names, seed=5, progress=False)
+    generate_phantom_dataset(masks, tmp_path / "parallel", cases=names[:1], seed=5, progress=False)  # one already there
+    parallel = generate_phantom_dataset(masks, tmp_path / "parallel", cases=names, seed=5, progress=False, workers=2)
+    assert [p.name for p in parallel] == [p.name for p in serial] == names  # the order asked for
+    for a, b in zip(serial, parallel):
+        for name in ("imaging.nii.gz", "segmentation.nii.gz"):
+            np.testing.assert_array_equal(np.asarray(nib.load(a / name).dataobj), np.asarray(nib.load(b / name).dataobj))
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "cli"), "--seed", "5", "--workers", "2"]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "cli" / "case_00002" / "imaging.nii.gz").dataobj),
+                                  np.asarray(nib.load(serial[2] / "imaging.nii.gz").dataobj))
+    with pytest.raises(SystemExit):
+        main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "zero"), "--workers", "0"])
+    (masks / "case_00004").mkdir()
+    (masks / "case_00004" / "segmentation.nii.gz").write_bytes(b"not a nifti file")
+    with pytest.raises(MaskReadError, match="case_00004"):  # a worker's error reaches the caller
+        generate_phantom_dataset(masks, tmp_path / "bad", progress=False, workers=2)
+
+
 def test_phantom_command_takes_parameter_ranges_from_json(tmp_path: Path, label_map) -> None:
     from kitseg.cli import main
 

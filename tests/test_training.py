@@ -367,14 +367,14 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(dataset, tmp
 
 
 def test_case_preparation_workers_run_one_blas_thread():
-    # N workers each with one BLAS thread per core thrash (load_cases' initializer docstring).
+    # N workers each with one BLAS thread per core thrash (kitseg.parallel.one_blas_thread).
     from concurrent.futures import ProcessPoolExecutor
 
     from threadpoolctl import threadpool_info
 
-    from kitseg.training.data import _one_blas_thread
+    from kitseg.parallel import one_blas_thread
 
-    with ProcessPoolExecutor(max_workers=1, initializer=_one_blas_thread) as pool:
+    with ProcessPoolExecutor(max_workers=1, initializer=one_blas_thread) as pool:
         pools = pool.submit(threadpool_info).result()
     blas = [p for p in pools if p["user_api"] == "blas"]
     assert blas and all(p["num_threads"] == 1 for p in blas), pools

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from ..geometry import Volume, voxel_spacing
 from ..io import InputError, read_labels
+from ..parallel import one_blas_thread
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
 from .anatomy import build_abdomen, find_kidneys, make_frame
@@ -254,11 +255,16 @@ def iter_phantom_dataset(
     seed: int = 0,
     overwrite: bool = False,
     params: PhantomParams | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[int, int, Path]]:
     """Generate phantoms case by case, yielding ``(done, total, case_folder)`` after each.
 
-    A generator so that a GUI worker can show progress and stop between cases.
+    A generator so that a GUI worker can show progress and stop between cases. ``workers > 1``
+    draws that many cases at once in worker processes (the same images: each case's seed is its
+    own); stopping early cancels the cases not yet started.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
     masks_dir, out_dir = Path(masks_dir), Path(out_dir)
     if not masks_dir.is_dir():
         raise FileNotFoundError(f"masks folder not found: {masks_dir}")
@@ -270,13 +276,34 @@ def iter_phantom_dataset(
         missing = [c for c in cases if not (masks_dir / c / SEGMENTATION_NAME).is_file()]
         if missing:
             raise FileNotFoundError(f"no {SEGMENTATION_NAME} for case(s) {', '.join(missing)} under {masks_dir}")
-    for done, case in enumerate(cases, start=1):
-        folder = out_dir / case
-        if overwrite or not ((folder / IMAGING_NAME).is_file() and (folder / SEGMENTATION_NAME).is_file()):
-            generate_phantom_case(masks_dir / case / SEGMENTATION_NAME, folder, case_seed(seed, case), params)
-        else:
+    folders = [out_dir / case for case in cases]
+    todo = [(masks_dir / case / SEGMENTATION_NAME, folder, case_seed(seed, case), params)
+            for case, folder in zip(cases, folders)
+            if overwrite or not ((folder / IMAGING_NAME).is_file() and (folder / SEGMENTATION_NAME).is_file())]
+    to_draw = {job[1] for job in todo}
+    done = 0
+    for folder in folders:
+        if folder not in to_draw:
             logger.info("skipping %s: already written", folder)
-        yield done, len(cases), folder
+            done += 1
+            yield done, len(folders), folder
+    if workers == 1 or len(todo) <= 1:
+        for job in todo:
+            done += 1
+            yield done, len(folders), generate_phantom_case(*job)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=one_blas_thread)
+    try:
+        pending = {pool.submit(generate_phantom_case, *job) for job in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done += 1
+                yield done, len(folders), future.result()  # a worker's error is raised here
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a case being drawn is finished (written atomically)
 
 
 def generate_phantom_dataset(
@@ -287,13 +314,15 @@ def generate_phantom_dataset(
     progress: bool = True,
     overwrite: bool = False,
     params: PhantomParams | None = None,
+    workers: int = 1,
 ) -> list[Path]:
     """Phantoms for every case (or ``cases``) of a KiTS19 masks folder: ``out_dir/case_XXXXX/``.
 
-    Per-case seeds come from (``seed``, case id), so a case looks the same whatever the order or
-    subset. Cases already written are skipped unless ``overwrite``. Returns the case folders.
+    Per-case seeds come from (``seed``, case id), so a case looks the same whatever the order,
+    subset or number of ``workers`` (processes drawing cases at once). Cases already written are
+    skipped unless ``overwrite``. Returns the case folders, in the order of ``cases``.
     """
-    steps = iter_phantom_dataset(masks_dir, out_dir, cases, seed, overwrite, params)
+    steps = iter_phantom_dataset(masks_dir, out_dir, cases, seed, overwrite, params, workers)
     folders: list[Path] = []
     if progress:
         from tqdm import tqdm
@@ -306,4 +335,6 @@ def generate_phantom_dataset(
                 folders.append(folder)
     else:
         folders = [folder for _, _, folder in steps]
-    return folders
+    # Workers finish in any order; the caller gets the order of ``cases`` (by name by default).
+    position = {name: i for i, name in enumerate(cases)} if cases is not None else {}
+    return sorted(folders, key=lambda folder: (position.get(folder.name, 0), folder.name))

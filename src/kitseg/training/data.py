@@ -30,6 +30,7 @@ from ..config import MaskConfig, PreprocessingConfig
 from ..geometry import source_grid_for
 from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
 from ..morphology import dilate_ball
+from ..parallel import one_blas_thread
 from ..pipeline import neighbour_indices
 from ..preprocess import StageGrid, prepare
 
@@ -252,22 +253,8 @@ def _each_case(func, inputs: list[CaseInput], config: PreprocessingConfig, cache
     bar = dict(total=len(inputs), desc="preparing cases", disable=not progress or not inputs)
     if workers <= 1 or len(inputs) <= 1:
         return [func(c, config, cache_dir) for c in tqdm(inputs, **bar)]
-    with ProcessPoolExecutor(max_workers=min(workers, len(inputs)), initializer=_one_blas_thread) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(inputs)), initializer=one_blas_thread) as pool:
         return list(tqdm(pool.map(func, inputs, [config] * len(inputs), [cache_dir] * len(inputs)), **bar))
-
-
-def _one_blas_thread() -> None:
-    """Each preparation worker runs one BLAS thread.
-
-    Resampling a case is matrix products, and numpy's BLAS starts one thread per core in every
-    process: N workers would run N x cores threads, which thrash. On a 16-core GPU machine, 16
-    such workers had not prepared 150 cases after 9 minutes; here (2 cores) 6 workers took 47.8 s
-    for 6 cases with BLAS's default threads and 22.2 s with one each. Set at run time
-    (threadpoolctl), since a forked worker inherits the thread pool its parent's BLAS started.
-    """
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1)  # lasts for the worker's life
 
 
 def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
