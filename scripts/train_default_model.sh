@@ -28,20 +28,21 @@
 #    augmentation noise of up to 30 HU instead of 15 (--set augment_noise_hu=30). Set ROUND6=0 to
 #    stop at round 5.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
-# Resumable: rerun the same command after an interruption.
+# Resumable: rerun the same command after an interruption. PHANTOM_WORKERS=N draws N phantoms at once (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MASKS=${1:-../shared/data/kits19}
 WORK=${2:-work_data}
 KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
+PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (about 1 GB each for a median case)
 
-$KITS phantom --masks "$MASKS" --out "$WORK/phantoms" --seed 0 --params scripts/phantoms_without_adrenals.json
+$KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms" --seed 0 --params scripts/phantoms_without_adrenals.json
 $KITS train --data "$WORK/phantoms" --out "$WORK/run_cpu" --preset cpu --device cpu \
   --stage2-steps 5000 --val-cases $VAL ${TRAIN_ARGS:-}
 $KITS train --data "$WORK/phantoms" --out "$WORK/run_ft" --preset cpu --device cpu \
   --stage2-steps 5000 --val-cases $VAL --init-from "$WORK/run_cpu/model.kseg" ${TRAIN_ARGS:-}
-$KITS phantom --masks "$MASKS" --out "$WORK/phantoms_v3" --seed 0 --params scripts/phantoms_blob_medulla.json
+$KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_v3" --seed 0 --params scripts/phantoms_blob_medulla.json
 $KITS train --data "$WORK/phantoms_v3" --out "$WORK/run_v3" --preset cpu --device cpu \
   --stage2-steps 3000 --val-cases $VAL --init-from "$WORK/run_ft/model.kseg" ${TRAIN_ARGS:-}
 MODEL="$WORK/model_round3.kseg"
@@ -49,11 +50,11 @@ MODEL="$WORK/model_round3.kseg"
   --stage2 "$WORK/run_ft/model.kseg" "$WORK/run_v3/model.kseg" --out "$MODEL"
 if [ "${ROUND4:-1}" = 1 ]; then
   TRAIN=$(seq -f "case_%05g" 0 119)
-  $KITS phantom --masks "$MASKS" --out "$WORK/data_xt" --seed 0 --params scripts/phantoms_extra_tumors.json --cases $TRAIN
-  $KITS phantom --masks "$MASKS" --out "$WORK/data_xt" --seed 0 --params scripts/phantoms_blob_medulla.json --cases $VAL
-  $KITS phantom --masks "$MASKS" --out "$WORK/phantoms_rad_xt" --seed 0 --params scripts/phantoms_extra_tumors_radial.json \
+  $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/data_xt" --seed 0 --params scripts/phantoms_extra_tumors.json --cases $TRAIN
+  $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/data_xt" --seed 0 --params scripts/phantoms_blob_medulla.json --cases $VAL
+  $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_rad_xt" --seed 0 --params scripts/phantoms_extra_tumors_radial.json \
     --cases $TRAIN
-  $KITS phantom --masks "$MASKS" --out "$WORK/phantoms_rad" --seed 0 --cases $VAL
+  $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_rad" --seed 0 --cases $VAL
   $KITS train --data "$WORK/data_xt" --out "$WORK/run_xt_r20" --preset cpu --device cpu --stage2-steps 3000 \
     --val-cases $VAL --init-from "$MODEL" --keep-stage1 --set 'mask={"threshold":0.5,"radius":20,"radius_unit":"mm"}'
   mkdir -p "$WORK/data_mixr" "$WORK/run_mixr"
