@@ -24,9 +24,13 @@
 # 3d. round 5 (shipped on 2026-12-05 until round 6): round 4's stage-2 run again with tumor pixels
 #    weighted 3 in the cross-entropy (--set stage2_tumor_weight=3; run_mixr's fold models and
 #    out-of-fold y1 reused), validated every 1000 steps. Set ROUND5=0 to stop at round 4.
-# 3e. round 6, the shipped model since 2026-12-05: round 5's stage 2 trained 2000 steps more, with
+# 3e. round 6 (shipped on 2026-12-05 until round 7): round 5's stage 2 trained 2000 steps more, with
 #    augmentation noise of up to 30 HU instead of 15 (--set augment_noise_hu=30). Set ROUND6=0 to
 #    stop at round 5.
+# 3f. round 7, the shipped model since 2026-12-05: round 6's stage 2 trained 2000 steps more with a
+#    third image of each training mask, its tumors drawn brighter and new extra tumors grown
+#    (scripts/phantoms_bright_tumors.json, --seed 1); the shipped stage 2 is the ensemble of round
+#    6's and this one (MODEL_CARD.md, "Round 7"). Set ROUND7=0 to stop at round 6.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption. PHANTOM_WORKERS=N draws N phantoms at once (default 2).
 set -euo pipefail
@@ -93,6 +97,24 @@ if [ "${ROUND4:-1}" = 1 ]; then
       [ -f "$MODEL6" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL5" \
         --stage2 "$WORK/run_r6noise/model.kseg" --out "$MODEL6" --mask-radius-mm 20
       MODEL=$MODEL6
+      if [ "${ROUND7:-1}" = 1 ]; then
+        # A third image of each training mask: tumors drawn brighter, with new extra tumors (seed 1).
+        $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_bright_s1" --seed 1 \
+          --params scripts/phantoms_bright_tumors.json --cases $TRAIN
+        mkdir -p "$WORK/data_mixc"
+        for c in $TRAIN $VAL; do ln -sfn "$(realpath "$WORK/data_mixr/$c")" "$WORK/data_mixc/$c"; done
+        for c in $TRAIN $VAL; do ln -sfn "$(realpath "$WORK/data_mixr/${c}_radial")" "$WORK/data_mixc/${c}_radial"; done
+        for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_bright_s1/$c")" "$WORK/data_mixc/${c}_bright1"; done
+        # Its own out-of-fold models (on all 360 training images; the folds keep a mask's images together).
+        $KITS train --data "$WORK/data_mixc" --out "$WORK/run_r7c" --cache "$WORK/run_xt_r20/cache" --preset cpu \
+          --device cpu --stage2-steps 2000 --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) \
+          --init-from "$MODEL6" --keep-stage1 --set stage2_tumor_weight=3 --set steps_per_epoch=1000 \
+          --set augment_noise_hu=30
+        MODEL7="$WORK/model_round7.kseg"
+        [ -f "$MODEL7" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
+          --stage2 "$MODEL6" "$WORK/run_r7c/model.kseg" --out "$MODEL7" --mask-radius-mm 20
+        MODEL=$MODEL7
+      fi
     fi
   fi
 fi

@@ -181,7 +181,14 @@ def test_info_prints_metadata(weights, capsys):
 def test_info_says_where_the_shipped_model_came_from(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "  stage 1: trained " in out and "  stage 2: trained " in out  # the provenance, followed to its runs
+    # The provenance, followed to its runs (every member of a stage-2 ensemble).
+    assert "  stage 1: trained " in out
+    stage2 = next(line for line in out.splitlines() if line.startswith("  stage 2: "))
+    members = stage2.removeprefix("  stage 2: ").split(" | ")
+    if members[0].startswith("ensemble of "):
+        count, members[0] = members[0].removeprefix("ensemble of ").split(": ", 1)
+        assert int(count) == len(members) >= 2, stage2
+    assert all(member.startswith("trained ") for member in members), stage2
 
 
 def test_info_into_a_closed_pipe_stops_quietly(weights):
