@@ -41,6 +41,12 @@ KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (about 1 GB each for a median case)
 
+train_stage2_more() {  # DATA RUN INIT: rounds 6 and 7, 2000 more stage-2 steps from INIT's, stage 1 kept
+  $KITS train --data "$1" --out "$2" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu --stage2-steps 2000 \
+    --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) --init-from "$3" --keep-stage1 \
+    --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30
+}
+
 $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms" --seed 0 --params scripts/phantoms_without_adrenals.json
 $KITS train --data "$WORK/phantoms" --out "$WORK/run_cpu" --preset cpu --device cpu \
   --stage2-steps 5000 --val-cases $VAL ${TRAIN_ARGS:-}
@@ -89,10 +95,7 @@ if [ "${ROUND4:-1}" = 1 ]; then
       mkdir -p "$WORK/run_r6noise"
       [ -d "$WORK/run_r6noise/fold1" ] || cp -r "$WORK/run_mixr/fold1" "$WORK/run_mixr/fold2" "$WORK/run_r6noise/"
       [ -d "$WORK/run_r6noise/oof_y1" ] || cp -al "$WORK/run_mixr/oof_y1" "$WORK/run_r6noise/oof_y1"
-      $KITS train --data "$WORK/data_mixr" --out "$WORK/run_r6noise" --cache "$WORK/run_xt_r20/cache" --preset cpu \
-        --device cpu --stage2-steps 2000 --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) \
-        --init-from "$MODEL5" --keep-stage1 --set stage2_tumor_weight=3 --set steps_per_epoch=1000 \
-        --set augment_noise_hu=30
+      train_stage2_more "$WORK/data_mixr" "$WORK/run_r6noise" "$MODEL5"
       MODEL6="$WORK/model_round6.kseg"
       [ -f "$MODEL6" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL5" \
         --stage2 "$WORK/run_r6noise/model.kseg" --out "$MODEL6" --mask-radius-mm 20
@@ -106,10 +109,7 @@ if [ "${ROUND4:-1}" = 1 ]; then
         for c in $TRAIN $VAL; do ln -sfn "$(realpath "$WORK/data_mixr/${c}_radial")" "$WORK/data_mixc/${c}_radial"; done
         for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_bright_s1/$c")" "$WORK/data_mixc/${c}_bright1"; done
         # Its own out-of-fold models (on all 360 training images; the folds keep a mask's images together).
-        $KITS train --data "$WORK/data_mixc" --out "$WORK/run_r7c" --cache "$WORK/run_xt_r20/cache" --preset cpu \
-          --device cpu --stage2-steps 2000 --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) \
-          --init-from "$MODEL6" --keep-stage1 --set stage2_tumor_weight=3 --set steps_per_epoch=1000 \
-          --set augment_noise_hu=30
+        train_stage2_more "$WORK/data_mixc" "$WORK/run_r7c" "$MODEL6"
         MODEL7="$WORK/model_round7.kseg"
         [ -f "$MODEL7" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
           --stage2 "$MODEL6" "$WORK/run_r7c/model.kseg" --out "$MODEL7" --mask-radius-mm 20
