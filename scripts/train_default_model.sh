@@ -39,7 +39,7 @@ MASKS=${1:-../shared/data/kits19}
 WORK=${2:-work_data}
 KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
-PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (about 1 GB each for a median case)
+PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (peak 0.7-1.8 GB each)
 
 train_stage2_more() {  # DATA RUN INIT: rounds 6 and 7, 2000 more stage-2 steps from INIT's, stage 1 kept
   $KITS train --data "$1" --out "$2" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu --stage2-steps 2000 \

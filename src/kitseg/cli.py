@@ -233,7 +233,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
         default=1,
         metavar="N",
         help="draw N cases at once in N processes (the same images as one; each holds its case in memory: "
-        "about 1 GB for a median KiTS19 case, several for the largest)",
+        "peak 0.7 GB for a median KiTS19 mask, 1.8 GB for the largest of cases 0-149)",
     )
     p.add_argument(
         "--params",
