@@ -237,7 +237,7 @@ def test_workers_draw_the_same_images_and_name_a_bad_mask(tmp_path: Path, label_
         generate_phantom_dataset(masks, tmp_path / "bad", progress=False, workers=2)
 
 
-def test_phantom_command_takes_parameter_ranges_from_json(tmp_path: Path, label_map) -> None:
+def test_phantom_command_takes_parameter_ranges_from_json(tmp_path: Path, label_map, capsys) -> None:
     from kitseg.cli import main
 
     labels, spacing = label_map
@@ -251,6 +251,13 @@ def test_phantom_command_takes_parameter_ranges_from_json(tmp_path: Path, label_
     (tmp_path / "bad.json").write_text('{"adrenal_probabilty": 0}')
     assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "bad"), "--params", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad").exists()
+    assert "bad.json" in capsys.readouterr().err
+    # The object itself, written inline as the help shows it, does what the file does.
+    inline = ["--params", ' {"adrenal_probability": 0}']
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "inline")] + inline) == 0
+    np.testing.assert_array_equal(read(tmp_path / "inline"), read(tmp_path / "api"))
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "typo"), "--params", '{"adrenal_probabilty": 0}']) == 2
+    assert "--params" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 def test_dataset_names_an_unreadable_mask(tmp_path: Path) -> None:

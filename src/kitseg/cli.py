@@ -237,12 +237,11 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--params",
-        type=Path,
         default=None,
         metavar="JSON",
-        help='randomization ranges and switches to change, e.g. {"noise_sigma_hu": [5, 15], '
-        '"adrenal_probability": 0, "medulla": "blobs"} (kitseg.phantom.params.PhantomParams; the rest keep '
-        "their defaults)",
+        help='randomization ranges and switches to change: a JSON file, or the object itself, e.g. '
+        '\'{"noise_sigma_hu": [5, 15], "adrenal_probability": 0, "medulla": "blobs"}\' '
+        "(kitseg.phantom.params.PhantomParams; the rest keep their defaults)",
     )
     p.set_defaults(func=cmd_phantom)
 
@@ -261,21 +260,24 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_phantom_params(path: Path):
+def _read_phantom_params(text: str):
+    """``--params``: a JSON object written inline (it starts with ``{``) or the path of a file holding one."""
     import json
 
     from .phantom.params import PhantomParams
 
+    inline = text.lstrip().startswith("{")
+    where = "--params" if inline else text
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text if inline else Path(text).read_text())
     except (OSError, ValueError) as exc:
-        raise CliError(f"{path}: cannot read phantom parameters as JSON ({exc})") from exc
+        raise CliError(f"{where}: cannot read phantom parameters as JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise CliError(f"{path}: phantom parameters must be a JSON object of field: value")
+        raise CliError(f"{where}: phantom parameters must be a JSON object of field: value")
     try:
         return PhantomParams.from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise CliError(f"{path}: {exc}") from exc
+        raise CliError(f"{where}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- sample
