@@ -121,5 +121,5 @@ fi
 mkdir -p "$WORK/val_gt"
 for c in $VAL; do ln -sfn "$(realpath "$WORK/phantoms/$c")" "$WORK/val_gt/$c"; done
 $KITS predict "$WORK/val_gt" -o "$WORK/val_pred" --weights "$MODEL" --overwrite
-$KITS evaluate --pred "$WORK/val_pred" --gt "$WORK/val_gt" --csv "$WORK/val_scores.csv"
+$KITS evaluate --pred "$WORK/val_pred" --gt "$WORK/val_gt" --csv "$WORK/val_scores.csv" --overwrite
 echo "model: $MODEL  (copy to src/kitseg/weights/default.kseg to ship it)"

@@ -216,3 +216,104 @@ def test_shipped_default_model_segments_the_sample(tmp_path, capsys):
     assert float(rows[0]["kidney_dice"]) > 0.7
     assert main(["info"]) == 0
     assert "default.kseg" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- bad input, nothing lost
+def test_evaluate_report_never_replaces_an_input_or_an_earlier_report(tmp_path, cases, capsys):
+    gt = cases / "case_00000" / "segmentation.nii.gz"
+    before = gt.read_bytes()
+    assert main(["evaluate", "--pred", str(gt), "--gt", str(gt), "--csv", str(gt), "--overwrite"]) == 2
+    assert "refusing to write the report over it" in capsys.readouterr().err and gt.read_bytes() == before
+    report = tmp_path / "scores.csv"
+    report.write_text("an earlier report")
+    assert main(["evaluate", "--pred", str(gt), "--gt", str(gt), "--csv", str(report)]) == 2
+    assert "exists already; pass --overwrite" in capsys.readouterr().err
+    assert report.read_text() == "an earlier report"
+    assert main(["evaluate", "--pred", str(gt), "--gt", str(gt), "--csv", str(report), "--overwrite"]) == 0
+    assert list(csv.DictReader(report.open()))[0]["kidney_dice"] == "1.0"
+    assert main(["evaluate", "--pred", str(gt), "--gt", str(gt), "--csv", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_evaluate_names_the_bad_label_map_and_the_cases_left_unscored(tmp_path, cases, capsys, caplog):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    seg = nib.load(str(cases / "case_00000" / "segmentation.nii.gz"))
+    labels = np.asarray(seg.dataobj).copy()
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(pred / "prediction_00000.nii.gz"))
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", "--pred", str(pred), "--gt", str(cases)]) == 0
+    assert "1 case(s) have no prediction and are not scored: case_00001" in caplog.text
+    labels[labels == 1] = 5
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(pred / "prediction_00000.nii.gz"))
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(cases)]) == 2
+    assert "prediction_00000.nii.gz: holds label 5" in capsys.readouterr().err
+    nib.save(nib.Nifti1Image(labels[:-1].clip(0, 2), seg.affine), str(pred / "prediction_00000.nii.gz"))
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(cases)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the ground truth's" in err and "case_00000/segmentation.nii.gz" in err
+
+
+def test_phantom_refuses_to_write_over_its_masks_and_names_a_bad_mask(tmp_path, cases, capsys):
+    masks = tmp_path / "masks"
+    (masks / "case_00000").mkdir(parents=True)
+    mask = masks / "case_00000" / "segmentation.nii.gz"
+    mask.write_bytes((cases / "case_00000" / "segmentation.nii.gz").read_bytes())
+    assert main(["phantom", "--masks", str(masks), "--out", str(masks)]) == 2
+    assert "is the --masks folder" in capsys.readouterr().err
+    assert mask.read_bytes() == (cases / "case_00000" / "segmentation.nii.gz").read_bytes()
+    mask.write_bytes(b"not a mask")
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar: one line, no traceback
+    assert last.startswith("kits-seg: error: cannot read the mask") and "case_00000" in last
+
+
+def test_predict_checks_options_and_output_folder_before_any_work(tmp_path, cases, weights, capsys):
+    case = str(cases / "case_00000")
+    with pytest.raises(SystemExit):  # argparse: exit 2 with usage
+        main(["predict", case, "-o", str(tmp_path / "o"), "--weights", str(weights), "--batch-size", "0"])
+    assert "at least 1" in capsys.readouterr().err
+    assert main(["predict", case, "-o", str(tmp_path / "o"), "--weights", str(weights), "--stage2-level", "99"]) == 2
+    assert "kits-seg: error:" in capsys.readouterr().err
+    assert main(["predict", case, "-o", str(tmp_path / "o"), "--weights", str(weights), "--device", "bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["predict", case, "-o", str(tmp_path / "o"), "--weights", str(weights), "--radius", "inf"]) == 2
+    assert "radius must be a finite number" in capsys.readouterr().err
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    assert main(["predict", case, "-o", str(a_file), "--weights", str(weights)]) == 2
+    assert "afile: is a file" in capsys.readouterr().err and a_file.read_text() == "x"
+
+
+def test_predict_batch_goes_past_an_unreadable_ct_and_ignores_its_own_earlier_results(tmp_path, weights, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    good = make_synthetic_case(shape=(12, 28, 30), spacing=(3.0, 1.6, 1.6), seed=3)
+    nib.save(nib.Nifti1Image(good.ct, make_affine("ras", (3.0, 1.6, 1.6))), str(folder / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(good.ct, make_affine("ras", (3.0, 1.6, 1.6))), str(folder / "c.nii.gz"))
+    whole = folder / "b.nii.gz"
+    nib.save(nib.Nifti1Image(good.ct, make_affine("ras", (3.0, 1.6, 1.6))), str(whole))
+    whole.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])  # a header, then half the voxels
+    assert main(["predict", str(folder), "-o", str(folder), "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "b.nii.gz: the voxel data cannot be read" in err and "1 of 3 case(s)" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.nii.gz", "a_labels.nii.gz", "b.nii.gz", "c.nii.gz",
+                                                        "c_labels.nii.gz"]
+    whole.unlink()
+    # Again into the same folder: a_labels is a's result, not a fourth CT.
+    assert main(["predict", str(folder), "-o", str(folder), "--weights", str(weights), "--overwrite"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["a.nii.gz", "a_labels.nii.gz", "c.nii.gz", "c_labels.nii.gz"]
+
+
+def test_train_refuses_bad_settings_and_a_wrong_data_folder_leaves_no_run(tmp_path, cases, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(run), "--device", "cpu"]) == 2
+    assert "nope" in capsys.readouterr().err and not run.exists()
+    assert main(["train", "--data", str(cases), "--out", str(run), "--set", "learning_rate=abc"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["train", "--data", str(cases), "--out", str(run), "--set", "learning_rate"]) == 2
+    assert "expected FIELD=JSON" in capsys.readouterr().err
+    assert main(["train", "--data", str(cases), "--out", str(run), "--set", 'learning_rate="x"']) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["train", "--data", str(cases), "--out", str(run), "--device", "bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err and not run.exists()

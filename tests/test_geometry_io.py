@@ -137,3 +137,29 @@ def test_tiled_c_order_copy_equals_numpys(order: str) -> None:
         np.testing.assert_array_equal(copy, view)
     with pytest.raises(ValueError, match="tile"):
         to_c_order(volume, tile=0)
+
+
+def test_a_file_without_orientation_gets_results_without_one(tmp_path, caplog):
+    """Codes 0: the output must be read as the CT is, by any viewer, so it claims no orientation either."""
+    img = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), None)
+    img.header.set_zooms((0.8, 0.9, 3.0))
+    src = tmp_path / "plain.nii.gz"
+    nib.save(img, str(src))
+    with caplog.at_level("WARNING"):
+        volume = read_ct(src)
+    assert "plain.nii.gz: no orientation in the header" in caplog.text
+    out = write_labels(np.ones(volume.shape, np.uint8), volume.source, tmp_path / "plain_labels.nii.gz")
+    written, read_back = nib.load(str(out)), nib.load(str(src))
+    assert int(written.header["sform_code"]) == int(written.header["qform_code"]) == 0
+    np.testing.assert_allclose(written.affine, read_back.affine)
+    np.testing.assert_allclose(written.header.get_zooms(), read_back.header.get_zooms())
+
+
+def test_a_zero_voxel_size_without_sform_is_refused(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), None)
+    img.header.set_zooms((0.8, 0.8, 3.0))
+    img.header["pixdim"][3] = 0
+    src = tmp_path / "flat.nii"
+    nib.save(img, str(src))
+    with pytest.raises(InputError, match="flat.nii: the header gives a voxel size of 0"):
+        read_ct(src)

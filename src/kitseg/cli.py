@@ -55,7 +55,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--weights", type=Path, default=None, help="model file (.kseg); default: the shipped model")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per network batch (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="slices per network batch (default 8)")
     p.add_argument("--threshold", type=float, default=None, help="stage-1 threshold (default: the model's)")
     p.add_argument("--radius", type=float, default=None, help="mask dilation radius (default: the model's)")
     p.add_argument("--radius-mm", action="store_true", help="the radius is in mm, not stage-grid voxels")
@@ -89,16 +89,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import MaskConfig
-    from .io import discover_inputs, read_ct
+    from .io import InputError, check_nifti_header, discover_inputs, read_ct
     from .outputs import write_prediction
     from .pipeline import Progress, Segmentation, Segmenter
     from .postprocess import CleanupRules
 
     cases = discover_inputs(args.input)
+    for case in cases:  # the headers, before minutes of work: a file that is no CT at all fails now
+        check_nifti_header(case.image_path)
+    _check_output_folder(args.output)
     _check_outputs_free(cases, args)
-    segmenter = Segmenter.from_file(
-        args.weights, device=args.device, batch_size=args.batch_size, stage2_level=args.stage2_level, mirror=args.mirror
-    )
+    try:
+        segmenter = Segmenter.from_file(
+            args.weights, device=args.device, batch_size=args.batch_size, stage2_level=args.stage2_level,
+            mirror=args.mirror,
+        )
+    except (ValueError, RuntimeError) as exc:  # a --device or --stage2-level this model or machine cannot take
+        raise CliError(str(exc)) from exc
     model_mask = segmenter.bundle.mask
     mask_config = MaskConfig(
         threshold=model_mask.threshold if args.threshold is None else args.threshold,
@@ -106,9 +113,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         radius_unit="mm" if args.radius_mm else ("voxels" if args.radius is not None else model_mask.radius_unit),
     )
     log.info("device: %s; %d case(s)", segmenter.device, len(cases))
+    failed = []
     for case in cases:
         start = time.perf_counter()
-        volume = read_ct(case.image_path)
+        try:
+            volume = read_ct(case.image_path)
+        except InputError as exc:  # one unreadable CT of a batch: say so, and segment the others
+            if len(cases) == 1:
+                raise
+            tqdm.write(f"kits-seg: error: {exc}", file=sys.stderr)
+            failed.append(case.name)
+            continue
         result = None
         with tqdm(desc=case.name, unit="step", leave=False, disable=None) as bar:
             for item in segmenter.iter_segment(volume, mask_config, None if args.no_cleanup else CleanupRules()):
@@ -122,7 +137,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         assert result is not None
         written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite)
         tqdm.write(f"{case.name}: {', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
+    if failed:
+        raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read and have no result: {', '.join(failed)}")
     return 0
+
+
+def _check_output_folder(folder: Path) -> None:
+    """Before minutes of segmentation: the output folder can be made and written to."""
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{folder}: is a file; -o/--output takes a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"{folder}: the output folder is not writable")
 
 
 def _check_outputs_free(cases, args) -> None:
@@ -149,6 +178,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pred", type=Path, required=True, help="a prediction file or folder")
     p.add_argument("--gt", type=Path, required=True, help="a ground-truth file or folder (KiTS19 layout)")
     p.add_argument("--csv", type=Path, default=None, help="write per-case scores and the means here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     p.add_argument(
         "--empty-value",
         type=float,
@@ -159,10 +189,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_pairs, pair_predictions
+    from .evaluation import evaluate_pairs, pair_predictions, unpaired_references
     from .metrics import aggregate, write_scores_csv
 
     pairs = pair_predictions(args.pred, args.gt)
+    if args.csv is not None:
+        _check_report_path(args.csv, [p for pair in pairs for p in (pair.prediction, pair.reference)], args.overwrite)
+    unscored = unpaired_references(pairs, args.pred, args.gt)
+    if unscored:
+        more = f" and {len(unscored) - 3} more" if len(unscored) > 3 else ""
+        log.warning("%s: %d case(s) have no prediction and are not scored: %s%s", args.gt, len(unscored),
+                    ", ".join(unscored[:3]), more)
     scores = evaluate_pairs(pairs, empty_value=args.empty_value)
     header = f"{'case':<24}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
     print(header)
@@ -180,6 +217,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_scores_csv(scores, args.csv)
         print(f"wrote {args.csv}")
     return 0
+
+
+def _check_report_path(path: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Before any scoring: the report must not replace an input, a folder, or (without --overwrite) a file."""
+    if path.is_dir():
+        raise CliError(f"{path}: is a folder; --csv takes a file name")
+    if path.exists() and any(path.resolve() == p.resolve() for p in inputs):
+        raise CliError(f"{path}: is one of the files being scored; refusing to write the report over it")
+    if path.exists() and not overwrite:
+        raise CliError(f"{path} exists already; pass --overwrite to replace")
+    if not path.parent.is_dir():
+        raise CliError(f"{path.parent}: no such folder for --csv")
 
 
 # ---------------------------------------------------------------------------- info
@@ -247,15 +296,20 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom.realistic import generate_phantom_dataset
+    from .phantom.realistic import MaskReadError, generate_phantom_dataset
 
     if not args.masks.is_dir():
         raise CliError(f"{args.masks}: no such folder")
+    if args.out.exists() and args.out.resolve() == args.masks.resolve():
+        raise CliError(f"{args.out}: is the --masks folder; the phantoms' masks would replace the real ones there")
     params = _read_phantom_params(args.params) if args.params else None
-    written = generate_phantom_dataset(
-        args.masks, args.out, cases=args.cases, seed=args.seed, progress=True, overwrite=args.overwrite, params=params,
-        workers=args.workers,
-    )
+    try:
+        written = generate_phantom_dataset(
+            args.masks, args.out, cases=args.cases, seed=args.seed, progress=True, overwrite=args.overwrite,
+            params=params, workers=args.workers,
+        )
+    except MaskReadError as exc:
+        raise CliError(str(exc)) from exc
     print(f"wrote {len(written)} case(s) to {args.out}")
     return 0
 

@@ -141,8 +141,8 @@ class MaskConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.radius < 0:
-            raise ConfigError(f"radius must be >= 0, got {self.radius}")
+        if not 0 <= self.radius < float("inf"):
+            raise ConfigError(f"radius must be a finite number >= 0, got {self.radius}")
         if self.radius_unit not in ("voxels", "mm"):
             raise ConfigError(f"radius_unit must be 'voxels' or 'mm', got {self.radius_unit!r}")
 

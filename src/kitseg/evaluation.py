@@ -66,11 +66,33 @@ def _is_label_output(path: Path) -> bool:
     return bool(_PREDICTION_RE.match(stem)) or stem.endswith("_labels")
 
 
+def unpaired_references(pairs: list[EvaluationPair], pred: Path, gt: Path) -> list[str]:
+    """The KiTS19 case folders of a ground-truth folder that no prediction of a folder was paired with."""
+    pred, gt = Path(pred), Path(gt)
+    if pred.is_file() or gt.is_file():
+        return []  # one file scored on purpose
+    paired = {pair.reference.resolve() for pair in pairs}
+    return [
+        folder.name
+        for folder in sorted(gt.iterdir())
+        if (folder / KITS_LABELS).is_file() and (folder / KITS_LABELS).resolve() not in paired
+    ]
+
+
+def _check_kits_labels(volume, path: Path) -> None:
+    """KiTS19 label maps hold 0, 1 and 2 only: another value would be scored as kidney without a word."""
+    top = int(volume.array.max())
+    if top > 2:
+        raise InputError(f"{path}: holds label {top}; KiTS19 labels are 0 (background), 1 (kidney), 2 (tumor)")
+
+
 def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0) -> list[CaseScores]:
     scores = []
     for pair in pairs:
         ref = read_labels(pair.reference)
         pred = read_labels(pair.prediction)
-        check_same_grid(pred.source, ref.source, pair.prediction)
+        _check_kits_labels(ref, pair.reference)
+        _check_kits_labels(pred, pair.prediction)
+        check_same_grid(pred.source, ref.source, pair.prediction, reference_name=f"the ground truth's ({pair.reference})")
         scores.append(kits_scores(pred.array, ref.array, ref.spacing, case=pair.case, empty_value=empty_value))
     return scores

@@ -42,6 +42,10 @@ class SourceGrid:
     affine: np.ndarray
     to_internal: np.ndarray
     path: Path | None = None
+    #: The NIfTI sform/qform code the affine came with; 0 when the file declared no orientation
+    #: (the affine is then nibabel's guess from the voxel sizes). Outputs carry the same code, so
+    #: every viewer reads them as it reads the CT, and they overlay it.
+    xform_code: int = 1
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
@@ -90,7 +94,7 @@ def to_c_order(array: np.ndarray, tile: int = 64) -> np.ndarray:
     return out
 
 
-def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | None = None) -> SourceGrid:
+def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | None = None, xform_code: int = 1) -> SourceGrid:
     """Describe a file's grid and the permutation/flips that make it slice-first (I, P, L)."""
     if len(shape) != 3:
         raise ValueError(f"expected a 3D volume, got shape {tuple(shape)}")
@@ -100,7 +104,7 @@ def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | Non
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError("the affine is singular (zero voxel size or collinear axes)")
     to_internal = nio.ornt_transform(nio.io_orientation(affine), INTERNAL_ORNT)
-    return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path)
+    return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path, xform_code)
 
 
 @dataclass
@@ -132,13 +136,15 @@ class Volume:
         return "volume" if self.source.path is None else strip_nifti_suffix(self.source.path.name)
 
     @classmethod
-    def from_source_array(cls, array: np.ndarray, affine: np.ndarray, path: Path | None = None) -> "Volume":
+    def from_source_array(
+        cls, array: np.ndarray, affine: np.ndarray, path: Path | None = None, xform_code: int = 1
+    ) -> "Volume":
         """Wrap an array stored on a file's grid (any orientation) as an internal volume.
 
         Trailing channel axes (3D + channels, as NIfTI stores vector data) are carried along,
         the reverse of :meth:`SourceGrid.to_source`.
         """
-        grid = source_grid_for(array.shape[:3], affine, path)
+        grid = source_grid_for(array.shape[:3], affine, path, xform_code)
         internal = to_c_order(nio.apply_orientation(array, grid.to_internal))
         return cls(internal, grid.internal_affine(), grid)
 

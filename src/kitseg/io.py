@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 KITS_IMAGE = "imaging.nii.gz"
 KITS_LABELS = "segmentation.nii.gz"
 _CASE_RE = re.compile(r"^case_(\d+)$")
+#: The maps ``kits-seg predict --save-intermediates`` writes beside the labels (``CaseInput.intermediate_name``).
+INTERMEDIATES = ("y1", "mask", "probs")
 
 
 class InputError(ValueError):
@@ -85,19 +87,62 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         for p in sorted(path.iterdir())
         if p.is_file() and is_nifti(p)
     ]
+    cases = _without_outputs(cases, path)
     if not cases:
         raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})")
     return cases
 
 
+class _HeaderFixes(logging.Handler):
+    """Collects what nibabel's header check repairs on load ("pixdim[1,2,3] should be non-zero...").
+
+    nibabel logs these without the file's name and goes on with a repaired header; the reader
+    decides which repairs change the geometry (an error) and names the file either way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _without_outputs(cases: list[CaseInput], folder: Path) -> list[CaseInput]:
+    """Leave out the files this tool wrote for other cases of the folder (``-o`` was the input folder).
+
+    ``scan_labels.nii.gz`` beside ``scan.nii.gz`` is scan's result, not a CT; a file is left out
+    only when the case it belongs to is in the folder too.
+    """
+    written = {c.output_name for c in cases} | {c.intermediate_name(what) for c in cases for what in INTERMEDIATES}
+    kept = [c for c in cases if c.case_id is not None or c.name not in written]
+    if len(kept) < len(cases):
+        log.info("%s: %d earlier result file(s) of this folder's cases left out", folder, len(cases) - len(kept))
+    return kept
+
+
 def _load_nifti(path: Path, channels_ok: bool = False) -> nib.Nifti1Image:
     """Open a NIfTI header; 3D, or 4D with channels last when ``channels_ok``."""
+    nibabel_log = logging.getLogger("nibabel.global")
+    fixes = _HeaderFixes()
+    # nibabel prints these through a handler of its own: hear them instead, and say them once, with the file.
+    handlers, nibabel_log.handlers = nibabel_log.handlers, [fixes]
+    propagate, nibabel_log.propagate = nibabel_log.propagate, False
     try:
         img = nib.load(str(path))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except Exception as exc:  # nibabel raises many types for corrupt/unknown files
         raise InputError(f"{path}: cannot be read as NIfTI ({exc})") from None
+    finally:
+        nibabel_log.handlers = handlers
+        nibabel_log.propagate = propagate
+    sform_code = int(img.header["sform_code"]) if "sform_code" in img.header else 0
+    for message in fixes.messages:
+        if "pixdim" in message and "non-zero" in message and sform_code == 0:
+            # Without an sform the voxel sizes are the geometry: a made-up 1 mm would resample wrongly.
+            raise InputError(f"{path}: the header gives a voxel size of 0 (pixdim) and no sform to take it from")
+        log.warning("%s: nibabel repaired the header: %s", path, message)
     if len(img.shape) == 4 and img.shape[3] == 1:
         img = img.slicer[..., 0]
     if not (len(img.shape) == 3 or (channels_ok and len(img.shape) == 4)):
@@ -139,11 +184,31 @@ def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
     affine = img.affine
     if affine is None:
         raise InputError(f"{path}: the file has no affine (no qform/sform)")
+    xform_code = _xform_code(img)
+    if xform_code == 0:
+        log.warning("%s: no orientation in the header (sform and qform codes 0): its axes' directions are "
+                    "nibabel's guess from the voxel sizes; outputs are written the same way", path)
     array = _read_array(img, path, integer_ok)
     try:
-        return Volume.from_source_array(array, affine, path)
+        return Volume.from_source_array(array, affine, path, xform_code)
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
+
+
+def check_nifti_header(path: str | os.PathLike) -> None:
+    """Read only the header: an InputError names a file that is not a usable 3D NIfTI (the voxels are not read)."""
+    _load_nifti(Path(path))
+
+
+def _xform_code(img: nib.Nifti1Image) -> int:
+    """The code of the transform ``img.affine`` came from: the sform's, else the qform's, else 0."""
+    header = img.header
+    if not hasattr(header, "get_sform"):  # ANALYZE and the like carry no codes
+        return 0
+    for code in (int(header["sform_code"]), int(header["qform_code"])):
+        if code > 0:
+            return code
+    return 0
 
 
 def read_volume(path: str | os.PathLike, *, integer_ok: bool = True) -> Volume:
@@ -184,27 +249,30 @@ def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
     return labels
 
 
-def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None = None, atol: float = 1e-3) -> None:
+def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None = None, atol: float = 1e-3,
+                    reference_name: str = "the CT's") -> None:
+    """Refuse a volume that does not lie on ``reference``'s grid; the message names ``path`` and the reference."""
     where = f"{path}: " if path else ""
     if grid.shape != reference.shape:
-        raise InputError(f"{where}shape {grid.shape} differs from the CT's {reference.shape}")
+        raise InputError(f"{where}shape {grid.shape} differs from {reference_name} {reference.shape}")
     if not np.allclose(grid.affine, reference.affine, atol=atol):
-        raise InputError(f"{where}its affine differs from the CT's: the two do not overlay")
+        raise InputError(f"{where}its affine differs from {reference_name}: the two do not overlay")
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scale: float | None = None,
-                      intent: str | None = None) -> Path:
+                      intent: str | None = None, xform_code: int = 1) -> Path:
     """Write ``array`` with ``affine`` (qform and sform both, so every viewer agrees) atomically.
 
     The data go to a temporary file in the same folder, then ``os.replace``: a reader or a
     crashed run never sees a half-written file. ``scale`` sets the NIfTI slope (uint8 data
-    with slope 1/255 read back as 0..1).
+    with slope 1/255 read back as 0..1). ``xform_code`` 0 writes the voxel sizes with no
+    orientation, as the CT it came from declared none.
     """
     path = Path(path)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(np.asarray(array), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=xform_code)
+    img.set_sform(affine, code=xform_code)
     if intent:
         img.header.set_intent(intent)
     if scale is not None:
@@ -237,7 +305,8 @@ def write_on_source_grid(
         raise InputError(f"{path}: refusing to overwrite the input CT")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
-    return save_nifti_atomic(source.to_source(internal_array), source.affine, path, scale=scale, intent=intent)
+    return save_nifti_atomic(source.to_source(internal_array), source.affine, path, scale=scale, intent=intent,
+                             xform_code=source.xform_code)
 
 
 def write_labels(labels: np.ndarray, source: SourceGrid, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .geometry import SourceGrid
-from .io import CaseInput, write_labels, write_on_source_grid
+from .io import INTERMEDIATES, CaseInput, write_labels, write_on_source_grid
 from .pipeline import Segmentation
 from .preprocess import StageGrid
-
-INTERMEDIATES = ("y1", "mask", "probs")
 
 
 def output_paths(case: CaseInput, out_dir: Path, intermediates: bool) -> list[Path]:

@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..config import ConfigError
 from .config import PRESETS, preset
 
 
@@ -55,13 +56,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
         "steps_per_epoch": args.steps_per_epoch}.items() if v is not None}
     for item in args.set:
-        field, _, value = item.partition("=")
-        changes[field] = json.loads(value)
+        field, equals, value = item.partition("=")
+        if not equals or not field:
+            raise ConfigError(f"--set {item}: expected FIELD=JSON, e.g. --set learning_rate=3e-4")
+        try:
+            changes[field] = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"--set {item}: the value of {field} is not JSON ({exc}); a text needs quotes: "
+                              f"{field}='\"...\"'") from None
     if args.stage2_context_slices is not None:
         preprocessing = changes.get("preprocessing", config.preprocessing.to_dict())
         changes["preprocessing"] = {**preprocessing, "stage2_context_slices": args.stage2_context_slices}
     if changes:
-        config = type(config).from_dict({**config.to_dict(), **changes})
+        try:
+            config = type(config).from_dict({**config.to_dict(), **changes})
+        except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. learning_rate="x"
+            raise ConfigError(f"--set {', '.join(args.set)}: {exc}") from None
     if args.prepare_only:
         from .data import cache_folder, prepare_cases, preparation_workers
 
@@ -69,6 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers())
         print(f"{len(stems)} cases prepared in {cache}")
         return 0
+    from ..device import get_device
+
+    try:
+        get_device(args.device)  # an unknown or absent device fails now, not after the data is prepared
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     model = train(args.data, args.out, config, device=args.device, val_fraction=args.val_fraction,
                   val_cases=args.val_cases, cache_dir=args.cache, progress=not args.no_progress, command=command,

@@ -192,7 +192,10 @@ def preparation_workers(processes: int = 1) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // processes))  # up to ~2 GB each at the `paper` grid
 
 
-def _labelled_inputs(data_dir: Path) -> list[CaseInput]:
+def labelled_inputs(data_dir: Path) -> list[CaseInput]:
+    """The training folder's cases that have ground truth; an error names the folder if there are none."""
+    if Path(data_dir).is_file():
+        raise InputError(f"{data_dir}: is a file; training takes a folder of KiTS19 case folders")
     inputs = [c for c in discover_inputs(data_dir) if c.labels_path is not None]
     if not inputs:
         raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
@@ -207,7 +210,7 @@ def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, 
     ranks) prepare a data set together instead of each all of it. Cases prepared already are
     only looked up (no worker starts for them: a resumed run finds them all).
     """
-    inputs = _labelled_inputs(data_dir)[share[0]::share[1]]
+    inputs = labelled_inputs(data_dir)[share[0]::share[1]]
     stems = [_cache_stem(c, config, cache_dir) for c in inputs]
     missing = [c for c, stem in zip(inputs, stems) if not _is_prepared(stem)]
     if missing:
@@ -240,7 +243,7 @@ def load_cases(
     """
     if cache_dir is not None:
         return [open_cached_case(stem) for stem in prepare_cases(data_dir, config, cache_dir, progress, workers)]
-    return _each_case(load_stage_case, _labelled_inputs(data_dir), config, None, progress, workers)
+    return _each_case(load_stage_case, labelled_inputs(data_dir), config, None, progress, workers)
 
 
 def _each_case(func, inputs: list[CaseInput], config: PreprocessingConfig, cache_dir: Path | None, progress: bool,

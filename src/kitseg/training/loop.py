@@ -50,6 +50,7 @@ from .data import (
     StageCase,
     augment_intensity,
     cache_folder,
+    labelled_inputs,
     load_cases,
     out_of_fold_split,
     prepare_cases,
@@ -530,6 +531,7 @@ def train(
     initial, init_record = load_initial_weights(Path(init_from), config) if init_from is not None else ({}, None)
     if keep_stage1:
         init_record["keep_stage1"] = True  # part of what a resumed run must repeat
+    labelled_inputs(Path(data_dir))  # a wrong --data fails here, before a run folder is made
     if info.is_main:
         _check_config(run_dir, config)
         _check_init(run_dir, init_record)
