@@ -317,3 +317,21 @@ def test_train_refuses_bad_settings_and_a_wrong_data_folder_leaves_no_run(tmp_pa
     assert "learning_rate" in capsys.readouterr().err
     assert main(["train", "--data", str(cases), "--out", str(run), "--device", "bogus"]) == 2
     assert "bogus" in capsys.readouterr().err and not run.exists()
+
+
+def test_info_shows_a_refused_models_metadata_and_then_fails(tmp_path, weights, capsys):
+    from .test_checkpoint import _rewrite
+
+    tampered = tmp_path / "tampered.kseg"
+    tampered.write_bytes(weights.read_bytes())
+
+    def bump(entries):
+        key = next(k for k in entries if k.startswith("stage2/") and k.endswith("weight"))
+        entries[key] = entries[key] + np.float32(1e-3)
+
+    _rewrite(tampered, arrays=bump)
+    assert main(["info", "--weights", str(tampered)]) == 2
+    captured = capsys.readouterr()
+    assert "schema_version" in captured.out and "do not match their sha256" in captured.err
+    assert main(["info", "--weights", str(tmp_path)]) == 2
+    assert "is a folder; a model is one .kseg file" in capsys.readouterr().err

@@ -218,6 +218,8 @@ def _check_stage_compatibility(
 def _open_archive(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
     """Open a ``.kseg`` archive without unpickling anything; refuse anything else with a clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; a model is one .kseg file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     with open(path, "rb") as stream:

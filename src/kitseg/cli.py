@@ -244,7 +244,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import provenance_summary, read_metadata
+    from .checkpoint import load_bundle, provenance_summary, read_metadata
     from .device import describe_devices
     from .weights import default_weights_path
 
@@ -260,6 +260,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for line in provenance_summary(meta):
         print(f"  {line}")
     print(json.dumps(meta, indent=2, sort_keys=True))
+    load_bundle(path)  # the metadata can read well in a file whose weights predict would refuse: say so
     return 0
 
 
