@@ -1,8 +1,10 @@
 """npe2 reader: a CT as a NIfTI file or a KiTS19 case folder (with its ground truth, if any).
 
-A NIfTI that holds a label map (a few small whole numbers: a KiTS19 ``segmentation.nii.gz``,
-a saved prediction) opens as a labels layer, so a saved result or a reference can be
-re-opened over its CT. All axis handling is the engine's (:mod:`kitseg.io`).
+A NIfTI that holds a label map (a few small whole numbers, stored as any type: a KiTS19
+``segmentation.nii.gz``, a saved prediction) opens as a labels layer, and a saved probability
+map (values in 0..1: a ``_y1``) as a probability image, so results and references can be
+re-opened over their CT and neither is offered as a CT to segment. All axis handling is the
+engine's (:mod:`kitseg.io`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from typing import Callable
 
 import numpy as np
 
-from ._layers import LayerGeometry, ct_layer_data, ground_truth_layer_data, labels_layer_kwargs
-
-_LABEL_NAME_HINTS = ("segmentation", "labels", "label", "prediction", "mask", "seg")
-
+from ._layers import (
+    LayerGeometry,
+    ct_layer_data,
+    ground_truth_layer_data,
+    labels_layer_kwargs,
+    probability_layer_kwargs,
+)
 
 def _single_path(path: str | os.PathLike | list) -> Path | None:
     if isinstance(path, (list, tuple)):
@@ -38,16 +43,19 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
     return None
 
 
-def _looks_like_labels(path: Path, array: np.ndarray) -> bool:
-    """Label maps are small non-negative integers; CTs are signed HU with many values."""
-    if array.dtype.kind not in "iub":
-        return False
-    name = path.name.lower()
+def _looks_like_labels(array: np.ndarray) -> bool:
+    """Label maps hold a few whole numbers in 0..255 (stored as any type); a CT in HU has thousands of values."""
     sample = array[:: max(1, array.shape[0] // 16)]
     if sample.min() < 0 or sample.max() > 255:
         return False
-    few_values = np.unique(sample).size <= 16
-    return few_values and (array.dtype.itemsize == 1 or any(h in name for h in _LABEL_NAME_HINTS))
+    if array.dtype.kind == "f" and not np.array_equal(sample, np.round(sample)):
+        return False
+    return np.unique(sample).size <= 16
+
+
+def _looks_like_probability(array: np.ndarray) -> bool:
+    """A saved y1 (uint8 with slope 1/255, read as float): values in 0..1, which no CT in HU has."""
+    return array.dtype.kind == "f" and array.min() >= 0.0 and array.max() <= 1.0
 
 
 def read_kits(path: str | os.PathLike | list) -> list[tuple]:
@@ -68,8 +76,11 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
 
     volume = read_volume(p)
     name = strip_nifti_suffix(p.name)
-    if _looks_like_labels(p, volume.array):
+    if _looks_like_labels(volume.array):
         labels = read_labels(p)
         geometry = LayerGeometry("labels", labels.source, None, name)
         return [(labels.array, labels_layer_kwargs(name, geometry, labels.affine), "labels")]
+    if _looks_like_probability(volume.array):  # shown over its CT, never offered as a CT to segment
+        geometry = LayerGeometry("probability", volume.source, None, name)
+        return [(volume.array, probability_layer_kwargs(name, geometry, volume.affine), "image")]
     return [ct_layer_data(volume, name)]

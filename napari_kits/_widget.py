@@ -53,6 +53,7 @@ from ._layers import (
     geometry_of,
     labels_layer_kwargs,
     probability_layer_kwargs,
+    stray_labels,
 )
 from ._settings import kits_settings, read_bool, read_float
 
@@ -83,6 +84,10 @@ class _Session:
     y1_layer: Any = None
     mask_layer: Any = None
     labels_layer: Any = None
+    # The labels as stage 2 wrote them (a checksum): anything else in the layer is the user's
+    # correction, which a new run must not overwrite.
+    labels_written: tuple | None = None
+    probability_layers: dict = field(default_factory=dict)  # class name -> its P(...) layer
     # Output layers added empty before a run starts and not filled yet, by kind ("mask", "labels").
     # Adding a layer blocks the GUI thread for 0.1-0.3 s (napari builds its visual), so it
     # happens when the user clicks, never in the middle of a run; a run that ends without
@@ -152,6 +157,7 @@ class KitsWidget(QWidget):
         self._weights_meta: dict | None = None
         self._applying_model_mask = False  # spin boxes set from a model, not by the user
         self._run_session: _Session | None = None  # the session the current run writes to
+        self._ct_closed_during_run = False
         self._pending_makers: list[Callable[[], None]] = []
         # napari's Labels layer imports pandas on first use (~0.4 s): pay that now, while the
         # widget opens, rather than when the first mask appears in the middle of a run.
@@ -464,7 +470,7 @@ class KitsWidget(QWidget):
         self._fill(self.pred_combo, preds)
         self._fill(self.save_combo, saveable[::-1])
         if self._session is not None and self._session.ct_layer not in layers:
-            self._session = None
+            self._drop_session()
 
     @staticmethod
     def _fill(combo: QComboBox, layers: list) -> None:
@@ -481,7 +487,16 @@ class KitsWidget(QWidget):
 
     def _on_ct_changed(self, _index: int) -> None:
         if self._session is not None and self._session.ct_layer is not self.ct_combo.currentData():
-            self._session = None
+            self._drop_session()
+
+    def _drop_session(self) -> None:
+        """Forget the current CT's session; a run still writing to it is stopped (its CT was closed)."""
+        starting = bool(self._pending_makers) or self._maker_timer.isActive()  # _next_maker reports that case
+        if self._worker is not None and not starting and self._run_session is self._session is not None:
+            self._outcome = "cancelled"
+            self._ct_closed_during_run = self._session.ct_layer not in self.viewer.layers
+            self._worker.quit()
+        self._session = None
 
     def _session_for_ct(self) -> _Session:
         layer = self.ct_combo.currentData()
@@ -760,6 +775,8 @@ class KitsWidget(QWidget):
 
     def _on_stage1_started(self, event: Any) -> None:
         session = self._session
+        if session is None:  # its CT was closed: the run is being stopped
+            return
         session.y1_before = _NOTHING
         session.y1_complete = False
         session.prepared, session.y1 = event.prepared, event.y1
@@ -783,9 +800,16 @@ class KitsWidget(QWidget):
 
     def _on_stage2_done(self, event: Any) -> None:
         session = self._session
+        if session is None:  # its CT was closed: the run is being stopped
+            return
+        kept = self._keep_corrections(session)
         geometry = geometry_of(session.ct_layer).with_kind("labels")
         kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
         session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs, spare="labels")
+        session.labels_written = _checksum(event.labels)
+        if kept is not None:
+            self.status.setText(f"Your corrected labels were kept as '{kept.name}'; the new result is "
+                                f"'{session.labels_layer.name}'.")
         for layer in (session.y1_layer, session.mask_layer):
             if self._live(layer):
                 layer.visible = False
@@ -795,8 +819,9 @@ class KitsWidget(QWidget):
                 pgeom = self._stage_geometry("probability")
                 kwargs = probability_layer_kwargs(f"P({name})", pgeom, pgeom.stage_grid.affine,
                                                   colormap=colormaps.get(name, "magma"))
-                existing = next((l for l in self.viewer.layers if l.name == kwargs["name"]), None)
-                layer = self._put_layer(existing, probs, "image", kwargs)
+                # This CT's own layer only: another CT's P(kidney), or a user's layer of that name, stays.
+                layer = self._put_layer(session.probability_layers.get(name), probs, "image", kwargs)
+                session.probability_layers[name] = layer
                 layer.visible = False
         labels = session.labels_layer
         labels.editable = True
@@ -810,6 +835,19 @@ class KitsWidget(QWidget):
             self.pred_combo.setCurrentIndex(index)
         if self.gt_combo.currentData() is not None and self.gt_combo.currentData() is not labels:
             self._score_timer.start()
+
+    def _keep_corrections(self, session: _Session) -> Any:
+        """If the user has edited the session's labels since stage 2 wrote them, set that layer
+        aside under a new name (the next result gets a layer of its own) and return it."""
+        layer = session.labels_layer
+        if not self._live(layer) or session.labels_written is None:
+            return None
+        if _checksum(layer.data) == session.labels_written:
+            return None
+        layer.name = f"{layer.name} (edited)"  # its geometry stays with it: it can still be saved
+        session.labels_layer = None
+        session.labels_written = None
+        return layer
 
     def _on_errored(self, error: Exception) -> None:
         self._outcome = "error"
@@ -839,6 +877,9 @@ class KitsWidget(QWidget):
             self.status.setText("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
         elif task == "stage 2" and outcome == "cancelled":
             self.status.setText("Stage 2 cancelled: the labels were not changed.")
+        if self._ct_closed_during_run:
+            self._ct_closed_during_run = False
+            self.status.setText(f"{task} stopped: its CT layer was closed; its results were discarded.")
         if task == "run all" and session is not None and self._live(session.y1_layer):
             session.y1_layer.refresh()
         self.run_finished.emit(task, outcome)
@@ -928,15 +969,19 @@ class KitsWidget(QWidget):
         if pred is ref:
             self._show_error("the reference and the prediction are the same layer")
             return None
-        if pred.data.shape != ref.data.shape:
-            self._show_error(f"{pred.name} {pred.data.shape} and {ref.name} {ref.data.shape} are not on one grid")
+        pred_geometry, ref_geometry = geometry_of(pred), geometry_of(ref)
+        if pred.data.shape != ref.data.shape or not _same_ct_grid(pred_geometry, ref_geometry):
+            self._show_error(f"{pred.name} {pred.data.shape} and {ref.name} {ref.data.shape} are not on one grid "
+                             "(they come from different CTs)")
             return None
+        # The CT's own voxel size: a layer's scale is a display setting the user may change.
+        spacing = _voxel_size(pred_geometry) or tuple(pred.scale)
         if self._score_worker is not None:
             self._score_dirty = True
             return None
         self._score_dirty = False
-        worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), tuple(pred.scale),
-                               pred.name, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), spacing,
+                               pred.name, ref.name, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_scores)
         worker.errored.connect(lambda e: self._show_error(f"scoring failed: {e}"))
         worker.finished.connect(self._on_score_finished)
@@ -1041,7 +1086,7 @@ class KitsWidget(QWidget):
         worker = create_worker(save_layer, data, geometry, path, overwrite,
                                _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda written: (self.status.setText(f"Saved {written}"), self.saved.emit(str(written))))
-        worker.errored.connect(lambda e: self._show_error(f"not saved: {e}"))
+        worker.errored.connect(lambda e: self._show_error(f"{layer.name} not saved: {e}"))
         worker.finished.connect(lambda: setattr(self, "_save_worker", None))
         self._save_worker = worker
         self.status.setText(f"Saving {path.name}…")
@@ -1058,13 +1103,42 @@ class KitsWidget(QWidget):
         super().closeEvent(event)
 
 
-def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str) -> tuple:
+def _checksum(labels: np.ndarray) -> tuple:
+    """A cheap fingerprint of a label array (about 0.1 s for a 1000-slice CT), to notice edits."""
+    import zlib
+
+    labels = np.ascontiguousarray(labels)
+    return labels.shape, labels.dtype.str, zlib.crc32(labels.data)
+
+
+def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference") -> tuple:
     """Worker body: the engine's KiTS19 scores and per-slice Dice curves."""
     from kitseg.metrics import kits_scores, per_slice_dice
 
+    for layer_name, labels in ((name, pred), (ref_name, ref)):
+        stray = stray_labels(labels)
+        if stray:
+            raise ValueError(f"{layer_name} holds label {', '.join(map(str, stray))}: KiTS19 labels are 0 "
+                             "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
     scores = kits_scores(pred, ref, spacing, case=name)
     curves = {region: per_slice_dice(pred, ref, region) for region in ("kidney", "tumor")}
     return scores, curves
+
+
+def _same_ct_grid(a: Any, b: Any) -> bool:
+    """Two layers' CT geometries agree (layers without one are judged by shape alone)."""
+    if a is None or b is None or a.source is None or b.source is None:
+        return True
+    return a.source.shape == b.source.shape and np.allclose(a.source.affine, b.source.affine, atol=1e-3)
+
+
+def _voxel_size(geometry: Any) -> tuple | None:
+    """The internal-grid voxel size in mm of a layer on its CT's grid, else None."""
+    from kitseg.geometry import voxel_spacing
+
+    if geometry is None or geometry.source is None or geometry.on_stage_grid:
+        return None
+    return voxel_spacing(geometry.source.internal_affine())
 
 
 def _escape(text: str) -> str:

@@ -155,3 +155,25 @@ def test_sample_data_is_a_ct_with_ground_truth():
     assert ct.shape == gt.shape == (12, 40, 44)
     assert set(np.unique(gt)) <= {0, 1, 2} and (gt == 1).any()
     assert geometry_of(kw).kind == "ct" and geometry_of(gkw).kind == "ground_truth"
+
+
+def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_folder):
+    """Whatever type a label map is stored as, it opens as labels; a saved y1 opens as a probability image."""
+    from napari_kits._layers import geometry_of
+    from napari_kits._save import save_layer
+
+    [(ct, ct_kwargs, kind)] = read_kits(str(case_folder / "imaging.nii.gz"))
+    assert kind == "image" and geometry_of(ct_kwargs).kind == "ct"
+    affine = nib.load(str(case_folder / "imaging.nii.gz")).affine
+    reference = np.asarray(nib.load(str(case_folder / "segmentation.nii.gz")).dataobj)
+    for dtype, name in ((np.float32, "reader_a.nii.gz"), (np.int16, "case1_gt.nii.gz")):
+        [(data, _, kind)] = read_kits(str(_save(reference.astype(dtype), affine, tmp_path / name)))
+        assert kind == "labels", name
+    y1 = geometry_of(ct_kwargs).with_kind("probability")
+    probability = np.linspace(0.0, 1.0, ct.size, dtype=np.float32).reshape(ct.shape)
+    saved = save_layer(probability, y1, tmp_path / "scan_y1.nii.gz")
+    [(data, kwargs, kind)] = read_kits(str(saved))
+    assert kind == "image" and geometry_of(kwargs).kind == "probability"
+    np.testing.assert_allclose(data, probability, atol=0.5 / 255 + 1e-6)
+    again = save_layer(data, geometry_of(kwargs), tmp_path / "scan_y1_again.nii.gz")  # and back out
+    assert nib.load(str(again)).get_fdata().max() == pytest.approx(1.0)

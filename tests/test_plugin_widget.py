@@ -403,3 +403,79 @@ def test_dice_plot_draws_when_on_screen_and_not_before(qtbot):
     drawn = len(draws)
     plot.mark_slice(2)
     qtbot.waitUntil(lambda: len(draws) > drawn, timeout=5000)
+
+
+def test_a_new_result_never_overwrites_hand_corrections(qtbot, viewer_widget):
+    viewer, widget = viewer_widget
+    _run(qtbot, widget, widget.run_all, "run all")
+    session = widget._session
+    corrected = session.labels_layer
+    corrected.data[0, :4, :4] = 2  # the user's brush
+    corrected.refresh()
+    painted = corrected.data.copy()
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    assert corrected in viewer.layers and corrected.name == "labels (edited)"
+    np.testing.assert_array_equal(corrected.data, painted)
+    fresh = session.labels_layer
+    assert fresh is not corrected and fresh.name == "labels"
+    np.testing.assert_array_equal(fresh.data, _engine_labels(widget, session.mask_layer.data))
+    assert "kept as 'labels (edited)'" in widget.status.text()
+    # Left as written, the result is updated in place again.
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    assert widget._session.labels_layer is fresh
+
+
+def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widget, tmp_path):
+    viewer, widget = viewer_widget
+    _run(qtbot, widget, widget.run_all, "run all")
+    labels = widget._session.labels_layer
+    labels.data[0, 0, :3] = 3  # napari's label picker moved on to 3
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findText("case_00007 ground truth"))
+    widget.pred_combo.setCurrentIndex(widget.pred_combo.findData(labels))
+    worker = widget.compute_scores()
+    qtbot.waitUntil(lambda: widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert worker is not None and "labels holds label 3" in widget.last_error
+    out = tmp_path / "corrected.nii.gz"
+    worker = widget.save_layer(labels, out)
+    qtbot.waitUntil(lambda: widget._save_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert "labels not saved" in widget.last_error and "label 3" in widget.last_error and not out.exists()
+
+
+def test_scoring_refuses_a_reference_from_another_ct(qtbot, viewer_widget):
+    from dataclasses import replace
+
+    from napari_kits._layers import META_KEY, geometry_of
+
+    viewer, widget = viewer_widget
+    _run(qtbot, widget, widget.run_all, "run all")
+    reference = viewer.layers["case_00007 ground truth"]
+    geometry = geometry_of(reference)
+    moved = geometry.source.affine.copy()
+    moved[:3, 3] += 40.0  # same shape, another place in the world: another CT
+    other = replace(geometry, source=replace(geometry.source, affine=moved))
+    viewer.add_labels(reference.data.copy(), name="other CT ground truth", metadata={META_KEY: other})
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findText("other CT ground truth"))
+    widget.pred_combo.setCurrentIndex(widget.pred_combo.findData(widget._session.labels_layer))
+    assert widget.compute_scores() is None and "not on one grid" in widget.last_error
+
+
+def test_closing_the_ct_during_a_run_stops_it(qtbot, viewer_widget, monkeypatch):
+    from kitseg.pipeline import Progress, Segmenter
+
+    viewer, widget = viewer_widget
+    slow = Segmenter._forward_probs
+    monkeypatch.setattr(Segmenter, "_forward_probs", lambda s, n, b, *a: (time.sleep(0.05), slow(s, n, b, *a))[1])
+    widget.batch_spin.setValue(1)
+    closed = []
+
+    def close_on_first_batch(event):
+        if isinstance(event, Progress) and event.step == "stage 1" and not closed:
+            closed.append(True)
+            viewer.layers.remove("case_00007")
+
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        worker = widget.run_all()
+        worker.yielded.connect(close_on_first_batch)
+    assert blocker.args == ["run all", "cancelled"]
+    assert "its CT layer was closed" in widget.status.text() and not widget.busy
+    assert widget._session is None
