@@ -192,13 +192,16 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
 
 def test_run_all_reuses_the_loaded_model(qtbot, viewer_widget):
     viewer, widget = viewer_widget
+    mine = viewer.add_image(np.full((4, 5, 6), 7.0, np.float32), name="P(kidney)")  # the user's own layer
     widget.probs_check.setChecked(True)
     _run(qtbot, widget, widget.run_all, "run all")
     first = widget._segmenter
     session = widget._session
     assert session.y1_complete and session.mask_layer is not None
     assert session.labels_layer.data.shape == session.ct_layer.data.shape
-    assert {"P(kidney)", "P(tumor)"} <= {layer.name for layer in viewer.layers}
+    assert set(session.probability_layers) == {"kidney", "tumor"}
+    assert mine in viewer.layers and (mine.data == 7.0).all()  # found by the session, not by name
+    assert all(layer in viewer.layers and layer is not mine for layer in session.probability_layers.values())
     np.testing.assert_array_equal(session.labels_layer.data, _engine_labels(widget, session.mask_layer.data))
     _run(qtbot, widget, widget.run_stage1, "stage 1")
     assert widget._segmenter is first  # cached, not rebuilt per click
