@@ -87,6 +87,7 @@ class _Session:
     # The labels as stage 2 wrote them (a checksum): anything else in the layer is the user's
     # correction, which a new run must not overwrite.
     labels_written: tuple | None = None
+    mask_written: tuple | None = None  # the same for the mask, to say when painting on it is replaced
     probability_layers: dict = field(default_factory=dict)  # class name -> its P(...) layer
     # Output layers added empty before a run starts and not filled yet, by kind ("mask", "labels").
     # Adding a layer blocks the GUI thread for 0.1-0.3 s (napari builds its visual), so it
@@ -790,12 +791,17 @@ class KitsWidget(QWidget):
         session = self._session
         if session is None or session.prepared is None or mask.shape != session.y1.shape:
             return
+        painted = (self._live(session.mask_layer) and session.mask_written is not None
+                   and _checksum(session.mask_layer.data) != session.mask_written)
         geometry = self._stage_geometry("mask")
         kwargs = labels_layer_kwargs("mask", geometry, geometry.stage_grid.affine, opacity=0.3)
         layer = self._put_layer(session.mask_layer, mask, "labels", kwargs, spare="mask")
         if layer is not session.mask_layer:
             layer.visible = True
         session.mask_layer = layer
+        session.mask_written = _checksum(mask)
+        if painted:  # the user asked for a mask from y1 again; say what that replaced
+            self.status.setText("Mask rebuilt from y1 with the new threshold/radius: what was painted on it is gone.")
         self._update_buttons()
 
     def _on_stage2_done(self, event: Any) -> None:

@@ -95,6 +95,13 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
         widget.radius_spin.setValue(2.0)
     np.testing.assert_array_equal(widget._session.mask_layer.data, make_mask(session.y1, 0.0, 2.0))
     assert widget.settings.value("mask/threshold") is not None  # persisted
+    widget._session.mask_layer.data[0] = 0  # painted, then the controls move: the user is told
+    with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
+        widget.radius_spin.setValue(2.5)
+    assert "what was painted on it is gone" in widget.status.text()
+    with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
+        widget.radius_spin.setValue(2.0)
+    np.testing.assert_array_equal(widget._session.mask_layer.data, make_mask(session.y1, 0.0, 2.0))
 
     # Stage 2 on the full mask: labels on the CT grid, as the engine computes them.
     _run(qtbot, widget, widget.run_stage2, "stage 2")
