@@ -77,6 +77,9 @@ def test_bad_inputs_name_the_file(tmp_path):
     junk.write_bytes(b"not a nifti at all")
     with pytest.raises(InputError, match="junk.nii.gz: cannot be read as NIfTI"):
         read_ct(junk)
+    complex_ct = _save(np.zeros((3, 4, 5), np.complex64), np.eye(4), tmp_path / "complex.nii.gz")
+    with pytest.raises(InputError, match="complex.nii.gz: complex voxel data"):
+        read_ct(complex_ct)
     four_d = _save(np.zeros((3, 4, 5, 2), np.int16), np.eye(4), tmp_path / "4d.nii.gz")
     with pytest.raises(InputError, match="expected a 3D volume"):
         read_ct(four_d)

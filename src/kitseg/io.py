@@ -163,6 +163,8 @@ def _read_array(img: nib.Nifti1Image, path: Path, integer_ok: bool) -> np.ndarra
         raw = np.asanyarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else np.asanyarray(img.dataobj)
     except Exception as exc:
         raise InputError(f"{path}: the voxel data cannot be read ({exc})") from None
+    if raw.dtype.kind == "c":
+        raise InputError(f"{path}: complex voxel data (dtype {raw.dtype}); a CT holds real numbers")
     slope = getattr(img.dataobj, "slope", 1.0)
     inter = getattr(img.dataobj, "inter", 0.0)
     slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
