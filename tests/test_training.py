@@ -15,6 +15,7 @@ import torch
 
 from kitseg.checkpoint import load_bundle, read_metadata
 from kitseg.config import ConfigError
+from kitseg.io import InputError
 from kitseg.networks import build_network
 from kitseg.phantom import make_synthetic_case
 from kitseg.training import preset
@@ -231,7 +232,7 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
         assert (tmp_path / "run" / sub / "best.kseg").is_file()
     assert (tmp_path / "run" / "stage2" / "curves.png").stat().st_size > 1000
     assert len((tmp_path / "run" / "stage1" / "log.csv").read_text().splitlines()) == 3  # header + 2 epochs
-    oof = sorted(p.stem for p in (tmp_path / "run" / "oof_y1").iterdir())
+    oof = sorted(p.stem for p in (tmp_path / "run" / "oof_y1").glob("*.npy"))
     assert oof == prov["train_cases"]
     # The same folder with another recipe is refused, naming the field.
     with pytest.raises(ConfigError, match="learning_rate"):
@@ -241,12 +242,64 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     del recorded["stage2_tumor_contrast_hu"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
     # Resuming predicts only the out-of-fold y1 still missing (not yet written, or not copied in).
-    oof_files = sorted((tmp_path / "run" / "oof_y1").iterdir())
+    oof_files = sorted((tmp_path / "run" / "oof_y1").glob("*.npy"))
     oof_files[0].unlink()
     kept_times = {p.name: p.stat().st_mtime_ns for p in oof_files[1:]}
     assert train(dataset, tmp_path / "run", config, device="cpu", progress=False) == model
     assert oof_files[0].is_file()
     assert {p.name: p.stat().st_mtime_ns for p in oof_files[1:]} == kept_times
+
+
+def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset, tmp_path, caplog):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    config = preset("smoke")
+    run = tmp_path / "run"
+    model = train(data, run, config, device="cpu", progress=False)
+    split = json.loads((run / "split.json").read_text())
+    with pytest.raises(ConfigError, match="--val-cases differ"):
+        train(data, run, config, device="cpu", progress=False, val_cases=split["train"][:1])
+    # A corrected label file: its case's out-of-fold y1 is predicted again, the others are kept.
+    edited = split["train"][0]
+    seg = data / edited / "segmentation.nii.gz"
+    seg.write_bytes(seg.read_bytes())  # same labels, a new file: as after a correction
+    oof = {p.name: p.stat().st_mtime_ns for p in (run / "oof_y1").glob("*.npy")}
+    shutil.copytree(data / split["train"][1], data / "case_00099")  # added after the run began
+    with caplog.at_level("WARNING"):
+        assert train(data, run, config, device="cpu", progress=False) == model
+    assert "1 case(s) added since this run began are not used" in caplog.text
+    now = {p.name: p.stat().st_mtime_ns for p in (run / "oof_y1").glob("*.npy")}
+    assert now[f"{edited}.npy"] != oof[f"{edited}.npy"]
+    assert {k: v for k, v in now.items() if k != f"{edited}.npy"} == {k: v for k, v in oof.items() if k != f"{edited}.npy"}
+    shutil.rmtree(data / split["validation"][0])
+    with pytest.raises(ConfigError, match="are gone: " + split["validation"][0]):
+        train(data, run, config, device="cpu", progress=False)
+    (run / "config.json").write_text('{"preset": "smo')  # a job killed mid-write (before writes were atomic)
+    with pytest.raises(ConfigError, match="config.json: not readable as JSON"):
+        train(data, run, config, device="cpu", progress=False)
+
+
+def test_training_data_that_cannot_train_is_refused_before_any_training(dataset, tmp_path):
+    import shutil
+
+    import nibabel as nib
+
+    config = preset("smoke")
+    with pytest.raises(ConfigError, match=r"validation fraction must be in \[0, 1\)"):
+        train(dataset, tmp_path / "a", config, device="cpu", progress=False, val_fraction=1.0)
+    with pytest.raises(ConfigError, match="at least 2 patients"):  # one case left to train on, two folds
+        train(dataset, tmp_path / "b", config, device="cpu", progress=False,
+              val_cases=["case_00000", "case_00001", "case_00002"])
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    seg = nib.load(str(data / "case_00002" / "segmentation.nii.gz"))
+    labels = np.asarray(seg.dataobj).copy()
+    labels[labels == 2] = 3  # KiTS21's cyst label
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(data / "case_00002" / "segmentation.nii.gz"))
+    with pytest.raises(InputError, match="case_00002/segmentation.nii.gz: holds label 3"):
+        train(data, tmp_path / "c", config, device="cpu", progress=False)
 
 
 def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..atomic import atomic_path, require_free_space
-from ..config import MaskConfig, PreprocessingConfig
+from ..config import ConfigError, MaskConfig, PreprocessingConfig
 from ..geometry import source_grid_for
 from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
 from ..morphology import dilate_ball
@@ -182,6 +182,10 @@ def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.nd
     """(float16 image, uint8 labels, spacing) on the stage grid, read and prepared as at inference."""
     volume = read_ct(case.image_path)
     labels = read_labels(case.labels_path, like=volume)
+    top = int(labels.array.max())
+    if top > 2:  # labels_to_stage would make them background without a word (KiTS21's cysts are 3)
+        raise InputError(f"{case.labels_path}: holds label {top}; training uses 0 (background), 1 (kidney), "
+                         "2 (tumor): map the others to these first (KiTS21/23: cyst 3 -> kidney 1 or tumor 2)")
     prepared = prepare(volume, config)
     # float16 keeps normalized intensities to within 1e-3 (a fraction of a HU in the window) at half the bytes.
     return prepared.image.astype(np.float16), labels_to_stage(labels.array, prepared.grid), prepared.grid.spacing
@@ -189,14 +193,21 @@ def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.nd
 
 def preparation_workers(processes: int = 1) -> int:
     """Worker processes that prepare cases, per training process (``processes`` on this machine)."""
-    return max(1, min(8, (os.cpu_count() or 1) // processes))  # up to ~2 GB each at the `paper` grid
+    # The cores this job may use (a Slurm or cgroup share), not the node's: up to ~2 GB each at the `paper` grid.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // processes))
 
 
 def labelled_inputs(data_dir: Path) -> list[CaseInput]:
     """The training folder's cases that have ground truth; an error names the folder if there are none."""
     if Path(data_dir).is_file():
         raise InputError(f"{data_dir}: is a file; training takes a folder of KiTS19 case folders")
-    inputs = [c for c in discover_inputs(data_dir) if c.labels_path is not None]
+    found = discover_inputs(data_dir)
+    inputs = [c for c in found if c.labels_path is not None]
+    unlabelled = [c.name for c in found if c.labels_path is None]
+    if inputs and unlabelled:
+        log.warning("%s: %d case(s) without segmentation.nii.gz are not trained on: %s%s", data_dir, len(unlabelled),
+                    ", ".join(unlabelled[:5]), " ..." if len(unlabelled) > 5 else "")
     if not inputs:
         raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
     return inputs
@@ -265,7 +276,9 @@ def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[
     names = sorted(names)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(names))
-    n_val = max(1, int(round(len(names) * val_fraction))) if len(names) > 1 else 0
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+    n_val = max(1, int(round(len(names) * val_fraction))) if len(names) > 1 and val_fraction > 0 else 0
     val = sorted(names[i] for i in order[:n_val])
     return [n for n in names if n not in val], val
 

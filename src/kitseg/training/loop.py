@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import json
 import logging
 import os
@@ -87,7 +88,10 @@ def init_distributed(device_name: str) -> DistInfo:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Rank 0 alone predicts out-of-fold y1 and validates; the others wait at a barrier meanwhile,
+        # which on a large data set outlasts NCCL's 10-minute default and would abort the job.
+        minutes = float(os.environ.get("KITSEG_DIST_TIMEOUT_MIN", "180"))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
     if use_cuda:
         torch.cuda.set_device(local)
     return DistInfo(rank, world, local)
@@ -118,8 +122,24 @@ class StageTask:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as exc:  # torch reports a full disk as a RuntimeError without the path
+        raise OSError(f"{path}: cannot be written ({exc})") from exc
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """A run-folder record: a job killed mid-write must not leave half a JSON file to trip the resume."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        Path(tmp).write_text(json.dumps(data, indent=2))
+
+
+def _read_run_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not readable as JSON ({exc}); restore it or use a new --out folder") from None
 
 
 def _bundle_for(config: TrainConfig, stage: str, module: torch.nn.Module, provenance: dict) -> ModelBundle:
@@ -174,7 +194,15 @@ def train_network(
         state = torch.load(state_path, map_location=device, weights_only=True)  # our own file; no code runs
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        saved_precision = state.get("precision", precision_name(amp_dtype))
+        if saved_precision != precision_name(amp_dtype):  # resumed on another kind of device
+            log.warning("%s: started in %s, resumed in %s", folder, saved_precision, precision_name(amp_dtype))
+        saved_processes = int(state.get("processes", info.world_size))
+        if saved_processes != info.world_size:  # each process draws batch / processes samples
+            log.warning("%s: started with %d process(es), resumed with %d: the batches differ from then on",
+                        folder, saved_processes, info.world_size)
+        if state["scaler"] and scaler.is_enabled():  # a run begun without float16 saved no loss scale
+            scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         step, best = int(state["step"]), float(state["best"])
         if state.get("finished"):
@@ -215,8 +243,8 @@ def train_network(
                                            "seconds": round(time.perf_counter() - epoch_start, 2)})
                     _atomic_torch_save(
                         {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "scheduler": scheduler.state_dict(),
-                         "step": step, "best": best, "finished": step >= task.steps},
+                         "scheduler": scheduler.state_dict(), "precision": precision_name(amp_dtype),
+                         "processes": info.world_size, "step": step, "best": best, "finished": step >= task.steps},
                         state_path,
                     )
                     _plot_curves(log_path, folder / "curves.png")
@@ -468,7 +496,7 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
 def _check_init(run_dir: Path, record: dict | None) -> None:
     """A run started from given weights must resume from the same ones (and one without, without)."""
     path = run_dir / "init.json"
-    previous = json.loads(path.read_text()) if path.is_file() else None
+    previous = _read_run_json(path) if path.is_file() else None
     started = any((run_dir / d / "state.pt").is_file() for d in ("stage1", "stage2"))
 
     def hashes(r: dict | None) -> dict | None:  # the same weights may sit at another path now
@@ -479,9 +507,25 @@ def _check_init(run_dir: Path, record: dict | None) -> None:
                if previous else "no --init-from")
         raise ConfigError(f"{run_dir}: this run was started with {was}; resume it the same way or use a new --out folder")
     if record is not None:
-        path.write_text(json.dumps(record, indent=2))
+        _write_json_atomic(path, record)
     elif not started:
         path.unlink(missing_ok=True)  # a start from scratch after all: forget the earlier choice
+
+
+def _check_split_still_fits(split: dict, by_name: dict, val_cases: list[str] | None, data_dir: Path,
+                            run_dir: Path) -> None:
+    """A resumed run keeps its split: refuse what would change it, say what it leaves out."""
+    missing = sorted((set(split["train"]) | set(split["validation"])) - set(by_name))
+    if missing:
+        raise ConfigError(f"{data_dir}: case(s) of this run's split ({run_dir / 'split.json'}) are gone: "
+                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; restore them or use a new --out folder")
+    if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
+        raise ConfigError(f"--val-cases differ from the validation cases this run began with ({run_dir / 'split.json'}); "
+                          "resume without --val-cases or with the same ones, or use a new --out folder")
+    added = sorted(set(by_name) - set(split["train"]) - set(split["validation"]))
+    if added:
+        log.warning("%s: %d case(s) added since this run began are not used (its split is kept): %s%s", data_dir,
+                    len(added), ", ".join(added[:5]), " ..." if len(added) > 5 else "")
 
 
 def _check_config(run_dir: Path, config: TrainConfig) -> None:
@@ -490,14 +534,43 @@ def _check_config(run_dir: Path, config: TrainConfig) -> None:
     current = json.loads(json.dumps(config.to_dict()))  # as it reads back from JSON (tuples -> lists)
     if path.is_file():
         # Read through the recipe class, so a field added since the run began compares at its default.
-        previous = json.loads(json.dumps(TrainConfig.from_dict(json.loads(path.read_text())).to_dict()))
+        previous = json.loads(json.dumps(TrainConfig.from_dict(_read_run_json(path)).to_dict()))
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
             raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: {', '.join(changed)}); "
                               "use a new --out folder")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2))
+        _write_json_atomic(path, current)
+
+
+OOF_SOURCES = "sources.json"  # in oof_y1/: the prepared case each y1 was predicted from
+
+
+def _record_oof_source(oof_dir: Path, case: StageCase) -> None:
+    if case.cache_stem is None:
+        return
+    path = oof_dir / OOF_SOURCES
+    sources = json.loads(path.read_text()) if path.is_file() else {}
+    sources[case.name] = case.cache_stem.name
+    _write_json_atomic(path, sources)
+
+
+def _forget_stale_oof_y1(oof_dir: Path, cases: list[StageCase], info: DistInfo) -> None:
+    """Delete the out-of-fold y1 of cases whose CT or label file changed since (they are predicted again)."""
+    path = oof_dir / OOF_SOURCES
+    if not info.is_main or not path.is_file():
+        _barrier(info)
+        return
+    sources = json.loads(path.read_text())
+    stale = [c for c in cases if c.cache_stem is not None and sources.get(c.name, c.cache_stem.name) != c.cache_stem.name]
+    for case in stale:
+        (oof_dir / f"{case.name}.npy").unlink(missing_ok=True)
+        sources.pop(case.name)
+    if stale:
+        log.info("%s: y1 of %d case(s) whose files changed will be predicted again", oof_dir, len(stale))
+        _write_json_atomic(path, sources)
+    _barrier(info)
 
 
 def train(
@@ -546,7 +619,8 @@ def train(
     by_name = {c.name: c for c in cases}
     split_path = run_dir / "split.json"
     if split_path.is_file():
-        split = json.loads(split_path.read_text())
+        split = _read_run_json(split_path)
+        _check_split_still_fits(split, by_name, val_cases, data_dir, run_dir)
     else:
         if val_cases is not None:
             unknown = sorted(set(val_cases) - set(by_name))
@@ -556,8 +630,10 @@ def train(
         else:
             tr, va = split_cases(list(by_name), val_fraction, config.seed)
             split = {"train": tr, "validation": va}
+        if not split["train"]:
+            raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
         if info.is_main:
-            split_path.write_text(json.dumps(split, indent=2))
+            _write_json_atomic(split_path, split)
     train_cases = [by_name[n] for n in split["train"]]
     val_set = [by_name[n] for n in split["validation"]]
     seen = {key: c.name for c in train_cases for key in source_keys(c)}
@@ -580,6 +656,10 @@ def train(
     oof_dir = run_dir / "oof_y1"
     oof_dir.mkdir(parents=True, exist_ok=True)
     folds = out_of_fold_split(train_cases, config.oof_folds)
+    if any(not fold or len(fold) == len(train_cases) for fold in folds):
+        raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
+                          f"(--set oof_folds=K; images of one mask count once); this split has fewer")
+    _forget_stale_oof_y1(oof_dir, train_cases, info)
     for k, held_out in enumerate(folds):
         if all((oof_dir / f"{c.name}.npy").is_file() for c in held_out):
             continue
@@ -594,6 +674,7 @@ def train(
                     continue
                 y1 = predict_y1(module, [case], config, torch_device, mask_slices_only=True)[case.name]
                 save_npy(oof_dir / f"{case.name}.npy", y1.astype(np.float16))
+                _record_oof_source(oof_dir, case)
         _barrier(info)
     oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy", mmap_mode="r") for c in train_cases}  # mapped, as the cases
 
