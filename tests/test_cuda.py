@@ -51,6 +51,31 @@ def test_resume_on_cuda_continues_the_interrupted_run(dataset, tmp_path, monkeyp
     assert steps == ["2", "4"]
 
 
+def test_a_run_begun_on_the_cpu_resumes_on_a_float16_gpu(dataset, tmp_path, monkeypatch, caplog):
+    """A CPU (or bfloat16) run saves no loss scale; a T4/V100 resuming it starts a fresh one."""
+    from kitseg.training import preset
+    from kitseg.training.data import load_cases
+    from kitseg.training.loop import DistInfo, stage1_task, train_network
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    config = preset("smoke").replace(steps_per_epoch=2, amp=True)
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    folder = tmp_path / "run"
+    cpu = torch.device("cpu")
+    train_network(stage1_task(cases, [], config, 2, "stage 1", cpu), folder, config, cpu, DistInfo(), "1", {},
+                  progress=False)
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    state["finished"] = False  # as if the job had been stopped at its step-2 checkpoint of 4
+    torch.save(state, folder / "state.pt")
+    gpu = torch.device("cuda")
+    with caplog.at_level("WARNING", logger="kitseg.training.loop"):
+        module = train_network(stage1_task(cases, [], config, 4, "stage 1", gpu), folder, config, gpu, DistInfo(),
+                               "1", {}, progress=False)
+    assert "resumed in mixed float16" in caplog.text
+    assert all(torch.isfinite(t.float()).all() for t in module.state_dict().values())
+    assert torch.load(folder / "state.pt", map_location="cpu", weights_only=True)["scaler"]  # its own scale now
+
+
 def test_train_and_predict_commands_on_cuda(dataset, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     run = tmp_path / "run"
