@@ -76,6 +76,9 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
 
     volume = read_volume(p)
     name = strip_nifti_suffix(p.name)
+    if p.name == "imaging.nii.gz":  # a case folder's CT opened alone: named after its case, as the folder is
+        case = case_from_folder(p.parent)
+        return [ct_layer_data(volume, case.name, case.case_id)]
     if _looks_like_labels(volume.array):
         labels = read_labels(p)
         geometry = LayerGeometry("labels", labels.source, None, name)

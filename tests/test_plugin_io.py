@@ -164,6 +164,7 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
 
     [(ct, ct_kwargs, kind)] = read_kits(str(case_folder / "imaging.nii.gz"))
     assert kind == "image" and geometry_of(ct_kwargs).kind == "ct"
+    assert ct_kwargs["name"] == case_folder.name and geometry_of(ct_kwargs).case_id == case_folder.name[5:]
     affine = nib.load(str(case_folder / "imaging.nii.gz")).affine
     reference = np.asarray(nib.load(str(case_folder / "segmentation.nii.gz")).dataobj)
     for dtype, name in ((np.float32, "reader_a.nii.gz"), (np.int16, "case1_gt.nii.gz")):
