@@ -235,6 +235,14 @@ def test_provenance_summary_follows_each_stage_to_its_training_run():
                         "cpu preset) | trained 2026-12-05 on data_mixr (240 training, 1 validation cases; cpu preset, "
                         "fine-tuned from round3.kseg)")
     assert lines[2] == "stages joined 2026-12-05"
+    # One member of that ensemble taken (combine_stages.py FILE@1) beside a new run: two origins, not three.
+    third = run("2026-12-06", "data_mixe", 480)
+    picked = {"date": "2026-12-06", "combined_from": {"stage2": [
+        {"file": "ens.kseg", "member": 1, "provenance": combined}, {"file": "c.kseg", "provenance": third}]}}
+    members = provenance_summary({"stages": {"2": {}}, "provenance": picked})[0]
+    assert members == ("stage 2: ensemble of 2: trained 2026-12-05 on data_mixr (240 training, 1 validation cases; "
+                       "cpu preset, fine-tuned from round3.kseg) | trained 2026-12-06 on data_mixe (480 training, "
+                       "1 validation cases; cpu preset)")
     kept = provenance_summary({"stages": {"1": {}, "2": {}}, "provenance": second})
     assert kept[0] == "stage 1: kept from round3.kseg (not trained in this run)" and kept[1].startswith("stage 2: trained")
     assert provenance_summary({"stages": {"1": {}}, "provenance": {}}) == ["stage 1: not recorded"]

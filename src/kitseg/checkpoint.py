@@ -306,7 +306,14 @@ def _stage_origins(provenance: Mapping[str, Any], stage: str) -> list[str]:
     combined = provenance.get("combined_from")
     if isinstance(combined, Mapping) and stage in combined:
         entries = combined[stage] if isinstance(combined[stage], list) else [combined[stage]]
-        return [origin for entry in entries for origin in _stage_origins(entry.get("provenance") or {}, stage)]
+        origins = []
+        for entry in entries:
+            found = _stage_origins(entry.get("provenance") or {}, stage)
+            member = entry.get("member")  # FILE@K took one member of that file's ensemble: only its origin
+            if isinstance(member, int) and len(found) > 1 and 0 <= member < len(found):
+                found = [found[member]]
+            origins += found
+        return origins
     init_from = provenance.get("init_from") or {}
     if stage == "stage1" and init_from.get("keep_stage1"):
         return [f"kept from {init_from.get('file', 'another model')} (not trained in this run)"]
