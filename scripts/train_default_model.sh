@@ -27,10 +27,14 @@
 # 3e. round 6 (shipped on 2026-12-05 until round 7): round 5's stage 2 trained 2000 steps more, with
 #    augmentation noise of up to 30 HU instead of 15 (--set augment_noise_hu=30). Set ROUND6=0 to
 #    stop at round 5.
-# 3f. round 7, the shipped model since 2026-12-05: round 6's stage 2 trained 2000 steps more with a
+# 3f. round 7 (shipped on 2026-12-05 until round 8): round 6's stage 2 trained 2000 steps more with a
 #    third image of each training mask, its tumors drawn brighter and new extra tumors grown
 #    (scripts/phantoms_bright_tumors.json, --seed 1); the shipped stage 2 is the ensemble of round
 #    6's and this one (MODEL_CARD.md, "Round 7"). Set ROUND7=0 to stop at round 6.
+# 3g. round 8, the shipped model since 2026-12-05: round 7's new network trained 2000 steps more
+#    with a fourth image of each training mask, bright tumors with new shapes again (--seed 3);
+#    the shipped stage 2 is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 8").
+#    Set ROUND8=0 to stop at round 7.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption. PHANTOM_WORKERS=N draws N phantoms at once (default 2).
 set -euo pipefail
@@ -41,7 +45,7 @@ KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (peak 0.7-1.8 GB each)
 
-train_stage2_more() {  # DATA RUN INIT: rounds 6 and 7, 2000 more stage-2 steps from INIT's, stage 1 kept
+train_stage2_more() {  # DATA RUN INIT: rounds 6 to 8, 2000 more stage-2 steps from INIT's, stage 1 kept
   $KITS train --data "$1" --out "$2" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu --stage2-steps 2000 \
     --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) --init-from "$3" --keep-stage1 \
     --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30
@@ -114,6 +118,22 @@ if [ "${ROUND4:-1}" = 1 ]; then
         [ -f "$MODEL7" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
           --stage2 "$MODEL6" "$WORK/run_r7c/model.kseg" --out "$MODEL7" --mask-radius-mm 20
         MODEL=$MODEL7
+        if [ "${ROUND8:-1}" = 1 ]; then
+          # A fourth image of each training mask: bright tumors again, new shapes again (seed 3).
+          $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_bright_s3" --seed 3 \
+            --params scripts/phantoms_bright_tumors.json --cases $TRAIN
+          mkdir -p "$WORK/data_mixe" "$WORK/run_r9"
+          for f in "$WORK"/data_mixc/*; do ln -sfn "$(realpath "$f")" "$WORK/data_mixe/$(basename "$f")"; done
+          for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_bright_s3/$c")" "$WORK/data_mixe/${c}_bright3"; done
+          # run_r7c's fold models (a mask's images share a fold); only the new images' y1 is predicted.
+          [ -d "$WORK/run_r9/fold1" ] || cp -r "$WORK/run_r7c/fold1" "$WORK/run_r7c/fold2" "$WORK/run_r9/"
+          [ -d "$WORK/run_r9/oof_y1" ] || cp -al "$WORK/run_r7c/oof_y1" "$WORK/run_r9/oof_y1"
+          train_stage2_more "$WORK/data_mixe" "$WORK/run_r9" "$WORK/run_r7c/model.kseg"
+          MODEL8="$WORK/model_round8.kseg"
+          [ -f "$MODEL8" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
+            --stage2 "$MODEL6" "$WORK/run_r9/model.kseg" --out "$MODEL8" --mask-radius-mm 20
+          MODEL=$MODEL8
+        fi
       fi
     fi
   fi
