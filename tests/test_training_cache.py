@@ -134,6 +134,21 @@ def test_training_masks_are_cached_per_mask_recipe(dataset, tmp_path):
     assert len(list((tmp_path / "cache").glob(f"{case.cache_stem.name}.mask-*.npy"))) == 2
 
 
+def test_a_read_only_shared_cache_keeps_new_training_masks_in_memory(dataset, tmp_path, monkeypatch, caplog):
+    config = preset("smoke")
+    case = load_cases(dataset, config.preprocessing, cache_dir=tmp_path / "cache", progress=False)[0]
+
+    def read_only(path, array):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(training_data, "save_npy", read_only)
+    with caplog.at_level("WARNING"):
+        mask = training_mask(case, config.mask)
+    expected = dilate_ball(case.labels > 0, config.mask.radius, config.mask.dilation_spacing(case.spacing))
+    np.testing.assert_array_equal(mask, expected)
+    assert "not writable" in caplog.text and case.name in caplog.text
+
+
 def test_processes_prepare_their_shares_of_the_cases(dataset, tmp_path, monkeypatch):
     from kitseg.training.data import prepare_cases
 

@@ -79,7 +79,12 @@ def training_mask(case: StageCase, mask: MaskConfig) -> np.ndarray:
     recipe = _digest(mask.to_dict(), 12)
     path = _beside(case.cache_stem, f".mask-{recipe}.npy")
     if not path.is_file():
-        save_npy(path, dilate_ball(case.labels > 0, mask.radius, mask.dilation_spacing(case.spacing)))
+        mask_array = dilate_ball(case.labels > 0, mask.radius, mask.dilation_spacing(case.spacing))
+        try:
+            save_npy(path, mask_array)
+        except PermissionError:  # a shared cache prepared by someone else, read-only here: keep it in memory
+            log.warning("%s: not writable; %s's training mask stays in memory", path.parent, case.name)
+            return mask_array
     return np.load(path, mmap_mode="r")
 
 

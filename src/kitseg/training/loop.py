@@ -544,6 +544,16 @@ def _check_config(run_dir: Path, config: TrainConfig) -> None:
         _write_json_atomic(path, current)
 
 
+def _remove_leftover_temporaries(run_dir: Path) -> None:
+    """Files a killed job was writing (``atomic_path``'s ``.NAME.*`` temporaries): never read, only in the way."""
+    if not run_dir.is_dir():
+        return
+    for leftover in [*run_dir.glob(".*.*"), *run_dir.glob("*/.*.*")]:
+        if leftover.is_file() and leftover.suffix in (".tmp", ".npy", ".kseg", ".gz"):
+            log.info("removing %s, left by an interrupted write", leftover)
+            leftover.unlink(missing_ok=True)
+
+
 OOF_SOURCES = "sources.json"  # in oof_y1/: the prepared case each y1 was predicted from
 
 
@@ -606,6 +616,7 @@ def train(
         init_record["keep_stage1"] = True  # part of what a resumed run must repeat
     labelled_inputs(Path(data_dir))  # a wrong --data fails here, before a run folder is made
     if info.is_main:
+        _remove_leftover_temporaries(run_dir)
         _check_config(run_dir, config)
         _check_init(run_dir, init_record)
     _barrier(info)
