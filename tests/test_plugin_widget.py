@@ -55,7 +55,8 @@ def test_viewer_opens_case_folder_through_the_plugin(make_napari_viewer, case_fo
     viewer = make_napari_viewer()
     viewer.open(str(case_folder), plugin="napari-kits")
     viewer.open(str(case_folder / "imaging.nii.gz"), plugin="napari-kits")
-    assert [layer.name for layer in viewer.layers] == ["case_00007", "case_00007 ground truth", "imaging"]
+    # The folder's CT opened alone is named after its case too (napari tells the two apart).
+    assert [layer.name for layer in viewer.layers] == ["case_00007", "case_00007 ground truth", "case_00007 [1]"]
     ct, gt, _ = viewer.layers
     assert gt.__class__.__name__ == "Labels" and gt.data.shape == ct.data.shape
     np.testing.assert_allclose(ct.scale, (2.5, 1.5, 1.5))
