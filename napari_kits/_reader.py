@@ -1,8 +1,9 @@
 """npe2 reader: a CT as a NIfTI file or a KiTS19 case folder (with its ground truth, if any).
 
 A NIfTI that holds a label map (a few small whole numbers, stored as any type: a KiTS19
-``segmentation.nii.gz``, a saved prediction) opens as a labels layer, and a saved probability
-map (values in 0..1: a ``_y1``) as a probability image, so results and references can be
+``segmentation.nii.gz``, a saved prediction) opens as a labels layer, a saved probability
+map (values in 0..1: a ``_y1``) as a probability image and a ``_probs`` file (channels last)
+as one per class, so results and references can be
 re-opened over their CT and neither is offered as a CT to segment. All axis handling is the
 engine's (:mod:`kitseg.io`).
 """
@@ -61,7 +62,7 @@ def _looks_like_probability(array: np.ndarray) -> bool:
 def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
     from kitseg.geometry import strip_nifti_suffix
-    from kitseg.io import case_from_folder, read_labels, read_volume
+    from kitseg.io import case_from_folder, nifti_shape, read_labels, read_volume
 
     p = _single_path(path)
     if p.is_dir():
@@ -74,8 +75,10 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
             layers.append(ground_truth_layer_data(ct.like(gt.array), case.name, case.case_id))
         return layers
 
-    volume = read_volume(p)
     name = strip_nifti_suffix(p.name)
+    if len(nifti_shape(p)) == 4:  # class probabilities, channels last (`kits-seg predict --save-intermediates`)
+        return _probability_layers(p, name)
+    volume = read_volume(p)
     if p.name == "imaging.nii.gz":  # a case folder's CT opened alone: named after its case, as the folder is
         case = case_from_folder(p.parent)
         return [ct_layer_data(volume, case.name, case.case_id)]
@@ -87,3 +90,21 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
         geometry = LayerGeometry("probability", volume.source, None, name)
         return [(volume.array, probability_layer_kwargs(name, geometry, volume.affine), "image")]
     return [ct_layer_data(volume, name)]
+
+
+def _probability_layers(path: Path, name: str) -> list[tuple]:
+    """One probability image per foreground class of a ``_probs`` file, over its CT."""
+    from kitseg.config import KITS_LABELS
+    from kitseg.io import read_probabilities
+
+    probs = read_probabilities(path)
+    channels = probs.array.shape[3]
+    classes = KITS_LABELS.names if channels == len(KITS_LABELS.names) else [f"class {k}" for k in range(channels)]
+    colormaps = {"kidney": "red", "tumor": "yellow"}
+    geometry = LayerGeometry("probability", probs.source, None, name)
+    return [
+        (np.ascontiguousarray(probs.array[..., k]),
+         probability_layer_kwargs(f"{name} P({classes[k]})", geometry, probs.affine,
+                                  colormap=colormaps.get(classes[k], "magma")), "image")
+        for k in range(1, channels)  # background is 1 - the rest
+    ]

@@ -178,3 +178,23 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
     np.testing.assert_allclose(data, probability, atol=0.5 / 255 + 1e-6)
     again = save_layer(data, geometry_of(kwargs), tmp_path / "scan_y1_again.nii.gz")  # and back out
     assert nib.load(str(again)).get_fdata().max() == pytest.approx(1.0)
+
+
+def test_a_saved_class_probability_file_opens_as_one_layer_per_class(tmp_path, case_folder):
+    """`kits-seg predict --save-intermediates` writes NAME_probs (channels last): it opens over its CT."""
+    from kitseg.io import read_ct, write_on_source_grid
+    from napari_kits._layers import geometry_of
+
+    ct = read_ct(case_folder)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=ct.shape).astype(np.float32)  # (Z, Y, X, 3), rows sum to 1
+    path = write_on_source_grid(np.round(probs * 255).astype(np.uint8), ct.source, tmp_path / "scan_probs.nii.gz",
+                                scale=1.0 / 255.0)
+    layers = read_kits(str(path))
+    assert [(kwargs["name"], kind) for _, kwargs, kind in layers] == [
+        ("scan_probs P(kidney)", "image"), ("scan_probs P(tumor)", "image")]
+    for k, (data, kwargs, _) in enumerate(layers, start=1):
+        assert geometry_of(kwargs).kind == "probability" and data.shape == ct.shape
+        np.testing.assert_allclose(data, probs[..., k], atol=0.5 / 255 + 1e-6)
+    [(_, ct_kwargs, _), _] = read_kits(str(case_folder))
+    assert layers[0][1]["scale"] == ct_kwargs["scale"] and layers[0][1]["translate"] == ct_kwargs["translate"]

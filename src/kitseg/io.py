@@ -197,6 +197,11 @@ def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
         raise InputError(f"{path}: {exc}") from None
 
 
+def nifti_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The array shape a NIfTI header declares, 3D or 3D + channels (the voxels are not read)."""
+    return tuple(int(n) for n in _load_nifti(Path(path), channels_ok=True).shape)
+
+
 def check_nifti_header(path: str | os.PathLike) -> None:
     """Read only the header: an InputError names a file that is not a usable 3D NIfTI (the voxels are not read)."""
     _load_nifti(Path(path))
