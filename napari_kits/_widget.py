@@ -1132,10 +1132,16 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_nam
 
 
 def _same_ct_grid(a: Any, b: Any) -> bool:
-    """Two layers' CT geometries agree (layers without one are judged by shape alone)."""
+    """Two layers' CT geometries agree, as the engine checks it (layers without one: by shape alone)."""
+    from kitseg.io import InputError, check_same_grid
+
     if a is None or b is None or a.source is None or b.source is None:
         return True
-    return a.source.shape == b.source.shape and np.allclose(a.source.affine, b.source.affine, atol=1e-3)
+    try:
+        check_same_grid(a.source, b.source)
+    except InputError:
+        return False
+    return True
 
 
 def _voxel_size(geometry: Any) -> tuple | None:
