@@ -82,11 +82,13 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     if p.name == "imaging.nii.gz":  # a case folder's CT opened alone: named after its case, as the folder is
         case = case_from_folder(p.parent)
         return [ct_layer_data(volume, case.name, case.case_id)]
-    if _looks_like_labels(volume.array):
+    probability = _looks_like_probability(volume.array)
+    # A y1 where stage 1 found nothing is all zeros, which looks like empty labels: its name says otherwise.
+    if _looks_like_labels(volume.array) and not (probability and name.endswith("_y1")):
         labels = read_labels(p)
         geometry = LayerGeometry("labels", labels.source, None, name)
         return [(labels.array, labels_layer_kwargs(name, geometry, labels.affine), "labels")]
-    if _looks_like_probability(volume.array):  # shown over its CT, never offered as a CT to segment
+    if probability:  # shown over its CT, never offered as a CT to segment
         geometry = LayerGeometry("probability", volume.source, None, name)
         return [(volume.array, probability_layer_kwargs(name, geometry, volume.affine), "image")]
     return [ct_layer_data(volume, name)]
@@ -95,9 +97,12 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
 def _probability_layers(path: Path, name: str) -> list[tuple]:
     """One probability image per foreground class of a ``_probs`` file, over its CT."""
     from kitseg.config import KITS_LABELS
-    from kitseg.io import read_probabilities
+    from kitseg.io import InputError, read_probabilities
 
     probs = read_probabilities(path)
+    if probs.array.min() < 0.0 or probs.array.max() > 1.0:  # a multi-phase CT, say: not a result of this tool
+        raise InputError(f"{path}: a 4D volume whose values are not probabilities (0..1); napari-kits reads "
+                         "3D CTs and the class probabilities it writes")
     channels = probs.array.shape[3]
     classes = KITS_LABELS.names if channels == len(KITS_LABELS.names) else [f"class {k}" for k in range(channels)]
     colormaps = {"kidney": "red", "tumor": "yellow"}

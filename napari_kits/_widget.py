@@ -885,7 +885,7 @@ class KitsWidget(QWidget):
             self.status.setText("Stage 2 cancelled: the labels were not changed.")
         if self._ct_closed_during_run:
             self._ct_closed_during_run = False
-            self.status.setText(f"{task} stopped: its CT layer was closed; its results were discarded.")
+            self.status.setText(f"{task} stopped: its CT layer was closed.")
         if task == "run all" and session is not None and self._live(session.y1_layer):
             session.y1_layer.refresh()
         self.run_finished.emit(task, outcome)

@@ -198,3 +198,11 @@ def test_a_saved_class_probability_file_opens_as_one_layer_per_class(tmp_path, c
         np.testing.assert_allclose(data, probs[..., k], atol=0.5 / 255 + 1e-6)
     [(_, ct_kwargs, _), _] = read_kits(str(case_folder))
     assert layers[0][1]["scale"] == ct_kwargs["scale"] and layers[0][1]["translate"] == ct_kwargs["translate"]
+    # A 4D volume of other values (a multi-phase CT, say) is not taken for probabilities.
+    phases = _save(np.full((4, 5, 6, 2), -100, np.int16), np.eye(4), tmp_path / "twophase.nii.gz")
+    with pytest.raises(ValueError, match="twophase.nii.gz: a 4D volume whose values are not probabilities"):
+        read_kits(str(phases))
+    # A y1 where stage 1 found nothing (all zeros) is still a probability map, not empty labels.
+    empty = write_on_source_grid(np.zeros(ct.shape, np.uint8), ct.source, tmp_path / "scan_y1.nii.gz", scale=1 / 255)
+    [(_, kwargs, kind)] = read_kits(str(empty))
+    assert kind == "image" and geometry_of(kwargs).kind == "probability"

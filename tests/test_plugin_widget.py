@@ -488,5 +488,5 @@ def test_closing_the_ct_during_a_run_stops_it(qtbot, viewer_widget, monkeypatch)
         worker = widget.run_all()
         worker.yielded.connect(close_on_first_batch)
     assert blocker.args == ["run all", "cancelled"]
-    assert "its CT layer was closed" in widget.status.text() and not widget.busy
+    assert "stopped: its CT layer was closed" in widget.status.text() and not widget.busy
     assert widget._session is None

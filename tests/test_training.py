@@ -269,9 +269,11 @@ def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset,
     shutil.copytree(data / split["train"][1], data / "case_00099")  # added after the run began
     leftover = run / "stage2" / ".state.pt.k1ll3d.tmp"  # what a job killed mid-save leaves
     leftover.write_bytes(b"half a checkpoint")
+    other_run_writing = run / "cache" / ".case_00001-abc.mask-def.npy.x1y2.npy"  # a cache may be shared
+    other_run_writing.write_bytes(b"being written")
     with caplog.at_level("WARNING"):
         assert train(data, run, config, device="cpu", progress=False) == model
-    assert not leftover.exists() and (run / "stage2" / "state.pt").is_file()
+    assert not leftover.exists() and (run / "stage2" / "state.pt").is_file() and other_run_writing.exists()
     assert "1 case(s) added since this run began are not used" in caplog.text
     now = {p.name: p.stat().st_mtime_ns for p in (run / "oof_y1").glob("*.npy")}
     assert now[f"{edited}.npy"] != oof[f"{edited}.npy"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import os
 import shutil
 from dataclasses import replace
@@ -138,8 +140,8 @@ def test_a_read_only_shared_cache_keeps_new_training_masks_in_memory(dataset, tm
     config = preset("smoke")
     case = load_cases(dataset, config.preprocessing, cache_dir=tmp_path / "cache", progress=False)[0]
 
-    def read_only(path, array):
-        raise PermissionError(13, "Permission denied", str(path))
+    def read_only(path, array):  # a read-only mount (NFS, a container's :ro volume) answers EROFS, not EACCES
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(training_data, "save_npy", read_only)
     with caplog.at_level("WARNING"):

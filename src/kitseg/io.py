@@ -121,8 +121,11 @@ def _without_outputs(cases: list[CaseInput], folder: Path) -> list[CaseInput]:
     return kept
 
 
-def _load_nifti(path: Path, channels_ok: bool = False) -> nib.Nifti1Image:
-    """Open a NIfTI header; 3D, or 4D with channels last when ``channels_ok``."""
+def _load_nifti(path: Path, channels_ok: bool = False, report: bool = True) -> nib.Nifti1Image:
+    """Open a NIfTI header; 3D, or 4D with channels last when ``channels_ok``.
+
+    ``report=False`` leaves nibabel's harmless header repairs unsaid (a later full read says them).
+    """
     nibabel_log = logging.getLogger("nibabel.global")
     fixes = _HeaderFixes()
     # nibabel prints these through a handler of its own: hear them instead, and say them once, with the file.
@@ -142,7 +145,8 @@ def _load_nifti(path: Path, channels_ok: bool = False) -> nib.Nifti1Image:
         if "pixdim" in message and "non-zero" in message and sform_code == 0:
             # Without an sform the voxel sizes are the geometry: a made-up 1 mm would resample wrongly.
             raise InputError(f"{path}: the header gives a voxel size of 0 (pixdim) and no sform to take it from")
-        log.warning("%s: nibabel repaired the header: %s", path, message)
+        if report:
+            log.warning("%s: nibabel repaired the header: %s", path, message)
     if len(img.shape) == 4 and img.shape[3] == 1:
         img = img.slicer[..., 0]
     if not (len(img.shape) == 3 or (channels_ok and len(img.shape) == 4)):
@@ -199,12 +203,12 @@ def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
 
 def nifti_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """The array shape a NIfTI header declares, 3D or 3D + channels (the voxels are not read)."""
-    return tuple(int(n) for n in _load_nifti(Path(path), channels_ok=True).shape)
+    return tuple(int(n) for n in _load_nifti(Path(path), channels_ok=True, report=False).shape)
 
 
 def check_nifti_header(path: str | os.PathLike) -> None:
     """Read only the header: an InputError names a file that is not a usable 3D NIfTI (the voxels are not read)."""
-    _load_nifti(Path(path))
+    _load_nifti(Path(path), report=False)
 
 
 def _xform_code(img: nib.Nifti1Image) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import logging
 import os
 import re
@@ -82,7 +83,9 @@ def training_mask(case: StageCase, mask: MaskConfig) -> np.ndarray:
         mask_array = dilate_ball(case.labels > 0, mask.radius, mask.dilation_spacing(case.spacing))
         try:
             save_npy(path, mask_array)
-        except PermissionError:  # a shared cache prepared by someone else, read-only here: keep it in memory
+        except OSError as exc:  # a shared cache prepared by someone else, read-only here: keep it in memory
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             log.warning("%s: not writable; %s's training mask stays in memory", path.parent, case.name)
             return mask_array
     return np.load(path, mmap_mode="r")

@@ -545,11 +545,16 @@ def _check_config(run_dir: Path, config: TrainConfig) -> None:
 
 
 def _remove_leftover_temporaries(run_dir: Path) -> None:
-    """Files a killed job was writing (``atomic_path``'s ``.NAME.*`` temporaries): never read, only in the way."""
-    if not run_dir.is_dir():
+    """Files a killed job was writing (``atomic_path``'s ``.NAME.*`` temporaries): never read, only in the way.
+
+    Only in a run folder this tool made (it holds ``config.json``), and only in the folders the
+    run alone writes: a cache may be shared with another run writing to it right now.
+    """
+    if not (run_dir / "config.json").is_file():
         return
-    for leftover in [*run_dir.glob(".*.*"), *run_dir.glob("*/.*.*")]:
-        if leftover.is_file() and leftover.suffix in (".tmp", ".npy", ".kseg", ".gz"):
+    folders = [run_dir, *(d for d in run_dir.iterdir() if d.is_dir() and d.name != "cache")]
+    for leftover in (f for folder in folders for f in folder.glob(".*.*")):
+        if leftover.is_file() and leftover.suffix in (".tmp", ".npy", ".kseg"):
             log.info("removing %s, left by an interrupted write", leftover)
             leftover.unlink(missing_ok=True)
 
