@@ -136,10 +136,3 @@ def ground_truth_layer_data(labels: Any, ct_name: str, case_id: str | None = Non
     kwargs = labels_layer_kwargs(f"{ct_name} ground truth", geometry, labels.affine, opacity=0.45)
     return (labels.array, kwargs, "labels")
 
-
-def stray_labels(labels: np.ndarray) -> list[int]:
-    """Values other than KiTS19's 0, 1, 2 (napari's brush paints whatever number is picked)."""
-    labels = np.asarray(labels)
-    if labels.size == 0 or labels.max() <= 2:
-        return []
-    return [int(v) for v in np.unique(labels[labels > 2])]

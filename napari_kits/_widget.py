@@ -53,7 +53,6 @@ from ._layers import (
     geometry_of,
     labels_layer_kwargs,
     probability_layer_kwargs,
-    stray_labels,
 )
 from ._settings import kits_settings, read_bool, read_float
 
@@ -1119,10 +1118,11 @@ def _checksum(labels: np.ndarray) -> tuple:
 
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference") -> tuple:
     """Worker body: the engine's KiTS19 scores and per-slice Dice curves."""
+    from kitseg.config import KITS_LABELS
     from kitseg.metrics import kits_scores, per_slice_dice
 
     for layer_name, labels in ((name, pred), (ref_name, ref)):
-        stray = stray_labels(labels)
+        stray = KITS_LABELS.stray_values(labels)
         if stray:
             raise ValueError(f"{layer_name} holds label {', '.join(map(str, stray))}: KiTS19 labels are 0 "
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")

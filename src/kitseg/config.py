@@ -122,6 +122,20 @@ class LabelMap:
         except ValueError:
             raise ConfigError(f"no label {name!r}; labels are {', '.join(self.names)}") from None
 
+    def stray_values(self, labels: Any) -> list[int]:
+        """The values of a label array that name no class here (a painted 3, KiTS21's cysts), sorted.
+
+        Anything above the last class would count as kidney in KiTS19 scoring (``label > 0``) and
+        as background in training; callers refuse it, each saying what to do about it.
+        """
+        import numpy as np
+
+        labels = np.asarray(labels)
+        last = len(self.names) - 1
+        if labels.size == 0 or labels.max() <= last:
+            return []
+        return [int(v) for v in np.unique(labels[labels > last])]
+
     def to_dict(self) -> dict[str, Any]:
         return {"names": list(self.names)}
 

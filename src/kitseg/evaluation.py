@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
 from .geometry import strip_nifti_suffix
 from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, read_labels
 from .metrics import CaseScores, kits_scores
@@ -81,9 +82,10 @@ def unpaired_references(pairs: list[EvaluationPair], pred: Path, gt: Path) -> li
 
 def _check_kits_labels(volume, path: Path) -> None:
     """KiTS19 label maps hold 0, 1 and 2 only: another value would be scored as kidney without a word."""
-    top = int(volume.array.max())
-    if top > 2:
-        raise InputError(f"{path}: holds label {top}; KiTS19 labels are 0 (background), 1 (kidney), 2 (tumor)")
+    stray = KITS_LABEL_MAP.stray_values(volume.array)
+    if stray:
+        raise InputError(f"{path}: holds label {', '.join(map(str, stray))}; KiTS19 labels are 0 (background), "
+                         "1 (kidney), 2 (tumor)")
 
 
 def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0) -> list[CaseScores]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..atomic import atomic_path, require_free_space
-from ..config import ConfigError, MaskConfig, PreprocessingConfig
+from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig
 from ..geometry import source_grid_for
 from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
 from ..morphology import dilate_ball
@@ -190,10 +190,11 @@ def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.nd
     """(float16 image, uint8 labels, spacing) on the stage grid, read and prepared as at inference."""
     volume = read_ct(case.image_path)
     labels = read_labels(case.labels_path, like=volume)
-    top = int(labels.array.max())
-    if top > 2:  # labels_to_stage would make them background without a word (KiTS21's cysts are 3)
-        raise InputError(f"{case.labels_path}: holds label {top}; training uses 0 (background), 1 (kidney), "
-                         "2 (tumor): map the others to these first (KiTS21/23: cyst 3 -> kidney 1 or tumor 2)")
+    stray = KITS_LABELS.stray_values(labels.array)
+    if stray:  # labels_to_stage would make them background without a word (KiTS21's cysts are 3)
+        raise InputError(f"{case.labels_path}: holds label {', '.join(map(str, stray))}; training uses 0 "
+                         "(background), 1 (kidney), 2 (tumor): map the others to these first (KiTS21/23: cyst 3 -> "
+                         "kidney 1 or tumor 2)")
     prepared = prepare(volume, config)
     # float16 keeps normalized intensities to within 1e-3 (a fraction of a HU in the window) at half the bytes.
     return prepared.image.astype(np.float16), labels_to_stage(labels.array, prepared.grid), prepared.grid.spacing
