@@ -24,6 +24,7 @@ from ._layers import (
     probability_layer_kwargs,
 )
 
+
 def _single_path(path: str | os.PathLike | list) -> Path | None:
     if isinstance(path, (list, tuple)):
         if len(path) != 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layers import LayerGeometry, stray_labels
+from ._layers import LayerGeometry
 
 #: What each kind of layer is called in output file names (kitseg.outputs naming).
 _SUFFIX = {"y1": "y1", "mask": "mask", "probability": "probs"}
@@ -57,7 +57,7 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     from kitseg.io import write_labels
-    from kitseg.outputs import write_stage_mask, write_stage_probability
+    from kitseg.outputs import write_probability, write_stage_mask, write_stage_probability
 
     if geometry is None:
         raise SaveError(
@@ -73,12 +73,11 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
             np.asarray(data, np.float32), geometry.stage_grid, geometry.source, path, overwrite=overwrite
         )
     if geometry.kind in ("y1", "probability"):  # a probability map re-opened from a file: on the CT's grid
-        from kitseg.io import write_on_source_grid
-
-        quantized = np.round(np.clip(np.asarray(data, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
-        return write_on_source_grid(quantized, geometry.source, path, overwrite=overwrite, scale=1.0 / 255.0)
+        return write_probability(data, geometry.source, path, overwrite=overwrite)
     if geometry.kind in ("labels", "ground_truth"):
-        stray = stray_labels(data)
+        from kitseg.config import KITS_LABELS
+
+        stray = KITS_LABELS.stray_values(data)
         if stray:  # another tool would score them as kidney without a word
             raise SaveError(f"the layer holds label {', '.join(map(str, stray))}: KiTS19 labels are 0 (background), "
                             "1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them, then save")

@@ -33,9 +33,20 @@ def probability_to_source_uint8(grid: StageGrid, stage: np.ndarray) -> np.ndarra
     channels = stage.shape[:-3]
     out = np.empty(grid.source_shape + channels, np.uint8)
     for i, plane in grid.iter_to_source(stage):
-        plane = np.clip(plane * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        plane = _probability_uint8(plane)
         out[i] = np.moveaxis(plane, 0, -1) if channels else plane
     return out
+
+
+def _probability_uint8(probability: np.ndarray) -> np.ndarray:
+    """0..1 as 0..255, rounded: what the files' slope 1/255 reads back."""
+    return np.clip(probability * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_probability(probability: np.ndarray, source: SourceGrid, path: Path, overwrite: bool = False) -> Path:
+    """Write a probability map already on the CT's internal grid (uint8, slope 1/255), as the stage maps are."""
+    return write_on_source_grid(_probability_uint8(np.asarray(probability, np.float32)), source, path,
+                                overwrite=overwrite, scale=1.0 / 255.0)
 
 
 def write_stage_probability(stage: np.ndarray, grid: StageGrid, source: SourceGrid, path: Path,
