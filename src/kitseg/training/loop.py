@@ -562,22 +562,14 @@ def _remove_leftover_temporaries(run_dir: Path) -> None:
 OOF_SOURCES = "sources.json"  # in oof_y1/: the prepared case each y1 was predicted from
 
 
-def _record_oof_source(oof_dir: Path, case: StageCase) -> None:
-    if case.cache_stem is None:
-        return
-    path = oof_dir / OOF_SOURCES
-    sources = json.loads(path.read_text()) if path.is_file() else {}
-    sources[case.name] = case.cache_stem.name
-    _write_json_atomic(path, sources)
+def _forget_stale_oof_y1(oof_dir: Path, cases: list[StageCase], info: DistInfo) -> dict[str, str]:
+    """Delete the out-of-fold y1 of cases whose CT or label file changed since (they are predicted again).
 
-
-def _forget_stale_oof_y1(oof_dir: Path, cases: list[StageCase], info: DistInfo) -> None:
-    """Delete the out-of-fold y1 of cases whose CT or label file changed since (they are predicted again)."""
+    Returns what ``oof_y1/sources.json`` records (case -> the prepared case its y1 came from), for
+    the main process to add the y1 it predicts next; other processes get an empty record.
+    """
     path = oof_dir / OOF_SOURCES
-    if not info.is_main or not path.is_file():
-        _barrier(info)
-        return
-    sources = json.loads(path.read_text())
+    sources = json.loads(path.read_text()) if info.is_main and path.is_file() else {}
     stale = [c for c in cases if c.cache_stem is not None and sources.get(c.name, c.cache_stem.name) != c.cache_stem.name]
     for case in stale:
         (oof_dir / f"{case.name}.npy").unlink(missing_ok=True)
@@ -586,6 +578,7 @@ def _forget_stale_oof_y1(oof_dir: Path, cases: list[StageCase], info: DistInfo) 
         log.info("%s: y1 of %d case(s) whose files changed will be predicted again", oof_dir, len(stale))
         _write_json_atomic(path, sources)
     _barrier(info)
+    return sources
 
 
 def train(
@@ -675,7 +668,7 @@ def train(
     if any(not fold or len(fold) == len(train_cases) for fold in folds):
         raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
                           f"(--set oof_folds=K; images of one mask count once); this split has fewer")
-    _forget_stale_oof_y1(oof_dir, train_cases, info)
+    oof_sources = _forget_stale_oof_y1(oof_dir, train_cases, info)
     for k, held_out in enumerate(folds):
         if all((oof_dir / f"{c.name}.npy").is_file() for c in held_out):
             continue
@@ -690,7 +683,9 @@ def train(
                     continue
                 y1 = predict_y1(module, [case], config, torch_device, mask_slices_only=True)[case.name]
                 save_npy(oof_dir / f"{case.name}.npy", y1.astype(np.float16))
-                _record_oof_source(oof_dir, case)
+                if case.cache_stem is not None:  # in step with the files: an interruption loses no record
+                    oof_sources[case.name] = case.cache_stem.name
+                    _write_json_atomic(oof_dir / OOF_SOURCES, oof_sources)
         _barrier(info)
     oof_y1 = {c.name: np.load(oof_dir / f"{c.name}.npy", mmap_mode="r") for c in train_cases}  # mapped, as the cases
 
