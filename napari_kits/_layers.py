@@ -44,6 +44,8 @@ class LayerGeometry:
             else ``None`` (the layer is on the CT's internal grid).
         ct_name: name of the CT layer the layer belongs to (output file names derive from it).
         case_id: the KiTS19 case number ("00042") when the CT came from a case folder.
+        source_holds: what the file at ``source.path`` holds: the CT, or for a result opened
+            from a file (to correct it, or show it over its CT), that result's kind.
     """
 
     kind: Kind
@@ -51,13 +53,14 @@ class LayerGeometry:
     stage_grid: Any = None
     ct_name: str = "volume"
     case_id: str | None = None
+    source_holds: Kind = "ct"
 
     @property
     def on_stage_grid(self) -> bool:
         return self.stage_grid is not None
 
     def with_kind(self, kind: Kind, stage_grid: Any = None) -> "LayerGeometry":
-        return LayerGeometry(kind, self.source, stage_grid, self.ct_name, self.case_id)
+        return LayerGeometry(kind, self.source, stage_grid, self.ct_name, self.case_id, self.source_holds)
 
 
 def placement(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -87,12 +87,17 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     # A y1 where stage 1 found nothing is all zeros, which looks like empty labels: its name says otherwise.
     if _looks_like_labels(volume.array) and not (probability and name.endswith("_y1")):
         labels = read_labels(p)
-        geometry = LayerGeometry("labels", labels.source, None, name)
+        geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels")
         return [(labels.array, labels_layer_kwargs(name, geometry, labels.affine), "labels")]
     if probability:  # shown over its CT, never offered as a CT to segment
-        geometry = LayerGeometry("probability", volume.source, None, name)
-        return [(volume.array, probability_layer_kwargs(name, geometry, volume.affine), "image")]
+        return [_probability_layer(volume.array, volume, name, name)]
     return [ct_layer_data(volume, name)]
+
+
+def _probability_layer(array: np.ndarray, volume, file_stem: str, layer_name: str, colormap: str = "inferno") -> tuple:
+    """A probability map read from a file (``volume``: its grid), placed over its CT."""
+    geometry = LayerGeometry("probability", volume.source, None, file_stem, source_holds="probability")
+    return (array, probability_layer_kwargs(layer_name, geometry, volume.affine, colormap=colormap), "image")
 
 
 def _probability_layers(path: Path, name: str) -> list[tuple]:
@@ -107,10 +112,8 @@ def _probability_layers(path: Path, name: str) -> list[tuple]:
     channels = probs.array.shape[3]
     classes = KITS_LABELS.names if channels == len(KITS_LABELS.names) else [f"class {k}" for k in range(channels)]
     colormaps = {"kidney": "red", "tumor": "yellow"}
-    geometry = LayerGeometry("probability", probs.source, None, name)
     return [
-        (np.ascontiguousarray(probs.array[..., k]),
-         probability_layer_kwargs(f"{name} P({classes[k]})", geometry, probs.affine,
-                                  colormap=colormaps.get(classes[k], "magma")), "image")
+        _probability_layer(np.ascontiguousarray(probs.array[..., k]), probs, name, f"{name} P({classes[k]})",
+                           colormaps.get(classes[k], "magma"))
         for k in range(1, channels)  # background is 1 - the rest
     ]

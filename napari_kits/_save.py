@@ -48,12 +48,24 @@ def with_nifti_suffix(path: str | os.PathLike) -> Path:
     return path if path.name.endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
 
 
+def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -> None:
+    """Raise :class:`SaveError` if ``path`` is the file the layer's grid was read from: napari-kits
+    never replaces its input (the CT, or a result opened to be corrected)."""
+    source_path = getattr(getattr(geometry, "source", None), "path", None)
+    path = Path(path)
+    if source_path is None or not path.exists() or path.resolve() != Path(source_path).resolve():
+        return
+    what = "the input CT" if geometry.source_holds == "ct" else f"the {geometry.source_holds} file it was opened from"
+    raise SaveError(f"{path}: refusing to overwrite {what}; choose another name")
+
+
 def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a plugin layer's data as NIfTI on the CT file's grid; returns the path written.
 
     Raises:
         SaveError: the layer carries no CT geometry (it was not made by napari-kits).
-        kitseg.io.InputError: ``path`` is the input CT, or not a NIfTI name.
+        SaveError: ``path`` is the file the layer's grid was read from.
+        kitseg.io.InputError: ``path`` is not a NIfTI name.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     from kitseg.io import write_labels
@@ -65,6 +77,7 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
             "(CT, labels, y1, mask) can be written on the CT's grid"
         )
     path = with_nifti_suffix(path)
+    refuse_input_file(geometry, path)
     data = np.asarray(data)
     if geometry.kind == "mask" and geometry.on_stage_grid:
         return write_stage_mask(data, geometry.stage_grid, geometry.source, path, overwrite=overwrite)

@@ -8,7 +8,8 @@ Layers (all placed in world mm, see :mod:`napari_kits._layers`):
 
 - ``y1``: stage-1 foreground probability on the stage grid, filled in as batches finish;
 - ``mask``: the stage-2 region of interest (y1 >= threshold, dilated), a labels layer the user
-  may paint; stage 2 reads its *current* data;
+  may paint; stage 2 reads its *current* data. Moving the threshold or radius makes a new one
+  and keeps a painted one as ``mask (edited)``, as a new stage 2 keeps corrected labels;
 - ``labels``: the result on the CT's own grid (1 kidney, 2 tumor), editable with napari's tools;
 - optional ``P(kidney)``/``P(tumor)`` probability layers on the stage grid.
 """
@@ -86,7 +87,7 @@ class _Session:
     # The labels as stage 2 wrote them (a checksum): anything else in the layer is the user's
     # correction, which a new run must not overwrite.
     labels_written: tuple | None = None
-    mask_written: tuple | None = None  # the same for the mask, to say when painting on it is replaced
+    mask_written: tuple | None = None  # the same for the mask: a painted one is kept when it is rebuilt
     probability_layers: dict = field(default_factory=dict)  # class name -> its P(...) layer
     # Output layers added empty before a run starts and not filled yet, by kind ("mask", "labels").
     # Adding a layer blocks the GUI thread for 0.1-0.3 s (napari builds its visual), so it
@@ -790,8 +791,9 @@ class KitsWidget(QWidget):
         session = self._session
         if session is None or session.prepared is None or mask.shape != session.y1.shape:
             return
-        painted = (self._live(session.mask_layer) and session.mask_written is not None
-                   and _checksum(session.mask_layer.data) != session.mask_written)
+        painted = self._set_aside_if_edited(session, "mask_layer", "mask_written")
+        if painted is not None:
+            painted.visible = False
         geometry = self._stage_geometry("mask")
         kwargs = labels_layer_kwargs("mask", geometry, geometry.stage_grid.affine, opacity=0.3)
         layer = self._put_layer(session.mask_layer, mask, "labels", kwargs, spare="mask")
@@ -799,15 +801,16 @@ class KitsWidget(QWidget):
             layer.visible = True
         session.mask_layer = layer
         session.mask_written = _checksum(mask)
-        if painted:  # the user asked for a mask from y1 again; say what that replaced
-            self.status.setText("Mask rebuilt from y1 with the new threshold/radius: what was painted on it is gone.")
+        if painted is not None:  # the user asked for a mask from y1 again; the painting stays
+            self.status.setText(f"Your painted mask was kept as '{painted.name}' (hidden); "
+                                f"'{layer.name}' follows the threshold and radius and is what stage 2 uses.")
         self._update_buttons()
 
     def _on_stage2_done(self, event: Any) -> None:
         session = self._session
         if session is None:  # its CT was closed: the run is being stopped
             return
-        kept = self._keep_corrections(session)
+        kept = self._set_aside_if_edited(session, "labels_layer", "labels_written")
         geometry = geometry_of(session.ct_layer).with_kind("labels")
         kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
         session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs, spare="labels")
@@ -841,17 +844,15 @@ class KitsWidget(QWidget):
         if self.gt_combo.currentData() is not None and self.gt_combo.currentData() is not labels:
             self._score_timer.start()
 
-    def _keep_corrections(self, session: _Session) -> Any:
-        """If the user has edited the session's labels since stage 2 wrote them, set that layer
-        aside under a new name (the next result gets a layer of its own) and return it."""
-        layer = session.labels_layer
-        if not self._live(layer) or session.labels_written is None:
-            return None
-        if _checksum(layer.data) == session.labels_written:
+    def _set_aside_if_edited(self, session: _Session, layer_attr: str, checksum_attr: str) -> Any:
+        """If the user has edited a layer the session wrote (``labels``, ``mask``) since it was
+        written, set it aside under a new name, so the next result gets a layer of its own; return it."""
+        layer, written = getattr(session, layer_attr), getattr(session, checksum_attr)
+        if not self._live(layer) or written is None or _checksum(layer.data) == written:
             return None
         layer.name = f"{layer.name} (edited)"  # its geometry stays with it: it can still be saved
-        session.labels_layer = None
-        session.labels_written = None
+        setattr(session, layer_attr, None)
+        setattr(session, checksum_attr, None)
         return layer
 
     def _on_errored(self, error: Exception) -> None:
@@ -1073,13 +1074,14 @@ class KitsWidget(QWidget):
         """Write ``layer`` on its CT's grid at ``path``, asking before replacing a file."""
         from napari.qt.threading import create_worker
 
-        from ._save import save_layer, with_nifti_suffix
+        from ._save import SaveError, refuse_input_file, save_layer, with_nifti_suffix
 
         path = with_nifti_suffix(path)
         geometry = geometry_of(layer)
-        source_path = getattr(getattr(geometry, "source", None), "path", None)
-        if source_path is not None and path.exists() and path.resolve() == Path(source_path).resolve():
-            self._show_error(f"{path}: refusing to overwrite the input CT")
+        try:
+            refuse_input_file(geometry, path)
+        except SaveError as error:
+            self._show_error(str(error))
             return None
         overwrite = False
         if path.exists():

@@ -1,7 +1,8 @@
 """npe2 writers: a result layer as NIfTI on its CT file's exact grid.
 
 napari's own save dialog has already asked before replacing a file, so these overwrite; the
-engine still refuses to replace the input CT.
+writer still refuses to replace the file a layer was read from (the CT, or a
+result opened to be corrected).
 """
 
 from __future__ import annotations

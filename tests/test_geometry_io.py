@@ -59,7 +59,7 @@ def test_ct_stays_int16_without_scaling(tmp_path):
 def test_writer_refuses_to_overwrite(tmp_path):
     src = _save(np.zeros((4, 5, 6), np.int16), make_affine("lps"), tmp_path / "ct.nii.gz")
     volume = read_ct(src)
-    with pytest.raises(InputError, match="refusing to overwrite the input CT"):
+    with pytest.raises(InputError, match="refusing to overwrite the input file"):
         write_labels(np.zeros(volume.shape, np.uint8), volume.source, src, overwrite=True)
     out = write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "l.nii.gz")
     with pytest.raises(FileExistsError, match="exists already"):

@@ -106,6 +106,11 @@ def test_labels_round_trip_through_reader_and_writer(tmp_path, orientation):
     assert back.shape == shape
     np.testing.assert_allclose(back.affine, affine, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
+    # A label map opened to be corrected is an input too: saved over itself, the message says which.
+    before = labels_path.read_bytes()
+    with pytest.raises(ValueError, match="refusing to overwrite the labels file it was opened from"):
+        write_labels(str(labels_path), lab_data, _meta((lab_data, lab_kwargs, lab_type)))
+    assert labels_path.read_bytes() == before
 
     # World placement: voxel centres of the layer land on the file's world points (projected).
     scale, translate = np.array(ct_kwargs["scale"]), np.array(ct_kwargs["translate"])

@@ -96,10 +96,16 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
         widget.radius_spin.setValue(2.0)
     np.testing.assert_array_equal(widget._session.mask_layer.data, make_mask(session.y1, 0.0, 2.0))
     assert widget.settings.value("mask/threshold") is not None  # persisted
-    widget._session.mask_layer.data[0] = 0  # painted, then the controls move: the user is told
+    painted_layer = widget._session.mask_layer
+    painted_layer.data[0] = 0  # painted, then the controls move: the painting is kept aside
+    painted = painted_layer.data.copy()
     with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
         widget.radius_spin.setValue(2.5)
-    assert "what was painted on it is gone" in widget.status.text()
+    assert painted_layer in viewer.layers and painted_layer.name == "mask (edited)" and not painted_layer.visible
+    np.testing.assert_array_equal(painted_layer.data, painted)
+    assert widget._session.mask_layer is not painted_layer and widget._session.mask_layer.name == "mask"
+    np.testing.assert_array_equal(widget._session.mask_layer.data, make_mask(session.y1, 0.0, 2.5))
+    assert "kept as 'mask (edited)'" in widget.status.text()
     with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
         widget.radius_spin.setValue(2.0)
     np.testing.assert_array_equal(widget._session.mask_layer.data, make_mask(session.y1, 0.0, 2.0))

@@ -313,7 +313,8 @@ def write_on_source_grid(
     if not is_nifti(path):
         raise InputError(f"{path}: output must end in .nii or .nii.gz")
     if source.path is not None and path.exists() and path.resolve() == Path(source.path).resolve():
-        raise InputError(f"{path}: refusing to overwrite the input CT")
+        raise InputError(f"{path}: refusing to overwrite the input file these data were read from or placed on "
+                         "(the CT, or a label map opened for correction); choose another name")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
     return save_nifti_atomic(source.to_source(internal_array), source.affine, path, scale=scale, intent=intent,
