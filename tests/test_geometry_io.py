@@ -166,3 +166,57 @@ def test_a_zero_voxel_size_without_sform_is_refused(tmp_path):
     nib.save(img, str(src))
     with pytest.raises(InputError, match="flat.nii: the header gives a voxel size of 0"):
         read_ct(src)
+
+
+def test_voxel_sizes_in_metres_are_read_in_mm_and_an_implausible_size_is_named(tmp_path, caplog):
+    affine = make_affine("ras")
+    array = np.zeros((6, 7, 8), np.int16)
+    in_mm = read_ct(_save(array, affine, tmp_path / "mm.nii.gz"))
+    img = nib.Nifti1Image(array, affine.copy())
+    img.set_sform(np.diag([1e-3, 1e-3, 1e-3, 1.0]) @ affine, code=1)
+    img.set_qform(np.diag([1e-3, 1e-3, 1e-3, 1.0]) @ affine, code=1)
+    img.header.set_xyzt_units("meter")
+    nib.save(img, str(tmp_path / "metres.nii.gz"))
+    with caplog.at_level("WARNING"):
+        in_metres = read_ct(tmp_path / "metres.nii.gz")
+    assert "metres.nii.gz" in caplog.text and "meter" in caplog.text
+    np.testing.assert_allclose(in_metres.affine, in_mm.affine, atol=1e-6)
+    img.header.set_xyzt_units("micron")  # the same numbers read as microns: 0.0008 mm voxels
+    nib.save(img, str(tmp_path / "microns.nii.gz"))
+    with pytest.raises(InputError, match=r"microns.nii.gz: voxel size .* no CT's .*'micron'"):
+        read_ct(tmp_path / "microns.nii.gz")
+
+
+def test_a_qform_beside_the_sform_is_written_back_as_it_was(tmp_path):
+    affine = make_affine("lps")
+    img = nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), affine)
+    shifted = affine.copy()
+    shifted[:3, 3] += 10.0
+    img.set_sform(affine, code=2)
+    img.set_qform(shifted, code=1)
+    nib.save(img, str(tmp_path / "ct.nii.gz"))
+    volume = read_ct(tmp_path / "ct.nii.gz")
+    out = nib.load(str(write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "labels.nii.gz")))
+    np.testing.assert_allclose(out.get_sform(), affine, atol=1e-5)
+    np.testing.assert_allclose(out.get_qform(), shifted, atol=1e-5)
+    header = out.header
+    assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 1)
+    assert header.get_xyzt_units()[0] == "mm"
+
+
+def test_the_same_grid_in_another_axis_order_overlays(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(11, 9, 7)).astype(np.uint8)
+    kits = _save(labels, make_affine("kits"), tmp_path / "kits.nii.gz")
+    volume = read_labels(kits)
+    ras = nib.as_closest_canonical(nib.load(str(kits)))
+    nib.save(ras, str(tmp_path / "ras.nii.gz"))
+    assert nib.load(str(tmp_path / "ras.nii.gz")).shape != labels.shape
+    again = read_labels(tmp_path / "ras.nii.gz", like=volume)  # no refusal: the voxels are the same
+    np.testing.assert_array_equal(again.array, volume.array)
+
+
+def test_hidden_files_are_not_taken_for_cts(tmp_path):
+    _save(np.zeros((4, 5, 6), np.int16), make_affine("ras"), tmp_path / "scan.nii.gz")
+    _save(np.zeros((4, 5, 6), np.int16), make_affine("ras"), tmp_path / ".scan_labels.nii.gz.k3j2_1.nii.gz")
+    assert [case.name for case in discover_inputs(tmp_path)] == ["scan"]

@@ -28,8 +28,12 @@ def test_ball_small_radii_in_voxels():
     assert ball(1).sum() == 7  # centre + 6 face neighbours
     assert ball(math.sqrt(2)).sum() == 19  # + 12 edge neighbours
     assert ball(1.75).sum() == 27  # the full 3x3x3 cube
-    # The definition is literal float arithmetic: math.sqrt(3)**2 < 3, so no corners.
-    assert ball(math.sqrt(3)).sum() == 19
+    # A radius equal to an offset's length takes it in, whatever float rounding says:
+    # math.sqrt(3)**2 < 3, yet the corners are in (float32 headers carry such rounding).
+    assert ball(math.sqrt(3)).sum() == 27
+    assert ball(math.sqrt(3) * (1 - 1e-5)).sum() == 19
+    # A 20 mm ball on a 2 mm grid read from a float32 header is the exact grid's ball.
+    assert np.array_equal(ball(20, (5.05, 2.0, 2.0)), ball(20, (5.05, 2.0000000715, 2.0000000715)))
     assert ball(10).shape == (21, 21, 21)
 
 
@@ -137,7 +141,8 @@ def test_dilate_ball_on_float_ties_equals_brute_force(spacing, radius):
 
 def test_tie_check_repairs_an_unlucky_feature_transform(monkeypatch):
     """If the feature transform picks the out-of-ball one of two tied offsets, the result is still exact."""
-    spacing, radius = (0.1, 0.1, 0.3), 0.3
+    # A radius whose slackened square (_RADIUS_SLACK) is 0.09 exactly: the tie sits on the ball's edge.
+    spacing, radius = (0.1, 0.1, 0.3), 0.3 / (1 + morphology._RADIUS_SLACK)
     centre = np.array([4, 4, 4])
     inside_offset, outside_offset = np.array([0, 0, 1]), np.array([3, 0, 0])  # 0.3 mm both
     mask = np.zeros((9, 9, 9), dtype=bool)

@@ -260,6 +260,75 @@ def test_phantom_command_takes_parameter_ranges_from_json(tmp_path: Path, label_
     assert "--params" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
+def test_phantom_never_replaces_a_users_mask_nor_leaves_a_half_written_case(tmp_path: Path, label_map, capsys,
+                                                                            monkeypatch) -> None:
+    import kitseg.phantom.realistic as realistic
+    from kitseg.cli import main
+
+    labels, spacing = label_map
+    masks = tmp_path / "masks"
+    mask = _save_mask(masks / "case_00001" / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    # An output folder holding only a mask (a copy of the user's) is not this tool's: refused, kept.
+    copy = tmp_path / "out" / "case_00001" / "segmentation.nii.gz"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(mask.read_bytes())
+    params = ["--params", '{"extra_tumors": [2, 2]}']
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "out")] + params) == 2
+    assert "a mask without its image" in capsys.readouterr().err and copy.read_bytes() == mask.read_bytes()
+    # A case folder linked to the masks' own is refused, even with --overwrite.
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "case_00001").symlink_to(masks / "case_00001")
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "linked"), "--overwrite"] + params) == 2
+    assert "over the real masks" in capsys.readouterr().err and mask.read_bytes() == copy.read_bytes()
+
+    # Killed while writing a new case: no case folder at all; the next run draws it, leaving no debris.
+    write = realistic.save_nifti_atomic
+
+    def fail_on_image(array, affine, path, **kwargs):
+        if path.name == "imaging.nii.gz":
+            raise KeyboardInterrupt
+        return write(array, affine, path, **kwargs)
+
+    monkeypatch.setattr(realistic, "save_nifti_atomic", fail_on_image)
+    with pytest.raises(KeyboardInterrupt):
+        realistic.generate_phantom_dataset(masks, tmp_path / "new", seed=2, progress=False)
+    assert not (tmp_path / "new" / "case_00001").exists()
+    monkeypatch.setattr(realistic, "save_nifti_atomic", write)
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "new"), "--seed", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["case_00001"]
+    assert realistic.is_complete_case(tmp_path / "new" / "case_00001")
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "new"), "--seed", "2"]) == 0
+    assert "drew 0 case(s)" in capsys.readouterr().out.splitlines()[-1]
+    # Killed while redrawing (--overwrite): the old image never stays beside the new mask.
+    monkeypatch.setattr(realistic, "save_nifti_atomic", fail_on_image)
+    with pytest.raises(KeyboardInterrupt):
+        realistic.generate_phantom_dataset(masks, tmp_path / "new", seed=3, progress=False, overwrite=True,
+                                           params=PhantomParams(extra_tumors=(2, 2)))
+    assert not (tmp_path / "new" / "case_00001" / "imaging.nii.gz").exists()
+
+
+def test_case_seeds_key_on_the_whole_name_and_the_mask_orientation_code_is_kept(tmp_path: Path, label_map) -> None:
+    from kitseg.cli import main
+
+    assert case_seed(0, "case_00001_v2") != case_seed(0, "case_00012")
+    assert len({case_seed(0, name) for name in ("case_00001", "case_00001_lr", "case_1x")}) == 3
+    with pytest.raises(ValueError, match=">= 0"):
+        case_seed(-1, "case_00001")
+    with pytest.raises(SystemExit):
+        main(["phantom", "--masks", str(tmp_path), "--out", str(tmp_path / "o"), "--seed", "-1"])
+    labels, spacing = label_map
+    img = nib.Nifti1Image(labels.astype(np.uint8), _kits_affine(spacing))
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)  # no orientation: the phantom must not claim one
+    path = tmp_path / "masks" / "case_00001" / "segmentation.nii.gz"
+    path.parent.mkdir(parents=True)
+    nib.save(img, str(path))
+    out = generate_phantom_case(path, tmp_path / "out", seed=1)
+    for name in ("imaging.nii.gz", "segmentation.nii.gz"):
+        header = nib.load(out / name).header
+        assert (int(header["sform_code"]), int(header["qform_code"])) == (0, 0)
+
+
 def test_dataset_names_an_unreadable_mask(tmp_path: Path) -> None:
     bad = tmp_path / "masks" / "case_00003" / "segmentation.nii.gz"
     bad.parent.mkdir(parents=True)

@@ -19,6 +19,17 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, not {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
     try:
@@ -155,12 +166,20 @@ def _check_output_folder(folder: Path) -> None:
 
 
 def _check_outputs_free(cases, args) -> None:
-    """Fail before any work if an output would replace a file (unless --overwrite)."""
-    if args.overwrite:
-        return
+    """Fail before any work if two inputs would write the same output (``x.nii`` and ``x.nii.gz``)
+    or, unless --overwrite, an output would replace a file."""
     from .outputs import output_paths
 
-    taken = [p for case in cases for p in output_paths(case, args.output, args.save_intermediates) if p.exists()]
+    writer: dict[Path, Path] = {}
+    for case in cases:
+        for out in output_paths(case, args.output, args.save_intermediates):
+            if out in writer:
+                raise CliError(f"{writer[out]} and {case.image_path} would both be written to {out}: "
+                               "rename one, or segment them into different -o folders")
+            writer[out] = case.image_path
+    if args.overwrite:
+        return
+    taken = [p for p in writer if p.exists()]
     if taken:
         more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
         raise CliError(f"{taken[0]} exists already{more}; pass --overwrite to replace")
@@ -274,7 +293,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--masks", type=Path, required=True, help="folder of KiTS19 case folders with masks")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="draw seed (default 0); each case's own seed comes from this and its name, so a case "
+                   "looks the same whatever the order, subset or --workers")
     p.add_argument("--cases", nargs="*", default=None, help="case folder names (default: all)")
     p.add_argument("--overwrite", action="store_true", help="regenerate cases that exist already")
     p.add_argument(
@@ -297,21 +318,25 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom.realistic import MaskReadError, generate_phantom_dataset
+    from .phantom.realistic import MaskReadError, generate_phantom_dataset, is_complete_case
 
     if not args.masks.is_dir():
         raise CliError(f"{args.masks}: no such folder")
     if args.out.exists() and args.out.resolve() == args.masks.resolve():
         raise CliError(f"{args.out}: is the --masks folder; the phantoms' masks would replace the real ones there")
     params = _read_phantom_params(args.params) if args.params else None
+    cases = args.cases if args.cases is not None else [p.name for p in sorted(args.masks.iterdir()) if p.is_dir()]
+    present = 0 if args.overwrite else sum(is_complete_case(args.out / case) for case in cases)
     try:
         written = generate_phantom_dataset(
             args.masks, args.out, cases=args.cases, seed=args.seed, progress=True, overwrite=args.overwrite,
             params=params, workers=args.workers,
         )
-    except MaskReadError as exc:
+    except (MaskReadError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         raise CliError(str(exc)) from exc
-    print(f"wrote {len(written)} case(s) to {args.out}")
+    drawn = len(written) - present
+    skipped = f"; {present} already there, kept (--overwrite draws them again)" if present else ""
+    print(f"drew {drawn} case(s) into {args.out}{skipped}")
     return 0
 
 

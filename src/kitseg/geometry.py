@@ -46,6 +46,9 @@ class SourceGrid:
     #: (the affine is then nibabel's guess from the voxel sizes). Outputs carry the same code, so
     #: every viewer reads them as it reads the CT, and they overlay it.
     xform_code: int = 1
+    #: The file's own qform (matrix, code) where it has one beside a coded sform, written back
+    #: as it was (a viewer that reads the qform must place the outputs as it places the CT).
+    qform: tuple[np.ndarray, int] | None = None
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
@@ -94,7 +97,8 @@ def to_c_order(array: np.ndarray, tile: int = 64) -> np.ndarray:
     return out
 
 
-def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | None = None, xform_code: int = 1) -> SourceGrid:
+def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | None = None, xform_code: int = 1,
+                    qform: tuple[np.ndarray, int] | None = None) -> SourceGrid:
     """Describe a file's grid and the permutation/flips that make it slice-first (I, P, L)."""
     if len(shape) != 3:
         raise ValueError(f"expected a 3D volume, got shape {tuple(shape)}")
@@ -104,7 +108,7 @@ def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | Non
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError("the affine is singular (zero voxel size or collinear axes)")
     to_internal = nio.ornt_transform(nio.io_orientation(affine), INTERNAL_ORNT)
-    return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path, xform_code)
+    return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path, xform_code, qform)
 
 
 @dataclass
@@ -137,14 +141,15 @@ class Volume:
 
     @classmethod
     def from_source_array(
-        cls, array: np.ndarray, affine: np.ndarray, path: Path | None = None, xform_code: int = 1
+        cls, array: np.ndarray, affine: np.ndarray, path: Path | None = None, xform_code: int = 1,
+        qform: tuple[np.ndarray, int] | None = None,
     ) -> "Volume":
         """Wrap an array stored on a file's grid (any orientation) as an internal volume.
 
         Trailing channel axes (3D + channels, as NIfTI stores vector data) are carried along,
         the reverse of :meth:`SourceGrid.to_source`.
         """
-        grid = source_grid_for(array.shape[:3], affine, path, xform_code)
+        grid = source_grid_for(array.shape[:3], affine, path, xform_code, qform)
         internal = to_c_order(nio.apply_orientation(array, grid.to_internal))
         return cls(internal, grid.internal_affine(), grid)
 

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from .atomic import atomic_path
-from .geometry import SourceGrid, Volume, strip_nifti_suffix
+from .geometry import SourceGrid, Volume, strip_nifti_suffix, voxel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,10 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         return [CaseInput(name=strip_nifti_suffix(path.name), image_path=path)]
     if (path / KITS_IMAGE).is_file():
         return [case_from_folder(path)]
-    cases = [case_from_folder(p) for p in sorted(path.iterdir()) if p.is_dir() and (p / KITS_IMAGE).is_file()]
-    cases += [
-        CaseInput(name=strip_nifti_suffix(p.name), image_path=p)
-        for p in sorted(path.iterdir())
-        if p.is_file() and is_nifti(p)
-    ]
+    # Hidden entries are no one's CT (a temporary file a killed writer left, a ._ file of macOS).
+    entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
+    cases = [case_from_folder(p) for p in entries if p.is_dir() and (p / KITS_IMAGE).is_file()]
+    cases += [CaseInput(name=strip_nifti_suffix(p.name), image_path=p) for p in entries if p.is_file() and is_nifti(p)]
     cases = _without_outputs(cases, path)
     if not cases:
         raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})")
@@ -187,18 +185,55 @@ def _read_array(img: nib.Nifti1Image, path: Path, integer_ok: bool) -> np.ndarra
 
 def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
     img = _load_nifti(path, channels_ok)
-    affine = img.affine
-    if affine is None:
-        raise InputError(f"{path}: the file has no affine (no qform/sform)")
+    affine, qform = _transforms_mm(img, path)
     xform_code = _xform_code(img)
     if xform_code == 0:
         log.warning("%s: no orientation in the header (sform and qform codes 0): its axes' directions are "
                     "nibabel's guess from the voxel sizes; outputs are written the same way", path)
     array = _read_array(img, path, integer_ok)
     try:
-        return Volume.from_source_array(array, affine, path, xform_code)
+        return Volume.from_source_array(array, affine, path, xform_code, qform)
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
+
+
+#: NIfTI spatial units -> mm (nibabel's affine keeps the file's unit; "unknown" is taken as mm, as viewers do).
+_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
+#: Voxel sizes outside this range are no CT's: a wrong unit or a broken header, which would
+#: otherwise resample into nonsense (or an array of terabytes).
+PLAUSIBLE_SPACING_MM = (0.05, 50.0)
+
+
+def _transforms_mm(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, tuple[np.ndarray, int] | None]:
+    """The voxel -> world affine in mm, and the file's own qform (in mm, with its code) when it
+    has one beside a coded sform: written back as it was, so a viewer that reads the qform
+    places the outputs where it places the input."""
+    affine = img.affine
+    if affine is None:
+        raise InputError(f"{path}: the file has no affine (no qform/sform)")
+    header = img.header
+    unit = header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "unknown"
+    factor = _UNIT_MM.get(unit, 1.0)
+    if factor != 1.0:
+        log.warning("%s: the header gives voxel sizes in %s: read in mm (x %g)", path, unit, factor)
+    affine = _scaled(affine, factor)
+    spacing = voxel_spacing(affine)
+    low, high = PLAUSIBLE_SPACING_MM
+    if not all(low <= s <= high for s in spacing):
+        raise InputError(f"{path}: voxel size {tuple(round(s, 6) for s in spacing)} mm is no CT's (expected "
+                         f"{low:g}-{high:g} mm; the header's unit is {unit!r}): a broken header?")
+    qform = None
+    if hasattr(header, "get_qform") and int(header["sform_code"]) > 0 and int(header["qform_code"]) > 0:
+        qform = (_scaled(header.get_qform(), factor), int(header["qform_code"]))
+    return affine, qform
+
+
+def _scaled(affine: np.ndarray, factor: float) -> np.ndarray:
+    if factor == 1.0:
+        return np.asarray(affine, np.float64)
+    affine = np.array(affine, np.float64)
+    affine[:3, :] *= factor
+    return affine
 
 
 def nifti_shape(path: str | os.PathLike) -> tuple[int, ...]:
@@ -208,7 +243,7 @@ def nifti_shape(path: str | os.PathLike) -> tuple[int, ...]:
 
 def check_nifti_header(path: str | os.PathLike) -> None:
     """Read only the header: an InputError names a file that is not a usable 3D NIfTI (the voxels are not read)."""
-    _load_nifti(Path(path), report=False)
+    _transforms_mm(_load_nifti(Path(path), report=False), Path(path))
 
 
 def _xform_code(img: nib.Nifti1Image) -> int:
@@ -262,28 +297,39 @@ def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
 
 def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None = None, atol: float = 1e-3,
                     reference_name: str = "the CT's") -> None:
-    """Refuse a volume that does not lie on ``reference``'s grid; the message names ``path`` and the reference."""
+    """Refuse a volume that does not lie on ``reference``'s grid; the message names ``path`` and the reference.
+
+    The grids are compared as read (internal orientation): the same voxels stored in another
+    axis order (RAS against KiTS19's I, P, L) overlay, and their internal arrays match voxel for voxel.
+    """
     where = f"{path}: " if path else ""
-    if grid.shape != reference.shape:
-        raise InputError(f"{where}shape {grid.shape} differs from {reference_name} {reference.shape}")
-    if not np.allclose(grid.affine, reference.affine, atol=atol):
+    if grid.internal_shape() != reference.internal_shape():
+        raise InputError(f"{where}shape {grid.shape} differs from {reference_name} {reference.shape}"
+                         + ("" if grid.shape != reference.shape else " (in another axis order)"))
+    if not np.allclose(grid.internal_affine(), reference.internal_affine(), atol=atol):
         raise InputError(f"{where}its affine differs from {reference_name}: the two do not overlay")
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scale: float | None = None,
-                      intent: str | None = None, xform_code: int = 1) -> Path:
+                      intent: str | None = None, xform_code: int = 1,
+                      qform: tuple[np.ndarray, int] | None = None) -> Path:
     """Write ``array`` with ``affine`` (qform and sform both, so every viewer agrees) atomically.
 
     The data go to a temporary file in the same folder, then ``os.replace``: a reader or a
     crashed run never sees a half-written file. ``scale`` sets the NIfTI slope (uint8 data
     with slope 1/255 read back as 0..1). ``xform_code`` 0 writes the voxel sizes with no
-    orientation, as the CT it came from declared none.
+    orientation, as the CT it came from declared none. ``qform`` (matrix, code) is a source
+    file's own qform, written instead of the affine's. Units are mm.
     """
     path = Path(path)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(np.asarray(array), affine)
-    img.set_qform(affine, code=xform_code)
+    if qform is not None:
+        img.set_qform(qform[0], code=qform[1])
+    else:
+        img.set_qform(affine, code=xform_code)
     img.set_sform(affine, code=xform_code)
+    img.header.set_xyzt_units("mm")
     if intent:
         img.header.set_intent(intent)
     if scale is not None:
@@ -318,7 +364,7 @@ def write_on_source_grid(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
     return save_nifti_atomic(source.to_source(internal_array), source.affine, path, scale=scale, intent=intent,
-                             xform_code=source.xform_code)
+                             xform_code=source.xform_code, qform=source.qform)
 
 
 def write_labels(labels: np.ndarray, source: SourceGrid, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

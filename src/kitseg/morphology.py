@@ -70,8 +70,19 @@ def _squared_offset_lengths(radius: float, spacing: Spacing | None) -> np.ndarra
     return terms[0] + terms[1] + terms[2]
 
 
+#: Offsets this little beyond the radius (relative) count as inside: voxel sizes read from
+#: float32 headers carry ~1e-7 of rounding, which must not move a ball's edge (a 20 mm radius
+#: on a 2 mm grid has voxels exactly on it; a rotated copy of a CT read 2.00000007 mm).
+_RADIUS_SLACK = 1e-6
+
+
+def _squared_radius(radius: float) -> float:
+    return (radius * (1.0 + _RADIUS_SLACK)) ** 2
+
+
 def ball(radius: float, spacing: Sequence[float] | None = None) -> np.ndarray:
-    """The ball structuring element: integer offsets ``d`` with ``sum((d_i * s_i)**2) <= radius**2``.
+    """The ball structuring element: integer offsets ``d`` with ``sum((d_i * s_i)**2) <= radius**2``
+    (up to a relative 1e-6 of slack: ``_RADIUS_SLACK``).
 
     Args:
         radius: in mm when ``spacing`` is given, else in voxels; ``>= 0`` (0 gives one voxel).
@@ -83,7 +94,7 @@ def ball(radius: float, spacing: Sequence[float] | None = None) -> np.ndarray:
     """
     radius = _check_radius(radius)
     spacing = _check_spacing(spacing)
-    inside = _squared_offset_lengths(radius, spacing) <= radius**2
+    inside = _squared_offset_lengths(radius, spacing) <= _squared_radius(radius)
     # Trim the extra ring (and any all-outside faces) symmetrically.
     box = bounding_box(inside)
     assert box is not None  # the zero offset is always inside
@@ -167,7 +178,7 @@ def dilate_ball(
         mask = mask != 0
 
     lengths = _squared_offset_lengths(radius, spacing)
-    r2 = radius**2
+    r2 = _squared_radius(radius)
     inside = lengths <= r2
     # R_i, the ball's half-size: from the ball itself, so halos agree with its rounding.
     half = tuple((s.stop - s.start) // 2 for s in bounding_box(inside))

@@ -13,6 +13,9 @@ Arrays are (Z, Y, X) in the internal orientation (axis codes I, P, L).
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -217,9 +220,11 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     """Write a phantom case in KiTS19 layout around the real mask ``mask_path``.
 
     ``out_folder/imaging.nii.gz`` (int16 HU) and ``out_folder/segmentation.nii.gz`` (the mask as
-    uint8, with the tumors ``params.extra_tumors`` adds) share the mask's shape and affine. Each
-    file is written atomically; the image last, so a folder with ``imaging.nii.gz`` is complete.
-    Returns ``out_folder``.
+    uint8, with the tumors ``params.extra_tumors`` adds) share the mask's shape, affine and
+    orientation code. A new case is written into a hidden folder beside ``out_folder`` and renamed
+    into place, so a case folder appears whole or not at all; an existing one (redrawn) loses its
+    image first, then gets the mask and the image, so a folder with ``imaging.nii.gz`` is always
+    complete and matching. Returns ``out_folder``.
     """
     mask = read_kits_mask(Path(mask_path))
     volume = mask.volume
@@ -236,15 +241,63 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     ct, protocol = synthesize_ct_with_protocol(labels, spacing, rng, params)
     logger.debug("phantom %s: phase %s, noise %.1f HU", mask_path, protocol.phase, protocol.noise_sigma_hu)
     out_folder = Path(out_folder)
-    save_nifti_atomic(labels_in_source, mask.affine, out_folder / SEGMENTATION_NAME)
-    save_nifti_atomic(volume.like(ct).to_source(), mask.affine, out_folder / IMAGING_NAME)
+    code = volume.source.xform_code  # a mask with no orientation gives a CT with none
+    if out_folder.is_dir():
+        (out_folder / IMAGING_NAME).unlink(missing_ok=True)  # the old image must never meet the new mask
+        for leftover in out_folder.glob(f".{IMAGING_NAME}.*"):  # a write a killed run had begun
+            leftover.unlink(missing_ok=True)
+        for leftover in out_folder.glob(f".{SEGMENTATION_NAME}.*"):
+            leftover.unlink(missing_ok=True)
+        target = out_folder
+    else:
+        out_folder.parent.mkdir(parents=True, exist_ok=True)
+        target = out_folder.parent / f"{_PARTIAL_PREFIX}{out_folder.name}.{os.getpid()}"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+    save_nifti_atomic(labels_in_source, mask.affine, target / SEGMENTATION_NAME, xform_code=code)
+    save_nifti_atomic(volume.like(ct).to_source(), mask.affine, target / IMAGING_NAME, xform_code=code)
+    if target != out_folder:
+        os.rename(target, out_folder)
     return out_folder
 
 
+#: Hidden folders a case is drawn into before it is renamed into place (left by a killed run).
+_PARTIAL_PREFIX = ".partial-"
+
+
+def is_complete_case(folder: Path) -> bool:
+    """A case folder this generator finished: both files (the image is always written last)."""
+    return (folder / IMAGING_NAME).is_file() and (folder / SEGMENTATION_NAME).is_file()
+
+
+def _check_out_folders(masks_dir: Path, cases: list[str], folders: list[Path], overwrite: bool) -> None:
+    """Refuse output case folders that are the masks' own, or that hold a mask this tool did not write."""
+    masks_root = masks_dir.resolve()
+    into_masks = [str(f) for f in folders if f.exists() and f.resolve().parent == masks_root]
+    if into_masks:
+        raise FileExistsError(f"{', '.join(into_masks)}: case folder(s) of --masks {masks_dir} (linked?): "
+                              "the phantoms would be written over the real masks")
+    if overwrite:
+        return  # a mask file there is replaced (a link is replaced, not what it points to)
+    foreign = [str(f / SEGMENTATION_NAME) for f in folders
+               if (f / SEGMENTATION_NAME).exists() and not (f / IMAGING_NAME).is_file()]
+    if foreign:
+        raise FileExistsError(
+            f"{', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}: a mask without its image, which this tool "
+            "never leaves (it writes a case whole), so it may be yours: not replaced. Choose another --out, "
+            "or pass --overwrite to draw these cases again")
+
+
 def case_seed(seed: int, case_id: str) -> int:
-    """The seed of one case: a function of (seed, case id) only, not of the order of generation."""
-    digits = "".join(ch for ch in case_id if ch.isdigit())
-    key = int(digits) if digits and case_id.startswith("case_") else zlib.crc32(case_id.encode())
+    """The seed of one case: a function of (seed, case id) only, not of the order of generation.
+
+    ``case_XXXXX`` keys on its number (the draws made so far); any other name on the whole name,
+    so that ``case_00001_v2`` and ``case_00012`` get draws of their own.
+    """
+    if seed < 0:
+        raise ValueError(f"the seed must be a whole number >= 0, got {seed}")
+    number = re.fullmatch(r"case_(\d+)", case_id)
+    key = int(number.group(1)) if number else zlib.crc32(case_id.encode())
     return int(np.random.SeedSequence([int(seed), key]).generate_state(1)[0])
 
 
@@ -276,10 +329,15 @@ def iter_phantom_dataset(
         missing = [c for c in cases if not (masks_dir / c / SEGMENTATION_NAME).is_file()]
         if missing:
             raise FileNotFoundError(f"no {SEGMENTATION_NAME} for case(s) {', '.join(missing)} under {masks_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file, not an output folder")
     folders = [out_dir / case for case in cases]
+    _check_out_folders(masks_dir, cases, folders, overwrite)
     todo = [(masks_dir / case / SEGMENTATION_NAME, folder, case_seed(seed, case), params)
-            for case, folder in zip(cases, folders)
-            if overwrite or not ((folder / IMAGING_NAME).is_file() and (folder / SEGMENTATION_NAME).is_file())]
+            for case, folder in zip(cases, folders) if overwrite or not is_complete_case(folder)]
+    for _, folder, _, _ in todo:  # what a killed run had begun of these cases
+        for leftover in folder.parent.glob(f"{_PARTIAL_PREFIX}{folder.name}.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     to_draw = {job[1] for job in todo}
     done = 0
     for folder in folders:
