@@ -314,6 +314,12 @@ def test_case_seeds_key_on_the_whole_name_and_the_mask_orientation_code_is_kept(
     assert len({case_seed(0, name) for name in ("case_00001", "case_00001_lr", "case_1x")}) == 3
     with pytest.raises(ValueError, match=">= 0"):
         case_seed(-1, "case_00001")
+    labels, spacing = label_map
+    cyst = labels.copy()
+    cyst[cyst == 1] = 3  # KiTS21's cyst label
+    path = _save_mask(tmp_path / "kits21" / "case_00001" / "segmentation.nii.gz", cyst, _kits_affine(spacing))
+    with pytest.raises(MaskReadError, match="kits21/case_00001.*label 3 is a cyst; map it to 1"):
+        generate_phantom_case(path, tmp_path / "kits21_out", seed=1)
     with pytest.raises(SystemExit):
         main(["phantom", "--masks", str(tmp_path), "--out", str(tmp_path / "o"), "--seed", "-1"])
     labels, spacing = label_map

@@ -129,7 +129,8 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
             raise ValueError("labels must hold integer values 0, 1, 2")
     low, high = int(labels.min(initial=0)), int(labels.max(initial=0))
     if low < 0 or high > 2:
-        raise ValueError(f"labels must be 0 (background), 1 (kidney) or 2 (tumor); found values in [{low}, {high}]")
+        hint = " (KiTS21/23 masks: label 3 is a cyst; map it to 1, kidney, first)" if high == 3 and low >= 0 else ""
+        raise ValueError(f"labels must be 0 (background), 1 (kidney) or 2 (tumor); found values in [{low}, {high}]{hint}")
     return labels.astype(np.uint8, copy=False)
 
 
@@ -228,6 +229,8 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     """
     mask = read_kits_mask(Path(mask_path))
     volume = mask.volume
+    if not volume.array.any():
+        logger.warning("%s: the mask holds no kidney: its phantom is an abdomen without kidneys", mask_path)
     spacing = voxel_spacing(volume.affine)
     params = PhantomParams() if params is None else params
     labels, labels_in_source = volume.array, mask.source_array
