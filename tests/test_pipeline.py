@@ -182,3 +182,18 @@ def test_stage2_only_mirroring_leaves_stage1_as_it_is(tiny_bundle, volume):
     assert Segmenter(tiny_bundle, device="cpu", mirror=True).mirror == "both"
     with pytest.raises(ValueError, match="mirror must be one of off, stage2, both"):
         Segmenter(tiny_bundle, device="cpu", mirror="stage1")
+
+
+def test_a_ct_without_air_in_hu_is_named_in_a_warning(tiny_bundle, volume, tmp_path, caplog):
+    import nibabel as nib
+
+    from kitseg.io import read_ct
+    from kitseg.pipeline import warn_if_not_hu
+
+    assert not warn_if_not_hu(volume)  # air at -1000: HU
+    raw = np.asarray(volume.array, np.float32) + 1024  # a scanner's raw values, the intercept lost
+    path = tmp_path / "raw.nii.gz"
+    nib.save(nib.Nifti1Image(raw.astype(np.int16), volume.affine), str(path))
+    with caplog.at_level("WARNING", logger="kitseg.pipeline"):
+        Segmenter(tiny_bundle, device="cpu").prepare(read_ct(path))
+    assert "raw.nii.gz: its lowest values are about" in caplog.text and "rescale intercept" in caplog.text
