@@ -46,6 +46,8 @@ class LayerGeometry:
         case_id: the KiTS19 case number ("00042") when the CT came from a case folder.
         source_holds: what the file at ``source.path`` holds: the CT, or for a result opened
             from a file (to correct it, or show it over its CT), that result's kind.
+        read_from: the layer's own file where it is not ``source.path`` (a case folder's ground
+            truth, placed on its CT's grid): an input too, never written over.
     """
 
     kind: Kind
@@ -54,6 +56,7 @@ class LayerGeometry:
     ct_name: str = "volume"
     case_id: str | None = None
     source_holds: Kind = "ct"
+    read_from: Any = None
 
     @property
     def on_stage_grid(self) -> bool:
@@ -133,9 +136,9 @@ def probability_layer_kwargs(
     }
 
 
-def ground_truth_layer_data(labels: Any, ct_name: str, case_id: str | None = None) -> tuple:
-    """napari LayerData for a reference label map :class:`~kitseg.geometry.Volume`."""
-    geometry = LayerGeometry("ground_truth", labels.source, None, ct_name, case_id)
+def ground_truth_layer_data(labels: Any, ct_name: str, case_id: str | None = None, read_from: Any = None) -> tuple:
+    """napari LayerData for a reference label map :class:`~kitseg.geometry.Volume` (``read_from``: its file)."""
+    geometry = LayerGeometry("ground_truth", labels.source, None, ct_name, case_id, read_from=read_from)
     kwargs = labels_layer_kwargs(f"{ct_name} ground truth", geometry, labels.affine, opacity=0.45)
     return (labels.array, kwargs, "labels")
 

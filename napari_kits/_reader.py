@@ -73,7 +73,7 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
         if case.labels_path is not None:
             gt = read_labels(case.labels_path, like=ct)  # checks it lies on the CT's grid
             # The CT's grid (identical) so a save can never land on the input CT unnoticed.
-            layers.append(ground_truth_layer_data(ct.like(gt.array), case.name, case.case_id))
+            layers.append(ground_truth_layer_data(ct.like(gt.array), case.name, case.case_id, case.labels_path))
         return layers
 
     name = strip_nifti_suffix(p.name)

@@ -51,12 +51,16 @@ def with_nifti_suffix(path: str | os.PathLike) -> Path:
 def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -> None:
     """Raise :class:`SaveError` if ``path`` is the file the layer's grid was read from: napari-kits
     never replaces its input (the CT, or a result opened to be corrected)."""
-    source_path = getattr(getattr(geometry, "source", None), "path", None)
     path = Path(path)
-    if source_path is None or not path.exists() or path.resolve() != Path(source_path).resolve():
+    if geometry is None or not path.exists():
         return
-    what = "the input CT" if geometry.source_holds == "ct" else f"the {geometry.source_holds} file it was opened from"
-    raise SaveError(f"{path}: refusing to overwrite {what}; choose another name")
+    source_path = getattr(geometry.source, "path", None)
+    inputs = [(source_path, "the input CT" if geometry.source_holds == "ct"
+               else f"the {geometry.source_holds} file it was opened from"),
+              (geometry.read_from, f"the {geometry.kind.replace('_', '-')} file it was opened from")]
+    for input_path, what in inputs:
+        if input_path is not None and Path(input_path).exists() and os.path.samefile(path, input_path):
+            raise SaveError(f"{path}: refusing to overwrite {what}; choose another name")
 
 
 def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -45,6 +45,7 @@ class Stage1Started:
 
     prepared: Any  # kitseg.preprocess.PreparedVolume
     y1: np.ndarray
+    warning: str | None = None  # about the CT (not HU?), for the status line
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def iter_stage1(
 
     Without ``y1``, or if it does not match the model's stage grid, a fresh array is filled.
     """
-    from kitseg.pipeline import Progress
+    from kitseg.pipeline import Progress, hu_warning
 
     segmenter = yield from _model(model, batch_size)
     if prepared is None or prepared.config != segmenter.preprocessing:
@@ -131,7 +132,7 @@ def iter_stage1(
     yield Progress("prepare", 1, 1)
     if y1 is None or y1.shape != prepared.image.shape or y1.dtype != np.float32:
         y1 = np.zeros(prepared.image.shape, np.float32)
-    yield Stage1Started(prepared, y1)
+    yield Stage1Started(prepared, y1, hu_warning(volume))
     yield from segmenter.iter_stage1(prepared, y1)
     return y1
 

@@ -155,6 +155,7 @@ class KitsWidget(QWidget):
         self._save_worker = None
         self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
         self.last_error = ""
+        self.last_warning = ""  # the last warning about the input (not HU?), as shown
         self._weights_meta: dict | None = None
         self._applying_model_mask = False  # spin boxes set from a model, not by the user
         self._run_session: _Session | None = None  # the session the current run writes to
@@ -786,6 +787,12 @@ class KitsWidget(QWidget):
         session.y1_layer = self._put_layer(session.y1_layer, event.y1, "image", kwargs)
         session.y1_layer.visible = True
         self._last_refresh = time.perf_counter()
+        if event.warning:  # the CT may not be in HU: said where the user looks, the run goes on
+            from napari.utils.notifications import show_warning
+
+            self.last_warning = event.warning
+            self.status.setText(f"<span style='color:#ffb040'>{_escape(event.warning)}</span>")
+            show_warning(event.warning)
 
     def _set_mask(self, mask: np.ndarray) -> None:
         session = self._session

@@ -299,12 +299,26 @@ def test_phantom_never_replaces_a_users_mask_nor_leaves_a_half_written_case(tmp_
     assert realistic.is_complete_case(tmp_path / "new" / "case_00001")
     assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "new"), "--seed", "2"]) == 0
     assert "drew 0 case(s)" in capsys.readouterr().out.splitlines()[-1]
-    # Killed while redrawing (--overwrite): the old image never stays beside the new mask.
+    # Killed while redrawing (--overwrite): the old case stays whole (never the old image beside
+    # a new mask), so a run without --overwrite goes on from there.
+    case = tmp_path / "new" / "case_00001"
+    old = {name: (case / name).read_bytes() for name in ("imaging.nii.gz", "segmentation.nii.gz")}
     monkeypatch.setattr(realistic, "save_nifti_atomic", fail_on_image)
     with pytest.raises(KeyboardInterrupt):
         realistic.generate_phantom_dataset(masks, tmp_path / "new", seed=3, progress=False, overwrite=True,
                                            params=PhantomParams(extra_tumors=(2, 2)))
-    assert not (tmp_path / "new" / "case_00001" / "imaging.nii.gz").exists()
+    assert {name: (case / name).read_bytes() for name in old} == old
+    monkeypatch.setattr(realistic, "save_nifti_atomic", write)
+    _save_mask(masks / "case_00002" / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "new"), "--seed", "2"]) == 0
+    assert "drew 1 case(s)" in (out := capsys.readouterr().out) and "1 already there, kept" in out
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["case_00001", "case_00002"]  # no debris
+    # Redrawn for real: the new mask and its own image, side by side.
+    realistic.generate_phantom_dataset(masks, tmp_path / "new", cases=["case_00001"], seed=3, progress=False,
+                                       overwrite=True, params=PhantomParams(extra_tumors=(2, 2)))
+    assert (case / "segmentation.nii.gz").read_bytes() != old["segmentation.nii.gz"]
+    assert (case / "imaging.nii.gz").read_bytes() != old["imaging.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["case_00001", "case_00002"]
 
 
 def test_case_seeds_key_on_the_whole_name_and_the_mask_orientation_code_is_kept(tmp_path: Path, label_map) -> None:

@@ -496,3 +496,17 @@ def test_closing_the_ct_during_a_run_stops_it(qtbot, viewer_widget, monkeypatch)
     assert blocker.args == ["run all", "cancelled"]
     assert "stopped: its CT layer was closed" in widget.status.text() and not widget.busy
     assert widget._session is None
+
+
+def test_a_ct_not_in_hu_is_flagged_and_the_ground_truth_is_never_saved_over(qtbot, viewer_widget, case_folder):
+    viewer, widget = viewer_widget
+    gt = viewer.layers["case_00007 ground truth"]
+    before = (case_folder / "segmentation.nii.gz").read_bytes()
+    assert widget.save_layer(gt, case_folder / "segmentation.nii.gz") is None
+    assert "refusing to overwrite the ground-truth file it was opened from" in widget.last_error
+    assert (case_folder / "segmentation.nii.gz").read_bytes() == before
+
+    ct = viewer.layers["case_00007"]
+    ct.data = (np.asarray(ct.data, np.int32) + 1024).astype(np.int16)  # raw scanner values, the intercept lost
+    _run(qtbot, widget, widget.run_stage1, "stage 1")
+    assert "rescale intercept" in widget.last_warning and "rescale intercept" in widget.status.text()

@@ -318,25 +318,24 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom.realistic import MaskReadError, generate_phantom_dataset, is_complete_case
+    from .phantom.realistic import MaskReadError, generate_phantom_dataset, plan_phantom_dataset
 
     if not args.masks.is_dir():
         raise CliError(f"{args.masks}: no such folder")
     if args.out.exists() and args.out.resolve() == args.masks.resolve():
         raise CliError(f"{args.out}: is the --masks folder; the phantoms' masks would replace the real ones there")
     params = _read_phantom_params(args.params) if args.params else None
-    cases = args.cases if args.cases is not None else [p.name for p in sorted(args.masks.iterdir()) if p.is_dir()]
-    present = 0 if args.overwrite else sum(is_complete_case(args.out / case) for case in cases)
     try:
-        written = generate_phantom_dataset(
-            args.masks, args.out, cases=args.cases, seed=args.seed, progress=True, overwrite=args.overwrite,
+        cases, drawn = plan_phantom_dataset(args.masks, args.out, args.cases, args.overwrite)
+        generate_phantom_dataset(
+            args.masks, args.out, cases=cases, seed=args.seed, progress=True, overwrite=args.overwrite,
             params=params, workers=args.workers,
         )
     except (MaskReadError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         raise CliError(str(exc)) from exc
-    drawn = len(written) - present
-    skipped = f"; {present} already there, kept (--overwrite draws them again)" if present else ""
-    print(f"drew {drawn} case(s) into {args.out}{skipped}")
+    kept = len(cases) - len(drawn)
+    print(f"drew {len(drawn)} case(s) into {args.out}"
+          + (f"; {kept} already there, kept (--overwrite draws them again)" if kept else ""))
     return 0
 
 

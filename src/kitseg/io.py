@@ -204,7 +204,7 @@ _UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
 PLAUSIBLE_SPACING_MM = (0.05, 50.0)
 
 
-def _transforms_mm(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, tuple[np.ndarray, int] | None]:
+def _transforms_mm(img: nib.Nifti1Image, path: Path, report: bool = True) -> tuple[np.ndarray, tuple[np.ndarray, int] | None]:
     """The voxel -> world affine in mm, and the file's own qform (in mm, with its code) when it
     has one beside a coded sform: written back as it was, so a viewer that reads the qform
     places the outputs where it places the input."""
@@ -214,7 +214,7 @@ def _transforms_mm(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, tuple[
     header = img.header
     unit = header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "unknown"
     factor = _UNIT_MM.get(unit, 1.0)
-    if factor != 1.0:
+    if factor != 1.0 and report:
         log.warning("%s: the header gives voxel sizes in %s: read in mm (x %g)", path, unit, factor)
     affine = _scaled(affine, factor)
     spacing = voxel_spacing(affine)
@@ -243,7 +243,7 @@ def nifti_shape(path: str | os.PathLike) -> tuple[int, ...]:
 
 def check_nifti_header(path: str | os.PathLike) -> None:
     """Read only the header: an InputError names a file that is not a usable 3D NIfTI (the voxels are not read)."""
-    _transforms_mm(_load_nifti(Path(path), report=False), Path(path))
+    _transforms_mm(_load_nifti(Path(path), report=False), Path(path), report=False)
 
 
 def _xform_code(img: nib.Nifti1Image) -> int:
@@ -358,9 +358,9 @@ def write_on_source_grid(
     path = Path(path)
     if not is_nifti(path):
         raise InputError(f"{path}: output must end in .nii or .nii.gz")
-    if source.path is not None and path.exists() and path.resolve() == Path(source.path).resolve():
-        raise InputError(f"{path}: refusing to overwrite the input file these data were read from or placed on "
-                         "(the CT, or a label map opened for correction); choose another name")
+    if source.path is not None and path.exists() and Path(source.path).exists() and os.path.samefile(path, source.path):
+        raise InputError(f"{path}: refusing to overwrite the input file whose grid these data are written on; "
+                         "choose another name")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
     return save_nifti_atomic(source.to_source(internal_array), source.affine, path, scale=scale, intent=intent,

@@ -41,20 +41,18 @@ log = logging.getLogger(__name__)
 NOT_HU_LOWEST = -500.0
 
 
-def warn_if_not_hu(volume: Volume) -> bool:
-    """Log a warning, naming the file, when the CT's lowest values are no air in HU; say whether it did.
+def hu_warning(volume: Volume) -> str | None:
+    """A warning naming the file when the CT's lowest values are no air in HU, else ``None``.
 
     Only a warning: a CT cropped close to the kidneys may hold no air.
     """
     sample = np.asarray(volume.array[:: max(1, volume.array.shape[0] // 16)], np.float32)
     lowest = float(np.percentile(sample, 0.5))
     if lowest <= NOT_HU_LOWEST:
-        return False
+        return None
     name = getattr(volume.source, "path", None) or "the CT"
-    log.warning("%s: its lowest values are about %.0f, where a CT in HU has air at about -1000: if these are raw "
-                "scanner values, the header needs its rescale intercept (scl_inter, often -1024); the models read HU",
-                name, lowest)
-    return True
+    return (f"{name}: its lowest values are about {lowest:.0f}, where a CT in HU has air at about -1000: if these "
+            "are raw scanner values, the header needs its rescale intercept (scl_inter, often -1024); the models read HU")
 
 # Stage-2 probabilities are kept as float16 on the stage grid: 3 x 106 x 512 x 512 fits in 170 MB.
 PROB_DTYPE = np.float16
@@ -265,7 +263,9 @@ class Segmenter:
         return self.bundle.preprocessing
 
     def prepare(self, volume: Volume) -> PreparedVolume:
-        warn_if_not_hu(volume)
+        warning = hu_warning(volume)
+        if warning:
+            log.warning("%s", warning)
         return prepare(volume, self.bundle.preprocessing)
 
     def _autocast(self):

@@ -12,6 +12,7 @@ Arrays are (Z, Y, X) in the internal orientation (axis codes I, P, L).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -244,23 +245,26 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     ct, protocol = synthesize_ct_with_protocol(labels, spacing, rng, params)
     logger.debug("phantom %s: phase %s, noise %.1f HU", mask_path, protocol.phase, protocol.noise_sigma_hu)
     out_folder = Path(out_folder)
-    code = volume.source.xform_code  # a mask with no orientation gives a CT with none
-    if out_folder.is_dir():
-        (out_folder / IMAGING_NAME).unlink(missing_ok=True)  # the old image must never meet the new mask
-        for leftover in out_folder.glob(f".{IMAGING_NAME}.*"):  # a write a killed run had begun
-            leftover.unlink(missing_ok=True)
-        for leftover in out_folder.glob(f".{SEGMENTATION_NAME}.*"):
-            leftover.unlink(missing_ok=True)
-        target = out_folder
-    else:
-        out_folder.parent.mkdir(parents=True, exist_ok=True)
-        target = out_folder.parent / f"{_PARTIAL_PREFIX}{out_folder.name}.{os.getpid()}"
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir()
-    save_nifti_atomic(labels_in_source, mask.affine, target / SEGMENTATION_NAME, xform_code=code)
-    save_nifti_atomic(volume.like(ct).to_source(), mask.affine, target / IMAGING_NAME, xform_code=code)
-    if target != out_folder:
-        os.rename(target, out_folder)
+    out_folder.parent.mkdir(parents=True, exist_ok=True)
+    # Drawn whole into a hidden folder of its own, then moved into place: a killed run leaves
+    # no half case, and the old case of a redraw stays intact until the last moment.
+    partial = out_folder.parent / f"{_PARTIAL_PREFIX}{out_folder.name}.{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    source = volume.source  # its orientation code and qform: the phantom claims what the mask claims
+    for name, array in ((SEGMENTATION_NAME, labels_in_source), (IMAGING_NAME, volume.like(ct).to_source())):
+        save_nifti_atomic(array, mask.affine, partial / name, xform_code=source.xform_code, qform=source.qform)
+    try:
+        os.rename(partial, out_folder)  # a new case appears whole
+    except OSError:
+        if not out_folder.is_dir():
+            raise
+        # A redraw (or another process drew it meanwhile): swap the files in, the image last,
+        # so the old image never stays beside the new mask. Other files in the folder are kept.
+        (out_folder / IMAGING_NAME).unlink(missing_ok=True)
+        os.replace(partial / SEGMENTATION_NAME, out_folder / SEGMENTATION_NAME)
+        os.replace(partial / IMAGING_NAME, out_folder / IMAGING_NAME)
+        shutil.rmtree(partial, ignore_errors=True)
     return out_folder
 
 
@@ -268,12 +272,35 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
 _PARTIAL_PREFIX = ".partial-"
 
 
+def _remove_leftovers(folder: Path) -> None:
+    """Remove what a killed run had begun of this case: its partial folders (not those of a process
+    still drawing it) and temporary files in the case folder."""
+    for partial in folder.parent.glob(f"{glob.escape(_PARTIAL_PREFIX + folder.name)}.*"):
+        pid = partial.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+    for name in (IMAGING_NAME, SEGMENTATION_NAME):
+        for temporary in folder.glob(f"{glob.escape('.' + name)}.*"):
+            temporary.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process (or no way to tell): leave its folder alone
+    return True
+
+
 def is_complete_case(folder: Path) -> bool:
     """A case folder this generator finished: both files (the image is always written last)."""
     return (folder / IMAGING_NAME).is_file() and (folder / SEGMENTATION_NAME).is_file()
 
 
-def _check_out_folders(masks_dir: Path, cases: list[str], folders: list[Path], overwrite: bool) -> None:
+def _check_out_folders(masks_dir: Path, folders: list[Path], overwrite: bool) -> None:
     """Refuse output case folders that are the masks' own, or that hold a mask this tool did not write."""
     masks_root = masks_dir.resolve()
     into_masks = [str(f) for f in folders if f.exists() and f.resolve().parent == masks_root]
@@ -287,7 +314,7 @@ def _check_out_folders(masks_dir: Path, cases: list[str], folders: list[Path], o
     if foreign:
         raise FileExistsError(
             f"{', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}: a mask without its image, which this tool "
-            "never leaves (it writes a case whole), so it may be yours: not replaced. Choose another --out, "
+            "does not leave (it writes a case whole), so it may be yours: not replaced. Choose another --out, "
             "or pass --overwrite to draw these cases again")
 
 
@@ -302,6 +329,28 @@ def case_seed(seed: int, case_id: str) -> int:
     number = re.fullmatch(r"case_(\d+)", case_id)
     key = int(number.group(1)) if number else zlib.crc32(case_id.encode())
     return int(np.random.SeedSequence([int(seed), key]).generate_state(1)[0])
+
+
+def plan_phantom_dataset(masks_dir: Path, out_dir: Path, cases: list[str] | None = None,
+                         overwrite: bool = False) -> tuple[list[str], list[str]]:
+    """The cases a dataset run covers and, of those, the ones it will draw (the rest are there
+    already); raises, naming the problem, for a run that must not start."""
+    masks_dir, out_dir = Path(masks_dir), Path(out_dir)
+    if not masks_dir.is_dir():
+        raise FileNotFoundError(f"masks folder not found: {masks_dir}")
+    if cases is None:
+        cases = sorted(p.name for p in masks_dir.iterdir() if (p / SEGMENTATION_NAME).is_file())
+        if not cases:
+            raise FileNotFoundError(f"no case_XXXXX/{SEGMENTATION_NAME} under {masks_dir}")
+    else:
+        cases = list(dict.fromkeys(cases))  # a case named twice is drawn once
+        missing = [c for c in cases if not (masks_dir / c / SEGMENTATION_NAME).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no {SEGMENTATION_NAME} for case(s) {', '.join(missing)} under {masks_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file, not an output folder")
+    _check_out_folders(masks_dir, [out_dir / case for case in cases], overwrite)
+    return cases, [case for case in cases if overwrite or not is_complete_case(out_dir / case)]
 
 
 def iter_phantom_dataset(
@@ -322,25 +371,11 @@ def iter_phantom_dataset(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
     masks_dir, out_dir = Path(masks_dir), Path(out_dir)
-    if not masks_dir.is_dir():
-        raise FileNotFoundError(f"masks folder not found: {masks_dir}")
-    if cases is None:
-        cases = sorted(p.name for p in masks_dir.iterdir() if (p / SEGMENTATION_NAME).is_file())
-        if not cases:
-            raise FileNotFoundError(f"no case_XXXXX/{SEGMENTATION_NAME} under {masks_dir}")
-    else:
-        missing = [c for c in cases if not (masks_dir / c / SEGMENTATION_NAME).is_file()]
-        if missing:
-            raise FileNotFoundError(f"no {SEGMENTATION_NAME} for case(s) {', '.join(missing)} under {masks_dir}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir}: is a file, not an output folder")
+    cases, drawn = plan_phantom_dataset(masks_dir, out_dir, cases, overwrite)
     folders = [out_dir / case for case in cases]
-    _check_out_folders(masks_dir, cases, folders, overwrite)
-    todo = [(masks_dir / case / SEGMENTATION_NAME, folder, case_seed(seed, case), params)
-            for case, folder in zip(cases, folders) if overwrite or not is_complete_case(folder)]
-    for _, folder, _, _ in todo:  # what a killed run had begun of these cases
-        for leftover in folder.parent.glob(f"{_PARTIAL_PREFIX}{folder.name}.*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    todo = [(masks_dir / case / SEGMENTATION_NAME, out_dir / case, case_seed(seed, case), params) for case in drawn]
+    for folder in folders:
+        _remove_leftovers(folder)
     to_draw = {job[1] for job in todo}
     done = 0
     for folder in folders:
