@@ -31,10 +31,14 @@
 #    third image of each training mask, its tumors drawn brighter and new extra tumors grown
 #    (scripts/phantoms_bright_tumors.json, --seed 1); the shipped stage 2 is the ensemble of round
 #    6's and this one (MODEL_CARD.md, "Round 7"). Set ROUND7=0 to stop at round 6.
-# 3g. round 8, the shipped model since 2026-12-05: round 7's new network trained 2000 steps more
+# 3g. round 8 (shipped on 2026-12-05 until round 9): round 7's new network trained 2000 steps more
 #    with a fourth image of each training mask, bright tumors with new shapes again (--seed 3);
 #    the shipped stage 2 is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 8").
 #    Set ROUND8=0 to stop at round 7.
+# 3h. round 9, the shipped model since 2026-12-05: round 8's new network trained 2000 steps more
+#    with a fifth image of each training mask, two or three extra tumors of 0.5-10 mL grown in at
+#    the default brightness (scripts/phantoms_small_tumors.json, --seed 4); the shipped stage 2 is
+#    the ensemble of round 6's and this one (MODEL_CARD.md, "Round 9"). Set ROUND9=0 to stop at round 8.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption. PHANTOM_WORKERS=N draws N phantoms at once (default 2).
 set -euo pipefail
@@ -45,7 +49,7 @@ KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (peak 0.7-1.8 GB each)
 
-train_stage2_more() {  # DATA RUN INIT: rounds 6 to 8, 2000 more stage-2 steps from INIT's, stage 1 kept
+train_stage2_more() {  # DATA RUN INIT: rounds 6 to 9, 2000 more stage-2 steps from INIT's, stage 1 kept
   $KITS train --data "$1" --out "$2" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu --stage2-steps 2000 \
     --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) --init-from "$3" --keep-stage1 \
     --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30
@@ -133,6 +137,21 @@ if [ "${ROUND4:-1}" = 1 ]; then
           [ -f "$MODEL8" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
             --stage2 "$MODEL6" "$WORK/run_r9/model.kseg" --out "$MODEL8" --mask-radius-mm 20
           MODEL=$MODEL8
+          if [ "${ROUND9:-1}" = 1 ]; then
+            # A fifth image of each training mask: 2-3 extra tumors of 0.5-10 mL, default brightness (seed 4).
+            $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_small_s4" --seed 4 \
+              --params scripts/phantoms_small_tumors.json --cases $TRAIN
+            mkdir -p "$WORK/data_mixf" "$WORK/run_r10"
+            for f in "$WORK"/data_mixe/*; do ln -sfn "$(realpath "$f")" "$WORK/data_mixf/$(basename "$f")"; done
+            for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_small_s4/$c")" "$WORK/data_mixf/${c}_small4"; done
+            [ -d "$WORK/run_r10/fold1" ] || cp -r "$WORK/run_r9/fold1" "$WORK/run_r9/fold2" "$WORK/run_r10/"
+            [ -d "$WORK/run_r10/oof_y1" ] || cp -al "$WORK/run_r9/oof_y1" "$WORK/run_r10/oof_y1"
+            train_stage2_more "$WORK/data_mixf" "$WORK/run_r10" "$WORK/run_r9/model.kseg"
+            MODEL9="$WORK/model_round9.kseg"
+            [ -f "$MODEL9" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
+              --stage2 "$MODEL6" "$WORK/run_r10/model.kseg" --out "$MODEL9" --mask-radius-mm 20
+            MODEL=$MODEL9
+          fi
         fi
       fi
     fi
