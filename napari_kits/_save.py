@@ -50,7 +50,7 @@ def with_nifti_suffix(path: str | os.PathLike) -> Path:
 
 def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -> None:
     """Raise :class:`SaveError` if ``path`` is the file the layer's grid was read from: napari-kits
-    never replaces its input (the CT, or a result opened to be corrected)."""
+    never replaces its input (the CT, a case's ground truth, or a result opened to be corrected)."""
     path = Path(path)
     if geometry is None or not path.exists():
         return

@@ -223,10 +223,10 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
 
     ``out_folder/imaging.nii.gz`` (int16 HU) and ``out_folder/segmentation.nii.gz`` (the mask as
     uint8, with the tumors ``params.extra_tumors`` adds) share the mask's shape, affine and
-    orientation code. A new case is written into a hidden folder beside ``out_folder`` and renamed
-    into place, so a case folder appears whole or not at all; an existing one (redrawn) loses its
-    image first, then gets the mask and the image, so a folder with ``imaging.nii.gz`` is always
-    complete and matching. Returns ``out_folder``.
+    orientation code (and qform). Both are drawn into a hidden folder beside ``out_folder`` and
+    then moved into place: a new case is renamed in whole; a redraw's files are swapped in (the old
+    image removed, the mask, the image last), so a folder with ``imaging.nii.gz`` always holds a
+    matching pair. Returns ``out_folder``.
     """
     mask = read_kits_mask(Path(mask_path))
     volume = mask.volume
