@@ -55,6 +55,24 @@ train_stage2_more() {  # DATA RUN INIT: rounds 6 to 9, 2000 more stage-2 steps f
     --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30
 }
 
+# Rounds 8 and 9: one more image of each training mask (PHANTOMS, drawn with SEED and PARAMS, linked
+# as case_XXXXX_SUFFIX beside DATA's images in NEW_DATA), then PREV_RUN's stage 2 trained 2000 steps
+# more in NEW_RUN with PREV_RUN's fold models (a mask's images share a fold, so only the new images'
+# y1 is predicted); MODEL becomes round 6's network and the new one, joined in MODEL_NAME.
+round_with_another_image() {  # DATA NEW_DATA PHANTOMS SEED PARAMS SUFFIX PREV_RUN NEW_RUN MODEL_NAME
+  local data=$WORK/$1 new=$WORK/$2 phantoms=$WORK/$3 prev=$WORK/$7 run=$WORK/$8 model=$WORK/$9
+  $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$phantoms" --seed "$4" --params "$5" --cases $TRAIN
+  mkdir -p "$new" "$run"
+  for f in "$data"/*; do ln -sfn "$(realpath "$f")" "$new/$(basename "$f")"; done
+  for c in $TRAIN; do ln -sfn "$(realpath "$phantoms/$c")" "$new/${c}_$6"; done
+  [ -d "$run/fold1" ] || cp -r "$prev/fold1" "$prev/fold2" "$run/"
+  [ -d "$run/oof_y1" ] || cp -al "$prev/oof_y1" "$run/oof_y1"
+  train_stage2_more "$new" "$run" "$prev/model.kseg"
+  [ -f "$model" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
+    "$run/model.kseg" --out "$model" --mask-radius-mm 20
+  MODEL=$model
+}
+
 $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms" --seed 0 --params scripts/phantoms_without_adrenals.json
 $KITS train --data "$WORK/phantoms" --out "$WORK/run_cpu" --preset cpu --device cpu \
   --stage2-steps 5000 --val-cases $VAL ${TRAIN_ARGS:-}
@@ -124,33 +142,12 @@ if [ "${ROUND4:-1}" = 1 ]; then
         MODEL=$MODEL7
         if [ "${ROUND8:-1}" = 1 ]; then
           # A fourth image of each training mask: bright tumors again, new shapes again (seed 3).
-          $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_bright_s3" --seed 3 \
-            --params scripts/phantoms_bright_tumors.json --cases $TRAIN
-          mkdir -p "$WORK/data_mixe" "$WORK/run_r9"
-          for f in "$WORK"/data_mixc/*; do ln -sfn "$(realpath "$f")" "$WORK/data_mixe/$(basename "$f")"; done
-          for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_bright_s3/$c")" "$WORK/data_mixe/${c}_bright3"; done
-          # run_r7c's fold models (a mask's images share a fold); only the new images' y1 is predicted.
-          [ -d "$WORK/run_r9/fold1" ] || cp -r "$WORK/run_r7c/fold1" "$WORK/run_r7c/fold2" "$WORK/run_r9/"
-          [ -d "$WORK/run_r9/oof_y1" ] || cp -al "$WORK/run_r7c/oof_y1" "$WORK/run_r9/oof_y1"
-          train_stage2_more "$WORK/data_mixe" "$WORK/run_r9" "$WORK/run_r7c/model.kseg"
-          MODEL8="$WORK/model_round8.kseg"
-          [ -f "$MODEL8" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
-            --stage2 "$MODEL6" "$WORK/run_r9/model.kseg" --out "$MODEL8" --mask-radius-mm 20
-          MODEL=$MODEL8
+          round_with_another_image data_mixc data_mixe phantoms_bright_s3 3 \
+            scripts/phantoms_bright_tumors.json bright3 run_r7c run_r9 model_round8.kseg
           if [ "${ROUND9:-1}" = 1 ]; then
             # A fifth image of each training mask: 2-3 extra tumors of 0.5-10 mL, default brightness (seed 4).
-            $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms_small_s4" --seed 4 \
-              --params scripts/phantoms_small_tumors.json --cases $TRAIN
-            mkdir -p "$WORK/data_mixf" "$WORK/run_r10"
-            for f in "$WORK"/data_mixe/*; do ln -sfn "$(realpath "$f")" "$WORK/data_mixf/$(basename "$f")"; done
-            for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_small_s4/$c")" "$WORK/data_mixf/${c}_small4"; done
-            [ -d "$WORK/run_r10/fold1" ] || cp -r "$WORK/run_r9/fold1" "$WORK/run_r9/fold2" "$WORK/run_r10/"
-            [ -d "$WORK/run_r10/oof_y1" ] || cp -al "$WORK/run_r9/oof_y1" "$WORK/run_r10/oof_y1"
-            train_stage2_more "$WORK/data_mixf" "$WORK/run_r10" "$WORK/run_r9/model.kseg"
-            MODEL9="$WORK/model_round9.kseg"
-            [ -f "$MODEL9" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
-              --stage2 "$MODEL6" "$WORK/run_r10/model.kseg" --out "$MODEL9" --mask-radius-mm 20
-            MODEL=$MODEL9
+            round_with_another_image data_mixe data_mixf phantoms_small_s4 4 \
+              scripts/phantoms_small_tumors.json small4 run_r9 run_r10 model_round9.kseg
           fi
         fi
       fi

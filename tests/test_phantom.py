@@ -568,7 +568,7 @@ def test_the_recipes_phantom_parameter_files_are_valid() -> None:
 
     root = Path(__file__).resolve().parents[1]
     recipe = (root / "scripts" / "train_default_model.sh").read_text()
-    named = sorted(set(re.findall(r"--params (scripts/\S+\.json)", recipe)))
+    named = sorted(set(re.findall(r"(scripts/phantoms_\w+\.json)", recipe)))
     assert len(named) >= 4, named
     for name in named:
         params = PhantomParams.from_dict(json.loads((root / name).read_text()))
