@@ -43,9 +43,8 @@ class ModelReady:
 class Stage1Started:
     """The CT is on the stage grid; ``y1`` (zeros, filled in place from now on) can be shown."""
 
-    prepared: Any  # kitseg.preprocess.PreparedVolume
+    prepared: Any  # kitseg.preprocess.PreparedVolume (its ``warning``, if any, goes on the status line)
     y1: np.ndarray
-    warning: str | None = None  # about the CT (not HU?), for the status line
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def iter_stage1(
 
     Without ``y1``, or if it does not match the model's stage grid, a fresh array is filled.
     """
-    from kitseg.pipeline import Progress, hu_warning
+    from kitseg.pipeline import Progress
 
     segmenter = yield from _model(model, batch_size)
     if prepared is None or prepared.config != segmenter.preprocessing:
@@ -132,7 +131,7 @@ def iter_stage1(
     yield Progress("prepare", 1, 1)
     if y1 is None or y1.shape != prepared.image.shape or y1.dtype != np.float32:
         y1 = np.zeros(prepared.image.shape, np.float32)
-    yield Stage1Started(prepared, y1, hu_warning(volume))
+    yield Stage1Started(prepared, y1)
     yield from segmenter.iter_stage1(prepared, y1)
     return y1
 

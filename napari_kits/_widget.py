@@ -787,12 +787,13 @@ class KitsWidget(QWidget):
         session.y1_layer = self._put_layer(session.y1_layer, event.y1, "image", kwargs)
         session.y1_layer.visible = True
         self._last_refresh = time.perf_counter()
-        if event.warning:  # the CT may not be in HU: said where the user looks, the run goes on
+        warning = event.prepared.warning
+        if warning:  # the CT may not be in HU: said where the user looks, the run goes on
             from napari.utils.notifications import show_warning
 
-            self.last_warning = event.warning
-            self.status.setText(f"<span style='color:#ffb040'>{_escape(event.warning)}</span>")
-            show_warning(event.warning)
+            self.last_warning = warning
+            self.status.setText(f"<span style='color:#ffb040'>{_escape(warning)}</span>")
+            show_warning(warning)
 
     def _set_mask(self, mask: np.ndarray) -> None:
         session = self._session

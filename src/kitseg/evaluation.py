@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
 from .geometry import strip_nifti_suffix
-from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, read_labels
+from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, name_a_few, read_labels
 from .metrics import CaseScores, kits_scores
 
 _PREDICTION_RE = re.compile(r"^prediction_(\d+)$")
@@ -58,7 +58,7 @@ def pair_predictions(pred: Path, gt: Path) -> list[EvaluationPair]:
         else:
             pairs.append(EvaluationPair(case, p, ref))
     if missing:
-        raise InputError(f"{gt}: no ground truth for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise InputError(f"{gt}: no ground truth for {name_a_few(missing)}")
     return pairs
 
 

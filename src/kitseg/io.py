@@ -33,6 +33,11 @@ class InputError(ValueError):
     """An input file or folder cannot be used; the message names it and says why."""
 
 
+def name_a_few(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` for a message, "..." after them if there are more."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 @dataclass
 class CaseInput:
     """One thing to segment: a CT and, if known, its ground truth."""

@@ -263,10 +263,11 @@ class Segmenter:
         return self.bundle.preprocessing
 
     def prepare(self, volume: Volume) -> PreparedVolume:
-        warning = hu_warning(volume)
-        if warning:
-            log.warning("%s", warning)
-        return prepare(volume, self.bundle.preprocessing)
+        prepared = prepare(volume, self.bundle.preprocessing)
+        prepared.warning = hu_warning(volume)  # logged here, and shown by the plugin from the prepared CT
+        if prepared.warning:
+            log.warning("%s", prepared.warning)
+        return prepared
 
     def _autocast(self):
         # Mixed precision helps on CUDA only; on CPU it is slower and less exact.

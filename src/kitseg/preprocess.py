@@ -202,12 +202,14 @@ class PreparedVolume:
         image: float32 (Zs, Ys, Xs), normalized intensities.
         grid: the stage grid and the way back to ``volume``.
         volume: the CT as read (internal orientation).
+        warning: what the CT gave cause to warn about (``Segmenter.prepare``: not HU?), else ``None``.
     """
 
     image: np.ndarray
     grid: StageGrid
     volume: Volume
     config: PreprocessingConfig
+    warning: str | None = None
 
 
 def prepare(volume: Volume, config: PreprocessingConfig) -> PreparedVolume:

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..geometry import Volume, voxel_spacing
-from ..io import InputError, read_labels
+from ..io import InputError, name_a_few, read_labels
 from ..parallel import one_blas_thread
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
@@ -313,7 +313,7 @@ def _check_out_folders(masks_dir: Path, folders: list[Path], overwrite: bool) ->
                if (f / SEGMENTATION_NAME).exists() and not (f / IMAGING_NAME).is_file()]
     if foreign:
         raise FileExistsError(
-            f"{', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}: a mask without its image, which this tool "
+            f"{name_a_few(foreign)}: a mask without its image, which this tool "
             "does not leave (it writes a case whole), so it may be yours: not replaced. Choose another --out, "
             "or pass --overwrite to draw these cases again")
 

@@ -11,9 +11,9 @@ touches, and ``torchrun`` ranks on one machine share the pages instead of holdin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import errno
 import logging
 import os
 import re
@@ -29,7 +29,7 @@ from scipy import ndimage
 from ..atomic import atomic_path, require_free_space
 from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig
 from ..geometry import source_grid_for
-from ..io import CaseInput, InputError, discover_inputs, read_ct, read_labels
+from ..io import CaseInput, InputError, discover_inputs, name_a_few, read_ct, read_labels
 from ..morphology import dilate_ball
 from ..parallel import one_blas_thread
 from ..pipeline import neighbour_indices
@@ -215,8 +215,8 @@ def labelled_inputs(data_dir: Path) -> list[CaseInput]:
     inputs = [c for c in found if c.labels_path is not None]
     unlabelled = [c.name for c in found if c.labels_path is None]
     if inputs and unlabelled:
-        log.warning("%s: %d case(s) without segmentation.nii.gz are not trained on: %s%s", data_dir, len(unlabelled),
-                    ", ".join(unlabelled[:5]), " ..." if len(unlabelled) > 5 else "")
+        log.warning("%s: %d case(s) without segmentation.nii.gz are not trained on: %s", data_dir, len(unlabelled),
+                    name_a_few(unlabelled))
     if not inputs:
         raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
     return inputs

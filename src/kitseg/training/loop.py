@@ -38,6 +38,7 @@ from ..atomic import atomic_path
 from ..checkpoint import ModelBundle, StageModel, save_bundle
 from ..config import KITS_LABELS, ConfigError
 from ..device import get_device, mixed_precision_dtype, training_memory_format
+from ..io import name_a_few
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..morphology import bounding_box
@@ -518,14 +519,14 @@ def _check_split_still_fits(split: dict, by_name: dict, val_cases: list[str] | N
     missing = sorted((set(split["train"]) | set(split["validation"])) - set(by_name))
     if missing:
         raise ConfigError(f"{data_dir}: case(s) of this run's split ({run_dir / 'split.json'}) are gone: "
-                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; restore them or use a new --out folder")
+                          f"{name_a_few(missing)}; restore them or use a new --out folder")
     if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
         raise ConfigError(f"--val-cases differ from the validation cases this run began with ({run_dir / 'split.json'}); "
                           "resume without --val-cases or with the same ones, or use a new --out folder")
     added = sorted(set(by_name) - set(split["train"]) - set(split["validation"]))
     if added:
-        log.warning("%s: %d case(s) added since this run began are not used (its split is kept): %s%s", data_dir,
-                    len(added), ", ".join(added[:5]), " ..." if len(added) > 5 else "")
+        log.warning("%s: %d case(s) added since this run began are not used (its split is kept): %s", data_dir,
+                    len(added), name_a_few(added))
 
 
 def _check_config(run_dir: Path, config: TrainConfig) -> None:
