@@ -264,8 +264,10 @@ def test_phantom_refuses_to_write_over_its_masks_and_names_a_bad_mask(tmp_path, 
     assert mask.read_bytes() == (cases / "case_00000" / "segmentation.nii.gz").read_bytes()
     mask.write_bytes(b"not a mask")
     assert main(["phantom", "--masks", str(masks), "--out", str(tmp_path / "out")]) == 2
-    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar: one line, no traceback
-    assert last.startswith("kits-seg: error: cannot read the mask") and "case_00000" in last
+    err = capsys.readouterr().err
+    message = err[err.index("kits-seg: error:"):].splitlines()  # after the progress bar, no traceback
+    assert message[0].startswith("kits-seg: error: 1 of 1 case(s) not drawn") and "Traceback" not in err
+    assert len(message) == 2 and message[1].startswith(f"  cannot read the mask {mask}: ")
 
 
 def test_predict_checks_options_and_output_folder_before_any_work(tmp_path, cases, weights, capsys):
@@ -315,6 +317,9 @@ def test_train_refuses_bad_settings_and_a_wrong_data_folder_leaves_no_run(tmp_pa
     assert "expected FIELD=JSON" in capsys.readouterr().err
     assert main(["train", "--data", str(cases), "--out", str(run), "--set", 'learning_rate="x"']) == 2
     assert "learning_rate" in capsys.readouterr().err
+    assert main(["train", "--data", str(cases), "--out", str(run), "--set", "tumor_sampling=random"]) == 2
+    err = capsys.readouterr().err  # a text field's value needs no JSON quotes; it is then checked
+    assert "tumor_sampling must be one of slice, lesion, got 'random'" in err and "JSON" not in err
     assert main(["train", "--data", str(cases), "--out", str(run), "--device", "bogus"]) == 2
     assert "bogus" in capsys.readouterr().err and not run.exists()
 

@@ -235,6 +235,7 @@ def test_workers_draw_the_same_images_and_name_a_bad_mask(tmp_path: Path, label_
     (masks / "case_00004" / "segmentation.nii.gz").write_bytes(b"not a nifti file")
     with pytest.raises(MaskReadError, match="case_00004"):  # a worker's error reaches the caller
         generate_phantom_dataset(masks, tmp_path / "bad", progress=False, workers=2)
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == sorted(names)  # after the others are drawn
 
 
 def test_phantom_command_takes_parameter_ranges_from_json(tmp_path: Path, label_map, capsys) -> None:
@@ -349,12 +350,23 @@ def test_case_seeds_key_on_the_whole_name_and_the_mask_orientation_code_is_kept(
         assert (int(header["sform_code"]), int(header["qform_code"])) == (0, 0)
 
 
-def test_dataset_names_an_unreadable_mask(tmp_path: Path) -> None:
-    bad = tmp_path / "masks" / "case_00003" / "segmentation.nii.gz"
-    bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"not a nifti file")
-    with pytest.raises(MaskReadError, match="case_00003"):
+def test_dataset_names_every_unreadable_mask_and_draws_the_rest(tmp_path: Path, label_map, capsys) -> None:
+    from kitseg.cli import main
+    from kitseg.phantom import realistic
+
+    labels, spacing = label_map
+    _save_mask(tmp_path / "masks" / "case_00001" / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    for case in ("case_00003", "case_00005"):
+        bad = tmp_path / "masks" / case / "segmentation.nii.gz"
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(b"not a nifti file")
+    with pytest.raises(MaskReadError, match=r"2 of 3 case\(s\) not drawn(.|\n)*case_00003(.|\n)*case_00005"):
         generate_phantom_dataset(tmp_path / "masks", tmp_path / "out", progress=False)
+    assert realistic.is_complete_case(tmp_path / "out" / "case_00001") and not (tmp_path / "out" / "case_00003").exists()
+    assert main(["phantom", "--masks", str(tmp_path / "masks"), "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert "case_00003" in err and "case_00005" in err and "1 other case(s) are in" in err
+    assert realistic.is_complete_case(tmp_path / "cli" / "case_00001")
     with pytest.raises(FileNotFoundError, match="case_00099"):
         generate_phantom_dataset(tmp_path / "masks", tmp_path / "out", cases=["case_00099"], progress=False)
 

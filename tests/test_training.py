@@ -696,3 +696,41 @@ def test_fine_tuning_into_a_wider_stage2_starts_from_the_given_networks_output(s
     narrower = config.replace(stage2_kwargs={**config.stage2_kwargs, "base_channels": 2})
     with pytest.raises(ConfigError, match="recipe builds"):
         load_initial_weights(model, narrower)
+
+
+def _two_tumor_case() -> StageCase:
+    """Two kidneys; the left holds a large tumor, the right one 8 voxels of tumor. The image is x."""
+    labels = np.zeros((10, 64, 96), np.uint8)
+    labels[2:8, 20:44, 5:40] = 1
+    labels[2:8, 20:44, 56:91] = 1
+    labels[2:8, 20:44, 5:25] = 2
+    labels[4:6, 30:32, 80:82] = 2
+    image = np.broadcast_to(np.arange(96, dtype=np.float32), labels.shape).copy()
+    return StageCase("case_00000", image, labels, (5.0, 3.0, 3.0))
+
+
+def test_tumor_lesions_are_the_3d_pieces():
+    from kitseg.training.data import tumor_lesions
+
+    lesions = sorted(tumor_lesions(_two_tumor_case().labels), key=len)
+    assert [len(v) for v in lesions] == [8, 6 * 24 * 20]
+    assert {tuple(v) for v in lesions[0]} == {(z, y, x) for z in (4, 5) for y in (30, 31) for x in (80, 81)}
+    assert tumor_lesions(np.ones((3, 4, 4), np.uint8)) == []
+
+
+@pytest.mark.parametrize("mode, shown", [("slice", (0, 20)), ("lesion", (35, 65))])
+def test_lesion_sampling_shows_a_small_tumor_as_often_as_a_large_one(mode, shown):
+    """Every sample is a tumor sample; "lesion" crops around each tumor half the time."""
+    case = _two_tumor_case()
+    y1 = {case.name: np.zeros(case.image.shape, np.float16)}
+    sampler = Stage2Sampler([case], y1, preset("smoke").mask, 16, 1.0, tumor_sampling=mode)
+    image, _, _, labels = sampler.sample(100, np.random.default_rng(0))
+    small_tumor_shown = ((labels == 2) & (image[:, 0] >= 80)).any(axis=(1, 2))
+    assert shown[0] <= small_tumor_shown.sum() <= shown[1]
+    if mode == "lesion":
+        assert (labels == 2).any(axis=(1, 2)).all()  # the crop is around a tumor, always
+
+
+def test_tumor_sampling_must_be_known():
+    with pytest.raises(ConfigError, match="tumor_sampling"):
+        replace(preset("cpu"), tumor_sampling="random")

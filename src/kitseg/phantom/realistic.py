@@ -366,7 +366,8 @@ def iter_phantom_dataset(
 
     A generator so that a GUI worker can show progress and stop between cases. ``workers > 1``
     draws that many cases at once in worker processes (the same images: each case's seed is its
-    own); stopping early cancels the cases not yet started.
+    own); stopping early cancels the cases not yet started. A mask that cannot be read does not
+    stop the others: after the last case, one ``MaskReadError`` names every such mask.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -383,23 +384,38 @@ def iter_phantom_dataset(
             logger.info("skipping %s: already written", folder)
             done += 1
             yield done, len(folders), folder
+    unreadable: list[str] = []
     if workers == 1 or len(todo) <= 1:
         for job in todo:
+            try:
+                folder = generate_phantom_case(*job)
+            except MaskReadError as exc:
+                unreadable.append(str(exc))
+                continue
             done += 1
-            yield done, len(folders), generate_phantom_case(*job)
-        return
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+            yield done, len(folders), folder
+    else:
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=one_blas_thread)
-    try:
-        pending = {pool.submit(generate_phantom_case, *job) for job in todo}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                done += 1
-                yield done, len(folders), future.result()  # a worker's error is raised here
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # a case being drawn is finished (written atomically)
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=one_blas_thread)
+        try:
+            pending = {pool.submit(generate_phantom_case, *job) for job in todo}
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    try:
+                        folder = future.result()  # a worker's error is raised here
+                    except MaskReadError as exc:
+                        unreadable.append(str(exc))
+                        continue
+                    done += 1
+                    yield done, len(folders), folder
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a case being drawn is finished (written atomically)
+    if unreadable:
+        raise MaskReadError(
+            f"{len(unreadable)} of {len(folders)} case(s) not drawn, their masks unreadable "
+            f"({done} other case(s) are in {out_dir}):\n  " + "\n  ".join(sorted(unreadable)))
 
 
 def generate_phantom_dataset(

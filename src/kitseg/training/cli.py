@@ -34,7 +34,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage2-context-slices", type=int, default=None, metavar="N",
                    help="neighbouring slices on each side that stage 2 also sees (0: the paper's 3-channel input)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                   help='override any config field, e.g. --set learning_rate=3e-4 --set \'stage1_kwargs={"base_channels":16}\'')
+                   help='override any config field, its value as JSON (a text field takes plain text), e.g. '
+                        '--set learning_rate=3e-4 --set tumor_sampling=lesion --set \'stage1_kwargs={"base_channels":16}\'')
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL.kseg",
                    help="fine-tune: start stage 1 and stage 2 from this model's weights (it must match the recipe; "
                    "e.g. the shipped model with --preset cpu)")
@@ -62,6 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             changes[field] = json.loads(value)
         except ValueError as exc:
+            if isinstance(getattr(config, field, None), str):  # a text field: --set lr_schedule=poly
+                changes[field] = value
+                continue
             raise ConfigError(f"--set {item}: the value of {field} is not JSON ({exc}); a text needs quotes: "
                               f"{field}='\"...\"'") from None
     if args.stage2_context_slices is not None:

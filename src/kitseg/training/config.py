@@ -8,6 +8,9 @@ from typing import Any
 
 from ..config import ConfigError, MaskConfig, PreprocessingConfig
 
+# How stage 2 draws a tumor sample (TrainConfig.tumor_sampling; Stage2Sampler).
+TUMOR_SAMPLING = ("slice", "lesion")
+
 DEFAULT_WINDOW_HU = PreprocessingConfig().hu_max - PreprocessingConfig().hu_min
 
 
@@ -29,6 +32,9 @@ class TrainConfig:
         crop_stage1 / crop_stage2: square training crops in stage-grid pixels (None: full slices).
         foreground_fraction: share of stage-1 samples drawn from slices containing kidney.
         tumor_fraction: share of stage-2 samples drawn from slices containing tumor.
+        tumor_sampling: how such a sample is drawn: "slice" (a tumor slice, the crop around a
+            random mask pixel) or "lesion" (one of the case's tumors with equal chance, the crop
+            around it: small tumors are shown as often as large ones; ``Stage2Sampler``).
         stage2_tumor_contrast_hu: stage-2 training shifts the tumor's intensity in half the samples
             that show tumor by a uniform draw in +-this many HU (0: off; needs the ``window``
             normalization), so that a tumor is not learnt by the one intensity its image gave it.
@@ -77,6 +83,7 @@ class TrainConfig:
     crop_stage2: int | None = 256
     foreground_fraction: float = 0.6
     tumor_fraction: float = 0.4
+    tumor_sampling: str = "slice"
     augment: bool = True
     augment_noise_hu: float = 15.0
     amp: bool = True
@@ -93,6 +100,8 @@ class TrainConfig:
         for name in ("foreground_fraction", "tumor_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.tumor_sampling not in TUMOR_SAMPLING:
+            raise ConfigError(f"tumor_sampling must be one of {', '.join(TUMOR_SAMPLING)}, got {self.tumor_sampling!r}")
         if self.stage2_tumor_contrast_hu < 0:
             raise ConfigError(f"stage2_tumor_contrast_hu must be >= 0, got {self.stage2_tumor_contrast_hu}")
         if self.stage2_tumor_contrast_hu and self.preprocessing.normalization != "window":

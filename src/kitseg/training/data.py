@@ -34,6 +34,7 @@ from ..morphology import dilate_ball
 from ..parallel import one_blas_thread
 from ..pipeline import neighbour_indices
 from ..preprocess import StageGrid, prepare
+from .config import TUMOR_SAMPLING
 
 log = logging.getLogger(__name__)
 
@@ -401,15 +402,24 @@ class Stage2Sampler:
     ``[-tumor_contrast, tumor_contrast]``, its edge blurred as the scanner blurs it. Each mask
     is drawn once as a phantom, so the network could learn that mask's tumor by its intensity;
     this makes it see each tumor darker and brighter (per-label intensity draws, as in SynthSeg).
+
+    ``tumor_sampling`` says how a tumor sample (a share ``tumor_fraction`` of them) is drawn:
+    "slice", a slice holding tumor, the crop centred on a random mask pixel of it (a small tumor
+    beside a large kidney may fall outside the crop); "lesion", one of the case's tumors (3D
+    connected pieces) with equal chance, the crop centred on a random voxel of it, so that a
+    2 mL tumor is shown as often as a 500 mL one.
     """
 
     def __init__(self, cases: list[StageCase], y1: dict[str, np.ndarray], mask: MaskConfig, crop: int | None,
-                 tumor_fraction: float, context: int = 0, tumor_contrast: float = 0.0):
+                 tumor_fraction: float, context: int = 0, tumor_contrast: float = 0.0, tumor_sampling: str = "slice"):
+        if tumor_sampling not in TUMOR_SAMPLING:
+            raise ValueError(f"tumor_sampling must be one of {', '.join(TUMOR_SAMPLING)}, got {tumor_sampling!r}")
         self.cases, self.y1, self.crop, self.tumor_fraction, self.context = cases, y1, crop, tumor_fraction, context
-        self.tumor_contrast = tumor_contrast
+        self.tumor_contrast, self.tumor_sampling = tumor_contrast, tumor_sampling
         self.masks = [training_mask(c, mask) for c in cases]
         self._mask_slices = [np.flatnonzero(m.any(axis=(1, 2))) for m in self.masks]
         self._tumor = [c.tumor_slices for c in cases]
+        self._lesions = [tumor_lesions(c.labels) for c in cases] if tumor_sampling == "lesion" else None
         usable = [i for i, s in enumerate(self._mask_slices) if s.size]
         if not usable:
             raise ValueError("no training case has any kidney: stage 2 has nothing to learn from")
@@ -420,16 +430,12 @@ class Stage2Sampler:
         for _ in range(batch_size):
             ci = self._usable[int(rng.integers(len(self._usable)))]
             case, mask = self.cases[ci], self.masks[ci]
-            tumor = self._tumor[ci]
-            z = int(rng.choice(tumor)) if tumor.size and rng.random() < self.tumor_fraction else int(rng.choice(self._mask_slices[ci]))
+            z, window = self.draw_window(ci, rng)
             near = neighbour_indices(np.array([z]), self.context, case.image.shape[0])[0]
             arrays = {"image": case.image[near], "y1": self.y1[case.name][near].astype(np.float32), "mask": mask[near],
                       "labels": case.labels[z], "tumor": case.labels[near] == 2}
-            if self.crop is not None:
-                ys, xs = np.nonzero(mask[z])
-                pick = int(rng.integers(ys.size))  # centre on a random mask pixel: both kidneys get seen
-                y0, y1 = _crop_window(self.crop, mask.shape[1], ys[pick], rng)
-                x0, x1 = _crop_window(self.crop, mask.shape[2], xs[pick], rng)
+            if window is not None:
+                y0, y1, x0, x1 = window
                 arrays = {k: v[..., y0:y1, x0:x1] for k, v in arrays.items()}
             tumor_here = arrays.pop("tumor")
             if self.tumor_contrast > 0 and tumor_here.any() and rng.random() < 0.5:
@@ -440,6 +446,43 @@ class Stage2Sampler:
                 parts[k].append(_pad_to(v, self.crop))
         image, y1, mask, labels = (_stack_same_size(parts[k]) for k in ("image", "y1", "mask", "labels"))
         return image.astype(np.float32, copy=False), y1.astype(np.float32), mask.astype(np.float32), labels.astype(np.int64)
+
+    def draw_window(self, ci: int, rng: np.random.Generator) -> tuple[int, tuple[int, int, int, int] | None]:
+        """Where one sample of case ``ci`` is cut: (slice, (y0, y1, x0, x1) or None for the whole slice)."""
+        z, centre = self._pick_slice(ci, rng)
+        if self.crop is None:
+            return z, None
+        mask = self.masks[ci]
+        if centre is None:
+            ys, xs = np.nonzero(mask[z])
+            pick = int(rng.integers(ys.size))  # centre on a random mask pixel: both kidneys get seen
+            centre = (ys[pick], xs[pick])
+        y0, y1 = _crop_window(self.crop, mask.shape[1], centre[0], rng)
+        x0, x1 = _crop_window(self.crop, mask.shape[2], centre[1], rng)
+        return z, (y0, y1, x0, x1)
+
+    def _pick_slice(self, ci: int, rng: np.random.Generator) -> tuple[int, tuple[int, int] | None]:
+        """(slice, in-plane crop centre or None for a random mask pixel) of one sample of case ``ci``."""
+        tumor = self._tumor[ci]
+        if not (tumor.size and rng.random() < self.tumor_fraction):
+            return int(rng.choice(self._mask_slices[ci])), None
+        if self._lesions is None:
+            return int(rng.choice(tumor)), None
+        lesions = self._lesions[ci]
+        voxels = lesions[int(rng.integers(len(lesions)))]
+        z, y, x = (int(v) for v in voxels[int(rng.integers(len(voxels)))])
+        return z, (y, x)
+
+
+
+def tumor_lesions(labels: np.ndarray) -> list[np.ndarray]:
+    """The (N, 3) voxel indices of each 3D connected tumor piece of a stage-grid label map."""
+    pieces, _ = ndimage.label(labels == 2)
+    lesions = []
+    for i, box in enumerate(ndimage.find_objects(pieces), start=1):
+        offset = np.array([s.start for s in box], np.int32)
+        lesions.append(np.argwhere(pieces[box] == i).astype(np.int32) + offset)
+    return lesions
 
 
 def _stack_same_size(arrays: list[np.ndarray]) -> np.ndarray:

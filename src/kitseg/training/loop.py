@@ -414,7 +414,8 @@ def stage2_dice(segmenter: Segmenter, cases: list[StageCase], y1: dict[str, np.n
 def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_y1: dict, config: TrainConfig, device) -> StageTask:
     context = config.preprocessing.stage2_context_slices
     sampler = Stage2Sampler(train, oof_y1, config.mask, config.crop_stage2, config.tumor_fraction, context,
-                            tumor_contrast=config.hu_to_units(config.stage2_tumor_contrast_hu))
+                            tumor_contrast=config.hu_to_units(config.stage2_tumor_contrast_hu),
+                            tumor_sampling=config.tumor_sampling)
     kwargs = stage2_network_kwargs(config)
     class_weights = None if config.stage2_tumor_weight == 1 else (1.0, 1.0, config.stage2_tumor_weight)
     noise_sigma = config.augment_noise_sigma()
