@@ -4,9 +4,10 @@
 
 Builds the ``cpu`` preset's stage-2 sampler (or ``--preset``) on every labelled case of
 ``--data`` (prepared on the stage grid, through ``--cache``), draws ``--samples`` crop windows
-per mode with the same seed, and counts the windows that hold at least one voxel of a tumor
-(a 3D connected piece of label 2 on the stage grid) under 10 mL, and of one of 10 mL or more,
-with the tumor voxels they show. Nothing is trained; only the windows are drawn.
+per mode with the same seed, and counts the sightings of tumors under 10 mL and of 10 mL or more
+(a sighting: a window holding at least one voxel of a tumor, a 3D connected piece of label 2 on
+the stage grid; a window showing two tumors counts two), with the tumor voxels they show.
+Nothing is trained; only the windows are drawn.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SMALL_ML = 10.0
 def count_shown(sampler: Stage2Sampler, lesion_ml: list[list[float]], lesions: list[list[np.ndarray]],
                 samples: int, seed: int) -> dict[str, int]:
     rng = np.random.default_rng(seed)
-    counts = {"small windows": 0, "small voxels": 0, "large windows": 0, "large voxels": 0}
+    counts = {"small sightings": 0, "small voxels": 0, "large sightings": 0, "large voxels": 0}
     usable = [i for i, m in enumerate(sampler.masks) if m.any()]  # as the sampler draws cases
     for _ in range(samples):
         ci = usable[int(rng.integers(len(usable)))]
@@ -39,7 +40,7 @@ def count_shown(sampler: Stage2Sampler, lesion_ml: list[list[float]], lesions: l
             shown = int(inside.sum())
             if shown:
                 size = "small" if ml < SMALL_ML else "large"
-                counts[f"{size} windows"] += 1
+                counts[f"{size} sightings"] += 1
                 counts[f"{size} voxels"] += shown
     return counts
 
@@ -68,7 +69,7 @@ def main() -> None:
         sampler = Stage2Sampler(cases, y1, config.mask, config.crop_stage2, config.tumor_fraction, tumor_sampling=mode)
         results[mode] = count_shown(sampler, lesion_ml, lesions, args.samples, args.seed)
         shown = ", ".join(f"{k} {v}" for k, v in results[mode].items())
-        print(f"{mode:>7}: windows showing a tumor, and its voxels: {shown}")
+        print(f"{mode:>7}: tumors seen in a window, and their voxels: {shown}")
     base, new = results[TUMOR_SAMPLING[0]], results[TUMOR_SAMPLING[1]]
     for key in base:
         print(f"{TUMOR_SAMPLING[1]} / {TUMOR_SAMPLING[0]}, {key}: {new[key] / max(base[key], 1):.2f}")

@@ -320,6 +320,9 @@ def test_train_refuses_bad_settings_and_a_wrong_data_folder_leaves_no_run(tmp_pa
     assert main(["train", "--data", str(cases), "--out", str(run), "--set", "tumor_sampling=random"]) == 2
     err = capsys.readouterr().err  # a text field's value needs no JSON quotes; it is then checked
     assert "tumor_sampling must be one of slice, lesion, got 'random'" in err and "JSON" not in err
+    assert main(["train", "--data", str(cases), "--out", str(run), "--set", "tumor_samplng=lesion"]) == 2
+    assert "unknown field 'tumor_samplng'; fields: preset, preprocessing," in capsys.readouterr().err
+    assert not run.exists()
     assert main(["train", "--data", str(cases), "--out", str(run), "--device", "bogus"]) == 2
     assert "bogus" in capsys.readouterr().err and not run.exists()
 

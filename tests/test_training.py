@@ -731,6 +731,24 @@ def test_lesion_sampling_shows_a_small_tumor_as_often_as_a_large_one(mode, shown
         assert (labels == 2).any(axis=(1, 2)).all()  # the crop is around a tumor, always
 
 
+def test_slice_sampling_draws_what_it_drew_before_lesion_sampling_existed():
+    """Runs recorded before ``tumor_sampling`` repeat bit for bit: the same draws, in the same order."""
+    from kitseg.training.data import _crop_window
+
+    case = _two_tumor_case()
+    sampler = Stage2Sampler([case], {case.name: np.zeros(case.image.shape, np.float16)}, preset("smoke").mask, 16, 0.5)
+    mask = sampler.masks[0]
+    mask_slices, tumor_slices = np.flatnonzero(mask.any(axis=(1, 2))), case.tumor_slices
+    rng, ref = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(50):
+        # The sampler of 2026-12-04: a tumor slice or a mask slice, then a crop around a random mask pixel.
+        z = int(ref.choice(tumor_slices)) if ref.random() < 0.5 else int(ref.choice(mask_slices))
+        ys, xs = np.nonzero(mask[z])
+        pick = int(ref.integers(ys.size))
+        window = (*_crop_window(16, mask.shape[1], ys[pick], ref), *_crop_window(16, mask.shape[2], xs[pick], ref))
+        assert sampler.draw_window(0, rng) == (z, window)
+
+
 def test_tumor_sampling_must_be_known():
     with pytest.raises(ConfigError, match="tumor_sampling"):
         replace(preset("cpu"), tumor_sampling="random")

@@ -366,8 +366,9 @@ def iter_phantom_dataset(
 
     A generator so that a GUI worker can show progress and stop between cases. ``workers > 1``
     draws that many cases at once in worker processes (the same images: each case's seed is its
-    own); stopping early cancels the cases not yet started. A mask that cannot be read does not
-    stop the others: after the last case, one ``MaskReadError`` names every such mask.
+    own); stopping early cancels the cases not yet started. A mask that cannot be read or is no
+    KiTS19 label map does not stop the others: after the last case, one ``MaskReadError`` names
+    every such mask.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -384,13 +385,13 @@ def iter_phantom_dataset(
             logger.info("skipping %s: already written", folder)
             done += 1
             yield done, len(folders), folder
-    unreadable: list[str] = []
+    unreadable: dict[str, str] = {}  # case -> why its mask cannot be read
     if workers == 1 or len(todo) <= 1:
         for job in todo:
             try:
                 folder = generate_phantom_case(*job)
             except MaskReadError as exc:
-                unreadable.append(str(exc))
+                unreadable[job[1].name] = str(exc)
                 continue
             done += 1
             yield done, len(folders), folder
@@ -399,14 +400,15 @@ def iter_phantom_dataset(
 
         pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=one_blas_thread)
         try:
-            pending = {pool.submit(generate_phantom_case, *job) for job in todo}
+            case_of = {pool.submit(generate_phantom_case, *job): job[1].name for job in todo}
+            pending = set(case_of)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     try:
                         folder = future.result()  # a worker's error is raised here
                     except MaskReadError as exc:
-                        unreadable.append(str(exc))
+                        unreadable[case_of[future]] = str(exc)
                         continue
                     done += 1
                     yield done, len(folders), folder
@@ -414,8 +416,8 @@ def iter_phantom_dataset(
             pool.shutdown(wait=True, cancel_futures=True)  # a case being drawn is finished (written atomically)
     if unreadable:
         raise MaskReadError(
-            f"{len(unreadable)} of {len(folders)} case(s) not drawn, their masks unreadable "
-            f"({done} other case(s) are in {out_dir}):\n  " + "\n  ".join(sorted(unreadable)))
+            f"{len(unreadable)} of {len(folders)} case(s) not drawn, their masks not usable "
+            f"({done} other case(s) are in {out_dir}):\n  " + "\n  ".join(unreadable[c] for c in sorted(unreadable)))
 
 
 def generate_phantom_dataset(

@@ -60,10 +60,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         field, equals, value = item.partition("=")
         if not equals or not field:
             raise ConfigError(f"--set {item}: expected FIELD=JSON, e.g. --set learning_rate=3e-4")
+        if not hasattr(config, field):
+            raise ConfigError(f"--set {item}: unknown field {field!r}; fields: {', '.join(config.to_dict())}")
         try:
             changes[field] = json.loads(value)
         except ValueError as exc:
-            if isinstance(getattr(config, field, None), str):  # a text field: --set lr_schedule=poly
+            if isinstance(getattr(config, field), str):  # a text field: --set lr_schedule=poly
                 changes[field] = value
                 continue
             raise ConfigError(f"--set {item}: the value of {field} is not JSON ({exc}); a text needs quotes: "

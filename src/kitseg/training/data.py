@@ -407,7 +407,8 @@ class Stage2Sampler:
     "slice", a slice holding tumor, the crop centred on a random mask pixel of it (a small tumor
     beside a large kidney may fall outside the crop); "lesion", one of the case's tumors (3D
     connected pieces) with equal chance, the crop centred on a random voxel of it, so that a
-    2 mL tumor is shown as often as a 500 mL one.
+    2 mL tumor is shown as often as a 500 mL one in the same case. Cases are drawn with equal
+    chance either way.
     """
 
     def __init__(self, cases: list[StageCase], y1: dict[str, np.ndarray], mask: MaskConfig, crop: int | None,
@@ -449,7 +450,7 @@ class Stage2Sampler:
 
     def draw_window(self, ci: int, rng: np.random.Generator) -> tuple[int, tuple[int, int, int, int] | None]:
         """Where one sample of case ``ci`` is cut: (slice, (y0, y1, x0, x1) or None for the whole slice)."""
-        z, centre = self._pick_slice(ci, rng)
+        z, centre = self._pick_slice_and_centre(ci, rng)
         if self.crop is None:
             return z, None
         mask = self.masks[ci]
@@ -461,7 +462,7 @@ class Stage2Sampler:
         x0, x1 = _crop_window(self.crop, mask.shape[2], centre[1], rng)
         return z, (y0, y1, x0, x1)
 
-    def _pick_slice(self, ci: int, rng: np.random.Generator) -> tuple[int, tuple[int, int] | None]:
+    def _pick_slice_and_centre(self, ci: int, rng: np.random.Generator) -> tuple[int, tuple[int, int] | None]:
         """(slice, in-plane crop centre or None for a random mask pixel) of one sample of case ``ci``."""
         tumor = self._tumor[ci]
         if not (tumor.size and rng.random() < self.tumor_fraction):
@@ -474,9 +475,14 @@ class Stage2Sampler:
         return z, (y, x)
 
 
-
 def tumor_lesions(labels: np.ndarray) -> list[np.ndarray]:
-    """The (N, 3) voxel indices of each 3D connected tumor piece of a stage-grid label map."""
+    """The (N, 3) voxel indices of each 3D connected tumor piece of a stage-grid label map.
+
+    Pieces join by faces (6-connectivity); joining by edges and corners too would merge under 1%
+    of the pieces of the training phantoms' tumors (774 against 781 pieces in 300 of them).
+    """
+    if labels.size == 0:
+        return []
     pieces, _ = ndimage.label(labels == 2)
     lesions = []
     for i, box in enumerate(ndimage.find_objects(pieces), start=1):
