@@ -35,10 +35,14 @@
 #    with a fourth image of each training mask, bright tumors with new shapes again (--seed 3);
 #    the shipped stage 2 is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 8").
 #    Set ROUND8=0 to stop at round 7.
-# 3h. round 9, the shipped model since 2026-12-05: round 8's new network trained 2000 steps more
+# 3h. round 9 (shipped on 2026-12-05 until round 10): round 8's new network trained 2000 steps more
 #    with a fifth image of each training mask, two or three extra tumors of 0.5-10 mL grown in at
 #    the default brightness (scripts/phantoms_small_tumors.json, --seed 4); the shipped stage 2 is
 #    the ensemble of round 6's and this one (MODEL_CARD.md, "Round 9"). Set ROUND9=0 to stop at round 8.
+# 3i. round 10, the shipped model since 2026-12-05: round 9's new network trained 2000 steps more on
+#    the same images, each tumor sample cropped around one of its case's tumors drawn with equal
+#    chance (--set tumor_sampling=lesion); the shipped stage 2 is the ensemble of round 6's and this
+#    one (MODEL_CARD.md, "Round 10"). Set ROUND10=0 to stop at round 9.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption. PHANTOM_WORKERS=N draws N phantoms at once (default 2).
 set -euo pipefail
@@ -49,10 +53,16 @@ KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (peak 0.7-1.8 GB each)
 
-train_stage2_more() {  # DATA RUN INIT: rounds 6 to 9, 2000 more stage-2 steps from INIT's, stage 1 kept
+train_stage2_more() {  # DATA RUN INIT [OPTION...]: rounds 6 to 10, 2000 more stage-2 steps from INIT's, stage 1 kept
   $KITS train --data "$1" --out "$2" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu --stage2-steps 2000 \
     --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) --init-from "$3" --keep-stage1 \
-    --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30
+    --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30 "${@:4}"
+}
+
+reuse_folds() {  # PREV RUN: RUN starts with PREV's fold models and out-of-fold y1 (predicted again only for new images)
+  mkdir -p "$2"
+  [ -d "$2/fold1" ] || cp -r "$1/fold1" "$1/fold2" "$2/"
+  [ -d "$2/oof_y1" ] || cp -al "$1/oof_y1" "$2/oof_y1"
 }
 
 # Rounds 8 and 9: one more image of each training mask (PHANTOMS, drawn with SEED and PARAMS, linked
@@ -62,11 +72,10 @@ train_stage2_more() {  # DATA RUN INIT: rounds 6 to 9, 2000 more stage-2 steps f
 round_with_another_image() {  # DATA NEW_DATA PHANTOMS SEED PARAMS SUFFIX PREV_RUN NEW_RUN MODEL_NAME
   local data=$WORK/$1 new=$WORK/$2 phantoms=$WORK/$3 prev=$WORK/$7 run=$WORK/$8 model=$WORK/$9
   $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$phantoms" --seed "$4" --params "$5" --cases $TRAIN
-  mkdir -p "$new" "$run"
+  mkdir -p "$new"
   for f in "$data"/*; do ln -sfn "$(realpath "$f")" "$new/$(basename "$f")"; done
   for c in $TRAIN; do ln -sfn "$(realpath "$phantoms/$c")" "$new/${c}_$6"; done
-  [ -d "$run/fold1" ] || cp -r "$prev/fold1" "$prev/fold2" "$run/"
-  [ -d "$run/oof_y1" ] || cp -al "$prev/oof_y1" "$run/oof_y1"
+  reuse_folds "$prev" "$run"
   train_stage2_more "$new" "$run" "$prev/model.kseg"
   [ -f "$model" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
     "$run/model.kseg" --out "$model" --mask-radius-mm 20
@@ -107,9 +116,7 @@ if [ "${ROUND4:-1}" = 1 ]; then
     --out "$MODEL4" --mask-radius-mm 20
   MODEL=$MODEL4
   if [ "${ROUND5:-1}" = 1 ]; then
-    mkdir -p "$WORK/run_tw3"
-    [ -d "$WORK/run_tw3/fold1" ] || cp -r "$WORK/run_mixr/fold1" "$WORK/run_mixr/fold2" "$WORK/run_tw3/"
-    [ -d "$WORK/run_tw3/oof_y1" ] || cp -al "$WORK/run_mixr/oof_y1" "$WORK/run_tw3/oof_y1"
+    reuse_folds "$WORK/run_mixr" "$WORK/run_tw3"
     $KITS train --data "$WORK/data_mixr" --out "$WORK/run_tw3" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu \
       --stage2-steps 3000 --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) \
       --init-from "$WORK/model_round3.kseg" --keep-stage1 --set stage2_tumor_weight=3 --set steps_per_epoch=1000
@@ -118,9 +125,7 @@ if [ "${ROUND4:-1}" = 1 ]; then
       --out "$MODEL5" --mask-radius-mm 20
     MODEL=$MODEL5
     if [ "${ROUND6:-1}" = 1 ]; then
-      mkdir -p "$WORK/run_r6noise"
-      [ -d "$WORK/run_r6noise/fold1" ] || cp -r "$WORK/run_mixr/fold1" "$WORK/run_mixr/fold2" "$WORK/run_r6noise/"
-      [ -d "$WORK/run_r6noise/oof_y1" ] || cp -al "$WORK/run_mixr/oof_y1" "$WORK/run_r6noise/oof_y1"
+      reuse_folds "$WORK/run_mixr" "$WORK/run_r6noise"
       train_stage2_more "$WORK/data_mixr" "$WORK/run_r6noise" "$MODEL5"
       MODEL6="$WORK/model_round6.kseg"
       [ -f "$MODEL6" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL5" \
@@ -148,6 +153,15 @@ if [ "${ROUND4:-1}" = 1 ]; then
             # A fifth image of each training mask: 2-3 extra tumors of 0.5-10 mL, default brightness (seed 4).
             round_with_another_image data_mixe data_mixf phantoms_small_s4 4 \
               scripts/phantoms_small_tumors.json small4 run_r9 run_r10 model_round9.kseg
+            if [ "${ROUND10:-1}" = 1 ]; then
+              # The same images; tumor samples cropped around one tumor each, small ones as often as large.
+              reuse_folds "$WORK/run_r10" "$WORK/run_r12"
+              train_stage2_more "$WORK/data_mixf" "$WORK/run_r12" "$WORK/run_r10/model.kseg" --set tumor_sampling=lesion
+              MODEL10="$WORK/model_round10.kseg"
+              [ -f "$MODEL10" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
+                "$WORK/run_r12/model.kseg" --out "$MODEL10" --mask-radius-mm 20
+              MODEL=$MODEL10
+            fi
           fi
         fi
       fi
