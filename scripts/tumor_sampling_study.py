@@ -28,10 +28,8 @@ def count_shown(sampler: Stage2Sampler, lesion_ml: list[list[float]], lesions: l
                 samples: int, seed: int) -> dict[str, int]:
     rng = np.random.default_rng(seed)
     counts = {"small sightings": 0, "small voxels": 0, "large sightings": 0, "large voxels": 0}
-    usable = [i for i, m in enumerate(sampler.masks) if m.any()]  # as the sampler draws cases
     for _ in range(samples):
-        ci = usable[int(rng.integers(len(usable)))]
-        z, window = sampler.draw_window(ci, rng)
+        ci, z, window = sampler.draw_window(rng)
         for voxels, ml in zip(lesions[ci], lesion_ml[ci]):
             inside = voxels[:, 0] == z
             if window is not None:

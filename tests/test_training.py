@@ -741,12 +741,13 @@ def test_slice_sampling_draws_what_it_drew_before_lesion_sampling_existed():
     mask_slices, tumor_slices = np.flatnonzero(mask.any(axis=(1, 2))), case.tumor_slices
     rng, ref = np.random.default_rng(3), np.random.default_rng(3)
     for _ in range(50):
-        # The sampler of 2026-12-04: a tumor slice or a mask slice, then a crop around a random mask pixel.
+        # The sampler of 2026-12-04: a case, a tumor slice or a mask slice, then a crop around a random mask pixel.
+        ci = int(ref.integers(1))
         z = int(ref.choice(tumor_slices)) if ref.random() < 0.5 else int(ref.choice(mask_slices))
         ys, xs = np.nonzero(mask[z])
         pick = int(ref.integers(ys.size))
         window = (*_crop_window(16, mask.shape[1], ys[pick], ref), *_crop_window(16, mask.shape[2], xs[pick], ref))
-        assert sampler.draw_window(0, rng) == (z, window)
+        assert sampler.draw_window(rng) == (ci, z, window)
 
 
 def test_tumor_sampling_must_be_known():

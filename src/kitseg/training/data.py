@@ -416,7 +416,7 @@ class Stage2Sampler:
         if tumor_sampling not in TUMOR_SAMPLING:
             raise ValueError(f"tumor_sampling must be one of {', '.join(TUMOR_SAMPLING)}, got {tumor_sampling!r}")
         self.cases, self.y1, self.crop, self.tumor_fraction, self.context = cases, y1, crop, tumor_fraction, context
-        self.tumor_contrast, self.tumor_sampling = tumor_contrast, tumor_sampling
+        self.tumor_contrast = tumor_contrast
         self.masks = [training_mask(c, mask) for c in cases]
         self._mask_slices = [np.flatnonzero(m.any(axis=(1, 2))) for m in self.masks]
         self._tumor = [c.tumor_slices for c in cases]
@@ -429,9 +429,8 @@ class Stage2Sampler:
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         parts = {"image": [], "y1": [], "mask": [], "labels": []}
         for _ in range(batch_size):
-            ci = self._usable[int(rng.integers(len(self._usable)))]
+            ci, z, window = self.draw_window(rng)
             case, mask = self.cases[ci], self.masks[ci]
-            z, window = self.draw_window(ci, rng)
             near = neighbour_indices(np.array([z]), self.context, case.image.shape[0])[0]
             arrays = {"image": case.image[near], "y1": self.y1[case.name][near].astype(np.float32), "mask": mask[near],
                       "labels": case.labels[z], "tumor": case.labels[near] == 2}
@@ -448,11 +447,12 @@ class Stage2Sampler:
         image, y1, mask, labels = (_stack_same_size(parts[k]) for k in ("image", "y1", "mask", "labels"))
         return image.astype(np.float32, copy=False), y1.astype(np.float32), mask.astype(np.float32), labels.astype(np.int64)
 
-    def draw_window(self, ci: int, rng: np.random.Generator) -> tuple[int, tuple[int, int, int, int] | None]:
-        """Where one sample of case ``ci`` is cut: (slice, (y0, y1, x0, x1) or None for the whole slice)."""
+    def draw_window(self, rng: np.random.Generator) -> tuple[int, int, tuple[int, int, int, int] | None]:
+        """Where one sample is cut: (case index, slice, (y0, y1, x0, x1) or None for the whole slice)."""
+        ci = self._usable[int(rng.integers(len(self._usable)))]
         z, centre = self._pick_slice_and_centre(ci, rng)
         if self.crop is None:
-            return z, None
+            return ci, z, None
         mask = self.masks[ci]
         if centre is None:
             ys, xs = np.nonzero(mask[z])
@@ -460,7 +460,7 @@ class Stage2Sampler:
             centre = (ys[pick], xs[pick])
         y0, y1 = _crop_window(self.crop, mask.shape[1], centre[0], rng)
         x0, x1 = _crop_window(self.crop, mask.shape[2], centre[1], rng)
-        return z, (y0, y1, x0, x1)
+        return ci, z, (y0, y1, x0, x1)
 
     def _pick_slice_and_centre(self, ci: int, rng: np.random.Generator) -> tuple[int, tuple[int, int] | None]:
         """(slice, in-plane crop centre or None for a random mask pixel) of one sample of case ``ci``."""
