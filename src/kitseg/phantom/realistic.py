@@ -12,6 +12,7 @@ Arrays are (Z, Y, X) in the internal orientation (axis codes I, P, L).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -385,39 +386,45 @@ def iter_phantom_dataset(
             logger.info("skipping %s: already written", folder)
             done += 1
             yield done, len(folders), folder
-    unreadable: dict[str, str] = {}  # case -> why its mask cannot be read
-    if workers == 1 or len(todo) <= 1:
-        for job in todo:
-            try:
-                folder = generate_phantom_case(*job)
-            except MaskReadError as exc:
-                unreadable[job[1].name] = str(exc)
+    unreadable: dict[str, str] = {}  # case -> why its mask cannot be used
+    with contextlib.closing(_draw_cases(todo, workers)) as drawn_cases:  # closed early: the pool stops
+        for folder, refusal in drawn_cases:
+            if refusal is not None:
+                unreadable[folder.name] = refusal
                 continue
             done += 1
             yield done, len(folders), folder
-    else:
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=one_blas_thread)
-        try:
-            case_of = {pool.submit(generate_phantom_case, *job): job[1].name for job in todo}
-            pending = set(case_of)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    try:
-                        folder = future.result()  # a worker's error is raised here
-                    except MaskReadError as exc:
-                        unreadable[case_of[future]] = str(exc)
-                        continue
-                    done += 1
-                    yield done, len(folders), folder
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # a case being drawn is finished (written atomically)
     if unreadable:
         raise MaskReadError(
             f"{len(unreadable)} of {len(folders)} case(s) not drawn, their masks not usable "
             f"({done} other case(s) are in {out_dir}):\n  " + "\n  ".join(unreadable[c] for c in sorted(unreadable)))
+
+
+def _draw_case(mask_path: Path, out_folder: Path, seed: int, params: PhantomParams | None) -> tuple[Path, str | None]:
+    """``generate_phantom_case``, with an unusable mask returned as (folder, why) rather than raised."""
+    try:
+        return generate_phantom_case(mask_path, out_folder, seed, params), None
+    except MaskReadError as exc:
+        return Path(out_folder), str(exc)
+
+
+def _draw_cases(todo: list[tuple], workers: int) -> Iterator[tuple[Path, str | None]]:
+    """``_draw_case`` of each job, in this process or ``workers`` processes, as each finishes."""
+    if workers == 1 or len(todo) <= 1:
+        for job in todo:
+            yield _draw_case(*job)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=one_blas_thread)
+    try:
+        pending = {pool.submit(_draw_case, *job) for job in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield future.result()  # any other error of a worker is raised here
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a case being drawn is finished (written atomically)
 
 
 def generate_phantom_dataset(
