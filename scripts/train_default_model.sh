@@ -59,6 +59,12 @@ train_stage2_more() {  # DATA RUN INIT [OPTION...]: rounds 6 to 10, 2000 more st
     --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30 "${@:4}"
 }
 
+beside_round6() {  # RUN MODEL_NAME: rounds 7 to 10's model, round 6's network and RUN's new one, in MODEL_NAME
+  [ -f "$WORK/$2" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
+    "$1/model.kseg" --out "$WORK/$2" --mask-radius-mm 20
+  MODEL=$WORK/$2
+}
+
 reuse_folds() {  # PREV RUN: RUN starts with PREV's fold models and out-of-fold y1 (predicted again only for new images)
   mkdir -p "$2"
   [ -d "$2/fold1" ] || cp -r "$1/fold1" "$1/fold2" "$2/"
@@ -70,16 +76,14 @@ reuse_folds() {  # PREV RUN: RUN starts with PREV's fold models and out-of-fold 
 # more in NEW_RUN with PREV_RUN's fold models (a mask's images share a fold, so only the new images'
 # y1 is predicted); MODEL becomes round 6's network and the new one, joined in MODEL_NAME.
 round_with_another_image() {  # DATA NEW_DATA PHANTOMS SEED PARAMS SUFFIX PREV_RUN NEW_RUN MODEL_NAME
-  local data=$WORK/$1 new=$WORK/$2 phantoms=$WORK/$3 prev=$WORK/$7 run=$WORK/$8 model=$WORK/$9
+  local data=$WORK/$1 new=$WORK/$2 phantoms=$WORK/$3 prev=$WORK/$7 run=$WORK/$8
   $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$phantoms" --seed "$4" --params "$5" --cases $TRAIN
   mkdir -p "$new"
   for f in "$data"/*; do ln -sfn "$(realpath "$f")" "$new/$(basename "$f")"; done
   for c in $TRAIN; do ln -sfn "$(realpath "$phantoms/$c")" "$new/${c}_$6"; done
   reuse_folds "$prev" "$run"
   train_stage2_more "$new" "$run" "$prev/model.kseg"
-  [ -f "$model" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
-    "$run/model.kseg" --out "$model" --mask-radius-mm 20
-  MODEL=$model
+  beside_round6 "$run" "$9"
 }
 
 $KITS phantom --workers "$PHANTOM_WORKERS" --masks "$MASKS" --out "$WORK/phantoms" --seed 0 --params scripts/phantoms_without_adrenals.json
@@ -141,10 +145,7 @@ if [ "${ROUND4:-1}" = 1 ]; then
         for c in $TRAIN; do ln -sfn "$(realpath "$WORK/phantoms_bright_s1/$c")" "$WORK/data_mixc/${c}_bright1"; done
         # Its own out-of-fold models (on all 360 training images; the folds keep a mask's images together).
         train_stage2_more "$WORK/data_mixc" "$WORK/run_r7c" "$MODEL6"
-        MODEL7="$WORK/model_round7.kseg"
-        [ -f "$MODEL7" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" \
-          --stage2 "$MODEL6" "$WORK/run_r7c/model.kseg" --out "$MODEL7" --mask-radius-mm 20
-        MODEL=$MODEL7
+        beside_round6 "$WORK/run_r7c" model_round7.kseg
         if [ "${ROUND8:-1}" = 1 ]; then
           # A fourth image of each training mask: bright tumors again, new shapes again (seed 3).
           round_with_another_image data_mixc data_mixe phantoms_bright_s3 3 \
@@ -157,10 +158,7 @@ if [ "${ROUND4:-1}" = 1 ]; then
               # The same images; tumor samples cropped around one tumor each, small ones as often as large.
               reuse_folds "$WORK/run_r10" "$WORK/run_r12"
               train_stage2_more "$WORK/data_mixf" "$WORK/run_r12" "$WORK/run_r10/model.kseg" --set tumor_sampling=lesion
-              MODEL10="$WORK/model_round10.kseg"
-              [ -f "$MODEL10" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
-                "$WORK/run_r12/model.kseg" --out "$MODEL10" --mask-radius-mm 20
-              MODEL=$MODEL10
+              beside_round6 "$WORK/run_r12" model_round10.kseg
             fi
           fi
         fi
