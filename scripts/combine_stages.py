@@ -15,8 +15,9 @@ looks inside stage 1's mask) before its stage 2 is done or better. Both files mu
 preprocessing, label map and mask settings, or the networks would read another image than the
 one they were trained on; the one allowed difference is how many neighbouring slices stage 2
 sees (``stage2_context_slices``): a stage 2 that sees fewer is widened to exactly the same
-network on the wider input, so it can join an ensemble with one that sees more. The new file's provenance names both sources, with their weight
-SHA-256s and their own provenance, so `kits-seg info` tells where each stage came from.
+network on the wider input, so it can join an ensemble with one that sees more. The new file's
+provenance names both sources, with their weight SHA-256s and the part of their own provenance
+that tells how the stage taken was made, so `kits-seg info` tells where each stage came from.
 
 ``--mask-radius-mm R`` gives the new file stage 2's mask as a ball of R mm (the threshold kept),
 whatever radius its sources were trained with; their radii may then differ. Stage 2 reads the
@@ -44,7 +45,7 @@ def main() -> int:
 
     from dataclasses import replace
 
-    from kitseg.checkpoint import StageModel, load_bundle, read_metadata, save_bundle
+    from kitseg.checkpoint import StageModel, load_bundle, read_metadata, save_bundle, stage_lineage
     from kitseg.config import MaskConfig
     from kitseg.networks import build_network
     from kitseg.pipeline import widen_stage2
@@ -72,7 +73,7 @@ def main() -> int:
     def source(path: Path, key: str, member: int | None = None) -> dict:
         meta = read_metadata(path)
         record = {"file": path.name, "weights_sha256": meta["stages"][key]["weights_sha256"],
-                  "provenance": meta["provenance"]}
+                  "provenance": stage_lineage(meta["provenance"], f"stage{key}")}
         return record if member is None else {**record, "member": member}
 
     stage2_sources = [source(path, "2", member) for path, member in sources]

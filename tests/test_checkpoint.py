@@ -247,3 +247,31 @@ def test_provenance_summary_follows_each_stage_to_its_training_run():
     assert kept[0] == "stage 1: kept from round3.kseg (not trained in this run)" and kept[1].startswith("stage 2: trained")
     assert provenance_summary({"stages": {"1": {}}, "provenance": {}}) == ["stage 1: not recorded"]
     assert provenance_summary({"stages": {"2": {}}, "provenance": {"note": "random"}}) == ["stage 2: random"]
+
+
+def test_stage_lineage_keeps_only_the_history_of_the_stage_taken():
+    """combine_stages.py cites a source cut to the stage it took, so a file built from files built
+    from files does not carry every ancestor twice; the summary read from the cut is unchanged."""
+    from kitseg.checkpoint import provenance_summary, stage_lineage
+
+    def run(data):
+        return {"date": "2026-12-05", "data": data, "preset": "cpu", "train_cases": ["case_00000"],
+                "validation_cases": ["case_00001"]}
+
+    older = {"date": "2026-12-04", "combined_from": {"stage1": {"file": "s1.kseg", "provenance": run("stage-1 data")},
+                                                    "stage2": {"file": "s2.kseg", "provenance": run("stage-2 data")}}}
+    newer = {"date": "2026-12-05", "combined_from": {
+        "stage1": {"file": "older.kseg", "provenance": older},
+        "stage2": [{"file": "older.kseg", "member": 0, "provenance": older},
+                   {"file": "model.kseg", "provenance": run("new data")}]}}
+
+    cut = stage_lineage(newer, "stage2")
+    assert set(cut["combined_from"]) == {"stage2"}
+    assert [set(e["provenance"].get("combined_from", {})) for e in cut["combined_from"]["stage2"]] == [{"stage2"}, set()]
+    assert cut["combined_from"]["stage2"][0]["member"] == 0 and cut["date"] == "2026-12-05"
+    assert "stage-1 data" not in str(cut) and "stage-2 data" in str(cut)
+    assert "stage-2 data" not in str(stage_lineage(newer, "stage1"))
+    full = provenance_summary({"stages": {"2": {}}, "provenance": newer})
+    assert provenance_summary({"stages": {"2": {}}, "provenance": cut}) == full
+    assert stage_lineage(run("x"), "stage1") == run("x")  # a training run's record has nothing to cut
+    assert newer["combined_from"]["stage1"]["provenance"] is older  # the input is left as it was

@@ -302,6 +302,26 @@ def provenance_summary(meta: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def stage_lineage(provenance: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """``provenance`` with every nested ``combined_from`` cut to ``stage`` ("stage1"/"stage2").
+
+    A file made by ``scripts/combine_stages.py`` cites its sources with their provenance; a source
+    cited for one stage needs only that stage's history. Citing the whole of it for each stage
+    taken doubled the record with every round (round 11's file: 1.6 MB of metadata, nearly all
+    two copies of round 10's).
+    """
+    combined = provenance.get("combined_from")
+    if not isinstance(combined, Mapping) or stage not in combined:
+        return dict(provenance)
+    entries = combined[stage]
+
+    def cut(entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {**entry, "provenance": stage_lineage(entry.get("provenance") or {}, stage)}
+
+    kept = [cut(e) for e in entries] if isinstance(entries, list) else cut(entries)
+    return {**provenance, "combined_from": {stage: kept}}
+
+
 def _stage_origins(provenance: Mapping[str, Any], stage: str) -> list[str]:
     combined = provenance.get("combined_from")
     if isinstance(combined, Mapping) and stage in combined:
