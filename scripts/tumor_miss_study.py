@@ -15,6 +15,11 @@ spread, against the kidney within 10 mm of the tumor. Under about 0.5 the two HU
 overlap almost entirely; the Dice is reported per d' band.
 ``--phantom-seed N`` (phantoms made by ``kits-seg phantom --seed N``) also names each case's
 contrast phase, drawn again from the case's seed, and reports the Dice per phase.
+``--where`` runs the model (``--weights``) on each CT again and says where the reference tumor
+went, as shares of its voxels on the CT's grid: outside stage 2's mask (stage 1 missed the
+region), and what the raw argmax called it (tumor, kidney, background), plus the share of the
+reference tumor that the clean-up removed after being called tumor or kidney. It tells a
+stage-1 miss from a stage-2 confusion.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from scipy import ndimage
 SIZE_BANDS_ML = ((0.0, 10.0), (10.0, 50.0), (50.0, float("inf")))
 SEPARABILITY_BANDS = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, float("inf")))
 NEAR_TUMOR_MM = 10.0
+# --where: shares of the reference tumor outside the mask, called tumor / kidney / background
+# by the raw argmax, and removed by the clean-up.
+WHERE_COLUMNS = ("outside", "tumor", "kidney", "bg", "cleaned")
 
 
 class TumorCase(NamedTuple):
@@ -48,7 +56,9 @@ def main() -> int:
     parser.add_argument("--gt", type=Path, required=True, help="KiTS19 case folders (imaging + segmentation)")
     parser.add_argument("--scores", type=Path, required=True, help="CSV of kits-seg evaluate --csv")
     parser.add_argument("--ceiling", action="store_true", help="also score the reference after the grid round trip")
-    parser.add_argument("--weights", type=Path, default=None, help="model whose grid --ceiling uses (default: shipped)")
+    parser.add_argument("--weights", type=Path, default=None, help="model whose grid --ceiling uses and --where runs (default: shipped)")
+    parser.add_argument("--where", action="store_true",
+                        help="run the model again: where the reference tumor's voxels went (mask, class, clean-up)")
     parser.add_argument("--phantom-seed", type=int, default=None,
                         help="the --seed of kits-seg phantom that made --gt: report the Dice per contrast phase")
     args = parser.parse_args()
@@ -59,6 +69,7 @@ def main() -> int:
     from kitseg.metrics import dice
     from kitseg.phantom.params import PhantomParams, sample_protocol
     from kitseg.phantom.realistic import case_seed
+    from kitseg.postprocess import remove_stray_components
     from kitseg.preprocess import StageGrid
     from kitseg.weights import default_weights_path
 
@@ -77,6 +88,22 @@ def main() -> int:
         one_hot = [grid.to_stage((labels_volume.array == k).astype(np.float32)) for k in range(3)]
         return grid.to_source(np.stack(one_hot)).argmax(axis=0)
 
+    segmenter = None
+    if args.where:
+        from kitseg.pipeline import Segmenter
+
+        segmenter = Segmenter.from_file(weights)
+
+    def where_tumor_went(ct, tumor: np.ndarray) -> np.ndarray:
+        """Shares of ``tumor`` outside the mask; called tumor, kidney, background; then cleaned up."""
+        result = segmenter.segment(ct, cleanup=None)
+        outside = result.prepared.grid.to_source(result.mask.astype(np.float32))[tumor] < 0.5
+        raw = result.labels[tumor]
+        cleaned = result.labels.copy()
+        remove_stray_components(cleaned)
+        removed = (raw > 0) & (cleaned[tumor] == 0)
+        return np.array([outside.mean(), *[(raw == k).mean() for k in (2, 1, 0)], removed.mean()])
+
     def separability(ct, labels: np.ndarray) -> float:
         grid = StageGrid.for_volume(ct, preprocessing)
         image = grid.to_stage(ct.array)
@@ -94,8 +121,9 @@ def main() -> int:
     rows = [r for r in csv.DictReader(args.scores.open()) if r["case"].startswith("case_")]
     if not rows:
         raise SystemExit(f"{args.scores}: no case rows")
-    cases, ceilings = [], []
-    print(f"{'case':<11} {'phase':<8} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'d prime':>7} {'tumor Dice':>10}")
+    cases, ceilings, where = [], [], []
+    header = f"{'case':<11} {'phase':<8} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'d prime':>7} {'tumor Dice':>10}"
+    print(header + ("  " + " ".join(f"{w:>7}" for w in WHERE_COLUMNS) if args.where else ""))
     for row in rows:
         ct = read_ct(args.gt / row["case"] / "imaging.nii.gz")
         labels_volume = read_labels(args.gt / row["case"] / "segmentation.nii.gz", like=ct)
@@ -110,6 +138,9 @@ def main() -> int:
         line = (f"{c.case:<11} {c.phase:<8} {c.tumor_ml:9.1f} {c.kidney_hu:10.1f} {c.tumor_hu:9.1f} {c.contrast:8.2f} "
                 f"{c.separability:7.2f} "
                 f"{c.tumor_dice:10.3f}")
+        if args.where:
+            where.append(where_tumor_went(ct, labels == 2))
+            line += "  " + " ".join(f"{share:7.2f}" for share in where[-1])
         if args.ceiling:
             ceilings.append(dice(round_trip(labels_volume) == 2, labels == 2))
             line += f"  ceiling {ceilings[-1]:.3f}"
@@ -128,6 +159,14 @@ def main() -> int:
         report(f"separability d' {low:g}-{high:g}", [c for c in cases if low <= c.separability < high])
     for phase in sorted({c.phase for c in cases} - {"?"}):
         report(f"phase {phase}", [c for c in cases if c.phase == phase])
+    if where:
+        shares = np.array(where)
+        print("where the reference tumor went, mean share per case: "
+              + ", ".join(f"{name} {share:.2f}" for name, share in zip(WHERE_COLUMNS, shares.mean(axis=0))))
+        missed = np.array([c.tumor_dice < 0.5 for c in cases])
+        if missed.any():
+            print(f"  the {missed.sum()} cases under 0.5 tumor Dice: "
+                  + ", ".join(f"{name} {share:.2f}" for name, share in zip(WHERE_COLUMNS, shares[missed].mean(axis=0))))
     if ceilings:
         print(f"resampling ceiling ({weights.name}: {preprocessing.slice_spacing_mm:g} mm slices, "
               f"{preprocessing.inplane_spacing_mm or 'native'} mm in-plane): "

@@ -245,9 +245,13 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     oof_files = sorted((tmp_path / "run" / "oof_y1").glob("*.npy"))
     oof_files[0].unlink()
     kept_times = {p.name: p.stat().st_mtime_ns for p in oof_files[1:]}
+    val_times = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "val_y1").glob("*.npy")}
     assert train(dataset, tmp_path / "run", config, device="cpu", progress=False) == model
     assert oof_files[0].is_file()
     assert {p.name: p.stat().st_mtime_ns for p in oof_files[1:]} == kept_times
+    # The same final stage 1: the validation y1 are not predicted again either.
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "val_y1").glob("*.npy")} == val_times
+    assert len(val_times) == len(prov["validation_cases"])
 
 
 def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset, tmp_path, caplog):
@@ -337,12 +341,39 @@ def test_keep_stage1_trains_stage2_only_against_the_given_stage1(dataset, tmp_pa
         torch.testing.assert_close(a, b)
     assert not (tmp_path / "kept" / "stage1").exists() and (tmp_path / "kept" / "stage2" / "best.kseg").is_file()
     assert (tmp_path / "kept" / "oof_y1").is_dir()  # stage 2 still learns from out-of-fold y1
+    # Each validation y1 names the stage-1 weights it came from: the given model's.
+    sources = json.loads((tmp_path / "kept" / "val_y1" / "sources.json").read_text())
+    assert {s["stage1_sha256"] for s in sources.values()} == {read_metadata(base)["stages"]["1"]["weights_sha256"]}
     prov = read_metadata(kept)["provenance"]
     assert prov["init_from"]["keep_stage1"] and "val_foreground_dice" in prov["final_validation"]["stage1"]
     with pytest.raises(ConfigError, match="started with --init-from model.kseg --keep-stage1"):  # resumed without it
         train(dataset, tmp_path / "kept", config.replace(seed=1), device="cpu", progress=False, init_from=base)
     with pytest.raises(ConfigError, match="needs the model to keep it from"):
         train(dataset, tmp_path / "other", config, device="cpu", progress=False, keep_stage1=True)
+
+
+def test_validation_y1_copied_in_is_kept_only_from_the_same_stage1(dataset, tmp_path, caplog):
+    """A fine-tuning run that keeps stage 1 reuses validation y1 copied from a run of that stage 1."""
+    import shutil
+
+    config, val = preset("smoke"), ["case_00002"]  # one split for all three runs
+    base = train(dataset, tmp_path / "base", config, device="cpu", progress=False, val_cases=val)
+    kept = tmp_path / "kept"
+    shutil.copytree(tmp_path / "base" / "val_y1", kept / "val_y1")  # made by the base run's final stage 1
+    copied = {p.name: p.read_bytes() for p in (kept / "val_y1").glob("*.npy")}
+    with caplog.at_level("INFO", logger="kitseg.training.loop"):
+        train(dataset, kept, config.replace(seed=1), device="cpu", progress=False, val_cases=val, init_from=base,
+              keep_stage1=True)
+    assert len(copied) == 1 and "kept the y1 of 1 validation case(s)" in caplog.text
+    assert {p.name: p.read_bytes() for p in (kept / "val_y1").glob("*.npy")} == copied
+    # Another stage 1 (a fresh run): the copied y1 are not its own, so each is predicted again.
+    caplog.clear()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tmp_path / "base" / "val_y1", fresh / "val_y1")
+    with caplog.at_level("INFO", logger="kitseg.training.loop"):
+        train(dataset, fresh, config.replace(seed=2), device="cpu", progress=False, val_cases=val)
+    assert "kept the y1" not in caplog.text
+    assert {p.name: p.read_bytes() for p in (fresh / "val_y1").glob("*.npy")} != copied
 
 
 def test_fine_tuning_refuses_a_model_of_another_recipe(dataset, tmp_path):
@@ -622,9 +653,15 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
     assert float(summary["kidney_dice"][1]) == pytest.approx(rows[str(other)][0], abs=1e-4)
     assert float(summary["tumor_dice"][0]) == pytest.approx(rows[str(model)][1], abs=1e-4)
     miss = subprocess.run([sys.executable, str(REPO / "scripts" / "tumor_miss_study.py"), "--gt", str(dataset),
-                           "--scores", str(csvs / "other.csv")], capture_output=True, text=True)
+                           "--scores", str(csvs / "other.csv"), "--where", "--weights", str(model)],
+                          capture_output=True, text=True)
     assert miss.returncode == 0, miss.stderr[-3000:]
-    assert "cases with a tumor" in miss.stdout
+    assert "cases with a tumor" in miss.stdout and "where the reference tumor went" in miss.stdout
+    where = [[float(v) for v in line.split()[-5:]] for line in miss.stdout.splitlines() if line.startswith("case_")]
+    assert where
+    for outside, tumor, kidney, background, cleaned in where:
+        assert 0 <= outside <= 1 and 0 <= cleaned <= tumor + kidney + 0.01
+        assert tumor + kidney + background == pytest.approx(1, abs=0.015)  # every voxel gets one class (2 decimals)
 
     window = dataclasses.replace(run_preprocessing, hu_max=run_preprocessing.hu_max + 100)
     elsewhere = save_bundle(make_tiny_bundle(seed=4, preprocessing=window), tmp_path / "elsewhere.kseg")

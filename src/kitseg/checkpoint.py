@@ -126,6 +126,11 @@ def weights_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def module_weights_sha256(module: nn.Module) -> str:
+    """:func:`weights_sha256` of a network's state: what a saved stage of it records."""
+    return weights_sha256({name: _to_numpy(tensor) for name, tensor in module.state_dict().items()})
+
+
 # --------------------------------------------------------------------------------------- validation
 
 

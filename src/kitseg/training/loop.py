@@ -7,7 +7,8 @@ A run folder holds everything (``kits-seg train --data DIR --out RUN``)::
     RUN/fold{k}/             stage-1 models for out-of-fold y1 (one per fold)
     RUN/oof_y1/NAME.npy      out-of-fold stage-1 predictions: what stage 2 learns from (float16;
                              since 2026-12-03 made on the slices of stage 2's training mask only, 0 elsewhere)
-    RUN/val_y1/NAME.npy      the final stage 1's predictions of the validation cases (made again at each start)
+    RUN/val_y1/NAME.npy      the final stage 1's predictions of the validation cases (kept while that stage 1
+                             and the case are unchanged: val_y1/sources.json)
     RUN/cache/               the prepared cases (``--cache`` puts them elsewhere; ``data.py``)
     RUN/stage1/, RUN/stage2/ state.pt (resume), last.kseg, best.kseg, log.csv, curves.png
     RUN/model.kseg           best stage 1 + best stage 2: the file `kits-seg predict` takes
@@ -35,7 +36,7 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..atomic import atomic_path
-from ..checkpoint import ModelBundle, StageModel, save_bundle
+from ..checkpoint import ModelBundle, StageModel, module_weights_sha256, save_bundle
 from ..config import KITS_LABELS, ConfigError
 from ..device import get_device, mixed_precision_dtype, training_memory_format
 from ..io import name_a_few
@@ -562,6 +563,7 @@ def _remove_leftover_temporaries(run_dir: Path) -> None:
 
 
 OOF_SOURCES = "sources.json"  # in oof_y1/: the prepared case each y1 was predicted from
+VAL_Y1_SOURCES = "sources.json"  # in val_y1/: the stage-1 weights and prepared case each y1 came from
 
 
 def _forget_stale_oof_y1(oof_dir: Path, cases: list[StageCase], info: DistInfo) -> dict[str, str]:
@@ -581,6 +583,36 @@ def _forget_stale_oof_y1(oof_dir: Path, cases: list[StageCase], info: DistInfo) 
         _write_json_atomic(path, sources)
     _barrier(info)
     return sources
+
+
+def _validation_y1(stage1: torch.nn.Module, cases: list[StageCase], val_dir: Path, config: TrainConfig,
+                   device: torch.device) -> dict[str, np.ndarray]:
+    """The final stage 1's y1 of the validation cases, on disk and mapped as the training cases' y1.
+
+    A y1 already in ``val_dir`` is kept when ``sources.json`` says it came from these very
+    stage-1 weights and this prepared case: a resumed run, or a fine-tuning run that keeps its
+    stage 1 (``--keep-stage1``, with ``val_y1/`` copied from an earlier run of that model),
+    does not predict them all again (minutes on a CPU). Float32, so validation scores as before.
+    """
+    sources_path = val_dir / VAL_Y1_SOURCES
+    sources = json.loads(sources_path.read_text()) if cases and sources_path.is_file() else {}
+    weights = module_weights_sha256(stage1) if cases else ""
+    val_y1, kept = {}, 0
+    for case in cases:
+        path = val_dir / f"{case.name}.npy"
+        source = {"stage1_sha256": weights, "case": case.cache_stem.name} if case.cache_stem is not None else None
+        if source is not None and path.is_file() and sources.get(case.name) == source:
+            kept += 1
+        else:
+            save_npy(path, predict_y1(stage1, [case], config, device)[case.name])
+            sources.pop(case.name, None)  # the record follows the file: an interruption loses no record
+            if source is not None:
+                sources[case.name] = source
+            _write_json_atomic(sources_path, sources)
+        val_y1[case.name] = np.load(path, mmap_mode="r")
+    if kept:
+        log.info("%s: kept the y1 of %d validation case(s), made by this stage 1", val_dir, kept)
+    return val_y1
 
 
 def train(
@@ -703,12 +735,7 @@ def train(
                                initial=initial.get("1"))
 
     # 3. Stage 2 on out-of-fold y1; validated through the real stage 1, as at inference.
-    val_y1 = {}
-    for case in val_set if info.is_main else []:  # only the main process validates
-        # On disk and mapped, as the training cases' y1 (float32, so validation scores as before).
-        path = run_dir / "val_y1" / f"{case.name}.npy"
-        save_npy(path, predict_y1(stage1, [case], config, torch_device)[case.name])
-        val_y1[case.name] = np.load(path, mmap_mode="r")
+    val_y1 = _validation_y1(stage1, val_set if info.is_main else [], run_dir / "val_y1", config, torch_device)
     task2 = stage2_task(train_cases, val_set, oof_y1, val_y1, config, torch_device)
     stage2 = train_network(task2, run_dir / "stage2", config, torch_device, info, "2", provenance, progress,
                            initial=initial.get("2"))
