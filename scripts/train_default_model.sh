@@ -73,6 +73,8 @@ reuse_folds() {  # PREV RUN: RUN starts with PREV's fold models and out-of-fold 
   mkdir -p "$2"
   [ -d "$2/fold1" ] || cp -r "$1/fold1" "$1/fold2" "$2/"
   [ -d "$2/oof_y1" ] || cp -al "$1/oof_y1" "$2/oof_y1"
+  # and PREV's validation y1: kept where its val_y1/sources.json names the stage 1 RUN keeps
+  [ -d "$2/val_y1" ] || [ ! -d "$1/val_y1" ] || cp -al "$1/val_y1" "$2/val_y1"
 }
 
 # Rounds 8 and 9: one more image of each training mask (PHANTOMS, drawn with SEED and PARAMS, linked
