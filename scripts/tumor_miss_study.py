@@ -15,11 +15,11 @@ spread, against the kidney within 10 mm of the tumor. Under about 0.5 the two HU
 overlap almost entirely; the Dice is reported per d' band.
 ``--phantom-seed N`` (phantoms made by ``kits-seg phantom --seed N``) also names each case's
 contrast phase, drawn again from the case's seed, and reports the Dice per phase.
-``--where`` runs the model (``--weights``) on each CT again and says where the reference tumor
-went, as shares of its voxels on the CT's grid: outside stage 2's mask (stage 1 missed the
-region), and what the raw argmax called it (tumor, kidney, background), plus the share of the
-reference tumor that the clean-up removed after being called tumor or kidney. It tells a
-stage-1 miss from a stage-2 confusion.
+``--where`` runs the model (``--weights``: the one that made the scores) on each CT again and
+says where the reference tumor went, as shares of its voxels on the CT's grid: outside stage 2's
+mask (stage 1 missed the region), and what the raw argmax called it (tumor, kidney,
+background), plus the share of the reference tumor that the clean-up removed after being called
+tumor or kidney. It tells a stage-1 miss from a stage-2 confusion.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--gt", type=Path, required=True, help="KiTS19 case folders (imaging + segmentation)")
     parser.add_argument("--scores", type=Path, required=True, help="CSV of kits-seg evaluate --csv")
     parser.add_argument("--ceiling", action="store_true", help="also score the reference after the grid round trip")
-    parser.add_argument("--weights", type=Path, default=None, help="model whose grid --ceiling uses and --where runs (default: shipped)")
+    parser.add_argument("--weights", type=Path, default=None, help="model whose grid --ceiling uses and --where runs (default: shipped); for --where, the one that made --scores")
     parser.add_argument("--where", action="store_true",
                         help="run the model again: where the reference tumor's voxels went (mask, class, clean-up)")
     parser.add_argument("--phantom-seed", type=int, default=None,

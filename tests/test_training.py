@@ -282,6 +282,12 @@ def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset,
     now = {p.name: p.stat().st_mtime_ns for p in (run / "oof_y1").glob("*.npy")}
     assert now[f"{edited}.npy"] != oof[f"{edited}.npy"]
     assert {k: v for k, v in now.items() if k != f"{edited}.npy"} == {k: v for k, v in oof.items() if k != f"{edited}.npy"}
+    oof_record = run / "oof_y1" / "sources.json"  # which prepared case each out-of-fold y1 came from
+    whole = oof_record.read_text()
+    oof_record.write_text('{"case_')  # cut short: the stale y1 it would name cannot be told apart
+    with pytest.raises(ConfigError, match="oof_y1/sources.json: not readable as JSON"):
+        train(data, run, config, device="cpu", progress=False)
+    oof_record.write_text(whole)
     shutil.rmtree(data / split["validation"][0])
     with pytest.raises(ConfigError, match="are gone: " + split["validation"][0]):
         train(data, run, config, device="cpu", progress=False)
@@ -353,28 +359,40 @@ def test_keep_stage1_trains_stage2_only_against_the_given_stage1(dataset, tmp_pa
 
 
 def test_validation_y1_copied_in_is_kept_only_from_the_same_stage1(dataset, tmp_path, caplog):
-    """A fine-tuning run that keeps stage 1 reuses validation y1 copied from a run of that stage 1."""
-    import shutil
+    """A fine-tuning run that keeps stage 1 reuses validation y1 hard-linked from a run of that stage 1;
+    a y1 recorded as another stage 1's, or an unreadable record, means predicting again."""
+    import os
 
-    config, val = preset("smoke"), ["case_00002"]  # one split for all three runs
+    config, val = preset("smoke"), ["case_00002"]  # one split for both runs
     base = train(dataset, tmp_path / "base", config, device="cpu", progress=False, val_cases=val)
+    base_y1 = tmp_path / "base" / "val_y1" / "case_00002.npy"
+    base_bytes = base_y1.read_bytes()
     kept = tmp_path / "kept"
-    shutil.copytree(tmp_path / "base" / "val_y1", kept / "val_y1")  # made by the base run's final stage 1
-    copied = {p.name: p.read_bytes() for p in (kept / "val_y1").glob("*.npy")}
-    with caplog.at_level("INFO", logger="kitseg.training.loop"):
-        train(dataset, kept, config.replace(seed=1), device="cpu", progress=False, val_cases=val, init_from=base,
-              keep_stage1=True)
-    assert len(copied) == 1 and "kept the y1 of 1 validation case(s)" in caplog.text
-    assert {p.name: p.read_bytes() for p in (kept / "val_y1").glob("*.npy")} == copied
-    # Another stage 1 (a fresh run): the copied y1 are not its own, so each is predicted again.
-    caplog.clear()
-    fresh = tmp_path / "fresh"
-    shutil.copytree(tmp_path / "base" / "val_y1", fresh / "val_y1")
-    with caplog.at_level("INFO", logger="kitseg.training.loop"):
-        train(dataset, fresh, config.replace(seed=2), device="cpu", progress=False, val_cases=val)
-    assert "kept the y1" not in caplog.text
-    assert {p.name: p.read_bytes() for p in (fresh / "val_y1").glob("*.npy")} != copied
+    (kept / "val_y1").mkdir(parents=True)
+    for f in (tmp_path / "base" / "val_y1").iterdir():  # as the recipe does (cp -al)
+        os.link(f, kept / "val_y1" / f.name)
+    y1 = kept / "val_y1" / "case_00002.npy"
 
+    def fine_tune():
+        caplog.clear()
+        with caplog.at_level("INFO", logger="kitseg.training.loop"):
+            train(dataset, kept, config.replace(seed=1), device="cpu", progress=False, val_cases=val, init_from=base,
+                  keep_stage1=True)
+        return caplog.text
+
+    assert "kept the y1 of 1 validation case(s)" in fine_tune()
+    assert y1.stat().st_ino == base_y1.stat().st_ino  # the very file, not predicted again
+    # Recorded as another stage 1's: predicted again, written as a new file (the base run's stays).
+    sources_path = kept / "val_y1" / "sources.json"
+    sources = json.loads(sources_path.read_text())
+    sources["case_00002"]["stage1_sha256"] = "0" * 64
+    sources_path.write_text(json.dumps(sources))
+    assert "kept the y1" not in fine_tune()
+    assert y1.stat().st_ino != base_y1.stat().st_ino and base_y1.read_bytes() == base_bytes
+    assert json.loads(sources_path.read_text())["case_00002"]["stage1_sha256"] != "0" * 64
+    assert "kept the y1 of 1" in fine_tune()  # the record is whole again
+    sources_path.write_text('{"case_00002": ')  # a job killed mid-write (the record is a cache)
+    assert "not readable as JSON" in fine_tune() and "kept the y1" not in caplog.text
 
 def test_fine_tuning_refuses_a_model_of_another_recipe(dataset, tmp_path):
     base = train(dataset, tmp_path / "base", preset("smoke"), device="cpu", progress=False)

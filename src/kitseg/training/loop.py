@@ -573,7 +573,7 @@ def _forget_stale_oof_y1(oof_dir: Path, cases: list[StageCase], info: DistInfo) 
     the main process to add the y1 it predicts next; other processes get an empty record.
     """
     path = oof_dir / OOF_SOURCES
-    sources = json.loads(path.read_text()) if info.is_main and path.is_file() else {}
+    sources = _read_run_json(path) if info.is_main and path.is_file() else {}
     stale = [c for c in cases if c.cache_stem is not None and sources.get(c.name, c.cache_stem.name) != c.cache_stem.name]
     for case in stale:
         (oof_dir / f"{case.name}.npy").unlink(missing_ok=True)
@@ -590,25 +590,37 @@ def _validation_y1(stage1: torch.nn.Module, cases: list[StageCase], val_dir: Pat
     """The final stage 1's y1 of the validation cases, on disk and mapped as the training cases' y1.
 
     A y1 already in ``val_dir`` is kept when ``sources.json`` says it came from these very
-    stage-1 weights and this prepared case: a resumed run, or a fine-tuning run that keeps its
-    stage 1 (``--keep-stage1``, with ``val_y1/`` copied from an earlier run of that model),
-    does not predict them all again (minutes on a CPU). Float32, so validation scores as before.
+    stage-1 weights, this prepared case and this kind of device (CUDA predicts in float16): a
+    resumed run, or a fine-tuning run that keeps its stage 1 (``--keep-stage1``, with ``val_y1/``
+    copied from an earlier run with that stage 1), does not predict them all again (minutes on a
+    CPU). Float32, so validation scores as before.
     """
     sources_path = val_dir / VAL_Y1_SOURCES
-    sources = json.loads(sources_path.read_text()) if cases and sources_path.is_file() else {}
+    sources = {}
+    if cases and sources_path.is_file():
+        try:
+            sources = json.loads(sources_path.read_text())
+        except ValueError as exc:
+            log.warning("%s: not readable as JSON (%s); the validation y1 are predicted again", sources_path, exc)
+        if not isinstance(sources, dict):
+            sources = {}
     weights = module_weights_sha256(stage1) if cases else ""
     val_y1, kept = {}, 0
     for case in cases:
         path = val_dir / f"{case.name}.npy"
-        source = {"stage1_sha256": weights, "case": case.cache_stem.name} if case.cache_stem is not None else None
+        source = None
+        if case.cache_stem is not None:
+            source = {"stage1_sha256": weights, "case": case.cache_stem.name, "device": device.type}
         if source is not None and path.is_file() and sources.get(case.name) == source:
             kept += 1
         else:
+            # A record never outlives the file it describes: dropped before the file is replaced.
+            if sources.pop(case.name, None) is not None:
+                _write_json_atomic(sources_path, sources)
             save_npy(path, predict_y1(stage1, [case], config, device)[case.name])
-            sources.pop(case.name, None)  # the record follows the file: an interruption loses no record
             if source is not None:
                 sources[case.name] = source
-            _write_json_atomic(sources_path, sources)
+                _write_json_atomic(sources_path, sources)
         val_y1[case.name] = np.load(path, mmap_mode="r")
     if kept:
         log.info("%s: kept the y1 of %d validation case(s), made by this stage 1", val_dir, kept)
