@@ -15,7 +15,7 @@
 #    generator's default of 2026-11-29) from round 2's model; the shipped
 #    model is its stage 1 with an ensemble of round 2's and round 3's stage 2 (the mean of their
 #    probabilities; scripts/combine_stages.py, MODEL_CARD.md);
-# 3c. round 4, the shipped model since 2026-12-04: round 3's stage 1 kept; stage 2 trained from round
+# 3c. round 4 (shipped 2026-12-04 until round 5): round 3's stage 1 kept; stage 2 trained from round
 #    2's on both phantom generations with extra small tumors in the training masks (the blob-medulla
 #    generator of round 3 and today's default, pyramids and a range of bone densities), its
 #    out-of-fold y1 from the fold models of run_xt_r20 (MODEL_CARD.md: "stage 2 trained with the
