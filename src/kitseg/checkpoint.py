@@ -126,9 +126,14 @@ def weights_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _module_arrays(module: nn.Module) -> dict[str, np.ndarray]:
+    """A network's state as the arrays a ``.kseg`` stores and hashes."""
+    return {name: _to_numpy(tensor) for name, tensor in module.state_dict().items()}
+
+
 def module_weights_sha256(module: nn.Module) -> str:
     """:func:`weights_sha256` of a network's state: what a saved stage of it records."""
-    return weights_sha256({name: _to_numpy(tensor) for name, tensor in module.state_dict().items()})
+    return weights_sha256(_module_arrays(module))
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -423,7 +428,7 @@ def _stage_arrays(stage: StageModel, key: str) -> dict[str, np.ndarray]:
     init_kwargs = getattr(stage.module, "init_kwargs", None)
     if init_kwargs is not None and dict(init_kwargs) != dict(stage.kwargs):
         raise ValueError(f"stage {key}: kwargs {stage.kwargs} differ from the module's init_kwargs {init_kwargs}")
-    return {name: _to_numpy(tensor) for name, tensor in stage.module.state_dict().items()}
+    return _module_arrays(stage.module)
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = True) -> Path:
