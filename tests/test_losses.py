@@ -45,6 +45,44 @@ def test_masked_ce_class_weights_count_a_class_pixels_that_many_times() -> None:
         masked_cross_entropy(logits, target, mask, class_weights=(1.0, 3.0))
 
 
+def test_masked_ce_hard_fraction_keeps_the_worst_pixels_inside_the_mask() -> None:
+    logits, target = _tiny()  # pixel 0 loses log 3, pixel 1 log 5/3
+    mask = torch.ones(1, 1, 2)
+    assert masked_cross_entropy(logits, target, mask, hard_fraction=1.0).item() == masked_cross_entropy(
+        logits, target, mask).item()
+    # Half of the two pixels: the worse one, its loss divided by 0.5 * N*H*W*C.
+    assert masked_cross_entropy(logits, target, mask, hard_fraction=0.5).item() == pytest.approx(
+        math.log(3.0) / 3.0, rel=1e-6)
+    # Ranked among the pixels inside the mask only: pixel 1 alone is the worst of its one.
+    inside_one = torch.tensor([[[0.0, 1.0]]])
+    assert masked_cross_entropy(logits, target, inside_one, hard_fraction=0.5).item() == pytest.approx(
+        math.log(5.0 / 3.0) / 3.0, rel=1e-6)
+    # Class weights count before the ranking: a tumor pixel at weight 3 outranks the kidney pixel.
+    mixed = torch.tensor([[[1, 2]]])  # pixel 0 kidney (loses log 3), pixel 1 tumor (log 5)
+    assert masked_cross_entropy(logits, mixed, mask, (1.0, 1.0, 3.0), hard_fraction=0.5).item() == pytest.approx(
+        3 * math.log(5.0) / 3.0, rel=1e-6)
+    assert masked_cross_entropy(logits, target, torch.zeros(1, 1, 2), hard_fraction=0.1).item() == 0.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="hard_fraction must be in"):
+            masked_cross_entropy(logits, target, mask, hard_fraction=bad)
+
+
+def test_masked_ce_hard_fraction_gives_no_gradient_to_the_easy_pixels() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 6))
+    masked_cross_entropy(logits, target, torch.ones(2, 6, 6), hard_fraction=0.25).backward()
+    per_pixel = F.cross_entropy(logits.detach(), target, reduction="none").flatten()
+    touched = logits.grad.abs().sum(dim=1).flatten() > 0
+    assert touched.sum().item() == 18  # ceil(0.25 * 72) pixels
+    assert per_pixel[touched].min() >= per_pixel[~touched].max()
+    # Each deep-supervision head ranks its own pixels.
+    heads = [logits.detach(), logits.detach().flip(-1)]
+    torch.testing.assert_close(
+        deep_supervision_loss(heads, target, torch.ones(2, 6, 6), hard_fraction=0.25),
+        sum(masked_cross_entropy(h, target, torch.ones(2, 6, 6), hard_fraction=0.25) for h in heads))
+
+
 def test_masked_ce_zero_mask_is_zero_and_full_mask_is_ce_over_c() -> None:
     torch.manual_seed(0)
     logits, target = torch.randn(2, 3, 5, 7), torch.randint(0, 3, (2, 5, 7))

@@ -188,6 +188,32 @@ def test_stage2_tumor_weight_reaches_the_loss(dataset):
         config.replace(stage2_tumor_weight=0)
 
 
+def test_stage2_hard_fraction_reaches_the_loss(dataset):
+    from kitseg.losses import deep_supervision_loss
+    from kitseg.training.loop import stage2_task
+
+    config = preset("smoke").replace(augment=False, stage2_tumor_weight=3.0)
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    y1 = {c.name: np.full(c.image.shape, 0.5, np.float16) for c in cases}
+    arrays = stage2_task(cases, [], y1, {}, config, "cpu").draw_batch(4, np.random.default_rng(0))
+    tensors = tuple(torch.from_numpy(a) for a in arrays)
+    logits = [torch.randn(4, 3, *tensors[3].shape[1:], generator=torch.Generator().manual_seed(0))]
+    centre_mask = tensors[2][:, config.preprocessing.stage2_context_slices]
+    task = stage2_task(cases, [], y1, {}, config.replace(stage2_hard_fraction=0.1), "cpu")
+    _, loss = task.make_batch(tensors, np.random.default_rng(0), torch.device("cpu"))
+    expected = deep_supervision_loss(logits, tensors[3], centre_mask, dice_weight=config.stage2_dice_weight,
+                                     class_weights=(1.0, 1.0, 3.0), hard_fraction=0.1)
+    torch.testing.assert_close(loss(logits), expected)
+    assert not torch.allclose(expected, deep_supervision_loss(logits, tensors[3], centre_mask,
+                                                              dice_weight=config.stage2_dice_weight,
+                                                              class_weights=(1.0, 1.0, 3.0)))
+    from kitseg.training.config import TrainConfig
+
+    assert TrainConfig.from_dict(config.replace(stage2_hard_fraction=0.1).to_dict()).stage2_hard_fraction == 0.1
+    with pytest.raises(ConfigError, match=r"stage2_hard_fraction must be in \(0, 1\], got 0"):
+        config.replace(stage2_hard_fraction=0)
+
+
 def test_augment_noise_hu_sets_the_training_noise_of_both_stages(dataset):
     from kitseg.training.loop import stage1_task, stage2_task
 

@@ -47,6 +47,10 @@ class TrainConfig:
         stage2_tumor_weight: stage 2's cross-entropy counts each tumor pixel this many times (1:
             the paper's loss), so that the few pixels of a small tumor weigh more against the
             many of the kidney around it.
+        stage2_hard_fraction: stage 2's cross-entropy keeps only this fraction of the masked
+            pixels, those it gets most wrong, scaled up by its inverse (the "TopK" loss; 1: the
+            paper's loss; ``masked_cross_entropy``). Once most pixels are right, the few still
+            wrong (small tumors labelled kidney) carry the loss instead of being averaged away.
         augment_noise_hu: training adds Gaussian noise to each image, its standard deviation drawn
             uniformly up to this many HU on the networks' grid. With the ``zscore`` normalization,
             where HU have no fixed scale, it converts as in the default 600 HU window (15 HU: 0.05
@@ -74,6 +78,7 @@ class TrainConfig:
     stage2_dice_per_image: bool = False
     stage2_tumor_contrast_hu: float = 0.0
     stage2_tumor_weight: float = 1.0
+    stage2_hard_fraction: float = 1.0
     stage1_steps: int = 20000
     stage2_steps: int = 20000
     steps_per_epoch: int = 500
@@ -112,6 +117,8 @@ class TrainConfig:
             raise ConfigError(f"stage2_dice_weight must be >= 0, got {self.stage2_dice_weight}")
         if not self.stage2_tumor_weight > 0:
             raise ConfigError(f"stage2_tumor_weight must be > 0, got {self.stage2_tumor_weight}")
+        if not 0 < self.stage2_hard_fraction <= 1:
+            raise ConfigError(f"stage2_hard_fraction must be in (0, 1], got {self.stage2_hard_fraction}")
         for name in ("augment", "amp", "stage2_dice_per_image"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -434,7 +434,8 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
         centre_mask = mask[:, context]
         return x, lambda out: deep_supervision_loss(out, labels, centre_mask, dice_weight=config.stage2_dice_weight,
                                                     dice_per_image=config.stage2_dice_per_image,
-                                                    class_weights=class_weights)
+                                                    class_weights=class_weights,
+                                                    hard_fraction=config.stage2_hard_fraction)
 
     def validate(module):
         if not val:
