@@ -2,8 +2,9 @@
 
 File format (``schema_version`` 1)
 ----------------------------------
-A ``.kseg`` file is a NumPy ``.npz`` zip archive, read with ``allow_pickle=False`` so that
-loading one can never execute code. Its entries are:
+A ``.kseg`` file is a NumPy ``.npz`` zip archive (deflated since 2026-12-06; stored before,
+and read either way), read with ``allow_pickle=False`` so that loading one can never execute
+code. Its entries are:
 
 * ``stage1/<state-dict key>``, ``stage2/<state-dict key>`` -- the tensors of each stage's
   ``state_dict()`` (parameters and buffers) in their own dtype, except bfloat16 (which NumPy
