@@ -47,10 +47,14 @@
 #    on the same images, 80% of the samples tumor samples instead of 50% (--set tumor_fraction=0.8);
 #    its stage 2 is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 11").
 #    Set ROUND11=0 to stop at round 10.
-# 3k. round 12, the shipped model since 2026-12-06: round 11's new network trained 2000 steps more
-#    on the same images, 90% of the samples tumor samples (--set tumor_fraction=0.9); the shipped
-#    stage 2 is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 12").
+# 3k. round 12 (shipped 2026-12-06 until round 13): round 11's new network trained 2000 steps more
+#    on the same images, 90% of the samples tumor samples (--set tumor_fraction=0.9); its stage 2
+#    is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 12").
 #    Set ROUND12=0 to stop at round 11.
+# 3l. round 13, the shipped model since 2026-12-06: round 12's new network trained 2000 steps more
+#    with stage 2's cross-entropy on its hardest tenth of the masked pixels (--set
+#    stage2_hard_fraction=0.1); the shipped stage 2 is the ensemble of round 6's network, round
+#    12's and this one (MODEL_CARD.md, "Round 13"). Set ROUND13=0 to stop at round 12.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption. PHANTOM_WORKERS=N draws N phantoms at once (default 2).
 set -euo pipefail
@@ -61,16 +65,18 @@ KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (peak 0.7-1.8 GB each)
 
-train_stage2_more() {  # DATA RUN INIT [OPTION...]: rounds 6 to 12, 2000 more stage-2 steps from INIT's, stage 1 kept
+train_stage2_more() {  # DATA RUN INIT [OPTION...]: rounds 6 to 13, 2000 more stage-2 steps from INIT's, stage 1 kept
   $KITS train --data "$1" --out "$2" --cache "$WORK/run_xt_r20/cache" --preset cpu --device cpu --stage2-steps 2000 \
     --val-cases $VAL $(for c in $VAL; do echo "${c}_radial"; done) --init-from "$3" --keep-stage1 \
     --set stage2_tumor_weight=3 --set steps_per_epoch=1000 --set augment_noise_hu=30 "${@:4}"
 }
 
-beside_round6() {  # RUN MODEL_NAME: rounds 7 to 12's model, round 6's network and RUN's new one, in MODEL_NAME
-  [ -f "$WORK/$2" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
-    "$1/model.kseg" --out "$WORK/$2" --mask-radius-mm 20
-  MODEL=$WORK/$2
+beside_round6() {  # RUN MODEL_NAME [RUN...]: rounds 7 to 13's model, round 6's network and the RUNs' new ones, in MODEL_NAME
+  local name=$2 members=("$1/model.kseg")
+  for run in "${@:3}"; do members+=("$run/model.kseg"); done
+  [ -f "$WORK/$name" ] || .venv/bin/python scripts/combine_stages.py --stage1 "$MODEL6" --stage2 "$MODEL6" \
+    "${members[@]}" --out "$WORK/$name" --mask-radius-mm 20
+  MODEL=$WORK/$name
 }
 
 reuse_folds() {  # PREV RUN: RUN starts with PREV's fold models and out-of-fold y1 (predicted again only for new images)
@@ -181,6 +187,13 @@ if [ "${ROUND4:-1}" = 1 ]; then
                   train_stage2_more "$WORK/data_mixf" "$WORK/run_r14" "$WORK/run_r13/model.kseg" \
                     --set tumor_sampling=lesion --set tumor_fraction=0.9
                   beside_round6 "$WORK/run_r14" model_round12.kseg
+                  if [ "${ROUND13:-1}" = 1 ]; then
+                    # Round 12's new network on its hardest pixels; a third member beside round 6's and round 12's.
+                    reuse_folds "$WORK/run_r14" "$WORK/run_r16"
+                    train_stage2_more "$WORK/data_mixf" "$WORK/run_r16" "$WORK/run_r14/model.kseg" \
+                      --set tumor_sampling=lesion --set tumor_fraction=0.9 --set stage2_hard_fraction=0.1
+                    beside_round6 "$WORK/run_r14" model_round13.kseg "$WORK/run_r16"
+                  fi
                 fi
               fi
             fi
