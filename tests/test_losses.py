@@ -57,10 +57,11 @@ def test_masked_ce_hard_fraction_keeps_the_worst_pixels_inside_the_mask() -> Non
     inside_one = torch.tensor([[[0.0, 1.0]]])
     assert masked_cross_entropy(logits, target, inside_one, hard_fraction=0.5).item() == pytest.approx(
         math.log(5.0 / 3.0) / 3.0, rel=1e-6)
-    # Class weights count before the ranking: a tumor pixel at weight 3 outranks the kidney pixel.
-    mixed = torch.tensor([[[1, 2]]])  # pixel 0 kidney (loses log 3), pixel 1 tumor (log 5)
-    assert masked_cross_entropy(logits, mixed, mask, (1.0, 1.0, 3.0), hard_fraction=0.5).item() == pytest.approx(
-        3 * math.log(5.0) / 3.0, rel=1e-6)
+    # Ranked after the class weights: pixel 0 (tumor) loses log 3, pixel 1 (kidney) log 5/3, less,
+    # but at kidney weight 3 it loses 3 log 5/3, more, and is the one kept.
+    mixed = torch.tensor([[[2, 1]]])
+    assert masked_cross_entropy(logits, mixed, mask, (1.0, 3.0, 1.0), hard_fraction=0.5).item() == pytest.approx(
+        3 * math.log(5.0 / 3.0) / 3.0, rel=1e-6)
     assert masked_cross_entropy(logits, target, torch.zeros(1, 1, 2), hard_fraction=0.1).item() == 0.0
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="hard_fraction must be in"):
