@@ -163,25 +163,37 @@ def test_stage2_sampler_redraws_the_tumor_contrast_in_half_the_samples(dataset):
                        preprocessing=replace(config.preprocessing, normalization="zscore"))
 
 
-def test_stage2_tumor_weight_reaches_the_loss(dataset):
-    from kitseg.losses import deep_supervision_loss
+def _stage2_loss_of(dataset, config):
+    """One smoke-sized stage-2 batch, random logits for it, and ``loss(changes)``: the loss that
+    ``stage2_task`` builds for that batch under ``config.replace(**changes)``, on those logits."""
     from kitseg.training.loop import stage2_task
 
-    config = preset("smoke").replace(augment=False)
     cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
     y1 = {c.name: np.full(c.image.shape, 0.5, np.float16) for c in cases}
     arrays = stage2_task(cases, [], y1, {}, config, "cpu").draw_batch(4, np.random.default_rng(0))
     tensors = tuple(torch.from_numpy(a) for a in arrays)
-    assert (tensors[3] == 2).any()  # the batch shows tumor
     logits = [torch.randn(4, 3, *tensors[3].shape[1:], generator=torch.Generator().manual_seed(0))]
     centre_mask = tensors[2][:, config.preprocessing.stage2_context_slices]
+
+    def loss(**changes):
+        task = stage2_task(cases, [], y1, {}, config.replace(**changes), "cpu")
+        _, batch_loss = task.make_batch(tensors, np.random.default_rng(0), torch.device("cpu"))
+        return batch_loss(logits)
+
+    return tensors[3], logits, centre_mask, loss
+
+
+def test_stage2_tumor_weight_reaches_the_loss(dataset):
+    from kitseg.losses import deep_supervision_loss
+
+    config = preset("smoke").replace(augment=False)
+    labels, logits, centre_mask, loss = _stage2_loss_of(dataset, config)
+    assert (labels == 2).any()  # the batch shows tumor
     values = []
     for weight in (1.0, 3.0):
-        task = stage2_task(cases, [], y1, {}, config.replace(stage2_tumor_weight=weight), "cpu")
-        _, loss = task.make_batch(tensors, np.random.default_rng(0), torch.device("cpu"))
-        expected = deep_supervision_loss(logits, tensors[3], centre_mask, dice_weight=config.stage2_dice_weight,
+        expected = deep_supervision_loss(logits, labels, centre_mask, dice_weight=config.stage2_dice_weight,
                                          class_weights=(1.0, 1.0, weight))
-        values.append(loss(logits))
+        values.append(loss(stage2_tumor_weight=weight))
         torch.testing.assert_close(values[-1], expected)
     assert values[1] > values[0]  # the tumor pixels count three times
     with pytest.raises(ConfigError, match="stage2_tumor_weight must be > 0, got 0"):
@@ -190,25 +202,16 @@ def test_stage2_tumor_weight_reaches_the_loss(dataset):
 
 def test_stage2_hard_fraction_reaches_the_loss(dataset):
     from kitseg.losses import deep_supervision_loss
-    from kitseg.training.loop import stage2_task
-
-    config = preset("smoke").replace(augment=False, stage2_tumor_weight=3.0)
-    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
-    y1 = {c.name: np.full(c.image.shape, 0.5, np.float16) for c in cases}
-    arrays = stage2_task(cases, [], y1, {}, config, "cpu").draw_batch(4, np.random.default_rng(0))
-    tensors = tuple(torch.from_numpy(a) for a in arrays)
-    logits = [torch.randn(4, 3, *tensors[3].shape[1:], generator=torch.Generator().manual_seed(0))]
-    centre_mask = tensors[2][:, config.preprocessing.stage2_context_slices]
-    task = stage2_task(cases, [], y1, {}, config.replace(stage2_hard_fraction=0.1), "cpu")
-    _, loss = task.make_batch(tensors, np.random.default_rng(0), torch.device("cpu"))
-    expected = deep_supervision_loss(logits, tensors[3], centre_mask, dice_weight=config.stage2_dice_weight,
-                                     class_weights=(1.0, 1.0, 3.0), hard_fraction=0.1)
-    torch.testing.assert_close(loss(logits), expected)
-    assert not torch.allclose(expected, deep_supervision_loss(logits, tensors[3], centre_mask,
-                                                              dice_weight=config.stage2_dice_weight,
-                                                              class_weights=(1.0, 1.0, 3.0)))
     from kitseg.training.config import TrainConfig
 
+    config = preset("smoke").replace(augment=False, stage2_tumor_weight=3.0)
+    labels, logits, centre_mask, loss = _stage2_loss_of(dataset, config)
+    expected = deep_supervision_loss(logits, labels, centre_mask, dice_weight=config.stage2_dice_weight,
+                                     class_weights=(1.0, 1.0, 3.0), hard_fraction=0.1)
+    torch.testing.assert_close(loss(stage2_hard_fraction=0.1), expected)
+    assert not torch.allclose(expected, deep_supervision_loss(logits, labels, centre_mask,
+                                                              dice_weight=config.stage2_dice_weight,
+                                                              class_weights=(1.0, 1.0, 3.0)))
     assert TrainConfig.from_dict(config.replace(stage2_hard_fraction=0.1).to_dict()).stage2_hard_fraction == 0.1
     with pytest.raises(ConfigError, match=r"stage2_hard_fraction must be in \(0, 1\], got 0"):
         config.replace(stage2_hard_fraction=0)

@@ -48,9 +48,10 @@ class TrainConfig:
             the paper's loss), so that the few pixels of a small tumor weigh more against the
             many of the kidney around it.
         stage2_hard_fraction: stage 2's cross-entropy keeps only this fraction of the masked
-            pixels, those with the largest loss (ranked after the tumor weight), scaled up by its inverse (the "TopK" loss; 1: the
-            paper's loss; ``masked_cross_entropy``). Once most pixels are right, the few still
-            wrong (small tumors labelled kidney) carry the loss instead of being averaged away.
+            pixels, those with the largest loss (ranked after the tumor weight), scaled up by its
+            inverse (the "TopK" loss; 1: the paper's loss; ``masked_cross_entropy``). Once most
+            pixels are right, the few still wrong (small tumors labelled kidney) carry the loss
+            instead of being averaged away.
         augment_noise_hu: training adds Gaussian noise to each image, its standard deviation drawn
             uniformly up to this many HU on the networks' grid. With the ``zscore`` normalization,
             where HU have no fixed scale, it converts as in the default 600 HU window (15 HU: 0.05
