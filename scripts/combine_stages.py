@@ -4,11 +4,15 @@
     python scripts/combine_stages.py --stage1 A.kseg --stage2 A.kseg B.kseg --out M.kseg
 
 With several ``--stage2`` networks the new stage 2 is their ensemble (``kitseg.networks.StageEnsemble``:
-the mean of their class probabilities, each network weighing the same). A file whose stage 2 is
-an ensemble gives all its members, or only one with ``FILE@K`` (K counts from 0):
+the mean of their class probabilities, each network weighing the same unless ``--stage2-mix``
+gives one share per network, e.g. ``--stage2-mix 2 1 1``). A file whose stage 2 is an ensemble
+gives all its members, or only one with ``FILE@K`` (K counts from 0):
 
     python scripts/combine_stages.py --stage1 M.kseg --stage2 M.kseg C.kseg --out M_plus_C.kseg
     python scripts/combine_stages.py --stage1 M.kseg --stage2 M.kseg@1 --out M_member1.kseg
+
+An ensemble whose members weigh differently is taken whole only with ``--stage2-mix``, so that
+its shares are never dropped unnoticed.
 
 Used when a fine-tuning round improves stage 1 (where a false kidney piece starts: stage 2 only
 looks inside stage 1's mask) before its stage 2 is done or better. Both files must share the
@@ -38,6 +42,9 @@ def main() -> int:
     parser.add_argument("--stage2", nargs="+", required=True,
                         help="model file(s) whose stage 2 is taken (FILE@K: member K of its ensemble); "
                              "several networks make an ensemble")
+    parser.add_argument("--stage2-mix", type=float, nargs="+", default=None, metavar="SHARE",
+                        help="with several stage-2 networks: how much each counts in the mean, one number "
+                             ">= 0 per network (default: all the same)")
     parser.add_argument("--out", type=Path, required=True, help="new model file (not overwritten)")
     parser.add_argument("--mask-radius-mm", type=float, default=None, metavar="R",
                         help="the new file's stage-2 mask: a ball of R mm (the sources' radii may differ)")
@@ -90,13 +97,23 @@ def main() -> int:
             if not 0 <= member < len(networks):
                 raise SystemExit(f"{path}: its stage 2 has {len(networks)} network(s); there is no member {member}")
             networks = networks[member:member + 1]
+        elif "mix" in bundle.stage2.kwargs and args.stage2_mix is None:
+            raise SystemExit(f"{path}: its stage 2 weighs its members {bundle.stage2.kwargs['mix']}; "
+                             "give --stage2-mix for the new ensemble, one share per network")
         # A stage 2 that sees fewer neighbours, rebuilt to compute the same on the wider input.
         own = bundle.preprocessing.stage2_context_slices
         members += [widen_stage2(network, own, context) for network in networks]
+    if args.stage2_mix is not None and len(members) == 1:
+        raise SystemExit("--stage2-mix weighs the networks of an ensemble; one stage-2 network was given")
+    if args.stage2_mix is not None and len(args.stage2_mix) != len(members):
+        raise SystemExit(f"--stage2-mix gives {len(args.stage2_mix)} share(s) for {len(members)} stage-2 network(s)")
     stage2 = members[0]
     if len(members) > 1:
-        ensemble = build_network("ensemble", members=[{"architecture": m.architecture, "kwargs": m.kwargs}
-                                                      for m in members])
+        specs = [{"architecture": m.architecture, "kwargs": m.kwargs} for m in members]
+        try:
+            ensemble = build_network("ensemble", members=specs, mix=args.stage2_mix)
+        except ValueError as error:
+            raise SystemExit(f"--stage2-mix: {error}") from None
         for slot, member in zip(ensemble.members, members):
             slot.load_state_dict(member.module.state_dict())
         stage2 = StageModel.from_module(ensemble.eval())

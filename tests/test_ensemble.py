@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from kitseg.checkpoint import METADATA_KEY, CheckpointError, load_bundle, make_tiny_bundle, read_metadata, save_bundle
+from kitseg.checkpoint import (
+    METADATA_KEY,
+    CheckpointError,
+    load_bundle,
+    make_tiny_bundle,
+    provenance_summary,
+    read_metadata,
+    save_bundle,
+)
 from kitseg.config import PreprocessingConfig
 from kitseg.geometry import Volume
 from kitseg.networks import build_network, predict_logits
@@ -33,6 +41,29 @@ def test_softmax_of_the_ensemble_is_the_mean_of_its_members_probabilities():
         members = [torch.softmax(predict_logits(m(x)), dim=1) for m in ensemble.members]
     assert not torch.allclose(members[0], members[1])  # two different networks
     torch.testing.assert_close(probs, (members[0] + members[1]) / 2, atol=1e-6, rtol=0)
+
+
+def test_a_mix_weighs_the_members_and_is_stored_only_when_given():
+    torch.manual_seed(0)
+    ensemble = build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=[3, 1]).eval()
+    x = torch.randn(2, 3, 24, 20)
+    with torch.no_grad():
+        probs = torch.softmax(ensemble(x), dim=1)
+        members = [torch.softmax(predict_logits(m(x)), dim=1) for m in ensemble.members]
+    torch.testing.assert_close(probs, 0.75 * members[0] + 0.25 * members[1], atol=1e-6, rtol=0)
+    assert ensemble.init_kwargs["mix"] == [3.0, 1.0]
+    assert "mix" not in build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP]).init_kwargs
+    # A member at 0 does not count (and is not run): the ensemble is the other member alone.
+    alone = build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=[0, 1]).eval()
+    alone.load_state_dict(ensemble.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(alone(x), dim=1), members[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mix", [[1.0], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0, "2"], [True, 1.0], "1,1"])
+def test_bad_mixes_are_refused_with_the_reason(mix):
+    with pytest.raises(ValueError, match="mix must"):
+        build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=mix)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +124,68 @@ def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path,
     assert missing.returncode != 0 and "has 2 network(s); there is no member 2" in missing.stderr
 
 
+def test_combined_file_with_a_stage2_mix_predicts_the_weighted_mean(tmp_path):
+    """--stage2-mix 3 1: stage 2 is 3/4 of A's probabilities and 1/4 of B's; kits-seg info says so."""
+    save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")
+    save_bundle(make_tiny_bundle(seed=2), tmp_path / "b.kseg")
+    args = [sys.executable, str(COMBINE), "--stage1", str(tmp_path / "a.kseg"), "--stage2", str(tmp_path / "a.kseg"),
+            str(tmp_path / "b.kseg"), "--stage2-mix", "3", "1", "--out", str(tmp_path / "mixed.kseg")]
+    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+    meta = read_metadata(tmp_path / "mixed.kseg")
+    assert meta["stages"]["2"]["kwargs"]["mix"] == [3.0, 1.0]
+    assert provenance_summary(meta)[1].startswith("stage 2: ensemble of 2 weighted 3:1: ")
+
+    case = make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3)
+    volume = Volume.from_source_array(case.ct, np.diag([2.5, 1.5, 1.5, 1.0]))
+    mixed, a, b = (Segmenter.from_file(tmp_path / f, device="cpu") for f in ("mixed.kseg", "a.kseg", "b.kseg"))
+    prepared = mixed.prepare(volume)
+    y1 = mixed.stage1(prepared)
+    mask = np.ones_like(y1, dtype=bool)
+    expected = 0.75 * a.stage2(prepared, y1, mask) + 0.25 * b.stage2(prepared, y1, mask)
+    np.testing.assert_allclose(mixed.stage2(prepared, y1, mask), expected, atol=2e-3)
+
+    # Taking the weighted file whole without a new mix would drop its shares: refused, and said why.
+    dropped = _combine(tmp_path, "mixed.kseg", "b.kseg", out="dropped.kseg")
+    assert dropped.returncode != 0 and "weighs its members [3.0, 1.0]; give --stage2-mix" in dropped.stderr
+    for bad, problem in ((["1"], "gives 1 share(s) for 2"), (["1", "-1"], "mix must hold finite numbers >= 0")):
+        args[args.index("--stage2-mix") + 1:args.index("--out")] = bad
+        args[-1] = str(tmp_path / "bad.kseg")
+        refused = subprocess.run(args, capture_output=True, text=True)
+        assert refused.returncode != 0 and problem in refused.stderr and not (tmp_path / "bad.kseg").exists()
+
+
+def test_member_weights_study_scores_each_weighting_as_the_weighted_file_predicts(tmp_path):
+    """scripts/stage2_member_weights_study.py: its row for a weighting is what a file with that mix scores."""
+    import csv
+
+    from kitseg.io import read_ct, read_labels
+    from kitseg.metrics import kits_scores
+
+    save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")
+    save_bundle(make_tiny_bundle(seed=2), tmp_path / "b.kseg")
+    assert _combine(tmp_path, "a.kseg", "b.kseg").returncode == 0
+    make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3).save_case_folder(tmp_path / "cases" / "case_00007")
+    study = Path(__file__).resolve().parents[1] / "scripts" / "stage2_member_weights_study.py"
+    run = subprocess.run([sys.executable, str(study), "--weights", str(tmp_path / "ens.kseg"), "--cases",
+                          str(tmp_path / "cases"), "--out", str(tmp_path / "study"), "--mix", "1,1", "3,1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    args = [sys.executable, str(COMBINE), "--stage1", str(tmp_path / "a.kseg"), "--stage2", str(tmp_path / "a.kseg"),
+            str(tmp_path / "b.kseg"), "--stage2-mix", "3", "1", "--out", str(tmp_path / "mixed.kseg")]
+    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+    volume = read_ct(tmp_path / "cases" / "case_00007" / "imaging.nii.gz")
+    reference = read_labels(tmp_path / "cases" / "case_00007" / "segmentation.nii.gz", like=volume).array
+    for mix, model in (("1-1", "ens.kseg"), ("3-1", "mixed.kseg")):
+        labels = Segmenter.from_file(tmp_path / model, device="cpu").segment(volume).labels
+        expected = kits_scores(labels, reference, volume.spacing)
+        with open(tmp_path / "study" / f"scores_{mix}.csv") as stream:
+            row = next(r for r in csv.DictReader(stream) if r["case"] == "case_00007_cases")
+        assert float(row["kidney_dice"]) == pytest.approx(expected.kidney_dice, abs=1e-3), mix
+        assert float(row["tumor_ml"]) == pytest.approx(expected.tumor_ml, abs=0.05), mix
+    with open(tmp_path / "study" / "false_tumor.csv") as stream:
+        assert next(csv.DictReader(stream)).keys() == {"case", "1-1", "3-1"}
+
+
 def test_combined_file_can_take_a_mask_in_mm(tmp_path):
     """--mask-radius-mm: the new file's mask is a ball of that many mm; without it, masks must agree."""
     from dataclasses import replace
@@ -138,3 +231,11 @@ def test_a_member_that_does_not_fit_the_stage_is_refused_on_load(tmp_path):
         np.savez(stream, **arrays)
     with pytest.raises(CheckpointError, match=r"bad\.kseg.*in_channels' is 4 but must be 3"):
         load_bundle(tmp_path / "bad.kseg")
+    # A file whose members' mix is not numbers >= 0 is refused the same way, naming it.
+    meta["stages"]["2"]["kwargs"]["members"][1]["kwargs"]["in_channels"] = 3
+    meta["stages"]["2"]["kwargs"]["mix"] = [1.0, -1.0]
+    arrays[METADATA_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(tmp_path / "bad_mix.kseg", "wb") as stream:
+        np.savez(stream, **arrays)
+    with pytest.raises(CheckpointError, match=r"bad_mix\.kseg.*cannot build the network: .*mix must hold"):
+        load_bundle(tmp_path / "bad_mix.kseg")

@@ -306,11 +306,21 @@ def provenance_summary(meta: Mapping[str, Any]) -> list[str]:
     lines = []
     for number in sorted(meta.get("stages", {})):
         origins = _stage_origins(provenance, f"stage{number}")
-        joined = origins[0] if len(origins) == 1 else f"ensemble of {len(origins)}: " + " | ".join(origins)
+        weighted = _mix_label(meta["stages"][number])
+        joined = origins[0] if len(origins) == 1 else f"ensemble of {len(origins)}{weighted}: " + " | ".join(origins)
         lines.append(f"stage {number}: {joined}")
     if "combined_from" in provenance and provenance.get("date"):
         lines.append(f"stages joined {provenance['date']}")
     return lines
+
+
+def _mix_label(stage: Any) -> str:
+    """The words for an ensemble whose members count differently (' weighted 2:1:1'), else ''."""
+    kwargs = stage.get("kwargs") if isinstance(stage, dict) else None
+    mix = kwargs.get("mix") if isinstance(kwargs, dict) else None
+    if not (isinstance(mix, list) and all(isinstance(v, (int, float)) for v in mix)):
+        return ""  # equal members, or a malformed mix that loading the file will name
+    return " weighted " + ":".join(f"{v:g}" for v in mix)
 
 
 def stage_lineage(provenance: Mapping[str, Any], stage: str) -> dict[str, Any]:

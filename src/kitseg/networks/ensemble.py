@@ -1,13 +1,15 @@
 """Several trained networks of one stage, used as one: the mean of their class probabilities.
 
 For inference only (nothing trains an ensemble). A checkpoint stores it like any network: the
-architecture ``"ensemble"``, kwargs listing each member's architecture and kwargs, and the
-members' weights under ``members.<i>.``.
+architecture ``"ensemble"``, kwargs listing each member's architecture and kwargs (and, when
+the members do not count the same, their ``mix``), and the members' weights under
+``members.<i>.``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -23,16 +25,19 @@ _MIN_PROBABILITY = 1e-12
 class StageEnsemble(nn.Module):
     """Average the softmax outputs of ``members``; return them as logits (their log).
 
-    ``softmax`` of the returned tensor is exactly the mean probability, so callers treat an
-    ensemble like one network. Each member's own output is first reduced by
+    ``softmax`` of the returned tensor is exactly the (weighted) mean probability, so callers
+    treat an ensemble like one network. Each member's own output is first reduced by
     :func:`predict_logits` (a UNet++ ensembles its deep-supervision heads).
 
     Args:
         members: at least two ``{"architecture": name, "kwargs": {...}}`` of registered,
             non-ensemble networks with the same input channels and classes.
+        mix: how much each member counts, one number >= 0 per member (normalised to sum 1);
+            None counts them all the same. Stored in the checkpoint only when given, so files
+            with equal members keep their kwargs.
     """
 
-    def __init__(self, members: list[dict[str, Any]]):
+    def __init__(self, members: list[dict[str, Any]], mix: list[float] | None = None):
         super().__init__()
         from kitseg.networks.registry import build_network  # the registry imports this module
 
@@ -48,7 +53,10 @@ class StageEnsemble(nn.Module):
         if len(shapes) != 1:
             raise ValueError(f"members differ in (in_channels, num_classes): {sorted(shapes)}")
         (self.in_channels, self.num_classes), = shapes
+        self.mix = _normalised_mix(mix, len(members))
         self._init_kwargs: dict[str, Any] = {"members": copy.deepcopy(members)}
+        if mix is not None:
+            self._init_kwargs["mix"] = [float(v) for v in mix]
 
     @property
     def init_kwargs(self) -> dict[str, Any]:
@@ -63,5 +71,20 @@ class StageEnsemble(nn.Module):
             member.set_inference_level(level)
 
     def forward(self, x: Tensor) -> Tensor:
-        probs = torch.stack([torch.softmax(predict_logits(m(x)).float(), dim=1) for m in self.members]).mean(dim=0)
+        probs = sum(share * torch.softmax(predict_logits(m(x)).float(), dim=1)
+                    for share, m in zip(self.mix, self.members) if share > 0)
         return torch.log(probs.clamp_min(_MIN_PROBABILITY))
+
+
+def _normalised_mix(mix: Any, n_members: int) -> list[float]:
+    """Each member's share of the mean, summing to 1; checked, since checkpoints may come from strangers."""
+    if mix is None:
+        return [1.0 / n_members] * n_members
+    if not isinstance(mix, (list, tuple)) or len(mix) != n_members:
+        raise ValueError(f"mix must give one number per member ({n_members}), got {mix!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in mix):
+        raise ValueError(f"mix must hold finite numbers >= 0, got {mix!r}")
+    total = float(sum(mix))
+    if total <= 0:
+        raise ValueError(f"mix must not be all zeros, got {mix!r}")
+    return [float(v) / total for v in mix]
