@@ -586,3 +586,26 @@ def test_the_recipes_phantom_parameter_files_are_valid() -> None:
     for name in named:
         params = PhantomParams.from_dict(json.loads((root / name).read_text()))
         assert PhantomParams.from_dict(params.to_dict()) == params, name
+
+
+def test_ureters_are_unlabelled_water_beside_and_below_the_kidneys_and_change_nothing_else(label_map) -> None:
+    """The renal pelvis leaving the hilum and the ureters: outside the mask, urine-dense, only there."""
+    from scipy import ndimage
+
+    labels, spacing = label_map
+    drawn = dict(phases=("none",), phase_weights=(1.0,))
+    with_them, protocol = synthesize_ct_with_protocol(labels, spacing, np.random.default_rng(2),
+                                                      PhantomParams(ureter_probability=1.0, **drawn))
+    without = synthesize_ct(labels, spacing, np.random.default_rng(2), PhantomParams(**drawn))
+    changed = with_them != without
+    assert changed.sum() > 200
+    assert not changed[ndimage.binary_erosion(labels > 0, iterations=2)].any()  # the kidneys keep their look
+    # Urine-dense where they are, with the scanner's noise and blur on top.
+    assert abs(np.median(with_them[changed].astype(float)) - protocol.hu["urine"]) < 40.0
+    # They start at the kidneys and run down below them, to the grid's last slices.
+    kidney_distance_mm = ndimage.distance_transform_edt(labels == 0, sampling=spacing)
+    assert kidney_distance_mm[changed].min() < 5.0
+    lowest_kidney_slice = np.flatnonzero((labels > 0).any(axis=(1, 2))).max()
+    assert changed[lowest_kidney_slice + 1:].any() and changed[-1].any()
+    with pytest.raises(ValueError, match="ureter_probability"):
+        PhantomParams(ureter_probability=1.5)

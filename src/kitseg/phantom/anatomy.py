@@ -285,6 +285,7 @@ def build_abdomen(
         paint(perirenal, hu_of["fat"] + 4.0 * fat_texture + stranding)
 
     # ------------------------------------------------------------------ muscles of the back and psoas
+    psoas_by_side: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # radius and centre x per slice, for the ureters
     muscle = hu_of["muscle"] + 4.0 * smooth_field(rng, shape, spacing, 5.0)
     es_r = (u(18.0, 28.0), u(18.0, 28.0))
     for side in (-1.0, 1.0):
@@ -296,6 +297,7 @@ def build_abdomen(
         ps_x = side * (vb_rx + 0.8 * psoas_r + 2.0)
         psoas = (((Y + 2.0) / np.maximum(psoas_r, 1e-3)) ** 2 + ((X - ps_x) / np.maximum(1.1 * psoas_r, 1e-3)) ** 2) < 1
         paint(psoas & (psoas_r > 2.0) & body, muscle)
+        psoas_by_side[side] = (psoas_r[:, 0, 0], ps_x[:, 0, 0])
 
     # ------------------------------------------------------------------ spine: bodies, discs, posterior elements
     period, disc_t = u(29.0, 36.0), u(6.0, 10.0)
@@ -366,6 +368,17 @@ def build_abdomen(
     # anatomy, stays as it was.
     _paint_suprarenal_negatives(hu, kidney_mask, body & ~spleen, spleen, frame, protocol, params,
                                 rng.spawn(1)[0], Z, Y, X)
+
+    # ------------------------------------------------------------------ renal pelvis and ureters
+    # From a second child generator, and only when asked: phantoms without them stay bit for bit,
+    # and one drawn with them differs from its twin without them only there.
+    if params.ureter_probability > 0:
+        ureter_rng = rng.spawn(1)[0]
+        for k in kidneys:
+            if ureter_rng.uniform() < params.ureter_probability:
+                psoas = psoas_by_side[float(np.sign(k.side))]
+                collecting = _collecting_system(Z, Y, X, k, frame, psoas, ureter_rng)
+                paint(collecting & body & ~kidney_mask, hu_of["urine"] + float(ureter_rng.uniform(-4.0, 8.0)))
     return hu
 
 
@@ -374,6 +387,50 @@ def frame_posterior_limit(kidneys: tuple[KidneyInfo, ...], frame: Frame) -> floa
     if not kidneys:
         return 0.0
     return float(np.mean([k.centroid[1] for k in kidneys]) - frame.spine_y)
+
+
+def _collecting_system(Z, Y, X, kidney: KidneyInfo, frame: Frame, psoas: tuple[np.ndarray, np.ndarray],
+                       rng: np.random.Generator) -> np.ndarray:
+    """The renal pelvis leaving the hilum and the ureter running down on the psoas (coarse grid).
+
+    Urine-filled, so water-dense (about 0-15 HU) except in the excretory phase, when it is
+    opacified. Its part outside the kidney mask is what a model must learn is not tumor: at the
+    hilum an extrarenal pelvis is a water-dense bulge medial to the kidney, as a cystic or necrotic
+    tumor would be. The hilum faces the spine, behind the renal vessels (vein, artery, pelvis from
+    front to back); the pelvis narrows into the ureter within a few centimetres.
+    """
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    kz, ky, kx = kidney.centroid
+    width = kidney.high[2] - kidney.low[2]
+    medial = -float(np.sign(kidney.side))  # towards the spine along x
+    ky, kx = ky - frame.spine_y, kx - frame.spine_x
+    hilum = (kz + u(-8.0, 8.0), ky + u(-2.0, 6.0), kx + medial * 0.35 * width)
+    inside = (hilum[0], hilum[1], kx + medial * u(0.0, 0.2) * width)
+    pelvis_r, ureter_r = u(4.0, 12.0), u(1.5, 3.0)
+    funnel_end = (hilum[0] + u(5.0, 20.0), hilum[1] - u(0.0, 8.0), hilum[2] + medial * u(5.0, 25.0))
+    collecting = _cone(Z, Y, X, inside, hilum, pelvis_r, pelvis_r) | _cone(Z, Y, X, hilum, funnel_end, pelvis_r, ureter_r)
+    # The ureter: along the front of the psoas, slightly medial of its centre, down to the grid's end.
+    psoas_r, psoas_x = psoas
+    ureter_y = -2.0 - np.maximum(psoas_r, 3.0) - ureter_r - 1.0
+    ureter_x = psoas_x + medial * 0.3 * psoas_r
+    z = Z[:, 0, 0]
+    below = np.flatnonzero(z > funnel_end[0] + 15.0)
+    if below.size == 0:
+        return collecting
+    top = int(below[0])
+    collecting |= _cone(Z, Y, X, funnel_end, (z[top], ureter_y[top], ureter_x[top]), ureter_r, ureter_r)
+    along = np.hypot(Y - ureter_y[:, None, None], X - ureter_x[:, None, None]) < ureter_r
+    return collecting | (along & (Z >= z[top]))
+
+
+def _cone(Z, Y, X, a, b, radius_a: float, radius_b: float) -> np.ndarray:
+    """Voxels within the truncated cone around segment a-b, radius ``radius_a`` at a, ``radius_b`` at b."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    d = b - a
+    length2 = float(d @ d) or 1.0
+    t = np.clip(((Z - a[0]) * d[0] + (Y - a[1]) * d[1] + (X - a[2]) * d[2]) / length2, 0.0, 1.0)
+    distance = np.sqrt((Z - a[0] - t * d[0]) ** 2 + (Y - a[1] - t * d[1]) ** 2 + (X - a[2] - t * d[2]) ** 2)
+    return distance < radius_a + (radius_b - radius_a) * t
 
 
 def _segment_distance(Z, Y, X, a, b) -> np.ndarray:

@@ -110,6 +110,12 @@ class PhantomParams:
             makes few such tumors, and models trained on it miss most of them (model card: "stage 2
             with bright-tumor twins"). Training data may ask for more: (0.6, 1.8) in
             ``scripts/phantoms_bright_tumors.json``.
+        ureter_probability: chance, per kidney, that its renal pelvis is drawn leaving the hilum
+            (outside the mask: an extrarenal pelvis) and running on as the ureter down the psoas,
+            urine-dense (opacified in the excretory phase). On the real non-contrast CT the models
+            of rounds 12 and 13 labelled such water-dense hilar tissue tumor. 0, the default, draws
+            neither and keeps the phantoms of before bit for bit; training data may ask for it
+            (``scripts/phantoms_ureters.json``).
         medulla: ``"radial"`` draws the renal medulla as pyramids under the cortex pointing at
             the sinus; ``"blobs"``, the generator before 2026-12-03, as random patches (kept to
             remake the phantoms older models were trained on).
@@ -142,6 +148,7 @@ class PhantomParams:
     hypervascular_probability: float = 0.45
     hypervascular_enhancement: tuple[float, float] = (0.6, 1.3)
     medulla: Literal["radial", "blobs"] = "radial"
+    ureter_probability: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.phases if p not in PHASES]
@@ -160,7 +167,7 @@ class PhantomParams:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("cyst_probability", "organ_lesion_probability", "adrenal_probability",
                      "adrenal_nodule_probability", "hypervascular_probability", "oral_contrast_probability",
-                     "fov_circle_probability", "table_probability"):
+                     "fov_circle_probability", "table_probability", "ureter_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         low, high = self.extra_tumors
