@@ -55,6 +55,7 @@ def main() -> int:
     from kitseg.checkpoint import StageModel, load_bundle, read_metadata, save_bundle, stage_lineage
     from kitseg.config import MaskConfig
     from kitseg.networks import build_network
+    from kitseg.networks.ensemble import normalised_mix
     from kitseg.pipeline import widen_stage2
 
     sources = [_split_member(text) for text in args.stage2]
@@ -107,13 +108,15 @@ def main() -> int:
         raise SystemExit("--stage2-mix weighs the networks of an ensemble; one stage-2 network was given")
     if args.stage2_mix is not None and len(args.stage2_mix) != len(members):
         raise SystemExit(f"--stage2-mix gives {len(args.stage2_mix)} share(s) for {len(members)} stage-2 network(s)")
+    if args.stage2_mix is not None:
+        try:
+            normalised_mix(args.stage2_mix, len(members))
+        except ValueError as error:
+            raise SystemExit(f"--stage2-mix: {error}") from None
     stage2 = members[0]
     if len(members) > 1:
         specs = [{"architecture": m.architecture, "kwargs": m.kwargs} for m in members]
-        try:
-            ensemble = build_network("ensemble", members=specs, mix=args.stage2_mix)
-        except ValueError as error:
-            raise SystemExit(f"--stage2-mix: {error}") from None
+        ensemble = build_network("ensemble", members=specs, mix=args.stage2_mix)
         for slot, member in zip(ensemble.members, members):
             slot.load_state_dict(member.module.state_dict())
         stage2 = StageModel.from_module(ensemble.eval())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,8 @@ def parse_mix(text: str) -> tuple[float, ...]:
         mix = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--mix {text!r}: give comma-separated numbers, e.g. 2,1,1") from None
-    if any(v < 0 for v in mix) or sum(mix) <= 0:
-        raise argparse.ArgumentTypeError(f"--mix {text!r}: weights must be >= 0 and not all 0")
+    if not all(math.isfinite(v) and v >= 0 for v in mix) or sum(mix) <= 0:
+        raise argparse.ArgumentTypeError(f"--mix {text!r}: weights must be finite, >= 0 and not all 0")
     return mix
 
 
@@ -61,7 +62,7 @@ def main() -> int:
         parser.error("the model's stage 2 is a single network: nothing to weigh")
     members = list(ensemble.members)
     n = len(members)
-    mixes = args.mix or default_mixes(n)
+    mixes = list({mix_name(mix): mix for mix in args.mix or default_mixes(n)}.values())  # each once, in order
     if any(len(mix) != n for mix in mixes):
         parser.error(f"every --mix needs {n} numbers, one per member")
 

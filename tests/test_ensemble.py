@@ -56,11 +56,20 @@ def test_a_mix_weighs_the_members_and_is_stored_only_when_given():
     # A member at 0 does not count (and is not run): the ensemble is the other member alone.
     alone = build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=[0, 1]).eval()
     alone.load_state_dict(ensemble.state_dict())
+    calls = []
+    alone.members[0].register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         torch.testing.assert_close(torch.softmax(alone(x), dim=1), members[1], atol=1e-6, rtol=0)
+    assert not calls
+    # Shares are relative: huge finite numbers make the same mean as small ones.
+    huge = build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=[3e307, 1e307]).eval()
+    huge.load_state_dict(ensemble.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(huge(x), ensemble(x))
 
 
-@pytest.mark.parametrize("mix", [[1.0], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0, "2"], [True, 1.0], "1,1"])
+@pytest.mark.parametrize("mix", [[1.0], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0, float("inf")], [10**400, 1],
+                                 [1.0, "2"], [True, 1.0], "1,1"])
 def test_bad_mixes_are_refused_with_the_reason(mix):
     with pytest.raises(ValueError, match="mix must"):
         build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=mix)
@@ -144,6 +153,11 @@ def test_combined_file_with_a_stage2_mix_predicts_the_weighted_mean(tmp_path):
     expected = 0.75 * a.stage2(prepared, y1, mask) + 0.25 * b.stage2(prepared, y1, mask)
     np.testing.assert_allclose(mixed.stage2(prepared, y1, mask), expected, atol=2e-3)
 
+    # A stranger's file whose mix is no list of floats still gets its summary line (loading names the problem).
+    for bad in ([10**400, 1], ["a", 1], "3:1"):
+        bad_meta = {**meta, "stages": {**meta["stages"], "2": {**meta["stages"]["2"], "kwargs": {"mix": bad}}}}
+        assert provenance_summary(bad_meta)[1].startswith("stage 2: ensemble of 2: ")
+
     # Taking the weighted file whole without a new mix would drop its shares: refused, and said why.
     dropped = _combine(tmp_path, "mixed.kseg", "b.kseg", out="dropped.kseg")
     assert dropped.returncode != 0 and "weighs its members [3.0, 1.0]; give --stage2-mix" in dropped.stderr
@@ -164,7 +178,8 @@ def test_member_weights_study_scores_each_weighting_as_the_weighted_file_predict
     save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")
     save_bundle(make_tiny_bundle(seed=2), tmp_path / "b.kseg")
     assert _combine(tmp_path, "a.kseg", "b.kseg").returncode == 0
-    make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3).save_case_folder(tmp_path / "cases" / "case_00007")
+    case = make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3)
+    case.save_case_folder(tmp_path / "cases" / "case_00007")
     study = Path(__file__).resolve().parents[1] / "scripts" / "stage2_member_weights_study.py"
     run = subprocess.run([sys.executable, str(study), "--weights", str(tmp_path / "ens.kseg"), "--cases",
                           str(tmp_path / "cases"), "--out", str(tmp_path / "study"), "--mix", "1,1", "3,1"],
@@ -183,7 +198,9 @@ def test_member_weights_study_scores_each_weighting_as_the_weighted_file_predict
         assert float(row["kidney_dice"]) == pytest.approx(expected.kidney_dice, abs=1e-3), mix
         assert float(row["tumor_ml"]) == pytest.approx(expected.tumor_ml, abs=0.05), mix
     with open(tmp_path / "study" / "false_tumor.csv") as stream:
-        assert next(csv.DictReader(stream)).keys() == {"case", "1-1", "3-1"}
+        row = next(csv.DictReader(stream))
+    assert row.keys() == {"case", "1-1", "3-1"}
+    assert row["1-1"] != row["3-1"]  # the weighting matters here: the rows above tell them apart
 
 
 def test_combined_file_can_take_a_mask_in_mm(tmp_path):

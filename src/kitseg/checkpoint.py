@@ -30,6 +30,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import zipfile
@@ -318,9 +319,13 @@ def _mix_label(stage: Any) -> str:
     """The words for an ensemble whose members count differently (' weighted 2:1:1'), else ''."""
     kwargs = stage.get("kwargs") if isinstance(stage, dict) else None
     mix = kwargs.get("mix") if isinstance(kwargs, dict) else None
-    if not (isinstance(mix, list) and all(isinstance(v, (int, float)) for v in mix)):
+    try:
+        shares = [float(v) for v in mix] if isinstance(mix, list) else []
+    except (TypeError, ValueError, OverflowError):
+        shares = []
+    if not shares or not all(math.isfinite(v) for v in shares):
         return ""  # equal members, or a malformed mix that loading the file will name
-    return " weighted " + ":".join(f"{v:g}" for v in mix)
+    return " weighted " + ":".join(f"{v:g}" for v in shares)
 
 
 def stage_lineage(provenance: Mapping[str, Any], stage: str) -> dict[str, Any]:

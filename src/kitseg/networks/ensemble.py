@@ -53,7 +53,7 @@ class StageEnsemble(nn.Module):
         if len(shapes) != 1:
             raise ValueError(f"members differ in (in_channels, num_classes): {sorted(shapes)}")
         (self.in_channels, self.num_classes), = shapes
-        self.mix = _normalised_mix(mix, len(members))
+        self.mix = normalised_mix(mix, len(members))
         self._init_kwargs: dict[str, Any] = {"members": copy.deepcopy(members)}
         if mix is not None:
             self._init_kwargs["mix"] = [float(v) for v in mix]
@@ -76,15 +76,28 @@ class StageEnsemble(nn.Module):
         return torch.log(probs.clamp_min(_MIN_PROBABILITY))
 
 
-def _normalised_mix(mix: Any, n_members: int) -> list[float]:
-    """Each member's share of the mean, summing to 1; checked, since checkpoints may come from strangers."""
+def normalised_mix(mix: Any, n_members: int) -> list[float]:
+    """Each member's share of the mean, summing to 1; None gives equal shares.
+
+    Checked with a clear ValueError, since checkpoints may come from strangers: one number >= 0
+    per member, finite, not all zero. Divided by the largest first, so even huge finite numbers
+    make finite shares.
+    """
     if mix is None:
         return [1.0 / n_members] * n_members
     if not isinstance(mix, (list, tuple)) or len(mix) != n_members:
         raise ValueError(f"mix must give one number per member ({n_members}), got {mix!r}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in mix):
-        raise ValueError(f"mix must hold finite numbers >= 0, got {mix!r}")
-    total = float(sum(mix))
-    if total <= 0:
+    problem = f"mix must hold finite numbers >= 0, got {mix!r}"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mix):
+        raise ValueError(problem)
+    try:
+        values = [float(v) for v in mix]
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(problem) from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(problem)
+    largest = max(values)
+    if largest <= 0:
         raise ValueError(f"mix must not be all zeros, got {mix!r}")
-    return [float(v) / total for v in mix]
+    scaled = [v / largest for v in values]
+    return [v / sum(scaled) for v in scaled]
