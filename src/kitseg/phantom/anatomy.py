@@ -378,7 +378,9 @@ def build_abdomen(
             if ureter_rng.uniform() < params.ureter_probability:
                 psoas = psoas_by_side[float(np.sign(k.side))]
                 collecting = _collecting_system(Z, Y, X, k, frame, psoas, ureter_rng)
-                paint(collecting & body & ~kidney_mask, hu_of["urine"] + float(ureter_rng.uniform(-4.0, 8.0)))
+                # Through fat only: the pelvis and ureter push fat aside, not muscle, bone or bowel.
+                in_fat = hu < hu_of["fat"] + 50.0
+                paint(collecting & in_fat & body & ~kidney_mask, hu_of["urine"] + float(ureter_rng.uniform(-4.0, 8.0)))
     return hu
 
 
@@ -408,7 +410,8 @@ def _collecting_system(Z, Y, X, kidney: KidneyInfo, frame: Frame, psoas: tuple[n
     inside = (hilum[0], hilum[1], kx + medial * u(0.0, 0.2) * width)
     pelvis_r, ureter_r = u(4.0, 12.0), u(1.5, 3.0)
     funnel_end = (hilum[0] + u(5.0, 20.0), hilum[1] - u(0.0, 8.0), hilum[2] + medial * u(5.0, 25.0))
-    collecting = _cone(Z, Y, X, inside, hilum, pelvis_r, pelvis_r) | _cone(Z, Y, X, hilum, funnel_end, pelvis_r, ureter_r)
+    collecting = _cone(Z, Y, X, inside, hilum, pelvis_r, pelvis_r)
+    collecting |= _cone(Z, Y, X, hilum, funnel_end, pelvis_r, ureter_r)
     # The ureter: along the front of the psoas, slightly medial of its centre, down to the grid's end.
     psoas_r, psoas_x = psoas
     ureter_y = -2.0 - np.maximum(psoas_r, 3.0) - ureter_r - 1.0
@@ -425,21 +428,22 @@ def _collecting_system(Z, Y, X, kidney: KidneyInfo, frame: Frame, psoas: tuple[n
 
 def _cone(Z, Y, X, a, b, radius_a: float, radius_b: float) -> np.ndarray:
     """Voxels within the truncated cone around segment a-b, radius ``radius_a`` at a, ``radius_b`` at b."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    d = b - a
-    length2 = float(d @ d) or 1.0
-    t = np.clip(((Z - a[0]) * d[0] + (Y - a[1]) * d[1] + (X - a[2]) * d[2]) / length2, 0.0, 1.0)
-    distance = np.sqrt((Z - a[0] - t * d[0]) ** 2 + (Y - a[1] - t * d[1]) ** 2 + (X - a[2] - t * d[2]) ** 2)
+    distance, t = _along_segment(Z, Y, X, a, b)
     return distance < radius_a + (radius_b - radius_a) * t
 
 
 def _segment_distance(Z, Y, X, a, b) -> np.ndarray:
     """Distance (mm) from every voxel to the segment a-b (points as (z, y, x) mm)."""
+    return _along_segment(Z, Y, X, a, b)[0]
+
+
+def _along_segment(Z, Y, X, a, b) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (mm) from every voxel to the segment a-b, and where along it (0 at a, 1 at b) is nearest."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     d = b - a
     length2 = float(d @ d) or 1.0
     t = np.clip(((Z - a[0]) * d[0] + (Y - a[1]) * d[1] + (X - a[2]) * d[2]) / length2, 0.0, 1.0)
-    return np.sqrt((Z - a[0] - t * d[0]) ** 2 + (Y - a[1] - t * d[1]) ** 2 + (X - a[2] - t * d[2]) ** 2)
+    return np.sqrt((Z - a[0] - t * d[0]) ** 2 + (Y - a[1] - t * d[1]) ** 2 + (X - a[2] - t * d[2]) ** 2), t
 
 
 def _paint_suprarenal_negatives(hu: np.ndarray, kidney_mask: np.ndarray, body: np.ndarray, spleen: np.ndarray,
