@@ -616,3 +616,7 @@ def test_ureters_are_unlabelled_water_beside_and_below_the_kidneys_and_change_no
     assert inward.mean() > 0.9
     with pytest.raises(ValueError, match="ureter_probability"):
         PhantomParams(ureter_probability=1.5)
+    import json  # the file the docs name for training data with them
+
+    shipped = Path(__file__).resolve().parents[1] / "scripts" / "phantoms_ureters.json"
+    assert PhantomParams.from_dict(json.loads(shipped.read_text())).ureter_probability == 0.9
