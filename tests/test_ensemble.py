@@ -89,10 +89,26 @@ def test_bad_ensembles_are_refused_with_the_reason(members, problem):
         build_network("ensemble", members=members)
 
 
-def _combine(tmp_path: Path, *stage2_files: str, out: str = "ens.kseg") -> subprocess.CompletedProcess:
+def _combine(tmp_path: Path, *stage2_files: str, out: str = "ens.kseg", mix=None) -> subprocess.CompletedProcess:
     args = [sys.executable, str(COMBINE), "--stage1", str(tmp_path / "a.kseg"), "--stage2",
             *[str(tmp_path / f) for f in stage2_files], "--out", str(tmp_path / out)]
+    if mix is not None:
+        args += ["--stage2-mix", *mix]
     return subprocess.run(args, capture_output=True, text=True)
+
+
+def _stage2_on_one_case(tmp_path: Path, first: str):
+    """A function giving a model file's stage-2 probabilities on one synthetic case.
+
+    Every file is run on the same input: ``first``'s preprocessing and stage-1 y1, the mask everywhere.
+    """
+    case = make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3)
+    volume = Volume.from_source_array(case.ct, np.diag([2.5, 1.5, 1.5, 1.0]))
+    segmenter = Segmenter.from_file(tmp_path / first, device="cpu")
+    prepared = segmenter.prepare(volume)
+    y1 = segmenter.stage1(prepared)
+    mask = np.ones_like(y1, dtype=bool)
+    return lambda name: Segmenter.from_file(tmp_path / name, device="cpu").stage2(prepared, y1, mask)
 
 
 @pytest.mark.parametrize("b_context", [0, 1])
@@ -110,24 +126,17 @@ def test_combined_file_with_two_stage2_predicts_their_mean_probability(tmp_path,
     assert meta["stages"]["2"]["architecture"] == "ensemble"
     assert [s["file"] for s in meta["provenance"]["combined_from"]["stage2"]] == ["a.kseg", "b.kseg"]
 
-    case = make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3)
-    volume = Volume.from_source_array(case.ct, np.diag([2.5, 1.5, 1.5, 1.0]))
-    ensemble, a, b = (Segmenter.from_file(tmp_path / f, device="cpu") for f in ("ens.kseg", "a.kseg", "b.kseg"))
-    prepared = ensemble.prepare(volume)
-    y1 = ensemble.stage1(prepared)
-    mask = np.ones_like(y1, dtype=bool)
-    expected = (a.stage2(prepared, y1, mask) + b.stage2(prepared, y1, mask)) / 2
+    stage2_of = _stage2_on_one_case(tmp_path, "ens.kseg")
+    a_probs, b_probs = stage2_of("a.kseg"), stage2_of("b.kseg")
     # Stage probabilities are stored as float16: equal up to its rounding.
-    np.testing.assert_allclose(ensemble.stage2(prepared, y1, mask), expected, atol=2e-3)
+    np.testing.assert_allclose(stage2_of("ens.kseg"), (a_probs + b_probs) / 2, atol=2e-3)
     assert _combine(tmp_path, "a.kseg", "b.kseg").returncode != 0  # never overwrites
 
     # An ensemble file gives its members (each widened where needed), or one of them with FILE@K.
     assert _combine(tmp_path, "ens.kseg", "a.kseg", out="three.kseg").returncode == 0
     assert _combine(tmp_path, "ens.kseg@1", out="member1.kseg").returncode == 0
-    three, member1 = (Segmenter.from_file(tmp_path / f, device="cpu") for f in ("three.kseg", "member1.kseg"))
-    a_probs, b_probs = a.stage2(prepared, y1, mask), b.stage2(prepared, y1, mask)
-    np.testing.assert_allclose(three.stage2(prepared, y1, mask), (2 * a_probs + b_probs) / 3, atol=3e-3)
-    np.testing.assert_allclose(member1.stage2(prepared, y1, mask), b_probs, atol=2e-3)
+    np.testing.assert_allclose(stage2_of("three.kseg"), (2 * a_probs + b_probs) / 3, atol=3e-3)
+    np.testing.assert_allclose(stage2_of("member1.kseg"), b_probs, atol=2e-3)
     assert read_metadata(tmp_path / "member1.kseg")["provenance"]["combined_from"]["stage2"]["member"] == 1
     missing = _combine(tmp_path, "ens.kseg@2", out="none.kseg")
     assert missing.returncode != 0 and "has 2 network(s); there is no member 2" in missing.stderr
@@ -137,21 +146,14 @@ def test_combined_file_with_a_stage2_mix_predicts_the_weighted_mean(tmp_path):
     """--stage2-mix 3 1: stage 2 is 3/4 of A's probabilities and 1/4 of B's; kits-seg info says so."""
     save_bundle(make_tiny_bundle(seed=1), tmp_path / "a.kseg")
     save_bundle(make_tiny_bundle(seed=2), tmp_path / "b.kseg")
-    args = [sys.executable, str(COMBINE), "--stage1", str(tmp_path / "a.kseg"), "--stage2", str(tmp_path / "a.kseg"),
-            str(tmp_path / "b.kseg"), "--stage2-mix", "3", "1", "--out", str(tmp_path / "mixed.kseg")]
-    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+    assert _combine(tmp_path, "a.kseg", "b.kseg", out="mixed.kseg", mix=("3", "1")).returncode == 0
     meta = read_metadata(tmp_path / "mixed.kseg")
     assert meta["stages"]["2"]["kwargs"]["mix"] == [3.0, 1.0]
     assert provenance_summary(meta)[1].startswith("stage 2: ensemble of 2 weighted 3:1: ")
 
-    case = make_synthetic_case(shape=(12, 40, 44), spacing=(2.5, 1.5, 1.5), seed=3)
-    volume = Volume.from_source_array(case.ct, np.diag([2.5, 1.5, 1.5, 1.0]))
-    mixed, a, b = (Segmenter.from_file(tmp_path / f, device="cpu") for f in ("mixed.kseg", "a.kseg", "b.kseg"))
-    prepared = mixed.prepare(volume)
-    y1 = mixed.stage1(prepared)
-    mask = np.ones_like(y1, dtype=bool)
-    expected = 0.75 * a.stage2(prepared, y1, mask) + 0.25 * b.stage2(prepared, y1, mask)
-    np.testing.assert_allclose(mixed.stage2(prepared, y1, mask), expected, atol=2e-3)
+    stage2_of = _stage2_on_one_case(tmp_path, "mixed.kseg")
+    expected = 0.75 * stage2_of("a.kseg") + 0.25 * stage2_of("b.kseg")
+    np.testing.assert_allclose(stage2_of("mixed.kseg"), expected, atol=2e-3)
 
     # A stranger's file whose mix is no list of floats still gets its summary line (loading names the problem).
     for bad in ([10**400, 1], ["a", 1], "3:1"):
@@ -162,9 +164,7 @@ def test_combined_file_with_a_stage2_mix_predicts_the_weighted_mean(tmp_path):
     dropped = _combine(tmp_path, "mixed.kseg", "b.kseg", out="dropped.kseg")
     assert dropped.returncode != 0 and "weighs its members [3.0, 1.0]; give --stage2-mix" in dropped.stderr
     for bad, problem in ((["1"], "gives 1 share(s) for 2"), (["1", "-1"], "mix must hold finite numbers >= 0")):
-        args[args.index("--stage2-mix") + 1:args.index("--out")] = bad
-        args[-1] = str(tmp_path / "bad.kseg")
-        refused = subprocess.run(args, capture_output=True, text=True)
+        refused = _combine(tmp_path, "a.kseg", "b.kseg", out="bad.kseg", mix=bad)
         assert refused.returncode != 0 and problem in refused.stderr and not (tmp_path / "bad.kseg").exists()
 
 
@@ -185,9 +185,7 @@ def test_member_weights_study_scores_each_weighting_as_the_weighted_file_predict
                           str(tmp_path / "cases"), "--out", str(tmp_path / "study"), "--mix", "1,1", "3,1"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    args = [sys.executable, str(COMBINE), "--stage1", str(tmp_path / "a.kseg"), "--stage2", str(tmp_path / "a.kseg"),
-            str(tmp_path / "b.kseg"), "--stage2-mix", "3", "1", "--out", str(tmp_path / "mixed.kseg")]
-    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+    assert _combine(tmp_path, "a.kseg", "b.kseg", out="mixed.kseg", mix=("3", "1")).returncode == 0
     volume = read_ct(tmp_path / "cases" / "case_00007" / "imaging.nii.gz")
     reference = read_labels(tmp_path / "cases" / "case_00007" / "segmentation.nii.gz", like=volume).array
     for mix, model in (("1-1", "ens.kseg"), ("3-1", "mixed.kseg")):
