@@ -54,6 +54,7 @@ def main() -> int:
     from kitseg.atomic import atomic_path
     from kitseg.io import discover_inputs, read_ct, read_labels
     from kitseg.metrics import dice, kits_scores, write_scores_csv
+    from kitseg.networks.ensemble import normalised_mix
     from kitseg.pipeline import Segmenter, make_mask
 
     segmenter = Segmenter.from_file(args.weights, device="cpu")
@@ -62,7 +63,10 @@ def main() -> int:
         parser.error("the model's stage 2 is a single network: nothing to weigh")
     members = list(ensemble.members)
     n = len(members)
-    mixes = list({mix_name(mix): mix for mix in args.mix or default_mixes(n)}.values())  # each once, in order
+    mixes = list(dict.fromkeys(args.mix or default_mixes(n)))  # each once, in order
+    names = [mix_name(mix) for mix in mixes]
+    if len(set(names)) < len(names):
+        parser.error(f"two --mix weightings would share a file name: {names}")
     if any(len(mix) != n for mix in mixes):
         parser.error(f"every --mix needs {n} numbers, one per member")
 
@@ -79,7 +83,7 @@ def main() -> int:
         return prepared, np.stack(probs)
 
     def labels_for(prepared, probs, mix):
-        weights = np.asarray(mix, np.float32) / sum(mix)
+        weights = np.asarray(normalised_mix(list(mix), n), np.float32)  # as a file with this mix weighs them
         return segmenter.labels_on_source(prepared, np.tensordot(weights, probs, axes=1))
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -62,10 +62,10 @@ def test_a_mix_weighs_the_members_and_is_stored_only_when_given():
         torch.testing.assert_close(torch.softmax(alone(x), dim=1), members[1], atol=1e-6, rtol=0)
     assert not calls
     # Shares are relative: huge finite numbers make the same mean as small ones.
-    huge = build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=[3e307, 1e307]).eval()
+    huge = build_network("ensemble", members=[TINY_UNETPP, TINY_UNETPP], mix=[1.5e308, 0.5e308]).eval()
     huge.load_state_dict(ensemble.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(huge(x), ensemble(x))
+        torch.testing.assert_close(huge(x), ensemble(x))  # their sum overflows a float: shares from the largest
 
 
 @pytest.mark.parametrize("mix", [[1.0], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0, float("inf")], [10**400, 1],
@@ -156,8 +156,9 @@ def test_combined_file_with_a_stage2_mix_predicts_the_weighted_mean(tmp_path):
     np.testing.assert_allclose(stage2_of("mixed.kseg"), expected, atol=2e-3)
 
     # A stranger's file whose mix is no list of floats still gets its summary line (loading names the problem).
-    for bad in ([10**400, 1], ["a", 1], "3:1"):
-        bad_meta = {**meta, "stages": {**meta["stages"], "2": {**meta["stages"]["2"], "kwargs": {"mix": bad}}}}
+    for bad in ([10**400, 1], ["a", 1], "3:1", [True, 1], [0, 0], [1, -1], [1, 1, 1]):
+        kwargs = {**meta["stages"]["2"]["kwargs"], "mix": bad}
+        bad_meta = {**meta, "stages": {**meta["stages"], "2": {**meta["stages"]["2"], "kwargs": kwargs}}}
         assert provenance_summary(bad_meta)[1].startswith("stage 2: ensemble of 2: ")
 
     # Taking the weighted file whole without a new mix would drop its shares: refused, and said why.

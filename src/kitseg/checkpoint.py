@@ -30,7 +30,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import zipfile
@@ -45,6 +44,7 @@ from torch import nn
 from kitseg.atomic import atomic_path
 from kitseg.config import ConfigError, LabelMap, MaskConfig, PreprocessingConfig
 from kitseg.networks import UNet2D, UNetPlusPlus2D, available_networks, build_network, network_name
+from kitseg.networks.ensemble import normalised_mix
 
 logger = logging.getLogger(__name__)
 
@@ -319,13 +319,14 @@ def _mix_label(stage: Any) -> str:
     """The words for an ensemble whose members count differently (' weighted 2:1:1'), else ''."""
     kwargs = stage.get("kwargs") if isinstance(stage, dict) else None
     mix = kwargs.get("mix") if isinstance(kwargs, dict) else None
+    members = kwargs.get("members") if isinstance(kwargs, dict) else None
+    if mix is None or not isinstance(members, list):
+        return ""
     try:
-        shares = [float(v) for v in mix] if isinstance(mix, list) else []
-    except (TypeError, ValueError, OverflowError):
-        shares = []
-    if not shares or not all(math.isfinite(v) for v in shares):
-        return ""  # equal members, or a malformed mix that loading the file will name
-    return " weighted " + ":".join(f"{v:g}" for v in shares)
+        normalised_mix(mix, len(members))
+    except ValueError:
+        return ""  # a malformed mix: loading the file names the problem
+    return " weighted " + ":".join(f"{float(v):g}" for v in mix)
 
 
 def stage_lineage(provenance: Mapping[str, Any], stage: str) -> dict[str, Any]:

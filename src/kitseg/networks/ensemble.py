@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -88,7 +90,7 @@ def normalised_mix(mix: Any, n_members: int) -> list[float]:
     if not isinstance(mix, (list, tuple)) or len(mix) != n_members:
         raise ValueError(f"mix must give one number per member ({n_members}), got {mix!r}")
     problem = f"mix must hold finite numbers >= 0, got {mix!r}"
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mix):
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in mix):
         raise ValueError(problem)
     try:
         values = [float(v) for v in mix]

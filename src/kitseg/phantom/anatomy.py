@@ -379,7 +379,7 @@ def build_abdomen(
                 psoas = psoas_by_side[float(np.sign(k.side))]
                 collecting = _collecting_system(Z, Y, X, k, frame, psoas, ureter_rng)
                 # Through fat only: the pelvis and ureter push fat aside, not muscle, bone or bowel.
-                in_fat = hu < hu_of["fat"] + 50.0
+                in_fat = (hu < hu_of["fat"] + 50.0) & (hu > -500.0)  # not bowel gas either
                 paint(collecting & in_fat & body & ~kidney_mask, hu_of["urine"] + float(ureter_rng.uniform(-4.0, 8.0)))
     return hu
 
