@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,12 @@ def parse_mix(text: str) -> tuple[float, ...]:
         mix = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--mix {text!r}: give comma-separated numbers, e.g. 2,1,1") from None
-    if not all(math.isfinite(v) and v >= 0 for v in mix) or sum(mix) <= 0:
-        raise argparse.ArgumentTypeError(f"--mix {text!r}: weights must be finite, >= 0 and not all 0")
+    from kitseg.networks.ensemble import normalised_mix
+
+    try:
+        normalised_mix(list(mix), len(mix))  # the check a model file's mix gets
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--mix {text!r}: {error}") from None
     return mix
 
 
@@ -55,7 +58,7 @@ def main() -> int:
     from kitseg.io import discover_inputs, read_ct, read_labels
     from kitseg.metrics import dice, kits_scores, write_scores_csv
     from kitseg.networks.ensemble import normalised_mix
-    from kitseg.pipeline import Segmenter, make_mask
+    from kitseg.pipeline import Segmenter
 
     segmenter = Segmenter.from_file(args.weights, device="cpu")
     ensemble = segmenter.stage2_net
@@ -73,8 +76,7 @@ def main() -> int:
     def member_probs(volume):
         prepared = segmenter.prepare(volume)
         y1 = segmenter.stage1(prepared)
-        config = segmenter.bundle.mask
-        mask = make_mask(y1, config.threshold, config.radius, config.dilation_spacing(prepared.grid.spacing))
+        mask = segmenter.mask(prepared, y1)
         probs = []
         for member in members:
             segmenter.stage2_net = member
@@ -82,9 +84,10 @@ def main() -> int:
         segmenter.stage2_net = ensemble
         return prepared, np.stack(probs)
 
+    shares = {mix: np.asarray(normalised_mix(list(mix), n), np.float32) for mix in mixes}  # as a file weighs them
+
     def labels_for(prepared, probs, mix):
-        weights = np.asarray(normalised_mix(list(mix), n), np.float32)  # as a file with this mix weighs them
-        return segmenter.labels_on_source(prepared, np.tensordot(weights, probs, axes=1))
+        return segmenter.labels_on_source(prepared, np.tensordot(shares[mix], probs, axes=1))
 
     args.out.mkdir(parents=True, exist_ok=True)
     scores = {mix: [] for mix in mixes}

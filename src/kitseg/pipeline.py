@@ -307,6 +307,11 @@ class Segmenter:
         return y1
 
     # ---------------------------------------------------------------- stage 2
+    def mask(self, prepared: PreparedVolume, y1: np.ndarray, mask_config: MaskConfig | None = None) -> np.ndarray:
+        """Stage 2's region: ``y1`` thresholded and dilated as the model file says (or ``mask_config``)."""
+        config = mask_config or self.bundle.mask
+        return make_mask(y1, config.threshold, config.radius, config.dilation_spacing(prepared.grid.spacing))
+
     def iter_stage2(
         self,
         prepared: PreparedVolume,
@@ -420,12 +425,11 @@ class Segmenter:
     ) -> Iterator["Progress | Segmentation"]:
         """Run every step, yielding Progress, then the :class:`Segmentation` last."""
         self.require_both_stages()
-        mask_config = mask_config or self.bundle.mask
         prepared = self.prepare(volume)
         yield Progress("prepare", 1, 1)
         y1 = np.zeros(prepared.image.shape, np.float32)
         yield from self.iter_stage1(prepared, y1)
-        mask = make_mask(y1, mask_config.threshold, mask_config.radius, mask_config.dilation_spacing(prepared.grid.spacing))
+        mask = self.mask(prepared, y1, mask_config)
         yield Progress("mask", 1, 1)
         probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
         yield from self.iter_stage2(prepared, y1, mask, probs)
