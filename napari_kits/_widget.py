@@ -239,9 +239,10 @@ class KitsWidget(QWidget):
         self.cleanup_check = QCheckBox("Remove stray pieces")
         self.cleanup_check.setChecked(True)
         self.cleanup_check.setToolTip(
-            "Drop labelled pieces with no kidney voxel, under 10% of the largest piece's size, or "
-            "entirely above or below the kidneys' slices (false positives in muscle, liver, bowel "
-            "or pelvis); uncheck to keep every piece"
+            "Drop labelled pieces with no kidney voxel, under 10% of the largest piece's size, "
+            "entirely above or below the kidneys' slices, or holding under 10% as much kidney as "
+            "the piece with most (false positives in muscle, liver, bowel or pelvis); uncheck to "
+            "keep every piece"
         )
         form.addRow(_row(self.stage2_button, self.probs_check))
         form.addRow(self.cleanup_check)

@@ -67,17 +67,63 @@ def test_default_rules_leave_real_masks_untouched(case):
     np.testing.assert_array_equal(labels, without_level_rule)
 
 
+# The real masks whose pieces hold the least kidney against the piece with most (0.32, 0.49 and
+# 0.54 of it; a kidney remnant under a large tumor): the kidney-share rule must keep them.
+LEAST_KIDNEY_REAL_CASES = ("case_00030", "case_00090", "case_00070")
+
+
+@pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
+@pytest.mark.parametrize("case", LEAST_KIDNEY_REAL_CASES)
+def test_kidney_share_rule_leaves_real_masks_untouched(case):
+    from kitseg.io import read_labels
+
+    truth = read_labels(KITS_DIR / case / "segmentation.nii.gz").array
+    without_share_rule = truth.copy()
+    remove_stray_components(without_share_rule, CleanupRules(min_kidney_share=0.0))
+    labels = truth.copy()
+    remove_stray_components(labels)
+    assert CleanupRules().min_kidney_share > 0
+    assert (truth == 2).sum() - (labels == 2).sum() < 20  # the tumor on its remnant stays (the size rule clears specks)
+    np.testing.assert_array_equal(labels, without_share_rule)
+
+
 def test_each_rule_alone():
+    alone = dict(require_kidney=False, min_fraction=0.0, same_level=False, min_kidney_share=0.0)
     labels = _two_kidneys_and_strays()
-    remove_stray_components(labels, CleanupRules(require_kidney=True, min_fraction=0.0, same_level=False))
+    remove_stray_components(labels, CleanupRules(**{**alone, "require_kidney": True}))
     assert not labels[10:12, 22:27, 2:7].any() and labels[0, 25:28, 30:33].all()  # speck has kidney
     labels = _two_kidneys_and_strays()
-    remove_stray_components(labels, CleanupRules(require_kidney=False, min_fraction=0.05, same_level=False))
+    remove_stray_components(labels, CleanupRules(**{**alone, "min_fraction": 0.05}))
     assert not labels[0, 25:28, 30:33].any() and labels[10:12, 22:27, 2:7].all()  # 50 >= 0.05 * 720
     labels = _two_kidneys_and_strays()
-    remove_stray_components(labels, CleanupRules(require_kidney=False, min_fraction=0.0, same_level=True))
+    remove_stray_components(labels, CleanupRules(**{**alone, "same_level": True}))
     assert not labels[0, 25:28, 30:33].any() and not labels[10:12, 22:27, 2:7].any()  # above / below the kidneys
     assert labels[2:10, 5:15, 3:12].all()
+    labels = _two_kidneys_and_strays()
+    remove_stray_components(labels, CleanupRules(**{**alone, "min_kidney_share": 0.1}))
+    assert not labels[0, 25:28, 30:33].any() and not labels[10:12, 22:27, 2:7].any()  # 9 and 0 < 0.1 * 720 kidney
+    assert labels[2:10, 5:15, 3:12].all() and labels[2:9, 14:17, 28:31].all()
+
+
+def test_kidney_share_drops_a_tumor_piece_with_a_few_kidney_voxels_and_keeps_a_kidney_remnant():
+    labels = np.zeros((20, 30, 60), np.uint8)
+    labels[8:18, 5:15, 3:12] = 1  # right kidney, 900 voxels
+    labels[8:16, 5:14, 25:33] = 1  # left kidney, 576 voxels
+    labels[0:9, 16:28, 2:14] = 2  # an organ above them labelled tumor, 1296 voxels, sharing slice 8
+    labels[8, 16:18, 2:14] = 1  # with 24 kidney voxels where it touches the upper pole (a separate piece)
+    labels[4:16, 5:17, 40:56] = 2  # a large tumor on a third kidney-like piece: 2304 voxels
+    labels[10:13, 8:13, 44:52] = 1  # its kidney remnant: 120 voxels, 13% of the most kidney (900)
+    before = labels.copy()
+    remove_stray_components(labels, CleanupRules(min_kidney_share=0.0))
+    np.testing.assert_array_equal(labels, before)  # off: the organ piece has kidney, is large, shares slices
+    report = remove_stray_components(labels)  # the default share, 0.1
+    assert (report.removed, report.removed_voxels) == (1, 1296)
+    assert not labels[0:9, 16:28, 2:14].any()
+    assert (labels[:, :, 40:56] == before[:, :, 40:56]).all()  # 120 >= 0.1 * 900: the remnant and its tumor stay
+    assert (labels[:, :15, :34] == before[:, :15, :34]).all()
+    labels = before.copy()
+    remove_stray_components(labels, CleanupRules(min_kidney_share=0.2))
+    assert not labels[:, :, 40:56].any()  # 120 < 0.2 * 900
 
 
 def test_a_lone_tumor_is_kept_rather_than_emptying_the_map():
@@ -94,3 +140,5 @@ def test_empty_map_and_bad_input():
         remove_stray_components(np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match="min_fraction"):
         CleanupRules(min_fraction=1.5)
+    with pytest.raises(ValueError, match="min_kidney_share"):
+        CleanupRules(min_kidney_share=-0.1)

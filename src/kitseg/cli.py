@@ -90,7 +90,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--no-cleanup",
         action="store_true",
         help="keep every predicted piece; by default pieces with no kidney voxel, under 10%% of the "
-        "largest piece's size, or above or below the kidneys' slices are removed (kitseg.postprocess)",
+        "largest piece's size, above or below the kidneys' slices, or holding under 10%% as much kidney "
+        "as the piece with most are removed (kitseg.postprocess)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_predict)
