@@ -2,13 +2,14 @@
 
     kits-seg evaluate --pred PRED_A --gt GT --csv a.csv
     kits-seg evaluate --pred PRED_B --gt GT --csv b.csv
-    python scripts/compare_scores.py a.csv b.csv [--resamples 10000] [--seed 0]
+    python scripts/compare_scores.py a.csv b.csv [a2.csv b2.csv ...] [--resamples 10000] [--seed 0]
 
 For kidney, tumor and composite Dice: the mean of each model, the mean per-case difference
 B - A with a 95% paired bootstrap interval (cases resampled with replacement), and on how many
 cases B is higher or lower. With 30 validation cases, where a small tumor scores 0 or 0.8
 depending on a few voxels, differences in the mean tumor Dice of a few hundredths are often
-inside that interval: a model is called better only when the interval excludes 0.
+inside that interval: a model is called better only when the interval excludes 0. Several
+pairs of files (one per phantom seed, say) pool their cases into one comparison.
 """
 
 from __future__ import annotations
@@ -41,21 +42,30 @@ def paired_bootstrap(diff: np.ndarray, resamples: int, rng: np.random.Generator)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("a", type=Path, help="scores CSV of model A (the reference)")
-    parser.add_argument("b", type=Path, help="scores CSV of model B")
+    parser.add_argument("csvs", type=Path, nargs="+", metavar="A.csv B.csv",
+                        help="scores CSVs of model A (the reference) and model B; more pairs pool their cases")
     parser.add_argument("--resamples", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    a, b = read_scores(args.a), read_scores(args.b)
+    if len(args.csvs) % 2:
+        raise SystemExit(f"give pairs of CSVs (A B [A2 B2 ...]); got {len(args.csvs)} files")
+    pairs = list(zip(args.csvs[0::2], args.csvs[1::2]))
+    a, b = {}, {}
+    for k, (path_a, path_b) in enumerate(pairs):
+        tag = f" (pair {k + 1})" if len(pairs) > 1 else ""  # the same case of two seeds stays two cases
+        scores_a, scores_b = read_scores(path_a), read_scores(path_b)
+        if not set(scores_a) & set(scores_b):
+            raise SystemExit(f"{path_a} and {path_b} share no case")
+        only = sorted(set(scores_a) ^ set(scores_b))
+        if only:
+            print(f"note: {len(only)} case(s) scored by one file only are left out: {', '.join(only[:5])}")
+        a.update({case + tag: v for case, v in scores_a.items()})
+        b.update({case + tag: v for case, v in scores_b.items()})
     cases = sorted(set(a) & set(b))
-    if not cases:
-        raise SystemExit(f"{args.a} and {args.b} share no case")
-    only = sorted(set(a) ^ set(b))
-    if only:
-        print(f"note: {len(only)} case(s) scored by one file only are left out: {', '.join(only[:5])}")
     rng = np.random.default_rng(args.seed)
-    print(f"{len(cases)} paired cases; A = {args.a.name}, B = {args.b.name}")
+    names = lambda k: ", ".join(str(pair[k]) if len(pairs) > 1 else pair[k].name for pair in pairs)  # noqa: E731
+    print(f"{len(cases)} paired cases; A = {names(0)}, B = {names(1)}")
     print(f"{'':<15} {'A':>7} {'B':>7} {'B - A':>7}  {'95% interval':>17}  {'B higher / lower':>16}")
     for metric in METRICS:
         va = np.array([a[c][metric] for c in cases])

@@ -20,6 +20,11 @@ says where the reference tumor went, as shares of its voxels on the CT's grid: o
 mask (stage 1 missed the region), and what the raw argmax called it (tumor, kidney,
 background), plus the share of the reference tumor that the clean-up removed after being called
 tumor or kidney. It tells a stage-1 miss from a stage-2 confusion.
+``--pred DIR`` (the predictions the scores were made from, ``kits-seg predict``'s
+``prediction_XXXXX.nii.gz``) weighs what costs the tumor Dice, in mL per case: tumor called in
+the reference kidney, tumor called outside the reference's kidney and tumor, and reference tumor
+not called tumor; per size band, with the cases whose false tumor outweighs their tumor. A small
+tumor's Dice falls as much by false tumor elsewhere as by the tumor missed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ NEAR_TUMOR_MM = 10.0
 # --where: shares of the reference tumor outside the mask, called tumor / kidney / background
 # by the raw argmax, and removed by the clean-up.
 WHERE_COLUMNS = ("outside", "tumor", "kidney", "bg", "cleaned")
+# --pred: tumor called in the reference kidney, tumor called elsewhere, reference tumor not called tumor (mL).
+VOLUME_COLUMNS = ("false in kidney", "false outside", "missed")
 
 
 class TumorCase(NamedTuple):
@@ -59,6 +66,8 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, default=None, help="model whose grid --ceiling uses and --where runs (default: shipped); for --where, the one that made --scores")
     parser.add_argument("--where", action="store_true",
                         help="run the model again: where the reference tumor's voxels went (mask, class, clean-up)")
+    parser.add_argument("--pred", type=Path, default=None,
+                        help="the predictions the scores came from: false and missed tumor volumes per case")
     parser.add_argument("--phantom-seed", type=int, default=None,
                         help="the --seed of kits-seg phantom that made --gt: report the Dice per contrast phase")
     args = parser.parse_args()
@@ -121,9 +130,19 @@ def main() -> int:
     rows = [r for r in csv.DictReader(args.scores.open()) if r["case"].startswith("case_")]
     if not rows:
         raise SystemExit(f"{args.scores}: no case rows")
-    cases, ceilings, where = [], [], []
+    def tumor_volumes(case: str, ct, labels: np.ndarray) -> np.ndarray:
+        """mL of tumor called in the reference kidney, called outside kidney and tumor, and missed."""
+        path = args.pred / f"prediction_{case.removeprefix('case_')}.nii.gz"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no prediction for {case} (--pred takes kits-seg predict's output folder)")
+        called = read_labels(path, like=ct).array == 2
+        counts = ((called & (labels == 1)).sum(), (called & (labels == 0)).sum(), (~called & (labels == 2)).sum())
+        return np.array(counts, float) * float(np.prod(ct.spacing)) / 1000.0
+
+    cases, ceilings, where, volumes = [], [], [], []
     header = f"{'case':<11} {'phase':<8} {'tumor mL':>9} {'kidney HU':>10} {'tumor HU':>9} {'contrast':>8} {'d prime':>7} {'tumor Dice':>10}"
-    print(header + ("  " + " ".join(f"{w:>7}" for w in WHERE_COLUMNS) if args.where else ""))
+    print(header + ("  " + " ".join(f"{w:>7}" for w in WHERE_COLUMNS) if args.where else "")
+          + ("  " + " ".join(f"{w:>15}" for w in VOLUME_COLUMNS) if args.pred else ""))
     for row in rows:
         ct = read_ct(args.gt / row["case"] / "imaging.nii.gz")
         labels_volume = read_labels(args.gt / row["case"] / "segmentation.nii.gz", like=ct)
@@ -141,6 +160,9 @@ def main() -> int:
         if args.where:
             where.append(where_tumor_went(ct, labels == 2))
             line += "  " + " ".join(f"{share:7.2f}" for share in where[-1])
+        if args.pred is not None:
+            volumes.append(tumor_volumes(c.case, ct, labels))
+            line += "  " + " ".join(f"{v:15.1f}" for v in volumes[-1])
         if args.ceiling:
             ceilings.append(dice(round_trip(labels_volume) == 2, labels == 2))
             line += f"  ceiling {ceilings[-1]:.3f}"
@@ -167,6 +189,19 @@ def main() -> int:
         if missed.any():
             print(f"  the {missed.sum()} cases under 0.5 tumor Dice: "
                   + ", ".join(f"{name} {share:.2f}" for name, share in zip(WHERE_COLUMNS, shares[missed].mean(axis=0))))
+    if volumes:
+        by_case = np.array(volumes)
+        print("false and missed tumor, mean mL per case (" + ", ".join(VOLUME_COLUMNS) + "):")
+        for low, high in SIZE_BANDS_ML:
+            chosen = np.array([low <= c.tumor_ml < high for c in cases])
+            if not chosen.any():
+                continue
+            band = by_case[chosen]
+            outweighs = int((band[:, 0] + band[:, 1] > np.array([c.tumor_ml for c in cases])[chosen]).sum())
+            print(f"  tumor {low:g}-{high:g} mL ({chosen.sum()} cases, reference "
+                  f"{np.mean([c.tumor_ml for c in cases if low <= c.tumor_ml < high]):.1f} mL): "
+                  + ", ".join(f"{name} {v:.1f}" for name, v in zip(VOLUME_COLUMNS, band.mean(axis=0)))
+                  + f"; false tumor outweighs the tumor in {outweighs}")
     if ceilings:
         print(f"resampling ceiling ({weights.name}: {preprocessing.slice_spacing_mm:g} mm slices, "
               f"{preprocessing.inplane_spacing_mm or 'native'} mm in-plane): "

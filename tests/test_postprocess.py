@@ -74,15 +74,16 @@ LEAST_KIDNEY_REAL_CASES = ("case_00030", "case_00090", "case_00070")
 
 @pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
 @pytest.mark.parametrize("case", LEAST_KIDNEY_REAL_CASES)
-def test_kidney_share_rule_leaves_real_masks_untouched(case):
+@pytest.mark.parametrize("share", [CleanupRules().min_kidney_share, 0.3])  # the default, and the model card's bound
+def test_kidney_share_rule_leaves_real_masks_untouched(case, share):
     from kitseg.io import read_labels
 
     truth = read_labels(KITS_DIR / case / "segmentation.nii.gz").array
     without_share_rule = truth.copy()
     remove_stray_components(without_share_rule, CleanupRules(min_kidney_share=0.0))
     labels = truth.copy()
-    remove_stray_components(labels)
-    assert CleanupRules().min_kidney_share > 0
+    remove_stray_components(labels, CleanupRules(min_kidney_share=share))
+    assert share > 0
     assert (truth == 2).sum() - (labels == 2).sum() < 20  # the tumor on its remnant stays (the size rule clears specks)
     np.testing.assert_array_equal(labels, without_share_rule)
 
@@ -101,7 +102,7 @@ def test_each_rule_alone():
     assert labels[2:10, 5:15, 3:12].all()
     labels = _two_kidneys_and_strays()
     remove_stray_components(labels, CleanupRules(**{**alone, "min_kidney_share": 0.1}))
-    assert not labels[0, 25:28, 30:33].any() and not labels[10:12, 22:27, 2:7].any()  # 9 and 0 < 0.1 * 720 kidney
+    assert not labels[0, 25:28, 30:33].any() and not labels[10:12, 22:27, 2:7].any()  # 9 and 0 < 0.1 * 672 kidney voxels
     assert labels[2:10, 5:15, 3:12].all() and labels[2:9, 14:17, 28:31].all()
 
 
@@ -110,7 +111,7 @@ def test_kidney_share_drops_a_tumor_piece_with_a_few_kidney_voxels_and_keeps_a_k
     labels[8:18, 5:15, 3:12] = 1  # right kidney, 900 voxels
     labels[8:16, 5:14, 25:33] = 1  # left kidney, 576 voxels
     labels[0:9, 16:28, 2:14] = 2  # an organ above them labelled tumor, 1296 voxels, sharing slice 8
-    labels[8, 16:18, 2:14] = 1  # with 24 kidney voxels where it touches the upper pole (a separate piece)
+    labels[8, 16:18, 2:14] = 1  # with 24 kidney voxels beside the upper pole (one row apart: its own piece)
     labels[4:16, 5:17, 40:56] = 2  # a large tumor on a third kidney-like piece: 2304 voxels
     labels[10:13, 8:13, 44:52] = 1  # its kidney remnant: 120 voxels, 13% of the most kidney (900)
     before = labels.copy()

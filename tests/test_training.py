@@ -710,11 +710,51 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
         assert 0 <= outside <= 1 and 0 <= cleaned <= tumor + kidney + 0.01
         assert tumor + kidney + background == pytest.approx(1, abs=0.015)  # every voxel gets one class (2 decimals)
 
+    pooled = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"),
+                             *[str(csvs / f"{smoke_run.name}.csv"), str(csvs / "other.csv")] * 2],
+                            capture_output=True, text=True)
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    assert f"{2 * n_val} paired cases" in pooled.stdout  # the same case in two pairs counts twice
+    assert {line.split()[0]: line.split()[1:3] for line in pooled.stdout.splitlines() if "_dice" in line} == summary
+    odd = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), str(csvs / "other.csv")],
+                         capture_output=True, text=True)
+    assert odd.returncode != 0 and "give pairs of CSVs" in odd.stderr
+
     window = dataclasses.replace(run_preprocessing, hu_max=run_preprocessing.hu_max + 100)
     elsewhere = save_bundle(make_tiny_bundle(seed=4, preprocessing=window), tmp_path / "elsewhere.kseg")
     refused = subprocess.run([sys.executable, str(script), "--run", str(smoke_run), "--data", str(dataset),
                               "--weights", str(model), str(elsewhere)], capture_output=True, text=True)
     assert refused.returncode != 0 and "elsewhere.kseg: trained on another grid or intensity window" in refused.stderr
+
+
+def test_tumor_miss_study_weighs_false_and_missed_tumor_of_predictions(dataset, smoke_run, tmp_path):
+    """tumor_miss_study.py --pred: per case, tumor called in the reference kidney, called elsewhere, and missed (mL)."""
+    import nibabel as nib
+
+    from kitseg.cli import main as cli
+
+    pred, scores = tmp_path / "pred", tmp_path / "scores.csv"
+    assert cli(["predict", str(dataset), "-o", str(pred), "--weights", str(smoke_run / "model.kseg")]) == 0
+    assert cli(["evaluate", "--pred", str(pred), "--gt", str(dataset), "--csv", str(scores)]) == 0
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "tumor_miss_study.py"), "--gt", str(dataset),
+                           "--scores", str(scores), "--pred", str(pred), "--weights", str(smoke_run / "model.kseg")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reported = {line.split()[0]: [float(v) for v in line.split()[-3:]] for line in proc.stdout.splitlines()
+                if line.startswith("case_")}
+    assert reported and "false and missed tumor, mean mL per case" in proc.stdout
+    for case, volumes in reported.items():
+        reference = nib.load(dataset / case / "segmentation.nii.gz")
+        truth = np.asarray(reference.dataobj)
+        called = np.asarray(nib.load(pred / f"prediction_{case.removeprefix('case_')}.nii.gz").dataobj) == 2
+        ml = float(np.prod(reference.header.get_zooms()[:3])) / 1000
+        expected = [(called & (truth == 1)).sum() * ml, (called & (truth == 0)).sum() * ml,
+                    (~called & (truth == 2)).sum() * ml]
+        assert volumes == pytest.approx(expected, abs=0.06)  # printed to 0.1 mL
+    missing = subprocess.run([sys.executable, str(REPO / "scripts" / "tumor_miss_study.py"), "--gt", str(dataset),
+                              "--scores", str(scores), "--pred", str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no prediction for case_" in missing.stderr
+
 
 
 def test_stage2_compare_study_scores_under_a_mask_of_given_mm(dataset, smoke_run):

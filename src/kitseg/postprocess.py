@@ -5,8 +5,9 @@ from a kidney, so in the KiTS19 label map kidney and tumor voxels form one or tw
 connected pieces. The networks see one 2D slice at a time and sometimes mark stray blobs
 elsewhere (a muscle, a lesion of the liver): those pieces are removed here.
 
-Four rules, each chosen on validation phantoms and real CT (`scripts/postprocess_study.py`)
-and checked on the 150 real KiTS19 masks, none of which they change:
+Four rules, each chosen on validation phantoms (the first three also on real CT;
+`scripts/postprocess_study.py`) and checked on the 150 real KiTS19 masks, none of which they
+change:
 - ``require_kidney``: a piece (label > 0) without a single kidney voxel is dropped: a tumor
   seen with no kidney next to it is almost always a false positive;
 - ``min_fraction``: a piece smaller than this fraction of the largest piece is dropped
@@ -17,13 +18,13 @@ and checked on the 150 real KiTS19 masks, none of which they change:
   dropped: a blob on a gluteal muscle or around the sacrum far below the kidneys, or beside
   the stomach above them;
 - ``min_kidney_share``: a tumor grows from a kidney that is there, so a piece holding less
-  kidney than this share of the kidney of the piece that holds most is dropped: an organ above
-  the kidneys labelled tumor with a few kidney voxels where it touches an upper pole. In the
-  real masks every piece of at least a tenth of the largest holds at least 32% as much kidney
-  as the piece with most (``case_00030``: a kidney remnant under a 550 mL tumor). With a share
-  no larger than ``min_fraction``, a piece of kidney alone that it drops is under
-  ``min_fraction`` of the largest piece anyway, so the rule only decides on pieces that are
-  mostly tumor.
+  kidney than this share of the kidney of the piece that holds most (among all pieces, before
+  the other rules) is dropped: an organ above the kidneys labelled tumor, with a little kidney
+  where it meets an upper pole. In the real masks every piece of at least a tenth of the
+  largest holds at least 32% as much kidney as the piece with most (``case_00030``: a kidney
+  remnant under a 1.46 L tumor). With a share no larger than ``min_fraction``, a piece of
+  kidney alone that it drops is under ``min_fraction`` of the largest piece anyway, so the
+  rule only decides on pieces that hold tumor.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class CleanupRules:
         min_fraction: drop pieces smaller than this fraction of the largest piece, in [0, 1].
         same_level: drop pieces that share no slice (axis 0, cranio-caudal) with the main group.
         min_kidney_share: drop pieces whose kidney voxels are fewer than this share of the most
-            kidney voxels any piece holds, in [0, 1] (0 keeps them all; 0.1, a third of the
-            lowest share in the real masks and no more than ``min_fraction``).
+            kidney voxels any piece holds, in [0, 1] (0 keeps them all; the default 0.1 is a
+            third of the lowest share in the real masks and no more than ``min_fraction``).
     """
 
     require_kidney: bool = True
