@@ -23,8 +23,7 @@ tumor or kidney. It tells a stage-1 miss from a stage-2 confusion.
 ``--pred DIR`` (the predictions the scores were made from, ``kits-seg predict``'s
 ``prediction_XXXXX.nii.gz``) weighs what costs the tumor Dice, in mL per case: tumor called in
 the reference kidney, tumor called outside the reference's kidney and tumor, and reference tumor
-not called tumor; per size band, with the cases whose false tumor outweighs their tumor. A small
-tumor's Dice falls as much by false tumor elsewhere as by the tumor missed.
+not called tumor; per size band, with the cases whose false tumor outweighs their tumor.
 """
 
 from __future__ import annotations
@@ -130,6 +129,7 @@ def main() -> int:
     rows = [r for r in csv.DictReader(args.scores.open()) if r["case"].startswith("case_")]
     if not rows:
         raise SystemExit(f"{args.scores}: no case rows")
+
     def tumor_volumes(case: str, ct, labels: np.ndarray) -> np.ndarray:
         """mL of tumor called in the reference kidney, called outside kidney and tumor, and missed."""
         path = args.pred / f"prediction_{case.removeprefix('case_')}.nii.gz"

@@ -710,12 +710,20 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
         assert 0 <= outside <= 1 and 0 <= cleaned <= tumor + kidney + 0.01
         assert tumor + kidney + background == pytest.approx(1, abs=0.015)  # every voxel gets one class (2 decimals)
 
-    pooled = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"),
-                             *[str(csvs / f"{smoke_run.name}.csv"), str(csvs / "other.csv")] * 2],
-                            capture_output=True, text=True)
-    assert pooled.returncode == 0, pooled.stderr[-3000:]
-    assert f"{2 * n_val} paired cases" in pooled.stdout  # the same case in two pairs counts twice
-    assert {line.split()[0]: line.split()[1:3] for line in pooled.stdout.splitlines() if "_dice" in line} == summary
+    def compared(*files: Path) -> dict[str, list[float]]:
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), *map(str, files)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{len(files) // 2 * n_val} paired cases" in proc.stdout  # the same case in two pairs counts twice
+        return {line.split()[0]: [float(v) for v in line.split()[1:3]] for line in proc.stdout.splitlines()
+                if line.startswith(("kidney_dice", "tumor_dice", "composite_dice"))}
+
+    first = compared(csvs / f"{smoke_run.name}.csv", csvs / "other.csv")
+    second = compared(csvs / "shared.csv", csvs / "other.csv")
+    pooled = compared(csvs / f"{smoke_run.name}.csv", csvs / "other.csv", csvs / "shared.csv", csvs / "other.csv")
+    for metric, (mean_a, mean_b) in pooled.items():  # the pairs' cases pooled: the mean of the two means
+        assert mean_a == pytest.approx((first[metric][0] + second[metric][0]) / 2, abs=1.5e-4)
+        assert mean_b == pytest.approx(first[metric][1], abs=1e-4)
     odd = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), str(csvs / "other.csv")],
                          capture_output=True, text=True)
     assert odd.returncode != 0 and "give pairs of CSVs" in odd.stderr
@@ -734,27 +742,47 @@ def test_tumor_miss_study_weighs_false_and_missed_tumor_of_predictions(dataset, 
     from kitseg.cli import main as cli
 
     pred, scores = tmp_path / "pred", tmp_path / "scores.csv"
-    assert cli(["predict", str(dataset), "-o", str(pred), "--weights", str(smoke_run / "model.kseg")]) == 0
+    pred.mkdir()
+    expected = {}
+    for folder in sorted(dataset.glob("case_*")):
+        reference = nib.load(folder / "segmentation.nii.gz")
+        truth = np.asarray(reference.dataobj).astype(np.uint8)
+        if not (truth == 2).any():
+            continue
+        labels = truth.copy()
+        tumor = np.argwhere(truth == 2)
+        labels[tuple(tumor[: len(tumor) // 3].T)] = 1  # a third of the tumor missed (called kidney)
+        kidney = np.argwhere(truth == 1)
+        labels[tuple(kidney[:40].T)] = 2  # 40 kidney voxels called tumor
+        background = np.argwhere(truth == 0)
+        labels[tuple(background[:25].T)] = 2  # 25 voxels outside called tumor
+        nib.save(nib.Nifti1Image(labels, reference.affine), pred / f"prediction_{folder.name.removeprefix('case_')}.nii.gz")
+        ml = float(np.prod(reference.header.get_zooms()[:3])) / 1000
+        expected[folder.name] = [40 * ml, 25 * ml, (len(tumor) // 3) * ml]
+    assert expected
     assert cli(["evaluate", "--pred", str(pred), "--gt", str(dataset), "--csv", str(scores)]) == 0
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "tumor_miss_study.py"), "--gt", str(dataset),
-                           "--scores", str(scores), "--pred", str(pred), "--weights", str(smoke_run / "model.kseg")],
-                          capture_output=True, text=True)
+    study = [sys.executable, str(REPO / "scripts" / "tumor_miss_study.py"), "--gt", str(dataset), "--scores", str(scores),
+             "--weights", str(smoke_run / "model.kseg")]
+    proc = subprocess.run([*study, "--pred", str(pred)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reported = {line.split()[0]: [float(v) for v in line.split()[-3:]] for line in proc.stdout.splitlines()
                 if line.startswith("case_")}
-    assert reported and "false and missed tumor, mean mL per case" in proc.stdout
+    assert set(reported) == set(expected)
     for case, volumes in reported.items():
-        reference = nib.load(dataset / case / "segmentation.nii.gz")
-        truth = np.asarray(reference.dataobj)
-        called = np.asarray(nib.load(pred / f"prediction_{case.removeprefix('case_')}.nii.gz").dataobj) == 2
-        ml = float(np.prod(reference.header.get_zooms()[:3])) / 1000
-        expected = [(called & (truth == 1)).sum() * ml, (called & (truth == 0)).sum() * ml,
-                    (~called & (truth == 2)).sum() * ml]
-        assert volumes == pytest.approx(expected, abs=0.06)  # printed to 0.1 mL
-    missing = subprocess.run([sys.executable, str(REPO / "scripts" / "tumor_miss_study.py"), "--gt", str(dataset),
-                              "--scores", str(scores), "--pred", str(tmp_path)], capture_output=True, text=True)
+        assert volumes == pytest.approx(expected[case], abs=0.06)  # printed to 0.1 mL
+    bands = [line for line in proc.stdout.splitlines() if line.startswith("  tumor ")]
+    outweighs = sum(int(line.rsplit(" ", 1)[1]) for line in bands)
+    assert outweighs == sum(v[0] + v[1] > float(r["ref_tumor_ml"]) for r in csv_rows(scores)
+                            for v in [expected[r["case"]]])
+    missing = subprocess.run([*study, "--pred", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode != 0 and "no prediction for case_" in missing.stderr
 
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with path.open(newline="") as stream:
+        return [row for row in csv.DictReader(stream) if row["case"].startswith("case_")]
 
 
 def test_stage2_compare_study_scores_under_a_mask_of_given_mm(dataset, smoke_run):
