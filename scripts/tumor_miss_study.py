@@ -190,16 +190,15 @@ def main() -> int:
             print(f"  the {missed.sum()} cases under 0.5 tumor Dice: "
                   + ", ".join(f"{name} {share:.2f}" for name, share in zip(WHERE_COLUMNS, shares[missed].mean(axis=0))))
     if volumes:
-        by_case = np.array(volumes)
+        by_case, reference = np.array(volumes), np.array([c.tumor_ml for c in cases])
         print("false and missed tumor, mean mL per case (" + ", ".join(VOLUME_COLUMNS) + "):")
         for low, high in SIZE_BANDS_ML:
-            chosen = np.array([low <= c.tumor_ml < high for c in cases])
+            chosen = (low <= reference) & (reference < high)
             if not chosen.any():
                 continue
             band = by_case[chosen]
-            outweighs = int((band[:, 0] + band[:, 1] > np.array([c.tumor_ml for c in cases])[chosen]).sum())
-            print(f"  tumor {low:g}-{high:g} mL ({chosen.sum()} cases, reference "
-                  f"{np.mean([c.tumor_ml for c in cases if low <= c.tumor_ml < high]):.1f} mL): "
+            outweighs = int((band[:, 0] + band[:, 1] > reference[chosen]).sum())
+            print(f"  tumor {low:g}-{high:g} mL ({chosen.sum()} cases, reference {reference[chosen].mean():.1f} mL): "
                   + ", ".join(f"{name} {v:.1f}" for name, v in zip(VOLUME_COLUMNS, band.mean(axis=0)))
                   + f"; false tumor outweighs the tumor in {outweighs}")
     if ceilings:
