@@ -1,5 +1,6 @@
-"""Training speed in float32 against mixed precision (bfloat16 autocast on a CPU with AMX), and
-whether the mixed-precision network learns as well.
+"""Training speed in float32 against mixed precision (bfloat16 autocast on a CPU that multiplies
+bfloat16 in hardware: Intel AMX or AVX-512 BF16), and whether the mixed-precision network learns
+as well.
 
     python benchmarks/bench_train_precision.py                         # speed, on synthetic cases
     python benchmarks/bench_train_precision.py --data work_data/phantoms_v3 --cache work_data/run_r4/cache \\

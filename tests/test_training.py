@@ -898,3 +898,24 @@ def test_slice_sampling_draws_what_it_drew_before_lesion_sampling_existed():
 def test_tumor_sampling_must_be_known():
     with pytest.raises(ConfigError, match="tumor_sampling"):
         replace(preset("cpu"), tumor_sampling="random")
+
+
+def test_every_setting_of_the_shipped_models_recipe_is_a_valid_one() -> None:
+    """Each ``--set`` of ``scripts/train_default_model.sh`` parses into the `cpu` preset (a typo
+    would stop a retrain hours in), and the recipe trains in float32, as every shipped network did."""
+    import re
+
+    from kitseg.training.cli import parse_settings
+    from kitseg.training.config import TrainConfig
+
+    recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.sh").read_text()
+    commands = "\n".join(line for line in recipe.splitlines() if not line.lstrip().startswith("#"))
+    items = [quoted or bare for quoted, bare in re.findall(r"--set\s+(?:'([^']*)'|([^\s\"'}]+))", commands)]
+    assert len(items) >= 8, items
+    config = preset("cpu")
+    changes = parse_settings(items, config)
+    TrainConfig.from_dict({**config.to_dict(), **changes})
+    assert changes["amp"] is False
+    assert changes["mask"]["radius_unit"] == "mm"
+    with pytest.raises(ConfigError, match="unknown field 'ampp'"):
+        parse_settings(["ampp=false"], config)

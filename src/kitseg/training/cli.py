@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .config import PRESETS, preset
+from .config import PRESETS, TrainConfig, preset
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,14 +49,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .loop import train
+def parse_settings(items: list[str], config: TrainConfig) -> dict:
+    """``--set FIELD=JSON`` items as {field: value}, checked against ``config``'s fields.
 
-    config = preset(args.preset)
-    changes = {k: v for k, v in {
-        "seed": args.seed, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
-        "steps_per_epoch": args.steps_per_epoch}.items() if v is not None}
-    for item in args.set:
+    A text field also takes its text unquoted (``--set lr_schedule=poly``).
+    """
+    changes = {}
+    for item in items:
         field, equals, value = item.partition("=")
         if not equals or not field:
             raise ConfigError(f"--set {item}: expected FIELD=JSON, e.g. --set learning_rate=3e-4")
@@ -70,6 +69,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                 continue
             raise ConfigError(f"--set {item}: the value of {field} is not JSON ({exc}); a text needs quotes: "
                               f"{field}='\"...\"'") from None
+    return changes
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .loop import train
+
+    config = preset(args.preset)
+    changes = {k: v for k, v in {
+        "seed": args.seed, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
+        "steps_per_epoch": args.steps_per_epoch}.items() if v is not None}
+    changes.update(parse_settings(args.set, config))
     if args.stage2_context_slices is not None:
         preprocessing = changes.get("preprocessing", config.preprocessing.to_dict())
         changes["preprocessing"] = {**preprocessing, "stage2_context_slices": args.stage2_context_slices}
