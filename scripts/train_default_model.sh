@@ -64,9 +64,11 @@ WORK=${2:-work_data}
 KITS=".venv/bin/kits-seg"
 VAL=$(seq -f "case_%05g" 120 149)
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (peak 0.7-1.8 GB each)
-# Every shipped network trained in float32 (its provenance says so: `kits-seg info`); a CPU with
-# bfloat16 in hardware would now train in mixed precision by default. PRECISION= (empty) allows it:
-# 1.5-2x faster, but not the shipped model's numbers.
+# Every shipped network trained in float32 (its provenance says so); a CPU with bfloat16 in
+# hardware would now train in mixed precision by default. PRECISION= (empty) allows it: 1.5-2x
+# faster, but not the shipped model's numbers. A work folder begun before 2026-12-06 recorded
+# amp=true: resume it with PRECISION= (on a CPU without bfloat16 in hardware that is float32 too).
+# PRECISION comes last, so it outweighs an amp setting in TRAIN_ARGS.
 PRECISION=${PRECISION-"--set amp=false"}
 kits_train() { $KITS train "$@" $PRECISION; }
 

@@ -901,8 +901,9 @@ def test_tumor_sampling_must_be_known():
 
 
 def test_every_setting_of_the_shipped_models_recipe_is_a_valid_one() -> None:
-    """Each ``--set`` of ``scripts/train_default_model.sh`` parses into the `cpu` preset (a typo
-    would stop a retrain hours in), and the recipe trains in float32, as every shipped network did."""
+    """Each ``--set`` of ``scripts/train_default_model.sh`` names a field of the `cpu` preset with a
+    value it takes (a typo would stop a retrain hours in), and every training there goes through
+    ``kits_train``, which adds float32 as every shipped network trained."""
     import re
 
     from kitseg.training.cli import parse_settings
@@ -911,11 +912,13 @@ def test_every_setting_of_the_shipped_models_recipe_is_a_valid_one() -> None:
     recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.sh").read_text()
     commands = "\n".join(line for line in recipe.splitlines() if not line.lstrip().startswith("#"))
     items = [quoted or bare for quoted, bare in re.findall(r"--set\s+(?:'([^']*)'|([^\s\"'}]+))", commands)]
-    assert len(items) >= 8, items
+    assert len(items) == len(re.findall(r"--set\b", commands)) >= 8, items  # none skipped by the pattern
     config = preset("cpu")
-    changes = parse_settings(items, config)
-    TrainConfig.from_dict({**config.to_dict(), **changes})
-    assert changes["amp"] is False
-    assert changes["mask"]["radius_unit"] == "mm"
+    for item in items:  # one at a time: a field set twice is checked at each value
+        TrainConfig.from_dict({**config.to_dict(), **parse_settings([item], config)})
+    assert parse_settings(items, config)["mask"]["radius_unit"] == "mm"
+    assert commands.count("$KITS train") == 1
+    assert re.search(r'PRECISION=\$\{PRECISION-"--set amp=false"\}\nkits_train\(\) \{ \$KITS train "\$@" \$PRECISION; \}',
+                     commands)
     with pytest.raises(ConfigError, match="unknown field 'ampp'"):
         parse_settings(["ampp=false"], config)

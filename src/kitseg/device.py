@@ -82,8 +82,8 @@ def cpu_has_fast_bfloat16() -> bool:
     or the AVX-512 BF16 dot product (AMD Zen 4 and later, Intel Cooper Lake).
 
     Without either, bfloat16 convolutions on a CPU are emulated and slower than float32. With
-    AVX-512 BF16 alone (AMD EPYC, 2 cores) the `cpu` preset's training steps ran 1.46x (stage 1)
-    and 1.64x (stage 2) faster (``benchmarks/bench_train_precision.py``, 2026-12-06).
+    AVX-512 BF16 alone (AMD EPYC, 2 cores) the `cpu` preset's training steps ran 1.59-1.67x (stage 1)
+    and 1.45-1.69x (stage 2) faster (``benchmarks/bench_train_precision.py``, 2026-12-06).
     """
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
     try:
