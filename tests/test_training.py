@@ -909,7 +909,7 @@ def test_every_setting_of_the_shipped_models_recipe_is_a_valid_one() -> None:
     from kitseg.training.cli import parse_settings
     from kitseg.training.config import TrainConfig
 
-    recipe = (Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.sh").read_text()
+    recipe = (REPO / "scripts" / "train_default_model.sh").read_text()
     commands = "\n".join(line for line in recipe.splitlines() if not line.lstrip().startswith("#"))
     items = [quoted or bare for quoted, bare in re.findall(r"--set\s+(?:'([^']*)'|([^\s\"'}]+))", commands)]
     assert len(items) == len(re.findall(r"--set\b", commands)) >= 8, items  # none skipped by the pattern
