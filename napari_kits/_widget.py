@@ -284,6 +284,12 @@ class KitsWidget(QWidget):
         self.table.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
         self.table.setFixedHeight(self.table.horizontalHeader().sizeHint().height() + 3 * 26 + 4)
         form.addRow(self.table)
+        self.detection_label = QLabel()
+        self.detection_label.setWordWrap(True)
+        self.detection_label.setToolTip("Tumors as 3D connected pieces. Found: at least half of a reference tumor "
+                                        "labelled tumor. False: a predicted tumor piece touching no reference tumor. "
+                                        "Pieces under 0.1 mL are not counted.")
+        form.addRow(self.detection_label)
         from ._plot import DicePlot
 
         self.plot = DicePlot()
@@ -1026,6 +1032,9 @@ class KitsWidget(QWidget):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(r, c, item)
+        self.detection_label.setText(
+            f"Tumors found: {scores.tumors_found} of {scores.ref_tumors}; "
+            f"false tumor pieces: {scores.false_tumors} ({scores.false_tumor_ml:.1f} mL)")
         self.plot.set_curves(curves)
         self.worst_button.setEnabled(self.worst_slice() is not None)
         self.scores_updated.emit()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -134,6 +136,36 @@ def test_evaluate_ground_truth_against_itself_is_perfect(tmp_path, cases, capsys
     assert main(["evaluate", "--pred", str(pred), "--gt", str(cases), "--csv", str(csv_path)]) == 0
     rows = list(csv.DictReader(csv_path.open()))
     assert all(float(r["kidney_dice"]) == 1.0 and float(r["tumor_dice"]) == 1.0 for r in rows)
+    assert all(r["tumors_found"] == r["ref_tumors"] and float(r["false_tumors"]) == 0 for r in rows)
+    found = sum(int(r["tumors_found"]) for r in rows[:2])
+    assert f"found (at least 0.5 of each labelled tumor): {found} of {found}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--pred", str(pred), "--gt", str(cases), "--found-share", "0"])
+    assert "--found-share: must be in (0, 1], got 0" in capsys.readouterr().err
+
+    # Two thirds of case_00000's tumor relabelled kidney: missed at the default half, found at 0.3.
+    seg = nib.load(str(cases / "case_00000" / "segmentation.nii.gz"))
+    labels = np.asarray(seg.dataobj).copy()
+    tumor = np.flatnonzero(labels == 2)
+    labels.flat[tumor[: 2 * tumor.size // 3]] = 1
+    nib.save(nib.Nifti1Image(labels, seg.affine, seg.header), str(pred / "prediction_00000.nii.gz"))
+    counts = {}
+    for share in ("0.5", "0.3"):
+        report = tmp_path / f"found_{share}.csv"
+        assert main(["evaluate", "--pred", str(pred), "--gt", str(cases), "--csv", str(report), "--found-share", share]) == 0
+        row = next(csv.DictReader(report.open()))
+        counts[share] = (int(row["ref_tumors"]), int(row["tumors_found"]))
+    assert counts["0.5"] == (counts["0.5"][0], counts["0.5"][0] - 1) and counts["0.3"][1] == counts["0.3"][0]
+
+    # The same counts pooled by tumor size, tumor by tumor.
+    total = sum(int(r["ref_tumors"]) for r in csv.DictReader((tmp_path / "found_0.5.csv").open()) if r["case"] != "mean")
+    study = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "tumor_detection_study.py"),
+                            str(pred), str(cases), "--found-shares", "0.5", "0.3"], capture_output=True, text=True)
+    assert study.returncode == 0, study.stderr
+    assert f"2 cases, {total} reference tumors" in study.stdout
+    assert f"found (at least 0.5 labelled tumor): {total - 1} of {total}" in study.stdout
+    assert f"found (at least 0.3 labelled tumor): {total} of {total}" in study.stdout
+    assert "false tumor pieces: 0 in 0 of 2 cases" in study.stdout
 
 
 def test_errors_are_one_line_naming_the_input(tmp_path, weights, capsys):

@@ -8,7 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from kitseg.metrics import CSV_COLUMNS, CaseScores, aggregate, dice, kits_scores, per_slice_dice, write_scores_csv
+from kitseg.metrics import (
+    CSV_COLUMNS,
+    CaseScores,
+    aggregate,
+    dice,
+    kits_scores,
+    per_slice_dice,
+    tumor_detection,
+    write_scores_csv,
+)
 
 
 def test_dice_hand_computed():
@@ -105,8 +114,64 @@ def test_per_slice_dice():
         per_slice_dice(pred, ref, "cyst")  # type: ignore[arg-type]
 
 
-def make_scores(case: str, kidney: float, tumor: float) -> CaseScores:
-    return CaseScores(case, kidney, tumor, (kidney + tumor) / 2, 100.0, 10.0, 110.0, 12.0)
+def make_scores(case: str, kidney: float, tumor: float, tumors: int = 2, found: int = 1) -> CaseScores:
+    return CaseScores(case, kidney, tumor, (kidney + tumor) / 2, 100.0, 10.0, 110.0, 12.0, tumors, found, 3, 1.5)
+
+
+def detection_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Reference: tumor A (10 voxels, two blocks touching only at a corner: one tumor), tumor B
+    (5 voxels), a 1-voxel tumor C. Prediction: 6 of A, 2 of B, a 1-voxel piece touching only C,
+    a 4-voxel false piece and a 1-voxel false piece in the kidney."""
+    ref = np.ones((6, 8, 8), np.uint8)
+    pred = np.ones_like(ref)
+    ref[0, 0:2, 0:2] = 2  # A: 4 voxels ...
+    ref[1, 2:4, 2:5] = 2  # ... and 6 joined to them by a corner
+    ref[4, 0, 0:5] = 2  # B
+    ref[5, 7, 7] = 2  # C
+    pred[0, 0:2, 0:2] = 2  # 4 of A
+    pred[1, 2, 2:4] = 2  # 2 more of A
+    pred[4, 0, 0:2] = 2  # 2 of B
+    pred[5, 6, 6] = 2  # touches C by a corner: one piece with C's own voxel
+    pred[5, 7, 7] = 2
+    pred[3, 5:7, 5:7] = 2  # false, 4 voxels
+    pred[2, 7, 0] = 2  # false, 1 voxel
+    return pred, ref
+
+
+def test_tumor_detection_hand_counted():
+    pred, ref = detection_pair()
+    voxel_ml = 0.125  # 5 mm voxels
+    d = tumor_detection(pred, ref, (5.0, 5.0, 5.0), found_share=0.5, min_ml=0.1)
+    assert d.ref_ml == pytest.approx((10 * voxel_ml, 5 * voxel_ml, voxel_ml))
+    assert d.labelled_share == pytest.approx((0.6, 0.4, 1.0))
+    assert d.found == 2  # A (0.6) and C; B (0.4) missed
+    assert sorted(d.false_ml) == pytest.approx([voxel_ml, 4 * voxel_ml])  # the piece on C is not false
+    assert tumor_detection(pred, ref, (5.0, 5.0, 5.0), found_share=0.4).found == 3
+    # Specks: 1-voxel pieces (0.125 mL) fall under 0.2 mL and count neither way; the piece
+    # touching the reference speck C is still not false.
+    d = tumor_detection(pred, ref, (5.0, 5.0, 5.0), min_ml=0.2)
+    assert d.ref_ml == pytest.approx((10 * voxel_ml, 5 * voxel_ml)) and d.found == 1
+    assert d.false_ml == pytest.approx((4 * voxel_ml,))
+    # kits_scores carries the counts at the defaults (0.5, 0.1 mL: every 1 mm voxel is a speck).
+    s = kits_scores(pred, ref, (5.0, 5.0, 5.0))
+    assert (s.ref_tumors, s.tumors_found, s.false_tumors) == (3, 2, 2)
+    assert s.false_tumor_ml == pytest.approx(5 * voxel_ml)
+    assert kits_scores(pred, ref, (1.0, 1.0, 1.0)).ref_tumors == 0
+
+
+def test_tumor_detection_without_tumors_and_bad_arguments():
+    kidney = np.ones((3, 4, 4), np.uint8)
+    d = tumor_detection(kidney, kidney, (1, 1, 1))
+    assert (d.ref_ml, d.false_ml, d.found) == ((), (), 0)
+    s = kits_scores(kidney, kidney, (1, 1, 1))
+    assert (s.ref_tumors, s.tumors_found, s.false_tumors, s.false_tumor_ml) == (0, 0, 0, 0.0)
+    assert math.isnan(aggregate([s])["tumors_found_rate"])
+    with pytest.raises(ValueError, match="found_share"):
+        tumor_detection(kidney, kidney, (1, 1, 1), found_share=0.0)
+    with pytest.raises(ValueError, match="min_ml"):
+        tumor_detection(kidney, kidney, (1, 1, 1), min_ml=-1.0)
+    with pytest.raises(ValueError, match=r"\(3, 4, 4\).*\(3, 4, 5\)"):
+        tumor_detection(kidney, np.ones((3, 4, 5), np.uint8), (1, 1, 1))
 
 
 def test_aggregate_ignores_and_counts_nan():
@@ -118,6 +183,10 @@ def test_aggregate_ignores_and_counts_nan():
     assert agg["tumor_dice_n_nan"] == 1 and agg["kidney_dice_n_nan"] == 0
     assert agg["composite_dice_n_nan"] == 1
     assert agg["kidney_ml"] == pytest.approx(100.0)
+    assert agg["ref_tumors"] == pytest.approx(2.0)  # per case
+    # Found over all tumors, not a mean of rates: 1 + 3 found of 2 + 6.
+    rate = aggregate([make_scores("a", 0.9, 0.5), make_scores("b", 0.9, 0.5, tumors=6, found=3)])["tumors_found_rate"]
+    assert rate == pytest.approx(4 / 8)
     empty = aggregate([])
     assert empty["n_cases"] == 0 and math.isnan(empty["kidney_dice"])
 
@@ -131,6 +200,8 @@ def test_write_scores_csv(tmp_path):
     assert [r[0] for r in rows[1:]] == ["case_00001", "case_00002", "mean"]
     assert float(rows[1][1]) == 0.9 and float(rows[1][2]) == 0.5
     assert rows[2][2] == "nan"
+    assert rows[1][CSV_COLUMNS.index("tumors_found")] == "1"  # counts as integers, their means as floats
+    assert float(rows[3][CSV_COLUMNS.index("false_tumors")]) == 3.0
     assert float(rows[3][1]) == pytest.approx(0.8) and float(rows[3][2]) == pytest.approx(0.5)
     # Written atomically: no temporary file left behind; rewriting replaces the file.
     write_scores_csv(scores[:1], path)

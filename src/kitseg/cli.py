@@ -205,12 +205,26 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="Dice when prediction and truth are both empty (default 1; the official script gives NaN)",
     )
+    p.add_argument(
+        "--found-share",
+        type=_share,
+        default=None,
+        help="a reference tumor counts as found when at least this share of its voxels is labelled tumor "
+        "(default 0.5)",
+    )
     p.set_defaults(func=cmd_evaluate)
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_pairs, pair_predictions, unpaired_references
-    from .metrics import aggregate, write_scores_csv
+    from .metrics import DEFAULT_FOUND_SHARE, MIN_TUMOR_ML, aggregate, write_scores_csv
 
     pairs = pair_predictions(args.pred, args.gt)
     if args.csv is not None:
@@ -220,19 +234,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         more = f" and {len(unscored) - 3} more" if len(unscored) > 3 else ""
         log.warning("%s: %d case(s) have no prediction and are not scored: %s%s", args.gt, len(unscored),
                     ", ".join(unscored[:3]), more)
-    scores = evaluate_pairs(pairs, empty_value=args.empty_value)
-    header = f"{'case':<24}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
+    found_share = DEFAULT_FOUND_SHARE if args.found_share is None else args.found_share
+    scores = evaluate_pairs(pairs, empty_value=args.empty_value, found_share=found_share)
+    header = (f"{'case':<24}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
+              f"{'found':>8}{'false':>7}")
     print(header)
     for s in scores:
         print(
             f"{s.case:<24}{s.kidney_dice:>9.4f}{s.tumor_dice:>9.4f}{s.composite_dice:>11.4f}"
-            f"{s.kidney_ml:>11.1f}{s.tumor_ml:>10.1f}"
+            f"{s.kidney_ml:>11.1f}{s.tumor_ml:>10.1f}{f'{s.tumors_found}/{s.ref_tumors}':>8}{s.false_tumors:>7}"
         )
     means = aggregate(scores)
     print(
         f"{'mean (' + str(len(scores)) + ')':<24}{means['kidney_dice']:>9.4f}{means['tumor_dice']:>9.4f}"
         f"{means['composite_dice']:>11.4f}"
     )
+    found = sum(s.tumors_found for s in scores)
+    total = sum(s.ref_tumors for s in scores)
+    rate = f" ({100 * found / total:.0f}%)" if total else ""
+    print(f"tumors found (at least {found_share:g} of each labelled tumor): {found} of {total}{rate}; "
+          f"false tumor pieces: {sum(s.false_tumors for s in scores)}, {sum(s.false_tumor_ml for s in scores):.1f} mL "
+          f"(pieces under {MIN_TUMOR_ML:g} mL not counted)")
     if args.csv is not None:
         write_scores_csv(scores, args.csv)
         print(f"wrote {args.csv}")

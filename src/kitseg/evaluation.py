@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
 from .geometry import strip_nifti_suffix
 from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, name_a_few, read_labels
-from .metrics import CaseScores, kits_scores
+from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
 
 _PREDICTION_RE = re.compile(r"^prediction_(\d+)$")
 
@@ -88,7 +88,8 @@ def _check_kits_labels(volume, path: Path) -> None:
                          "1 (kidney), 2 (tumor)")
 
 
-def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0) -> list[CaseScores]:
+def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
+                   found_share: float = DEFAULT_FOUND_SHARE) -> list[CaseScores]:
     scores = []
     for pair in pairs:
         ref = read_labels(pair.reference)
@@ -96,5 +97,6 @@ def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0) -> lis
         _check_kits_labels(ref, pair.reference)
         _check_kits_labels(pred, pair.prediction)
         check_same_grid(pred.source, ref.source, pair.prediction, reference_name=f"the ground truth's ({pair.reference})")
-        scores.append(kits_scores(pred.array, ref.array, ref.spacing, case=pair.case, empty_value=empty_value))
+        scores.append(kits_scores(pred.array, ref.array, ref.spacing, case=pair.case, empty_value=empty_value,
+                                  found_share=found_share))
     return scores
