@@ -287,8 +287,8 @@ class KitsWidget(QWidget):
         self.detection_label = QLabel()
         self.detection_label.setWordWrap(True)
         self.detection_label.setToolTip("Tumors as 3D connected pieces. Found: at least half of a reference tumor "
-                                        "labelled tumor. False: a predicted tumor piece touching no reference tumor. "
-                                        "Pieces under 0.1 mL are not counted.")
+                                        "labelled tumor (the shares: the largest three tumors). False: a predicted "
+                                        "tumor piece touching no reference tumor. Pieces under 0.1 mL are not counted.")
         form.addRow(self.detection_label)
         from ._plot import DicePlot
 
@@ -1017,7 +1017,7 @@ class KitsWidget(QWidget):
             self.compute_scores()
 
     def _on_scores(self, result: tuple) -> None:
-        scores, curves = result
+        scores, curves, detection = result
         self.last_scores = scores
         self._per_slice = curves
         rows = [
@@ -1032,9 +1032,7 @@ class KitsWidget(QWidget):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(r, c, item)
-        self.detection_label.setText(
-            f"Tumors found: {scores.tumors_found} of {scores.ref_tumors}; "
-            f"false tumor pieces: {scores.false_tumors} ({scores.false_tumor_ml:.1f} mL)")
+        self.detection_label.setText(_describe_detection(detection))
         self.plot.set_curves(curves)
         self.worst_button.setEnabled(self.worst_slice() is not None)
         self.scores_updated.emit()
@@ -1137,9 +1135,9 @@ def _checksum(labels: np.ndarray) -> tuple:
 
 
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference") -> tuple:
-    """Worker body: the engine's KiTS19 scores and per-slice Dice curves."""
+    """Worker body: the engine's KiTS19 scores, per-slice Dice curves and tumors found."""
     from kitseg.config import KITS_LABELS
-    from kitseg.metrics import kits_scores, per_slice_dice
+    from kitseg.metrics import kits_scores, per_slice_dice, tumor_detection
 
     for layer_name, labels in ((name, pred), (ref_name, ref)):
         stray = KITS_LABELS.stray_values(labels)
@@ -1148,7 +1146,17 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_nam
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
     scores = kits_scores(pred, ref, spacing, case=name)
     curves = {region: per_slice_dice(pred, ref, region) for region in ("kidney", "tumor")}
-    return scores, curves
+    return scores, curves, tumor_detection(pred, ref, spacing)
+
+
+def _describe_detection(detection: Any) -> str:
+    """One line: tumors found, how much of each (largest first, up to three) is labelled, false pieces."""
+    order = sorted(range(len(detection.ref_ml)), key=lambda i: -detection.ref_ml[i])
+    shares = ", ".join(f"{100 * detection.labelled_share[i]:.0f}%" for i in order[:3])
+    more = ", …" if len(order) > 3 else ""
+    labelled = f" (labelled tumor: {shares}{more})" if order else ""
+    return (f"Tumors found: {detection.found} of {len(order)}{labelled}; "
+            f"false tumor pieces: {len(detection.false_ml)} ({sum(detection.false_ml):.1f} mL)")
 
 
 def _same_ct_grid(a: Any, b: Any) -> bool:

@@ -33,3 +33,15 @@ def test_run_all_paints_the_mask_the_engine_segments_inside(case_folder, radius_
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, expected.mask.astype(np.uint8))
     np.testing.assert_array_equal(next(e for e in events if isinstance(e, Stage2Done)).labels, expected.labels)
+
+
+def test_score_line_names_the_largest_tumors_shares_and_the_false_pieces():
+    from kitseg.metrics import TumorDetection
+    from napari_kits._widget import _describe_detection
+
+    five = TumorDetection(ref_ml=(2.0, 40.0, 0.5, 9.0, 120.0), labelled_share=(0.0, 0.6, 1.0, 0.25, 0.9),
+                          false_ml=(1.25, 0.5), found_share=0.5)
+    assert _describe_detection(five) == ("Tumors found: 3 of 5 (labelled tumor: 90%, 60%, 25%, …); "
+                                         "false tumor pieces: 2 (1.8 mL)")
+    none = TumorDetection(ref_ml=(), labelled_share=(), false_ml=(3.0,), found_share=0.5)
+    assert _describe_detection(none) == "Tumors found: 0 of 0; false tumor pieces: 1 (3.0 mL)"

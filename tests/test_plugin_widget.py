@@ -154,7 +154,9 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     assert widget.table.item(1, 0).text() == f"{expected.tumor_dice:.4f}"
     assert widget.table.item(2, 0).text() == f"{expected.composite_dice:.4f}"
     assert widget.table.item(0, 2).text() == f"{expected.ref_kidney_ml:.1f}"
-    assert widget.detection_label.text().startswith(f"Tumors found: {expected.tumors_found} of {expected.ref_tumors};")
+    assert widget.detection_label.text().startswith(f"Tumors found: {expected.tumors_found} of {expected.ref_tumors}")
+    assert widget.detection_label.text().endswith(
+        f"false tumor pieces: {expected.false_tumors} ({expected.false_tumor_ml:.1f} mL)")
 
     # Worst slice jumps the viewer there.
     worst = widget.worst_slice()
@@ -169,7 +171,9 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
         labels_layer.data = small_case.labels.copy()
     assert widget.last_scores.kidney_dice == 1.0 and widget.last_scores.tumor_dice == 1.0
     tumors = widget.last_scores.ref_tumors
-    assert tumors >= 1 and widget.detection_label.text() == f"Tumors found: {tumors} of {tumors}; false tumor pieces: 0 (0.0 mL)"
+    shares = ", ".join(["100%"] * min(tumors, 3)) + (", …" if tumors > 3 else "")
+    assert tumors >= 1 and widget.detection_label.text() == (
+        f"Tumors found: {tumors} of {tumors} (labelled tumor: {shares}); false tumor pieces: 0 (0.0 mL)")
 
     # Save on the source grid; never over the input CT; ask before replacing.
     out = tmp_path / "case_00007_corrected.nii.gz"
