@@ -241,8 +241,9 @@ class KitsWidget(QWidget):
         self.cleanup_check.setToolTip(
             "Drop labelled pieces with no kidney voxel, under 10% of the largest piece's size, "
             "entirely above or below the kidneys' slices, or holding under 10% as much kidney as "
-            "the piece with most (false positives in muscle, liver, bowel or pelvis); uncheck to "
-            "keep every piece"
+            "the piece with most (false positives in muscle, liver, bowel or pelvis), and relabel "
+            "kidney the tumor pieces under 20% of their kidney's largest; uncheck to keep every "
+            "piece and tumor call"
         )
         form.addRow(_row(self.stage2_button, self.probs_check))
         form.addRow(self.cleanup_check)
@@ -287,8 +288,9 @@ class KitsWidget(QWidget):
         self.detection_label = QLabel()
         self.detection_label.setWordWrap(True)
         self.detection_label.setToolTip("Tumors as 3D connected pieces. Found: at least half of a reference tumor "
-                                        "labelled tumor (the shares: the largest three tumors). False: a predicted "
-                                        "tumor piece touching no reference tumor. Pieces under 0.1 mL are not counted.")
+                                        "labelled tumor; the percentages: how much of each of the three largest "
+                                        "reference tumors is labelled tumor. False: a predicted tumor piece sharing "
+                                        "no voxel with a reference tumor. Pieces under 0.1 mL are not counted.")
         form.addRow(self.detection_label)
         from ._plot import DicePlot
 
@@ -1144,9 +1146,10 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_nam
         if stray:
             raise ValueError(f"{layer_name} holds label {', '.join(map(str, stray))}: KiTS19 labels are 0 "
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
-    scores = kits_scores(pred, ref, spacing, case=name)
+    detection = tumor_detection(pred, ref, spacing)
+    scores = kits_scores(pred, ref, spacing, case=name, detection=detection)
     curves = {region: per_slice_dice(pred, ref, region) for region in ("kidney", "tumor")}
-    return scores, curves, tumor_detection(pred, ref, spacing)
+    return scores, curves, detection
 
 
 def _describe_detection(detection: Any) -> str:

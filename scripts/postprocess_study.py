@@ -21,23 +21,26 @@ from pathlib import Path
 import numpy as np
 
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
-VARIANTS = {  # name: (require_kidney, min_fraction, same_level, min_kidney_share); None = no clean-up
+VARIANTS = {  # name: CleanupRules' fields in order; None = no clean-up
     "none": None,
-    "kidney piece": (True, 0.0, False, 0.0),
-    "size >= 0.05 largest": (False, 0.05, False, 0.0),
-    "size >= 0.1 largest": (False, 0.1, False, 0.0),
-    "size >= 0.2 largest": (False, 0.2, False, 0.0),
-    "same level": (False, 0.0, True, 0.0),
-    "kidney piece + size >= 0.1": (True, 0.1, False, 0.0),
-    "kidney piece + size >= 0.2": (True, 0.2, False, 0.0),
-    "kidney piece + same level": (True, 0.0, True, 0.0),
-    "kidney + size >= 0.1 + level": (True, 0.1, True, 0.0),
-    "kidney share >= 0.05 alone": (False, 0.0, False, 0.05),
-    "kidney share >= 0.1 alone": (False, 0.0, False, 0.1),
-    "all three + kidney share >= 0.05": (True, 0.1, True, 0.05),
-    "all three + kidney share >= 0.1": (True, 0.1, True, 0.1),
-    "all three + kidney share >= 0.2": (True, 0.1, True, 0.2),
-    "all three + kidney share >= 0.3": (True, 0.1, True, 0.3),
+    "kidney piece": (True, 0.0, False, 0.0, 0.0),
+    "size >= 0.05 largest": (False, 0.05, False, 0.0, 0.0),
+    "size >= 0.1 largest": (False, 0.1, False, 0.0, 0.0),
+    "size >= 0.2 largest": (False, 0.2, False, 0.0, 0.0),
+    "same level": (False, 0.0, True, 0.0, 0.0),
+    "kidney piece + size >= 0.1": (True, 0.1, False, 0.0, 0.0),
+    "kidney piece + size >= 0.2": (True, 0.2, False, 0.0, 0.0),
+    "kidney piece + same level": (True, 0.0, True, 0.0, 0.0),
+    "kidney + size >= 0.1 + level": (True, 0.1, True, 0.0, 0.0),
+    "kidney share >= 0.05 alone": (False, 0.0, False, 0.05, 0.0),
+    "kidney share >= 0.1 alone": (False, 0.0, False, 0.1, 0.0),
+    "all three + kidney share >= 0.05": (True, 0.1, True, 0.05, 0.0),
+    "all three + kidney share >= 0.1": (True, 0.1, True, 0.1, 0.0),
+    "all three + kidney share >= 0.2": (True, 0.1, True, 0.2, 0.0),
+    "all three + kidney share >= 0.3": (True, 0.1, True, 0.3, 0.0),
+    "all four + minor tumors < 0.1 kidney": (True, 0.1, True, 0.1, 0.1),
+    "all four + minor tumors < 0.2 kidney": (True, 0.1, True, 0.1, 0.2),
+    "all four + minor tumors < 0.25 kidney": (True, 0.1, True, 0.1, 0.25),
 }
 
 
@@ -56,7 +59,7 @@ def main() -> int:
     from kitseg.metrics import aggregate, dice, kits_scores, write_scores_csv
     from kitseg.postprocess import CleanupRules, remove_stray_components
 
-    def cleaned(labels: np.ndarray, rule: tuple[bool, float, bool, float] | None) -> np.ndarray:
+    def cleaned(labels: np.ndarray, rule: tuple | None) -> np.ndarray:
         labels = labels.copy()
         if rule is not None:
             remove_stray_components(labels, CleanupRules(*rule))

@@ -159,6 +159,43 @@ def test_tumor_detection_hand_counted():
     assert kits_scores(pred, ref, (1.0, 1.0, 1.0)).ref_tumors == 0
 
 
+def test_tumor_detection_needs_shared_voxels_and_reads_any_dimension():
+    # A predicted piece beside the tumor, sharing a face but no voxel: false, and the tumor missed.
+    ref = np.ones((1, 4, 6), np.uint8)
+    ref[0, 1:3, 0:2] = 2
+    pred = np.ones_like(ref)
+    pred[0, 1:3, 2:4] = 2
+    d = tumor_detection(pred, ref, (10.0, 10.0, 10.0))
+    assert (d.found, len(d.ref_ml), len(d.false_ml)) == (0, 1, 1)
+    # 2D and 1D maps count the same way; corners join pieces in 2D too.
+    plane = np.array([[2, 0, 0], [0, 2, 0], [0, 0, 0]], np.uint8)
+    assert tumor_detection(plane, plane, (10.0, 10.0)).ref_ml == pytest.approx((0.2,))
+    line = np.array([2, 2, 0, 2], np.uint8)
+    d = tumor_detection(line, np.zeros_like(line), (100.0,))
+    assert d.false_ml == pytest.approx((0.2, 0.1))
+
+
+def test_tumor_detection_across_slice_chunks_matches_one_labelling():
+    """The tumor boxes are found 64 slices at a time; pieces far apart in z still count once each."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    ref = np.ones((150, 12, 12), np.uint8)
+    pred = np.ones_like(ref)
+    for z in (2, 63, 64, 120, 147):  # across chunk borders
+        ref[z : z + 2, 3:6, 3:6] = 2
+    pred[rng.random(pred.shape) < 0.002] = 2
+    pred[63:66, 4:5, 4:5] = 2
+    d = tumor_detection(pred, ref, (10.0, 10.0, 10.0), min_ml=0.0)
+    full = np.ones((3, 3, 3))
+    ref_pieces, n_ref = ndimage.label(ref == 2, full)
+    pred_pieces, n_pred = ndimage.label(pred == 2, full)
+    assert len(d.ref_ml) == n_ref == 4  # z 63-65 and 64-65 join
+    on_ref = [np.any(ref[pred_pieces == i] == 2) for i in range(1, n_pred + 1)]
+    assert len(d.false_ml) == on_ref.count(False)
+    assert sorted(d.ref_ml) == pytest.approx(sorted(np.bincount(ref_pieces.ravel())[1:] * 1.0))
+
+
 def test_tumor_detection_without_tumors_and_bad_arguments():
     kidney = np.ones((3, 4, 4), np.uint8)
     d = tumor_detection(kidney, kidney, (1, 1, 1))
@@ -172,6 +209,12 @@ def test_tumor_detection_without_tumors_and_bad_arguments():
         tumor_detection(kidney, kidney, (1, 1, 1), min_ml=-1.0)
     with pytest.raises(ValueError, match=r"\(3, 4, 4\).*\(3, 4, 5\)"):
         tumor_detection(kidney, np.ones((3, 4, 5), np.uint8), (1, 1, 1))
+    with pytest.raises(ValueError, match="at least one axis"):
+        tumor_detection(np.uint8(2), np.uint8(2), ())
+    # Empty maps score as before: Dice is the empty value, no tumors.
+    empty = np.zeros((0, 4, 4), np.uint8)
+    s = kits_scores(empty, empty, (1, 1, 1))
+    assert s.kidney_dice == 1.0 and (s.ref_tumors, s.false_tumors) == (0, 0)
 
 
 def test_aggregate_ignores_and_counts_nan():

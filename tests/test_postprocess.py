@@ -89,7 +89,7 @@ def test_kidney_share_rule_leaves_real_masks_untouched(case, share):
 
 
 def test_each_rule_alone():
-    alone = dict(require_kidney=False, min_fraction=0.0, same_level=False, min_kidney_share=0.0)
+    alone = dict(require_kidney=False, min_fraction=0.0, same_level=False, min_kidney_share=0.0, min_tumor_share=0.0)
     labels = _two_kidneys_and_strays()
     remove_stray_components(labels, CleanupRules(**{**alone, "require_kidney": True}))
     assert not labels[10:12, 22:27, 2:7].any() and labels[0, 25:28, 30:33].all()  # speck has kidney
@@ -125,6 +125,46 @@ def test_kidney_share_drops_a_tumor_piece_with_a_few_kidney_voxels_and_keeps_a_k
     labels = before.copy()
     remove_stray_components(labels, CleanupRules(min_kidney_share=0.2))
     assert not labels[:, :, 40:56].any()  # 120 < 0.2 * 900
+
+
+def test_a_minor_tumor_call_in_a_kidney_becomes_kidney_and_the_other_kidney_keeps_its_small_tumor():
+    labels = np.zeros((12, 30, 40), np.uint8)
+    labels[2:10, 5:15, 3:12] = 1  # right kidney
+    labels[3:7, 6:11, 4:9] = 2  # its tumor, 100 voxels
+    labels[7, 11, 9] = 2  # joined to it by a corner only: the same tumor
+    labels[9, 12:14, 9:11] = 2  # a minor call in the same kidney, 4 voxels < 0.2 * 101
+    labels[2:9, 5:14, 25:33] = 1  # left kidney
+    labels[4, 8:10, 28:30] = 2  # a 4-voxel tumor alone in its kidney: compared with nothing else
+    before = labels.copy()
+    report = remove_stray_components(labels)
+    assert (report.removed, report.relabelled_voxels) == (0, 4)
+    assert (labels[9, 12:14, 9:11] == 1).all()
+    changed = before != labels
+    assert changed.sum() == 4 and (labels > 0).sum() == (before > 0).sum()  # relabelled, not removed
+    labels = before.copy()
+    assert remove_stray_components(labels, CleanupRules(min_tumor_share=0.0)).relabelled_voxels == 0
+    np.testing.assert_array_equal(labels, before)
+    assert remove_stray_components(before.copy(), CleanupRules(min_tumor_share=0.03)).relabelled_voxels == 0  # 4 >= 3.03
+    with pytest.raises(ValueError, match="min_tumor_share"):
+        CleanupRules(min_tumor_share=1.5)
+
+
+# The real masks with two or more tumors of at least 1 mL: satellites of 1.8 and 1.2 mL beside a
+# 4.3 mL tumor (case_00001: 0.42 and 0.27 of it), and a tumor in each kidney (the others).
+MULTI_TUMOR_REAL_CASES = ("case_00001", "case_00041", "case_00104", "case_00117", "case_00118")
+
+
+@pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
+@pytest.mark.parametrize("case", MULTI_TUMOR_REAL_CASES)
+def test_tumor_share_rule_keeps_every_real_tumor(case):
+    from kitseg.io import read_labels
+
+    truth = read_labels(KITS_DIR / case / "segmentation.nii.gz").array
+    without = truth.copy()
+    remove_stray_components(without, CleanupRules(min_tumor_share=0.0))
+    labels = truth.copy()
+    assert remove_stray_components(labels).relabelled_voxels == 0
+    np.testing.assert_array_equal(labels, without)
 
 
 def test_a_lone_tumor_is_kept_rather_than_emptying_the_map():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -89,9 +90,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-cleanup",
         action="store_true",
-        help="keep every predicted piece; by default pieces with no kidney voxel, under 10%% of the "
-        "largest piece's size, above or below the kidneys' slices, or holding under 10%% as much kidney "
-        "as the piece with most are removed (kitseg.postprocess)",
+        help="keep every predicted piece and tumor call; by default pieces with no kidney voxel, under 10%% "
+        "of the largest piece's size, above or below the kidneys' slices, or holding under 10%% as much "
+        "kidney as the piece with most are removed, and tumor pieces under 20%% of their kidney's largest "
+        "are relabelled kidney (kitseg.postprocess)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_predict)
@@ -216,9 +218,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _share(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
     return value
 
 
@@ -249,12 +254,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{'mean (' + str(len(scores)) + ')':<24}{means['kidney_dice']:>9.4f}{means['tumor_dice']:>9.4f}"
         f"{means['composite_dice']:>11.4f}"
     )
-    found = sum(s.tumors_found for s in scores)
-    total = sum(s.ref_tumors for s in scores)
-    rate = f" ({100 * found / total:.0f}%)" if total else ""
-    print(f"tumors found (at least {found_share:g} of each labelled tumor): {found} of {total}{rate}; "
-          f"false tumor pieces: {sum(s.false_tumors for s in scores)}, {sum(s.false_tumor_ml for s in scores):.1f} mL "
-          f"(pieces under {MIN_TUMOR_ML:g} mL not counted)")
+    rate = means["tumors_found_rate"]
+    print(f"tumors found (a tumor counts when at least {found_share:g} of it is labelled tumor): "
+          f"{sum(s.tumors_found for s in scores)} of {sum(s.ref_tumors for s in scores)}"
+          f"{'' if math.isnan(rate) else f' ({100 * rate:.0f}%)'}; false tumor pieces: {sum(s.false_tumors for s in scores)}, "
+          f"{sum(s.false_tumor_ml for s in scores):.1f} mL (pieces under {MIN_TUMOR_ML:g} mL not counted)")
     if args.csv is not None:
         write_scores_csv(scores, args.csv)
         print(f"wrote {args.csv}")

@@ -9,7 +9,7 @@ The KiTS19 definitions (Heller et al. 2019; the challenge's ``evaluation.py``):
 Beside Dice, which a small tumor drags down even when it is found, each case counts tumors as a
 reader does (:func:`tumor_detection`): the reference tumors, as 3D connected pieces, of which the
 prediction labels at least a given share tumor ("found"), and the predicted tumor pieces that
-touch no reference tumor ("false"); specks under :data:`MIN_TUMOR_ML` are not counted.
+share no voxel with a reference tumor ("false"); specks under :data:`MIN_TUMOR_ML` are not counted.
 
 One deliberate difference: when prediction and reference are both empty, the official
 ``evaluation.py`` divides 0 by 0 and returns NaN without saying so (a tumor-free case scored
@@ -119,7 +119,7 @@ class CaseScores:
         tumors_found: of those, how many the prediction labels tumor for at least the
             found share of their voxels (:func:`tumor_detection`).
         false_tumors, false_tumor_ml: predicted tumor pieces (of at least :data:`MIN_TUMOR_ML`)
-            touching no reference tumor, and their volume in mL.
+            sharing no voxel with a reference tumor, and their volume in mL.
     """
 
     case: str
@@ -154,6 +154,7 @@ def kits_scores(
     case: str = "",
     empty_value: float = 1.0,
     found_share: float = DEFAULT_FOUND_SHARE,
+    detection: "TumorDetection | None" = None,
 ) -> CaseScores:
     """Score a predicted label map against the reference with the KiTS19 definitions.
 
@@ -165,6 +166,8 @@ def kits_scores(
         empty_value: Dice when prediction and reference are both empty (see :func:`dice`).
         found_share: share of a reference tumor's voxels that must be labelled tumor for it
             to count as found (:func:`tumor_detection`).
+        detection: the same maps' :func:`tumor_detection`, when the caller has it already
+            (``found_share`` is then its own).
 
     Raises:
         ValueError: the shapes differ (both are named) or the spacing is invalid.
@@ -189,7 +192,8 @@ def kits_scores(
     kidney = _dice_from_counts(both_k, pred_k, ref_k, empty_value)
     tumor = _dice_from_counts(both_t, pred_t, ref_t, empty_value)
     ml_per_voxel = math.prod(spacing) / 1000.0  # mm^3 -> mL
-    detection = tumor_detection(pred_labels, ref_labels, spacing, found_share)
+    if detection is None:
+        detection = tumor_detection(pred_labels, ref_labels, spacing, found_share)
     return CaseScores(
         case=str(case),
         kidney_dice=kidney,
@@ -211,9 +215,10 @@ class TumorDetection:
     """Tumors counted piece by piece (3D connected pieces, corners included; specks left out).
 
     Attributes:
-        ref_ml: volume of each reference tumor, in mL.
-        labelled_share: for each reference tumor, the share of its voxels labelled tumor.
-        false_ml: volume of each predicted tumor piece that touches no reference tumor voxel.
+        ref_ml: volume of each reference tumor (specks left out), in mL.
+        labelled_share: for each of them, the share of its voxels labelled tumor.
+        false_ml: volume of each predicted tumor piece (specks left out) that shares no voxel
+            with a reference tumor.
         found_share: the share at which a reference tumor counts as found.
     """
 
@@ -227,22 +232,40 @@ class TumorDetection:
         return sum(share >= self.found_share for share in self.labelled_share)
 
 
-def _tumor_box(pred_labels: np.ndarray, ref_labels: np.ndarray) -> tuple[slice, ...] | None:
-    """The box holding every tumor voxel of either map, found slice chunk by slice chunk."""
-    rows: list[np.ndarray] = []
-    plane = np.zeros(pred_labels.shape[1:], dtype=bool)
-    for start in range(0, pred_labels.shape[0], _CHUNK_SLICES):
-        either = (pred_labels[start : start + _CHUNK_SLICES] == 2) | (ref_labels[start : start + _CHUNK_SLICES] == 2)
-        rows.append(either.reshape(either.shape[0], -1).any(axis=1))
-        plane |= either.any(axis=0)
-    occupied = np.concatenate(rows)
-    if not occupied.any():
+def _tumor_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """The box holding every tumor voxel of a label map, found slice chunk by slice chunk."""
+    if labels.size == 0:
         return None
-    box = [slice(int(np.flatnonzero(occupied)[0]), int(np.flatnonzero(occupied)[-1]) + 1)]
+    rows: list[np.ndarray] = []
+    plane = np.zeros(labels.shape[1:], dtype=bool)
+    for start in range(0, labels.shape[0], _CHUNK_SLICES):
+        tumor = labels[start : start + _CHUNK_SLICES] == 2
+        rows.append(tumor.reshape(tumor.shape[0], -1).any(axis=1))
+        plane |= tumor.any(axis=0)
+    occupied = np.flatnonzero(np.concatenate(rows))
+    if occupied.size == 0:
+        return None
+    box = [slice(int(occupied[0]), int(occupied[-1]) + 1)]
     for axis in range(plane.ndim):
         hits = np.flatnonzero(plane.any(axis=tuple(a for a in range(plane.ndim) if a != axis)))
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
+
+
+def _pieces_and_overlap(labels: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels of each tumor piece of ``labels``, and how many of them are tumor in ``other``.
+
+    Labelled inside the map's own tumor box, so that one map's far-off piece does not make
+    the other's labelling cover the whole volume.
+    """
+    box = _tumor_box(labels)
+    if box is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    tumor = labels[box] == 2
+    pieces, n = ndimage.label(tumor, structure=ndimage.generate_binary_structure(tumor.ndim, tumor.ndim))
+    size = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+    overlap = np.bincount(pieces[other[box] == 2], minlength=n + 1)[1:]
+    return size, overlap
 
 
 def tumor_detection(
@@ -254,43 +277,41 @@ def tumor_detection(
 ) -> TumorDetection:
     """Which reference tumors the prediction finds, and which predicted tumors are false.
 
-    A reference tumor (a 3D connected piece of ``label == 2``, corners included) is found when
-    the prediction labels at least ``found_share`` of its voxels tumor; a predicted tumor piece
-    is false when none of its voxels is reference tumor. Pieces under ``min_ml`` of either map
-    are specks (annotation crumbs, voxels at a boundary) and not counted; a speck of reference
-    tumor still keeps a predicted piece that touches it from being false. Dice alone hides
-    both counts: a missed 2 mL tumor and a half-found one both score near 0.
+    A reference tumor (a 3D connected piece of ``label == 2``, corners included: a tumor drawn
+    slice by slice may join its next slice at an edge) is found when the prediction labels at
+    least ``found_share`` of its voxels tumor. A predicted tumor piece is false when it shares
+    no voxel with a reference tumor; false tumor joined to a piece that overlaps a reference
+    tumor is part of that piece, whatever its size, and not counted. Pieces under ``min_ml`` of
+    either map are specks (annotation crumbs, voxels at a boundary) and not counted; a
+    predicted piece that overlaps only a reference speck is neither found nor false. Dice alone
+    hides both counts: a missed 2 mL tumor and a half-found one both score near 0.
 
     Args:
         pred_labels, ref_labels: label maps of the same shape, at least 1D (KiTS19 labels).
         spacing_mm: voxel size along each axis, in mm.
         found_share: in (0, 1].
         min_ml: >= 0.
+
+    Raises:
+        ValueError: the shapes differ, the maps have no axis, or an argument is out of range.
     """
     pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
     _check_same_shape(pred_labels, ref_labels)
+    if pred_labels.ndim == 0:
+        raise ValueError("label maps must have at least one axis")
     spacing = _check_spacing(spacing_mm, pred_labels.ndim)
     if not 0.0 < found_share <= 1.0:
         raise ValueError(f"found_share must be in (0, 1], got {found_share!r}")
     if not min_ml >= 0.0:
         raise ValueError(f"min_ml must be >= 0, got {min_ml!r}")
-    box = _tumor_box(pred_labels, ref_labels) if pred_labels.ndim else None
-    if box is None:
-        return TumorDetection((), (), (), found_share)
-    pred_t, ref_t = pred_labels[box] == 2, ref_labels[box] == 2
-    structure = ndimage.generate_binary_structure(pred_t.ndim, pred_t.ndim)
-    ref_pieces, n_ref = ndimage.label(ref_t, structure=structure)
-    pred_pieces, n_pred = ndimage.label(pred_t, structure=structure)
-    ref_size = np.bincount(ref_pieces.ravel(), minlength=n_ref + 1)[1:]
-    ref_labelled = np.bincount(ref_pieces[pred_t], minlength=n_ref + 1)[1:]
-    pred_size = np.bincount(pred_pieces.ravel(), minlength=n_pred + 1)[1:]
-    pred_on_ref = np.bincount(pred_pieces[ref_t], minlength=n_pred + 1)[1:]
     ml_per_voxel = math.prod(spacing) / 1000.0
-    counted_ref = ref_size * ml_per_voxel >= min_ml
+    ref_size, ref_labelled = _pieces_and_overlap(ref_labels, pred_labels)
+    pred_size, pred_on_ref = _pieces_and_overlap(pred_labels, ref_labels)
+    counted = ref_size * ml_per_voxel >= min_ml
     false = (pred_on_ref == 0) & (pred_size * ml_per_voxel >= min_ml)
     return TumorDetection(
-        ref_ml=tuple(float(n) * ml_per_voxel for n in ref_size[counted_ref]),
-        labelled_share=tuple(float(a) / float(b) for a, b in zip(ref_labelled[counted_ref], ref_size[counted_ref])),
+        ref_ml=tuple(float(n) * ml_per_voxel for n in ref_size[counted]),
+        labelled_share=tuple(float(a) / float(b) for a, b in zip(ref_labelled[counted], ref_size[counted])),
         false_ml=tuple(float(n) * ml_per_voxel for n in pred_size[false]),
         found_share=found_share,
     )
@@ -373,6 +394,9 @@ def _csv_value(value: str | int | float) -> str:
 
 def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike) -> Path:
     """Write one row per case and a final ``mean`` row (NaN-ignoring means) to ``path``.
+
+    The ``mean`` row of a count is its mean per case (``tumors_found`` there is a share of the
+    tumors only when every case holds one; :func:`aggregate` gives ``tumors_found_rate``).
 
     The file is written to a temporary file in the same folder and moved into place, so a
     reader never sees half a report. Floats are written with full precision (``repr``);

@@ -399,6 +399,8 @@ class Segmenter:
             report = remove_stray_components(labels_out, cleanup)
             if report.removed:
                 log.info("removed %d stray piece(s), %d voxels", report.removed, report.removed_voxels)
+            if report.relabelled_voxels:
+                log.info("relabelled kidney %d voxels of minor tumor pieces", report.relabelled_voxels)
 
     def labels_on_source(
         self, prepared: PreparedVolume, probs: np.ndarray, cleanup: CleanupRules | None = CleanupRules()
