@@ -147,7 +147,10 @@ def _relabel_minor_tumors(region: np.ndarray, share: float) -> int:
     kidneys, _ = ndimage.label(region > 0, structure=_CORNERS)
     index = np.arange(1, count + 1)
     sizes = np.bincount(tumors.ravel(), minlength=count + 1)[1:]
-    owner = ndimage.maximum(kidneys, tumors, index).astype(np.int64)
+    in_tumor = tumors > 0
+    owner = np.zeros(count + 1, np.int64)
+    owner[tumors[in_tumor]] = kidneys[in_tumor]  # any voxel will do: the whole piece lies in one kidney
+    owner = owner[1:]
     largest = np.zeros(int(owner.max()) + 1, np.int64)
     np.maximum.at(largest, owner, sizes)
     minor = index[sizes < share * largest[owner]]
