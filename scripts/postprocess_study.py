@@ -38,9 +38,9 @@ VARIANTS = {  # name: CleanupRules' fields in order; None = no clean-up
     "all three + kidney share >= 0.1": (True, 0.1, True, 0.1, 0.0),
     "all three + kidney share >= 0.2": (True, 0.1, True, 0.2, 0.0),
     "all three + kidney share >= 0.3": (True, 0.1, True, 0.3, 0.0),
-    "all four + minor tumors < 0.1 kidney": (True, 0.1, True, 0.1, 0.1),
-    "all four + minor tumors < 0.2 kidney": (True, 0.1, True, 0.1, 0.2),
-    "all four + minor tumors < 0.25 kidney": (True, 0.1, True, 0.1, 0.25),
+    "all four + tumors < 0.1 of kidney's largest": (True, 0.1, True, 0.1, 0.1),
+    "all four + tumors < 0.2 of kidney's largest": (True, 0.1, True, 0.1, 0.2),
+    "all four + tumors < 0.25 of kidney's largest": (True, 0.1, True, 0.1, 0.25),
 }
 
 

@@ -149,6 +149,18 @@ def test_a_minor_tumor_call_in_a_kidney_becomes_kidney_and_the_other_kidney_keep
         CleanupRules(min_tumor_share=1.5)
 
 
+def test_tumor_share_rule_keeps_equal_tumors_and_ignores_a_dropped_piece():
+    labels = np.zeros((12, 30, 40), np.uint8)
+    labels[2:10, 5:15, 3:12] = 1  # one kidney
+    labels[3:5, 6:8, 4:6] = 2  # two tumors of 8 voxels each
+    labels[7:9, 12:14, 9:11] = 2
+    labels[10:12, 15:25, 12:22] = 2  # a 200-voxel tumor-only blob touching the kidney's corner (9, 14, 11)
+    before = labels.copy()
+    report = remove_stray_components(labels, CleanupRules(min_tumor_share=1.0))
+    assert report.removed_voxels == 200 and report.relabelled_voxels == 0  # dropped first, then compared
+    np.testing.assert_array_equal(labels[:10], before[:10])  # equal tumors: neither is under the other
+
+
 # The real masks with two or more tumors of at least 1 mL: satellites of 1.8 and 1.2 mL beside a
 # 4.3 mL tumor (case_00001: 0.42 and 0.27 of it), and a tumor in each kidney (the others).
 MULTI_TUMOR_REAL_CASES = ("case_00001", "case_00041", "case_00104", "case_00117", "case_00118")
