@@ -27,16 +27,16 @@ change beyond annotation crumbs:
   kidney alone that it drops is under ``min_fraction`` of the largest piece anyway, so the
   rule only decides on pieces that hold tumor;
 - ``min_tumor_share``: a kidney seldom holds more than one tumor of its size, so within each
-  kept piece (here pieces join at corners too), a tumor piece smaller than this share of the
-  piece's largest tumor piece is relabelled kidney, not removed: the networks call bits of kidney tissue tumor
-  away from the tumor (MODEL_CARD.md, "Tumors counted one by one"). In the real masks every
-  tumor of at least 1 mL holds at least 26.6% of the volume of its kidney's largest tumor
-  (``case_00001``: satellites of 1.8 and 1.2 mL beside a 4.3 mL tumor, the one real kidney with
-  more than one); tumors in the other kidney are not compared. "Kidney" here is a piece of the
-  kept kidney and tumor voxels joined at corners: two kidneys bridged by a tumor, or a
-  horseshoe kidney, are one. Where the model's only call on a true tumor is a kidney's smaller
-  call, it is made kidney too (6 of 120 phantom draws). The default 0.2 relabels only crumbs there: under 0.04 mL in eight
-  masks, 0.13 mL beside a 1.39 L tumor in ``case_00114``.
+  kept piece (here pieces join at corners too: two kidneys bridged by a tumor, or a horseshoe
+  kidney, are one), a tumor piece smaller than this share of the piece's largest tumor piece
+  is relabelled kidney, not removed: the networks call bits of kidney tissue tumor away from
+  the tumor (MODEL_CARD.md, "Tumors counted one by one"). In the real masks every tumor of at
+  least 1 mL holds at least 26.6% of the volume of its kidney's largest tumor (``case_00001``:
+  satellites of 1.8 and 1.2 mL beside a 4.3 mL tumor, the one real kidney with more than one);
+  tumors in the other kidney are not compared. On those masks the default 0.2 relabels only
+  crumbs: under 0.04 mL in eight, 0.13 mL beside a 1.39 L tumor in ``case_00114``. Where the
+  model's only call on a true tumor is a kidney's smaller call, it is made kidney too (6 of
+  120 phantom draws, each a tumor otherwise missed).
 """
 
 from __future__ import annotations
