@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from kitseg.phantom import SyntheticCase, make_synthetic_case
 
@@ -304,7 +306,7 @@ def test_phantom_never_replaces_a_users_mask_nor_leaves_a_half_written_case(tmp_
     # Killed while redrawing (--overwrite): the old case stays whole (never the old image beside
     # a new mask), so a run without --overwrite goes on from there.
     case = tmp_path / "new" / "case_00001"
-    old = {name: (case / name).read_bytes() for name in ("imaging.nii.gz", "segmentation.nii.gz")}
+    old = {name: (case / name).read_bytes() for name in ("imaging.nii.gz", "segmentation.nii.gz", "phantom.json")}
     monkeypatch.setattr(realistic, "save_nifti_atomic", fail_on_image)
     with pytest.raises(KeyboardInterrupt):
         realistic.generate_phantom_dataset(masks, tmp_path / "new", seed=3, progress=False, overwrite=True,
@@ -320,7 +322,37 @@ def test_phantom_never_replaces_a_users_mask_nor_leaves_a_half_written_case(tmp_
                                        overwrite=True, params=PhantomParams(extra_tumors=(2, 2)))
     assert (case / "segmentation.nii.gz").read_bytes() != old["segmentation.nii.gz"]
     assert (case / "imaging.nii.gz").read_bytes() != old["imaging.nii.gz"]
+    assert json.loads((case / "phantom.json").read_text())["extra_tumors"] == 2  # the record swapped in too
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["case_00001", "case_00002"]
+
+
+def test_each_case_records_its_draw_and_the_record_redraws_it(tmp_path: Path, label_map) -> None:
+    from kitseg.phantom.params import PHASES
+
+    labels, spacing = label_map
+    mask = _save_mask(tmp_path / "masks" / "case_00004" / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    params = PhantomParams(extra_tumors=(1, 1))
+    case = generate_phantom_case(mask, tmp_path / "out" / "case_00004", seed=11, params=params)
+    record = json.loads((case / "phantom.json").read_text())
+    assert record["format"] == "kitseg-phantom-record" and record["case_seed"] == 11
+    assert record["protocol"]["phase"] in PHASES and record["extra_tumors"] == 1
+    assert set(record["tumor_look"]) >= {"enhancement_ratio", "necrosis", "heterogeneity_hu"}
+    # The measured contrast is the image's own: the tumor's mean HU, and the kidney's within 5 mm.
+    image = np.asarray(nib.load(case / "imaging.nii.gz").dataobj).astype(float)
+    drawn = np.asarray(nib.load(case / "segmentation.nii.gz").dataobj)
+    measured = record["measured_tumor"]
+    assert measured["tumor_ml"] == pytest.approx((drawn == 2).sum() * np.prod(spacing) / 1000, abs=1e-3)
+    assert measured["tumor_hu_mean"] == pytest.approx(image[drawn == 2].mean(), abs=0.06)
+    near = ndimage.distance_transform_edt(drawn != 2, sampling=spacing) <= 5.0
+    assert measured["kidney_near_tumor_hu_mean"] == pytest.approx(image[near & (drawn == 1)].mean(), abs=0.06)
+    # Seed and parameters from the record draw the same case again, bit for bit.
+    again = generate_phantom_case(mask, tmp_path / "again", record["case_seed"], PhantomParams.from_dict(record["params"]))
+    np.testing.assert_array_equal(np.asarray(nib.load(again / "imaging.nii.gz").dataobj), image)
+    # Without a tumor there is no look nor contrast to record.
+    no_tumor = _save_mask(tmp_path / "masks" / "case_00005" / "segmentation.nii.gz", np.where(labels == 2, 1, labels),
+                          _kits_affine(spacing))
+    record = json.loads((generate_phantom_case(no_tumor, tmp_path / "out" / "case_00005", seed=11) / "phantom.json").read_text())
+    assert record["tumor_look"] is None and record["measured_tumor"] is None and record["extra_tumors"] == 0
 
 
 def test_case_seeds_key_on_the_whole_name_and_the_mask_orientation_code_is_kept(tmp_path: Path, label_map) -> None:
@@ -622,3 +654,30 @@ def test_ureters_are_unlabelled_water_beside_and_below_the_kidneys_and_change_no
 
     shipped = Path(__file__).resolve().parents[1] / "scripts" / "phantoms_ureters.json"
     assert PhantomParams.from_dict(json.loads(shipped.read_text())).ureter_probability == 0.9
+
+
+def test_scores_by_draw_groups_scores_by_each_cases_record(tmp_path: Path, label_map) -> None:
+    import subprocess
+    import sys
+
+    from kitseg.metrics import kits_scores, write_scores_csv
+
+    labels, spacing = label_map
+    masks, phantoms = tmp_path / "masks", tmp_path / "phantoms"
+    for case in ("case_00001", "case_00002"):
+        _save_mask(masks / case / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    generate_phantom_dataset(masks, phantoms, seed=5, progress=False)
+    empty = np.zeros_like(labels)  # case 1 found nothing, case 2 all
+    scores = [kits_scores(empty, labels, spacing, case="case_00001"), kits_scores(labels, labels, spacing, case="case_00002")]
+    csv_path = write_scores_csv(scores, tmp_path / "scores.csv")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "scores_by_draw.py"
+    out = subprocess.run([sys.executable, str(script), str(csv_path), str(phantoms)], capture_output=True, text=True,
+                         check=True).stdout
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()[1:]}
+    assert rows["all"][:3] == ["2", "0.5000", "0.500"] and rows["all"][3:] == ["1", "of", "2"]
+    phases = [json.loads((phantoms / c / "phantom.json").read_text())["protocol"]["phase"] for c in ("case_00001", "case_00002")]
+    for phase in set(phases):
+        assert rows[f"phase {phase}"][0] == str(phases.count(phase))
+    (phantoms / "case_00002" / "phantom.json").unlink()
+    failed = subprocess.run([sys.executable, str(script), str(csv_path), str(phantoms)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "case_00002/phantom.json: not found" in failed.stderr

@@ -81,8 +81,9 @@ def kidney_crop_hu(
     protocol: Protocol,
     params: PhantomParams,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """HU of a crop (Z, Y, X): kidney and tumor painted over ``background``, then blurred.
+) -> tuple[np.ndarray, TumorLook]:
+    """HU of a crop (Z, Y, X): kidney and tumor painted over ``background``, then blurred; and
+    the tumor's drawn look (drawn whether or not the crop holds a tumor).
 
     Args:
         labels: the crop of the label map (0 background, 1 kidney, 2 tumor).
@@ -178,7 +179,7 @@ def kidney_crop_hu(
             out[sl][inside] = cyst_hu
 
     sigma = (protocol.slice_blur_fraction,) + (protocol.psf_sigma_mm / spacing[1], protocol.psf_sigma_mm / spacing[2])
-    return ndimage.gaussian_filter(out, sigma, mode="nearest", truncate=3.0)
+    return ndimage.gaussian_filter(out, sigma, mode="nearest", truncate=3.0), look
 
 
 def radial_pyramids(

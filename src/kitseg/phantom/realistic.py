@@ -13,14 +13,15 @@ Arrays are (Z, Y, X) in the internal orientation (axis codes I, P, L).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
+import json
 import logging
 import os
 import re
 import shutil
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsam
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
 from .anatomy import build_abdomen, find_kidneys, make_frame
 from .extra_tumors import add_synthetic_tumors
-from .kidney import foreground_crop, kidney_crop_hu
+from .kidney import TumorLook, foreground_crop, kidney_crop_hu
 from .params import PhantomParams, Protocol, sample_protocol
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,17 @@ def synthesize_ct_with_protocol(
     params: PhantomParams | None = None,
 ) -> tuple[np.ndarray, Protocol]:
     """:func:`synthesize_ct`, also returning the drawn :class:`Protocol` (phase, tissue HU, noise...)."""
+    image, protocol, _ = _synthesize(labels, spacing, rng, params)
+    return image, protocol
+
+
+def _synthesize(
+    labels: np.ndarray,
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    params: PhantomParams | None = None,
+) -> tuple[np.ndarray, Protocol, TumorLook | None]:
+    """The image, its protocol and its tumor's look (None when no label map region was painted)."""
     params = PhantomParams() if params is None else params
     labels = _check_labels(labels)
     spacing = tuple(float(s) for s in spacing)
@@ -96,10 +108,10 @@ def synthesize_ct_with_protocol(
         coarse = ndimage.gaussian_filter1d(coarse, protocol.slice_blur_fraction, axis=0, truncate=3.0)
 
     crop = foreground_crop(labels, spacing, margin_mm=8.0)
-    crop_hu = None
+    crop_hu, look = None, None
     if crop is not None:
         background = _upsample_region(coarse, factors, shape, crop)
-        crop_hu = kidney_crop_hu(labels[crop], background, spacing, crop[2].start * spacing[2],
+        crop_hu, look = kidney_crop_hu(labels[crop], background, spacing, crop[2].start * spacing[2],
                                  frame.spine_x, protocol, params, rng)
 
     fov = _fov_outside(shape, spacing, rng) if protocol.fov_circle else None
@@ -119,7 +131,7 @@ def synthesize_ct_with_protocol(
             slab[:, fov] = HU_MIN
         np.clip(slab, HU_MIN, HU_MAX, out=slab)
         out[zs] = np.rint(slab)
-    return out, protocol
+    return out, protocol, look
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -197,7 +209,7 @@ def _fov_outside(shape, spacing, rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------------------- files and datasets
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Mask:
     volume: Volume  # internal orientation
     affine: np.ndarray  # the file's own affine
@@ -224,10 +236,12 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
 
     ``out_folder/imaging.nii.gz`` (int16 HU) and ``out_folder/segmentation.nii.gz`` (the mask as
     uint8, with the tumors ``params.extra_tumors`` adds) share the mask's shape, affine and
-    orientation code (and qform). Both are drawn into a hidden folder beside ``out_folder`` and
-    then moved into place: a new case is renamed in whole; a redraw's files are swapped in (the old
-    image removed, the mask, the image last), so a folder with ``imaging.nii.gz`` always holds a
-    matching pair. Returns ``out_folder``.
+    orientation code (and qform). ``out_folder/phantom.json`` records the draw (:func:`draw_record`):
+    the contrast phase and scanner settings, the tumor's look and its measured contrast, so that
+    scores can be read by what a case shows. All three are drawn into a hidden folder beside
+    ``out_folder`` and then moved into place: a new case is renamed in whole; a redraw's files are
+    swapped in (the old image removed, the mask and the record, the image last), so a folder with
+    ``imaging.nii.gz`` always holds a matching set. Returns ``out_folder``.
     """
     mask = read_kits_mask(Path(mask_path))
     volume = mask.volume
@@ -236,15 +250,18 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     spacing = voxel_spacing(volume.affine)
     params = PhantomParams() if params is None else params
     labels, labels_in_source = volume.array, mask.source_array
+    extra_tumors = 0
     if params.extra_tumors[1] > 0:
         # A stream of its own, so that the case's protocol (drawn first) stays the mask's own.
         tumor_rng = np.random.default_rng([seed, _EXTRA_TUMOR_STREAM])
-        count = int(tumor_rng.integers(params.extra_tumors[0], params.extra_tumors[1] + 1))
-        labels = add_synthetic_tumors(labels, spacing, tumor_rng, count, params.extra_tumor_ml)
+        extra_tumors = int(tumor_rng.integers(params.extra_tumors[0], params.extra_tumors[1] + 1))
+        labels = add_synthetic_tumors(labels, spacing, tumor_rng, extra_tumors, params.extra_tumor_ml)
         labels_in_source = volume.like(labels).to_source()
     rng = np.random.default_rng(seed)
-    ct, protocol = synthesize_ct_with_protocol(labels, spacing, rng, params)
+    ct, protocol, look = _synthesize(labels, spacing, rng, params)
     logger.debug("phantom %s: phase %s, noise %.1f HU", mask_path, protocol.phase, protocol.noise_sigma_hu)
+    record = draw_record(Path(mask_path), seed, params, protocol, look, extra_tumors,
+                         measure_tumor_contrast(ct, labels, spacing))
     out_folder = Path(out_folder)
     out_folder.parent.mkdir(parents=True, exist_ok=True)
     # Drawn whole into a hidden folder of its own, then moved into place: a killed run leaves
@@ -253,8 +270,11 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     source = volume.source  # its orientation code and qform: the phantom claims what the mask claims
-    for name, array in ((SEGMENTATION_NAME, labels_in_source), (IMAGING_NAME, volume.like(ct).to_source())):
-        save_nifti_atomic(array, mask.affine, partial / name, xform_code=source.xform_code, qform=source.qform)
+    save_nifti_atomic(labels_in_source, mask.affine, partial / SEGMENTATION_NAME,
+                      xform_code=source.xform_code, qform=source.qform)
+    (partial / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    save_nifti_atomic(volume.like(ct).to_source(), mask.affine, partial / IMAGING_NAME,
+                      xform_code=source.xform_code, qform=source.qform)
     try:
         os.rename(partial, out_folder)  # a new case appears whole
     except OSError:
@@ -264,6 +284,7 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
         # so the old image never stays beside the new mask. Other files in the folder are kept.
         (out_folder / IMAGING_NAME).unlink(missing_ok=True)
         os.replace(partial / SEGMENTATION_NAME, out_folder / SEGMENTATION_NAME)
+        os.replace(partial / RECORD_NAME, out_folder / RECORD_NAME)
         os.replace(partial / IMAGING_NAME, out_folder / IMAGING_NAME)
         shutil.rmtree(partial, ignore_errors=True)
     return out_folder
@@ -271,6 +292,66 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
 
 #: Hidden folders a case is drawn into before it is renamed into place (left by a killed run).
 _PARTIAL_PREFIX = ".partial-"
+
+#: Each phantom case's record of its draw, beside its image and mask.
+RECORD_NAME = "phantom.json"
+RECORD_FORMAT = "kitseg-phantom-record"
+#: The kidney around a tumor whose mean HU the record compares with the tumor's.
+CONTRAST_SHELL_MM = 5.0
+
+
+def measure_tumor_contrast(ct: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float],
+                           shell_mm: float = CONTRAST_SHELL_MM) -> dict[str, float] | None:
+    """What the drawn image shows of the tumor (label 2): its volume, its mean HU and spread,
+    and the mean HU of the kidney (label 1) within ``shell_mm`` of it, noise included.
+
+    How far the tumor stands out from the kidney beside it is what a reader (or a network) can go
+    by; the drawn look alone does not say it, since blur, noise and calibration come after.
+    None when the mask holds no tumor; the kidney's value is None when no kidney lies that near.
+    """
+    tumor = labels == 2
+    box = foreground_crop(tumor, spacing, margin_mm=shell_mm + max(spacing))
+    if box is None:
+        return None
+    tumor, kidney, hu = tumor[box], labels[box] == 1, ct[box].astype(np.float64)
+    shell = kidney & (ndimage.distance_transform_edt(~tumor, sampling=spacing) <= shell_mm)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {
+        "tumor_ml": round(float(tumor.sum()) * voxel_ml, 3),
+        "tumor_hu_mean": round(float(hu[tumor].mean()), 1),
+        "tumor_hu_sd": round(float(hu[tumor].std()), 1),
+        "kidney_near_tumor_hu_mean": round(float(hu[shell].mean()), 1) if shell.any() else None,
+        "shell_mm": shell_mm,
+    }
+
+
+def draw_record(mask_path: Path, case_seed: int, params: PhantomParams, protocol: Protocol,
+                look: TumorLook | None, extra_tumors: int, measured: dict[str, float] | None) -> dict:
+    """The JSON record of one phantom case (``phantom.json``).
+
+    ``case_seed`` with ``params`` redraws the case (:func:`generate_phantom_case`); the
+    protocol, the tumor's look (None without a tumor) and the measured contrast say what it shows.
+    """
+    from .. import __version__
+
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 3)
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return value
+
+    return {
+        "format": RECORD_FORMAT,
+        "kitseg_version": __version__,
+        "mask": str(mask_path),
+        "case_seed": int(case_seed),
+        "extra_tumors": int(extra_tumors),
+        "protocol": rounded(dataclasses.asdict(protocol)),
+        "tumor_look": rounded(dataclasses.asdict(look)) if look is not None and measured is not None else None,
+        "measured_tumor": measured,
+        "params": params.to_dict(),
+    }
 
 
 def _remove_leftovers(folder: Path) -> None:
