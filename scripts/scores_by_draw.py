@@ -51,11 +51,11 @@ def read_rows(scores: Path, phantoms: Path) -> list[dict]:
 
 def line(name: str, rows: list[dict]) -> str:
     if not rows:
-        return f"{name:<22} {0:>5}"
+        return f"{name:<26} {0:>5}"
     tumor = np.array([r["tumor_dice"] for r in rows if r["tumor_ml"] > 0])
     found = np.nansum([r["found"] for r in rows])
     total = np.nansum([r["ref_tumors"] for r in rows])
-    return (f"{name:<22} {len(rows):>5}  {np.mean([r['kidney_dice'] for r in rows]):7.4f}  "
+    return (f"{name:<26} {len(rows):>5}  {np.mean([r['kidney_dice'] for r in rows]):7.4f}  "
             f"{tumor.mean() if tumor.size else float('nan'):7.3f}  {int(found):>4} of {int(total):<4}")
 
 
@@ -67,7 +67,7 @@ def main() -> int:
         parser.error("give the files in pairs: a scores CSV, then the phantom folder it scored")
     rows = [r for scores, phantoms in zip(args.pairs[::2], args.pairs[1::2]) for r in read_rows(scores, phantoms)]
 
-    print(f"{'group':<22} {'cases':>5}  {'kidney':>7}  {'tumor':>7}  tumors found")
+    print(f"{'group':<26} {'cases':>5}  {'kidney':>7}  {'tumor':>7}  tumors found")
     print(line("all", rows))
     for phase in ("none", "arterial", "venous", "delayed"):
         print(line(f"phase {phase}", [r for r in rows if r["phase"] == phase]))

@@ -118,6 +118,21 @@ def test_predict_with_mirroring_writes_the_mirrored_average(tmp_path, cases, wei
     np.testing.assert_array_equal(written, volume.source.to_source(expected))
 
 
+@pytest.mark.parametrize("weight", [None, "0", "0.4"])
+def test_predict_reads_kidney_or_tumor_with_the_asked_slice_smoothing(tmp_path, cases, weights, weight):
+    from kitseg.io import read_ct
+    from kitseg.pipeline import TUMOR_SLICE_SMOOTHING, Segmenter
+
+    case = cases / "case_00000"
+    flags = [] if weight is None else ["--tumor-smoothing", weight]
+    assert main(["predict", str(case), "--weights", str(weights), "-o", str(tmp_path), *flags, "--no-cleanup"]) == 0
+    written = np.asarray(nib.load(str(tmp_path / "prediction_00000.nii.gz")).dataobj)
+    volume = read_ct(case / "imaging.nii.gz")
+    smoothing = TUMOR_SLICE_SMOOTHING if weight is None else float(weight)
+    expected = Segmenter.from_file(weights, device="cpu", tumor_slice_smoothing=smoothing).segment(volume, cleanup=None)
+    np.testing.assert_array_equal(written, volume.source.to_source(expected.labels))
+
+
 def test_predict_folder_then_evaluate_csv(tmp_path, cases, weights, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(cases), "-o", str(out), "--weights", str(weights)]) == 0
@@ -316,6 +331,9 @@ def test_predict_checks_options_and_output_folder_before_any_work(tmp_path, case
     assert "kits-seg: error:" in capsys.readouterr().err
     assert main(["predict", case, "-o", str(tmp_path / "o"), "--weights", str(weights), "--device", "bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", case, "-o", str(tmp_path / "o"), "--weights", str(weights), "--tumor-smoothing", "0.5"])
+    assert "weight in [0, 0.5), not '0.5'" in capsys.readouterr().err
     assert main(["predict", case, "-o", str(tmp_path / "o"), "--weights", str(weights), "--radius", "inf"]) == 2
     assert "radius must be a finite number" in capsys.readouterr().err
     a_file = tmp_path / "afile"

@@ -673,7 +673,7 @@ def test_scores_by_draw_groups_scores_by_each_cases_record(tmp_path: Path, label
     script = Path(__file__).resolve().parents[1] / "scripts" / "scores_by_draw.py"
     out = subprocess.run([sys.executable, str(script), str(csv_path), str(phantoms)], capture_output=True, text=True,
                          check=True).stdout
-    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()[1:]}
+    rows = {line[:26].strip(): line[26:].split() for line in out.splitlines()[1:]}
     assert rows["all"][:3] == ["2", "0.5000", "0.500"] and rows["all"][3:] == ["1", "of", "2"]
     phases = [json.loads((phantoms / c / "phantom.json").read_text())["protocol"]["phase"] for c in ("case_00001", "case_00002")]
     for phase in set(phases):

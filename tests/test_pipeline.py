@@ -197,3 +197,32 @@ def test_a_ct_without_air_in_hu_is_named_in_a_warning(tiny_bundle, volume, tmp_p
     with caplog.at_level("WARNING", logger="kitseg.pipeline"):
         Segmenter(tiny_bundle, device="cpu").prepare(read_ct(path))
     assert "raw.nii.gz: its lowest values are about" in caplog.text and "rescale intercept" in caplog.text
+
+
+def test_tumor_slice_smoothing_decides_kidney_or_tumor_and_never_foreground(tiny_bundle, volume):
+    from kitseg.pipeline import tumor_lead
+
+    prepared = Segmenter(tiny_bundle, device="cpu").prepare(volume)
+    probs = np.zeros((3,) + prepared.image.shape, np.float32)
+    probs[0] = 1.0
+    region = (slice(1, 9), slice(8, 30), slice(8, 30))
+    probs[(slice(None),) + region] = np.array([0.1, 0.6, 0.3], np.float32)[:, None, None, None]
+    probs[:, 4, 8:18, 8:30] = np.array([0.1, 0.35, 0.55], np.float32)[:, None, None]  # one slice's tumor call
+    probs[:, 5:8, 20:30, 8:30] = np.array([0.1, 0.3, 0.6], np.float32)[:, None, None, None]  # a tumor through three
+    lead = tumor_lead(probs, 0.25)
+    assert lead[4, 10, 10] == pytest.approx(0.5 * 0.2 + 0.25 * (-0.3 - 0.3))  # outvoted by its neighbours
+    assert lead[6, 25, 10] == pytest.approx(0.3) and lead[5, 25, 10] == pytest.approx(0.5 * 0.3 + 0.25 * (-0.3 + 0.3))
+    np.testing.assert_allclose(tumor_lead(probs, 0.0), probs[2] - probs[1])
+
+    alone = Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=0.0).labels_on_source(prepared, probs, None)
+    smoothed = Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=0.25).labels_on_source(prepared, probs, None)
+    np.testing.assert_array_equal(alone > 0, smoothed > 0)  # the foreground is the argmax's either way
+    flicker = prepared.grid.to_source(np.where(np.arange(probs.shape[1]) == 4, 1.0, 0.0)[:, None, None]
+                                      * (probs[2] > probs[1])) > 0.99  # source voxels of the one-slice call
+    assert (alone[flicker] == 2).all() and (smoothed[flicker] == 1).all()
+    through_three = np.zeros(probs.shape[1:], np.float32)
+    through_three[5:8, 20:30, 8:30] = 1.0
+    body = prepared.grid.to_source(through_three) > 0.99
+    assert body.any() and (smoothed[body] == 2).all()
+    with pytest.raises(ValueError, match="tumor_slice_smoothing"):
+        Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=0.5)

@@ -42,6 +42,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _slice_weight(text: str) -> float:
+    """argparse type of --tumor-smoothing: a neighbour slice's weight, in [0, 0.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a neighbouring slice's weight in [0, 0.5), not {text!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------- predict
 def add_mirror_option(parser: argparse.ArgumentParser) -> None:
     """``--mirror [stage2|both]`` (a bare ``--mirror`` mirrors both stages), for Segmenter(mirror=...)."""
@@ -83,6 +94,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     add_mirror_option(p)
     p.add_argument(
+        "--tumor-smoothing",
+        type=_slice_weight,
+        default=None,
+        metavar="W",
+        help="decide kidney or tumor on stage 2's probabilities averaged with the neighbouring slices', weights "
+        "(W, 1-2W, W); 0 decides each slice alone (default 0.25; foreground is the plain argmax's either way)",
+    )
+    p.add_argument(
         "--save-intermediates",
         action="store_true",
         help="also write y1 (stage-1 probability), the dilated mask and the class probabilities",
@@ -117,6 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         segmenter = Segmenter.from_file(
             args.weights, device=args.device, batch_size=args.batch_size, stage2_level=args.stage2_level,
             mirror=args.mirror,
+            **({} if args.tumor_smoothing is None else {"tumor_slice_smoothing": args.tumor_smoothing}),
         )
     except (ValueError, RuntimeError) as exc:  # a --device or --stage2-level this model or machine cannot take
         raise CliError(str(exc)) from exc
