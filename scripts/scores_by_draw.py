@@ -75,6 +75,9 @@ def main() -> int:
         print(line(f"tumor {low:g}-{high:g} mL", [r for r in rows if r["tumor_ml"] > 0 and low <= r["tumor_ml"] < high]))
     for low, high in CONTRAST_BANDS_HU:
         print(line(f"|tumor-kidney| {low:g}-{high:g} HU", [r for r in rows if low <= r["contrast_hu"] < high]))
+    unknown = [r for r in rows if r["tumor_ml"] > 0 and np.isnan(r["contrast_hu"])]
+    if unknown:  # a tumor with no kidney within 5 mm of it (an exophytic one), or none at all
+        print(line("contrast unknown", unknown))
     enhanced_plain = [r for r in rows if r["phase"] != "none" and r["contrast_hu"] >= 15.0]
     print(line("enhanced, >= 15 HU", enhanced_plain))
     return 0

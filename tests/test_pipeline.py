@@ -213,13 +213,21 @@ def test_tumor_slice_smoothing_decides_kidney_or_tumor_and_never_foreground(tiny
     assert lead[4, 10, 10] == pytest.approx(0.5 * 0.2 + 0.25 * (-0.3 - 0.3))  # outvoted by its neighbours
     assert lead[6, 25, 10] == pytest.approx(0.3) and lead[5, 25, 10] == pytest.approx(0.5 * 0.3 + 0.25 * (-0.3 + 0.3))
     np.testing.assert_allclose(tumor_lead(probs, 0.0), probs[2] - probs[1])
+    # Only the foreground's box is computed: the same values, stored float16 or not.
+    box = (slice(1, 9), slice(8, 30), slice(8, 30))
+    np.testing.assert_allclose(tumor_lead(probs, 0.25, box), lead, atol=1e-7)
+    np.testing.assert_allclose(tumor_lead(probs.astype(np.float16), 0.25, box), lead, atol=2e-3)
+    ends = np.zeros_like(probs)  # the volume's first and last slices count their own value twice
+    ends[2, [0, -1]], ends[2, [1, -2]] = 0.8, 0.4
+    assert tumor_lead(ends, 0.25)[0, 0, 0] == pytest.approx(0.75 * 0.8 + 0.25 * 0.4)
+    assert tumor_lead(ends, 0.25)[-1, 0, 0] == pytest.approx(0.75 * 0.8 + 0.25 * 0.4)
 
     alone = Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=0.0).labels_on_source(prepared, probs, None)
     smoothed = Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=0.25).labels_on_source(prepared, probs, None)
     np.testing.assert_array_equal(alone > 0, smoothed > 0)  # the foreground is the argmax's either way
     flicker = prepared.grid.to_source(np.where(np.arange(probs.shape[1]) == 4, 1.0, 0.0)[:, None, None]
-                                      * (probs[2] > probs[1])) > 0.99  # source voxels of the one-slice call
-    assert (alone[flicker] == 2).all() and (smoothed[flicker] == 1).all()
+                                      * (probs[2] > probs[1])) > 0.9  # source voxels read from the one-slice call
+    assert flicker.any() and (alone[flicker] == 2).all() and (smoothed[flicker] == 1).all()
     through_three = np.zeros(probs.shape[1:], np.float32)
     through_three[5:8, 20:30, 8:30] = 1.0
     body = prepared.grid.to_source(through_three) > 0.99

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import MIRROR_MODES
+from .config import MIRROR_MODES, TUMOR_SLICE_SMOOTHING
 
 log = logging.getLogger("kitseg")
 
@@ -99,7 +99,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="W",
         help="decide kidney or tumor on stage 2's probabilities averaged with the neighbouring slices', weights "
-        "(W, 1-2W, W); 0 decides each slice alone (default 0.25; foreground is the plain argmax's either way)",
+        f"(W, 1-2W, W); 0 decides each slice alone (default {TUMOR_SLICE_SMOOTHING:g}; foreground is the plain argmax's "
+        "either way; tuned for the shipped model)",
     )
     p.add_argument(
         "--save-intermediates",

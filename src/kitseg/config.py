@@ -31,6 +31,10 @@ def _from_dict(cls, data: dict[str, Any], what: str):
 # Test-time mirroring (kitseg.pipeline.Segmenter): none, stage 2 only, both stages.
 MIRROR_MODES = ("off", "stage2", "both")
 
+#: Default of ``Segmenter(tumor_slice_smoothing=...)`` (kitseg.pipeline.tumor_lead): chosen for
+#: the shipped model on 120 phantom draws (model card, "Kidney or tumor read from three slices").
+TUMOR_SLICE_SMOOTHING = 0.25
+
 
 def stage2_in_channels(context_slices: int) -> int:
     """Stage 2's input channels: the method's (y1*I, I, (1-y1)*I) for the slice and each neighbour."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelBundle, StageModel, load_bundle
-from .config import MIRROR_MODES, MaskConfig, stage2_in_channels
+from .config import MIRROR_MODES, TUMOR_SLICE_SMOOTHING, MaskConfig, stage2_in_channels
 from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
@@ -102,25 +102,34 @@ def stage2_input(image, y1, mask):
     return np.stack([y1 * masked, masked, (1.0 - y1) * masked], axis=-3)
 
 
-#: Default of ``Segmenter(tumor_slice_smoothing=...)``: chosen on 120 phantom draws (model card,
-#: "Kidney or tumor read from three slices").
-TUMOR_SLICE_SMOOTHING = 0.25
+def tumor_lead(probs: np.ndarray, weight: float, box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+    """Stage 2's tumor probability minus its kidney probability (float32, (Z, Y, X) from the
+    (3, Z, Y, X) ``probs``), averaged along the slice axis with weights (``weight``,
+    1 - 2 ``weight``, ``weight``); tumor where it is > 0, kidney at a tie, as the argmax.
 
-
-def tumor_lead(probs: np.ndarray, weight: float) -> np.ndarray:
-    """Stage 2's tumor probability minus its kidney probability, averaged along the slice axis
-    with weights (``weight``, 1 - 2 ``weight``, ``weight``); the first and last slices count
-    their own value for the missing neighbour. ``probs`` is (3, Z, Y, X); returns (Z, Y, X).
-
-    Stage 2 sees one 5 mm slice at a time, so its kidney-or-tumor call flickers from slice to
-    slice at a tumor's edge and on kidney tissue that looks like tumor in one slice only; a tumor
-    is a body that goes on through its neighbours.
+    Stage 2 sees one 5 mm slice at a time (the shipped model), so its kidney-or-tumor call
+    flickers from slice to slice; a tumor is a body that goes on through its neighbours. The
+    first and last slices of the volume count their own value for the missing neighbour; a
+    slice beyond the stage-2 mask counts 0 (there both probabilities are 0), so a tumor's end
+    slice, next to it, leans to kidney. ``box``: the region holding every voxel whose
+    background probability is under 1 (zero elsewhere); only it is computed, to spare memory.
     """
-    lead = probs[2].astype(np.float32) - probs[1].astype(np.float32)
-    if weight <= 0 or lead.shape[0] < 2:
-        return lead
-    padded = np.concatenate([lead[:1], lead, lead[-1:]])
-    return (1.0 - 2.0 * weight) * lead + weight * (padded[:-2] + padded[2:])
+    lead = np.zeros(probs.shape[1:], np.float32)
+    if box is None:
+        box = tuple(slice(0, n) for n in lead.shape)
+    zs, ys, xs = box
+    zs = slice(max(zs.start - 1, 0), min(zs.stop + 1, lead.shape[0]))  # the zeros just outside vote too
+    region = probs[2, zs, ys, xs].astype(np.float32)
+    region -= probs[1, zs, ys, xs]
+    if weight > 0 and region.shape[0] > 1:
+        averaged = region * (1.0 - 2.0 * weight)
+        averaged[1:] += weight * region[:-1]
+        averaged[:-1] += weight * region[1:]
+        averaged[0] += weight * region[0]  # the ends of this region: its own value, or the zeros
+        averaged[-1] += weight * region[-1]  # beyond the box, which are their own value too
+        region = averaged
+    lead[zs, ys, xs] = region
+    return lead
 
 
 def make_mask(
@@ -427,13 +436,14 @@ class Segmenter:
         z_range = (src_z.start, src_z.stop)
         planes = grid.iter_to_source(probs, z_range)
         if self.tumor_slice_smoothing > 0:
-            leads = grid.iter_to_source(tumor_lead(probs, self.tumor_slice_smoothing), z_range)
+            leads = grid.iter_to_source(tumor_lead(probs, self.tumor_slice_smoothing, box), z_range)
         else:
             leads = itertools.repeat((None, None))
         for (i, plane), (_, lead) in zip(planes, leads):
             labels = np.argmax(plane[:, src_y, src_x], axis=0).astype(np.uint8)
             if lead is not None:
-                labels[labels > 0] = np.where(lead[src_y, src_x][labels > 0] > 0, TUMOR, KIDNEY)
+                foreground = labels > 0
+                labels[foreground] = np.where(lead[src_y, src_x][foreground] > 0, TUMOR, KIDNEY)
             labels_out[i, src_y, src_x] = labels
             done = i - src_z.start + 1
             if done % 16 == 0 or done == total:
