@@ -17,7 +17,9 @@ function of it), so the kidney Dice (label > 0) cannot move but through the clea
 - ``split_g3d_S``: a 3D Gaussian of sigma S stage-grid voxels;
 - ``shrink_z0.25`` / ``grow_z0.25``: tumor only where both the lead and its average say so / where
   either does (which half of ``split_z0.25`` does what);
-- ``isolated``: a tumor call whose slice neighbours both call kidney (or nothing) made kidney.
+- ``isolated``: a tumor call whose slice neighbours both call kidney (or nothing) made kidney;
+- ``mask_z0.25``: as ``split_z0.25``, but a neighbour outside the stage-2 mask (where both
+  probabilities are 0) counts the slice's own value instead.
 
 Per-variant scores go to ``DIR/<variant>.csv`` for scripts/compare_scores.py.
 """
@@ -50,6 +52,16 @@ def _isolated_made_kidney(probs):
     return np.where(alone, -np.abs(lead), lead)
 
 
+def _mask_neighbours_only(probs, weight=0.25):
+    """The average of three slices, a neighbour outside the stage-2 mask replaced by the slice itself."""
+    lead, inside = _raw(probs), probs[0] < 1
+    near = np.pad(lead, ((1, 1), (0, 0), (0, 0)), mode="edge")
+    near_inside = np.pad(inside, ((1, 1), (0, 0), (0, 0)), mode="edge")
+    below = np.where(near_inside[:-2], near[:-2], lead)
+    above = np.where(near_inside[2:], near[2:], lead)
+    return (1 - 2 * weight) * lead + weight * (below + above)
+
+
 LEADS = {  # name: stage-grid lead map (tumor where > 0) from the (3, Z, Y, X) probabilities
     "base": _raw,
     "split_z0.25": lambda p: _z_average(p, 0.25),
@@ -59,6 +71,7 @@ LEADS = {  # name: stage-grid lead map (tumor where > 0) from the (3, Z, Y, X) p
     "shrink_z0.25": lambda p: np.minimum(_raw(p), _z_average(p, 0.25)),
     "grow_z0.25": lambda p: np.maximum(_raw(p), _z_average(p, 0.25)),
     "isolated": _isolated_made_kidney,
+    "mask_z0.25": _mask_neighbours_only,
 }
 ALL_VARIANTS = ("z0.25",) + tuple(LEADS)
 

@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from evaluate_realct import REALCT_CT, REALCT_REFERENCE  # a sibling script: python puts scripts/ on the path
 from kitseg.atomic import atomic_path
+from kitseg.config import TUMOR_SLICE_SMOOTHING
 from kitseg.geometry import source_grid_for, voxel_spacing
 
 AIR_HU = -1024.0
@@ -213,6 +214,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--csv", type=Path, default=None, help="write the table here too")
+    parser.add_argument("--tumor-smoothing", type=float, default=TUMOR_SLICE_SMOOTHING, metavar="W",
+                        help="kits-seg predict's --tumor-smoothing (default: the tool's; 0 reads each slice alone)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="NAME",
                         help="only these (default: all)")
     args = parser.parse_args()
@@ -232,7 +235,7 @@ def main() -> int:
     ct = np.asarray(image.dataobj, dtype=np.float32)
     reference = np.isin(np.asarray(nib.load(ref_path).dataobj), (2, 3))
     axis = slice_axis_of(image.affine)
-    segmenter = Segmenter.from_file(args.weights, device="cpu")
+    segmenter = Segmenter.from_file(args.weights, device="cpu", tumor_slice_smoothing=args.tumor_smoothing)
     rows, stored = [], None
     print(f"{ct_path.name}: {ct.shape} at {tuple(round(float(s), 2) for s in image.header.get_zooms()[:3])} mm")
     print(f"{'variant':34s} {'grid':>15s} {'kidney Dice':>11s} {'grid ceiling':>12s} {'tumor mL':>8s} {'s':>5s}")

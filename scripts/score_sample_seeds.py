@@ -15,11 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from kitseg.config import TUMOR_SLICE_SMOOTHING
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", type=Path, nargs="+")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--tumor-smoothing", type=float, default=TUMOR_SLICE_SMOOTHING, metavar="W",
+                        help="kits-seg predict's --tumor-smoothing (default: the tool's; 0 reads each slice alone)")
     args = parser.parse_args()
 
     from kitseg.io import read_ct, read_labels
@@ -27,7 +31,7 @@ def main() -> int:
     from kitseg.phantom.sample import make_sample_case
     from kitseg.pipeline import Segmenter
 
-    segmenters = {w.name: Segmenter.from_file(w) for w in args.weights}
+    segmenters = {w.name: Segmenter.from_file(w, tumor_slice_smoothing=args.tumor_smoothing) for w in args.weights}
     scores = {name: [] for name in segmenters}
     print("seed  tumor_mL  " + "  ".join(f"{n}: kidney tumor" for n in segmenters))
     with tempfile.TemporaryDirectory() as tmp:
