@@ -214,9 +214,8 @@ def test_tumor_slice_smoothing_decides_kidney_or_tumor_and_never_foreground(tiny
     assert lead[6, 25, 10] == pytest.approx(0.3) and lead[5, 25, 10] == pytest.approx(0.5 * 0.3 + 0.25 * (-0.3 + 0.3))
     np.testing.assert_allclose(tumor_lead(probs, 0.0), probs[2] - probs[1])
     # Only the foreground's box is computed: the same values, stored float16 or not.
-    box = (slice(1, 9), slice(8, 30), slice(8, 30))
-    np.testing.assert_allclose(tumor_lead(probs, 0.25, box), lead, atol=1e-7)
-    np.testing.assert_allclose(tumor_lead(probs.astype(np.float16), 0.25, box), lead, atol=2e-3)
+    np.testing.assert_allclose(tumor_lead(probs, 0.25, region), lead, atol=1e-7)
+    np.testing.assert_allclose(tumor_lead(probs.astype(np.float16), 0.25, region), lead, atol=2e-3)
     ends = np.zeros_like(probs)  # the volume's first and last slices count their own value twice
     ends[2, [0, -1]], ends[2, [1, -2]] = 0.8, 0.4
     assert tumor_lead(ends, 0.25)[0, 0, 0] == pytest.approx(0.75 * 0.8 + 0.25 * 0.4)

@@ -148,19 +148,16 @@ def _relabel_minor_tumors(region: np.ndarray, share: float) -> int:
     if count < 2:
         return 0
     kidneys, _ = ndimage.label(region > 0, structure=_CORNERS)
-    index = np.arange(1, count + 1)
-    sizes = np.bincount(tumors.ravel(), minlength=count + 1)[1:]
+    sizes = np.bincount(tumors.ravel(), minlength=count + 1)
+    sizes[0] = 0
     in_tumor = tumors > 0
-    owner = np.zeros(count + 1, np.int64)
+    owner = np.zeros(count + 1, np.int64)  # each tumor piece's kidney piece (0: none, for index 0)
     owner[tumors[in_tumor]] = kidneys[in_tumor]  # any voxel will do: the whole piece lies in one kidney
-    owner = owner[1:]
     largest = np.zeros(int(owner.max()) + 1, np.int64)
     np.maximum.at(largest, owner, sizes)
-    minor = index[sizes < share * largest[owner]]
-    if minor.size == 0:
+    is_minor = sizes < share * largest[owner]  # index 0 (background): 0 < share * 0 is False
+    if not is_minor.any():
         return 0
-    is_minor = np.zeros(count + 1, bool)
-    is_minor[minor] = True
     relabel = is_minor[tumors]
     region[relabel] = KIDNEY
     return int(relabel.sum())
