@@ -84,25 +84,6 @@ def z_averaged_probs(probs: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
-def split_labels(prepared, probs: np.ndarray, lead: np.ndarray, shape) -> np.ndarray:
-    """Foreground as the tool's argmax says; kidney or tumor by the sign of ``lead``; clean-up."""
-    from kitseg.morphology import bounding_box
-    from kitseg.postprocess import remove_stray_components
-
-    grid = prepared.grid
-    labels = np.zeros(shape, np.uint8)
-    box = bounding_box(probs[0] < 1)
-    if box is None:
-        return labels
-    src_z, src_y, src_x = grid.source_box(box)
-    z_range = (src_z.start, src_z.stop)
-    for (i, plane), (_, lead_plane) in zip(grid.iter_to_source(probs, z_range), grid.iter_to_source(lead, z_range)):
-        foreground = np.argmax(plane[:, src_y, src_x], axis=0) > 0
-        labels[i, src_y, src_x] = np.where(foreground, np.where(lead_plane[src_y, src_x] > 0, 2, 1), 0)
-    remove_stray_components(labels)
-    return labels
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="KiTS19-layout folder (imaging + segmentation)")
@@ -128,7 +109,7 @@ def main() -> int:
             if name == "z0.25":
                 labels = segmenter.labels_on_source(result.prepared, z_averaged_probs(result.probs, 0.25))
             else:
-                labels = split_labels(result.prepared, result.probs, LEADS[name](result.probs), volume.shape)
+                labels = segmenter.labels_on_source(result.prepared, result.probs, lead=LEADS[name](result.probs))
             scores[name].append(kits_scores(labels, ref.array, ref.spacing, case=case.name))
         print(f"{case.name} ({time.perf_counter() - t0:.0f} s): "
               + "  ".join(f"{n} {s[-1].tumor_dice:.3f}" for n, s in scores.items()), flush=True)

@@ -231,5 +231,15 @@ def test_tumor_slice_smoothing_decides_kidney_or_tumor_and_never_foreground(tiny
     through_three[5:8, 20:30, 8:30] = 1.0
     body = prepared.grid.to_source(through_three) > 0.99
     assert body.any() and (smoothed[body] == 2).all()
-    with pytest.raises(ValueError, match="tumor_slice_smoothing"):
-        Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=0.5)
+    for bad in (0.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="tumor_slice_smoothing"):
+            Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=bad)
+
+    # A lead map given by the caller (studies of other rules) decides kidney or tumor in the rule's place.
+    segmenter = Segmenter(tiny_bundle, device="cpu", tumor_slice_smoothing=0.25)
+    np.testing.assert_array_equal(segmenter.labels_on_source(prepared, probs, None, lead=lead), smoothed)
+    np.testing.assert_array_equal(segmenter.labels_on_source(prepared, probs, None, lead=probs[2] - probs[1]), alone)
+    all_tumor = segmenter.labels_on_source(prepared, probs, None, lead=np.ones(probs.shape[1:], np.float32))
+    np.testing.assert_array_equal(all_tumor, np.where(smoothed > 0, 2, 0))
+    with pytest.raises(ValueError, match="lead has shape"):
+        segmenter.labels_on_source(prepared, probs, None, lead=lead[1:])

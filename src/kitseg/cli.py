@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import MIRROR_MODES, TUMOR_SLICE_SMOOTHING
+from .config import MIRROR_MODES, TUMOR_SLICE_SMOOTHING, check_tumor_slice_smoothing
 
 log = logging.getLogger("kitseg")
 
@@ -45,12 +45,9 @@ def _positive_int(text: str) -> int:
 def _slice_weight(text: str) -> float:
     """argparse type of --tumor-smoothing: a neighbour slice's weight, in [0, 0.5)."""
     try:
-        value = float(text)
+        return check_tumor_slice_smoothing(float(text))
     except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"expected a neighbouring slice's weight in [0, 0.5), not {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a neighbouring slice's weight in [0, 0.5), not {text!r}") from None
 
 
 # ---------------------------------------------------------------------------- predict

@@ -36,6 +36,15 @@ MIRROR_MODES = ("off", "stage2", "both")
 TUMOR_SLICE_SMOOTHING = 0.25
 
 
+def check_tumor_slice_smoothing(weight: float) -> float:
+    """A neighbouring slice's weight in the three-slice tumor rule: in [0, 0.5), since the slice
+    itself keeps 1 - 2 * weight and must outweigh each neighbour. Raises ValueError otherwise."""
+    weight = float(weight)
+    if not 0.0 <= weight < 0.5:  # also rejects NaN
+        raise ValueError(f"a neighbouring slice's weight must be in [0, 0.5), not {weight!r}")
+    return weight
+
+
 def stage2_in_channels(context_slices: int) -> int:
     """Stage 2's input channels: the method's (y1*I, I, (1-y1)*I) for the slice and each neighbour."""
     return 3 * (2 * context_slices + 1)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelBundle, StageModel, load_bundle
-from .config import MIRROR_MODES, TUMOR_SLICE_SMOOTHING, MaskConfig, stage2_in_channels
+from .config import MIRROR_MODES, TUMOR_SLICE_SMOOTHING, MaskConfig, check_tumor_slice_smoothing, stage2_in_channels
 from .device import get_device
 from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
@@ -259,8 +259,10 @@ class Segmenter:
                 (:func:`tumor_lead`); 0 reads each slice alone. What is foreground stays the
                 plain argmax's.
         """
-        if not 0.0 <= tumor_slice_smoothing < 0.5:
-            raise ValueError(f"tumor_slice_smoothing must be in [0, 0.5), got {tumor_slice_smoothing}")
+        try:
+            tumor_slice_smoothing = check_tumor_slice_smoothing(tumor_slice_smoothing)
+        except ValueError as error:
+            raise ValueError(f"tumor_slice_smoothing: {error}") from None
         if bundle.stage1 is None and bundle.stage2 is None:
             raise ValueError("the model has no stage at all")
         if batch_size < 1:
@@ -269,7 +271,7 @@ class Segmenter:
         self.device = device if isinstance(device, torch.device) else get_device(device)
         self.batch_size = batch_size
         self.mirror = mirror_mode(mirror)
-        self.tumor_slice_smoothing = float(tumor_slice_smoothing)
+        self.tumor_slice_smoothing = tumor_slice_smoothing
         self.stage1_net = bundle.stage1.module.to(self.device).eval() if bundle.stage1 else None
         self.stage2_net = bundle.stage2.module.to(self.device).eval() if bundle.stage2 else None
         if stage2_level is not None:
@@ -415,6 +417,7 @@ class Segmenter:
         probs: np.ndarray,
         labels_out: np.ndarray,
         cleanup: CleanupRules | None = CleanupRules(),
+        lead: np.ndarray | None = None,
     ) -> Iterator[Progress]:
         """Resample probabilities to the CT's grid slice by slice, then argmax into ``labels_out``.
 
@@ -423,6 +426,9 @@ class Segmenter:
         argmax decides foreground, and the tumor's lead over the kidney, averaged with the
         neighbouring slices' (:func:`tumor_lead`), decides kidney or tumor. ``cleanup`` then
         removes foreground pieces that cannot be a kidney (None keeps the raw labels).
+        ``lead``: a (Z, Y, X) map on the stage grid that decides kidney (<= 0) or tumor (> 0)
+        in :func:`tumor_lead`'s place, whatever ``tumor_slice_smoothing`` says (for studies
+        of other rules; the foreground stays the argmax's).
         """
         grid = prepared.grid
         labels_out[...] = 0
@@ -435,15 +441,19 @@ class Segmenter:
         total = src_z.stop - src_z.start
         z_range = (src_z.start, src_z.stop)
         planes = grid.iter_to_source(probs, z_range)
-        if self.tumor_slice_smoothing > 0:
-            leads = grid.iter_to_source(tumor_lead(probs, self.tumor_slice_smoothing, box), z_range)
+        if lead is None and self.tumor_slice_smoothing > 0:
+            lead = tumor_lead(probs, self.tumor_slice_smoothing, box)
+        if lead is not None:
+            if lead.shape != probs.shape[1:]:
+                raise ValueError(f"lead has shape {lead.shape}; the probabilities' grid is {probs.shape[1:]}")
+            leads = grid.iter_to_source(lead, z_range)
         else:
             leads = itertools.repeat((None, None))
-        for (i, plane), (_, lead) in zip(planes, leads):
+        for (i, plane), (_, lead_plane) in zip(planes, leads):
             labels = np.argmax(plane[:, src_y, src_x], axis=0).astype(np.uint8)
-            if lead is not None:
+            if lead_plane is not None:
                 foreground = labels > 0
-                labels[foreground] = np.where(lead[src_y, src_x][foreground] > 0, TUMOR, KIDNEY)
+                labels[foreground] = np.where(lead_plane[src_y, src_x][foreground] > 0, TUMOR, KIDNEY)
             labels_out[i, src_y, src_x] = labels
             done = i - src_z.start + 1
             if done % 16 == 0 or done == total:
@@ -456,10 +466,14 @@ class Segmenter:
                 log.info("relabelled kidney %d voxels of minor tumor pieces", report.relabelled_voxels)
 
     def labels_on_source(
-        self, prepared: PreparedVolume, probs: np.ndarray, cleanup: CleanupRules | None = CleanupRules()
+        self,
+        prepared: PreparedVolume,
+        probs: np.ndarray,
+        cleanup: CleanupRules | None = CleanupRules(),
+        lead: np.ndarray | None = None,
     ) -> np.ndarray:
         labels = np.zeros(prepared.volume.shape, np.uint8)
-        for _ in self.iter_labels_on_source(prepared, probs, labels, cleanup):
+        for _ in self.iter_labels_on_source(prepared, probs, labels, cleanup, lead):
             pass
         return labels
 
