@@ -5,7 +5,8 @@
 
 Joins each scored case with its phantom's record (``PHANTOMS/case_XXXXX/phantom.json``, written
 by ``kits-seg phantom``) and prints the mean kidney and tumor Dice and the tumors found per
-group. A mean tumor Dice mixes tumors no reader could see (an unenhanced scan, a tumor within a
+group: phase, tumor size, tumor-to-kidney contrast either way, and darker or brighter than the
+kidney by size (a model may find dark tumors and call bright ones kidney). A mean tumor Dice mixes tumors no reader could see (an unenhanced scan, a tumor within a
 few HU of its kidney) with plain ones; this says which the model misses. Several pairs (one per
 phantom seed) pool their cases; a case name may repeat across pairs.
 """
@@ -44,7 +45,8 @@ def read_rows(scores: Path, phantoms: Path) -> list[dict]:
             "ref_tumors": float(row["ref_tumors"]) if row.get("ref_tumors") not in (None, "") else np.nan,
             "phase": record["protocol"]["phase"],
             "tumor_ml": measured.get("tumor_ml", 0.0),
-            "contrast_hu": (abs(measured["tumor_hu_mean"] - kidney_hu) if kidney_hu is not None else np.nan),
+            # Signed: > 0 where the tumor is brighter than the kidney around it.
+            "tumor_minus_kidney_hu": (measured["tumor_hu_mean"] - kidney_hu if kidney_hu is not None else np.nan),
         })
     return joined
 
@@ -73,6 +75,8 @@ def main() -> int:
         print(line(f"phase {phase}", [r for r in rows if r["phase"] == phase]))
     for low, high in SIZE_BANDS_ML:
         print(line(f"tumor {low:g}-{high:g} mL", [r for r in rows if r["tumor_ml"] > 0 and low <= r["tumor_ml"] < high]))
+    for r in rows:
+        r["contrast_hu"] = abs(r["tumor_minus_kidney_hu"])
     for low, high in CONTRAST_BANDS_HU:
         print(line(f"|tumor-kidney| {low:g}-{high:g} HU", [r for r in rows if low <= r["contrast_hu"] < high]))
     unknown = [r for r in rows if r["tumor_ml"] > 0 and np.isnan(r["contrast_hu"])]
@@ -80,6 +84,12 @@ def main() -> int:
         print(line("contrast unknown", unknown))
     enhanced_plain = [r for r in rows if r["phase"] != "none" and r["contrast_hu"] >= 15.0]
     print(line("enhanced, >= 15 HU", enhanced_plain))
+    # Which way the contrast goes matters: a model may know dark tumors and call bright ones kidney.
+    for side, sign in (("darker", -1.0), ("brighter", 1.0)):
+        visible = [r for r in rows if sign * r["tumor_minus_kidney_hu"] >= 15.0]
+        print(line(f"{side} by >= 15 HU", visible))
+        for low, high in SIZE_BANDS_ML:
+            print(line(f"  {side}, {low:g}-{high:g} mL", [r for r in visible if low <= r["tumor_ml"] < high]))
     return 0
 
 

@@ -678,6 +678,10 @@ def test_scores_by_draw_groups_scores_by_each_cases_record(tmp_path: Path, label
     phases = [json.loads((phantoms / c / "phantom.json").read_text())["protocol"]["phase"] for c in ("case_00001", "case_00002")]
     for phase in set(phases):
         assert rows[f"phase {phase}"][0] == str(phases.count(phase))
+    measured = [json.loads((phantoms / c / "phantom.json").read_text())["measured_tumor"] for c in ("case_00001", "case_00002")]
+    signed = [m["tumor_hu_mean"] - m["kidney_near_tumor_hu_mean"] for m in measured]
+    assert rows["darker by >= 15 HU"][0] == str(sum(d <= -15 for d in signed))
+    assert rows["brighter by >= 15 HU"][0] == str(sum(d >= 15 for d in signed))
     (phantoms / "case_00002" / "phantom.json").unlink()
     failed = subprocess.run([sys.executable, str(script), str(csv_path), str(phantoms)], capture_output=True, text=True)
     assert failed.returncode != 0 and "case_00002/phantom.json: not found" in failed.stderr
