@@ -190,3 +190,33 @@ def test_empty_map_and_bad_input():
         CleanupRules(min_fraction=1.5)
     with pytest.raises(ValueError, match="min_kidney_share"):
         CleanupRules(min_kidney_share=-0.1)
+
+
+def test_at_most_two_pieces_the_largest_are_kept():
+    labels = np.zeros((12, 30, 60), np.uint8)
+    labels[2:10, 5:15, 3:12] = 1  # right kidney, 720 voxels
+    labels[2:9, 5:14, 25:33] = 1  # left kidney, 504 voxels
+    labels[3:9, 18:24, 40:50] = 2  # a bowel loop labelled tumor with a rim of kidney: 360 voxels,
+    labels[3:9, 18:24, 40:43] = 1  # 108 of them kidney (0.15 of 720: the kidney-share rule keeps it)
+    before = labels.copy()
+    assert remove_stray_components(labels, CleanupRules(max_pieces=0)).kept == 3  # no other rule drops it
+    np.testing.assert_array_equal(labels, before)
+    report = remove_stray_components(labels, CleanupRules(max_pieces=2))
+    assert (report.kept, report.removed, report.removed_voxels) == (2, 1, 360)
+    assert not labels[:, :, 40:50].any() and (labels[:, :, :34] == before[:, :, :34]).all()
+    labels = before.copy()
+    assert remove_stray_components(labels, CleanupRules(max_pieces=3)).kept == 3
+    labels[3:9, 18:30, 40:50] = 2  # grown past the left kidney (720 voxels): size decides, so it stays
+    labels[3:9, 18:30, 40:43] = 1
+    assert remove_stray_components(labels, CleanupRules(max_pieces=2)).removed_voxels == 504
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_pieces"):
+            CleanupRules(max_pieces=bad)
+
+
+@pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
+@pytest.mark.parametrize("case", LEAST_KIDNEY_REAL_CASES + ("case_00001",))
+def test_two_piece_rule_leaves_real_masks_untouched(case):
+    # No real mask holds a third piece of even 1% of its largest (all 150 checked, model card).
+    _, _, labels, without = _real_mask_cleaned(case, CleanupRules(max_pieces=2), CleanupRules(max_pieces=0))
+    np.testing.assert_array_equal(labels, without)

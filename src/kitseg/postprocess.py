@@ -72,6 +72,13 @@ class CleanupRules:
         min_tumor_share: within each kept piece, relabel kidney the tumor pieces smaller than
             this share of the piece's largest tumor piece, in [0, 1] (0 keeps them all; the
             default 0.2 is below the lowest share of a real tumor of 1 mL or more, 0.266).
+        max_pieces: after the rules above, keep only this many pieces, the largest (0 keeps
+            them all): a person has two kidneys at most.
+        min_tumor_y1: a tumor piece (corner-connected) over which stage 1's foreground
+            probability averages under this is cleared before the other rules run (0 keeps
+            them all): stage 1 saw no kidney there. It needs y1, so only the pipeline applies
+            it (:meth:`kitseg.pipeline.Segmenter.iter_labels_on_source`); this module's
+            :func:`clear_tumor_pieces` does the clearing.
     """
 
     require_kidney: bool = True
@@ -79,11 +86,15 @@ class CleanupRules:
     same_level: bool = True
     min_kidney_share: float = 0.1
     min_tumor_share: float = 0.2
+    max_pieces: int = 0
+    min_tumor_y1: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("min_fraction", "min_kidney_share", "min_tumor_share"):
+        for name in ("min_fraction", "min_kidney_share", "min_tumor_share", "min_tumor_y1"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if isinstance(self.max_pieces, bool) or not isinstance(self.max_pieces, int) or self.max_pieces < 0:
+            raise ValueError(f"max_pieces must be a whole number >= 0, got {self.max_pieces!r}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,11 @@ def remove_stray_components(labels: np.ndarray, rules: CleanupRules = CleanupRul
         keep &= sizes >= rules.min_fraction * sizes[1:].max()
     if rules.same_level and keep[1:].sum() > 1:
         keep &= _main_level_group(pieces, sizes, keep)
+    if rules.max_pieces and keep[1:].sum() > rules.max_pieces:
+        kept = np.flatnonzero(keep)
+        largest = kept[np.argsort(-sizes[kept], kind="stable")[: rules.max_pieces]]
+        keep[:] = False
+        keep[largest] = True
     if not keep[1:].any():
         # No piece passes (e.g. only tumor predicted): keeping the largest is safer than an
         # empty map, which would hide the finding from the user entirely.
@@ -136,6 +152,23 @@ def remove_stray_components(labels: np.ndarray, rules: CleanupRules = CleanupRul
     relabelled = _relabel_minor_tumors(region, rules.min_tumor_share) if rules.min_tumor_share > 0 else 0
     kept = int(keep[1:].sum())
     return CleanupReport(kept, count - kept, removed_voxels, relabelled)
+
+
+def tumor_pieces(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Tumor pieces joined at corners, as kitseg.metrics counts tumors: (piece map, count)."""
+    return ndimage.label(labels == TUMOR, structure=_CORNERS)
+
+
+def clear_tumor_pieces(labels: np.ndarray, pieces: np.ndarray, clear: np.ndarray) -> int:
+    """Set to background, in place, the tumor pieces flagged in ``clear`` (indexed by piece
+    number, index 0 ignored); returns the voxels cleared."""
+    clear = np.asarray(clear, bool).copy()
+    clear[0] = False
+    if not clear.any():
+        return 0
+    cleared = clear[pieces]
+    labels[cleared] = 0
+    return int(cleared.sum())
 
 
 def _relabel_minor_tumors(region: np.ndarray, share: float) -> int:
