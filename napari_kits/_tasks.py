@@ -156,7 +156,7 @@ def iter_stage2(
     probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
     yield from segmenter.iter_stage2(prepared, y1, np.asarray(mask) > 0, probs)
     labels = np.zeros(prepared.volume.shape, np.uint8)
-    yield from segmenter.iter_labels_on_source(prepared, probs, labels, CleanupRules() if cleanup else None, y1=y1)
+    yield from segmenter.iter_labels_on_source(prepared, probs, labels, CleanupRules() if cleanup else None)
     probabilities = None
     if with_probabilities:
         names = segmenter.bundle.label_map.names

@@ -82,12 +82,12 @@ def main() -> int:
             segmenter.stage2_net = member
             probs.append(segmenter.stage2(prepared, y1, mask).astype(np.float32))
         segmenter.stage2_net = ensemble
-        return prepared, y1, np.stack(probs)
+        return prepared, np.stack(probs)
 
     shares = {mix: np.asarray(normalised_mix(list(mix), n), np.float32) for mix in mixes}  # as a file weighs them
 
-    def labels_for(prepared, y1, probs, mix):
-        return segmenter.labels_on_source(prepared, np.tensordot(shares[mix], probs, axes=1), y1=y1)
+    def labels_for(prepared, probs, mix):
+        return segmenter.labels_on_source(prepared, np.tensordot(shares[mix], probs, axes=1))
 
     args.out.mkdir(parents=True, exist_ok=True)
     scores = {mix: [] for mix in mixes}
@@ -99,12 +99,12 @@ def main() -> int:
             parser.error(f"{case.image_path}: no segmentation.nii.gz beside it to score against")
         volume = read_ct(case.image_path)
         reference = read_labels(case.labels_path, like=volume).array
-        prepared, y1, probs = member_probs(volume)
+        prepared, probs = member_probs(volume)
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         name = f"{case.name}_{case.image_path.parent.parent.name}"  # unique across folders
         row = {"case": name}
         for mix in mixes:
-            labels = labels_for(prepared, y1, probs, mix)
+            labels = labels_for(prepared, probs, mix)
             scores[mix].append(kits_scores(labels, reference, volume.spacing, case=name))
             row[mix_name(mix)] = round(float(np.sum((labels == 2) & (reference != 2))) * voxel_ml, 2)
         false_rows.append(row)
@@ -131,10 +131,10 @@ def main() -> int:
         volume = read_ct(ct_path)
         reference = read_labels(REALCT / "totalseg_example_ct_pred_labels.nii.gz", like=volume).array
         reference_kidney = np.isin(reference, (2, 3))  # 2 = right, 3 = left kidney
-        prepared, y1, probs = member_probs(volume)
+        prepared, probs = member_probs(volume)
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         for mix in mixes:
-            labels = labels_for(prepared, y1, probs, mix)
+            labels = labels_for(prepared, probs, mix)
             print(f"real CT {mix_name(mix):>12}: kidney Dice {dice(labels > 0, reference_kidney):.4f}, "
                   f"tumor {np.sum(labels == 2) * voxel_ml:.1f} mL (all false)")
     return 0

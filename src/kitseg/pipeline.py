@@ -4,8 +4,8 @@
     y1 = segmenter.stage1(prepared)                      # P(kidney or tumor), (Zs, Ys, Xs)
     mask = make_mask(y1, threshold=0.5, radius=10)       # dilated foreground, the stage-2 ROI
     probs = segmenter.stage2(prepared, y1, mask)         # (3, Zs, Ys, Xs): background, kidney, tumor
-    labels = segmenter.labels_on_source(prepared, probs, y1=y1)  # uint8 on the CT's own grid,
-                                                         # stray pieces removed (kitseg.postprocess)
+    labels = segmenter.labels_on_source(prepared, probs) # uint8 on the CT's own grid, stray
+                                                         # pieces removed (kitseg.postprocess)
 
 Every long step has an ``iter_*`` twin: a generator that fills a caller-owned output array batch
 by batch and yields :class:`Progress` after each batch, so a caller can show partial results
@@ -31,7 +31,7 @@ from .geometry import Volume
 from .morphology import bounding_box, dilate_ball
 from .networks import build_network, predict_logits
 from .networks.unetpp import widened_state_dict
-from .postprocess import KIDNEY, TUMOR, CleanupRules, clear_tumor_pieces, remove_stray_components, tumor_pieces
+from .postprocess import KIDNEY, TUMOR, CleanupRules, remove_stray_components
 from .preprocess import PreparedVolume, prepare
 from .weights import default_weights_path
 
@@ -130,29 +130,6 @@ def tumor_lead(probs: np.ndarray, weight: float, box: tuple[slice, slice, slice]
         region = averaged
     lead[zs, ys, xs] = region
     return lead
-
-
-def _clear_tumors_stage1_missed(grid, y1: np.ndarray, labels: np.ndarray, z_range: tuple[int, int],
-                                threshold: float) -> int:
-    """Clear, in ``labels`` (the CT's grid), each tumor piece over which ``y1`` (stage grid),
-    brought to the CT's grid as the probabilities are, averages under ``threshold``.
-
-    Stage 2 looks inside a mask dilated 20 mm beyond stage 1's foreground, and there it can
-    call tumor on tissue stage 1 called background (a bowel loop); a true tumor is foreground
-    to stage 1 too, which learnt kidney and tumor as one class. The mean is summed slice by
-    slice, so y1 is never held on the CT's grid whole.
-    """
-    start, stop = z_range
-    region = labels[start:stop]
-    pieces, count = tumor_pieces(region)
-    if count == 0:
-        return 0
-    sums = np.zeros(count + 1)
-    for i, plane in grid.iter_to_source(y1, z_range):
-        sums += np.bincount(pieces[i - start].ravel(), weights=plane.ravel(), minlength=count + 1)
-    sizes = np.bincount(pieces.ravel(), minlength=count + 1)
-    means = sums / np.maximum(sizes, 1)
-    return clear_tumor_pieces(region, pieces, means < threshold)
 
 
 def make_mask(
@@ -441,7 +418,6 @@ class Segmenter:
         labels_out: np.ndarray,
         cleanup: CleanupRules | None = CleanupRules(),
         lead: np.ndarray | None = None,
-        y1: np.ndarray | None = None,
     ) -> Iterator[Progress]:
         """Resample probabilities to the CT's grid slice by slice, then argmax into ``labels_out``.
 
@@ -452,8 +428,7 @@ class Segmenter:
         removes foreground pieces that cannot be a kidney (None keeps the raw labels).
         ``lead``: a (Z, Y, X) map on the stage grid that decides kidney (<= 0) or tumor (> 0)
         in :func:`tumor_lead`'s place, whatever ``tumor_slice_smoothing`` says (for studies
-        of other rules; the foreground stays the argmax's). ``y1``: stage 1's probabilities on
-        the stage grid, for the clean-up's ``min_tumor_y1`` rule (skipped without them).
+        of other rules; the foreground stays the argmax's).
         """
         grid = prepared.grid
         labels_out[...] = 0
@@ -483,10 +458,6 @@ class Segmenter:
             done = i - src_z.start + 1
             if done % 16 == 0 or done == total:
                 yield Progress("labels", done, total)
-        if cleanup is not None and cleanup.min_tumor_y1 > 0 and y1 is not None:
-            cleared = _clear_tumors_stage1_missed(grid, y1, labels_out, z_range, cleanup.min_tumor_y1)
-            if cleared:
-                log.info("cleared %d tumor voxels where stage 1 saw no kidney", cleared)
         if cleanup is not None:
             report = remove_stray_components(labels_out, cleanup)
             if report.removed:
@@ -500,10 +471,9 @@ class Segmenter:
         probs: np.ndarray,
         cleanup: CleanupRules | None = CleanupRules(),
         lead: np.ndarray | None = None,
-        y1: np.ndarray | None = None,
     ) -> np.ndarray:
         labels = np.zeros(prepared.volume.shape, np.uint8)
-        for _ in self.iter_labels_on_source(prepared, probs, labels, cleanup, lead, y1):
+        for _ in self.iter_labels_on_source(prepared, probs, labels, cleanup, lead):
             pass
         return labels
 
@@ -533,7 +503,7 @@ class Segmenter:
         probs = np.empty((3,) + prepared.image.shape, PROB_DTYPE)
         yield from self.iter_stage2(prepared, y1, mask, probs)
         labels = np.zeros(volume.shape, np.uint8)
-        yield from self.iter_labels_on_source(prepared, probs, labels, cleanup, y1=y1)
+        yield from self.iter_labels_on_source(prepared, probs, labels, cleanup)
         yield Segmentation(labels=labels, y1=y1, mask=mask, probs=probs, prepared=prepared)
 
 

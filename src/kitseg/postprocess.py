@@ -6,9 +6,9 @@ from a kidney, so in the KiTS19 label map kidney and tumor voxels form one or tw
 connected pieces. The networks see one 2D slice at a time and sometimes mark stray blobs
 elsewhere (a muscle, a lesion of the liver): those pieces are removed here.
 
-Five rules, each chosen on validation phantoms (the first three also on real CT;
-`scripts/postprocess_study.py`) and checked on the 150 real KiTS19 masks, none of which they
-change beyond annotation crumbs:
+Six rules, each chosen on validation phantoms (the first three also on real CT;
+`scripts/postprocess_study.py`, `scripts/tumor_piece_study.py`) and checked on the 150 real
+KiTS19 masks, none of which they change beyond annotation crumbs:
 - ``require_kidney``: a piece (label > 0) without a single kidney voxel is dropped: a tumor
   seen with no kidney next to it is almost always a false positive;
 - ``min_fraction``: a piece smaller than this fraction of the largest piece is dropped
@@ -36,7 +36,11 @@ change beyond annotation crumbs:
   tumors in the other kidney are not compared. On those masks the default 0.2 relabels only
   crumbs: under 0.04 mL in eight, 0.13 mL beside a 1.39 L tumor in ``case_00114``. Where the
   model's only call on a true tumor is a kidney's smaller call, it is made kidney too (6 of
-  120 phantom draws, each a tumor otherwise missed).
+  120 phantom draws, each a tumor otherwise missed);
+- ``max_pieces``: a person has two kidneys at most, so of the pieces the first four rules keep,
+  only the two largest stay (before the tumor relabelling): a bowel loop or a third
+  kidney-like blob at the kidneys' level goes. No real mask holds a third piece of even 1% of
+  its largest.
 """
 
 from __future__ import annotations
@@ -72,13 +76,8 @@ class CleanupRules:
         min_tumor_share: within each kept piece, relabel kidney the tumor pieces smaller than
             this share of the piece's largest tumor piece, in [0, 1] (0 keeps them all; the
             default 0.2 is below the lowest share of a real tumor of 1 mL or more, 0.266).
-        max_pieces: after the rules above, keep only this many pieces, the largest (0 keeps
-            them all): a person has two kidneys at most.
-        min_tumor_y1: a tumor piece (corner-connected) over which stage 1's foreground
-            probability averages under this is cleared before the other rules run (0 keeps
-            them all): stage 1 saw no kidney there. It needs y1, so only the pipeline applies
-            it (:meth:`kitseg.pipeline.Segmenter.iter_labels_on_source`); this module's
-            :func:`clear_tumor_pieces` does the clearing.
+        max_pieces: of the pieces the rules above keep, keep only this many, the largest,
+            before ``min_tumor_share`` relabels (0 keeps them all): two kidneys at most.
     """
 
     require_kidney: bool = True
@@ -87,10 +86,9 @@ class CleanupRules:
     min_kidney_share: float = 0.1
     min_tumor_share: float = 0.2
     max_pieces: int = 0
-    min_tumor_y1: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("min_fraction", "min_kidney_share", "min_tumor_share", "min_tumor_y1"):
+        for name in ("min_fraction", "min_kidney_share", "min_tumor_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if isinstance(self.max_pieces, bool) or not isinstance(self.max_pieces, int) or self.max_pieces < 0:
@@ -152,23 +150,6 @@ def remove_stray_components(labels: np.ndarray, rules: CleanupRules = CleanupRul
     relabelled = _relabel_minor_tumors(region, rules.min_tumor_share) if rules.min_tumor_share > 0 else 0
     kept = int(keep[1:].sum())
     return CleanupReport(kept, count - kept, removed_voxels, relabelled)
-
-
-def tumor_pieces(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Tumor pieces joined at corners, as kitseg.metrics counts tumors: (piece map, count)."""
-    return ndimage.label(labels == TUMOR, structure=_CORNERS)
-
-
-def clear_tumor_pieces(labels: np.ndarray, pieces: np.ndarray, clear: np.ndarray) -> int:
-    """Set to background, in place, the tumor pieces flagged in ``clear`` (indexed by piece
-    number, index 0 ignored); returns the voxels cleared."""
-    clear = np.asarray(clear, bool).copy()
-    clear[0] = False
-    if not clear.any():
-        return 0
-    cleared = clear[pieces]
-    labels[cleared] = 0
-    return int(cleared.sum())
 
 
 def _relabel_minor_tumors(region: np.ndarray, share: float) -> int:
