@@ -89,7 +89,8 @@ def test_kidney_share_rule_leaves_real_masks_untouched(case, share):
 
 
 def test_each_rule_alone():
-    alone = dict(require_kidney=False, min_fraction=0.0, same_level=False, min_kidney_share=0.0, min_tumor_share=0.0)
+    alone = dict(require_kidney=False, min_fraction=0.0, same_level=False, min_kidney_share=0.0, min_tumor_share=0.0,
+                 max_pieces=0)
     labels = _two_kidneys_and_strays()
     remove_stray_components(labels, CleanupRules(**{**alone, "require_kidney": True}))
     assert not labels[10:12, 22:27, 2:7].any() and labels[0, 25:28, 30:33].all()  # speck has kidney
@@ -115,15 +116,16 @@ def test_kidney_share_drops_a_tumor_piece_with_a_few_kidney_voxels_and_keeps_a_k
     labels[4:16, 5:17, 40:56] = 2  # a large tumor on a third kidney-like piece: 2304 voxels
     labels[10:13, 8:13, 44:52] = 1  # its kidney remnant: 120 voxels, 13% of the most kidney (900)
     before = labels.copy()
-    remove_stray_components(labels, CleanupRules(min_kidney_share=0.0))
+    three_kidneys = CleanupRules(max_pieces=0)  # this rule alone: the two-piece rule would take the smallest
+    remove_stray_components(labels, CleanupRules(min_kidney_share=0.0, max_pieces=0))
     np.testing.assert_array_equal(labels, before)  # off: the organ piece has kidney, is large, shares slices
-    report = remove_stray_components(labels)  # the default share, 0.1
+    report = remove_stray_components(labels, three_kidneys)  # the default share, 0.1
     assert (report.removed, report.removed_voxels) == (1, 1296)
     assert not labels[0:9, 16:28, 2:14].any()
     assert (labels[:, :, 40:56] == before[:, :, 40:56]).all()  # 120 >= 0.1 * 900: the remnant and its tumor stay
     assert (labels[:, :15, :34] == before[:, :15, :34]).all()
     labels = before.copy()
-    remove_stray_components(labels, CleanupRules(min_kidney_share=0.2))
+    remove_stray_components(labels, CleanupRules(min_kidney_share=0.2, max_pieces=0))
     assert not labels[:, :, 40:56].any()  # 120 < 0.2 * 900
 
 

@@ -77,7 +77,8 @@ class CleanupRules:
             this share of the piece's largest tumor piece, in [0, 1] (0 keeps them all; the
             default 0.2 is below the lowest share of a real tumor of 1 mL or more, 0.266).
         max_pieces: of the pieces the rules above keep, keep only this many, the largest,
-            before ``min_tumor_share`` relabels (0 keeps them all): two kidneys at most.
+            before ``min_tumor_share`` relabels (0 keeps them all; the default 2: two kidneys
+            at most).
     """
 
     require_kidney: bool = True
@@ -85,7 +86,7 @@ class CleanupRules:
     same_level: bool = True
     min_kidney_share: float = 0.1
     min_tumor_share: float = 0.2
-    max_pieces: int = 0
+    max_pieces: int = 2
 
     def __post_init__(self) -> None:
         for name in ("min_fraction", "min_kidney_share", "min_tumor_share"):
