@@ -21,26 +21,27 @@ from pathlib import Path
 import numpy as np
 
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct"
-VARIANTS = {  # name: CleanupRules' fields in order; None = no clean-up
+VARIANTS = {  # name: CleanupRules' fields in order (the last, max_pieces: 0 = no limit); None = no clean-up
     "none": None,
-    "kidney piece": (True, 0.0, False, 0.0, 0.0),
-    "size >= 0.05 largest": (False, 0.05, False, 0.0, 0.0),
-    "size >= 0.1 largest": (False, 0.1, False, 0.0, 0.0),
-    "size >= 0.2 largest": (False, 0.2, False, 0.0, 0.0),
-    "same level": (False, 0.0, True, 0.0, 0.0),
-    "kidney piece + size >= 0.1": (True, 0.1, False, 0.0, 0.0),
-    "kidney piece + size >= 0.2": (True, 0.2, False, 0.0, 0.0),
-    "kidney piece + same level": (True, 0.0, True, 0.0, 0.0),
-    "kidney + size >= 0.1 + level": (True, 0.1, True, 0.0, 0.0),
-    "kidney share >= 0.05 alone": (False, 0.0, False, 0.05, 0.0),
-    "kidney share >= 0.1 alone": (False, 0.0, False, 0.1, 0.0),
-    "all three + kidney share >= 0.05": (True, 0.1, True, 0.05, 0.0),
-    "all three + kidney share >= 0.1": (True, 0.1, True, 0.1, 0.0),
-    "all three + kidney share >= 0.2": (True, 0.1, True, 0.2, 0.0),
-    "all three + kidney share >= 0.3": (True, 0.1, True, 0.3, 0.0),
-    "all four + tumors < 0.1 of kidney's largest": (True, 0.1, True, 0.1, 0.1),
-    "all four + tumors < 0.2 of kidney's largest": (True, 0.1, True, 0.1, 0.2),
-    "all four + tumors < 0.25 of kidney's largest": (True, 0.1, True, 0.1, 0.25),
+    "kidney piece": (True, 0.0, False, 0.0, 0.0, 0),
+    "size >= 0.05 largest": (False, 0.05, False, 0.0, 0.0, 0),
+    "size >= 0.1 largest": (False, 0.1, False, 0.0, 0.0, 0),
+    "size >= 0.2 largest": (False, 0.2, False, 0.0, 0.0, 0),
+    "same level": (False, 0.0, True, 0.0, 0.0, 0),
+    "kidney piece + size >= 0.1": (True, 0.1, False, 0.0, 0.0, 0),
+    "kidney piece + size >= 0.2": (True, 0.2, False, 0.0, 0.0, 0),
+    "kidney piece + same level": (True, 0.0, True, 0.0, 0.0, 0),
+    "kidney + size >= 0.1 + level": (True, 0.1, True, 0.0, 0.0, 0),
+    "kidney share >= 0.05 alone": (False, 0.0, False, 0.05, 0.0, 0),
+    "kidney share >= 0.1 alone": (False, 0.0, False, 0.1, 0.0, 0),
+    "all three + kidney share >= 0.05": (True, 0.1, True, 0.05, 0.0, 0),
+    "all three + kidney share >= 0.1": (True, 0.1, True, 0.1, 0.0, 0),
+    "all three + kidney share >= 0.2": (True, 0.1, True, 0.2, 0.0, 0),
+    "all three + kidney share >= 0.3": (True, 0.1, True, 0.3, 0.0, 0),
+    "all four + tumors < 0.1 of kidney's largest": (True, 0.1, True, 0.1, 0.1, 0),
+    "all four + tumors < 0.2 of kidney's largest": (True, 0.1, True, 0.1, 0.2, 0),
+    "all four + tumors < 0.25 of kidney's largest": (True, 0.1, True, 0.1, 0.25, 0),
+    "all five + two pieces at most (the default)": (True, 0.1, True, 0.1, 0.2, 2),
 }
 
 

@@ -8,8 +8,8 @@ A case's tumor Dice is lost to misses and to false tumor pieces; on 120 round-13
 draws (four clean-up rules), keeping only the tumor pieces that touch the reference tumor would
 lift the mean tumor Dice from 0.480 to 0.555. Which rule could tell the false pieces?
 
-``extract`` segments each case as ``kits-seg predict`` does (with the defaults of the code it
-runs) and writes three CSV files: one row per tumor piece (label 2, corner-connected, as
+``extract`` segments each case as ``kits-seg predict`` does, but with ``max_pieces=0`` (the
+two-piece rule is what ``evaluate`` applies), and writes three CSV files: one row per tumor piece (label 2, corner-connected, as
 kitseg.metrics counts tumors) with what it looks like (volume, stage 2's and stage 1's
 probabilities over it, its contact with kidney, its HU against the kidney around it, its share
 of the case's largest tumor piece) and how much of it is reference tumor (``.csv``); one per
@@ -17,7 +17,7 @@ foreground piece (face-connected, as the clean-up's) with its kidney and tumor v
 reference says of it and its mean y1 (``.fg.csv``); one per case with the voxel counts the
 KiTS19 Dice needs (``.cases.csv``). ``evaluate`` then gives each test case's kidney and tumor
 Dice under each rule from those counts alone, so no case is segmented twice: keep only the two
-largest foreground pieces (``CleanupRules.max_pieces``); clear, or relabel kidney, the tumor
+largest foreground pieces (``CleanupRules.max_pieces``), or the two holding the most kidney; clear, or relabel kidney, the tumor
 pieces over which y1 averages under a threshold (stage 1 saw no kidney there; measured here
 only, not in the tool); with ``--fit``, reject the pieces that a logistic model fit on other
 draws scores under a threshold. The counts are exact for a rule applied after the clean-up's
@@ -102,7 +102,9 @@ def foreground_piece_rows(case: str, labels, ref, y1) -> list[dict]:
 def extract(args) -> int:
     from kitseg.io import read_ct, read_labels
     from kitseg.pipeline import Segmenter
+    from kitseg.postprocess import CleanupRules
 
+    before_two_piece_rule = CleanupRules(max_pieces=0)  # evaluate applies that rule from the counts
     segmenter = Segmenter.from_file(args.weights, device="cpu")
     cases = sorted(p for p in args.data.iterdir() if (p / "imaging.nii.gz").is_file())
     piece_out, case_out, fg_out = [], [], []
@@ -110,7 +112,7 @@ def extract(args) -> int:
         t0 = time.perf_counter()
         volume = read_ct(case / "imaging.nii.gz")
         ref = read_labels(case / "segmentation.nii.gz").array
-        result = segmenter.segment(volume)
+        result = segmenter.segment(volume, cleanup=before_two_piece_rule)
         grid = result.prepared.grid
         rows, case_row = piece_rows(
             case.name, result.labels, ref, volume.array, volume.spacing,
@@ -305,7 +307,7 @@ def real_masks(args) -> int:
     two-piece rule must change none."""
     from kitseg.io import read_labels
 
-    worst = 0
+    worst, at_10_counts = 0, {}
     cases = sorted(p for p in args.masks.iterdir() if (p / "segmentation.nii.gz").is_file())
     for case in cases:
         labels = read_labels(case / "segmentation.nii.gz").array
@@ -313,9 +315,11 @@ def real_masks(args) -> int:
         sizes = np.sort(np.bincount(pieces.ravel())[1:])[::-1]
         at_1, at_10 = int((sizes >= 0.01 * sizes[0]).sum()), int((sizes >= 0.1 * sizes[0]).sum())
         worst = max(worst, at_1)
+        at_10_counts[at_10] = at_10_counts.get(at_10, 0) + 1
         if at_1 > 2:
             print(f"{case.name}: {at_1} pieces of at least 1% of the largest ({sizes[:4].tolist()} voxels)")
-    print(f"{len(cases)} masks; the most pieces of at least 1% of a mask's largest: {worst}")
+    print(f"{len(cases)} masks; the most pieces of at least 1% of a mask's largest: {worst}; masks by their "
+          f"pieces of at least 10%: {dict(sorted(at_10_counts.items()))}")
     return 0
 
 

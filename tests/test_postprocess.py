@@ -211,14 +211,19 @@ def test_at_most_two_pieces_the_largest_are_kept():
     labels[3:9, 18:30, 40:50] = 2  # grown past the left kidney (720 voxels): size decides, so it stays
     labels[3:9, 18:30, 40:43] = 1
     assert remove_stray_components(labels, CleanupRules(max_pieces=2)).removed_voxels == 504
-    for bad in (-1, 1.5, True):
+    for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="max_pieces"):
             CleanupRules(max_pieces=bad)
+    assert CleanupRules(max_pieces=np.int64(2)).max_pieces == 2
 
 
 @pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
 @pytest.mark.parametrize("case", LEAST_KIDNEY_REAL_CASES + ("case_00001",))
 def test_two_piece_rule_leaves_real_masks_untouched(case):
     # No real mask holds a third piece of even 1% of its largest (all 150 checked, model card).
-    _, _, labels, without = _real_mask_cleaned(case, CleanupRules(max_pieces=2), CleanupRules(max_pieces=0))
+    truth, _, labels, without = _real_mask_cleaned(case, CleanupRules(max_pieces=2), CleanupRules(max_pieces=0))
     np.testing.assert_array_equal(labels, without)
+    no_size_rule = CleanupRules(min_fraction=0.0, max_pieces=2)  # alone it takes only annotation crumbs
+    _, _, bare, bare_without = _real_mask_cleaned(case, no_size_rule, CleanupRules(min_fraction=0.0, max_pieces=0))
+    taken = (bare_without > 0) & (bare == 0)
+    assert taken.sum() < 0.01 * (truth > 0).sum()

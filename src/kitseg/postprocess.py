@@ -6,9 +6,10 @@ from a kidney, so in the KiTS19 label map kidney and tumor voxels form one or tw
 connected pieces. The networks see one 2D slice at a time and sometimes mark stray blobs
 elsewhere (a muscle, a lesion of the liver): those pieces are removed here.
 
-Six rules, each chosen on validation phantoms (the first three also on real CT;
-`scripts/postprocess_study.py`, `scripts/tumor_piece_study.py`) and checked on the 150 real
-KiTS19 masks, none of which they change beyond annotation crumbs:
+Six rules, each chosen on phantoms (the first five on validation draws, the first three also
+on real CT, `scripts/postprocess_study.py`; the sixth on draws of training masks and measured
+on validation draws, `scripts/tumor_piece_study.py`) and checked on the 150 real KiTS19 masks,
+none of which they change beyond annotation crumbs:
 - ``require_kidney``: a piece (label > 0) without a single kidney voxel is dropped: a tumor
   seen with no kidney next to it is almost always a false positive;
 - ``min_fraction``: a piece smaller than this fraction of the largest piece is dropped
@@ -45,6 +46,7 @@ KiTS19 masks, none of which they change beyond annotation crumbs:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +94,11 @@ class CleanupRules:
         for name in ("min_fraction", "min_kidney_share", "min_tumor_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if isinstance(self.max_pieces, bool) or not isinstance(self.max_pieces, int) or self.max_pieces < 0:
+        try:
+            whole = not isinstance(self.max_pieces, bool) and operator.index(self.max_pieces) >= 0
+        except TypeError:
+            whole = False
+        if not whole:
             raise ValueError(f"max_pieces must be a whole number >= 0, got {self.max_pieces!r}")
 
 
