@@ -6,8 +6,9 @@
 Joins each scored case with its phantom's record (``PHANTOMS/case_XXXXX/phantom.json``, written
 by ``kits-seg phantom``) and prints the mean kidney and tumor Dice and the tumors found per
 group: phase, tumor size, tumor-to-kidney contrast either way, and darker or brighter than the
-kidney by size (a model may find dark tumors and call bright ones kidney). A mean tumor Dice mixes tumors no reader could see (an unenhanced scan, a tumor within a
-few HU of its kidney) with plain ones; this says which the model misses. Several pairs (one per
+kidney by size (a model may find dark tumors and call bright ones kidney). A mean tumor Dice
+mixes tumors no reader could see (an unenhanced scan, a tumor within a few HU of its kidney)
+with plain ones; this says which the model misses. Several pairs (one per
 phantom seed) pool their cases; a case name may repeat across pairs.
 """
 

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from compare_scores import paired_bootstrap  # a sibling script: python puts scripts/ on the path
+
 FEATURES = ("log_ml", "share_of_largest", "p_tumor_mean", "lead_mean", "kidney_contact", "hu_vs_kidney",
             "hu_sd", "slices", "y1_mean")
 _CORNERS = ndimage.generate_binary_structure(3, 3)
@@ -145,6 +147,26 @@ def read(path: Path) -> tuple[list[dict], dict[str, dict]]:
     return pieces, {f"{path.stem}/{k}": v for k, v in cases.items()}
 
 
+def read_sets(paths: list[Path]) -> tuple[list[dict], dict[str, dict]]:
+    """The piece rows and case rows of several extract runs together."""
+    pieces, cases = [], {}
+    for path in paths:
+        p, c = read(path)
+        pieces += p
+        cases.update(c)
+    return pieces, cases
+
+
+def dice_from_counts(both: float, pred: float, ref: float) -> float:
+    """The Dice of two masks from their voxel counts (1 where both are empty, as kitseg.metrics)."""
+    return 2.0 * both / (pred + ref) if pred + ref else 1.0
+
+
+def interval(diff: np.ndarray, rng: np.random.Generator) -> str:
+    low, high = paired_bootstrap(diff, 2000, rng)
+    return f"[{low:+.4f}, {high:+.4f}]"
+
+
 def design(pieces: list[dict]) -> np.ndarray:
     return np.array([[r[f] for f in FEATURES] for r in pieces], np.float64)
 
@@ -177,11 +199,7 @@ def tumor_dice(cases: dict[str, dict], pieces: list[dict], reject: np.ndarray) -
         if out:
             pred[r["case"]] -= r["voxels"]
             both[r["case"]] -= r["ref_tumor_voxels"]
-    dice = []
-    for c, v in cases.items():
-        total = pred[c] + v["ref_tumor"]
-        dice.append(1.0 if total == 0 else 2.0 * both[c] / total)
-    return np.array(dice)
+    return np.array([dice_from_counts(both[c], pred[c], v["ref_tumor"]) for c, v in cases.items()])
 
 
 def read_foreground(path: Path) -> dict[str, list[dict]]:
@@ -196,7 +214,7 @@ def read_foreground(path: Path) -> dict[str, list[dict]]:
 def two_kidneys_at_most(paths: list[Path]) -> None:
     """Each case's kidney and tumor Dice when only the two foreground pieces holding the most
     kidney (or the two largest) are kept: a person has two kidneys at most."""
-    cases = {k: v for path in paths for k, v in read(path)[1].items()}
+    cases = read_sets(paths)[1]
     pieces = {k: v for path in paths for k, v in read_foreground(path).items()}
     rng = np.random.default_rng(0)
     results = {}
@@ -213,15 +231,14 @@ def two_kidneys_at_most(paths: list[Path]) -> None:
                     both_fg -= r["ref_fg_voxels"]
                     pred_t -= r["tumor_voxels"]
                     both_t -= r["pred_tumor_on_ref_tumor"]
-            kidney.append(2 * both_fg / (pred_fg + c["ref_fg"]) if pred_fg + c["ref_fg"] else 1.0)
-            tumor.append(2 * both_t / (pred_t + c["ref_tumor"]) if pred_t + c["ref_tumor"] else 1.0)
+            kidney.append(dice_from_counts(both_fg, pred_fg, c["ref_fg"]))
+            tumor.append(dice_from_counts(both_t, pred_t, c["ref_tumor"]))
         results[rule] = np.array(kidney), np.array(tumor)
         line = f"  {rule:<28} kidney {np.mean(kidney):.4f}  tumor {np.mean(tumor):.4f}  pieces dropped {dropped}"
         if key is not None:
             for label, values, base in (("kidney", kidney, results["as labelled"][0]), ("tumor", tumor, results["as labelled"][1])):
                 diff = np.asarray(values) - base
-                boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
-                line += (f"\n      {label} {diff.mean():+.4f} [{np.percentile(boot, 2.5):+.4f}, {np.percentile(boot, 97.5):+.4f}]"
+                line += (f"\n      {label} {diff.mean():+.4f} {interval(diff, rng)}"
                          f" higher in {int((diff > 1e-9).sum())}, lower in {int((diff < -1e-9).sum())}")
         print(line)
     print(f"  ({len(cases)} cases; {sum(len(v) > 2 for v in pieces.values())} with more than two foreground pieces)")
@@ -230,11 +247,7 @@ def two_kidneys_at_most(paths: list[Path]) -> None:
 def low_y1_rule(paths: list[Path], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)) -> None:
     """Each case's Dice when tumor pieces whose mean y1 (stage 1's foreground probability) is under
     a threshold are relabelled kidney, or cleared to background: stage 1 saw no kidney there."""
-    pieces, cases = [], {}
-    for path in paths:
-        p, c = read(path)
-        pieces += p
-        cases.update(c)
+    pieces, cases = read_sets(paths)
     rng = np.random.default_rng(0)
     base_k, base_t = None, None
     for threshold in (0.0,) + tuple(thresholds):
@@ -249,8 +262,7 @@ def low_y1_rule(paths: list[Path], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)) -> None
                     pred_fg[r["case"]] -= r["voxels"]
                     both_fg[r["case"]] -= r["ref_fg_voxels"]
             tumor = tumor_dice(cases, pieces, reject)
-            kidney = np.array([2 * both_fg[c] / (pred_fg[c] + v["ref_fg"]) if pred_fg[c] + v["ref_fg"] else 1.0
-                               for c, v in cases.items()])
+            kidney = np.array([dice_from_counts(both_fg[c], pred_fg[c], v["ref_fg"]) for c, v in cases.items()])
             if base_k is None:
                 base_k, base_t = kidney, tumor
                 print(f"  as labelled: kidney {kidney.mean():.4f}, tumor {tumor.mean():.4f} ({len(cases)} cases)")
@@ -259,8 +271,7 @@ def low_y1_rule(paths: list[Path], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)) -> None
                    f"({sum(1 for r, o in zip(pieces, reject) if o and r['ref_tumor_voxels'] > 0)} on reference tumor)"
             for label, values, base in (("kidney", kidney, base_k), ("tumor", tumor, base_t)):
                 diff = values - base
-                boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
-                text += (f"; {label} {diff.mean():+.4f} [{np.percentile(boot, 2.5):+.4f}, {np.percentile(boot, 97.5):+.4f}]"
+                text += (f"; {label} {diff.mean():+.4f} {interval(diff, rng)}"
                          f" {int((diff > 1e-9).sum())}/{int((diff < -1e-9).sum())}")
             print(text)
 
@@ -272,18 +283,13 @@ def evaluate(args) -> int:
     low_y1_rule(args.test)
     if not args.fit:
         return 0
-    fit_pieces, test_sets = [], []
-    for path in args.fit:
-        fit_pieces += read(path)[0]
+    fit_pieces = read_sets(args.fit)[0]
     x, y = design(fit_pieces), np.array([r["ref_tumor_voxels"] > 0.5 * r["voxels"] for r in fit_pieces], float)
     model = fit_logistic(x, y, l2=args.l2)
     print(f"fit: {len(y)} pieces, {int(y.sum())} mostly reference tumor")
     for name, weight in zip(("intercept",) + FEATURES, model[0]):
         print(f"  {name:<18} {weight:+.3f}")
-    for path in args.test:
-        test_sets.append(read(path))
-    pieces = [r for p, _ in test_sets for r in p]
-    cases = {k: v for _, c in test_sets for k, v in c.items()}
+    pieces, cases = read_sets(args.test)
     score = predict(model, design(pieces))
     base = tumor_dice(cases, pieces, np.zeros(len(pieces), bool))
     oracle = tumor_dice(cases, pieces, np.array([r["ref_tumor_voxels"] == 0 for r in pieces]))
@@ -294,11 +300,9 @@ def evaluate(args) -> int:
         reject = score < threshold
         dice = tumor_dice(cases, pieces, reject)
         diff = dice - base
-        boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
         lost_true = sum(1 for r, out in zip(pieces, reject) if out and r["ref_tumor_voxels"] > 0)
         print(f"  reject p < {threshold:.2f}: {int(reject.sum()):4d} pieces ({lost_true} touching reference tumor), "
-              f"tumor Dice {dice.mean():.4f}, {diff.mean():+.4f} [{np.percentile(boot, 2.5):+.4f}, "
-              f"{np.percentile(boot, 97.5):+.4f}], higher in {int((diff > 1e-9).sum())}, lower in {int((diff < -1e-9).sum())}")
+              f"tumor Dice {dice.mean():.4f}, {diff.mean():+.4f} {interval(diff, rng)}, higher in {int((diff > 1e-9).sum())}, lower in {int((diff < -1e-9).sum())}")
     return 0
 
 
