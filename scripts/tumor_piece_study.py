@@ -124,24 +124,30 @@ def extract(args) -> int:
         case_out.append(case_row)
         print(f"{case.name}: {len(rows)} tumor piece(s), {sum(r['ref_tumor_voxels'] > 0 for r in rows)} on the "
               f"reference tumor ({time.perf_counter() - t0:.0f} s)", flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    for path, rows in ((args.csv, piece_out), (args.csv.with_suffix(".cases.csv"), case_out),
-                       (args.csv.with_suffix(".fg.csv"), fg_out)):
-        with path.open("w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=list((rows or [{}])[0].keys()) or ["case"])
-            writer.writeheader()
-            writer.writerows(rows)
+    write(args.csv, piece_out, case_out, fg_out)
     return 0
 
 
-def read(path: Path) -> tuple[list[dict], dict[str, dict]]:
-    def numbers(row):
-        return {k: (v if k == "case" else float(v)) for k, v in row.items()}
+def write(path: Path, pieces: list[dict], cases: list[dict], fg_pieces: list[dict]) -> None:
+    """``path`` (tumor pieces), ``.cases.csv`` and ``.fg.csv`` beside it, as :func:`read` reads them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for out, rows in ((path, pieces), (path.with_suffix(".cases.csv"), cases), (path.with_suffix(".fg.csv"), fg_pieces)):
+        with out.open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list((rows or [{}])[0].keys()) or ["case"])
+            writer.writeheader()
+            writer.writerows(rows)
 
+
+def _numbers(row: dict) -> dict:
+    """A CSV row with every column but the case name read as a number."""
+    return {k: (v if k == "case" else float(v)) for k, v in row.items()}
+
+
+def read(path: Path) -> tuple[list[dict], dict[str, dict]]:
     with path.open(newline="") as stream:
-        pieces = [numbers(r) for r in csv.DictReader(stream)]
+        pieces = [_numbers(r) for r in csv.DictReader(stream)]
     with path.with_suffix(".cases.csv").open(newline="") as stream:
-        cases = {r["case"]: numbers(r) for r in csv.DictReader(stream)}
+        cases = {r["case"]: _numbers(r) for r in csv.DictReader(stream)}
     for r in pieces:
         r["case"] = f"{path.stem}/{r['case']}"
     return pieces, {f"{path.stem}/{k}": v for k, v in cases.items()}
@@ -206,9 +212,21 @@ def read_foreground(path: Path) -> dict[str, list[dict]]:
     by_case: dict[str, list[dict]] = {}
     with path.with_suffix(".fg.csv").open(newline="") as stream:
         for r in csv.DictReader(stream):
-            by_case.setdefault(f"{path.stem}/{r['case']}", []).append(
-                {k: (v if k == "case" else float(v)) for k, v in r.items()})
+            by_case.setdefault(f"{path.stem}/{r['case']}", []).append(_numbers(r))
     return by_case
+
+
+def dice_keeping_two(case: dict, fg_pieces: list[dict], key: str | None) -> tuple[float, float]:
+    """A case's (kidney, tumor) Dice with only the two foreground pieces of the largest ``key``
+    ("voxels", "kidney_voxels") kept, from its ``.cases.csv`` and ``.fg.csv`` rows; None keeps all."""
+    pred_fg, both_fg, pred_t, both_t = case["pred_fg"], case["both_fg"], case["pred_tumor"], case["both_tumor"]
+    if key is not None:
+        for r in sorted(fg_pieces, key=lambda r: -r[key])[2:]:
+            pred_fg -= r["voxels"]
+            both_fg -= r["ref_fg_voxels"]
+            pred_t -= r["tumor_voxels"]
+            both_t -= r["pred_tumor_on_ref_tumor"]
+    return dice_from_counts(both_fg, pred_fg, case["ref_fg"]), dice_from_counts(both_t, pred_t, case["ref_tumor"])
 
 
 def two_kidneys_at_most(paths: list[Path]) -> None:
@@ -222,17 +240,11 @@ def two_kidneys_at_most(paths: list[Path]) -> None:
                       ("keep the 2 largest", "voxels")):
         kidney, tumor, dropped = [], [], 0
         for name, c in cases.items():
-            pred_fg, both_fg, pred_t, both_t = c["pred_fg"], c["both_fg"], c["pred_tumor"], c["both_tumor"]
             rows = pieces.get(name, [])
-            if key is not None and len(rows) > 2:
-                for r in sorted(rows, key=lambda r: -r[key])[2:]:
-                    dropped += 1
-                    pred_fg -= r["voxels"]
-                    both_fg -= r["ref_fg_voxels"]
-                    pred_t -= r["tumor_voxels"]
-                    both_t -= r["pred_tumor_on_ref_tumor"]
-            kidney.append(dice_from_counts(both_fg, pred_fg, c["ref_fg"]))
-            tumor.append(dice_from_counts(both_t, pred_t, c["ref_tumor"]))
+            k, t = dice_keeping_two(c, rows, key)
+            kidney.append(k)
+            tumor.append(t)
+            dropped += max(len(rows) - 2, 0) if key is not None else 0
         results[rule] = np.array(kidney), np.array(tumor)
         line = f"  {rule:<28} kidney {np.mean(kidney):.4f}  tumor {np.mean(tumor):.4f}  pieces dropped {dropped}"
         if key is not None:
