@@ -74,15 +74,8 @@ def main() -> int:
         parser.error(f"every --mix needs {n} numbers, one per member")
 
     def member_probs(volume):
-        prepared = segmenter.prepare(volume)
-        y1 = segmenter.stage1(prepared)
-        mask = segmenter.mask(prepared, y1)
-        probs = []
-        for member in members:
-            segmenter.stage2_net = member
-            probs.append(segmenter.stage2(prepared, y1, mask).astype(np.float32))
-        segmenter.stage2_net = ensemble
-        return prepared, np.stack(probs)
+        prepared, y1, mask, probs = member_probabilities(segmenter, volume)
+        return prepared, probs
 
     shares = {mix: np.asarray(normalised_mix(list(mix), n), np.float32) for mix in mixes}  # as a file weighs them
 
@@ -124,13 +117,9 @@ def main() -> int:
             writer.writeheader()
             writer.writerows(false_rows)
 
-    ct_path = REALCT / "totalseg_example_ct.nii.gz"
-    if args.realct and not ct_path.is_file():
-        print(f"real CT skipped: {ct_path} is absent (shared development data)")
-    elif args.realct:
-        volume = read_ct(ct_path)
-        reference = read_labels(REALCT / "totalseg_example_ct_pred_labels.nii.gz", like=volume).array
-        reference_kidney = np.isin(reference, (2, 3))  # 2 = right, 3 = left kidney
+    realct = read_realct() if args.realct else None
+    if realct is not None:
+        volume, reference_kidney = realct
         prepared, probs = member_probs(volume)
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         for mix in mixes:
@@ -138,6 +127,37 @@ def main() -> int:
             print(f"real CT {mix_name(mix):>12}: kidney Dice {dice(labels > 0, reference_kidney):.4f}, "
                   f"tumor {np.sum(labels == 2) * voxel_ml:.1f} mL (all false)")
     return 0
+
+
+def member_probabilities(segmenter, volume):
+    """(prepared, y1, mask, probs): stage 1 and the mask as ``kits-seg predict`` makes them, and
+    the (members, 3, Z, Y, X) class probabilities of each member of the segmenter's stage 2 alone
+    (a single network counts as one member)."""
+    prepared = segmenter.prepare(volume)
+    y1 = segmenter.stage1(prepared)
+    mask = segmenter.mask(prepared, y1)
+    ensemble = segmenter.stage2_net
+    probs = []
+    try:
+        for member in getattr(ensemble, "members", [ensemble]):
+            segmenter.stage2_net = member
+            probs.append(segmenter.stage2(prepared, y1, mask).astype(np.float32))
+    finally:
+        segmenter.stage2_net = ensemble
+    return prepared, y1, mask, np.stack(probs)
+
+
+def read_realct():
+    """(the real CT, its reference kidney mask), or None with a word where the shared data is absent."""
+    from kitseg.io import read_ct, read_labels
+
+    ct_path = REALCT / "totalseg_example_ct.nii.gz"
+    if not ct_path.is_file():
+        print(f"real CT skipped: {ct_path} is absent (shared development data)")
+        return None
+    volume = read_ct(ct_path)
+    reference = read_labels(REALCT / "totalseg_example_ct_pred_labels.nii.gz", like=volume).array
+    return volume, np.isin(reference, (2, 3))  # 2 = right, 3 = left kidney
 
 
 def default_mixes(n: int) -> list[tuple[float, ...]]:
