@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,20 @@ def dataset(tmp_path_factory):
             root / f"case_{i:05d}"
         )
     return root
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module, with scripts/ on the path as when it runs (studies import
+    their siblings)."""
+    folder = str(REPO / "scripts")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
 
 
 def requires(path: Path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,21 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import SHARED_DATA, requires
+from .conftest import SHARED_DATA, load_script, requires
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "realct_robustness.py"
 
 
 @pytest.fixture(scope="module")
 def robustness():
-    sys.path.insert(0, str(SCRIPT.parent))  # as when it runs: it imports its sibling evaluate_realct.py
-    try:
-        spec = importlib.util.spec_from_file_location("realct_robustness", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_script("realct_robustness")
 
 
 def _world(affine: np.ndarray, shape) -> np.ndarray:

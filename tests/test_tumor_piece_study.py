@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from kitseg.metrics import dice
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tumor_piece_study.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(SCRIPT.parent))  # as when it runs: it imports its sibling compare_scores.py
-    try:
-        spec = importlib.util.spec_from_file_location("tumor_piece_study", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_script("tumor_piece_study")
 
 
 def _case():
