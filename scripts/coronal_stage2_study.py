@@ -10,15 +10,17 @@ shipped axial stage 2 with that network's probabilities mixed in.
     python scripts/coronal_stage2_study.py turn --cache work_data/run_cpu_bf16/cache \\
         --y1 work_data/run_ctx0/oof_y1 work_data/run_ctx0/val_y1 \\
         --cases $(ls work_data/data_ctx) --out-cache work_data/cor/cache --out-run work_data/run_cor
-    # 2. round 13's newest network trained 2000 steps more on them (the recipe of round 13's newest network,
-    #    on the phantoms_v3 draws and a seed-31 draw of each training mask)
-    kits-seg train --data work_data/data_ctx --cache work_data/cor/cache --out work_data/run_cor \
-        --preset cpu --device cpu --stage2-steps 2000 --val-cases case_00120 ... case_00149 \
-        --init-from work_data/m13_member2.kseg --keep-stage1 --set stage2_tumor_weight=3 \
-        --set steps_per_epoch=1000 --set augment_noise_hu=30 --set tumor_sampling=lesion \
+    # 2. round 13's newest network trained 2000 steps more on them, with run_ctx0's recipe (data_ctx:
+    #    the phantoms_v3 draws and a seed-31 draw of each training mask)
+    kits-seg train --data work_data/data_ctx --cache work_data/cor/cache --out work_data/run_cor \\
+        --preset cpu --device cpu --stage2-steps 2000 --val-cases case_00120 ... case_00149 \\
+        --init-from work_data/m13_member2.kseg --keep-stage1 --set stage2_tumor_weight=3 \\
+        --set steps_per_epoch=1000 --set augment_noise_hu=30 --set tumor_sampling=lesion \\
         --set tumor_fraction=0.9 --set stage2_hard_fraction=0.1
+    #    then 4000 steps more: the same with --out work_data/run_cor2 --stage2-steps 4000
+    #    --init-from work_data/run_cor/model.kseg (run_cor's oof_y1/ and val_y1/ linked into run_cor2/)
     # 3. the shipped model with the coronal network mixed in, end to end, on fresh draws
-    python scripts/coronal_stage2_study.py score --coronal work_data/run_cor/model.kseg \
+    python scripts/coronal_stage2_study.py score --coronal work_data/run_cor/model.kseg \\
         --cases work_data/phantoms_s24 --out work_data/cor_s24 [--mix 1,1,1,0 1,1,1,1 ...] [--realct]
 
 The training code never sees an axis name: a turned case is a volume whose first axis is the
@@ -34,10 +36,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -100,10 +102,8 @@ def turn(args: argparse.Namespace) -> int:
 
 def score(args: argparse.Namespace) -> int:
     # sibling scripts: python puts scripts/ on the path
-    from stage2_member_weights_study import member_probabilities, mix_name, read_realct
+    from stage2_member_weights_study import member_probabilities, mix_name, score_labelings
 
-    from kitseg.io import discover_inputs, read_ct, read_labels
-    from kitseg.metrics import dice, kits_scores, write_scores_csv
     from kitseg.networks.ensemble import normalised_mix
     from kitseg.pipeline import Segmenter, tumor_lead
 
@@ -140,38 +140,9 @@ def score(args: argparse.Namespace) -> int:
             lead = (1.0 - share) * lead_axial + share * lead_coronal
         return segmenter.labels_on_source(prepared, axial, lead=lead)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    scores = {key: [] for key in list(args.mix) + list(args.lead_rules)}
-    cases = [case for folder in args.cases for case in discover_inputs(folder)]
-    for i, case in enumerate(cases, 1):
-        start = time.perf_counter()
-        volume = read_ct(case.image_path)
-        reference = read_labels(case.labels_path, like=volume).array
-        prepared, probs = member_probs(volume)
-        for mix in args.mix:
-            scores[mix].append(kits_scores(labels_for(prepared, probs, mix), reference, volume.spacing, case=case.name))
-        for rule in args.lead_rules:
-            scores[rule].append(kits_scores(labels_by_lead(prepared, probs, rule), reference, volume.spacing,
-                                            case=case.name))
-        print(f"[{i}/{len(cases)}] {case.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    if cases:
-        print(f"{'mix':>14} {'kidney':>7} {'tumor':>7}")
-        for key in scores:
-            name = key if isinstance(key, str) else mix_name(key)
-            write_scores_csv(scores[key], args.out / f"scores_{name}.csv")
-            kidney = np.mean([s.kidney_dice for s in scores[key]])
-            tumor = np.mean([s.tumor_dice for s in scores[key]])
-            print(f"{name:>14} {kidney:7.4f} {tumor:7.4f}")
-
-    realct = read_realct() if args.realct else None
-    if realct is not None:
-        volume, reference_kidney = realct
-        prepared, probs = member_probs(volume)
-        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        for mix in args.mix:
-            labels = labels_for(prepared, probs, mix)
-            print(f"real CT {mix_name(mix):>14}: kidney Dice {dice(labels > 0, reference_kidney):.4f}, "
-                  f"tumor {np.sum(labels == 2) * voxel_ml:.1f} mL (all false)")
+    labelings = {mix_name(mix): functools.partial(labels_for, mix=mix) for mix in args.mix}
+    labelings.update({rule: functools.partial(labels_by_lead, rule=rule) for rule in args.lead_rules})
+    score_labelings(args.cases, member_probs, labelings, args.out, args.realct)
     return 0
 
 

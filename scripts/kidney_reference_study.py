@@ -30,11 +30,12 @@ the shipped model's axial members' weights, then the new network's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,8 @@ def shift(args: argparse.Namespace) -> int:
 
 def score(args: argparse.Namespace) -> int:
     # sibling scripts: python puts scripts/ on the path
-    from stage2_member_weights_study import member_probabilities, mix_name, read_realct
+    from stage2_member_weights_study import member_probabilities, mix_name, score_labelings
 
-    from kitseg.io import discover_inputs, read_ct, read_labels
-    from kitseg.metrics import dice, kits_scores, write_scores_csv
     from kitseg.networks.ensemble import normalised_mix
     from kitseg.pipeline import Segmenter
 
@@ -112,47 +111,19 @@ def score(args: argparse.Namespace) -> int:
     def member_probs(volume):
         prepared, y1, mask, probs = member_probabilities(segmenter, volume)
         shifted = prepared.image.astype(np.float32) + kidney_shift(prepared.image, y1)
-        import dataclasses
-
         new = referenced.stage2(dataclasses.replace(prepared, image=shifted), y1, mask).astype(np.float32)
         return prepared, np.concatenate([probs, new[None]])
 
     def labels_for(prepared, probs, mix):
         return segmenter.labels_on_source(prepared, np.tensordot(shares[mix], probs, axes=1))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    scores = {mix: [] for mix in args.mix}
-    cases = [case for folder in args.cases for case in discover_inputs(folder)]
-    for i, case in enumerate(cases, 1):
-        start = time.perf_counter()
-        volume = read_ct(case.image_path)
-        reference = read_labels(case.labels_path, like=volume).array
-        prepared, probs = member_probs(volume)
-        for mix in args.mix:
-            scores[mix].append(kits_scores(labels_for(prepared, probs, mix), reference, volume.spacing, case=case.name))
-        print(f"[{i}/{len(cases)}] {case.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    if cases:
-        print(f"{'mix':>14} {'kidney':>7} {'tumor':>7}")
-        for mix in args.mix:
-            write_scores_csv(scores[mix], args.out / f"scores_{mix_name(mix)}.csv")
-            kidney = np.mean([s.kidney_dice for s in scores[mix]])
-            tumor = np.mean([s.tumor_dice for s in scores[mix]])
-            print(f"{mix_name(mix):>14} {kidney:7.4f} {tumor:7.4f}")
-    realct = read_realct() if args.realct else None
-    if realct is not None:
-        volume, reference_kidney = realct
-        prepared, probs = member_probs(volume)
-        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        for mix in args.mix:
-            labels = labels_for(prepared, probs, mix)
-            print(f"real CT {mix_name(mix):>14}: kidney Dice {dice(labels > 0, reference_kidney):.4f}, "
-                  f"tumor {np.sum(labels == 2) * voxel_ml:.1f} mL (all false)")
+    labelings = {mix_name(mix): functools.partial(labels_for, mix=mix) for mix in args.mix}
+    score_labelings(args.cases, member_probs, labelings, args.out, args.realct)
     return 0
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from stage2_member_weights_study import parse_mix
+    from stage2_member_weights_study import parse_mix  # a sibling script: python puts scripts/ on the path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
