@@ -50,12 +50,6 @@ DEFAULT_MIXES = ("1,1,1,0", "1,1,1,1", "1,1,1,1.5", "1,1,1,3", "0,1,1,1", "1,0,1
 TURN = (1, 0, 2)  # (Z, Y, X) -> (Y, Z, X): slices along the anterior-posterior axis are coronal
 
 
-def parse_mix(text: str) -> tuple[float, ...]:
-    from stage2_member_weights_study import parse_mix as parse
-
-    return parse(text)
-
-
 def shares_of_axial(axial_mix: list[float]) -> np.ndarray:
     """The model's own weighting of its axial members, the coronal network out."""
     return np.asarray(list(axial_mix) + [0.0], np.float32)
@@ -102,9 +96,8 @@ def turn(args: argparse.Namespace) -> int:
 
 def score(args: argparse.Namespace) -> int:
     # sibling scripts: python puts scripts/ on the path
-    from stage2_member_weights_study import member_probabilities, mix_name, score_labelings
+    from stage2_member_weights_study import member_probabilities, mix_labelers, mix_name, score_labelings
 
-    from kitseg.networks.ensemble import normalised_mix
     from kitseg.pipeline import Segmenter, tumor_lead
 
     segmenter = Segmenter.from_file(args.weights, device="cpu")
@@ -114,7 +107,6 @@ def score(args: argparse.Namespace) -> int:
     n = len(axial_members) + 1
     if any(len(mix) != n for mix in args.mix):
         raise SystemExit(f"every --mix needs {n} numbers: the {n - 1} axial members', then the coronal network's")
-    shares = {mix: np.asarray(normalised_mix(list(mix), n), np.float32) for mix in args.mix}
 
     def member_probs(volume):
         """(members + 1, 3, Z, Y, X): each axial member's class probabilities, then the coronal network's."""
@@ -122,9 +114,6 @@ def score(args: argparse.Namespace) -> int:
         side = dataclasses.replace(prepared, image=turned(prepared.image))
         side_probs = coronal.stage2(side, turned(y1), turned(mask)).astype(np.float32)
         return prepared, np.concatenate([probs, np.transpose(side_probs, (0, 2, 1, 3))[None]])  # back to (Z, Y, X)
-
-    def labels_for(prepared, probs, mix):
-        return segmenter.labels_on_source(prepared, np.tensordot(shares[mix], probs, axes=1))
 
     axial_only = shares_of_axial(getattr(ensemble, "mix", [1.0]))
 
@@ -140,13 +129,15 @@ def score(args: argparse.Namespace) -> int:
             lead = (1.0 - share) * lead_axial + share * lead_coronal
         return segmenter.labels_on_source(prepared, axial, lead=lead)
 
-    labelings = {mix_name(mix): functools.partial(labels_for, mix=mix) for mix in args.mix}
+    labelings = {mix_name(mix): labels for mix, labels in mix_labelers(segmenter, args.mix).items()}
     labelings.update({rule: functools.partial(labels_by_lead, rule=rule) for rule in args.lead_rules})
     score_labelings(args.cases, member_probs, labelings, args.out, args.realct)
     return 0
 
 
 def main() -> int:
+    from stage2_member_weights_study import parse_mix  # a sibling script: python puts scripts/ on the path
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("turn", help="prepared cases and their y1, turned to coronal slicing")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -96,9 +95,8 @@ def shift(args: argparse.Namespace) -> int:
 
 def score(args: argparse.Namespace) -> int:
     # sibling scripts: python puts scripts/ on the path
-    from stage2_member_weights_study import member_probabilities, mix_name, score_labelings
+    from stage2_member_weights_study import member_probabilities, mix_labelers, mix_name, score_labelings
 
-    from kitseg.networks.ensemble import normalised_mix
     from kitseg.pipeline import Segmenter
 
     segmenter = Segmenter.from_file(args.weights, device="cpu")
@@ -106,7 +104,6 @@ def score(args: argparse.Namespace) -> int:
     n = len(getattr(segmenter.stage2_net, "members", [None])) + 1
     if any(len(mix) != n for mix in args.mix):
         raise SystemExit(f"every --mix needs {n} numbers: the {n - 1} axial members', then the new network's")
-    shares = {mix: np.asarray(normalised_mix(list(mix), n), np.float32) for mix in args.mix}
 
     def member_probs(volume):
         prepared, y1, mask, probs = member_probabilities(segmenter, volume)
@@ -114,10 +111,7 @@ def score(args: argparse.Namespace) -> int:
         new = referenced.stage2(dataclasses.replace(prepared, image=shifted), y1, mask).astype(np.float32)
         return prepared, np.concatenate([probs, new[None]])
 
-    def labels_for(prepared, probs, mix):
-        return segmenter.labels_on_source(prepared, np.tensordot(shares[mix], probs, axes=1))
-
-    labelings = {mix_name(mix): functools.partial(labels_for, mix=mix) for mix in args.mix}
+    labelings = {mix_name(mix): labels for mix, labels in mix_labelers(segmenter, args.mix).items()}
     score_labelings(args.cases, member_probs, labelings, args.out, args.realct)
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,6 @@ def main() -> int:
     from kitseg.atomic import atomic_path
     from kitseg.io import discover_inputs, read_ct, read_labels
     from kitseg.metrics import dice, kits_scores, write_scores_csv
-    from kitseg.networks.ensemble import normalised_mix
     from kitseg.pipeline import Segmenter
 
     segmenter = Segmenter.from_file(args.weights, device="cpu")
@@ -77,10 +77,10 @@ def main() -> int:
         prepared, y1, mask, probs = member_probabilities(segmenter, volume)
         return prepared, probs
 
-    shares = {mix: np.asarray(normalised_mix(list(mix), n), np.float32) for mix in mixes}  # as a file weighs them
+    labelers = mix_labelers(segmenter, mixes)
 
     def labels_for(prepared, probs, mix):
-        return segmenter.labels_on_source(prepared, np.tensordot(shares[mix], probs, axes=1))
+        return labelers[mix](prepared, probs)
 
     args.out.mkdir(parents=True, exist_ok=True)
     scores = {mix: [] for mix in mixes}
@@ -158,6 +158,19 @@ def read_realct():
     volume = read_ct(ct_path)
     reference = read_labels(REALCT / "totalseg_example_ct_pred_labels.nii.gz", like=volume).array
     return volume, np.isin(reference, (2, 3))  # 2 = right, 3 = left kidney
+
+
+def mix_labelers(segmenter, mixes) -> dict:
+    """For each weighting (one number per member), a function of (prepared, probs) giving the
+    labels of the members' (members, 3, Z, Y, X) probabilities averaged with those weights (as a
+    model file weighs them), then labelled as ``kits-seg predict`` labels."""
+    from kitseg.networks.ensemble import normalised_mix
+
+    def labels(prepared, probs, shares):
+        return segmenter.labels_on_source(prepared, np.tensordot(shares, probs, axes=1))
+
+    return {mix: functools.partial(labels, shares=np.asarray(normalised_mix(list(mix), len(mix)), np.float32))
+            for mix in mixes}
 
 
 def score_labelings(folders, member_probs, labelings: dict, out: Path, realct: bool = False) -> None:
