@@ -2,9 +2,11 @@
 
 Even memorized, a tumor under 10 mL is mostly missed at 2 x 2 x 5 mm (MODEL_CARD.md, Limits:
 "Stage 2 underfits"), and four times the width did not help: the grid is the untested suspect.
-This study keeps everything else of ``run_ctx0`` (round 13's newest network trained 2000 steps
-more on ``data_ctx``): the same start, data, recipe and steps, and the shipped stage 1 at 2 mm.
-Only stage 2 works on a finer in-plane grid; its y1 is stage 1's 2 mm map resampled onto that
+This study keeps the rest of ``run_ctx0`` (round 13's newest network trained 2000 steps more on
+``data_ctx``): the same start, data, recipe and steps, and the shipped stage 1 at 2 mm, except
+two things the finer grid brings along: crops of 160 pixels (16 cm against 22) and a training
+mask of 20 mm along z too (``run_ctx0``'s 10 voxels reached 50 mm). Stage 2 works on the finer
+in-plane grid; its y1 is stage 1's 2 mm map resampled onto that
 grid (linear, in-plane only: the slices are the same 5 mm ones), in training (out-of-fold y1) as
 at inference, and its mask is that y1 dilated by the same 20 mm. The training code is unchanged:
 it is handed the finer cases, the y1 resampled onto them, and a copy of the starting model that
@@ -30,8 +32,11 @@ declares the finer grid (convolutions do not depend on the grid; their reach in 
     python scripts/inplane_stage2_study.py score --network work_data/run_mm1/model.kseg \\
         --cases work_data/phantoms_s24 --out work_data/mm1_s24 [--mix 0,0,0,1 1,1,1,1 ...] [--realct]
 
-``score`` writes ``OUT/scores_MIX.csv`` (the ``kits-seg evaluate`` columns); each ``--mix`` gives
-the shipped members' weights, then the new network's. The shipped members' probabilities are
+``score`` writes ``OUT/scores_MIX.csv`` (the ``kits-seg evaluate`` columns; ``--mix 0,0,0,1`` gives
+``scores_0-0-0-1.csv``); each ``--mix`` gives the shipped members' weights, then the new network's,
+and the shipped members always run (their mix is free once they have). The trained model file
+declares its stage 1 on the fine grid too: use it through ``score``, not ``kits-seg predict``,
+which would run that 2 mm stage 1 on the 1 mm grid. The shipped members' probabilities are
 brought onto the fine grid and mixed there. Compare the new network alone with the 2 mm control
 alone (``stage2_member_weights_study.py --weights work_data/m5_study.kseg --mix 0,0,0,1,0``) by
 ``scripts/compare_scores.py``.
@@ -67,11 +72,17 @@ def resample_inplane(y1: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 def prepare(args: argparse.Namespace) -> int:
     from kitseg.checkpoint import load_bundle, module_weights_sha256, save_bundle
     from kitseg.training.data import open_cached_case, prepare_cases, save_npy
+    from kitseg.training.loop import _write_json_atomic
 
+    # The coarse run and starting model are inputs: never written over.
+    if args.out_run.resolve() == args.from_run.resolve() or args.out_init.resolve() == args.init.resolve():
+        raise SystemExit("--out-run and --out-init must differ from --from-run and --init: those are read, not written")
     bundle = load_bundle(args.init)
     fine = dataclasses.replace(bundle.preprocessing, inplane_spacing_mm=args.spacing)
     stems = prepare_cases(args.data, fine, args.cache, progress=False, workers=args.workers)
     stage1_sha = module_weights_sha256(bundle.stage1.module)
+    coarse_val = _read_json(args.from_run / "val_y1" / "sources.json")
+    covered = set()
     for folder in ("oof_y1", "val_y1"):
         source_dir, out_dir = args.from_run / folder, args.out_run / folder
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,19 +92,44 @@ def prepare(args: argparse.Namespace) -> int:
             coarse = source_dir / f"{case.name}.npy"
             if not coarse.is_file():
                 continue
+            if folder == "val_y1":
+                # Kept by the training run only if made by the stage 1 it keeps; the coarse record
+                # says which (and on which kind of device, as the run checks).
+                record = coarse_val.get(case.name)
+                if not isinstance(record, dict) or record.get("stage1_sha256") != stage1_sha:
+                    raise SystemExit(f"{coarse}: not recorded as made by {args.init}'s stage 1 "
+                                     f"({source_dir / 'sources.json'}); the fine run would not keep it")
             out = out_dir / coarse.name
-            if not out.is_file():
+            # an earlier prepare's y1 is kept only if it is on this grid (another --spacing is not)
+            if not out.is_file() or np.load(out, mmap_mode="r").shape != case.image.shape:
                 y1 = resample_inplane(np.load(coarse), case.image.shape)
                 # as the training code writes them: out-of-fold y1 in float16, validation y1 in float32
                 save_npy(out, y1.astype(np.float16 if folder == "oof_y1" else np.float32))
             # The records the training code checks: which prepared case (and stage 1) a y1 is of.
             sources[case.name] = stem.name if folder == "oof_y1" else {
-                "stage1_sha256": stage1_sha, "case": stem.name, "device": "cpu"}
-        (out_dir / "sources.json").write_text(json.dumps(sources, indent=2) + "\n")
+                "stage1_sha256": stage1_sha, "case": stem.name, "device": coarse_val[case.name].get("device", "cpu")}
+        _write_json_atomic(out_dir / "sources.json", sources)
+        covered |= set(sources)
         print(f"{out_dir}: {len(sources)} y1 resampled onto the {args.spacing} mm grid")
+    missing = sorted({open_cached_case(stem).name for stem in stems} - covered)
+    if missing:
+        # The training run would train out-of-fold stage-1 models on the fine grid for these (hours
+        # on a CPU) and mix their y1 with the resampled ones: better to stop here.
+        raise SystemExit(f"{args.from_run}: no y1 for {len(missing)} case(s) ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}) in oof_y1/ or val_y1/")
     save_bundle(dataclasses.replace(bundle, preprocessing=fine), args.out_init)
     print(f"{args.out_init}: {args.init}'s networks, declared on the {args.spacing} mm grid")
     return 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise SystemExit(f"{path}: not readable as JSON ({exc})") from exc
+    return data if isinstance(data, dict) else {}
 
 
 def score(args: argparse.Namespace) -> int:
