@@ -10,7 +10,9 @@ replace the input CT and write atomically.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +63,35 @@ def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -
     for input_path, what in inputs:
         if input_path is not None and Path(input_path).exists() and os.path.samefile(path, input_path):
             raise SaveError(f"{path}: refusing to overwrite {what}; choose another name")
+
+
+def refuse_open_files(path: str | os.PathLike, layers: Iterable[Any]) -> None:
+    """Raise :class:`SaveError` if ``path`` is the file any of ``layers`` was read from: a label
+    map opened beside its CT must not be saved over that CT (or over another layer's file)."""
+    from ._layers import geometry_of
+
+    path = with_nifti_suffix(path)
+    if not path.exists():
+        return
+    for layer in layers:
+        geometry = geometry_of(layer)
+        sources = [getattr(getattr(layer, "source", None), "path", None)]
+        if geometry is not None:
+            sources += [getattr(geometry.source, "path", None), geometry.read_from]
+        for source in sources:
+            if source is not None and Path(source).exists() and os.path.samefile(path, source):
+                raise SaveError(f"{path}: refusing to overwrite the file of the open layer '{layer.name}'; "
+                                "choose another name")
+
+
+def viewer_layers() -> list[Any]:
+    """The layers of the napari viewer in use (none outside napari)."""
+    try:
+        from napari import current_viewer
+    except ImportError:
+        return []
+    viewer = current_viewer()
+    return list(viewer.layers) if viewer is not None else []
 
 
 def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False) -> Path:

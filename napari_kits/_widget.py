@@ -833,7 +833,8 @@ class KitsWidget(QWidget):
         session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs, spare="labels")
         session.labels_written = _checksum(event.labels)
         if kept is not None:
-            self.status.setText(f"Your corrected labels were kept as '{kept.name}'; the new result is "
+            kept.visible = False  # under the new result in the same colours it would only confuse
+            self.status.setText(f"Your corrected labels were kept (hidden) as '{kept.name}'; the new result is "
                                 f"'{session.labels_layer.name}'.")
         for layer in (session.y1_layer, session.mask_layer):
             if self._live(layer):
@@ -855,10 +856,15 @@ class KitsWidget(QWidget):
         if index != len(self.viewer.layers) - 1:
             self.viewer.layers.move(index, len(self.viewer.layers))
         self.viewer.layers.selection.active = labels
-        index = self.pred_combo.findData(labels)
-        if index >= 0:
-            self.pred_combo.setCurrentIndex(index)
-        if self.gt_combo.currentData() is not None and self.gt_combo.currentData() is not labels:
+        for combo in (self.pred_combo, self.save_combo):  # scored and saved next: the new result
+            index = combo.findData(labels)
+            if index >= 0:
+                combo.setCurrentIndex(index)
+        reference = self.gt_combo.currentData()
+        if reference is not None and reference is not labels:
+            # Outlined, so the result's own colours show through it (filled, the two blend).
+            if getattr(geometry_of(reference), "kind", None) == "ground_truth" and not reference.contour:
+                reference.contour = 2
             self._score_timer.start()
 
     def _set_aside_if_edited(self, session: _Session, layer_attr: str, checksum_attr: str) -> Any:
@@ -1092,12 +1098,13 @@ class KitsWidget(QWidget):
         """Write ``layer`` on its CT's grid at ``path``, asking before replacing a file."""
         from napari.qt.threading import create_worker
 
-        from ._save import SaveError, refuse_input_file, save_layer, with_nifti_suffix
+        from ._save import SaveError, refuse_input_file, refuse_open_files, save_layer, with_nifti_suffix
 
         path = with_nifti_suffix(path)
         geometry = geometry_of(layer)
         try:
             refuse_input_file(geometry, path)
+            refuse_open_files(path, self.viewer.layers)
         except SaveError as error:
             self._show_error(str(error))
             return None

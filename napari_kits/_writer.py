@@ -2,7 +2,7 @@
 
 napari's own save dialog has already asked before replacing a file, so these overwrite; the
 writer still refuses to replace the file a layer was read from (the CT, or a
-result opened to be corrected).
+result opened to be corrected), or that of any layer open in the viewer.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from ._layers import geometry_of
-from ._save import save_layer
+from ._save import refuse_open_files, save_layer, viewer_layers
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     """Labels (the result, a corrected result, the mask) -> ``path`` (.nii.gz / .nii)."""
+    refuse_open_files(path, viewer_layers())
     return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]
 
 
 def write_probability(path: str, data: Any, meta: dict) -> list[str]:
     """A probability layer (y1, class probabilities) -> ``path``, uint8 with slope 1/255."""
+    refuse_open_files(path, viewer_layers())
     return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]

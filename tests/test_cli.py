@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -398,3 +399,72 @@ def test_info_shows_a_refused_models_metadata_and_then_fails(tmp_path, weights, 
     assert "schema_version" in captured.out and "do not match their sha256" in captured.err
     assert main(["info", "--weights", str(tmp_path)]) == 2
     assert "is a folder; a model is one .kseg file" in capsys.readouterr().err
+
+
+def test_train_checks_the_networks_and_whole_numbers_before_making_a_run_folder(tmp_path, cases, capsys):
+    run = tmp_path / "run"
+    for setting, message in (
+            ('stage1_kwargs={"base_channels":"x"}', "stage 1: network 'unet2d': base_channels must be an integer"),
+            ('stage2_kwargs={"norm":"banana"}', "stage 2: network 'unetpp2d': norm must be one of"),
+            ('stage1_kwargs={"nonsense":3}', "unexpected keyword argument 'nonsense'"),
+            ("stage2_kwargs=[]", "stage2_kwargs must be a JSON object"),
+            ("batch_size_stage1=2.5", "batch_size_stage1 must be a whole number, got 2.5"),
+            ("crop_stage2=true", "crop_stage2 must be a whole number, got True"),
+            ("seed=-5", "seed must be >= 0, got -5"),
+            ("preset=paper", "choose the recipe with --preset")):
+        assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
+                     "--set", setting]) == 2, setting
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (setting, err)
+        assert not run.exists()
+    run.write_text("notes")
+    assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu"]) == 2
+    assert "run: is a file; --out takes a run folder" in capsys.readouterr().err and run.read_text() == "notes"
+
+
+def test_predict_refuses_a_mask_given_as_the_ct_and_names_the_case_folders_it_skips(tmp_path, cases, weights, capsys,
+                                                                                  caplog):
+    masks_only = tmp_path / "masks" / "case_00007"
+    masks_only.mkdir(parents=True)
+    shutil.copy(cases / "case_00000" / "segmentation.nii.gz", masks_only)
+    assert main(["predict", str(masks_only), "-o", str(tmp_path / "o"), "--weights", str(weights)]) == 2
+    assert "case_00007: a KiTS19 case folder without its CT (imaging.nii.gz)" in capsys.readouterr().err
+    mask_file = str(masks_only / "segmentation.nii.gz")
+    assert main(["predict", mask_file, "-o", str(tmp_path / "o"), "--weights", str(weights)]) == 2
+    assert f"{mask_file}: holds only the values 0, 1 and 2: a label map, not a CT" in capsys.readouterr().err
+    assert not any((tmp_path / "o").iterdir())
+    # A folder of cases: the whole ones are segmented, the others named.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cases / "case_00000", mixed / "case_00000")
+    shutil.copytree(masks_only, mixed / "case_00007")
+    with caplog.at_level("WARNING", logger="kitseg.io"):
+        assert main(["predict", str(mixed), "-o", str(tmp_path / "o2"), "--weights", str(weights)]) == 0
+    assert "1 case folder(s) without imaging.nii.gz skipped: case_00007" in caplog.text
+    assert [p.name for p in (tmp_path / "o2").iterdir()] == ["prediction_00000.nii.gz"]
+    # A folder where an output file would go: said before any work, by its own name.
+    (tmp_path / "o3" / "prediction_00000.nii.gz").mkdir(parents=True)
+    assert main(["predict", str(cases / "case_00000"), "-o", str(tmp_path / "o3"), "--weights", str(weights),
+                 "--overwrite"]) == 2
+    assert "o3/prediction_00000.nii.gz: is a folder, where an output file would go" in capsys.readouterr().err
+
+
+def test_sample_never_writes_over_a_case_folders_mask(tmp_path, cases, capsys):
+    folder = tmp_path / "case_00000"
+    folder.mkdir()
+    mask = folder / "segmentation.nii.gz"
+    original = (cases / "case_00000" / "segmentation.nii.gz").read_bytes()
+    mask.write_bytes(original)
+    assert main(["sample", "--out", str(tmp_path)]) == 2
+    assert "case_00000: holds segmentation.nii.gz already" in capsys.readouterr().err
+    assert mask.read_bytes() == original and not (folder / "imaging.nii.gz").exists()
+    with pytest.raises(SystemExit):
+        main(["sample", "--out", str(tmp_path / "x"), "--seed", "-1"])
+    assert "whole number of at least 0" in capsys.readouterr().err
+
+
+def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--pred", str(cases), "--gt", str(cases), "--empty-value", "7"])
+    assert "must be a Dice in [0, 1] or nan, got 7" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(cases / "case_00000" / "segmentation.nii.gz"), "--gt",
+                 str(cases / "case_00000" / "segmentation.nii.gz"), "--empty-value", "nan"]) == 0

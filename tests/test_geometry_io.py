@@ -64,6 +64,12 @@ def test_writer_refuses_to_overwrite(tmp_path):
     out = write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "l.nii.gz")
     with pytest.raises(FileExistsError, match="exists already"):
         write_labels(np.ones(volume.shape, np.uint8), volume.source, out)
+    # A folder where the file would go: named as itself (not a temporary file), before any writing.
+    (tmp_path / "d.nii.gz").mkdir()
+    with pytest.raises(IsADirectoryError, match="a folder is in the way") as error:
+        write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "d.nii.gz", overwrite=True)
+    assert error.value.filename == str(tmp_path / "d.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "d.nii.gz", "l.nii.gz"]
     assert np.asarray(nib.load(str(out)).dataobj).max() == 0  # untouched
     write_labels(np.ones(volume.shape, np.uint8), volume.source, out, overwrite=True)
     assert np.asarray(nib.load(str(out)).dataobj).min() == 1

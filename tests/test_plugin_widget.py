@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -443,7 +444,10 @@ def test_a_new_result_never_overwrites_hand_corrections(qtbot, viewer_widget):
     fresh = session.labels_layer
     assert fresh is not corrected and fresh.name == "labels"
     np.testing.assert_array_equal(fresh.data, _engine_labels(widget, session.mask_layer.data))
-    assert "kept as 'labels (edited)'" in widget.status.text()
+    assert "kept (hidden) as 'labels (edited)'" in widget.status.text() and not corrected.visible
+    # Scored and saved next: the new result, not the kept copy or the y1 the box showed first.
+    assert widget.pred_combo.currentData() is fresh and widget.save_combo.currentData() is fresh
+    assert widget.gt_combo.currentData().contour == 2  # the reference outlined over the filled result
     # Left as written, the result is updated in place again.
     _run(qtbot, widget, widget.run_stage2, "stage 2")
     assert widget._session.labels_layer is fresh
@@ -517,3 +521,27 @@ def test_a_ct_not_in_hu_is_flagged_and_the_ground_truth_is_never_saved_over(qtbo
     ct.data = (np.asarray(ct.data, np.int32) + 1024).astype(np.int16)  # raw scanner values, the intercept lost
     _run(qtbot, widget, widget.run_stage1, "stage 1")
     assert "rescale intercept" in widget.last_warning and "rescale intercept" in widget.status.text()
+
+
+def test_a_label_map_opened_beside_its_ct_is_never_saved_over_it(qtbot, make_napari_viewer, case_folder, tmp_path):
+    import shutil
+
+    from napari_kits._reader import read_kits
+    from napari_kits._widget import KitsWidget
+    from napari_kits._writer import write_labels
+
+    ct = Path(shutil.copy(case_folder / "imaging.nii.gz", tmp_path / "ct.nii.gz"))
+    seg = Path(shutil.copy(case_folder / "segmentation.nii.gz", tmp_path / "ct_seg.nii.gz"))
+    viewer = make_napari_viewer()
+    for path in (ct, seg):  # two files, as File > Open gives them: the label map knows only its own
+        for data, kwargs, kind in read_kits(str(path)):
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = KitsWidget(viewer)
+    labels = viewer.layers[-1]
+    before = ct.read_bytes()
+    assert widget.save_layer(labels, ct) is None
+    assert f"{ct}: refusing to overwrite the file of the open layer" in widget.last_error
+    with pytest.raises(ValueError, match="refusing to overwrite the file of the open layer"):
+        write_labels(str(ct), labels.data, {"metadata": labels.metadata})
+    assert ct.read_bytes() == before
+    widget.close()

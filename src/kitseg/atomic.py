@@ -31,6 +31,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     a team can read what the tool wrote. On any error the temporary file is removed.
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail after the work, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "a folder is in the way of the file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)

@@ -122,7 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .config import MaskConfig
     from .io import InputError, check_nifti_header, discover_inputs, read_ct
     from .outputs import write_prediction
-    from .pipeline import Progress, Segmentation, Segmenter
+    from .pipeline import Progress, Segmentation, Segmenter, looks_like_label_map
     from .postprocess import CleanupRules
 
     cases = discover_inputs(args.input)
@@ -150,6 +150,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             volume = read_ct(case.image_path)
+            if looks_like_label_map(volume):  # segmenting it would "succeed" with nothing found
+                raise InputError(f"{case.image_path}: holds only the values 0, 1 and 2: a label map, not a CT")
         except InputError as exc:  # one unreadable CT of a batch: say so, and segment the others
             if len(cases) == 1:
                 raise
@@ -198,6 +200,9 @@ def _check_outputs_free(cases, args) -> None:
                 raise CliError(f"{writer[out]} and {case.image_path} would both be written to {out}: "
                                "rename one, or segment them into different -o folders")
             writer[out] = case.image_path
+    folders = [p for p in writer if p.is_dir()]
+    if folders:
+        raise CliError(f"{folders[0]}: is a folder, where an output file would go; move it or choose another -o folder")
     if args.overwrite:
         return
     taken = [p for p in writer if p.exists()]
@@ -221,7 +226,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     p.add_argument(
         "--empty-value",
-        type=float,
+        type=_empty_dice,
         default=1.0,
         help="Dice when prediction and truth are both empty (default 1; the official script gives NaN)",
     )
@@ -233,6 +238,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "(default 0.5)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+
+def _empty_dice(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isnan(value) or 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a Dice in [0, 1] or nan, got {text}")
+    return value
 
 
 def _share(text: str) -> float:
@@ -413,16 +428,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "package's phantom generator) as a KiTS19 case folder OUT/case_00000 (imaging + segmentation).",
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write case_00000/ into")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .io import KITS_IMAGE, KITS_LABELS
     from .phantom import make_sample_case
 
     folder = args.out / "case_00000"
-    if (folder / "imaging.nii.gz").exists():
-        raise CliError(f"{folder} exists already")
+    # A KiTS19 case folder often holds its mask before its image: neither is ever replaced.
+    taken = [name for name in (KITS_IMAGE, KITS_LABELS) if (folder / name).exists()]
+    if taken:
+        raise CliError(f"{folder}: holds {' and '.join(taken)} already; write the sample into another --out folder")
     make_sample_case(seed=args.seed).save_case_folder(folder)
     print(f"wrote {folder}")
     return 0

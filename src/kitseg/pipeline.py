@@ -55,6 +55,12 @@ def hu_warning(volume: Volume) -> str | None:
     return (f"{name}: its lowest values are about {lowest:.0f}, where a CT in HU has air at about -1000: if these "
             "are raw scanner values, the header needs its rescale intercept (scl_inter, often -1024); the models read HU")
 
+def looks_like_label_map(volume: Volume) -> bool:
+    """Whole numbers 0 to 2 only (in 16 slices spread over it): a KiTS19 mask or a saved result, no CT."""
+    sample = np.asarray(volume.array[:: max(1, volume.array.shape[0] // 16)])
+    return bool(sample.min() >= 0 and sample.max() <= 2 and np.array_equal(sample, np.round(sample)))
+
+
 # Stage-2 probabilities are kept as float16 on the stage grid: 3 x 106 x 512 x 512 fits in 170 MB.
 PROB_DTYPE = np.float16
 STAGE2_MARGIN = 16  # pixels of the stage grid
@@ -295,10 +301,14 @@ class Segmenter:
         mirror: bool | str = False,
         tumor_slice_smoothing: float = TUMOR_SLICE_SMOOTHING,
     ) -> "Segmenter":
-        bundle = load_bundle(path or default_weights_path())
+        path = path or default_weights_path()
+        bundle = load_bundle(path)
         segmenter = cls(bundle, device=device, batch_size=batch_size, stage2_level=stage2_level, mirror=mirror,
                         tumor_slice_smoothing=tumor_slice_smoothing)
-        segmenter.require_both_stages()
+        try:
+            segmenter.require_both_stages()  # e.g. a training run's stage-1 file (fold1/best.kseg)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         return segmenter
 
     @property

@@ -59,6 +59,8 @@ def parse_settings(items: list[str], config: TrainConfig) -> dict:
         field, equals, value = item.partition("=")
         if not equals or not field:
             raise ConfigError(f"--set {item}: expected FIELD=JSON, e.g. --set learning_rate=3e-4")
+        if field == "preset":  # the recipe's name: it would label a model with a recipe it did not follow
+            raise ConfigError(f"--set {item}: choose the recipe with --preset; --set changes its fields")
         if not hasattr(config, field):
             raise ConfigError(f"--set {item}: unknown field {field!r}; fields: {', '.join(config.to_dict())}")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,9 +97,21 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size_stage1", "batch_size_stage2", "stage1_steps", "stage2_steps", "steps_per_epoch"):
-            if int(getattr(self, name)) < 1:
+        counts = ("batch_size_stage1", "batch_size_stage2", "stage1_steps", "stage2_steps", "steps_per_epoch",
+                  "oof_folds", "seed")
+        for name in counts + ("crop_stage1", "crop_stage2"):
+            value = getattr(self, name)
+            if not (value is None and name.startswith("crop")) and not _whole_number(value):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        for name in ("batch_size_stage1", "batch_size_stage2", "stage1_steps", "stage2_steps", "steps_per_epoch",
+                     "crop_stage1", "crop_stage2"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for name in ("stage1_kwargs", "stage2_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a JSON object of network arguments, got {getattr(self, name)!r}")
         if self.oof_folds < 2:
             raise ConfigError(f"oof_folds must be >= 2 (out-of-fold predictions), got {self.oof_folds}")
         if not 0 < self.oof_steps_fraction <= 1:
@@ -160,6 +173,10 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -401,6 +401,18 @@ def stage2_network_kwargs(config: TrainConfig) -> dict:
             "deep_supervision": True, **config.stage2_kwargs}
 
 
+def check_networks(config: TrainConfig) -> None:
+    """Both networks can be built from the recipe, so that a wrong ``--set`` on them fails at once
+    with its reason, not after a run folder and a cache are made."""
+    stages = (("stage 1", config.stage1_architecture, stage1_network_kwargs(config)),
+              ("stage 2", config.stage2_architecture, stage2_network_kwargs(config)))
+    for stage, architecture, kwargs in stages:
+        try:
+            build_network(architecture, **kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"{stage}: {exc}") from None
+
+
 def stage2_dice(segmenter: Segmenter, cases: list[StageCase], y1: dict[str, np.ndarray],
                 config: TrainConfig) -> list[tuple[float, float]]:
     """(kidney, tumor) Dice of each case on the stage grid, stage 2 reading ``y1[case]`` and its mask."""
@@ -653,6 +665,9 @@ def train(
     """
     if keep_stage1 and init_from is None:
         raise ConfigError("keeping stage 1 (--keep-stage1) needs the model to keep it from (--init-from)")
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir}: is a file; --out takes a run folder")
+    check_networks(config)
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
     run_dir = Path(run_dir)
