@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -153,6 +154,7 @@ class KitsWidget(QWidget):
         self._scored_layer = None
         self._per_slice: dict[str, np.ndarray] = {}
         self._save_worker = None
+        self._outlined: weakref.WeakSet = weakref.WeakSet()  # reference layers this widget has outlined
         self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
         self.last_error = ""
         self.last_warning = ""  # the last warning about the input (not HU?), as shown
@@ -862,8 +864,10 @@ class KitsWidget(QWidget):
                 combo.setCurrentIndex(index)
         reference = self.gt_combo.currentData()
         if reference is not None and reference is not labels:
-            # Outlined, so the result's own colours show through it (filled, the two blend).
-            if getattr(geometry_of(reference), "kind", None) == "ground_truth" and not reference.contour:
+            # Outlined once, so the result's own colours show through it (filled, the two blend);
+            # a user who fills it again is not overruled by the next run.
+            if getattr(geometry_of(reference), "kind", None) == "ground_truth" and reference not in self._outlined:
+                self._outlined.add(reference)
                 reference.contour = 2
             self._score_timer.start()
 
@@ -1103,6 +1107,8 @@ class KitsWidget(QWidget):
         path = with_nifti_suffix(path)
         geometry = geometry_of(layer)
         try:
+            if path.is_dir():
+                raise SaveError(f"{path}: is a folder; choose a file name")
             refuse_input_file(geometry, path)
             refuse_open_files(path, self.viewer.layers)
         except SaveError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from kitseg.checkpoint import save_bundle
 from kitseg.cli import main
 from kitseg.phantom import make_synthetic_case
+from kitseg.training.config import preset
 
 from .conftest import make_affine
 
@@ -417,6 +419,16 @@ def test_train_checks_the_networks_and_whole_numbers_before_making_a_run_folder(
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (setting, err)
         assert not run.exists()
+    with pytest.raises(SystemExit):  # the flags are checked by argparse, naming the flag
+        main(["train", "--data", str(cases), "--out", str(run), "--seed", "-5"])
+    assert "argument --seed: expected a whole number of at least 0" in capsys.readouterr().err
+    # A run folder whose recipe no longer passes the checks (an older version stored 2.0): named.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({**preset("smoke").to_dict(), "steps_per_epoch": 2.0}))
+    assert main(["train", "--data", str(cases), "--out", str(old), "--preset", "smoke", "--device", "cpu"]) == 2
+    assert "config.json: steps_per_epoch must be a whole number, got 2.0; use a new --out folder" in \
+        capsys.readouterr().err
     run.write_text("notes")
     assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu"]) == 2
     assert "run: is a file; --out takes a run folder" in capsys.readouterr().err and run.read_text() == "notes"
@@ -431,7 +443,7 @@ def test_predict_refuses_a_mask_given_as_the_ct_and_names_the_case_folders_it_sk
     assert "case_00007: a KiTS19 case folder without its CT (imaging.nii.gz)" in capsys.readouterr().err
     mask_file = str(masks_only / "segmentation.nii.gz")
     assert main(["predict", mask_file, "-o", str(tmp_path / "o"), "--weights", str(weights)]) == 2
-    assert f"{mask_file}: holds only the values 0, 1 and 2: a label map, not a CT" in capsys.readouterr().err
+    assert f"{mask_file}: holds only the values 0, 1, 2: a label map, not a CT" in capsys.readouterr().err
     assert not any((tmp_path / "o").iterdir())
     # A folder of cases: the whole ones are segmented, the others named.
     mixed = tmp_path / "mixed"
@@ -441,6 +453,16 @@ def test_predict_refuses_a_mask_given_as_the_ct_and_names_the_case_folders_it_sk
         assert main(["predict", str(mixed), "-o", str(tmp_path / "o2"), "--weights", str(weights)]) == 0
     assert "1 case folder(s) without imaging.nii.gz skipped: case_00007" in caplog.text
     assert [p.name for p in (tmp_path / "o2").iterdir()] == ["prediction_00000.nii.gz"]
+    # A flat folder of CTs with a stray mask: the CTs are segmented, the mask is named and skipped.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(cases / "case_00000" / "imaging.nii.gz", flat / "a.nii.gz")
+    shutil.copy(cases / "case_00000" / "segmentation.nii.gz", flat)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kitseg.io"):
+        assert main(["predict", str(flat), "-o", str(tmp_path / "o4"), "--weights", str(weights)]) == 0
+    assert "segmentation.nii.gz is a KiTS19 mask, not a CT: skipped" in caplog.text
+    assert [p.name for p in (tmp_path / "o4").iterdir()] == ["a_labels.nii.gz"]
     # A folder where an output file would go: said before any work, by its own name.
     (tmp_path / "o3" / "prediction_00000.nii.gz").mkdir(parents=True)
     assert main(["predict", str(cases / "case_00000"), "-o", str(tmp_path / "o3"), "--weights", str(weights),
@@ -466,5 +488,12 @@ def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys
     with pytest.raises(SystemExit):
         main(["evaluate", "--pred", str(cases), "--gt", str(cases), "--empty-value", "7"])
     assert "must be a Dice in [0, 1] or nan, got 7" in capsys.readouterr().err
-    assert main(["evaluate", "--pred", str(cases / "case_00000" / "segmentation.nii.gz"), "--gt",
-                 str(cases / "case_00000" / "segmentation.nii.gz"), "--empty-value", "nan"]) == 0
+    # Both empty: the Dice is the value asked for, here the official script's NaN.
+    seg = nib.load(str(cases / "case_00000" / "segmentation.nii.gz"))
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(seg.shape, np.uint8), seg.affine), str(empty))
+    report = tmp_path / "scores.csv"
+    assert main(["evaluate", "--pred", str(empty), "--gt", str(empty), "--empty-value", "nan", "--csv", str(report)]) == 0
+    with open(report, newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert np.isnan(float(row["kidney_dice"])) and np.isnan(float(row["tumor_dice"]))

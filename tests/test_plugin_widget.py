@@ -447,10 +447,12 @@ def test_a_new_result_never_overwrites_hand_corrections(qtbot, viewer_widget):
     assert "kept (hidden) as 'labels (edited)'" in widget.status.text() and not corrected.visible
     # Scored and saved next: the new result, not the kept copy or the y1 the box showed first.
     assert widget.pred_combo.currentData() is fresh and widget.save_combo.currentData() is fresh
-    assert widget.gt_combo.currentData().contour == 2  # the reference outlined over the filled result
+    reference = widget.gt_combo.currentData()
+    assert reference.contour == 2  # the reference outlined over the filled result
+    reference.contour = 0  # the user fills it again: the next run leaves it so
     # Left as written, the result is updated in place again.
     _run(qtbot, widget, widget.run_stage2, "stage 2")
-    assert widget._session.labels_layer is fresh
+    assert widget._session.labels_layer is fresh and reference.contour == 0
 
 
 def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widget, tmp_path):
@@ -539,6 +541,9 @@ def test_a_label_map_opened_beside_its_ct_is_never_saved_over_it(qtbot, make_nap
     widget = KitsWidget(viewer)
     labels = viewer.layers[-1]
     before = ct.read_bytes()
+    (tmp_path / "a_folder.nii.gz").mkdir()  # refused before the "Replace file?" question
+    assert widget.save_layer(labels, tmp_path / "a_folder.nii.gz") is None
+    assert "a_folder.nii.gz: is a folder; choose a file name" in widget.last_error
     assert widget.save_layer(labels, ct) is None
     assert f"{ct}: refusing to overwrite the file of the open layer" in widget.last_error
     with pytest.raises(ValueError, match="refusing to overwrite the file of the open layer"):

@@ -122,7 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .config import MaskConfig
     from .io import InputError, check_nifti_header, discover_inputs, read_ct
     from .outputs import write_prediction
-    from .pipeline import Progress, Segmentation, Segmenter, looks_like_label_map
+    from .pipeline import Progress, Segmentation, Segmenter, label_map_values
     from .postprocess import CleanupRules
 
     cases = discover_inputs(args.input)
@@ -150,8 +150,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             volume = read_ct(case.image_path)
-            if looks_like_label_map(volume):  # segmenting it would "succeed" with nothing found
-                raise InputError(f"{case.image_path}: holds only the values 0, 1 and 2: a label map, not a CT")
+            values = label_map_values(volume)
+            if values is not None:  # segmenting it would "succeed" with nothing found
+                raise InputError(f"{case.image_path}: holds only the values {', '.join(map(str, values))}: "
+                                 "a label map, not a CT")
         except InputError as exc:  # one unreadable CT of a batch: say so, and segment the others
             if len(cases) == 1:
                 raise
@@ -172,7 +174,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite)
         tqdm.write(f"{case.name}: {', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
     if failed:
-        raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read and have no result: {', '.join(failed)}")
+        raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read as a CT and have no result: "
+                       f"{', '.join(failed)}")
     return 0
 
 

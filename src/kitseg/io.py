@@ -86,8 +86,6 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         return [CaseInput(name=strip_nifti_suffix(path.name), image_path=path)]
     if (path / KITS_IMAGE).is_file():
         return [case_from_folder(path)]
-    if (path / KITS_LABELS).is_file():  # the mask is no CT: segmenting it would "succeed" with nothing found
-        raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {KITS_LABELS} is its mask")
     # Hidden entries are no one's CT (a temporary file a killed writer left, a ._ file of macOS).
     entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
     cases = [case_from_folder(p) for p in entries if p.is_dir() and (p / KITS_IMAGE).is_file()]
@@ -95,10 +93,16 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     if without_ct:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
-    cases += [CaseInput(name=strip_nifti_suffix(p.name), image_path=p) for p in entries if p.is_file() and is_nifti(p)]
+    # A KiTS19 mask is no CT: segmented, it would "succeed" with nothing found.
+    cases += [CaseInput(name=strip_nifti_suffix(p.name), image_path=p) for p in entries
+              if p.is_file() and is_nifti(p) and p.name != KITS_LABELS]
     cases = _without_outputs(cases, path)
+    if not cases and (path / KITS_LABELS).is_file():
+        raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {KITS_LABELS} is its mask")
     if not cases:
         raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})")
+    if (path / KITS_LABELS).is_file():
+        log.warning("%s: %s is a KiTS19 mask, not a CT: skipped", path, KITS_LABELS)
     return cases
 
 

@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..cli import _non_negative_int, _positive_int
 from ..config import ConfigError
 from .config import PRESETS, TrainConfig, preset
 
@@ -27,11 +28,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     p.add_argument("--val-cases", nargs="*", default=None, help="explicit validation case names")
     p.add_argument("--cache", type=Path, default=None, help="preprocessed-case cache (default: RUN/cache)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stage1-steps", type=int, default=None)
-    p.add_argument("--stage2-steps", type=int, default=None)
-    p.add_argument("--steps-per-epoch", type=int, default=None)
-    p.add_argument("--stage2-context-slices", type=int, default=None, metavar="N",
+    p.add_argument("--seed", type=_non_negative_int, default=None)
+    p.add_argument("--stage1-steps", type=_positive_int, default=None)
+    p.add_argument("--stage2-steps", type=_positive_int, default=None)
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None)
+    p.add_argument("--stage2-context-slices", type=_non_negative_int, default=None, metavar="N",
                    help="neighbouring slices on each side that stage 2 also sees (0: the paper's 3-channel input)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help='override any config field, its value as JSON (a text field takes plain text), e.g. '
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             config = type(config).from_dict({**config.to_dict(), **changes})
         except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. learning_rate="x"
-            raise ConfigError(f"--set {', '.join(args.set)}: {exc}") from None
+            raise ConfigError(f"--set {', '.join(args.set)}: {exc}" if args.set else str(exc)) from None
     if args.prepare_only:
         from .data import cache_folder, prepare_cases, preparation_workers
 

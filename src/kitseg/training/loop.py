@@ -550,7 +550,10 @@ def _check_config(run_dir: Path, config: TrainConfig) -> None:
     current = json.loads(json.dumps(config.to_dict()))  # as it reads back from JSON (tuples -> lists)
     if path.is_file():
         # Read through the recipe class, so a field added since the run began compares at its default.
-        previous = json.loads(json.dumps(TrainConfig.from_dict(_read_run_json(path)).to_dict()))
+        try:
+            previous = json.loads(json.dumps(TrainConfig.from_dict(_read_run_json(path)).to_dict()))
+        except (ConfigError, TypeError, ValueError) as exc:  # written by an older version, or by hand
+            raise ConfigError(f"{path}: {exc}; use a new --out folder") from None
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
             raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: {', '.join(changed)}); "
