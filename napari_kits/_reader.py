@@ -40,7 +40,7 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
         return None
     if p.is_dir():
         return read_kits if (p / "imaging.nii.gz").is_file() else None
-    if p.name.endswith((".nii", ".nii.gz")):
+    if p.name.lower().endswith((".nii", ".nii.gz")):
         return read_kits
     return None
 

@@ -47,7 +47,7 @@ def default_directory(geometry: LayerGeometry) -> Path:
 
 def with_nifti_suffix(path: str | os.PathLike) -> Path:
     path = Path(path)
-    return path if path.name.endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
+    return path if path.name.lower().endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
 
 
 def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -> None:

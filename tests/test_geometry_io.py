@@ -101,9 +101,13 @@ def test_discover_case_folders_and_files(tmp_path):
         (tmp_path / case).mkdir()
         _save(np.zeros((3, 4, 5), np.int16), make_affine("kits"), tmp_path / case / "imaging.nii.gz")
     _save(np.zeros((3, 4, 5), np.int16), make_affine("ras"), tmp_path / "scan.nii.gz")
+    _save(np.zeros((3, 4, 5), np.int16), make_affine("ras"), tmp_path / "SHOUT.NII.GZ")  # some exporters' names
     cases = discover_inputs(tmp_path)
-    assert [c.output_name for c in cases] == ["prediction_00003", "prediction_00012", "scan_labels"]
+    assert [c.output_name for c in cases] == ["prediction_00003", "prediction_00012", "SHOUT_labels", "scan_labels"]
     assert discover_inputs(tmp_path / "case_00012")[0].intermediate_name("y1") == "prediction_00012_y1"
+    volume = read_ct(tmp_path / "SHOUT.NII.GZ")
+    out = write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "OUT.NII.GZ")
+    assert out.read_bytes()[:2] == b"\x1f\x8b"  # gzip, as the name says
 
 
 def test_label_grid_mismatch_is_refused(tmp_path):

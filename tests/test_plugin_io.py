@@ -64,6 +64,7 @@ def test_manifest_modules_do_not_import_torch():
 def test_reader_accepts_nifti_and_case_folders_only(tmp_path, case_folder):
     assert napari_get_reader(str(case_folder)) is read_kits
     assert napari_get_reader(str(case_folder / "imaging.nii.gz")) is read_kits
+    assert napari_get_reader(str(tmp_path / "SCAN.NII.GZ")) is read_kits  # upper-case names, as some exporters write
     assert napari_get_reader([str(case_folder)]) is read_kits
     assert napari_get_reader(str(tmp_path / "image.tif")) is None
     assert napari_get_reader(str(tmp_path)) is None  # a folder without imaging.nii.gz

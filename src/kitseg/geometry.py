@@ -173,6 +173,6 @@ class Volume:
 
 def strip_nifti_suffix(filename: str) -> str:
     for suffix in (".nii.gz", ".nii"):
-        if filename.endswith(suffix):
+        if filename.lower().endswith(suffix):
             return filename[: -len(suffix)]
     return Path(filename).stem

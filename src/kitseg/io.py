@@ -58,7 +58,7 @@ class CaseInput:
 
 
 def is_nifti(path: Path) -> bool:
-    return path.name.endswith((".nii", ".nii.gz"))
+    return path.name.lower().endswith((".nii", ".nii.gz"))  # SCAN.NII.GZ too, as some exporters name them
 
 
 def case_from_folder(folder: Path) -> CaseInput:
@@ -349,7 +349,7 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scal
         img.header.set_intent(intent)
     if scale is not None:
         img.header.set_slope_inter(scale, 0.0)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel compresses by suffix
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"  # nibabel compresses by suffix
     with atomic_path(path, suffix) as tmp:
         nib.save(img, str(tmp))
     return path
