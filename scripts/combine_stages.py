@@ -76,7 +76,8 @@ def main() -> int:
             raise SystemExit(f"{args.stage1} and {path} differ in label_map: their stages cannot be combined")
         same_mask = first.mask.threshold == second.mask.threshold if args.mask_radius_mm is not None else first.mask == second.mask
         if not same_mask:
-            raise SystemExit(f"{args.stage1} and {path} differ in mask: their stages cannot be combined")
+            raise SystemExit(f"{args.stage1} and {path} differ in mask: their stages cannot be combined "
+                             "(--mask-radius-mm sets one mask for the joined file)")
 
     def source(path: Path, key: str, member: int | None = None) -> dict:
         meta = read_metadata(path)

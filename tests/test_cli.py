@@ -422,6 +422,15 @@ def test_train_checks_the_networks_and_whole_numbers_before_making_a_run_folder(
     with pytest.raises(SystemExit):  # the flags are checked by argparse, naming the flag
         main(["train", "--data", str(cases), "--out", str(run), "--seed", "-5"])
     assert "argument --seed: expected a whole number of at least 0" in capsys.readouterr().err
+    # A split that cannot be trained on is refused before it is kept (it would bind the corrected command).
+    assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
+                 "--val-cases", "case_00099"]) == 2
+    assert "validation case(s) not in" in capsys.readouterr().err and not run.exists()
+    assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
+                 "--val-fraction", "0.5"]) == 2
+    assert "needs training images of at least 2 patients" in capsys.readouterr().err
+    assert not (run / "split.json").exists()
+    shutil.rmtree(run)
     # A run folder whose recipe no longer passes the checks (an older version stored 2.0): named.
     old = tmp_path / "old"
     old.mkdir()

@@ -167,6 +167,16 @@ def test_phantom_params_round_trip_and_validation() -> None:
         PhantomParams(noise_sigma_hu=(30.0, 5.0))
     with pytest.raises(ValueError, match="unknown field"):
         PhantomParams.from_dict({"noise": 3})
+    # A value of the wrong kind is named with the kind it takes (not a numpy error from deep inside).
+    for bad, message in (({"noise_sigma_hu": 5}, "noise_sigma_hu must be a range [low, high], got 5"),
+                         ({"noise_sigma_hu": ["a", "b"]}, "noise_sigma_hu must be a range"),
+                         ({"adrenal_probability": None}, "adrenal_probability must be a number, got None"),
+                         ({"medulla": 3}, "medulla must be a text, got 3"),
+                         ({"hu_scale": [0, 0]}, "hu_scale must be above 0")):
+        with pytest.raises(ValueError) as error:
+            PhantomParams.from_dict(bad)
+        assert message in str(error.value), bad
+    assert PhantomParams.from_dict({"cancellous_bone_hu": None}).cancellous_bone_hu is None  # optional: allowed
 
 
 def test_case_file_round_trip_uint16_and_ras(tmp_path: Path, label_map) -> None:

@@ -432,7 +432,7 @@ def test_fine_tuning_refuses_a_model_of_another_recipe(dataset, tmp_path):
     assert not (tmp_path / "deeper" / "stage1").exists()  # refused before any training
 
 
-def test_fine_tuning_an_ensemble_starts_stage2_from_its_first_member(dataset, tmp_path):
+def test_fine_tuning_an_ensemble_starts_stage2_from_its_first_member(dataset, tmp_path, caplog):
     """The shipped model's stage 2 is an ensemble; --init-from takes its first member."""
     import subprocess
     import sys
@@ -446,8 +446,12 @@ def test_fine_tuning_an_ensemble_starts_stage2_from_its_first_member(dataset, tm
     script = Path(__file__).resolve().parents[1] / "scripts" / "combine_stages.py"
     ensemble = tmp_path / "ensemble.kseg"
     subprocess.run([sys.executable, str(script), "--stage1", str(first), "--stage2", str(first), str(second),
-                    "--out", str(ensemble)], check=True, capture_output=True)
-    states, record = load_initial_weights(ensemble, config)
+                    "--out", str(ensemble), "--mask-radius-mm", "20"], check=True, capture_output=True)
+    with caplog.at_level("WARNING", logger="kitseg.training.loop"):
+        states, record = load_initial_weights(ensemble, config)
+    # as the shipped model's: its mask (20 mm) is not the recipe's, and the user is told
+    assert "reads stage 2 inside y1 >= 0.5 dilated by 20 mm; the model this run makes will use the recipe's " \
+        "y1 >= 0.5 dilated by 10 voxels" in caplog.text
     expected = load_bundle(first).stage2.module.state_dict()
     assert states["2"].keys() == expected.keys()
     for name, tensor in expected.items():
@@ -922,3 +926,15 @@ def test_every_setting_of_the_shipped_models_recipe_is_a_valid_one() -> None:
                      commands)
     with pytest.raises(ConfigError, match="unknown field 'ampp'"):
         parse_settings(["ampp=false"], config)
+
+
+def test_set_with_an_object_changes_only_the_keys_it_names():
+    from kitseg.training.cli import parse_settings
+
+    config = preset("smoke")
+    changes = parse_settings(['stage1_kwargs={"base_channels":8}', 'preprocessing={"hu_min":-100}',
+                              'preprocessing={"hu_max":300}'], config)
+    assert changes["stage1_kwargs"] == {**config.stage1_kwargs, "base_channels": 8}  # depth 2, batch norm kept
+    assert changes["preprocessing"] == {**config.preprocessing.to_dict(), "hu_min": -100, "hu_max": 300}
+    with pytest.raises(ConfigError, match=r"'yes' is no JSON value .*; amp is true in this recipe"):
+        parse_settings(["amp=yes"], config)

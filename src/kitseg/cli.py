@@ -359,7 +359,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="draw seed (default 0); each case's own seed comes from this and its name, so a case "
                    "looks the same whatever the order, subset or --workers")
-    p.add_argument("--cases", nargs="*", default=None, help="case folder names (default: all)")
+    p.add_argument("--cases", nargs="+", default=None, help="case folder names (default: all)")
     p.add_argument("--overwrite", action="store_true", help="regenerate cases that exist already")
     p.add_argument(
         "--workers",

@@ -165,6 +165,8 @@ class PhantomParams:
                      "body_half_depth_mm", "slice_blur_fraction", "hypervascular_enhancement"):
             if getattr(self, name)[0] < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.hu_scale[0] > 0:  # a scale of 0 draws a blank image
+            raise ValueError(f"hu_scale must be above 0, got {self.hu_scale}")
         for name in ("cyst_probability", "organ_lesion_probability", "adrenal_probability",
                      "adrenal_nodule_probability", "hypervascular_probability", "oral_contrast_probability",
                      "fov_circle_probability", "table_probability", "ureter_probability"):
@@ -191,7 +193,35 @@ class PhantomParams:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"PhantomParams: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        defaults = cls()
+        optional = {f.name for f in dataclasses.fields(cls) if "None" in str(f.type)}
+        for name, value in data.items():  # the kind each field takes, named, before any arithmetic on it
+            if not (value is None and name in optional):
+                _check_kind(name, value, getattr(defaults, name))
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_kind(name: str, value: Any, default: Any) -> None:
+    """``value`` is of the kind ``default`` is: a range of two numbers, a list of names or numbers,
+    a number, a switch or a text."""
+    if isinstance(default, tuple):
+        numbers = all(_is_number(v) for v in default)
+        ok = isinstance(value, (list, tuple)) and all(_is_number(v) if numbers else isinstance(v, str) for v in value)
+        if numbers and name not in ("phase_weights",):
+            ok = ok and len(value) == 2
+        kind = ("a range [low, high]" if name != "phase_weights" else "a list of numbers") if numbers else "a list of names"
+    elif isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif _is_number(default):
+        ok, kind = _is_number(value), "a number"
+    else:
+        ok, kind = isinstance(value, type(default)), "a text" if isinstance(default, str) else type(default).__name__
+    if not ok:
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 @dataclass(frozen=True)

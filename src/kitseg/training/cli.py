@@ -26,7 +26,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="recipe (default: paper)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
-    p.add_argument("--val-cases", nargs="*", default=None, help="explicit validation case names")
+    p.add_argument("--val-cases", nargs="+", default=None, help="explicit validation case names")
     p.add_argument("--cache", type=Path, default=None, help="preprocessed-case cache (default: RUN/cache)")
     p.add_argument("--seed", type=_non_negative_int, default=None)
     p.add_argument("--stage1-steps", type=_positive_int, default=None)
@@ -35,8 +35,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage2-context-slices", type=_non_negative_int, default=None, metavar="N",
                    help="neighbouring slices on each side that stage 2 also sees (0: the paper's 3-channel input)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                   help='override any config field, its value as JSON (a text field takes plain text), e.g. '
-                        '--set learning_rate=3e-4 --set tumor_sampling=lesion --set \'stage1_kwargs={"base_channels":16}\'')
+                   help='override any config field, its value as JSON (a text field takes plain text; a JSON '
+                        'object changes only the keys it names), e.g. --set learning_rate=3e-4 --set '
+                        'tumor_sampling=lesion --set \'stage1_kwargs={"base_channels":16}\'')
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL.kseg",
                    help="fine-tune: start stage 1 and stage 2 from this model's weights (it must match the recipe; "
                    "e.g. the shipped model with --preset cpu)")
@@ -53,8 +54,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def parse_settings(items: list[str], config: TrainConfig) -> dict:
     """``--set FIELD=JSON`` items as {field: value}, checked against ``config``'s fields.
 
-    A text field also takes its text unquoted (``--set lr_schedule=poly``).
+    A text field also takes its text unquoted (``--set lr_schedule=poly``). An object changes the
+    keys it names: ``--set 'stage1_kwargs={"base_channels":16}'`` keeps the preset's depth and norm
+    (replaced whole, the network's own defaults would come in unseen).
     """
+    current = config.to_dict()
     changes = {}
     for item in items:
         field, equals, value = item.partition("=")
@@ -65,13 +69,16 @@ def parse_settings(items: list[str], config: TrainConfig) -> dict:
         if not hasattr(config, field):
             raise ConfigError(f"--set {item}: unknown field {field!r}; fields: {', '.join(config.to_dict())}")
         try:
-            changes[field] = json.loads(value)
+            parsed = json.loads(value)
         except ValueError as exc:
             if isinstance(getattr(config, field), str):  # a text field: --set lr_schedule=poly
                 changes[field] = value
                 continue
-            raise ConfigError(f"--set {item}: the value of {field} is not JSON ({exc}); a text needs quotes: "
-                              f"{field}='\"...\"'") from None
+            raise ConfigError(f"--set {item}: {value!r} is no JSON value ({exc}); {field} is "
+                              f"{json.dumps(current[field])} in this recipe") from None
+        if isinstance(current[field], dict) and isinstance(parsed, dict):
+            parsed = {**current[field], **changes.get(field, {}), **parsed}
+        changes[field] = parsed
     return changes
 
 

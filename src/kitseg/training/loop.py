@@ -461,6 +461,19 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
                      sampler.sample, make_batch, validate, "val_composite_dice" if val else None)
 
 
+def _describe_mask(mask) -> str:
+    return f"y1 >= {mask.threshold} dilated by {mask.radius:g} {mask.radius_unit}"
+
+
+def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir: Path) -> list[list[StageCase]]:
+    """The out-of-fold split of the training cases; an error if a fold would be empty or all of them."""
+    folds = out_of_fold_split(train_cases, config.oof_folds)
+    if any(not fold or len(fold) == len(train_cases) for fold in folds):
+        raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
+                          f"(--set oof_folds=K; images of one mask count once); this split has fewer")
+    return folds
+
+
 def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dict], dict]:
     """Both stages' weights from a ``.kseg`` file to fine-tune, checked against the recipe.
 
@@ -503,6 +516,12 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
         stages["2"] = widen_stage2(stages["2"], from_context, to_context)
         log.info("%s: stage 2 widened from %d to %d neighbouring slices (new inputs start at zero weight)",
                  path, from_context, to_context)
+    if bundle.mask != config.mask:
+        # The mask is the recipe's, in training and in the new model file: said, so that a user
+        # fine-tuning the shipped model (20 mm) does not find its results read in another mask.
+        log.warning("%s reads stage 2 inside %s; the model this run makes will use the recipe's %s "
+                    "(--set 'mask={...}' to keep the former; kits-seg predict --radius overrides it too)",
+                    path, _describe_mask(bundle.mask), _describe_mask(config.mask))
     states = {key: stage.module.state_dict() for key, stage in stages.items()}
     meta = read_metadata(path)
     record = {"file": Path(path).name, **{f"stage{k}_sha256": meta["stages"][k]["weights_sha256"] for k in ("1", "2")}}
@@ -677,7 +696,12 @@ def train(
     initial, init_record = load_initial_weights(Path(init_from), config) if init_from is not None else ({}, None)
     if keep_stage1:
         init_record["keep_stage1"] = True  # part of what a resumed run must repeat
-    labelled_inputs(Path(data_dir))  # a wrong --data fails here, before a run folder is made
+    inputs = labelled_inputs(Path(data_dir))  # a wrong --data fails here, before a run folder is made
+    split_path = run_dir / "split.json"
+    if val_cases is not None and not split_path.is_file():  # so does a wrong --val-cases
+        unknown = sorted(set(val_cases) - {c.name for c in inputs})
+        if unknown:
+            raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
     if info.is_main:
         _remove_leftover_temporaries(run_dir)
         _check_config(run_dir, config)
@@ -691,7 +715,6 @@ def train(
         _barrier(info)
     cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers)
     by_name = {c.name: c for c in cases}
-    split_path = run_dir / "split.json"
     if split_path.is_file():
         split = _read_run_json(split_path)
         _check_split_still_fits(split, by_name, val_cases, data_dir, run_dir)
@@ -706,6 +729,8 @@ def train(
             split = {"train": tr, "validation": va}
         if not split["train"]:
             raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
+        # Checked before the split is kept: a refused split must not bind the corrected command.
+        _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
         if info.is_main:
             _write_json_atomic(split_path, split)
     train_cases = [by_name[n] for n in split["train"]]
@@ -729,10 +754,7 @@ def train(
     # 1. Out-of-fold stage-1 predictions for stage 2's training (never the ground truth).
     oof_dir = run_dir / "oof_y1"
     oof_dir.mkdir(parents=True, exist_ok=True)
-    folds = out_of_fold_split(train_cases, config.oof_folds)
-    if any(not fold or len(fold) == len(train_cases) for fold in folds):
-        raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
-                          f"(--set oof_folds=K; images of one mask count once); this split has fewer")
+    folds = _check_oof_folds(train_cases, config, data_dir)
     oof_sources = _forget_stale_oof_y1(oof_dir, train_cases, info)
     for k, held_out in enumerate(folds):
         if all((oof_dir / f"{c.name}.npy").is_file() for c in held_out):
