@@ -427,9 +427,13 @@ def test_train_checks_the_networks_and_whole_numbers_before_making_a_run_folder(
                  "--val-cases", "case_00099"]) == 2
     assert "validation case(s) not in" in capsys.readouterr().err and not run.exists()
     assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
-                 "--val-fraction", "0.5"]) == 2
+                 "--val-fraction", "0.5", "--set", "oof_folds=3"]) == 2
+    assert "needs training images of at least 3 patients (--set oof_folds=K" in capsys.readouterr().err
+    assert not (run / "split.json").exists() and not (run / "config.json").exists()
+    # The command changed as the message says is judged afresh, not as "another configuration".
+    assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
+                 "--val-fraction", "0.5", "--set", "oof_folds=2"]) == 2
     assert "needs training images of at least 2 patients" in capsys.readouterr().err
-    assert not (run / "split.json").exists()
     shutil.rmtree(run)
     # A run folder whose recipe no longer passes the checks (an older version stored 2.0): named.
     old = tmp_path / "old"

@@ -102,6 +102,7 @@ def test_discover_case_folders_and_files(tmp_path):
         _save(np.zeros((3, 4, 5), np.int16), make_affine("kits"), tmp_path / case / "imaging.nii.gz")
     _save(np.zeros((3, 4, 5), np.int16), make_affine("ras"), tmp_path / "scan.nii.gz")
     _save(np.zeros((3, 4, 5), np.int16), make_affine("ras"), tmp_path / "SHOUT.NII.GZ")  # some exporters' names
+    _save(np.zeros((3, 4, 5), np.uint8), make_affine("ras"), tmp_path / "SEGMENTATION.NII.GZ")  # a mask: no CT
     cases = discover_inputs(tmp_path)
     assert [c.output_name for c in cases] == ["prediction_00003", "prediction_00012", "SHOUT_labels", "scan_labels"]
     assert discover_inputs(tmp_path / "case_00012")[0].intermediate_name("y1") == "prediction_00012_y1"

@@ -452,6 +452,12 @@ def test_fine_tuning_an_ensemble_starts_stage2_from_its_first_member(dataset, tm
     # as the shipped model's: its mask (20 mm) is not the recipe's, and the user is told
     assert "reads stage 2 inside y1 >= 0.5 dilated by 20 mm; the model this run makes will use the recipe's " \
         "y1 >= 0.5 dilated by 10 voxels" in caplog.text
+    assert "--set 'mask={\"threshold\":0.5,\"radius\":20.0,\"radius_unit\":\"mm\"}'" in caplog.text
+    assert "kits-seg predict --radius 20 --radius-mm" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kitseg.training.loop"):
+        load_initial_weights(first, config)  # the same mask as the recipe's: nothing to say
+    assert "reads stage 2 inside" not in caplog.text
     expected = load_bundle(first).stage2.module.state_dict()
     assert states["2"].keys() == expected.keys()
     for name, tensor in expected.items():
@@ -938,3 +944,5 @@ def test_set_with_an_object_changes_only_the_keys_it_names():
     assert changes["preprocessing"] == {**config.preprocessing.to_dict(), "hu_min": -100, "hu_max": 300}
     with pytest.raises(ConfigError, match=r"'yes' is no JSON value .*; amp is true in this recipe"):
         parse_settings(["amp=yes"], config)
+    later = parse_settings(["mask=5", 'mask={"radius":3}'], config)["mask"]  # the later one counts, on the recipe's
+    assert later == {**config.mask.to_dict(), "radius": 3}

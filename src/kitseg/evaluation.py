@@ -29,7 +29,7 @@ def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
         case = f"case_{match.group(1)}"
     else:
         case = stem[: -len("_labels")] if stem.endswith("_labels") else stem
-    candidates = [gt_dir / case / KITS_LABELS, gt_dir / f"{case}.nii.gz", gt_dir / f"{case}.nii"]
+    candidates = [gt_dir / case / KITS_LABELS] + [gt_dir / f"{case}{suffix}" for suffix in (".nii.gz", ".nii", ".NII.GZ", ".NII")]
     return case, next((c for c in candidates if c.is_file()), None)
 
 

@@ -77,7 +77,8 @@ def parse_settings(items: list[str], config: TrainConfig) -> dict:
             raise ConfigError(f"--set {item}: {value!r} is no JSON value ({exc}); {field} is "
                               f"{json.dumps(current[field])} in this recipe") from None
         if isinstance(current[field], dict) and isinstance(parsed, dict):
-            parsed = {**current[field], **changes.get(field, {}), **parsed}
+            earlier = changes.get(field)  # an object set before in this command, else the recipe's
+            parsed = {**(earlier if isinstance(earlier, dict) else current[field]), **parsed}
         changes[field] = parsed
     return changes
 

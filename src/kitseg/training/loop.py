@@ -465,6 +465,20 @@ def _describe_mask(mask) -> str:
     return f"y1 >= {mask.threshold} dilated by {mask.radius:g} {mask.radius_unit}"
 
 
+def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_fraction: float, config: TrainConfig,
+               data_dir: Path) -> dict[str, list[str]]:
+    """A new run's train / validation split, refused if stage 2's out-of-fold y1 cannot be made from it."""
+    if val_cases is not None:
+        split = {"train": sorted(set(by_name) - set(val_cases)), "validation": sorted(val_cases)}
+    else:
+        tr, va = split_cases(list(by_name), val_fraction, config.seed)
+        split = {"train": tr, "validation": va}
+    if not split["train"]:
+        raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
+    _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
+    return split
+
+
 def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir: Path) -> list[list[StageCase]]:
     """The out-of-fold split of the training cases; an error if a fold would be empty or all of them."""
     folds = out_of_fold_split(train_cases, config.oof_folds)
@@ -474,8 +488,9 @@ def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir
     return folds
 
 
-def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dict], dict]:
-    """Both stages' weights from a ``.kseg`` file to fine-tune, checked against the recipe.
+def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> tuple[dict[str, dict], dict]:
+    """Both stages' weights from a ``.kseg`` file to fine-tune, checked against the recipe
+    (``warn``: say where its mask differs; one process of a distributed run says it).
 
     Returns the state dicts by stage ("1", "2") and a provenance record (file name and hashes).
     The file is read like any model file: arrays and JSON only, nothing unpickled.
@@ -516,12 +531,13 @@ def load_initial_weights(path: Path, config: TrainConfig) -> tuple[dict[str, dic
         stages["2"] = widen_stage2(stages["2"], from_context, to_context)
         log.info("%s: stage 2 widened from %d to %d neighbouring slices (new inputs start at zero weight)",
                  path, from_context, to_context)
-    if bundle.mask != config.mask:
+    if warn and bundle.mask != config.mask:
         # The mask is the recipe's, in training and in the new model file: said, so that a user
         # fine-tuning the shipped model (20 mm) does not find its results read in another mask.
-        log.warning("%s reads stage 2 inside %s; the model this run makes will use the recipe's %s "
-                    "(--set 'mask={...}' to keep the former; kits-seg predict --radius overrides it too)",
-                    path, _describe_mask(bundle.mask), _describe_mask(config.mask))
+        radius = f"--radius {bundle.mask.radius:g}" + (" --radius-mm" if bundle.mask.radius_unit == "mm" else "")
+        log.warning("%s reads stage 2 inside %s; the model this run makes will use the recipe's %s (to keep the "
+                    "former: --set 'mask=%s' here, or kits-seg predict %s)", path, _describe_mask(bundle.mask),
+                    _describe_mask(config.mask), json.dumps(bundle.mask.to_dict(), separators=(",", ":")), radius)
     states = {key: stage.module.state_dict() for key, stage in stages.items()}
     meta = read_metadata(path)
     record = {"file": Path(path).name, **{f"stage{k}_sha256": meta["stages"][k]["weights_sha256"] for k in ("1", "2")}}
@@ -693,7 +709,8 @@ def train(
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
     run_dir = Path(run_dir)
-    initial, init_record = load_initial_weights(Path(init_from), config) if init_from is not None else ({}, None)
+    initial, init_record = (load_initial_weights(Path(init_from), config, warn=info.is_main) if init_from is not None
+                            else ({}, None))
     if keep_stage1:
         init_record["keep_stage1"] = True  # part of what a resumed run must repeat
     inputs = labelled_inputs(Path(data_dir))  # a wrong --data fails here, before a run folder is made
@@ -702,6 +719,7 @@ def train(
         unknown = sorted(set(val_cases) - {c.name for c in inputs})
         if unknown:
             raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
+    new_run = not (run_dir / "config.json").is_file()
     if info.is_main:
         _remove_leftover_temporaries(run_dir)
         _check_config(run_dir, config)
@@ -719,18 +737,15 @@ def train(
         split = _read_run_json(split_path)
         _check_split_still_fits(split, by_name, val_cases, data_dir, run_dir)
     else:
-        if val_cases is not None:
-            unknown = sorted(set(val_cases) - set(by_name))
-            if unknown:
-                raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
-            split = {"train": sorted(set(by_name) - set(val_cases)), "validation": sorted(val_cases)}
-        else:
-            tr, va = split_cases(list(by_name), val_fraction, config.seed)
-            split = {"train": tr, "validation": va}
-        if not split["train"]:
-            raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
-        # Checked before the split is kept: a refused split must not bind the corrected command.
-        _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
+        try:
+            split = _new_split(by_name, val_cases, val_fraction, config, data_dir)
+        except ConfigError:
+            if new_run and info.is_main:
+                # This call began the run: its records go, so that the corrected command (another
+                # --set oof_folds, --seed, split) starts afresh; the prepared cases stay for it.
+                for name in ("config.json", "init.json"):
+                    (run_dir / name).unlink(missing_ok=True)
+            raise
         if info.is_main:
             _write_json_atomic(split_path, split)
     train_cases = [by_name[n] for n in split["train"]]
