@@ -3,7 +3,7 @@
 A run folder holds everything (``kits-seg train --data DIR --out RUN``)::
 
     RUN/config.json          the TrainConfig (a resumed run must match it)
-    RUN/split.json           training and validation case names
+    RUN/split.json           training and validation case names (and the --val-fraction that drew them)
     RUN/fold{k}/             stage-1 models for out-of-fold y1 (one per fold)
     RUN/oof_y1/NAME.npy      out-of-fold stage-1 predictions: what stage 2 learns from (float16;
                              since 2026-12-03 made on the slices of stage 2's training mask only, 0 elsewhere)
@@ -472,7 +472,7 @@ def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_f
         split = {"train": sorted(set(by_name) - set(val_cases)), "validation": sorted(val_cases)}
     else:
         tr, va = split_cases(list(by_name), val_fraction, config.seed)
-        split = {"train": tr, "validation": va}
+        split = {"train": tr, "validation": va, "val_fraction": val_fraction}
     if not split["train"]:
         raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
     _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
@@ -564,8 +564,12 @@ def _check_init(run_dir: Path, record: dict | None) -> None:
 
 
 def _check_split_still_fits(split: dict, by_name: dict, val_cases: list[str] | None, data_dir: Path,
-                            run_dir: Path) -> None:
+                            run_dir: Path, val_fraction: float | None = None) -> None:
     """A resumed run keeps its split: refuse what would change it, say what it leaves out."""
+    made_with = split.get("val_fraction")
+    if val_cases is None and made_with is not None and val_fraction is not None and val_fraction != made_with:
+        log.warning("%s: this run's split was drawn with --val-fraction %g; it is kept (a new --out folder "
+                    "draws one with %g)", run_dir / "split.json", made_with, val_fraction)
     missing = sorted((set(split["train"]) | set(split["validation"])) - set(by_name))
     if missing:
         raise ConfigError(f"{data_dir}: case(s) of this run's split ({run_dir / 'split.json'}) are gone: "
@@ -735,7 +739,7 @@ def train(
     by_name = {c.name: c for c in cases}
     if split_path.is_file():
         split = _read_run_json(split_path)
-        _check_split_still_fits(split, by_name, val_cases, data_dir, run_dir)
+        _check_split_still_fits(split, by_name, val_cases, data_dir, run_dir, val_fraction)
     else:
         try:
             split = _new_split(by_name, val_cases, val_fraction, config, data_dir)
