@@ -61,8 +61,13 @@ def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -
                else f"the {geometry.source_holds} file it was opened from"),
               (geometry.read_from, f"the {geometry.kind.replace('_', '-')} file it was opened from")]
     for input_path, what in inputs:
-        if input_path is not None and Path(input_path).exists() and os.path.samefile(path, input_path):
+        if _same_file(path, input_path):
             raise SaveError(f"{path}: refusing to overwrite {what}; choose another name")
+
+
+def _same_file(path: Path, other: str | os.PathLike | None) -> bool:
+    """``path`` (which exists) is the file ``other`` names, by another name or link too."""
+    return other is not None and Path(other).exists() and os.path.samefile(path, other)
 
 
 def refuse_open_files(path: str | os.PathLike, layers: Iterable[Any]) -> None:
@@ -78,10 +83,9 @@ def refuse_open_files(path: str | os.PathLike, layers: Iterable[Any]) -> None:
         sources = [getattr(getattr(layer, "source", None), "path", None)]
         if geometry is not None:
             sources += [getattr(geometry.source, "path", None), geometry.read_from]
-        for source in sources:
-            if source is not None and Path(source).exists() and os.path.samefile(path, source):
-                raise SaveError(f"{path}: refusing to overwrite the file of the open layer '{layer.name}'; "
-                                "choose another name")
+        if any(_same_file(path, source) for source in sources):
+            raise SaveError(f"{path}: refusing to overwrite the file of the open layer '{layer.name}'; "
+                            "choose another name")
 
 
 def viewer_layers() -> list[Any]:

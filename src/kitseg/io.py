@@ -94,14 +94,15 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
     # A KiTS19 mask is no CT: segmented, it would "succeed" with nothing found.
+    masks = [p for p in entries if p.is_file() and p.name.lower() == KITS_LABELS]
     cases += [CaseInput(name=strip_nifti_suffix(p.name), image_path=p) for p in entries
-              if p.is_file() and is_nifti(p) and p.name.lower() != KITS_LABELS]
+              if p.is_file() and is_nifti(p) and p not in masks]
     cases = _without_outputs(cases, path)
-    if not cases and (path / KITS_LABELS).is_file():
-        raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {KITS_LABELS} is its mask")
+    if not cases and masks:
+        raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {masks[0].name} is its mask")
     if not cases:
         raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})")
-    for mask in (p for p in entries if p.is_file() and p.name.lower() == KITS_LABELS):
+    for mask in masks:
         log.warning("%s: %s is a KiTS19 mask, not a CT: skipped", path, mask.name)
     return cases
 

@@ -55,6 +55,7 @@ def hu_warning(volume: Volume) -> str | None:
     return (f"{name}: its lowest values are about {lowest:.0f}, where a CT in HU has air at about -1000: if these "
             "are raw scanner values, the header needs its rescale intercept (scl_inter, often -1024); the models read HU")
 
+
 def label_map_values(volume: Volume) -> list[int] | None:
     """The values of a volume that holds whole numbers 0 to 3 only (in 16 slices spread over it): a
     KiTS19 or KiTS21 mask, or a saved result, no CT (air is about -1000 HU); ``None`` otherwise."""

@@ -210,10 +210,10 @@ def _check_kind(name: str, value: Any, default: Any) -> None:
     a number, a switch or a text."""
     if isinstance(default, tuple):
         numbers = all(_is_number(v) for v in default)
-        ok = isinstance(value, (list, tuple)) and all(_is_number(v) if numbers else isinstance(v, str) for v in value)
-        if numbers and name not in ("phase_weights",):
-            ok = ok and len(value) == 2
-        kind = ("a range [low, high]" if name != "phase_weights" else "a list of numbers") if numbers else "a list of names"
+        is_range = numbers and name != "phase_weights"  # phase_weights: one number per phase
+        ok = (isinstance(value, (list, tuple)) and all(_is_number(v) if numbers else isinstance(v, str) for v in value)
+              and (not is_range or len(value) == 2))
+        kind = "a range [low, high]" if is_range else "a list of numbers" if numbers else "a list of names"
     elif isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"
     elif _is_number(default):

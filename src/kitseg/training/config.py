@@ -97,16 +97,16 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        counts = ("batch_size_stage1", "batch_size_stage2", "stage1_steps", "stage2_steps", "steps_per_epoch",
-                  "oof_folds", "seed")
-        for name in counts + ("crop_stage1", "crop_stage2"):
+        positive = ("batch_size_stage1", "batch_size_stage2", "stage1_steps", "stage2_steps", "steps_per_epoch",
+                    "crop_stage1", "crop_stage2")  # the crops may also be None: whole slices
+        for name in positive + ("oof_folds", "seed"):
             value = getattr(self, name)
-            if not (value is None and name.startswith("crop")) and not _whole_number(value):
+            if value is None and name.startswith("crop"):
+                continue
+            if not _whole_number(value):
                 raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        for name in ("batch_size_stage1", "batch_size_stage2", "stage1_steps", "stage2_steps", "steps_per_epoch",
-                     "crop_stage1", "crop_stage2"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if name in positive and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         for name in ("stage1_kwargs", "stage2_kwargs"):

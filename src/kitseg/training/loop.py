@@ -466,8 +466,9 @@ def _describe_mask(mask) -> str:
 
 
 def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_fraction: float, config: TrainConfig,
-               data_dir: Path) -> dict[str, list[str]]:
-    """A new run's train / validation split, refused if stage 2's out-of-fold y1 cannot be made from it."""
+               data_dir: Path) -> tuple[dict[str, list], list[list[StageCase]]]:
+    """A new run's train / validation split and its out-of-fold folds; refused if stage 2's
+    out-of-fold y1 cannot be made from it."""
     if val_cases is not None:
         split = {"train": sorted(set(by_name) - set(val_cases)), "validation": sorted(val_cases)}
     else:
@@ -475,8 +476,7 @@ def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_f
         split = {"train": tr, "validation": va, "val_fraction": val_fraction}
     if not split["train"]:
         raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
-    _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
-    return split
+    return split, _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
 
 
 def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir: Path) -> list[list[StageCase]]:
@@ -740,9 +740,10 @@ def train(
     if split_path.is_file():
         split = _read_run_json(split_path)
         _check_split_still_fits(split, by_name, val_cases, data_dir, run_dir, val_fraction)
+        folds = _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
     else:
         try:
-            split = _new_split(by_name, val_cases, val_fraction, config, data_dir)
+            split, folds = _new_split(by_name, val_cases, val_fraction, config, data_dir)
         except ConfigError:
             if new_run and info.is_main:
                 # This call began the run: its records go, so that the corrected command (another
@@ -773,7 +774,6 @@ def train(
     # 1. Out-of-fold stage-1 predictions for stage 2's training (never the ground truth).
     oof_dir = run_dir / "oof_y1"
     oof_dir.mkdir(parents=True, exist_ok=True)
-    folds = _check_oof_folds(train_cases, config, data_dir)
     oof_sources = _forget_stale_oof_y1(oof_dir, train_cases, info)
     for k, held_out in enumerate(folds):
         if all((oof_dir / f"{c.name}.npy").is_file() for c in held_out):
