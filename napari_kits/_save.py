@@ -22,8 +22,12 @@ from ._layers import LayerGeometry
 _SUFFIX = {"y1": "y1", "mask": "mask", "probability": "probs"}
 
 
-class SaveError(ValueError):
-    """The layer cannot be saved (no source grid, wrong kind...); the message says why."""
+class SaveError(Exception):
+    """The layer cannot be saved (no source grid, wrong kind...); the message says why.
+
+    Not a ValueError: napari takes a writer's ValueError for "this writer does not apply" and
+    shows "not a valid writer" in place of the message.
+    """
 
 
 def default_filename(geometry: LayerGeometry, layer_name: str = "") -> str:

@@ -17,6 +17,7 @@ pytest.importorskip("napari")
 
 from napari_kits._layers import LABEL_COLORS, geometry_of, placement  # noqa: E402
 from napari_kits._reader import napari_get_reader, read_kits  # noqa: E402
+from napari_kits._save import SaveError  # noqa: E402
 from napari_kits._writer import write_labels, write_probability  # noqa: E402
 
 MANIFEST = REPO / "napari_kits" / "napari.yaml"
@@ -109,7 +110,7 @@ def test_labels_round_trip_through_reader_and_writer(tmp_path, orientation):
     np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
     # A label map opened to be corrected is an input too: saved over itself, the message says which.
     before = labels_path.read_bytes()
-    with pytest.raises(ValueError, match="refusing to overwrite the labels file it was opened from"):
+    with pytest.raises(SaveError, match="refusing to overwrite the labels file it was opened from"):
         write_labels(str(labels_path), lab_data, _meta((lab_data, lab_kwargs, lab_type)))
     assert labels_path.read_bytes() == before
 
@@ -127,12 +128,12 @@ def test_writer_appends_suffix_and_refuses_the_input_ct(tmp_path, case_folder):
     out = write_labels(str(tmp_path / "pred"), gt, {"metadata": gt_kwargs["metadata"]})
     assert out == [str(tmp_path / "pred.nii.gz")]
     before = (case_folder / "imaging.nii.gz").read_bytes()
-    with pytest.raises(ValueError, match="refusing to overwrite the input CT"):
+    with pytest.raises(SaveError, match="refusing to overwrite the input CT"):
         write_labels(str(case_folder / "imaging.nii.gz"), gt, {"metadata": gt_kwargs["metadata"]})
     assert (case_folder / "imaging.nii.gz").read_bytes() == before
-    with pytest.raises(ValueError, match="no CT geometry"):
+    with pytest.raises(SaveError, match="no CT geometry"):
         write_labels(str(tmp_path / "x.nii.gz"), gt, {"metadata": {}})
-    with pytest.raises(ValueError, match="not a result"):
+    with pytest.raises(SaveError, match="not a result"):
         write_probability(str(tmp_path / "ct.nii.gz"), gt, {"metadata": ct_kwargs["metadata"]})
 
 

@@ -529,6 +529,7 @@ def test_a_label_map_opened_beside_its_ct_is_never_saved_over_it(qtbot, make_nap
     import shutil
 
     from napari_kits._reader import read_kits
+    from napari_kits._save import SaveError
     from napari_kits._widget import KitsWidget
     from napari_kits._writer import write_labels
 
@@ -546,7 +547,11 @@ def test_a_label_map_opened_beside_its_ct_is_never_saved_over_it(qtbot, make_nap
     assert "a_folder.nii.gz: is a folder; choose a file name" in widget.last_error
     assert widget.save_layer(labels, ct) is None
     assert f"{ct}: refusing to overwrite the file of the open layer" in widget.last_error
-    with pytest.raises(ValueError, match="refusing to overwrite the file of the open layer"):
+    with pytest.raises(SaveError, match="refusing to overwrite the file of the open layer"):
         write_labels(str(ct), labels.data, {"metadata": labels.metadata})
+    # napari's own File > Save Selected Layers: the reason reaches the user (napari drops a
+    # writer's ValueError and says only "not a valid writer").
+    with pytest.raises(SaveError, match=f"{ct}: refusing to overwrite the file of the open layer"):
+        labels.save(str(ct), plugin="napari-kits")
     assert ct.read_bytes() == before
     widget.close()
