@@ -1,7 +1,7 @@
 """Does a stage 2 that reads coronal slices help the axial ones? A study, outside the engine.
 
 A tumor at a kidney's pole that fills the kidney's outline is, in one axial slice, a round,
-even blob, as the pole itself is (MODEL_CARD.md, Limits); a coronal slice shows it on top of
+even blob, as the pole itself is (docs/model_studies.md, "Limits, as recorded round by round"); a coronal slice shows it on top of
 the kidney. This study trains one stage-2 network on coronal slices of the stage grid with the
 unchanged training code, by handing it the training cases turned on their side, and scores the
 shipped axial stage 2 with that network's probabilities mixed in.

@@ -1,6 +1,6 @@
 """Does stage 2 find small tumors better on a 1 mm in-plane grid than on the cpu preset's 2 mm? A study.
 
-Even memorized, a tumor under 10 mL is mostly missed at 2 x 2 x 5 mm (MODEL_CARD.md, Limits:
+Even memorized, a tumor under 10 mL is mostly missed at 2 x 2 x 5 mm (docs/model_studies.md, "Limits, as recorded round by round":
 "Stage 2 underfits"), and four times the width did not help: the grid is the untested suspect.
 This study keeps the rest of ``run_ctx0`` (round 13's newest network trained 2000 steps more on
 ``data_ctx``): the same start, data, recipe and steps, and the shipped stage 1 at 2 mm, except

@@ -1,7 +1,7 @@
 """Does stage 2 find more tumor when each CT's intensities are read against its own kidney? A study.
 
 A tumor 60 HU brighter than its kidney that fills a pole's cross-section is, in that axial
-slice, an even bright blob, as a kidney is in another scan's phase (MODEL_CARD.md, Limits):
+slice, an even bright blob, as a kidney is in another scan's phase (docs/model_studies.md, "Limits, as recorded round by round"):
 stage 2 sees one slice and cannot tell which. Here each case's stage-grid image is shifted so
 that the median intensity where stage 1 says kidney (y1 >= 0.5) lands on one value for every
 case; a stage-2 network trained on such images reads "brighter than this patient's kidney"

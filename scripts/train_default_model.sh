@@ -18,7 +18,7 @@
 # 3c. round 4 (shipped 2026-12-04 until round 5): round 3's stage 1 kept; stage 2 trained from round
 #    2's on both phantom generations with extra small tumors in the training masks (the blob-medulla
 #    generator of round 3 and today's default, pyramids and a range of bone densities), its
-#    out-of-fold y1 from the fold models of run_xt_r20 (MODEL_CARD.md: "stage 2 trained with the
+#    out-of-fold y1 from the fold models of run_xt_r20 (docs/model_studies.md: "stage 2 trained with the
 #    20 mm mask"; only its fold models are used here), and used with stage 2's mask a 20 mm ball
 #    (scripts/combine_stages.py --mask-radius-mm 20). Set ROUND4=0 to stop at round 3.
 # 3d. round 5 (shipped on 2026-12-05 until round 6): round 4's stage-2 run again with tumor pixels
@@ -30,31 +30,31 @@
 # 3f. round 7 (shipped on 2026-12-05 until round 8): round 6's stage 2 trained 2000 steps more with a
 #    third image of each training mask, its tumors drawn brighter and new extra tumors grown
 #    (scripts/phantoms_bright_tumors.json, --seed 1); the shipped stage 2 is the ensemble of round
-#    6's and this one (MODEL_CARD.md, "Round 7"). Set ROUND7=0 to stop at round 6.
+#    6's and this one (docs/model_studies.md, "Round 7"). Set ROUND7=0 to stop at round 6.
 # 3g. round 8 (shipped on 2026-12-05 until round 9): round 7's new network trained 2000 steps more
 #    with a fourth image of each training mask, bright tumors with new shapes again (--seed 3);
-#    the shipped stage 2 is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 8").
+#    the shipped stage 2 is the ensemble of round 6's and this one (docs/model_studies.md, "Round 8").
 #    Set ROUND8=0 to stop at round 7.
 # 3h. round 9 (shipped on 2026-12-05 until round 10): round 8's new network trained 2000 steps more
 #    with a fifth image of each training mask, two or three extra tumors of 0.5-10 mL grown in at
 #    the default brightness (scripts/phantoms_small_tumors.json, --seed 4); the shipped stage 2 is
-#    the ensemble of round 6's and this one (MODEL_CARD.md, "Round 9"). Set ROUND9=0 to stop at round 8.
+#    the ensemble of round 6's and this one (docs/model_studies.md, "Round 9"). Set ROUND9=0 to stop at round 8.
 # 3i. round 10 (shipped 2026-12-05 until round 11): round 9's new network trained 2000 steps more on
 #    the same images, each tumor sample cropped around one of its case's tumors drawn with equal
 #    chance (--set tumor_sampling=lesion); its stage 2 is the ensemble of round 6's and this one
-#    (MODEL_CARD.md, "Round 10"). Set ROUND10=0 to stop at round 9.
+#    (docs/model_studies.md, "Round 10"). Set ROUND10=0 to stop at round 9.
 # 3j. round 11 (shipped 2026-12-05 until round 12): round 10's new network trained 2000 steps more
 #    on the same images, 80% of the samples tumor samples instead of 50% (--set tumor_fraction=0.8);
-#    its stage 2 is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 11").
+#    its stage 2 is the ensemble of round 6's and this one (docs/model_studies.md, "Round 11").
 #    Set ROUND11=0 to stop at round 10.
 # 3k. round 12 (shipped 2026-12-06 until round 13): round 11's new network trained 2000 steps more
 #    on the same images, 90% of the samples tumor samples (--set tumor_fraction=0.9); its stage 2
-#    is the ensemble of round 6's and this one (MODEL_CARD.md, "Round 12").
+#    is the ensemble of round 6's and this one (docs/model_studies.md, "Round 12").
 #    Set ROUND12=0 to stop at round 11.
 # 3l. round 13, the shipped model since 2026-12-06: round 12's new network trained 2000 steps more
 #    with stage 2's cross-entropy on its hardest tenth of the masked pixels (--set
 #    stage2_hard_fraction=0.1); the shipped stage 2 is the ensemble of round 6's network, round
-#    12's and this one (MODEL_CARD.md, "Round 13"). Set ROUND13=0 to stop at round 12.
+#    12's and this one (docs/model_studies.md, "Round 13"). Set ROUND13=0 to stop at round 12.
 # 4. evaluation of the validation phantoms end to end (kits-seg predict + evaluate).
 # Resumable: rerun the same command after an interruption. PHANTOM_WORKERS=N draws N phantoms at once (default 2).
 set -euo pipefail

@@ -32,7 +32,7 @@ def _from_dict(cls, data: dict[str, Any], what: str):
 MIRROR_MODES = ("off", "stage2", "both")
 
 #: Default of ``Segmenter(tumor_slice_smoothing=...)`` (kitseg.pipeline.tumor_lead): chosen for
-#: the shipped model on 120 phantom draws (model card, "Kidney or tumor read from three slices").
+#: the shipped model on 120 phantom draws (docs/model_studies.md, "Kidney or tumor read from three slices").
 TUMOR_SLICE_SMOOTHING = 0.25
 
 

@@ -31,7 +31,7 @@ none of which they change beyond annotation crumbs:
   kept piece (here pieces join at corners too: two kidneys bridged by a tumor, or a horseshoe
   kidney, are one), a tumor piece smaller than this share of the piece's largest tumor piece
   is relabelled kidney, not removed: the networks call bits of kidney tissue tumor away from
-  the tumor (MODEL_CARD.md, "Tumors counted one by one"). In the real masks every tumor of at
+  the tumor (docs/model_studies.md, "Tumors counted one by one"). In the real masks every tumor of at
   least 1 mL holds at least 26.6% of the volume of its kidney's largest tumor (``case_00001``:
   satellites of 1.8 and 1.2 mL beside a 4.3 mL tumor, the one real kidney with more than one);
   tumors in the other kidney are not compared. On those masks the default 0.2 relabels only

@@ -107,7 +107,7 @@ class PhantomParams:
             others enhance weakly (papillary/chromophobe-like, 0.1-0.65 of the cortex's enhancement).
         hypervascular_enhancement: a hypervascular tumor's enhancement as a fraction of the renal
             cortex's. Above about 1.1 the tumor is brighter than its kidney; the default (0.6, 1.3)
-            makes few such tumors, and models trained on it miss most of them (model card: "stage 2
+            makes few such tumors, and models trained on it miss most of them (docs/model_studies.md: "stage 2
             with bright-tumor twins"). Training data may ask for more: (0.6, 1.8) in
             ``scripts/phantoms_bright_tumors.json``.
         ureter_probability: chance, per kidney, that its renal pelvis is drawn leaving the hilum
