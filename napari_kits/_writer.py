@@ -10,16 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 from ._layers import geometry_of
-from ._save import refuse_open_files, save_layer, viewer_layers
+from ._save import SaveError, refuse_open_files, save_layer, viewer_layers
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     """Labels (the result, a corrected result, the mask) -> ``path`` (.nii.gz / .nii)."""
-    refuse_open_files(path, viewer_layers())
-    return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]
+    return _write(path, data, meta)
 
 
 def write_probability(path: str, data: Any, meta: dict) -> list[str]:
     """A probability layer (y1, class probabilities) -> ``path``, uint8 with slope 1/255."""
+    return _write(path, data, meta)
+
+
+def _write(path: str, data: Any, meta: dict) -> list[str]:
     refuse_open_files(path, viewer_layers())
-    return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]
+    try:
+        return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]
+    except ValueError as error:  # napari would show "not a valid writer" in place of the message
+        raise SaveError(f"{path}: {error}") from error

@@ -14,7 +14,7 @@
 # 3b. round 3 on the phantoms with adrenal glands (scripts/phantoms_blob_medulla.json: the
 #    generator's default of 2026-11-29) from round 2's model; the shipped
 #    model is its stage 1 with an ensemble of round 2's and round 3's stage 2 (the mean of their
-#    probabilities; scripts/combine_stages.py, MODEL_CARD.md);
+#    probabilities; scripts/combine_stages.py, docs/model_studies.md);
 # 3c. round 4 (shipped 2026-12-04 until round 5): round 3's stage 1 kept; stage 2 trained from round
 #    2's on both phantom generations with extra small tumors in the training masks (the blob-medulla
 #    generator of round 3 and today's default, pyramids and a range of bone densities), its

@@ -135,6 +135,10 @@ def test_writer_appends_suffix_and_refuses_the_input_ct(tmp_path, case_folder):
         write_labels(str(tmp_path / "x.nii.gz"), gt, {"metadata": {}})
     with pytest.raises(SaveError, match="not a result"):
         write_probability(str(tmp_path / "ct.nii.gz"), gt, {"metadata": ct_kwargs["metadata"]})
+    # Any other refusal is a SaveError too, with the path: napari hides a writer's ValueError.
+    with pytest.raises(SaveError, match=r"cut\.nii\.gz: .*shape"):
+        write_labels(str(tmp_path / "cut.nii.gz"), gt[:-1], {"metadata": gt_kwargs["metadata"]})
+    assert not (tmp_path / "cut.nii.gz").exists()
 
 
 def test_stage_grid_layers_overlay_the_ct(small_case):

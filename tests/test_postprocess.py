@@ -79,7 +79,7 @@ LEAST_KIDNEY_REAL_CASES = ("case_00030", "case_00090", "case_00070")
 
 @pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
 @pytest.mark.parametrize("case", LEAST_KIDNEY_REAL_CASES)
-@pytest.mark.parametrize("share", [CleanupRules().min_kidney_share, 0.3])  # the default, and the model card's bound
+@pytest.mark.parametrize("share", [CleanupRules().min_kidney_share, 0.3])  # the default, and the bound in docs/model_studies.md
 def test_kidney_share_rule_leaves_real_masks_untouched(case, share):
     truth, _, labels, without_share_rule = _real_mask_cleaned(
         case, CleanupRules(min_kidney_share=share), CleanupRules(min_kidney_share=0.0))
@@ -220,7 +220,7 @@ def test_at_most_two_pieces_the_largest_are_kept():
 @pytest.mark.skipif(not KITS_DIR.is_dir(), reason="needs ../shared/data/kits19 (real KiTS19 masks)")
 @pytest.mark.parametrize("case", LEAST_KIDNEY_REAL_CASES + ("case_00001",))
 def test_two_piece_rule_leaves_real_masks_untouched(case):
-    # No real mask holds a third piece of even 1% of its largest (all 150 checked, model card).
+    # No real mask holds a third piece of even 1% of its largest (all 150 checked, docs/model_studies.md).
     truth, _, labels, without = _real_mask_cleaned(case, CleanupRules(max_pieces=2), CleanupRules(max_pieces=0))
     np.testing.assert_array_equal(labels, without)
     no_size_rule = CleanupRules(min_fraction=0.0, max_pieces=2)  # alone it takes only annotation crumbs
