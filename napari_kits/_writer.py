@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._layers import geometry_of
-from ._save import SaveError, refuse_open_files, save_layer, viewer_layers
+from ._save import SaveError, refuse_open_files, save_layer, viewer_layers, with_nifti_suffix
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
@@ -24,8 +24,9 @@ def write_probability(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def _write(path: str, data: Any, meta: dict) -> list[str]:
-    refuse_open_files(path, viewer_layers())
     try:
+        refuse_open_files(path, viewer_layers())
         return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]
     except ValueError as error:  # napari would show "not a valid writer" in place of the message
-        raise SaveError(f"{path}: {error}") from error
+        target = str(with_nifti_suffix(path))
+        raise SaveError(str(error) if str(error).startswith(target) else f"{target}: {error}") from error

@@ -13,12 +13,15 @@ input, its grid or its training (loss, steps, schedule).
     python scripts/overfit_study.py prepare --phantoms work_data/phantoms_s24 \\
         --cases case_00120 case_00121 ... --val-cases case_00122 case_00126 \\
         --data work_data/overfit_data --run work_data/run_overfit_noaug
-    # 2. stage 2 trained on those cases, the shipped stage 1 kept, without augmentation; stage 2
-    #    starts from the shipped ensemble's first member, round 6's network (a control run with
-    #    augmentation: another --run, prepared the same way, without --set augment=false)
+    # 2. stage 2 trained on those cases, the shipped stage 1 kept, round 12's settings; stage 2
+    #    starts from the shipped ensemble's first member, round 6's network; one validation at the
+    #    end, so the last step is kept. AUG is one of (each run in its own --run, prepared as in 1):
+    #      --set augment=false           no augmentation (run_overfit_noaug)
+    #      --set augment_noise_hu=0      flips, rotations, scaling, intensity jitter; no noise (run_overfit_nonoise)
+    #      --set augment_noise_hu=30     the recipe's: all of it, noise up to 30 HU (run_overfit_aug)
     kits-seg train --data work_data/overfit_data --out work_data/run_overfit_noaug --preset cpu --device cpu \\
         --stage2-steps 1500 --val-cases case_00122 case_00126 \\
-        --init-from src/kitseg/weights/default.kseg --keep-stage1 --set augment=false \\
+        --init-from src/kitseg/weights/default.kseg --keep-stage1 AUG \\
         --set steps_per_epoch=1500 --set stage2_tumor_weight=3 --set tumor_sampling=lesion --set tumor_fraction=0.9
     # 3. the training cases scored on the stage grid, by tumor size
     python scripts/fit_gap_study.py --run work_data/run_overfit_noaug --data work_data/overfit_data
@@ -29,7 +32,8 @@ network's training cases, and says when a network started from another file whos
 recorded. Its stage 1's y1 of them is then what a stage 1 gives a new case, as the out-of-fold y1
 of a normal run is. The y1 are made with the preset's grid and mask: give ``kits-seg train`` no
 ``--set`` of ``preprocessing`` or ``mask``. Should the run train fold models all the same
-(``RUN/fold1/`` appears: the phantom files changed since), the premise is gone: prepare again.
+(a ``RUN/fold*/`` folder appears: the phantom files changed since), the premise is gone: prepare
+again.
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ def prepare(args: argparse.Namespace) -> int:
     bundle = load_bundle(weights)
     names = args.cases + args.val_cases
     masks, started_from = trained_on(bundle.provenance)
+    if not masks:
+        raise SystemExit(f"{weights}: its provenance records no training cases; cannot tell which masks it saw")
+    if bundle.stage1.architecture == "ensemble":
+        raise SystemExit(f"{weights}: stage 1 is an ensemble; kits-seg train --keep-stage1 keeps its first member only")
     seen = sorted(n for n in names if mask_of(n) in masks)
     if seen:
         raise SystemExit(f"{weights} trained on the masks of {', '.join(seen)}: its y1 of them would be better than "
@@ -98,8 +106,8 @@ def prepare(args: argparse.Namespace) -> int:
     overlap = set(args.cases) & set(args.val_cases)
     if overlap:
         raise SystemExit(f"{', '.join(sorted(overlap))}: both a training and a validation case")
-    if len({mask_of(n) for n in args.cases}) < 2:
-        raise SystemExit("--cases: kits-seg train needs the training images of at least 2 masks")
+    if len({mask_of(n) for n in args.cases}) < config.oof_folds:
+        raise SystemExit(f"--cases: kits-seg train needs the training images of at least {config.oof_folds} masks")
     if args.run.exists() and (not args.run.is_dir() or any(args.run.iterdir())):
         raise SystemExit(f"{args.run}: not an empty folder; prepare a new run folder")
     data, run = args.data.resolve(), args.run.resolve()
@@ -137,7 +145,7 @@ def prepare(args: argparse.Namespace) -> int:
         y1 = predict_y1(stage1, [case], config, device=_cpu(), mask_slices_only=True)[name]
         save_npy(oof_dir / f"{name}.npy", y1.astype("float16"))  # as the training code writes them
         y1_sources[name] = case.cache_stem.name
-    _write_json_atomic(oof_dir / OOF_SOURCES, y1_sources)
+        _write_json_atomic(oof_dir / OOF_SOURCES, y1_sources)  # in step with the files, as the training code
     _write_json_atomic(args.run / "overfit_study.json", {
         "weights": str(weights), "phantoms": str(args.phantoms), "preset": args.preset,
         "mask": dataclasses.asdict(config.mask), "cases": args.cases, "val_cases": args.val_cases})
