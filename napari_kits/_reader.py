@@ -40,9 +40,9 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
         return None
     if p.is_dir():
         return read_kits if (p / "imaging.nii.gz").is_file() else None
-    if p.name.lower().endswith((".nii", ".nii.gz")):
-        return read_kits
-    return None
+    from kitseg.io import is_nifti
+
+    return read_kits if is_nifti(p) else None
 
 
 def _looks_like_labels(array: np.ndarray) -> bool:

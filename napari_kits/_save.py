@@ -50,8 +50,10 @@ def default_directory(geometry: LayerGeometry) -> Path:
 
 
 def with_nifti_suffix(path: str | os.PathLike) -> Path:
+    from kitseg.io import is_nifti
+
     path = Path(path)
-    return path if path.name.lower().endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
+    return path if is_nifti(path) else path.with_name(path.name + ".nii.gz")
 
 
 def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -> None:

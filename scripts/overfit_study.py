@@ -40,47 +40,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 
-_MASK = re.compile(r"^(case_\d+)(?:_|$)")  # a twin case_XXXXX_suffix shares case_XXXXX's mask
-
-
-def mask_of(name: str) -> str:
-    match = _MASK.match(name)
-    return match.group(1) if match else name
-
-
 def trained_on(provenance: Any) -> tuple[set[str], set[str]]:
     """The masks every network of a model file (and those it was combined from) trained on, and
     the files its networks started from (``--init-from``), whose own cases the file does not hold."""
+    from kitseg.training.data import mask_name
+
     masks: set[str] = set()
     started_from: set[str] = set()
+    children = provenance if isinstance(provenance, list) else ()  # a list: an ensemble's members
     if isinstance(provenance, dict):
-        for key, value in provenance.items():
-            if key == "train_cases" and isinstance(value, list):
-                masks.update(mask_of(str(v)) for v in value)
-            elif key == "init_from" and isinstance(value, dict) and "file" in value:
-                started_from.add(str(value["file"]))
-            else:
-                more, files = trained_on(value)
-                masks |= more
-                started_from |= files
-    elif isinstance(provenance, list):  # an ensemble's members
-        for value in provenance:
-            more, files = trained_on(value)
-            masks |= more
-            started_from |= files
+        if isinstance(provenance.get("train_cases"), list):
+            masks.update(mask_name(str(v)) for v in provenance["train_cases"])
+        if isinstance(provenance.get("init_from"), dict) and "file" in provenance["init_from"]:
+            started_from.add(str(provenance["init_from"]["file"]))
+        children = provenance.values()
+    for child in children:
+        more, files = trained_on(child)
+        masks |= more
+        started_from |= files
     return masks, started_from
 
 
 def prepare(args: argparse.Namespace) -> int:
     from kitseg.checkpoint import load_bundle
     from kitseg.training.config import preset
-    from kitseg.training.data import cache_folder, load_cases, save_npy
+    import torch
+
+    from kitseg.training.data import cache_folder, load_cases, mask_name, save_npy
     from kitseg.training.loop import OOF_SOURCES, _write_json_atomic, predict_y1
     from kitseg.weights import default_weights_path
 
@@ -92,7 +83,7 @@ def prepare(args: argparse.Namespace) -> int:
         raise SystemExit(f"{weights}: its provenance records no training cases; cannot tell which masks it saw")
     if bundle.stage1.architecture == "ensemble":
         raise SystemExit(f"{weights}: stage 1 is an ensemble; kits-seg train --keep-stage1 keeps its first member only")
-    seen = sorted(n for n in names if mask_of(n) in masks)
+    seen = sorted(n for n in names if mask_name(n) in masks)
     if seen:
         raise SystemExit(f"{weights} trained on the masks of {', '.join(seen)}: its y1 of them would be better than "
                          "on a new case; choose masks it never saw")
@@ -106,7 +97,7 @@ def prepare(args: argparse.Namespace) -> int:
     overlap = set(args.cases) & set(args.val_cases)
     if overlap:
         raise SystemExit(f"{', '.join(sorted(overlap))}: both a training and a validation case")
-    if len({mask_of(n) for n in args.cases}) < config.oof_folds:
+    if len({mask_name(n) for n in args.cases}) < config.oof_folds:
         raise SystemExit(f"--cases: kits-seg train needs the training images of at least {config.oof_folds} masks")
     if args.run.exists() and (not args.run.is_dir() or any(args.run.iterdir())):
         raise SystemExit(f"{args.run}: not an empty folder; prepare a new run folder")
@@ -142,7 +133,7 @@ def prepare(args: argparse.Namespace) -> int:
     y1_sources = {}
     for name in args.cases:
         case = cases[name]
-        y1 = predict_y1(stage1, [case], config, device=_cpu(), mask_slices_only=True)[name]
+        y1 = predict_y1(stage1, [case], config, device=torch.device("cpu"), mask_slices_only=True)[name]
         save_npy(oof_dir / f"{name}.npy", y1.astype("float16"))  # as the training code writes them
         y1_sources[name] = case.cache_stem.name
         _write_json_atomic(oof_dir / OOF_SOURCES, y1_sources)  # in step with the files, as the training code
@@ -151,12 +142,6 @@ def prepare(args: argparse.Namespace) -> int:
         "mask": dataclasses.asdict(config.mask), "cases": args.cases, "val_cases": args.val_cases})
     print(f"{oof_dir}: y1 of {len(y1_sources)} training case(s) from {weights}'s stage 1")
     return 0
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
 
 
 def main() -> int:

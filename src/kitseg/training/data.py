@@ -301,6 +301,12 @@ def label_map_key(case: StageCase) -> str:
 _KITS_STEM = re.compile(r"^(case_\d+)(?:_|$)")
 
 
+def mask_name(case_name: str) -> str:
+    """The KiTS19 mask a case is an image of: ``case_XXXXX`` for its twins ``case_XXXXX_<suffix>`` too."""
+    stem = _KITS_STEM.match(case_name)
+    return stem.group(1) if stem else case_name
+
+
 def source_keys(case: StageCase) -> tuple[str, ...]:
     """What ties a case to its patient: its label map, and a name ``case_XXXXX_<suffix>`` (another
     image of ``case_XXXXX``, e.g. a phantom twin whose extra tumors changed the label map)."""
