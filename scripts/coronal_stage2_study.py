@@ -101,7 +101,7 @@ def score(args: argparse.Namespace) -> int:
     from kitseg.pipeline import Segmenter, tumor_lead
 
     segmenter = Segmenter.from_file(args.weights, device="cpu")
-    coronal = Segmenter.from_file(args.coronal, device="cpu")
+    coronal = Segmenter.from_file(args.network, device="cpu")
     ensemble = segmenter.stage2_net
     axial_members = list(ensemble.members) if hasattr(ensemble, "members") else [ensemble]
     n = len(axial_members) + 1
@@ -136,7 +136,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    from stage2_member_weights_study import parse_mix  # a sibling script: python puts scripts/ on the path
+    from stage2_member_weights_study import add_mixed_score_command  # a sibling: scripts/ is on the path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,18 +146,15 @@ def main() -> int:
     p.add_argument("--cases", nargs="+", required=True, help="case names to turn")
     p.add_argument("--out-cache", type=Path, required=True)
     p.add_argument("--out-run", type=Path, required=True, help="the new run folder (gets oof_y1/, val_y1/)")
-    p = commands.add_parser("score", help="the shipped model with a coronal stage 2 mixed in")
-    p.add_argument("--weights", type=Path, default=None, help="the axial model (default: the shipped one)")
-    p.add_argument("--coronal", type=Path, required=True, help="a model whose stage 2 trained on turned cases")
-    p.add_argument("--cases", type=Path, nargs="+", required=True, help="KiTS19-layout folders with references")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mix", type=parse_mix, nargs="+", default=[parse_mix(m) for m in DEFAULT_MIXES],
-                   help="weightings, one number per axial member of the model's stage 2, then the coronal "
-                        "network's (default: %(default)s)")
+    p = add_mixed_score_command(
+        commands, help="the shipped model with a coronal stage 2 mixed in",
+        weights_help="the axial model (default: the shipped one)",
+        network="coronal", network_help="a model whose stage 2 trained on turned cases", mixes=DEFAULT_MIXES,
+        mix_help="weightings, one number per axial member of the model's stage 2, then the coronal "
+                 "network's (default: %(default)s)")
     p.add_argument("--lead-rules", nargs="*", default=["either", "lead-0.25", "lead-0.5"],
                    help="foreground from the axial members, kidney or tumor from both views' three-slice tumor "
                         "leads: 'either' (the larger), 'lead-W' (the coronal lead's part W)")
-    p.add_argument("--realct", action="store_true", help="also score ../shared/data/realct (skipped if absent)")
     args = parser.parse_args()
     return turn(args) if args.command == "turn" else score(args)
 

@@ -161,7 +161,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    from stage2_member_weights_study import parse_mix  # a sibling script: python puts scripts/ on the path
+    from stage2_member_weights_study import add_mixed_score_command  # a sibling: scripts/ is on the path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,14 +174,11 @@ def main() -> int:
     p.add_argument("--out-run", type=Path, required=True, help="the new run folder (gets oof_y1/, val_y1/)")
     p.add_argument("--out-init", type=Path, required=True, help="the starting model's copy on the finer grid")
     p.add_argument("--workers", type=int, default=2)
-    p = commands.add_parser("score", help="a stage 2 on the finer grid behind the shipped stage 1")
-    p.add_argument("--weights", type=Path, default=None, help="stage 1's model (default: the shipped one)")
-    p.add_argument("--network", type=Path, required=True, help="a model whose stage 2 trained on the finer grid")
-    p.add_argument("--cases", type=Path, nargs="+", required=True, help="KiTS19-layout folders with references")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mix", type=parse_mix, nargs="+", default=[parse_mix(m) for m in DEFAULT_MIXES],
-                   help="the shipped members' weights, then the new network's")
-    p.add_argument("--realct", action="store_true", help="also score ../shared/data/realct (skipped if absent)")
+    add_mixed_score_command(
+        commands, help="a stage 2 on the finer grid behind the shipped stage 1",
+        weights_help="stage 1's model (default: the shipped one)",
+        network="network", network_help="a model whose stage 2 trained on the finer grid", mixes=DEFAULT_MIXES,
+        mix_help="the shipped members' weights, then the new network's")
     args = parser.parse_args()
     return prepare(args) if args.command == "prepare" else score(args)
 

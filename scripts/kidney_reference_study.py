@@ -117,7 +117,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    from stage2_member_weights_study import parse_mix  # a sibling script: python puts scripts/ on the path
+    from stage2_member_weights_study import add_mixed_score_command  # a sibling: scripts/ is on the path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -127,13 +127,10 @@ def main() -> int:
     p.add_argument("--cases", nargs="+", required=True, help="case names to shift")
     p.add_argument("--out-cache", type=Path, required=True)
     p.add_argument("--out-run", type=Path, required=True, help="the new run folder (gets oof_y1/, val_y1/)")
-    p = commands.add_parser("score", help="the shipped model with the kidney-referenced network mixed in")
-    p.add_argument("--weights", type=Path, default=None, help="the model (default: the shipped one)")
-    p.add_argument("--network", type=Path, required=True, help="a model whose stage 2 trained on shifted images")
-    p.add_argument("--cases", type=Path, nargs="+", required=True, help="KiTS19-layout folders with references")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mix", type=parse_mix, nargs="+", default=[parse_mix(m) for m in DEFAULT_MIXES])
-    p.add_argument("--realct", action="store_true", help="also score ../shared/data/realct (skipped if absent)")
+    add_mixed_score_command(
+        commands, help="the shipped model with the kidney-referenced network mixed in",
+        weights_help="the model (default: the shipped one)",
+        network="network", network_help="a model whose stage 2 trained on shifted images", mixes=DEFAULT_MIXES)
     args = parser.parse_args()
     if args.command == "shift":
         args.cases = set(args.cases)

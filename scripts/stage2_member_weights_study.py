@@ -208,6 +208,22 @@ def score_labelings(folders, member_probs, labelings: dict, out: Path, realct: b
                   f"tumor {np.sum(labels == 2) * voxel_ml:.1f} mL (all false)")
 
 
+def add_mixed_score_command(commands, *, help: str, network: str, network_help: str, weights_help: str,
+                            mixes, mix_help: str | None = None):
+    """The ``score`` subcommand of the studies that mix one new stage-2 network into a model's
+    members: its arguments are those of ``score`` above, the new network's file as ``--NETWORK``
+    (read back as ``args.network``)."""
+    p = commands.add_parser("score", help=help)
+    p.add_argument("--weights", type=Path, default=None, help=weights_help)
+    p.add_argument(f"--{network}", dest="network", metavar=network.upper(), type=Path, required=True,
+                   help=network_help)
+    p.add_argument("--cases", type=Path, nargs="+", required=True, help="KiTS19-layout folders with references")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mix", type=parse_mix, nargs="+", default=[parse_mix(m) for m in mixes], help=mix_help)
+    p.add_argument("--realct", action="store_true", help="also score ../shared/data/realct (skipped if absent)")
+    return p
+
+
 def default_mixes(n: int) -> list[tuple[float, ...]]:
     """Equal weights, then the first member (the oldest, in the shipped files) weighted up."""
     mixes = [(1.0,) * n]
