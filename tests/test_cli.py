@@ -82,6 +82,22 @@ def test_predict_file_in_ras_with_intermediates(tmp_path, weights):
     assert main(args + ["--overwrite"]) == 0
 
 
+def test_predict_a_4d_file_of_one_volume_gives_the_same_labels_on_its_3d_grid(tmp_path, cases, weights):
+    # Some converters store a single volume as (X, Y, Z, 1): segmented as the 3D volume it holds.
+    ct = nib.load(str(cases / "case_00000" / "imaging.nii.gz"))
+    as_4d = tmp_path / "in4d" / "scan.nii.gz"
+    as_4d.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(ct.dataobj)[..., None], ct.affine), str(as_4d))
+    out = tmp_path / "out"
+    assert main(["predict", str(as_4d), "-o", str(out), "--weights", str(weights)]) == 0
+    assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights)]) == 0
+    labels = nib.load(str(out / "scan_labels.nii.gz"))
+    assert labels.shape == ct.shape
+    np.testing.assert_allclose(labels.affine, ct.affine)
+    from_3d = nib.load(str(out / "prediction_00000.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(labels.dataobj), np.asarray(from_3d.dataobj))
+
+
 def test_predict_cleanup_only_removes_whole_pieces(tmp_path, cases, weights):
     """By default stray pieces go and minor tumor calls become kidney (kitseg.postprocess);
     --no-cleanup keeps the raw labels."""
