@@ -27,10 +27,13 @@ ABDOMEN_WINDOW = (-160.0, 240.0)
 
 Kind = Literal["ct", "ground_truth", "labels", "y1", "mask", "probability"]
 
+#: Any other value (napari's brush paints whatever number is picked): magenta, seen at once,
+#: since scoring and saving refuse it; transparent, it would look like erased kidney.
+STRAY_COLOR = "#ff00ff"
 #: Label colours: kidney red, tumor yellow (KiTS19 values); background transparent.
-LABEL_COLORS: dict[int | None, str] = {None: "transparent", 0: "transparent", 1: "#ff2020", 2: "#ffd400"}
+LABEL_COLORS: dict[int | None, str] = {None: STRAY_COLOR, 0: "transparent", 1: "#ff2020", 2: "#ffd400"}
 #: The stage-2 region of interest: a quiet cyan wash that does not hide the CT.
-MASK_COLORS: dict[int | None, str] = {None: "transparent", 0: "transparent", 1: "#00b4ff"}
+MASK_COLORS: dict[int | None, str] = {None: STRAY_COLOR, 0: "transparent", 1: "#00b4ff"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class LayerGeometry:
             from a file (to correct it, or show it over its CT), that result's kind.
         read_from: the layer's own file where it is not ``source.path`` (a case folder's ground
             truth, placed on its CT's grid): an input too, never written over.
+        kits_labels: a label map opened from a file held KiTS19 values only (0, 1, 2), so it can
+            serve as a reference unasked; another tool's map of organs cannot.
     """
 
     kind: Kind
@@ -57,6 +62,7 @@ class LayerGeometry:
     case_id: str | None = None
     source_holds: Kind = "ct"
     read_from: Any = None
+    kits_labels: bool = True
 
     @property
     def on_stage_grid(self) -> bool:
@@ -106,14 +112,17 @@ def ct_layer_data(volume: Any, name: str, case_id: str | None = None) -> tuple:
     return (volume.array, kwargs, "image")
 
 
-def labels_layer_kwargs(name: str, geometry: LayerGeometry, affine: np.ndarray, opacity: float = 0.5) -> dict:
+def labels_layer_kwargs(name: str, geometry: LayerGeometry, affine: np.ndarray, opacity: float = 0.5,
+                        kits_colors: bool = True) -> dict:
+    """A labels layer in the KiTS19 colours; ``kits_colors=False`` (another tool's map of many
+    classes, opened to look at) keeps napari's own colour per value."""
     scale, translate = placement(affine)
     colors = MASK_COLORS if geometry.kind == "mask" else LABEL_COLORS
     return {
         "name": name,
         "scale": scale,
         "translate": translate,
-        "colormap": dict(colors),
+        **({"colormap": dict(colors)} if kits_colors else {}),
         "opacity": opacity,
         "metadata": {META_KEY: geometry},
     }

@@ -1,7 +1,8 @@
 """npe2 reader: a CT as a NIfTI file or a KiTS19 case folder (with its ground truth, if any).
 
-A NIfTI that holds a label map (a few small whole numbers, stored as any type: a KiTS19
-``segmentation.nii.gz``, a saved prediction) opens as a labels layer, a saved probability
+A NIfTI that holds a label map (whole numbers 0..255 stored as any type, a few of them or
+constant over regions: a KiTS19 ``segmentation.nii.gz``, a saved prediction, another tool's
+organ map; :func:`kitseg.io.label_map_values`) opens as a labels layer, a saved probability
 map (values in 0..1: a ``_y1``) as a probability image and a ``_probs`` file (channels last)
 as one per class, so results and references can be
 re-opened over their CT and neither is offered as a CT to segment. All axis handling is the
@@ -45,16 +46,6 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
     return read_kits if is_nifti(p) else None
 
 
-def _looks_like_labels(array: np.ndarray) -> bool:
-    """Label maps hold a few whole numbers in 0..255 (stored as any type); a CT in HU has thousands of values."""
-    sample = array[:: max(1, array.shape[0] // 16)]
-    if sample.min() < 0 or sample.max() > 255:
-        return False
-    if array.dtype.kind == "f" and not np.array_equal(sample, np.round(sample)):
-        return False
-    return np.unique(sample).size <= 16
-
-
 def _looks_like_probability(array: np.ndarray) -> bool:
     """A saved y1 (uint8 with slope 1/255, read as float): values in 0..1, which no CT in HU has."""
     return array.dtype.kind == "f" and array.min() >= 0.0 and array.max() <= 1.0
@@ -63,7 +54,7 @@ def _looks_like_probability(array: np.ndarray) -> bool:
 def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
     from kitseg.geometry import strip_nifti_suffix
-    from kitseg.io import case_from_folder, nifti_shape, read_labels, read_volume
+    from kitseg.io import case_from_folder, label_map_values, nifti_shape, read_labels, read_volume
 
     p = _single_path(path)
     if p.is_dir():
@@ -85,10 +76,12 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
         return [ct_layer_data(volume, case.name, case.case_id)]
     probability = _looks_like_probability(volume.array)
     # A y1 where stage 1 found nothing is all zeros, which looks like empty labels: its name says otherwise.
-    if _looks_like_labels(volume.array) and not (probability and name.endswith("_y1")):
+    values = label_map_values(volume.array)
+    if values is not None and not (probability and name.endswith("_y1")):
         labels = read_labels(p)
-        geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels")
-        return [(labels.array, labels_layer_kwargs(name, geometry, labels.affine), "labels")]
+        kits = set(values) <= {0, 1, 2}  # else another tool's classes: napari's colours, not all magenta
+        geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels", kits_labels=kits)
+        return [(labels.array, labels_layer_kwargs(name, geometry, labels.affine, kits_colors=kits), "labels")]
     if probability:  # shown over its CT, never offered as a CT to segment
         return [_probability_layer(volume.array, volume, name, name)]
     return [ct_layer_data(volume, name)]

@@ -104,8 +104,11 @@ def viewer_layers() -> list[Any]:
     return list(viewer.layers) if viewer is not None else []
 
 
-def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False,
+               layer_name: str | None = None) -> Path:
     """Write a plugin layer's data as NIfTI on the CT file's grid; returns the path written.
+
+    ``layer_name`` names the layer in a refusal (napari's File > Save shows it with no other word).
 
     Raises:
         SaveError: the layer carries no CT geometry (it was not made by napari-kits).
@@ -134,10 +137,12 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
         return write_probability(data, geometry.source, path, overwrite=overwrite)
     if geometry.kind in ("labels", "ground_truth"):
         from kitseg.config import KITS_LABELS
+        from kitseg.io import name_a_few
 
         stray = KITS_LABELS.stray_values(data)
         if stray:  # another tool would score them as kidney without a word
-            raise SaveError(f"the layer holds label {', '.join(map(str, stray))}: KiTS19 labels are 0 (background), "
-                            "1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them, then save")
+            layer = f"the layer '{layer_name}'" if layer_name else "the layer"
+            raise SaveError(f"{layer} holds label {name_a_few([str(v) for v in stray], 8)}: KiTS19 labels are 0 "
+                            "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them, then save")
         return write_labels(data, geometry.source, path, overwrite=overwrite)
     raise SaveError(f"a {geometry.kind!r} layer is not a result; save labels, y1, the mask or probabilities")

@@ -121,6 +121,8 @@ def _row(*widgets: QWidget) -> QWidget:
     layout = QHBoxLayout(holder)
     layout.setContentsMargins(0, 0, 0, 0)
     for w in widgets:
+        if isinstance(w, QLabel):  # a caption keeps its text's width; the fields beside it take the rest
+            w.setSizePolicy(QSizePolicy.Fixed, QSizePolicy.Preferred)
         layout.addWidget(w)
     return holder
 
@@ -171,6 +173,7 @@ class KitsWidget(QWidget):
         self._connect_viewer()
         self._refresh_layer_combos()
         self._load_settings()
+        self._update_buttons()
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -346,6 +349,7 @@ class KitsWidget(QWidget):
         self.worst_button.clicked.connect(self.go_to_worst_slice)
         self.plot.slice_clicked.connect(self.go_to_slice)
         self.pred_combo.currentIndexChanged.connect(self._on_pred_changed)
+        self.gt_combo.currentIndexChanged.connect(self._on_reference_changed)
         self.save_button.clicked.connect(self._save_clicked)
 
     # ------------------------------------------------------------------ settings and model
@@ -479,28 +483,48 @@ class KitsWidget(QWidget):
         gts = sorted(labels, key=lambda l: getattr(geometry_of(l), "kind", "") != "ground_truth")
         preds = sorted(labels, key=lambda l: getattr(geometry_of(l), "kind", "") != "labels")
         self._fill(self.ct_combo, cts)
-        self._fill(self.gt_combo, gts)
-        self._fill(self.pred_combo, preds)
+        self._fill(self.gt_combo, gts, pick=_is_reference)
+        self._fill(self.pred_combo, preds, pick=lambda layer: getattr(geometry_of(layer), "kind", None) == "labels")
         self._fill(self.save_combo, saveable[::-1])
         if self._session is not None and self._session.ct_layer not in layers:
             self._drop_session()
 
     @staticmethod
-    def _fill(combo: QComboBox, layers: list) -> None:
+    def _fill(combo: QComboBox, layers: list, pick: Callable[[Any], bool] = lambda layer: True) -> None:
+        """List ``layers``; keep the chosen one, else choose the first that ``pick`` accepts (or none)."""
         current = combo.currentData()
         combo.blockSignals(True)
         combo.clear()
         for layer in layers:
             combo.addItem(layer.name, layer)
-        index = next((i for i, l in enumerate(layers) if l is current), 0 if layers else -1)
+        index = next((i for i, l in enumerate(layers) if l is current),
+                     next((i for i, l in enumerate(layers) if pick(l)), -1))
         combo.setCurrentIndex(index)
         combo.blockSignals(False)
         if current is not combo.currentData():
             combo.currentIndexChanged.emit(combo.currentIndex())
 
     def _on_ct_changed(self, _index: int) -> None:
-        if self._session is not None and self._session.ct_layer is not self.ct_combo.currentData():
+        layer = self.ct_combo.currentData()
+        if self._session is not None and self._session.ct_layer is not layer:
             self._drop_session()
+        if layer is not None:
+            self._bring_into_view(layer)
+        self._update_buttons()
+
+    def _bring_into_view(self, layer: Any) -> None:
+        """Show ``layer``'s middle when the slice shown lies outside it (another CT, elsewhere in the
+        world: napari keeps the view where it was, and the chosen CT and its results stay unseen)."""
+        dims = self.viewer.dims
+        axes = list(range(dims.ndim - layer.ndim, dims.ndim))
+        low, high = np.asarray(layer.extent.world)
+        point = np.asarray(dims.point)[axes]
+        hidden = [i for i, axis in enumerate(axes) if axis in dims.not_displayed]
+        if all(low[i] <= point[i] <= high[i] for i in hidden):
+            return
+        middle = (low + high) / 2
+        dims.set_point(axes, tuple(middle))
+        self.viewer.camera.center = tuple(middle[-3:])
 
     def _drop_session(self) -> None:
         """Forget the current CT's session; a run still writing to it is stopped (its CT was closed)."""
@@ -862,14 +886,26 @@ class KitsWidget(QWidget):
             index = combo.findData(labels)
             if index >= 0:
                 combo.setCurrentIndex(index)
-        reference = self.gt_combo.currentData()
-        if reference is not None and reference is not labels:
+        reference = self._choose_reference_for(labels)
+        if reference is not None:
             # Outlined once, so the result's own colours show through it (filled, the two blend);
             # a user who fills it again is not overruled by the next run.
-            if getattr(geometry_of(reference), "kind", None) == "ground_truth" and reference not in self._outlined:
+            if reference not in self._outlined:
                 self._outlined.add(reference)
                 reference.contour = 2
             self._score_timer.start()
+
+    def _choose_reference_for(self, labels: Any) -> Any:
+        """The reference to score ``labels`` against: the chosen one if it lies on their grid, else
+        the first reference that does (the CT's own ground truth, after another CT's), else none."""
+        current = self.gt_combo.currentData()
+        if current is not None and current is not labels and _on_one_grid(current, labels):
+            return current
+        layers = [self.gt_combo.itemData(i) for i in range(self.gt_combo.count())]
+        index = next((i for i, layer in enumerate(layers)
+                      if layer is not labels and _is_reference(layer) and _on_one_grid(layer, labels)), -1)
+        self.gt_combo.setCurrentIndex(index)
+        return self.gt_combo.currentData()
 
     def _set_aside_if_edited(self, session: _Session, layer_attr: str, checksum_attr: str) -> Any:
         """If the user has edited a layer the session wrote (``labels``, ``mask``) since it was
@@ -975,6 +1011,7 @@ class KitsWidget(QWidget):
         layer = self.pred_combo.currentData()
         if layer is self._scored_layer:
             return
+        self._clear_scores()  # they were another layer's
         if self._scored_layer is not None:
             for name in ("paint", "data"):
                 try:
@@ -985,28 +1022,48 @@ class KitsWidget(QWidget):
         if layer is not None:
             layer.events.paint.connect(self._on_pred_edited)
             layer.events.data.connect(self._on_pred_edited)
+            self._on_pred_edited()  # replaced: scored anew
 
     def _on_pred_edited(self, event=None) -> None:
-        if self.auto_score_check.isChecked() and self.gt_combo.currentData() is not None:
+        pred, reference = self.pred_combo.currentData(), self.gt_combo.currentData()
+        # Scored unasked only where it can be: another CT's reference waits for the user's choice.
+        if (self.auto_score_check.isChecked() and pred is not None and reference is not None and pred is not reference
+                and _on_one_grid(pred, reference)):
             self._score_timer.start()
+
+    def _on_reference_changed(self, _index: int = -1) -> None:
+        self._clear_scores()  # they were against another reference
+        self._on_pred_edited()
+
+    def _clear_scores(self) -> None:
+        """Empty the table, the tumor count and the plot: no figures shown for layers not scored."""
+        self._score_timer.stop()
+        self.last_scores = None
+        self._per_slice = {}
+        self.table.clearContents()
+        self.detection_label.setText("")
+        self.plot.set_curves({})
+        self.worst_button.setEnabled(False)
 
     def compute_scores(self) -> Any:
         """KiTS19 Dice and volumes of the prediction against the reference, in a worker."""
         from napari.qt.threading import create_worker
 
-        self._score_timer.stop()
         pred, ref = self.pred_combo.currentData(), self.gt_combo.currentData()
+        refusal = None
         if pred is None or ref is None:
-            self._show_error("choose a reference and a prediction labels layer to score")
+            refusal = "choose a reference and a prediction labels layer to score"
+        elif pred is ref:
+            refusal = "the reference and the prediction are the same layer"
+        elif not _on_one_grid(pred, ref):
+            refusal = (f"{pred.name} {pred.data.shape} and {ref.name} {ref.data.shape} are not on one grid "
+                       "(they come from different CTs)")
+        if refusal is not None:
+            self._clear_scores()
+            self._show_error(refusal)
             return None
-        if pred is ref:
-            self._show_error("the reference and the prediction are the same layer")
-            return None
-        pred_geometry, ref_geometry = geometry_of(pred), geometry_of(ref)
-        if pred.data.shape != ref.data.shape or not _same_ct_grid(pred_geometry, ref_geometry):
-            self._show_error(f"{pred.name} {pred.data.shape} and {ref.name} {ref.data.shape} are not on one grid "
-                             "(they come from different CTs)")
-            return None
+        self._score_timer.stop()
+        pred_geometry = geometry_of(pred)
         # The CT's own voxel size: a layer's scale is a display setting the user may change.
         spacing = _voxel_size(pred_geometry) or tuple(pred.scale)
         if self._score_worker is not None:
@@ -1016,7 +1073,7 @@ class KitsWidget(QWidget):
         worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), spacing,
                                pred.name, ref.name, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_scores)
-        worker.errored.connect(lambda e: self._show_error(f"scoring failed: {e}"))
+        worker.errored.connect(lambda e: (self._clear_scores(), self._show_error(f"scoring failed: {e}")))
         worker.finished.connect(self._on_score_finished)
         self._score_worker = worker
         self._score_slice_layer = pred
@@ -1152,12 +1209,13 @@ def _checksum(labels: np.ndarray) -> tuple:
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference") -> tuple:
     """Worker body: the engine's KiTS19 scores, per-slice Dice curves and tumors found."""
     from kitseg.config import KITS_LABELS
+    from kitseg.io import name_a_few
     from kitseg.metrics import kits_scores, per_slice_dice, tumor_detection
 
     for layer_name, labels in ((name, pred), (ref_name, ref)):
         stray = KITS_LABELS.stray_values(labels)
         if stray:
-            raise ValueError(f"{layer_name} holds label {', '.join(map(str, stray))}: KiTS19 labels are 0 "
+            raise ValueError(f"{layer_name} holds label {name_a_few([str(v) for v in stray], 8)}: KiTS19 labels are 0 "
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
     detection = tumor_detection(pred, ref, spacing)
     scores = kits_scores(pred, ref, spacing, case=name, detection=detection)
@@ -1173,6 +1231,20 @@ def _describe_detection(detection: Any) -> str:
     labelled = f" (labelled tumor: {shares}{more})" if order else ""
     return (f"Tumors found: {detection.found} of {len(order)}{labelled}; "
             f"false tumor pieces: {len(detection.false_ml)} ({sum(detection.false_ml):.1f} mL)")
+
+
+def _is_reference(layer: Any) -> bool:
+    """A layer to score against, chosen without asking: a case's ground truth or a KiTS19 label map
+    opened from a file; not a result of a run, another tool's organ map, or a layer napari-kits did
+    not open (a user's scratch)."""
+    geometry = geometry_of(layer)
+    return geometry is not None and (geometry.kind == "ground_truth"
+                                     or (geometry.source_holds == "labels" and geometry.kits_labels))
+
+
+def _on_one_grid(a: Any, b: Any) -> bool:
+    """Two labels layers hold voxels of one CT grid (so they can be scored against each other)."""
+    return a.data.shape == b.data.shape and _same_ct_grid(geometry_of(a), geometry_of(b))
 
 
 def _same_ct_grid(a: Any, b: Any) -> bool:

@@ -26,7 +26,8 @@ def write_probability(path: str, data: Any, meta: dict) -> list[str]:
 def _write(path: str, data: Any, meta: dict) -> list[str]:
     try:
         refuse_open_files(path, viewer_layers())
-        return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True))]
+        return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True,
+                               layer_name=meta.get("name")))]
     except ValueError as error:  # napari would show "not a valid writer" in place of the message
         target = str(with_nifti_suffix(path))
         raise SaveError(str(error) if str(error).startswith(target) else f"{target}: {error}") from error

@@ -243,6 +243,20 @@ def test_a_full_disk_is_one_line_naming_the_output_and_the_earlier_file_stays(tm
     assert written.read_bytes() == before and [p.name for p in out.iterdir()] == [written.name]  # no partial file
 
 
+def test_a_read_only_output_folder_is_one_line_naming_the_output_not_a_temporary_file(tmp_path, cases, weights,
+                                                                                       capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(prefix, suffix, dir):  # as on a read-only mount (root ignores a chmod'ed folder)
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / f"{prefix}x1y2{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "out"
+    assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights)]) == 1
+    assert capsys.readouterr().err == f"kits-seg: error: Read-only file system: {out / 'prediction_00000.nii.gz'}\n"
+
+
 def test_info_prints_metadata(weights, capsys):
     assert main(["info", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out

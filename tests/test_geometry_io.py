@@ -231,3 +231,22 @@ def test_hidden_files_are_not_taken_for_cts(tmp_path):
     _save(np.zeros((4, 5, 6), np.int16), make_affine("ras"), tmp_path / "scan.nii.gz")
     _save(np.zeros((4, 5, 6), np.int16), make_affine("ras"), tmp_path / ".scan_labels.nii.gz.k3j2_1.nii.gz")
     assert [case.name for case in discover_inputs(tmp_path)] == ["scan"]
+
+
+def test_label_map_values_tells_label_maps_of_few_or_many_classes_from_cts():
+    from kitseg.io import label_map_values
+
+    rng = np.random.default_rng(0)
+    kits = np.zeros((20, 30, 30), np.int16)
+    kits[5:15, 10:20, 10:20] = 1
+    kits[8:12, 12:16, 12:16] = 2
+    assert label_map_values(kits) == [0, 1, 2]
+    assert label_map_values(kits.astype(np.float32)) == [0, 1, 2]  # stored as float, still whole numbers
+    organs = np.repeat(np.repeat(np.arange(64, dtype=np.uint8).reshape(1, 8, 8), 10, axis=1), 16, axis=2)
+    assert label_map_values(np.repeat(organs, 4, axis=0)) == list(range(64))  # flat over regions
+    ct_hu = rng.normal(40, 20, (20, 30, 30)).astype(np.float32)
+    ct_hu[:, :3] = -1000.0  # air
+    assert label_map_values(ct_hu) is None
+    windowed = np.clip(rng.normal(120, 15, (20, 30, 30)), 0, 255).astype(np.uint8)  # 8-bit, noisy
+    assert label_map_values(windowed) is None
+    assert label_map_values(kits + 0.5) is None

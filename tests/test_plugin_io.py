@@ -139,6 +139,11 @@ def test_writer_appends_suffix_and_refuses_the_input_ct(tmp_path, case_folder):
     with pytest.raises(SaveError, match=r"cut\.nii\.gz: .*shape"):
         write_labels(str(tmp_path / "cut.nii.gz"), gt[:-1], {"metadata": gt_kwargs["metadata"]})
     assert not (tmp_path / "cut.nii.gz").exists()
+    # napari's File > Save shows the message alone: it names the layer.
+    painted = gt.copy()
+    painted[0, 0, 0] = 5
+    with pytest.raises(SaveError, match="the layer 'my labels' holds label 5"):
+        write_labels(str(tmp_path / "p.nii.gz"), painted, {"metadata": gt_kwargs["metadata"], "name": "my labels"})
 
 
 def test_stage_grid_layers_overlay_the_ct(small_case):
@@ -189,6 +194,23 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
     np.testing.assert_allclose(data, probability, atol=0.5 / 255 + 1e-6)
     again = save_layer(data, geometry_of(kwargs), tmp_path / "scan_y1_again.nii.gz")  # and back out
     assert nib.load(str(again)).get_fdata().max() == pytest.approx(1.0)
+
+
+def test_an_organ_map_of_many_classes_opens_as_labels_and_an_8_bit_ct_as_a_ct(tmp_path, case_folder):
+    """Another tool's label map (TotalSegmentator's hold over a hundred classes) is no CT to
+    segment; a CT stored as 8-bit windowed values, with noise, is one."""
+    affine = make_affine("ras")
+    organs = np.zeros((6, 80, 128), np.uint8)
+    for k in range(62):  # 62 classes, each a block of voxels, as organs are (the real one's rows: 95% flat)
+        organs[:, (k // 8) * 10:(k // 8) * 10 + 10, (k % 8) * 16:(k % 8) * 16 + 16] = k
+    [(data, kwargs, kind)] = read_kits(str(_save(organs, affine, tmp_path / "organs.nii.gz")))
+    assert kind == "labels" and geometry_of(kwargs).kind == "labels"
+    assert "colormap" not in kwargs  # napari's own colours: KiTS19's would show 59 classes alike
+    assert not geometry_of(kwargs).kits_labels  # so never chosen as a reference unasked
+    rng = np.random.default_rng(0)
+    windowed = np.clip(organs * 3.0 + rng.normal(100, 12, organs.shape), 0, 255).astype(np.uint8)
+    [(data, kwargs, kind)] = read_kits(str(_save(windowed, affine, tmp_path / "ct8.nii.gz")))
+    assert kind == "image" and geometry_of(kwargs).kind == "ct"
 
 
 def test_a_saved_class_probability_file_opens_as_one_layer_per_class(tmp_path, case_folder):

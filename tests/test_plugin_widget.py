@@ -460,6 +460,7 @@ def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widg
     _run(qtbot, widget, widget.run_all, "run all")
     labels = widget._session.labels_layer
     labels.data[0, 0, :3] = 3  # napari's label picker moved on to 3
+    np.testing.assert_allclose(labels.colormap.map(np.array([3]))[0], (1.0, 0.0, 1.0, 1.0))  # shown, in magenta
     widget.gt_combo.setCurrentIndex(widget.gt_combo.findText("case_00007 ground truth"))
     widget.pred_combo.setCurrentIndex(widget.pred_combo.findData(labels))
     worker = widget.compute_scores()
@@ -487,6 +488,88 @@ def test_scoring_refuses_a_reference_from_another_ct(qtbot, viewer_widget):
     widget.gt_combo.setCurrentIndex(widget.gt_combo.findText("other CT ground truth"))
     widget.pred_combo.setCurrentIndex(widget.pred_combo.findData(widget._session.labels_layer))
     assert widget.compute_scores() is None and "not on one grid" in widget.last_error
+
+
+def test_a_ct_without_a_reference_is_segmented_without_scores_or_errors(qtbot, make_napari_viewer, tiny_kseg,
+                                                                        case_folder, tmp_path):
+    from napari_kits._reader import read_kits
+    from napari_kits._widget import KitsWidget
+
+    viewer = make_napari_viewer()
+    [(data, kwargs, kind)] = read_kits(str(case_folder / "imaging.nii.gz"))  # the CT, and no KiTS19 reference:
+    viewer.add_image(data, **kwargs)
+    affine = nib.load(str(case_folder / "imaging.nii.gz")).affine
+    organs = np.repeat(np.arange(20, dtype=np.uint8), data.size // 20 + 1)[:data.size].reshape(data.shape)
+    nib.save(nib.Nifti1Image(organs, affine), str(tmp_path / "organs.nii.gz"))
+    [(data, kwargs, kind)] = read_kits(str(tmp_path / "organs.nii.gz"))  # another tool's organ map
+    assert kind == "labels"
+    viewer.add_labels(data, **kwargs)
+    widget = KitsWidget(viewer)
+    assert widget.set_weights(tiny_kseg)
+    assert not widget.stage2_button.isEnabled()  # nothing to read yet: stage 1 first
+    _run(qtbot, widget, widget.run_all, "run all")
+    qtbot.wait(300)  # past the scoring debounce
+    # The result is listed as a reference too, but not chosen: it would be scored against itself.
+    assert widget.gt_combo.findData(widget._session.labels_layer) >= 0 and widget.gt_combo.currentData() is None
+    assert widget.last_error == "" and widget.last_scores is None and widget.table.item(0, 0) is None
+
+
+def test_each_ct_is_scored_against_its_own_reference_and_no_stale_scores_stay(qtbot, viewer_widget, case_folder,
+                                                                              tmp_path):
+    from kitseg.metrics import kits_scores
+    from kitseg.phantom import make_synthetic_case
+    from napari_kits._reader import read_kits
+
+    viewer, widget = viewer_widget
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):  # scored after the run, unasked
+        _run(qtbot, widget, widget.run_all, "run all")
+    assert widget.gt_combo.currentText() == "case_00007 ground truth"
+    second = make_synthetic_case(shape=(16, 48, 52), spacing=(2.0, 1.2, 1.2), seed=3)
+    second.save_case_folder(tmp_path / "case_00008")
+    for data, kwargs, kind in read_kits(str(tmp_path / "case_00008")):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget.ct_combo.setCurrentIndex(widget.ct_combo.findText("case_00008"))
+    assert not widget.stage2_button.isEnabled()  # this CT has no stage 1 yet
+    [(data, kwargs, kind)] = read_kits(str(case_folder / "imaging.nii.gz"))
+    kwargs.update(name="far", translate=np.add(kwargs["translate"], (900.0, 0.0, 0.0)))  # another patient's table
+    far = viewer.add_image(data, **kwargs)
+    widget.ct_combo.setCurrentIndex(widget.ct_combo.findData(far))  # chosen: brought into view
+    low, high = far.extent.world
+    assert low[0] <= viewer.dims.point[0] <= high[0]
+    viewer.layers.remove(far)
+    widget.ct_combo.setCurrentIndex(widget.ct_combo.findText("case_00008"))
+    low, high = widget.ct_combo.currentData().extent.world
+    assert low[0] <= viewer.dims.point[0] <= high[0]
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
+        _run(qtbot, widget, widget.run_all, "run all")
+    labels = widget._session.labels_layer
+    assert widget.gt_combo.currentText() == "case_00008 ground truth" and widget.last_error == ""
+    expected = kits_scores(labels.data, second.labels, second.spacing)
+    assert widget.table.item(0, 0).text() == f"{expected.kidney_dice:.4f}"
+    # Its reference closed: the other CT's is not on this grid, so nothing is scored, and the
+    # table no longer shows figures of a reference that is gone.
+    viewer.layers.remove("case_00008 ground truth")
+    qtbot.wait(300)
+    assert widget.table.item(0, 0) is None and widget.last_scores is None and widget.last_error == ""
+    viewer.layers.clear()
+    assert widget.pred_combo.currentData() is None and widget.table.item(0, 0) is None
+
+
+def test_a_reference_opened_from_a_file_is_chosen_and_outlined(qtbot, make_napari_viewer, tiny_kseg, case_folder):
+    from napari_kits._reader import read_kits
+    from napari_kits._widget import KitsWidget
+
+    viewer = make_napari_viewer()
+    for path in (case_folder / "imaging.nii.gz", case_folder / "segmentation.nii.gz"):  # two files, not a folder
+        [(data, kwargs, kind)] = read_kits(str(path))
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    reference = viewer.layers[-1]
+    widget = KitsWidget(viewer)
+    assert widget.set_weights(tiny_kseg)
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
+        _run(qtbot, widget, widget.run_all, "run all")
+    assert widget.gt_combo.currentData() is reference and reference.contour == 2
+    assert widget.pred_combo.currentData() is widget._session.labels_layer
 
 
 def test_closing_the_ct_during_a_run_stops_it(qtbot, viewer_widget, monkeypatch):

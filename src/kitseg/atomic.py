@@ -34,7 +34,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     if path.is_dir():  # os.replace would fail after the work, naming the temporary file
         raise IsADirectoryError(errno.EISDIR, "a folder is in the way of the file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:  # a read-only or full folder: name the file asked for, not the hidden temporary one
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     os.close(fd)
     tmp = Path(name)
     try:
@@ -45,7 +48,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file: name ours
+        # A failed write() names no file, a failed replace or fsync the temporary one: name the file asked for.
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 

@@ -120,9 +120,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import MaskConfig
-    from .io import InputError, check_nifti_header, discover_inputs, read_ct
+    from .io import InputError, check_nifti_header, discover_inputs, label_map_values, read_ct
     from .outputs import write_prediction
-    from .pipeline import Progress, Segmentation, Segmenter, label_map_values
+    from .pipeline import Progress, Segmentation, Segmenter
     from .postprocess import CleanupRules
 
     cases = discover_inputs(args.input)
@@ -150,10 +150,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             volume = read_ct(case.image_path)
-            values = label_map_values(volume)
+            values = label_map_values(volume.array)
             if values is not None:  # segmenting it would "succeed" with nothing found
-                raise InputError(f"{case.image_path}: holds only the values {', '.join(map(str, values))}: "
-                                 "a label map, not a CT")
+                held = (", ".join(map(str, values)) if len(values) <= 8
+                        else f"{len(values)} whole numbers from {values[0]} to {values[-1]}, constant over regions")
+                raise InputError(f"{case.image_path}: holds only the values {held}: a label map, not a CT")
         except InputError as exc:  # one unreadable CT of a batch: say so, and segment the others
             if len(cases) == 1:
                 raise

@@ -295,6 +295,28 @@ def read_ct(path: str | os.PathLike) -> Volume:
     return read_volume(path)
 
 
+#: Share of neighbouring voxels (along a row) with the same value above which whole numbers
+#: 0..255 are taken for a label map however many there are (TotalSegmentator's maps hold over a
+#: hundred); a CT's noise makes neighbours differ, even stored as 8-bit windowed values.
+LABEL_MAP_FLATNESS = 0.9
+
+
+def label_map_values(array: np.ndarray) -> list[int] | None:
+    """The values of an array that is a label map, not a CT, else ``None``; judged on 16 slices
+    spread over it. A label map holds whole numbers 0..255, a few of them (16 at most: a KiTS19
+    or KiTS21 mask, a saved result) or constant over regions; a CT in HU holds air at about
+    -1000 and noise."""
+    sample = np.asarray(array[:: max(1, array.shape[0] // 16)])
+    if sample.size == 0 or not (sample.min() >= 0 and sample.max() <= 255):
+        return None
+    if sample.dtype.kind == "f" and not np.array_equal(sample, np.round(sample)):
+        return None
+    values = np.unique(sample)
+    if values.size > 16 and np.mean(sample[..., 1:] == sample[..., :-1]) < LABEL_MAP_FLATNESS:
+        return None
+    return [int(v) for v in values]
+
+
 def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
     """Read a label map; with ``like``, check it lies on that volume's grid."""
     path = Path(path)

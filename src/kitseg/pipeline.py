@@ -56,15 +56,6 @@ def hu_warning(volume: Volume) -> str | None:
             "are raw scanner values, the header needs its rescale intercept (scl_inter, often -1024); the models read HU")
 
 
-def label_map_values(volume: Volume) -> list[int] | None:
-    """The values of a volume that holds whole numbers 0 to 3 only (in 16 slices spread over it): a
-    KiTS19 or KiTS21 mask, or a saved result, no CT (air is about -1000 HU); ``None`` otherwise."""
-    sample = np.asarray(volume.array[:: max(1, volume.array.shape[0] // 16)])
-    if not (sample.min() >= 0 and sample.max() <= 3 and np.array_equal(sample, np.round(sample))):
-        return None
-    return [int(v) for v in np.unique(sample)]
-
-
 # Stage-2 probabilities are kept as float16 on the stage grid: 3 x 106 x 512 x 512 fits in 170 MB.
 PROB_DTYPE = np.float16
 STAGE2_MARGIN = 16  # pixels of the stage grid
