@@ -1275,25 +1275,16 @@ def _escape(text: str) -> str:
 
 def _describe_metadata(meta: dict) -> str:
     """A few lines for a radiologist/engineer: stages, preprocessing, mask, provenance."""
-    from kitseg.checkpoint import provenance_summary  # loaded already by read_metadata's caller
+    from kitseg.checkpoint import model_summary, provenance_summary  # loaded already by read_metadata's caller
 
-    stages = meta.get("stages", {})
-    stage_text = ", ".join(f"{k}: {v.get('architecture')}" for k, v in sorted(stages.items())) or "none"
-    pre = meta.get("preprocessing", {})
-    if pre.get("normalization") == "window":
-        norm = f"window {pre.get('hu_min'):g}..{pre.get('hu_max'):g} HU"
-    else:
-        norm = str(pre.get("normalization"))
-    inplane = pre.get("inplane_spacing_mm")
-    grid = f"{pre.get('slice_spacing_mm'):g} mm slices" + (f", {inplane:g} mm in-plane" if inplane else ", native in-plane")
-    context = pre.get("context_slices", 0)
-    mask = meta.get("mask", {})
+    summary = model_summary(meta)
     origins = provenance_summary(meta) or ["not recorded"]
     lines = [
-        f"<b>Stages</b> {_escape(stage_text)}",
-        f"<b>Preprocessing</b> {grid}, {norm}, ±{context} context slice(s)",
-        f"<b>Mask</b> threshold {mask.get('threshold')}, radius {mask.get('radius')} {mask.get('radius_unit', 'voxels')}",
-        "<b>Training</b> " + "<br>".join(_escape(line) for line in origins) + " (all of it: <tt>kits-seg info</tt>)",
-        f"<small>kitseg {meta.get('kitseg_version')}, schema {meta.get('schema_version')}</small>",
+        f"<b>Stages</b> {_escape(summary['stages'])}",
+        f"<b>Preprocessing</b> {_escape(summary['preprocessing'])}",
+        f"<b>Mask</b> {_escape(summary['mask'])}",
+        "<b>Training</b> " + "<br>".join(_escape(line) for line in origins)
+        + " (all of it: <tt>kits-seg info --json</tt>)",
+        f"<small>{_escape(summary['version'])}</small>",
     ]
     return "<br>".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from kitseg.checkpoint import save_bundle
 from kitseg.cli import main
+from kitseg.config import MaskConfig
 from kitseg.phantom import make_synthetic_case
 from kitseg.training.config import preset
 
@@ -96,6 +98,43 @@ def test_predict_a_4d_file_of_one_volume_gives_the_same_labels_on_its_3d_grid(tm
     np.testing.assert_allclose(labels.affine, ct.affine)
     from_3d = nib.load(str(out / "prediction_00000.nii.gz"))
     np.testing.assert_array_equal(np.asarray(labels.dataobj), np.asarray(from_3d.dataobj))
+
+
+def test_an_interrupted_folder_run_is_finished_with_skip_existing(tmp_path, cases, weights, capsys, caplog):
+    out = tmp_path / "out"
+    args = ["predict", str(cases), "-o", str(out), "--weights", str(weights), "--save-intermediates"]
+    assert main(args) == 0
+    first = (out / "prediction_00000.nii.gz").stat().st_mtime_ns
+    (out / "prediction_00001_probs.nii.gz").unlink()  # stopped while writing case 1's last output
+    assert main(args) == 2
+    assert "--skip-existing to segment only the cases without outputs" in capsys.readouterr().err
+    with caplog.at_level("INFO"):
+        assert main(args + ["--skip-existing"]) == 0
+    assert "1 of 2 case(s) have all their outputs already and are left as they are" in caplog.text
+    assert (out / "prediction_00000.nii.gz").stat().st_mtime_ns == first  # left as it was
+    assert (out / "prediction_00001_probs.nii.gz").is_file()  # case 1 done again, whole
+    with pytest.raises(SystemExit):  # one or the other
+        main(args + ["--skip-existing", "--overwrite"])
+
+
+def test_predict_says_which_mask_rule_it_applies(tmp_path, cases, weights, caplog):
+    from kitseg.checkpoint import load_bundle
+
+    mm_model = tmp_path / "mm.kseg"
+    save_bundle(dataclasses.replace(load_bundle(weights), mask=MaskConfig(0.5, 20.0, "mm")), mm_model)
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(mm_model),
+                     "--radius", "20"]) == 0
+    assert "--radius 20 is read in stage-grid voxels; this model's own radius is in mm" in caplog.text
+    assert "stage-2 mask: y1 >= 0.5 dilated by 20 voxels (the model's: y1 >= 0.5 dilated by 20 mm)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # replacing the labels alone: the earlier run's intermediates are named
+        assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights),
+                     "--save-intermediates", "--overwrite"]) == 0
+        assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights),
+                     "--overwrite"]) == 0
+    assert "3 intermediate file(s) of an earlier run stay as they were" in caplog.text
 
 
 def test_predict_cleanup_only_removes_whole_pieces(tmp_path, cases, weights):
@@ -260,7 +299,10 @@ def test_a_read_only_output_folder_is_one_line_naming_the_output_not_a_temporary
 def test_info_prints_metadata(weights, capsys):
     assert main(["info", "--weights", str(weights)]) == 0
     out = capsys.readouterr().out
-    assert "devices:" in out and "unetpp2d" in out and "schema_version" in out
+    assert "devices:" in out and "unetpp2d" in out and "  version: kitseg " in out and len(out.splitlines()) < 30
+    assert main(["info", "--weights", str(weights), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)  # the whole record, machine-readable
+    assert meta["schema_version"] >= 1 and "stages" in meta
 
 
 def test_info_says_where_the_shipped_model_came_from(capsys):
@@ -318,6 +360,32 @@ def test_evaluate_report_never_replaces_an_input_or_an_earlier_report(tmp_path, 
     assert list(csv.DictReader(report.open()))[0]["kidney_dice"] == "1.0"
     assert main(["evaluate", "--pred", str(gt), "--gt", str(gt), "--csv", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    ct = cases / "case_00000" / "imaging.nii.gz"  # not scored, but no report's place either
+    before = ct.read_bytes()
+    assert main(["evaluate", "--pred", str(gt), "--gt", str(gt), "--csv", str(ct), "--overwrite"]) == 2
+    assert "is named as an image or model file" in capsys.readouterr().err and ct.read_bytes() == before
+
+
+def test_evaluate_scores_what_pairs_and_takes_a_case_folder_as_ground_truth(tmp_path, cases, weights, capsys,
+                                                                           caplog):
+    out = tmp_path / "out"
+    assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights),
+                 "--save-intermediates"]) == 0
+    capsys.readouterr()
+    # One case folder as the ground truth, beside a prediction folder holding intermediates too.
+    assert main(["evaluate", "--pred", str(out), "--gt", str(cases / "case_00000")]) == 0
+    one = capsys.readouterr().out
+    assert main(["evaluate", "--pred", str(out), "--gt", str(cases)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1:] == one.splitlines()[1].split()[1:]  # same scores
+    # A prediction with no ground truth is named and left out; the others are scored.
+    shutil.copy(out / "prediction_00000.nii.gz", out / "prediction_00042.nii.gz")
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", "--pred", str(out), "--gt", str(cases)]) == 0
+    assert "1 prediction(s) have no ground truth and are not scored: prediction_00042.nii.gz" in caplog.text
+    assert "mean (1)" in capsys.readouterr().out
+    assert main(["evaluate", "--pred", str(out), "--gt", str(cases / "case_00000")]) == 2
+    assert "2 predictions (prediction_00000.nii.gz, prediction_00042.nii.gz) need a ground-truth folder" in (
+        capsys.readouterr().err)
 
 
 def test_evaluate_names_the_bad_label_map_and_the_cases_left_unscored(tmp_path, cases, capsys, caplog):
@@ -428,7 +496,7 @@ def test_info_shows_a_refused_models_metadata_and_then_fails(tmp_path, weights, 
     _rewrite(tampered, arrays=bump)
     assert main(["info", "--weights", str(tampered)]) == 2
     captured = capsys.readouterr()
-    assert "schema_version" in captured.out and "do not match their sha256" in captured.err
+    assert "  stages: 1: unet2d" in captured.out and "do not match their sha256" in captured.err
     assert main(["info", "--weights", str(tmp_path)]) == 2
     assert "is a folder; a model is one .kseg file" in capsys.readouterr().err
 
@@ -459,11 +527,12 @@ def test_train_checks_the_networks_and_whole_numbers_before_making_a_run_folder(
     assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
                  "--val-fraction", "0.5", "--set", "oof_folds=3"]) == 2
     assert "needs training images of at least 3 patients (--set oof_folds=K" in capsys.readouterr().err
-    assert not (run / "split.json").exists() and not (run / "config.json").exists()
+    assert not run.exists()  # 2 images cannot make 3 folds: said before any case is prepared
     # The command changed as the message says is judged afresh, not as "another configuration".
     assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
                  "--val-fraction", "0.5", "--set", "oof_folds=2"]) == 2
     assert "needs training images of at least 2 patients" in capsys.readouterr().err
+    assert not (run / "split.json").exists() and not (run / "config.json").exists()
     shutil.rmtree(run)
     # A run folder whose recipe no longer passes the checks (an older version stored 2.0): named.
     old = tmp_path / "old"

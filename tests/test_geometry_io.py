@@ -250,3 +250,12 @@ def test_label_map_values_tells_label_maps_of_few_or_many_classes_from_cts():
     windowed = np.clip(rng.normal(120, 15, (20, 30, 30)), 0, 255).astype(np.uint8)  # 8-bit, noisy
     assert label_map_values(windowed) is None
     assert label_map_values(kits + 0.5) is None
+
+
+def test_a_ct_with_nan_voxels_is_refused_with_their_count_and_a_fix(tmp_path):
+    ct = np.full((4, 5, 6), 40.0, np.float32)
+    ct[0, 0, :3] = np.nan  # padding outside the field of view, as some resampling tools write it
+    path = tmp_path / "padded.nii.gz"
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), str(path))
+    with pytest.raises(InputError, match=r"padded\.nii\.gz: 3 of its 120 voxels are NaN .* -1000 \(air\)"):
+        read_ct(path)

@@ -220,3 +220,18 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_preparing_with_the_sizes
     monkeypatch.setattr(kitseg.atomic.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - needed, needed))
     monkeypatch.setattr(training_data, "_prepare_arrays", prepare_arrays)
     assert len(load_cases(dataset, config, cache_dir=cache, progress=False)) == 4
+
+
+def test_a_case_without_labels_is_named_once_per_training(dataset, tmp_path, caplog):
+    from kitseg.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for case in dataset.iterdir():
+        (data / case.name).symlink_to(case)
+    (data / "case_00099").mkdir()
+    shutil.copy(dataset / "case_00000" / "imaging.nii.gz", data / "case_00099" / "imaging.nii.gz")  # no mask
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "smoke",
+                     "--device", "cpu", "--no-progress"]) == 0
+    assert caplog.text.count("case(s) without segmentation.nii.gz are not trained on: case_00099") == 1

@@ -296,12 +296,34 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         return _metadata_from_archive(archive, path)
 
 
+def model_summary(meta: Mapping[str, Any]) -> dict[str, str]:
+    """What a model is, in words, from a file's metadata: ``{"stages", "preprocessing", "mask",
+    "version"}`` (``kits-seg info`` and the plugin show them; :func:`provenance_summary` says where
+    the weights came from)."""
+    stages = meta.get("stages", {})
+    stage_text = ", ".join(f"{k}: {v.get('architecture')}" for k, v in sorted(stages.items())) or "none"
+    pre = meta.get("preprocessing", {})
+    if pre.get("normalization") == "window":
+        norm = f"window {pre.get('hu_min'):g}..{pre.get('hu_max'):g} HU"
+    else:
+        norm = str(pre.get("normalization"))
+    inplane = pre.get("inplane_spacing_mm")
+    grid = f"{pre.get('slice_spacing_mm'):g} mm slices" + (f", {inplane:g} mm in-plane" if inplane else ", native in-plane")
+    mask = meta.get("mask", {})
+    return {
+        "stages": stage_text,
+        "preprocessing": f"{grid}, {norm}, ±{pre.get('context_slices', 0)} context slice(s)",
+        "mask": f"threshold {mask.get('threshold')}, radius {mask.get('radius')} {mask.get('radius_unit', 'voxels')}",
+        "version": f"kitseg {meta.get('kitseg_version')}, schema {meta.get('schema_version')}",
+    }
+
+
 def provenance_summary(meta: Mapping[str, Any]) -> list[str]:
     """One line per stage saying where its weights came from, read from a file's provenance.
 
     Files made by ``scripts/combine_stages.py`` nest their sources' provenance; this follows each
     stage down to the training run that made it (every member, for an ensemble), so a reader
-    sees "trained on what, when" without the full record (``kits-seg info``).
+    sees "trained on what, when" without the full record (``kits-seg info --json``).
     """
     provenance = meta.get("provenance") or {}
     lines = []

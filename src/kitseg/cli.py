@@ -112,7 +112,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "kidney as the piece with most are removed, and tumor pieces under 20%% of their kidney's largest "
         "are relabelled kidney (kitseg.postprocess)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    replace = p.add_mutually_exclusive_group()
+    replace.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    replace.add_argument("--skip-existing", action="store_true",
+                         help="leave the cases whose outputs all exist and segment the others (to finish a folder "
+                         "run that was interrupted; outputs are written whole or not at all)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -129,6 +133,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for case in cases:  # the headers, before minutes of work: a file that is no CT at all fails now
         check_nifti_header(case.image_path)
     _check_output_folder(args.output)
+    if args.skip_existing:
+        cases = _cases_left_to_do(cases, args)
     _check_outputs_free(cases, args)
     try:
         segmenter = Segmenter.from_file(
@@ -144,6 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         radius=model_mask.radius if args.radius is None else args.radius,
         radius_unit="mm" if args.radius_mm else ("voxels" if args.radius is not None else model_mask.radius_unit),
     )
+    _say_mask_rule(mask_config, model_mask, args)
     log.info("device: %s; %d case(s)", segmenter.device, len(cases))
     failed = []
     for case in cases:
@@ -172,12 +179,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     bar.n = item.done
                     bar.refresh()
         assert result is not None
-        written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite)
+        written = write_prediction(result, case, args.output, args.save_intermediates,
+                                   args.overwrite or args.skip_existing)
         tqdm.write(f"{case.name}: {', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
     if failed:
         raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read as a CT and have no result: "
                        f"{', '.join(failed)}")
     return 0
+
+
+def _cases_left_to_do(cases, args) -> list:
+    """--skip-existing: the cases whose outputs are not all written yet (an output on disk is whole:
+    each is written atomically)."""
+    from .outputs import output_paths
+
+    left = [c for c in cases if not all(p.is_file() for p in output_paths(c, args.output, args.save_intermediates))]
+    if len(left) < len(cases):
+        log.info("%s: %d of %d case(s) have all their outputs already and are left as they are (--skip-existing)",
+                 args.output, len(cases) - len(left), len(cases))
+    return left
+
+
+def _say_mask_rule(mask, model_mask, args) -> None:
+    """Say the stage-2 mask rule in use where the options changed the model's, and warn where a
+    bare number reads in another unit than the model's own rule."""
+    if args.radius is not None and not args.radius_mm and model_mask.radius_unit == "mm":
+        log.warning("--radius %g is read in stage-grid voxels; this model's own radius is in mm (%s): add "
+                    "--radius-mm for mm", args.radius, model_mask.describe())
+    if args.radius_mm and args.radius is None and model_mask.radius_unit != "mm":
+        log.warning("--radius-mm without --radius reads the model's radius of %g %s as %g mm", model_mask.radius,
+                    model_mask.radius_unit, model_mask.radius)
+    if mask != model_mask:
+        log.info("stage-2 mask: %s (the model's: %s)", mask.describe(), model_mask.describe())
 
 
 def _check_output_folder(folder: Path) -> None:
@@ -207,12 +240,28 @@ def _check_outputs_free(cases, args) -> None:
     folders = [p for p in writer if p.is_dir()]
     if folders:
         raise CliError(f"{folders[0]}: is a folder, where an output file would go; move it or choose another -o folder")
-    if args.overwrite:
+    if args.overwrite or args.skip_existing:  # --skip-existing: an unfinished case's outputs are its own
+        _warn_stale_intermediates(cases, args)
         return
     taken = [p for p in writer if p.exists()]
     if taken:
         more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
-        raise CliError(f"{taken[0]} exists already{more}; pass --overwrite to replace")
+        raise CliError(f"{taken[0]} exists already{more}; pass --overwrite to replace, or --skip-existing to "
+                       "segment only the cases without outputs")
+
+
+def _warn_stale_intermediates(cases, args) -> None:
+    """Replacing labels without --save-intermediates leaves an earlier run's intermediates beside
+    them, describing another result: say so (they are the user's files; nothing is deleted)."""
+    from .outputs import output_paths
+
+    if args.save_intermediates:
+        return
+    stale = [p for c in cases for p in output_paths(c, args.output, True)[1:] if p.exists()]
+    if stale:
+        log.warning("%s: %d intermediate file(s) of an earlier run stay as they were and will not match the new "
+                    "labels (%s); pass --save-intermediates to write them anew", args.output, len(stale),
+                    ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -265,12 +314,16 @@ def _share(text: str) -> float:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_pairs, pair_predictions, unpaired_references
+    from .evaluation import evaluate_pairs, match_predictions, unpaired_references
+    from .io import name_a_few
     from .metrics import DEFAULT_FOUND_SHARE, MIN_TUMOR_ML, aggregate, write_scores_csv
 
-    pairs = pair_predictions(args.pred, args.gt)
+    pairs, unmatched = match_predictions(args.pred, args.gt)
     if args.csv is not None:
         _check_report_path(args.csv, [p for pair in pairs for p in (pair.prediction, pair.reference)], args.overwrite)
+    if unmatched:
+        log.warning("%s: %d prediction(s) have no ground truth and are not scored: %s", args.pred, len(unmatched),
+                    name_a_few(unmatched, 3))
     unscored = unpaired_references(pairs, args.pred, args.gt)
     if unscored:
         more = f" and {len(unscored) - 3} more" if len(unscored) > 3 else ""
@@ -304,20 +357,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _check_report_path(path: Path, inputs: list[Path], overwrite: bool) -> None:
     """Before any scoring: the report must not replace an input, a folder, or (without --overwrite) a file."""
+    from .io import is_nifti
+
     if path.is_dir():
         raise CliError(f"{path}: is a folder; --csv takes a file name")
     if path.exists() and any(path.resolve() == p.resolve() for p in inputs):
         raise CliError(f"{path}: is one of the files being scored; refusing to write the report over it")
+    if is_nifti(path) or path.suffix.lower() in (".kseg", ".npz", ".npy"):  # a CT or model, even --overwrite
+        raise CliError(f"{path}: is named as an image or model file; --csv takes a CSV file name (scores.csv)")
     if path.exists() and not overwrite:
         raise CliError(f"{path} exists already; pass --overwrite to replace")
     if not path.parent.is_dir():
         raise CliError(f"{path.parent}: no such folder for --csv")
+    if not os.access(path.parent, os.W_OK):  # said now, not after the scoring
+        raise CliError(f"{path.parent}: cannot be written to (read-only?); choose another folder for --csv")
 
 
 # ---------------------------------------------------------------------------- info
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="version, devices and model metadata")
     p.add_argument("--weights", type=Path, default=None, help="a model file (.kseg); default: the shipped model")
+    p.add_argument("--json", action="store_true",
+                   help="print the model's whole metadata as JSON (training commands, case lists, hashes) instead")
     p.set_defaults(func=cmd_info)
 
 
@@ -327,22 +388,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import load_bundle, provenance_summary, read_metadata
+    from .checkpoint import load_bundle, model_summary, provenance_summary, read_metadata
     from .device import describe_devices
     from .weights import default_weights_path
 
-    print(f"kitseg {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
-    print(f"devices: {describe_devices()}")
+    if not args.json:
+        print(f"kitseg {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
+        print(f"devices: {describe_devices()}")
     try:
         path = args.weights or default_weights_path()
     except FileNotFoundError as exc:
+        if args.json:
+            raise CliError(f"no model to describe: {exc}") from exc
         print(f"weights: none ({exc})")
         return 0
     meta = read_metadata(path)
-    print(f"weights: {path}")
-    for line in provenance_summary(meta):
-        print(f"  {line}")
-    print(json.dumps(meta, indent=2, sort_keys=True))
+    if args.json:
+        print(json.dumps(meta, indent=2, sort_keys=True))
+    else:
+        print(f"weights: {path}")
+        for what, text in model_summary(meta).items():
+            print(f"  {what}: {text}")
+        for line in provenance_summary(meta):
+            print(f"  {line}")
+        print("  (training commands, case lists and hashes: kits-seg info --json)")
     load_bundle(path)  # the metadata can read well in a file whose weights predict would refuse: say so
     return 0
 

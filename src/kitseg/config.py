@@ -173,6 +173,9 @@ class MaskConfig:
         if self.radius_unit not in ("voxels", "mm"):
             raise ConfigError(f"radius_unit must be 'voxels' or 'mm', got {self.radius_unit!r}")
 
+    def describe(self) -> str:
+        return f"y1 >= {self.threshold} dilated by {self.radius:g} {self.radius_unit}"
+
     def dilation_spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float] | None:
         """What ``make_mask``/``dilate_ball`` take as spacing: the grid's mm for a radius in mm, else None."""
         return spacing if self.radius_unit == "mm" else None

@@ -35,31 +35,47 @@ def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
 
 def pair_predictions(pred: Path, gt: Path) -> list[EvaluationPair]:
     """Match each prediction with its reference; a prediction without one is an error."""
+    pairs, unmatched = match_predictions(pred, gt)
+    if unmatched:
+        raise InputError(f"{gt}: no ground truth for {name_a_few(unmatched)}")
+    return pairs
+
+
+def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[str]]:
+    """The (prediction, reference) pairs, and the names of predictions with no reference in ``gt``.
+
+    ``pred``: a prediction file or a folder of them; ``gt``: a reference file, a folder of KiTS19
+    case folders or reference files, or one case folder (its ``segmentation.nii.gz``). Raises
+    InputError when nothing can be paired.
+    """
     pred, gt = Path(pred), Path(gt)
     if not pred.exists():
         raise InputError(f"{pred}: no such file or folder")
     if not gt.exists():
         raise InputError(f"{gt}: no such file or folder")
+    if gt.is_dir() and (gt / KITS_LABELS).is_file():  # one case folder: its reference
+        gt = gt / KITS_LABELS
     if pred.is_file():
-        if gt.is_file():
-            return [EvaluationPair(strip_nifti_suffix(pred.name), pred, gt)]
         preds = [pred]
     else:
         preds = sorted(p for p in pred.iterdir() if p.is_file() and is_nifti(p) and _is_label_output(p))
         if not preds:
             raise InputError(f"{pred}: no predictions found (prediction_XXXXX.nii.gz or NAME_labels.nii.gz)")
     if gt.is_file():
-        raise InputError(f"{gt}: several predictions need a ground-truth folder, not a file")
-    pairs, missing = [], []
+        if len(preds) > 1:
+            raise InputError(f"{gt}: {len(preds)} predictions ({name_a_few([p.name for p in preds], 3)}) need a "
+                             "ground-truth folder, not one file")
+        return [EvaluationPair(strip_nifti_suffix(preds[0].name), preds[0], gt)], []
+    pairs, unmatched = [], []
     for p in preds:
         case, ref = _reference_for(p, gt)
         if ref is None:
-            missing.append(p.name)
+            unmatched.append(p.name)
         else:
             pairs.append(EvaluationPair(case, p, ref))
-    if missing:
-        raise InputError(f"{gt}: no ground truth for {name_a_few(missing)}")
-    return pairs
+    if not pairs:
+        raise InputError(f"{gt}: no ground truth for {name_a_few(unmatched)}")
+    return pairs, unmatched
 
 
 def _is_label_output(path: Path) -> bool:

@@ -195,7 +195,10 @@ def _read_array(img: nib.Nifti1Image, path: Path, integer_ok: bool) -> np.ndarra
     if slope != 1.0 or inter != 0.0:
         out = out * np.float32(slope) + np.float32(inter)
     if not np.all(np.isfinite(out)):
-        raise InputError(f"{path}: the volume contains NaN or infinite values")
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise InputError(f"{path}: {bad} of its {out.size} voxels are NaN or infinite (some resampling tools pad "
+                         "outside the field of view so): set them to a value, e.g. -1000 (air) for a CT in HU, "
+                         "and save it again")
     return out
 
 

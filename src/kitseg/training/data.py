@@ -224,14 +224,16 @@ def labelled_inputs(data_dir: Path) -> list[CaseInput]:
 
 
 def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, progress: bool = True,
-                  workers: int = 1, share: tuple[int, int] = (0, 1)) -> list[Path]:
+                  workers: int = 1, share: tuple[int, int] = (0, 1),
+                  inputs: list[CaseInput] | None = None) -> list[Path]:
     """Prepare the labelled cases of ``data_dir`` into ``cache_dir``; returns their stems.
 
     ``share=(k, n)``: only every n-th case from the k-th, so that n processes (``torchrun``
     ranks) prepare a data set together instead of each all of it. Cases prepared already are
-    only looked up (no worker starts for them: a resumed run finds them all).
+    only looked up (no worker starts for them: a resumed run finds them all). ``inputs``: the
+    folder's :func:`labelled_inputs`, where the caller has them (found, and warned about, once).
     """
-    inputs = labelled_inputs(data_dir)[share[0]::share[1]]
+    inputs = (labelled_inputs(data_dir) if inputs is None else inputs)[share[0]::share[1]]
     stems = [_cache_stem(c, config, cache_dir) for c in inputs]
     missing = [c for c, stem in zip(inputs, stems) if not _is_prepared(stem)]
     if missing:
@@ -255,16 +257,20 @@ def _stage_voxels(case: CaseInput, config: PreprocessingConfig) -> int:
 
 
 def load_cases(
-    data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True, workers: int = 1
+    data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True, workers: int = 1,
+    inputs: list[CaseInput] | None = None,
 ) -> list[StageCase]:
     """Every case with labels in ``data_dir``, on the stage grid (cached; ``workers`` processes).
 
     With a cache, the workers write the cases there and this process maps them: nothing large
-    travels between processes, and the cases take no memory of their own.
+    travels between processes, and the cases take no memory of their own. ``inputs``: as for
+    :func:`prepare_cases`.
     """
+    inputs = labelled_inputs(data_dir) if inputs is None else inputs
     if cache_dir is not None:
-        return [open_cached_case(stem) for stem in prepare_cases(data_dir, config, cache_dir, progress, workers)]
-    return _each_case(load_stage_case, labelled_inputs(data_dir), config, None, progress, workers)
+        return [open_cached_case(stem)
+                for stem in prepare_cases(data_dir, config, cache_dir, progress, workers, inputs=inputs)]
+    return _each_case(load_stage_case, inputs, config, None, progress, workers)
 
 
 def _each_case(func, inputs: list[CaseInput], config: PreprocessingConfig, cache_dir: Path | None, progress: bool,

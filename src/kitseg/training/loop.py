@@ -461,10 +461,6 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
                      sampler.sample, make_batch, validate, "val_composite_dice" if val else None)
 
 
-def _describe_mask(mask) -> str:
-    return f"y1 >= {mask.threshold} dilated by {mask.radius:g} {mask.radius_unit}"
-
-
 def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_fraction: float, config: TrainConfig,
                data_dir: Path) -> tuple[dict[str, list], list[list[StageCase]]]:
     """A new run's train / validation split and its out-of-fold folds; refused if stage 2's
@@ -483,9 +479,13 @@ def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir
     """The out-of-fold split of the training cases; an error if a fold would be empty or all of them."""
     folds = out_of_fold_split(train_cases, config.oof_folds)
     if any(not fold or len(fold) == len(train_cases) for fold in folds):
-        raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
-                          f"(--set oof_folds=K; images of one mask count once); this split has fewer")
+        _refuse_oof_folds(config, data_dir)
     return folds
+
+
+def _refuse_oof_folds(config: TrainConfig, data_dir: Path) -> None:
+    raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
+                      f"(--set oof_folds=K; images of one mask count once); this split has fewer")
 
 
 def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> tuple[dict[str, dict], dict]:
@@ -536,8 +536,8 @@ def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> 
         # fine-tuning the shipped model (20 mm) does not find its results read in another mask.
         radius = f"--radius {bundle.mask.radius:g}" + (" --radius-mm" if bundle.mask.radius_unit == "mm" else "")
         log.warning("%s reads stage 2 inside %s; the model this run makes will use the recipe's %s (to keep the "
-                    "former: --set 'mask=%s' here, or kits-seg predict %s)", path, _describe_mask(bundle.mask),
-                    _describe_mask(config.mask), json.dumps(bundle.mask.to_dict(), separators=(",", ":")), radius)
+                    "former: --set 'mask=%s' here, or kits-seg predict %s)", path, bundle.mask.describe(),
+                    config.mask.describe(), json.dumps(bundle.mask.to_dict(), separators=(",", ":")), radius)
     states = {key: stage.module.state_dict() for key, stage in stages.items()}
     meta = read_metadata(path)
     record = {"file": Path(path).name, **{f"stage{k}_sha256": meta["stages"][k]["weights_sha256"] for k in ("1", "2")}}
@@ -723,6 +723,8 @@ def train(
         unknown = sorted(set(val_cases) - {c.name for c in inputs})
         if unknown:
             raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
+    if not split_path.is_file() and len(inputs) - len(set(val_cases or ())) < config.oof_folds:
+        _refuse_oof_folds(config, data_dir)  # too few images for any split: said before hours of preparation
     new_run = not (run_dir / "config.json").is_file()
     if info.is_main:
         _remove_leftover_temporaries(run_dir)
@@ -733,9 +735,9 @@ def train(
     workers = preparation_workers(info.world_size)
     if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
         prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
-                      share=(info.rank, info.world_size))
+                      share=(info.rank, info.world_size), inputs=inputs)
         _barrier(info)
-    cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers)
+    cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers, inputs=inputs)
     by_name = {c.name: c for c in cases}
     if split_path.is_file():
         split = _read_run_json(split_path)
