@@ -192,6 +192,11 @@ def test_voxel_sizes_in_metres_are_read_in_mm_and_an_implausible_size_is_named(t
         in_metres = read_ct(tmp_path / "metres.nii.gz")
     assert "metres.nii.gz" in caplog.text and "meter" in caplog.text
     np.testing.assert_allclose(in_metres.affine, in_mm.affine, atol=1e-6)
+    # Written back in metres, the input's own numbers: viewers that ignore the unit overlay it too.
+    out = nib.load(str(write_labels(np.zeros(in_metres.shape, np.uint8), in_metres.source, tmp_path / "l.nii.gz")))
+    np.testing.assert_allclose(out.get_sform(), img.get_sform(), atol=1e-9)
+    np.testing.assert_allclose(out.get_qform(), img.get_qform(), atol=1e-9)
+    assert out.header.get_xyzt_units()[0] == "meter" and out.shape == array.shape
     img.header.set_xyzt_units("micron")  # the same numbers read as microns: 0.0008 mm voxels
     nib.save(img, str(tmp_path / "microns.nii.gz"))
     with pytest.raises(InputError, match=r"microns.nii.gz: voxel size .* no CT's .*'micron'"):
@@ -213,6 +218,12 @@ def test_a_qform_beside_the_sform_is_written_back_as_it_was(tmp_path):
     header = out.header
     assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 1)
     assert header.get_xyzt_units()[0] == "mm"
+    img.set_qform(None)  # no qform at all (code 0), as TotalSegmentator's example: none written either
+    nib.save(img, str(tmp_path / "sform_only.nii.gz"))
+    volume = read_ct(tmp_path / "sform_only.nii.gz")
+    out = nib.load(str(write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "l2.nii.gz")))
+    assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (2, 0)
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
 
 
 def test_the_same_grid_in_another_axis_order_overlays(tmp_path):

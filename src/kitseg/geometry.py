@@ -49,6 +49,10 @@ class SourceGrid:
     #: The file's own qform (matrix, code) where it has one beside a coded sform, written back
     #: as it was (a viewer that reads the qform must place the outputs as it places the CT).
     qform: tuple[np.ndarray, int] | None = None
+    #: The spatial unit of the file's header ("mm", or "meter" / "micron": the affines here are in
+    #: mm all the same); outputs are written in the file's own unit, so that they carry its
+    #: numbers exactly, for viewers that ignore the unit too.
+    xyz_unit: str = "mm"
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
@@ -98,7 +102,7 @@ def to_c_order(array: np.ndarray, tile: int = 64) -> np.ndarray:
 
 
 def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | None = None, xform_code: int = 1,
-                    qform: tuple[np.ndarray, int] | None = None) -> SourceGrid:
+                    qform: tuple[np.ndarray, int] | None = None, xyz_unit: str = "mm") -> SourceGrid:
     """Describe a file's grid and the permutation/flips that make it slice-first (I, P, L)."""
     if len(shape) != 3:
         raise ValueError(f"expected a 3D volume, got shape {tuple(shape)}")
@@ -108,7 +112,7 @@ def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | Non
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError("the affine is singular (zero voxel size or collinear axes)")
     to_internal = nio.ornt_transform(nio.io_orientation(affine), INTERNAL_ORNT)
-    return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path, xform_code, qform)
+    return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path, xform_code, qform, xyz_unit)
 
 
 @dataclass
@@ -142,14 +146,14 @@ class Volume:
     @classmethod
     def from_source_array(
         cls, array: np.ndarray, affine: np.ndarray, path: Path | None = None, xform_code: int = 1,
-        qform: tuple[np.ndarray, int] | None = None,
+        qform: tuple[np.ndarray, int] | None = None, xyz_unit: str = "mm",
     ) -> "Volume":
         """Wrap an array stored on a file's grid (any orientation) as an internal volume.
 
         Trailing channel axes (3D + channels, as NIfTI stores vector data) are carried along,
         the reverse of :meth:`SourceGrid.to_source`.
         """
-        grid = source_grid_for(array.shape[:3], affine, path, xform_code, qform)
+        grid = source_grid_for(array.shape[:3], affine, path, xform_code, qform, xyz_unit)
         internal = to_c_order(nio.apply_orientation(array, grid.to_internal))
         return cls(internal, grid.internal_affine(), grid)
 

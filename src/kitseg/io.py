@@ -205,13 +205,14 @@ def _read_array(img: nib.Nifti1Image, path: Path, integer_ok: bool) -> np.ndarra
 def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
     img = _load_nifti(path, channels_ok)
     affine, qform = _transforms_mm(img, path)
+    unit = _xyz_unit(img)
     xform_code = _xform_code(img)
     if xform_code == 0:
         log.warning("%s: no orientation in the header (sform and qform codes 0): its axes' directions are "
                     "nibabel's guess from the voxel sizes; outputs are written the same way", path)
     array = _read_array(img, path, integer_ok)
     try:
-        return Volume.from_source_array(array, affine, path, xform_code, qform)
+        return Volume.from_source_array(array, affine, path, xform_code, qform, unit if unit in _UNIT_MM else "mm")
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
 
@@ -231,7 +232,7 @@ def _transforms_mm(img: nib.Nifti1Image, path: Path, report: bool = True) -> tup
     if affine is None:
         raise InputError(f"{path}: the file has no affine (no qform/sform)")
     header = img.header
-    unit = header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "unknown"
+    unit = _xyz_unit(img)
     factor = _UNIT_MM.get(unit, 1.0)
     if factor != 1.0 and report:
         log.warning("%s: the header gives voxel sizes in %s: read in mm (x %g)", path, unit, factor)
@@ -242,9 +243,15 @@ def _transforms_mm(img: nib.Nifti1Image, path: Path, report: bool = True) -> tup
         raise InputError(f"{path}: voxel size {tuple(round(s, 6) for s in spacing)} mm is no CT's (expected "
                          f"{low:g}-{high:g} mm; the header's unit is {unit!r}): a broken header?")
     qform = None
-    if hasattr(header, "get_qform") and int(header["sform_code"]) > 0 and int(header["qform_code"]) > 0:
-        qform = (_scaled(header.get_qform(), factor), int(header["qform_code"]))
+    if hasattr(header, "get_qform") and int(header["sform_code"]) > 0:
+        # Its own qform, or none (code 0) as it had: a viewer reads the outputs as it reads the CT.
+        qform = ((_scaled(header.get_qform(), factor), int(header["qform_code"])) if int(header["qform_code"]) > 0
+                 else (affine, 0))
     return affine, qform
+
+
+def _xyz_unit(img: nib.Nifti1Image) -> str:
+    return img.header.get_xyzt_units()[0] if hasattr(img.header, "get_xyzt_units") else "unknown"
 
 
 def _scaled(affine: np.ndarray, factor: float) -> np.ndarray:
@@ -353,24 +360,26 @@ def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None =
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scale: float | None = None,
                       intent: str | None = None, xform_code: int = 1,
-                      qform: tuple[np.ndarray, int] | None = None) -> Path:
+                      qform: tuple[np.ndarray, int] | None = None, xyz_unit: str = "mm") -> Path:
     """Write ``array`` with ``affine`` (qform and sform both, so every viewer agrees) atomically.
 
     The data go to a temporary file in the same folder, then ``os.replace``: a reader or a
     crashed run never sees a half-written file. ``scale`` sets the NIfTI slope (uint8 data
     with slope 1/255 read back as 0..1). ``xform_code`` 0 writes the voxel sizes with no
     orientation, as the CT it came from declared none. ``qform`` (matrix, code) is a source
-    file's own qform, written instead of the affine's. Units are mm.
+    file's own qform, written instead of the affine's (code 0: none). The affines are in mm;
+    ``xyz_unit`` ("mm", "meter", "micron") is the unit the file stores them in.
     """
     path = Path(path)
-    affine = np.asarray(affine, dtype=np.float64)
+    to_unit = 1.0 / _UNIT_MM[xyz_unit]
+    affine = _scaled(affine, to_unit)
     img = nib.Nifti1Image(np.asarray(array), affine)
     if qform is not None:
-        img.set_qform(qform[0], code=qform[1])
+        img.set_qform(_scaled(qform[0], to_unit), code=qform[1])
     else:
         img.set_qform(affine, code=xform_code)
     img.set_sform(affine, code=xform_code)
-    img.header.set_xyzt_units("mm")
+    img.header.set_xyzt_units(xyz_unit)
     if intent:
         img.header.set_intent(intent)
     if scale is not None:
@@ -405,7 +414,7 @@ def write_on_source_grid(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
     return save_nifti_atomic(source.to_source(internal_array), source.affine, path, scale=scale, intent=intent,
-                             xform_code=source.xform_code, qform=source.qform)
+                             xform_code=source.xform_code, qform=source.qform, xyz_unit=source.xyz_unit)
 
 
 def write_labels(labels: np.ndarray, source: SourceGrid, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
