@@ -561,9 +561,12 @@ def test_predict_refuses_a_mask_given_as_the_ct_and_names_the_case_folders_it_sk
     mixed = tmp_path / "mixed"
     shutil.copytree(cases / "case_00000", mixed / "case_00000")
     shutil.copytree(masks_only, mixed / "case_00007")
+    (mixed / "more").mkdir()  # a folder of CTs inside: one level is read, and the rest is named
+    shutil.copy(cases / "case_00000" / "imaging.nii.gz", mixed / "more" / "scan.nii.gz")
     with caplog.at_level("WARNING", logger="kitseg.io"):
         assert main(["predict", str(mixed), "-o", str(tmp_path / "o2"), "--weights", str(weights)]) == 0
     assert "1 case folder(s) without imaging.nii.gz skipped: case_00007" in caplog.text
+    assert "1 subfolder(s) holding NIfTI files but no imaging.nii.gz are not searched: more" in caplog.text
     assert [p.name for p in (tmp_path / "o2").iterdir()] == ["prediction_00000.nii.gz"]
     # A flat folder of CTs with a stray mask: the CTs are segmented, the mask is named and skipped.
     flat = tmp_path / "flat"

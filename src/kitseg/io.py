@@ -93,6 +93,12 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     if without_ct:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
+    # Only one level is read: NIfTI files deeper in other folders are not CTs of this run; say so.
+    unsearched = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file()
+                  and not (p / KITS_LABELS).is_file() and any(is_nifti(f) for f in p.iterdir() if f.is_file())]
+    if unsearched:
+        log.warning("%s: %d subfolder(s) holding NIfTI files but no %s are not searched: %s (give them as inputs "
+                    "of their own)", path, len(unsearched), KITS_IMAGE, name_a_few(unsearched))
     # A KiTS19 mask is no CT: segmented, it would "succeed" with nothing found.
     masks = [p for p in entries if p.is_file() and p.name.lower() == KITS_LABELS]
     cases += [CaseInput(name=strip_nifti_suffix(p.name), image_path=p) for p in entries
