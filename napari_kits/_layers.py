@@ -51,8 +51,10 @@ class LayerGeometry:
             from a file (to correct it, or show it over its CT), that result's kind.
         read_from: the layer's own file where it is not ``source.path`` (a case folder's ground
             truth, placed on its CT's grid): an input too, never written over.
-        kits_labels: a label map opened from a file held KiTS19 values only (0, 1, 2), so it can
-            serve as a reference unasked; another tool's map of organs cannot.
+        offered_as_reference: a label map opened from a file that the widget may score results
+            against unasked: KiTS19 values only (0, 1, 2) and not named as a result; another
+            tool's organ map or a saved prediction opened to correct is scored against only when
+            chosen. A case's ground truth (kind ``ground_truth``) always is.
     """
 
     kind: Kind
@@ -62,7 +64,7 @@ class LayerGeometry:
     case_id: str | None = None
     source_holds: Kind = "ct"
     read_from: Any = None
-    kits_labels: bool = True
+    offered_as_reference: bool = False
 
     @property
     def on_stage_grid(self) -> bool:

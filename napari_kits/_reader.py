@@ -54,7 +54,7 @@ def _looks_like_probability(array: np.ndarray) -> bool:
 def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
     from kitseg.geometry import strip_nifti_suffix
-    from kitseg.io import case_from_folder, label_map_values, nifti_shape, read_labels, read_volume
+    from kitseg.io import case_from_folder, is_result_name, label_map_values, nifti_shape, read_labels, read_volume
 
     p = _single_path(path)
     if p.is_dir():
@@ -76,12 +76,14 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
         return [ct_layer_data(volume, case.name, case.case_id)]
     probability = _looks_like_probability(volume.array)
     # A y1 where stage 1 found nothing is all zeros, which looks like empty labels: its name says otherwise.
-    values = label_map_values(volume.array)
-    if values is not None and not (probability and name.endswith("_y1")):
+    if label_map_values(volume.array) is not None and not (probability and name.endswith("_y1")):
         labels = read_labels(p)
-        kits = set(values) <= {0, 1, 2}  # else another tool's classes: napari's colours, not all magenta
-        geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels", kits_labels=kits)
-        return [(labels.array, labels_layer_kwargs(name, geometry, labels.affine, kits_colors=kits), "labels")]
+        highest = int(labels.array.max(initial=0))
+        geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels",
+                                 offered_as_reference=highest <= 2 and not is_result_name(p))
+        # KiTS colours up to KiTS21's cysts (3, magenta); another tool's classes get napari's own.
+        kwargs = labels_layer_kwargs(name, geometry, labels.affine, kits_colors=highest <= 3)
+        return [(labels.array, kwargs, "labels")]
     if probability:  # shown over its CT, never offered as a CT to segment
         return [_probability_layer(volume.array, volume, name, name)]
     return [ct_layer_data(volume, name)]

@@ -153,6 +153,7 @@ class KitsWidget(QWidget):
         self._after_mask: Callable[[], None] | None = None
         self._score_worker = None
         self._score_dirty = False
+        self._score_round = 0  # a score computed before the table was last emptied is not shown
         self._scored_layer = None
         self._per_slice: dict[str, np.ndarray] = {}
         self._save_worker = None
@@ -488,6 +489,7 @@ class KitsWidget(QWidget):
         self._fill(self.save_combo, saveable[::-1])
         if self._session is not None and self._session.ct_layer not in layers:
             self._drop_session()
+        self._update_buttons()  # the mask layer may be gone
 
     @staticmethod
     def _fill(combo: QComboBox, layers: list, pick: Callable[[Any], bool] = lambda layer: True) -> None:
@@ -524,7 +526,8 @@ class KitsWidget(QWidget):
             return
         middle = (low + high) / 2
         dims.set_point(axes, tuple(middle))
-        self.viewer.camera.center = tuple(middle[-3:])
+        # The camera centres in the displayed axes' order (napari's), whatever the dims' order.
+        self.viewer.camera.center = tuple(middle[axes.index(axis)] for axis in dims.displayed if axis in axes)
 
     def _drop_session(self) -> None:
         """Forget the current CT's session; a run still writing to it is stopped (its CT was closed)."""
@@ -698,7 +701,7 @@ class KitsWidget(QWidget):
         session = self._session
         ready = session is not None and session.y1_complete and self._live(session.mask_layer)
         self.stage2_button.setEnabled(not self.busy and ready)
-        self.stage2_button.setToolTip("" if ready else "Run stage 1 first")
+        self.stage2_button.setToolTip("" if ready else "Run stage 1 first: stage 2 reads its y1 and the mask layer")
 
     def _guard(self, action: Callable[[], Any]) -> Any:
         try:
@@ -897,7 +900,8 @@ class KitsWidget(QWidget):
 
     def _choose_reference_for(self, labels: Any) -> Any:
         """The reference to score ``labels`` against: the chosen one if it lies on their grid, else
-        the first reference that does (the CT's own ground truth, after another CT's), else none."""
+        the first reference that does (when another CT was scored before: this CT's ground truth),
+        else none."""
         current = self.gt_combo.currentData()
         if current is not None and current is not labels and _on_one_grid(current, labels):
             return current
@@ -1038,6 +1042,8 @@ class KitsWidget(QWidget):
     def _clear_scores(self) -> None:
         """Empty the table, the tumor count and the plot: no figures shown for layers not scored."""
         self._score_timer.stop()
+        self._score_round += 1
+        self._score_dirty = False
         self.last_scores = None
         self._per_slice = {}
         self.table.clearContents()
@@ -1072,8 +1078,10 @@ class KitsWidget(QWidget):
         self._score_dirty = False
         worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), spacing,
                                pred.name, ref.name, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(self._on_scores)
-        worker.errored.connect(lambda e: (self._clear_scores(), self._show_error(f"scoring failed: {e}")))
+        started = self._score_round
+        worker.returned.connect(lambda result: self._on_scores(result) if self._score_round == started else None)
+        worker.errored.connect(lambda e: (self._clear_scores(), self._show_error(f"scoring failed: {e}"))
+                               if self._score_round == started else None)
         worker.finished.connect(self._on_score_finished)
         self._score_worker = worker
         self._score_slice_layer = pred
@@ -1235,11 +1243,10 @@ def _describe_detection(detection: Any) -> str:
 
 def _is_reference(layer: Any) -> bool:
     """A layer to score against, chosen without asking: a case's ground truth or a KiTS19 label map
-    opened from a file; not a result of a run, another tool's organ map, or a layer napari-kits did
-    not open (a user's scratch)."""
+    opened from a file (LayerGeometry.offered_as_reference); not a result, another tool's organ
+    map, or a layer napari-kits did not open (a user's scratch)."""
     geometry = geometry_of(layer)
-    return geometry is not None and (geometry.kind == "ground_truth"
-                                     or (geometry.source_holds == "labels" and geometry.kits_labels))
+    return geometry is not None and (geometry.kind == "ground_truth" or geometry.offered_as_reference)
 
 
 def _on_one_grid(a: Any, b: Any) -> bool:

@@ -289,3 +289,14 @@ def test_stage_lineage_keeps_only_the_history_of_the_stage_taken():
     assert provenance_summary({"stages": {"2": {}}, "provenance": cut}) == full
     assert stage_lineage(run("x"), "stage1") == run("x")  # a training run's record has nothing to cut
     assert newer == before  # the input is left as it was
+
+
+def test_the_model_summary_reads_what_loading_reads_and_names_what_it_cannot():
+    from kitseg.checkpoint import model_summary
+
+    summary = model_summary({"preprocessing": {"slice_spacing_mm": 5.0, "inplane_spacing_mm": 2.0},
+                             "mask": {"threshold": 0.5, "radius": 20.0, "radius_unit": "mm"}})
+    assert summary["mask"] == "y1 >= 0.5 dilated by 20 mm"  # as kits-seg predict says the rule
+    assert summary["preprocessing"].startswith("5 mm slices, 2 mm in-plane, window -200..400 HU")
+    broken = model_summary({"preprocessing": {"hu_min": "x"}, "mask": {"radius": -1}})  # no traceback: words
+    assert broken["preprocessing"].startswith("unreadable (") and "radius must be" in broken["mask"]

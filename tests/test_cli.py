@@ -105,6 +105,7 @@ def test_an_interrupted_folder_run_is_finished_with_skip_existing(tmp_path, case
     args = ["predict", str(cases), "-o", str(out), "--weights", str(weights), "--save-intermediates"]
     assert main(args) == 0
     first = (out / "prediction_00000.nii.gz").stat().st_mtime_ns
+    labels_1 = (out / "prediction_00001.nii.gz").stat().st_mtime_ns
     (out / "prediction_00001_probs.nii.gz").unlink()  # stopped while writing case 1's last output
     assert main(args) == 2
     assert "--skip-existing to segment only the cases without outputs" in capsys.readouterr().err
@@ -112,9 +113,13 @@ def test_an_interrupted_folder_run_is_finished_with_skip_existing(tmp_path, case
         assert main(args + ["--skip-existing"]) == 0
     assert "1 of 2 case(s) have all their outputs already and are left as they are" in caplog.text
     assert (out / "prediction_00000.nii.gz").stat().st_mtime_ns == first  # left as it was
-    assert (out / "prediction_00001_probs.nii.gz").is_file()  # case 1 done again, whole
+    assert (out / "prediction_00001_probs.nii.gz").is_file()  # case 1's missing output written
+    assert (out / "prediction_00001.nii.gz").stat().st_mtime_ns == labels_1  # and its labels kept as they were
     with pytest.raises(SystemExit):  # one or the other
         main(args + ["--skip-existing", "--overwrite"])
+    capsys.readouterr()
+    assert main(args + ["--skip-existing"]) == 0
+    assert "every case has its outputs already; nothing to do" in capsys.readouterr().out
 
 
 def test_predict_says_which_mask_rule_it_applies(tmp_path, cases, weights, caplog):
@@ -376,7 +381,10 @@ def test_evaluate_scores_what_pairs_and_takes_a_case_folder_as_ground_truth(tmp_
     assert main(["evaluate", "--pred", str(out), "--gt", str(cases / "case_00000")]) == 0
     one = capsys.readouterr().out
     assert main(["evaluate", "--pred", str(out), "--gt", str(cases)]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split()[1:] == one.splitlines()[1].split()[1:]  # same scores
+    assert capsys.readouterr().out.splitlines()[1] == one.splitlines()[1]  # the same case, the same scores
+    assert one.splitlines()[1].startswith("case_00000 ")
+    assert main(["evaluate", "--pred", str(out), "--gt", str(cases / "case_00001")]) == 2  # another case's
+    assert "prediction_00000.nii.gz: is case_00000's prediction, not case_00001's" in capsys.readouterr().err
     # A prediction with no ground truth is named and left out; the others are scored.
     shutil.copy(out / "prediction_00000.nii.gz", out / "prediction_00042.nii.gz")
     with caplog.at_level("WARNING"):
@@ -532,7 +540,16 @@ def test_train_checks_the_networks_and_whole_numbers_before_making_a_run_folder(
     assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
                  "--val-fraction", "0.5", "--set", "oof_folds=2"]) == 2
     assert "needs training images of at least 2 patients" in capsys.readouterr().err
-    assert not (run / "split.json").exists() and not (run / "config.json").exists()
+    assert not run.exists()  # 2 cases, half for validation: 1 to train on, for 2 folds
+    # Two names, one mask: one patient, known only once the cases are prepared; refused then, and
+    # the run's records go (the corrected command starts afresh), its prepared cases stay.
+    twins = tmp_path / "twins"
+    for name, source in (("case_00000", "case_00000"), ("case_00003", "case_00000"), ("case_00001", "case_00001")):
+        shutil.copytree(cases / source, twins / name)
+    assert main(["train", "--data", str(twins), "--out", str(run), "--preset", "smoke", "--device", "cpu",
+                 "--val-cases", "case_00001", "--set", "oof_folds=2"]) == 2
+    assert "needs training images of at least 2 patients" in capsys.readouterr().err
+    assert not (run / "split.json").exists() and not (run / "config.json").exists() and (run / "cache").is_dir()
     shutil.rmtree(run)
     # A run folder whose recipe no longer passes the checks (an older version stored 2.0): named.
     old = tmp_path / "old"

@@ -260,6 +260,9 @@ def test_label_map_values_tells_label_maps_of_few_or_many_classes_from_cts():
     assert label_map_values(ct_hu) is None
     windowed = np.clip(rng.normal(120, 15, (20, 30, 30)), 0, 255).astype(np.uint8)  # 8-bit, noisy
     assert label_map_values(windowed) is None
+    small_body = np.zeros((20, 120, 120), np.uint8)  # the same, 6% of a field of view of 0s
+    small_body[:, 45:75, 45:75] = windowed
+    assert label_map_values(small_body) is None
     assert label_map_values(kits + 0.5) is None
 
 

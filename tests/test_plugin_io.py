@@ -183,9 +183,15 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
     assert ct_kwargs["name"] == case_folder.name and geometry_of(ct_kwargs).case_id == case_folder.name[5:]
     affine = nib.load(str(case_folder / "imaging.nii.gz")).affine
     reference = np.asarray(nib.load(str(case_folder / "segmentation.nii.gz")).dataobj)
-    for dtype, name in ((np.float32, "reader_a.nii.gz"), (np.int16, "case1_gt.nii.gz")):
-        [(data, _, kind)] = read_kits(str(_save(reference.astype(dtype), affine, tmp_path / name)))
+    for dtype, name in ((np.float32, "reader_a.nii.gz"), (np.int16, "case1_gt.nii.gz"), (np.uint8, "x_labels.nii")):
+        [(data, kwargs, kind)] = read_kits(str(_save(reference.astype(dtype), affine, tmp_path / name)))
         assert kind == "labels", name
+        # A reference unasked, unless named as a result (a saved prediction, opened to be corrected).
+        assert geometry_of(kwargs).offered_as_reference == (name != "x_labels.nii"), name
+    kits21 = reference.copy()
+    kits21[reference == 1] = 3  # KiTS21's cysts: KiTS colours, 3 in magenta; not a reference unasked
+    [(data, kwargs, kind)] = read_kits(str(_save(kits21, affine, tmp_path / "kits21.nii.gz")))
+    assert kwargs["colormap"][2] == LABEL_COLORS[2] and not geometry_of(kwargs).offered_as_reference
     y1 = geometry_of(ct_kwargs).with_kind("probability")
     probability = np.linspace(0.0, 1.0, ct.size, dtype=np.float32).reshape(ct.shape)
     saved = save_layer(probability, y1, tmp_path / "scan_y1.nii.gz")
@@ -206,7 +212,7 @@ def test_an_organ_map_of_many_classes_opens_as_labels_and_an_8_bit_ct_as_a_ct(tm
     [(data, kwargs, kind)] = read_kits(str(_save(organs, affine, tmp_path / "organs.nii.gz")))
     assert kind == "labels" and geometry_of(kwargs).kind == "labels"
     assert "colormap" not in kwargs  # napari's own colours: KiTS19's would show 59 classes alike
-    assert not geometry_of(kwargs).kits_labels  # so never chosen as a reference unasked
+    assert not geometry_of(kwargs).offered_as_reference  # so never chosen as a reference unasked
     rng = np.random.default_rng(0)
     windowed = np.clip(organs * 3.0 + rng.normal(100, 12, organs.shape), 0, 255).astype(np.uint8)
     [(data, kwargs, kind)] = read_kits(str(_save(windowed, affine, tmp_path / "ct8.nii.gz")))

@@ -551,8 +551,26 @@ def test_each_ct_is_scored_against_its_own_reference_and_no_stale_scores_stay(qt
     viewer.layers.remove("case_00008 ground truth")
     qtbot.wait(300)
     assert widget.table.item(0, 0) is None and widget.last_scores is None and widget.last_error == ""
-    viewer.layers.clear()
-    assert widget.pred_combo.currentData() is None and widget.table.item(0, 0) is None
+    assert not widget.stage2_button.isEnabled() or widget._live(widget._session.mask_layer)
+    # The first CT's result scored again, then closed: its figures go with it.
+    widget.pred_combo.setCurrentIndex(widget.pred_combo.findText("labels"))
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findText("case_00007 ground truth"))
+    qtbot.waitUntil(lambda: widget.last_scores is not None, timeout=RUN_TIMEOUT_MS)
+    viewer.layers.remove("labels")
+    assert widget.table.item(0, 0) is None and widget.last_scores is None
+
+
+def test_a_score_still_computing_when_its_reference_goes_is_not_shown(qtbot, viewer_widget):
+    viewer, widget = viewer_widget
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
+        _run(qtbot, widget, widget.run_all, "run all")
+    qtbot.waitUntil(lambda: widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    worker = widget.compute_scores()
+    assert worker is not None
+    viewer.layers.remove("case_00007 ground truth")  # while the worker scores against it
+    qtbot.waitUntil(lambda: widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    qtbot.wait(100)
+    assert widget.last_scores is None and widget.table.item(0, 0) is None and widget.last_error == ""
 
 
 def test_a_reference_opened_from_a_file_is_chosen_and_outlined(qtbot, make_napari_viewer, tiny_kseg, case_folder):

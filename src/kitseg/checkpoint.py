@@ -299,23 +299,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def model_summary(meta: Mapping[str, Any]) -> dict[str, str]:
     """What a model is, in words, from a file's metadata: ``{"stages", "preprocessing", "mask",
     "version"}`` (``kits-seg info`` and the plugin show them; :func:`provenance_summary` says where
-    the weights came from)."""
+    the weights came from). Read as loading reads them, defaults filled in; a part that does not
+    read is shown as such (loading the file then says why)."""
     stages = meta.get("stages", {})
     stage_text = ", ".join(f"{k}: {v.get('architecture')}" for k, v in sorted(stages.items())) or "none"
-    pre = meta.get("preprocessing", {})
-    if pre.get("normalization") == "window":
-        norm = f"window {pre.get('hu_min'):g}..{pre.get('hu_max'):g} HU"
-    else:
-        norm = str(pre.get("normalization"))
-    inplane = pre.get("inplane_spacing_mm")
-    grid = f"{pre.get('slice_spacing_mm'):g} mm slices" + (f", {inplane:g} mm in-plane" if inplane else ", native in-plane")
-    mask = meta.get("mask", {})
-    return {
-        "stages": stage_text,
-        "preprocessing": f"{grid}, {norm}, ±{pre.get('context_slices', 0)} context slice(s)",
-        "mask": f"threshold {mask.get('threshold')}, radius {mask.get('radius')} {mask.get('radius_unit', 'voxels')}",
-        "version": f"kitseg {meta.get('kitseg_version')}, schema {meta.get('schema_version')}",
-    }
+    try:
+        pre = PreprocessingConfig.from_dict(meta.get("preprocessing") or {})
+        norm = (f"window {pre.hu_min:g}..{pre.hu_max:g} HU" if pre.normalization == "window" else pre.normalization)
+        grid = f"{pre.slice_spacing_mm:g} mm slices, " + (f"{pre.inplane_spacing_mm:g} mm in-plane"
+                                                          if pre.inplane_spacing_mm else "native in-plane")
+        preprocessing = f"{grid}, {norm}, ±{pre.context_slices} context slice(s)"
+    except (ConfigError, TypeError, ValueError) as error:
+        preprocessing = f"unreadable ({error})"
+    try:
+        mask = MaskConfig.from_dict(meta.get("mask") or {}).describe()
+    except (ConfigError, TypeError, ValueError) as error:
+        mask = f"unreadable ({error})"
+    return {"stages": stage_text, "preprocessing": preprocessing, "mask": mask,
+            "version": f"kitseg {meta.get('kitseg_version')}, schema {meta.get('schema_version')}"}
 
 
 def provenance_summary(meta: Mapping[str, Any]) -> list[str]:

@@ -115,8 +115,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     replace = p.add_mutually_exclusive_group()
     replace.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     replace.add_argument("--skip-existing", action="store_true",
-                         help="leave the cases whose outputs all exist and segment the others (to finish a folder "
-                         "run that was interrupted; outputs are written whole or not at all)")
+                         help="segment only the cases whose outputs are not all there, and write only the missing "
+                         "ones: an existing file is never replaced (to finish a folder run that was interrupted; "
+                         "outputs are written whole or not at all)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -135,6 +136,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_output_folder(args.output)
     if args.skip_existing:
         cases = _cases_left_to_do(cases, args)
+        if not cases:
+            print(f"{args.output}: every case has its outputs already; nothing to do")
+            return 0
     _check_outputs_free(cases, args)
     try:
         segmenter = Segmenter.from_file(
@@ -179,8 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     bar.n = item.done
                     bar.refresh()
         assert result is not None
-        written = write_prediction(result, case, args.output, args.save_intermediates,
-                                   args.overwrite or args.skip_existing)
+        written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite,
+                                   keep_existing=args.skip_existing)
         tqdm.write(f"{case.name}: {', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
     if failed:
         raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read as a CT and have no result: "
@@ -240,7 +244,9 @@ def _check_outputs_free(cases, args) -> None:
     folders = [p for p in writer if p.is_dir()]
     if folders:
         raise CliError(f"{folders[0]}: is a folder, where an output file would go; move it or choose another -o folder")
-    if args.overwrite or args.skip_existing:  # --skip-existing: an unfinished case's outputs are its own
+    if args.skip_existing:  # the outputs that exist stay; only the missing ones are written
+        return
+    if args.overwrite:
         _warn_stale_intermediates(cases, args)
         return
     taken = [p for p in writer if p.exists()]
@@ -365,6 +371,8 @@ def _check_report_path(path: Path, inputs: list[Path], overwrite: bool) -> None:
         raise CliError(f"{path}: is one of the files being scored; refusing to write the report over it")
     if is_nifti(path) or path.suffix.lower() in (".kseg", ".npz", ".npy"):  # a CT or model, even --overwrite
         raise CliError(f"{path}: is named as an image or model file; --csv takes a CSV file name (scores.csv)")
+    if path.exists() and path.suffix.lower() not in (".csv", ".tsv", ".txt"):  # .mha, .nrrd, .json...: not ours
+        raise CliError(f"{path}: exists and is no CSV file; refusing to replace it with the report")
     if path.exists() and not overwrite:
         raise CliError(f"{path} exists already; pass --overwrite to replace")
     if not path.parent.is_dir():

@@ -53,7 +53,8 @@ def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[
         raise InputError(f"{pred}: no such file or folder")
     if not gt.exists():
         raise InputError(f"{gt}: no such file or folder")
-    if gt.is_dir() and (gt / KITS_LABELS).is_file():  # one case folder: its reference
+    case_folder = gt if gt.is_dir() and (gt / KITS_LABELS).is_file() else None
+    if case_folder is not None:  # one case folder: its reference
         gt = gt / KITS_LABELS
     if pred.is_file():
         preds = [pred]
@@ -65,7 +66,12 @@ def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[
         if len(preds) > 1:
             raise InputError(f"{gt}: {len(preds)} predictions ({name_a_few([p.name for p in preds], 3)}) need a "
                              "ground-truth folder, not one file")
-        return [EvaluationPair(strip_nifti_suffix(preds[0].name), preds[0], gt)], []
+        if case_folder is None:
+            return [EvaluationPair(strip_nifti_suffix(preds[0].name), preds[0], gt)], []
+        case, _ = _reference_for(preds[0], case_folder.parent)
+        if _PREDICTION_RE.match(strip_nifti_suffix(preds[0].name)) and case != case_folder.name:
+            raise InputError(f"{preds[0]}: is {case}'s prediction, not {case_folder.name}'s ({case_folder})")
+        return [EvaluationPair(case_folder.name, preds[0], gt)], []
     pairs, unmatched = [], []
     for p in preds:
         case, ref = _reference_for(p, gt)

@@ -93,9 +93,9 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     if without_ct:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
-    # Only one level is read: NIfTI files deeper in other folders are not CTs of this run; say so.
+    # Only one level is read: CTs deeper in other folders are not segmented; say so.
     unsearched = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file()
-                  and not (p / KITS_LABELS).is_file() and any(is_nifti(f) for f in p.iterdir() if f.is_file())]
+                  and not (p / KITS_LABELS).is_file() and _holds_ct_files(p)]
     if unsearched:
         log.warning("%s: %d subfolder(s) holding NIfTI files but no %s are not searched: %s (give them as inputs "
                     "of their own)", path, len(unsearched), KITS_IMAGE, name_a_few(unsearched))
@@ -111,6 +111,16 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     for mask in masks:
         log.warning("%s: %s is a KiTS19 mask, not a CT: skipped", path, mask.name)
     return cases
+
+
+def _holds_ct_files(folder: Path) -> bool:
+    """``folder`` holds a NIfTI file that is neither hidden nor named as a result (an output folder is no
+    folder of CTs); an unreadable folder holds none that could be read."""
+    try:
+        return any(is_nifti(f) and not f.name.startswith(".") and not is_result_name(f)
+                   for f in folder.iterdir() if f.is_file())
+    except OSError:
+        return False
 
 
 class _HeaderFixes(logging.Handler):
@@ -311,16 +321,17 @@ def read_ct(path: str | os.PathLike) -> Volume:
     return read_volume(path)
 
 
-#: Share of neighbouring voxels (along a row) with the same value above which whole numbers
-#: 0..255 are taken for a label map however many there are (TotalSegmentator's maps hold over a
-#: hundred); a CT's noise makes neighbours differ, even stored as 8-bit windowed values.
-LABEL_MAP_FLATNESS = 0.9
+#: Share of neighbouring voxels (along a row, where either is not 0) with the same value above
+#: which whole numbers 0..255 are taken for a label map however many there are: TotalSegmentator's
+#: 62-class map of the real CT scores 0.88, a KiTS19 mask 0.94, that CT windowed to 8 bits 0.04
+#: (its noise makes neighbours differ; the background, flat in both, is left out).
+LABEL_MAP_FLATNESS = 0.5
 
 
 def label_map_values(array: np.ndarray) -> list[int] | None:
-    """The values of an array that is a label map, not a CT, else ``None``; judged on 16 slices
-    spread over it. A label map holds whole numbers 0..255, a few of them (16 at most: a KiTS19
-    or KiTS21 mask, a saved result) or constant over regions; a CT in HU holds air at about
+    """The values of an array that is a label map, not a CT, else ``None``; judged on 16 to 31
+    slices spread over it. A label map holds whole numbers 0..255, a few of them (16 at most: a
+    KiTS19 or KiTS21 mask, a saved result) or constant over regions; a CT in HU holds air at about
     -1000 and noise."""
     sample = np.asarray(array[:: max(1, array.shape[0] // 16)])
     if sample.size == 0 or not (sample.min() >= 0 and sample.max() <= 255):
@@ -328,9 +339,22 @@ def label_map_values(array: np.ndarray) -> list[int] | None:
     if sample.dtype.kind == "f" and not np.array_equal(sample, np.round(sample)):
         return None
     values = np.unique(sample)
-    if values.size > 16 and np.mean(sample[..., 1:] == sample[..., :-1]) < LABEL_MAP_FLATNESS:
-        return None
+    if values.size > 16:
+        left, right = sample[..., :-1], sample[..., 1:]
+        inside = (left != 0) | (right != 0)
+        if not inside.any() or np.mean((left == right)[inside]) < LABEL_MAP_FLATNESS:
+            return None
     return [int(v) for v in values]
+
+
+#: Names the tool gives its results: a file so named is a result, not a reference or a CT.
+_RESULT_RE = re.compile(r"^prediction_\d+$|_(labels|y1|mask|probs)$")
+
+
+def is_result_name(path: str | os.PathLike) -> bool:
+    """``path`` is named as napari-kits names its outputs (``prediction_00042``, ``NAME_labels``,
+    ``NAME_y1``, ``NAME_mask``, ``NAME_probs``; any NIfTI suffix)."""
+    return bool(_RESULT_RE.search(strip_nifti_suffix(Path(path).name)))
 
 
 def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:

@@ -64,16 +64,22 @@ def write_stage_mask(mask: np.ndarray, grid: StageGrid, source: SourceGrid, path
 
 
 def write_prediction(
-    result: Segmentation, case: CaseInput, out_dir: Path, intermediates: bool = False, overwrite: bool = False
+    result: Segmentation, case: CaseInput, out_dir: Path, intermediates: bool = False, overwrite: bool = False,
+    keep_existing: bool = False,
 ) -> list[Path]:
-    """Write the labels (and the intermediates) of one case; returns the paths written."""
+    """Write the labels (and the intermediates) of one case; returns the paths written.
+
+    ``keep_existing``: leave the outputs that exist as they are and write only the missing ones
+    (``kits-seg predict --skip-existing``: what an interrupted run wrote is whole, and what a user
+    corrected stays).
+    """
     source = result.prepared.volume.source
+    grid = result.prepared.grid
     labels_path, *rest = output_paths(case, out_dir, intermediates)
-    written = [write_labels(result.labels, source, labels_path, overwrite=overwrite)]
+    writers = [(labels_path, lambda path: write_labels(result.labels, source, path, overwrite=overwrite))]
     if intermediates:
-        grid = result.prepared.grid
         y1_path, mask_path, probs_path = rest
-        written.append(write_stage_probability(result.y1, grid, source, y1_path, overwrite))
-        written.append(write_stage_mask(result.mask, grid, source, mask_path, overwrite))
-        written.append(write_stage_probability(result.probs, grid, source, probs_path, overwrite))
-    return written
+        writers += [(y1_path, lambda path: write_stage_probability(result.y1, grid, source, path, overwrite)),
+                    (mask_path, lambda path: write_stage_mask(result.mask, grid, source, path, overwrite)),
+                    (probs_path, lambda path: write_stage_probability(result.probs, grid, source, path, overwrite))]
+    return [write(path) for path, write in writers if not (keep_existing and path.exists())]

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from .data import (
     cache_folder,
     labelled_inputs,
     load_cases,
+    mask_name,
     out_of_fold_split,
     prepare_cases,
     preparation_workers,
@@ -483,7 +485,7 @@ def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir
     return folds
 
 
-def _refuse_oof_folds(config: TrainConfig, data_dir: Path) -> None:
+def _refuse_oof_folds(config: TrainConfig, data_dir: Path) -> NoReturn:
     raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
                       f"(--set oof_folds=K; images of one mask count once); this split has fewer")
 
@@ -723,9 +725,13 @@ def train(
         unknown = sorted(set(val_cases) - {c.name for c in inputs})
         if unknown:
             raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
-    if not split_path.is_file() and len(inputs) - len(set(val_cases or ())) < config.oof_folds:
-        _refuse_oof_folds(config, data_dir)  # too few images for any split: said before hours of preparation
     new_run = not (run_dir / "config.json").is_file()
+    if new_run:  # too few masks to train on for the folds: said before hours of preparation
+        names = [c.name for c in inputs]
+        train_names = (sorted(set(names) - set(val_cases)) if val_cases is not None
+                       else split_cases(names, val_fraction, config.seed)[0])
+        if len({mask_name(n) for n in train_names}) < config.oof_folds:  # an upper bound on the patients
+            _refuse_oof_folds(config, data_dir)
     if info.is_main:
         _remove_leftover_temporaries(run_dir)
         _check_config(run_dir, config)
