@@ -592,23 +592,32 @@ class KitsWidget(QWidget):
         if "y1" in kinds:
             def make_y1():
                 geometry = self._stage_geometry("y1", grid, session)
-                kwargs = probability_layer_kwargs("y1", geometry, grid.affine)
+                kwargs = probability_layer_kwargs(self._result_name(session, "y1"), geometry, grid.affine)
                 session.y1_before = session.y1_layer.data if self._live(session.y1_layer) else None
                 session.y1_layer = self._put_layer(session.y1_layer, y1, "image", kwargs)
                 session.y1_layer.visible = True
             makers.append(make_y1)
         if "mask" in kinds and not self._live(session.mask_layer) and not self._live(session.spare.get("mask")):
             def make_mask():
-                kwargs = labels_layer_kwargs("mask", self._stage_geometry("mask", grid, session), grid.affine, opacity=0.3)
+                geometry = self._stage_geometry("mask", grid, session)
+                kwargs = labels_layer_kwargs(self._result_name(session, "mask"), geometry, grid.affine, opacity=0.3)
                 session.spare["mask"] = self.viewer.add_labels(np.zeros(grid.shape, np.uint8), **kwargs)
             makers.append(make_mask)
         if "labels" in kinds and not self._live(session.labels_layer) and not self._live(session.spare.get("labels")):
             def make_labels():
                 geometry = geometry_of(session.ct_layer).with_kind("labels")
-                kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
+                kwargs = labels_layer_kwargs(self._result_name(session, "labels"), geometry, session.volume.affine,
+                                             opacity=0.6)
                 session.spare["labels"] = self.viewer.add_labels(np.zeros(session.volume.shape, np.uint8), **kwargs)
             makers.append(make_labels)
         return makers
+
+    def _result_name(self, session: _Session, kind: str) -> str:
+        """A new output layer's name: ``kind``, with its CT's name where another CT is open (napari
+        would number it, ``labels [1]``, which says nothing of the CT it belongs to)."""
+        others = [layer for layer in self.viewer.layers
+                  if layer is not session.ct_layer and getattr(geometry_of(layer), "kind", None) == "ct"]
+        return f"{kind} ({session.ct_layer.name})" if others else kind
 
     def _undo_unfilled_outputs(self, session: _Session | None) -> None:
         """After a cancelled or failed run: remove the layers it added but never filled, and
@@ -821,7 +830,7 @@ class KitsWidget(QWidget):
         session.y1_complete = False
         session.prepared, session.y1 = event.prepared, event.y1
         geometry = self._stage_geometry("y1")
-        kwargs = probability_layer_kwargs("y1", geometry, geometry.stage_grid.affine)
+        kwargs = probability_layer_kwargs(self._result_name(session, "y1"), geometry, geometry.stage_grid.affine)
         session.y1_layer = self._put_layer(session.y1_layer, event.y1, "image", kwargs)
         session.y1_layer.visible = True
         self._last_refresh = time.perf_counter()
@@ -841,7 +850,8 @@ class KitsWidget(QWidget):
         if painted is not None:
             painted.visible = False
         geometry = self._stage_geometry("mask")
-        kwargs = labels_layer_kwargs("mask", geometry, geometry.stage_grid.affine, opacity=0.3)
+        kwargs = labels_layer_kwargs(self._result_name(session, "mask"), geometry, geometry.stage_grid.affine,
+                                     opacity=0.3)
         layer = self._put_layer(session.mask_layer, mask, "labels", kwargs, spare="mask")
         if layer is not session.mask_layer:
             layer.visible = True
@@ -858,7 +868,7 @@ class KitsWidget(QWidget):
             return
         kept = self._set_aside_if_edited(session, "labels_layer", "labels_written")
         geometry = geometry_of(session.ct_layer).with_kind("labels")
-        kwargs = labels_layer_kwargs("labels", geometry, session.volume.affine, opacity=0.6)
+        kwargs = labels_layer_kwargs(self._result_name(session, "labels"), geometry, session.volume.affine, opacity=0.6)
         session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs, spare="labels")
         session.labels_written = _checksum(event.labels)
         if kept is not None:

@@ -544,6 +544,9 @@ def test_each_ct_is_scored_against_its_own_reference_and_no_stale_scores_stay(qt
         _run(qtbot, widget, widget.run_all, "run all")
     labels = widget._session.labels_layer
     assert widget.gt_combo.currentText() == "case_00008 ground truth" and widget.last_error == ""
+    # Named after their CT, as another CT is open (napari would have made them "labels [1]"...).
+    assert {labels.name, widget._session.y1_layer.name, widget._session.mask_layer.name} == {
+        "labels (case_00008)", "y1 (case_00008)", "mask (case_00008)"}
     expected = kits_scores(labels.data, second.labels, second.spacing)
     assert widget.table.item(0, 0).text() == f"{expected.kidney_dice:.4f}"
     # Its reference closed: the other CT's is not on this grid, so nothing is scored, and the
