@@ -142,7 +142,7 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
         stray = KITS_LABELS.stray_values(data)
         if stray:  # another tool would score them as kidney without a word
             layer = f"the layer '{layer_name}'" if layer_name else "the layer"
-            raise SaveError(f"{layer} holds label {name_a_few([str(v) for v in stray], 8)}: KiTS19 labels are 0 "
+            raise SaveError(f"{layer} holds label {name_a_few(stray, 8)}: KiTS19 labels are 0 "
                             "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them, then save")
         return write_labels(data, geometry.source, path, overwrite=overwrite)
     raise SaveError(f"a {geometry.kind!r} layer is not a result; save labels, y1, the mask or probabilities")

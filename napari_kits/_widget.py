@@ -1233,7 +1233,7 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_nam
     for layer_name, labels in ((name, pred), (ref_name, ref)):
         stray = KITS_LABELS.stray_values(labels)
         if stray:
-            raise ValueError(f"{layer_name} holds label {name_a_few([str(v) for v in stray], 8)}: KiTS19 labels are 0 "
+            raise ValueError(f"{layer_name} holds label {name_a_few(stray, 8)}: KiTS19 labels are 0 "
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
     detection = tumor_detection(pred, ref, spacing)
     scores = kits_scores(pred, ref, spacing, case=name, detection=detection)

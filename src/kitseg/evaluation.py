@@ -106,7 +106,7 @@ def _check_kits_labels(volume, path: Path) -> None:
     """KiTS19 label maps hold 0, 1 and 2 only: another value would be scored as kidney without a word."""
     stray = KITS_LABEL_MAP.stray_values(volume.array)
     if stray:
-        raise InputError(f"{path}: holds label {name_a_few([str(v) for v in stray], 8)}; KiTS19 labels are 0 "
+        raise InputError(f"{path}: holds label {name_a_few(stray, 8)}; KiTS19 labels are 0 "
                          "(background), 1 (kidney), 2 (tumor)")
 
 

@@ -33,9 +33,9 @@ class InputError(ValueError):
     """An input file or folder cannot be used; the message names it and says why."""
 
 
-def name_a_few(names: list[str], limit: int = 5) -> str:
-    """The first ``limit`` of ``names`` for a message, "..." after them if there are more."""
-    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+def name_a_few(names: list, limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` (or label values) for a message, "..." after them if there are more."""
+    return ", ".join(map(str, names[:limit])) + (" ..." if len(names) > limit else "")
 
 
 @dataclass
@@ -348,7 +348,7 @@ def label_map_values(array: np.ndarray) -> list[int] | None:
 
 
 #: Names the tool gives its results: a file so named is a result, not a reference or a CT.
-_RESULT_RE = re.compile(r"^prediction_\d+$|_(labels|y1|mask|probs)$")
+_RESULT_RE = re.compile(rf"^prediction_\d+$|_(labels|{'|'.join(INTERMEDIATES)})$")
 
 
 def is_result_name(path: str | os.PathLike) -> bool:

@@ -193,7 +193,7 @@ def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.nd
     labels = read_labels(case.labels_path, like=volume)
     stray = KITS_LABELS.stray_values(labels.array)
     if stray:  # labels_to_stage would make them background without a word (KiTS21's cysts are 3)
-        raise InputError(f"{case.labels_path}: holds label {name_a_few([str(v) for v in stray], 8)}; training "
+        raise InputError(f"{case.labels_path}: holds label {name_a_few(stray, 8)}; training "
                          "uses 0 (background), 1 (kidney), 2 (tumor): map the others to these first (KiTS21/23: cyst 3 -> "
                          "kidney 1 or tumor 2)")
     prepared = prepare(volume, config)

@@ -467,14 +467,19 @@ def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_f
                data_dir: Path) -> tuple[dict[str, list], list[list[StageCase]]]:
     """A new run's train / validation split and its out-of-fold folds; refused if stage 2's
     out-of-fold y1 cannot be made from it."""
-    if val_cases is not None:
-        split = {"train": sorted(set(by_name) - set(val_cases)), "validation": sorted(val_cases)}
-    else:
-        tr, va = split_cases(list(by_name), val_fraction, config.seed)
-        split = {"train": tr, "validation": va, "val_fraction": val_fraction}
+    split = _split_names(list(by_name), val_cases, val_fraction, config.seed)
     if not split["train"]:
         raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
     return split, _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
+
+
+def _split_names(names: list[str], val_cases: list[str] | None, val_fraction: float, seed: int) -> dict[str, list]:
+    """A new run's split of case names (what split.json keeps): the given validation cases, or a
+    reproducible share of them."""
+    if val_cases is not None:
+        return {"train": sorted(set(names) - set(val_cases)), "validation": sorted(val_cases)}
+    train, validation = split_cases(names, val_fraction, seed)
+    return {"train": train, "validation": validation, "val_fraction": val_fraction}
 
 
 def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir: Path) -> list[list[StageCase]]:
@@ -727,9 +732,7 @@ def train(
             raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
     new_run = not (run_dir / "config.json").is_file()
     if new_run:  # too few masks to train on for the folds: said before hours of preparation
-        names = [c.name for c in inputs]
-        train_names = (sorted(set(names) - set(val_cases)) if val_cases is not None
-                       else split_cases(names, val_fraction, config.seed)[0])
+        train_names = _split_names([c.name for c in inputs], val_cases, val_fraction, config.seed)["train"]
         if len({mask_name(n) for n in train_names}) < config.oof_folds:  # an upper bound on the patients
             _refuse_oof_folds(config, data_dir)
     if info.is_main:
