@@ -54,7 +54,8 @@ def _looks_like_probability(array: np.ndarray) -> bool:
 def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
     from kitseg.geometry import strip_nifti_suffix
-    from kitseg.io import case_from_folder, is_result_name, label_map_values, nifti_shape, read_labels, read_volume
+    from kitseg.io import (as_labels, case_from_folder, is_result_name, label_map_values, nifti_shape, read_labels,
+                           read_volume)
 
     p = _single_path(path)
     if p.is_dir():
@@ -77,7 +78,7 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     probability = _looks_like_probability(volume.array)
     # A y1 where stage 1 found nothing is all zeros, which looks like empty labels: its name says otherwise.
     if label_map_values(volume.array) is not None and not (probability and name.endswith("_y1")):
-        labels = read_labels(p)
+        labels = as_labels(volume)  # checked as read_labels checks it, without reading the file again
         highest = int(labels.array.max(initial=0))
         geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels",
                                  offered_as_reference=highest <= 2 and not is_result_name(p))

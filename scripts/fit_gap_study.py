@@ -40,7 +40,8 @@ def load_run(run: Path, data: Path, parts: tuple[str, ...], files: tuple[str, ..
             raise SystemExit(f"{run}: no {needed}; is it a kits-seg train --out folder?")
     config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     split = json.loads((run / "split.json").read_text())
-    cases = {c.name: c for c in load_cases(data, config.preprocessing, cache_folder(run, cache), progress=False)}
+    cases = {c.name: c for c in load_cases(data, config.preprocessing, cache_folder(run, cache), progress=False,
+                                           mapping=config.labels_mapped())}
     missing = sorted(set().union(*(split[part] for part in parts)) - set(cases))
     if missing:
         raise SystemExit(f"{data}: lacks the run's case(s) {', '.join(missing[:5])}")

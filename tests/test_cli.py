@@ -629,3 +629,33 @@ def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys
     with open(report, newline="") as fh:
         row = next(csv.DictReader(fh))
     assert np.isnan(float(row["kidney_dice"])) and np.isnan(float(row["tumor_dice"]))
+
+
+def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, capsys):
+    gt = tmp_path / "gt" / "case_00000"
+    gt.mkdir(parents=True)
+    seg = nib.load(str(cases / "case_00000" / "segmentation.nii.gz"))
+    labels = np.asarray(seg.dataobj).copy()
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(pred / "prediction_00000.nii.gz"))
+    with_cyst = labels.copy()
+    kidney = np.argwhere(labels == 1)
+    z = kidney[len(kidney) // 2][0]
+    with_cyst[z][labels[z] == 1] = 3  # one slice of kidney labelled cyst, as KiTS21/23 do
+    nib.save(nib.Nifti1Image(with_cyst, seg.affine), str(gt / "segmentation.nii.gz"))
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt)]) == 2
+    assert "holds label 3" in (err := capsys.readouterr().err) and "--map-labels 3=1" in err
+    # Cysts within the kidney region: the prediction's kidney there matches.
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=1",
+                 "--csv", str(tmp_path / "in.csv")]) == 0
+    # Cysts left out of it: the prediction's kidney there is now false kidney.
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=0",
+                 "--csv", str(tmp_path / "out.csv")]) == 0
+    inside, outside = (float(next(csv.DictReader((tmp_path / f).open()))["kidney_dice"]) for f in ("in.csv", "out.csv"))
+    assert inside == pytest.approx(1.0) and outside < 0.99
+    assert np.array_equal(np.asarray(nib.load(str(gt / "segmentation.nii.gz")).dataobj), with_cyst)  # not changed
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3:1"]) == 2
+    assert "--map-labels 3:1: expected FROM=TO" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=1", "3=2"]) == 2
+    assert "label 3 is mapped twice" in capsys.readouterr().err

@@ -197,6 +197,15 @@ def test_voxel_sizes_in_metres_are_read_in_mm_and_an_implausible_size_is_named(t
     np.testing.assert_allclose(out.get_sform(), img.get_sform(), atol=1e-9)
     np.testing.assert_allclose(out.get_qform(), img.get_qform(), atol=1e-9)
     assert out.header.get_xyzt_units()[0] == "meter" and out.shape == array.shape
+    img.header.set_xyzt_units("unknown")  # no unit: read as mm, as viewers do, and written back as it was
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, str(tmp_path / "no_unit.nii.gz"))
+    no_unit = read_ct(tmp_path / "no_unit.nii.gz")
+    np.testing.assert_allclose(no_unit.affine, in_mm.affine, atol=1e-6)
+    out = nib.load(str(write_labels(np.zeros(no_unit.shape, np.uint8), no_unit.source, tmp_path / "l2.nii.gz")))
+    assert out.header.get_xyzt_units()[0] == "unknown"
+    np.testing.assert_allclose(out.get_sform(), affine, atol=1e-6)
     img.header.set_xyzt_units("micron")  # the same numbers read as microns: 0.0008 mm voxels
     nib.save(img, str(tmp_path / "microns.nii.gz"))
     with pytest.raises(InputError, match=r"microns.nii.gz: voxel size .* no CT's .*'micron'"):
@@ -217,7 +226,7 @@ def test_a_qform_beside_the_sform_is_written_back_as_it_was(tmp_path):
     np.testing.assert_allclose(out.get_qform(), shifted, atol=1e-5)
     header = out.header
     assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 1)
-    assert header.get_xyzt_units()[0] == "mm"
+    assert header.get_xyzt_units()[0] == img.header.get_xyzt_units()[0] == "unknown"  # nibabel's default, kept
     img.set_qform(None)  # no qform at all (code 0), as TotalSegmentator's example: none written either
     nib.save(img, str(tmp_path / "sform_only.nii.gz"))
     volume = read_ct(tmp_path / "sform_only.nii.gz")

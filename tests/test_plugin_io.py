@@ -173,7 +173,7 @@ def test_sample_data_is_a_ct_with_ground_truth():
     assert geometry_of(kw).kind == "ct" and geometry_of(gkw).kind == "ground_truth"
 
 
-def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_folder):
+def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_folder, monkeypatch):
     """Whatever type a label map is stored as, it opens as labels; a saved y1 opens as a probability image."""
     from napari_kits._layers import geometry_of
     from napari_kits._save import save_layer
@@ -183,9 +183,16 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
     assert ct_kwargs["name"] == case_folder.name and geometry_of(ct_kwargs).case_id == case_folder.name[5:]
     affine = nib.load(str(case_folder / "imaging.nii.gz")).affine
     reference = np.asarray(nib.load(str(case_folder / "segmentation.nii.gz")).dataobj)
+    import kitseg.io
+
+    reads = []
+    real_read = kitseg.io.read_volume
+    monkeypatch.setattr(kitseg.io, "read_volume", lambda path, **kw: reads.append(path) or real_read(path, **kw))
     for dtype, name in ((np.float32, "reader_a.nii.gz"), (np.int16, "case1_gt.nii.gz"), (np.uint8, "x_labels.nii")):
+        reads.clear()
         [(data, kwargs, kind)] = read_kits(str(_save(reference.astype(dtype), affine, tmp_path / name)))
-        assert kind == "labels", name
+        assert kind == "labels" and data.dtype == np.uint8, name
+        assert len(reads) == 1, reads  # a label map is read once, not again to check it
         # A reference unasked, unless named as a result (a saved prediction, opened to be corrected).
         assert geometry_of(kwargs).offered_as_reference == (name != "x_labels.nii"), name
     kits21 = reference.copy()

@@ -947,3 +947,45 @@ def test_set_with_an_object_changes_only_the_keys_it_names():
         parse_settings(["amp=yes"], config)
     later = parse_settings(["mask=5", 'mask={"radius":3}'], config)["mask"]  # the later one counts, on the recipe's
     assert later == {**config.mask.to_dict(), "radius": 3}
+
+
+def test_label_values_of_another_convention_train_once_mapped(dataset, tmp_path, capsys):
+    import shutil
+
+    import nibabel as nib
+
+    from kitseg.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    seg_path = data / "case_00002" / "segmentation.nii.gz"
+    seg = nib.load(str(seg_path))
+    labels = np.asarray(seg.dataobj).copy()
+    cyst = labels.copy()
+    cyst[labels == 2] = 3  # as KiTS21/23 label cysts
+    nib.save(nib.Nifti1Image(cyst, seg.affine), str(seg_path))
+    config = preset("smoke")
+    with pytest.raises(InputError, match=r"case_00002/segmentation.nii.gz: holds label 3.*--map-labels 3=1"):
+        load_cases(data, config.preprocessing, cache_dir=None, progress=False)
+    # Mapped onto KiTS19's values, the case trains as the original did; the file is left as it was.
+    expected = {c.name: c.labels for c in load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)}
+    mapped = config.replace(label_mapping={"3": 2})
+    run = tmp_path / "run"
+    train(data, run, mapped, device="cpu", progress=False)
+    cached = {c.name: c for c in load_cases(data, config.preprocessing, run / "cache", progress=False,
+                                            mapping=mapped.labels_mapped())}
+    np.testing.assert_array_equal(cached["case_00002"].labels, expected["case_00002"])
+    assert np.array_equal(np.asarray(nib.load(str(seg_path)).dataobj), cyst)
+    assert json.loads((run / "config.json").read_text())["label_mapping"] == {"3": 2}
+    # Resuming with another mapping is another recipe: refused, naming it.
+    with pytest.raises(ConfigError, match="differs in: label_mapping"):
+        train(data, run, config.replace(label_mapping={"3": 1}), device="cpu", progress=False)
+    # The command line: --map-labels goes into the recipe; a value that is no KiTS19 class is refused.
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "cli"), "--preset", "smoke",
+                 "--map-labels", "3=2", "--prepare-only", "--no-progress"]) == 0
+    assert "4 cases prepared" in capsys.readouterr().out
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "bad"), "--preset", "smoke",
+                 "--map-labels", "3=4"]) == 2
+    assert "--map-labels 3=4: labels map to a KiTS19 class: 0 (background), 1 (kidney), 2 (tumor)" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()

@@ -296,6 +296,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="a reference tumor counts as found when at least this share of its voxels is labelled tumor "
         "(default 0.5)",
     )
+    p.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
+                   help="score label values of another convention as KiTS19's 0, 1, 2, in the ground truth and "
+                   "the predictions alike, e.g. --map-labels 3=1 for KiTS21/23's cysts within the kidney region "
+                   "(3=0 leaves them out of it); the files are not changed")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -320,10 +324,12 @@ def _share(text: str) -> float:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import label_mapping
     from .evaluation import evaluate_pairs, match_predictions, unpaired_references
     from .io import name_a_few
     from .metrics import DEFAULT_FOUND_SHARE, MIN_TUMOR_ML, aggregate, write_scores_csv
 
+    mapping = label_mapping(args.map_labels) if args.map_labels else {}
     pairs, unmatched = match_predictions(args.pred, args.gt)
     if args.csv is not None:
         _check_report_path(args.csv, [p for pair in pairs for p in (pair.prediction, pair.reference)], args.overwrite)
@@ -336,7 +342,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         log.warning("%s: %d case(s) have no prediction and are not scored: %s%s", args.gt, len(unscored),
                     ", ".join(unscored[:3]), more)
     found_share = DEFAULT_FOUND_SHARE if args.found_share is None else args.found_share
-    scores = evaluate_pairs(pairs, empty_value=args.empty_value, found_share=found_share)
+    if mapping:
+        log.info("labels scored as %s", ", ".join(f"{k} -> {v}" for k, v in sorted(mapping.items())))
+    scores = evaluate_pairs(pairs, empty_value=args.empty_value, found_share=found_share, mapping=mapping)
     header = (f"{'case':<24}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
               f"{'found':>8}{'false':>7}")
     print(header)

@@ -189,3 +189,42 @@ class MaskConfig:
 
 
 KITS_LABELS = LabelMap()
+
+
+def label_mapping(pairs: Any, what: str = "--map-labels") -> dict[int, int]:
+    """Label values of another convention mapped onto KiTS19's: ``["3=1"]`` or ``{"3": 1}`` ->
+    ``{3: 1}`` (KiTS21/23's cysts, 3, counted as kidney). A value maps to a KiTS19 class (0, 1 or
+    2); values not named stay as they are. Raises ConfigError naming the pair that is wrong."""
+    if isinstance(pairs, dict):
+        items = [(f"{source}={target}", source, target) for source, target in pairs.items()]
+    else:
+        items = [(str(pair), *str(pair).partition("=")[::2]) for pair in pairs]
+    mapping: dict[int, int] = {}
+    last = len(KITS_LABELS.names) - 1
+    for pair, source, target in items:
+        try:
+            source_value, target_value = int(str(source)), int(str(target))
+        except ValueError:
+            raise ConfigError(f"{what} {pair}: expected FROM=TO with whole numbers, e.g. 3=1 "
+                              "(KiTS21/23's cysts counted as kidney)") from None
+        if not 0 <= source_value <= 255:
+            raise ConfigError(f"{what} {pair}: a label value is 0..255")
+        if not 0 <= target_value <= last:
+            raise ConfigError(f"{what} {pair}: labels map to a KiTS19 class: "
+                              + ", ".join(f"{k} ({name})" for k, name in enumerate(KITS_LABELS.names)))
+        if mapping.get(source_value, target_value) != target_value:
+            raise ConfigError(f"{what}: label {source_value} is mapped twice")
+        mapping[source_value] = target_value
+    return mapping
+
+
+def apply_label_mapping(labels: Any, mapping: dict[int, int]) -> Any:
+    """``labels`` (whole numbers 0..255) with each value in ``mapping`` replaced; the same array if none is."""
+    import numpy as np
+
+    if not mapping:
+        return labels
+    table = np.arange(256, dtype=np.uint8)
+    for source, target in mapping.items():
+        table[source] = target
+    return table[np.asarray(labels, dtype=np.uint8)]

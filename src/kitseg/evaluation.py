@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
+from .config import apply_label_mapping
 from .geometry import strip_nifti_suffix
 from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, name_a_few, read_labels
 from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
@@ -107,15 +108,20 @@ def _check_kits_labels(volume, path: Path) -> None:
     stray = KITS_LABEL_MAP.stray_values(volume.array)
     if stray:
         raise InputError(f"{path}: holds label {name_a_few(stray, 8)}; KiTS19 labels are 0 "
-                         "(background), 1 (kidney), 2 (tumor)")
+                         "(background), 1 (kidney), 2 (tumor): map the others onto these, e.g. --map-labels 3=1 "
+                         "(KiTS21/23's cysts scored within the kidney region)")
 
 
 def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
-                   found_share: float = DEFAULT_FOUND_SHARE) -> list[CaseScores]:
+                   found_share: float = DEFAULT_FOUND_SHARE, mapping: dict[int, int] | None = None) -> list[CaseScores]:
+    """KiTS19 scores of each pair; ``mapping``: label values of both files mapped onto KiTS19's first
+    (:func:`kitseg.config.label_mapping`)."""
     scores = []
     for pair in pairs:
         ref = read_labels(pair.reference)
         pred = read_labels(pair.prediction)
+        ref.array = apply_label_mapping(ref.array, mapping or {})
+        pred.array = apply_label_mapping(pred.array, mapping or {})
         _check_kits_labels(ref, pair.reference)
         _check_kits_labels(pred, pair.prediction)
         check_same_grid(pred.source, ref.source, pair.prediction, reference_name=f"the ground truth's ({pair.reference})")

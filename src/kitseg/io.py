@@ -228,13 +228,14 @@ def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
                     "nibabel's guess from the voxel sizes; outputs are written the same way", path)
     array = _read_array(img, path, integer_ok)
     try:
-        return Volume.from_source_array(array, affine, path, xform_code, qform, unit if unit in _UNIT_MM else "mm")
+        return Volume.from_source_array(array, affine, path, xform_code, qform, unit)
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
 
 
-#: NIfTI spatial units -> mm (nibabel's affine keeps the file's unit; "unknown" is taken as mm, as viewers do).
-_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
+#: NIfTI spatial units -> mm (nibabel's affine keeps the file's unit; "unknown" is taken as mm, as
+#: viewers do, and written back as "unknown": an output's header says what its CT's says).
+_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
 #: Voxel sizes outside this range are no CT's: a wrong unit or a broken header, which would
 #: otherwise resample into nonsense (or an array of terabytes).
 PLAUSIBLE_SPACING_MM = (0.05, 50.0)
@@ -359,8 +360,13 @@ def is_result_name(path: str | os.PathLike) -> bool:
 
 def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
     """Read a label map; with ``like``, check it lies on that volume's grid."""
-    path = Path(path)
-    labels = read_volume(path)
+    return as_labels(read_volume(path), like)
+
+
+def as_labels(labels: Volume, like: Volume | None = None) -> Volume:
+    """A volume read from a file (``labels.source.path``) as a uint8 label map, checked as
+    :func:`read_labels` checks it: for a caller that read the file already to judge what it holds."""
+    path = labels.source.path
     arr = labels.array
     if arr.dtype.kind == "f":
         if not np.all(arr == np.round(arr)):
@@ -398,7 +404,7 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scal
     with slope 1/255 read back as 0..1). ``xform_code`` 0 writes the voxel sizes with no
     orientation, as the CT it came from declared none. ``qform`` (matrix, code) is a source
     file's own qform, written instead of the affine's (code 0: none). The affines are in mm;
-    ``xyz_unit`` ("mm", "meter", "micron") is the unit the file stores them in.
+    ``xyz_unit`` ("mm", "meter", "micron", "unknown": read as mm) is the unit the file stores them in.
     """
     path = Path(path)
     to_unit = 1.0 / _UNIT_MM[xyz_unit]

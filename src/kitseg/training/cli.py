@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..cli import _non_negative_int, _positive_int
-from ..config import ConfigError
+from ..config import ConfigError, label_mapping
 from .config import PRESETS, TrainConfig, preset
 
 
@@ -34,6 +34,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None)
     p.add_argument("--stage2-context-slices", type=_non_negative_int, default=None, metavar="N",
                    help="neighbouring slices on each side that stage 2 also sees (0: the paper's 3-channel input)")
+    p.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
+                   help="train on label values of another convention mapped onto KiTS19's 0 (background), "
+                   "1 (kidney), 2 (tumor), e.g. --map-labels 3=1 for KiTS21/23's cysts as kidney (kept in the "
+                   "run's recipe; the label files are not changed)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help='override any config field, its value as JSON (a text field takes plain text; a JSON '
                         'object changes only the keys it names), e.g. --set learning_rate=3e-4 --set '
@@ -91,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
         "steps_per_epoch": args.steps_per_epoch}.items() if v is not None}
     changes.update(parse_settings(args.set, config))
+    if args.map_labels is not None:
+        changes["label_mapping"] = {str(k): v for k, v in label_mapping(args.map_labels).items()}
     if args.stage2_context_slices is not None:
         preprocessing = changes.get("preprocessing", config.preprocessing.to_dict())
         changes["preprocessing"] = {**preprocessing, "stage2_context_slices": args.stage2_context_slices}
@@ -103,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .data import cache_folder, prepare_cases, preparation_workers
 
         cache = cache_folder(args.out, args.cache)
-        stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers())
+        stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers(),
+                              mapping=config.labels_mapped())
         print(f"{len(stems)} cases prepared in {cache}")
         return 0
     from ..device import get_device

@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, MaskConfig, PreprocessingConfig
+from ..config import ConfigError, MaskConfig, PreprocessingConfig, label_mapping
 
 # How stage 2 draws a tumor sample (TrainConfig.tumor_sampling; Stage2Sampler).
 TUMOR_SAMPLING = ("slice", "lesion")
@@ -60,6 +60,9 @@ class TrainConfig:
             their own; this widens the range a model tolerates.
         lr_schedule: "constant" (the paper: Adam at 1e-3 throughout) or "poly" (decays to 0 as
             (1 - step/steps)^0.9, as nnU-Net does: converges within a short budget).
+        label_mapping: label values of the data's convention mapped onto KiTS19's before
+            training, as JSON (``{"3": 1}``: KiTS21/23's cysts trained as kidney; ``kits-seg
+            train --map-labels 3=1``). Empty: the labels must hold 0, 1 and 2 only.
         amp: mixed precision (autocast; weights, losses and optimizer stay float32) where it is
             fast: on CUDA, and on CPUs that multiply bfloat16 in hardware (Intel AMX, AVX-512
             BF16), where it trains 1.5-2x as fast; float32 elsewhere or when False.
@@ -93,6 +96,7 @@ class TrainConfig:
     tumor_sampling: str = "slice"
     augment: bool = True
     augment_noise_hu: float = 15.0
+    label_mapping: dict[str, int] = field(default_factory=dict)
     amp: bool = True
     seed: int = 0
 
@@ -140,6 +144,11 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not isinstance(self.label_mapping, dict):
+            raise ConfigError(f"label_mapping must be a JSON object such as {{\"3\": 1}}, got {self.label_mapping!r}")
+        # Stored with text keys, as JSON has them, so a resumed run compares equal to its record.
+        mapped = label_mapping(self.label_mapping, "label_mapping")
+        object.__setattr__(self, "label_mapping", {str(k): v for k, v in sorted(mapped.items())})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -159,6 +168,10 @@ class TrainConfig:
         if "mask" in data:
             data["mask"] = MaskConfig.from_dict(data["mask"])
         return cls(**data)
+
+    def labels_mapped(self) -> dict[int, int]:
+        """``label_mapping`` with whole-number keys, as :func:`kitseg.config.apply_label_mapping` takes it."""
+        return {int(k): v for k, v in self.label_mapping.items()}
 
     def hu_to_units(self, hu: float) -> float:
         """A HU difference in the networks' normalized units: the window maps onto 2 units (under

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..atomic import atomic_path, require_free_space
-from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig
+from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig, apply_label_mapping
 from ..geometry import source_grid_for
 from ..io import CaseInput, InputError, discover_inputs, name_a_few, read_ct, read_labels
 from ..morphology import dilate_ball
@@ -112,9 +112,11 @@ def _file_stamp(path: Path) -> list:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
-    """Changes with the CT file, the label file (a user's corrections) and the preprocessing recipe."""
-    return _digest([*_file_stamp(case.image_path), *_file_stamp(case.labels_path), config.preparation_key()])
+def _cache_key(case: CaseInput, config: PreprocessingConfig, mapping: dict[int, int] | None = None) -> str:
+    """Changes with the CT file, the label file (a user's corrections), the preprocessing recipe
+    and the label mapping (none: the key cases prepared before the mapping existed have)."""
+    extra = [sorted(mapping.items())] if mapping else []
+    return _digest([*_file_stamp(case.image_path), *_file_stamp(case.labels_path), config.preparation_key(), *extra])
 
 
 def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
@@ -127,9 +129,10 @@ def _require_labels(case: CaseInput) -> None:
         raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
 
 
-def _cache_stem(case: CaseInput, config: PreprocessingConfig, cache_dir: Path) -> Path:
+def _cache_stem(case: CaseInput, config: PreprocessingConfig, cache_dir: Path,
+                mapping: dict[int, int] | None = None) -> Path:
     _require_labels(case)
-    return cache_dir / f"{case.name}-{_cache_key(case, config)}"
+    return cache_dir / f"{case.name}-{_cache_key(case, config, mapping)}"
 
 
 def _is_prepared(stem: Path) -> bool:
@@ -141,33 +144,36 @@ def cache_folder(run_dir: Path, cache_dir: Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else Path(run_dir) / "cache"
 
 
-def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path | None) -> StageCase:
+def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path | None,
+                    mapping: dict[int, int] | None = None) -> StageCase:
     """One case on the stage grid: memory-mapped from ``cache_dir`` (prepared first if needed), or in memory."""
     if cache_dir is None:
         _require_labels(case)
-        image, labels, spacing = _prepare_arrays(case, config)
+        image, labels, spacing = _prepare_arrays(case, config, mapping)
         return StageCase(case.name, image, labels, spacing)
-    return open_cached_case(prepare_cached_case(case, config, cache_dir))
+    return open_cached_case(prepare_cached_case(case, config, cache_dir, mapping))
 
 
-def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path) -> Path:
+def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path,
+                        mapping: dict[int, int] | None = None) -> Path:
     """Make sure ``cache_dir`` holds the case on the stage grid; returns the stem of its files.
 
     ``STEM.image.npy`` (float16), ``STEM.labels.npy`` (uint8) and ``STEM.json`` (name, spacing, shape),
     the JSON written last, so that a preparation cut short leaves no case that looks complete.
-    The stem's key changes with the CT file, the label file and the preprocessing recipe.
+    The stem's key changes with the CT file, the label file, the preprocessing recipe and
+    ``mapping`` (label values mapped onto KiTS19's; :func:`kitseg.config.label_mapping`).
     """
-    stem = _cache_stem(case, config, cache_dir)
+    stem = _cache_stem(case, config, cache_dir, mapping)
     if _is_prepared(stem):
         return stem
     cache_dir.mkdir(parents=True, exist_ok=True)
     legacy = cache_dir / f"{case.name}-{_legacy_cache_key(case, config)}.npz"
     # Converted only if written after the labels last changed: its key did not cover them.
-    if legacy.is_file() and legacy.stat().st_mtime_ns >= case.labels_path.stat().st_mtime_ns:
+    if not mapping and legacy.is_file() and legacy.stat().st_mtime_ns >= case.labels_path.stat().st_mtime_ns:
         with np.load(legacy, allow_pickle=False) as data:
             image, labels, spacing = data["image"], data["labels"], tuple(float(s) for s in data["spacing"])
     else:
-        image, labels, spacing = _prepare_arrays(case, config)
+        image, labels, spacing = _prepare_arrays(case, config, mapping)
     save_npy(_beside(stem, ".image.npy"), image)
     save_npy(_beside(stem, ".labels.npy"), labels)
     with atomic_path(_beside(stem, ".json")) as tmp:
@@ -187,15 +193,18 @@ def open_cached_case(stem: Path) -> StageCase:
     return StageCase(meta["name"], image, labels, tuple(meta["spacing"]), cache_stem=stem)
 
 
-def _prepare_arrays(case: CaseInput, config: PreprocessingConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """(float16 image, uint8 labels, spacing) on the stage grid, read and prepared as at inference."""
+def _prepare_arrays(case: CaseInput, config: PreprocessingConfig,
+                    mapping: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(float16 image, uint8 labels, spacing) on the stage grid, read and prepared as at inference;
+    the labels' values first mapped by ``mapping``."""
     volume = read_ct(case.image_path)
     labels = read_labels(case.labels_path, like=volume)
+    labels.array = apply_label_mapping(labels.array, mapping or {})
     stray = KITS_LABELS.stray_values(labels.array)
     if stray:  # labels_to_stage would make them background without a word (KiTS21's cysts are 3)
-        raise InputError(f"{case.labels_path}: holds label {name_a_few(stray, 8)}; training "
-                         "uses 0 (background), 1 (kidney), 2 (tumor): map the others to these first (KiTS21/23: cyst 3 -> "
-                         "kidney 1 or tumor 2)")
+        raise InputError(f"{case.labels_path}: holds label {name_a_few(stray, 8)}; training uses 0 (background), "
+                         "1 (kidney), 2 (tumor): map the others onto these, e.g. --map-labels 3=1 (KiTS21/23's "
+                         "cysts trained as kidney)")
     prepared = prepare(volume, config)
     # float16 keeps normalized intensities to within 1e-3 (a fraction of a HU in the window) at half the bytes.
     return prepared.image.astype(np.float16), labels_to_stage(labels.array, prepared.grid), prepared.grid.spacing
@@ -225,21 +234,22 @@ def labelled_inputs(data_dir: Path) -> list[CaseInput]:
 
 def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, progress: bool = True,
                   workers: int = 1, share: tuple[int, int] = (0, 1),
-                  inputs: list[CaseInput] | None = None) -> list[Path]:
+                  inputs: list[CaseInput] | None = None, mapping: dict[int, int] | None = None) -> list[Path]:
     """Prepare the labelled cases of ``data_dir`` into ``cache_dir``; returns their stems.
 
     ``share=(k, n)``: only every n-th case from the k-th, so that n processes (``torchrun``
     ranks) prepare a data set together instead of each all of it. Cases prepared already are
     only looked up (no worker starts for them: a resumed run finds them all). ``inputs``: the
     folder's :func:`labelled_inputs`, where the caller has them (found, and warned about, once).
+    ``mapping``: label values mapped onto KiTS19's (:func:`kitseg.config.label_mapping`).
     """
     inputs = (labelled_inputs(data_dir) if inputs is None else inputs)[share[0]::share[1]]
-    stems = [_cache_stem(c, config, cache_dir) for c in inputs]
+    stems = [_cache_stem(c, config, cache_dir, mapping) for c in inputs]
     missing = [c for c, stem in zip(inputs, stems) if not _is_prepared(stem)]
     if missing:
         needed = sum(_stage_voxels(c, config) for c in missing) * _CACHE_BYTES_PER_VOXEL
         require_free_space(cache_dir, needed, f"preparing {len(missing)} case(s) into the cache")
-    _each_case(prepare_cached_case, missing, config, cache_dir, progress, workers)
+    _each_case(prepare_cached_case, missing, config, cache_dir, progress, workers, mapping)
     return stems
 
 
@@ -258,33 +268,35 @@ def _stage_voxels(case: CaseInput, config: PreprocessingConfig) -> int:
 
 def load_cases(
     data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True, workers: int = 1,
-    inputs: list[CaseInput] | None = None,
+    inputs: list[CaseInput] | None = None, mapping: dict[int, int] | None = None,
 ) -> list[StageCase]:
     """Every case with labels in ``data_dir``, on the stage grid (cached; ``workers`` processes).
 
     With a cache, the workers write the cases there and this process maps them: nothing large
-    travels between processes, and the cases take no memory of their own. ``inputs``: as for
-    :func:`prepare_cases`.
+    travels between processes, and the cases take no memory of their own. ``inputs`` and
+    ``mapping``: as for :func:`prepare_cases`.
     """
     inputs = labelled_inputs(data_dir) if inputs is None else inputs
     if cache_dir is not None:
         return [open_cached_case(stem)
-                for stem in prepare_cases(data_dir, config, cache_dir, progress, workers, inputs=inputs)]
-    return _each_case(load_stage_case, inputs, config, None, progress, workers)
+                for stem in prepare_cases(data_dir, config, cache_dir, progress, workers, inputs=inputs,
+                                          mapping=mapping)]
+    return _each_case(load_stage_case, inputs, config, None, progress, workers, mapping)
 
 
 def _each_case(func, inputs: list[CaseInput], config: PreprocessingConfig, cache_dir: Path | None, progress: bool,
-               workers: int) -> list:
-    """``func(case, config, cache_dir)`` for each case, in ``workers`` processes (one BLAS thread each)."""
+               workers: int, mapping: dict[int, int] | None = None) -> list:
+    """``func(case, config, cache_dir, mapping)`` for each case, in ``workers`` processes (one BLAS thread each)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
     bar = dict(total=len(inputs), desc="preparing cases", disable=not progress or not inputs)
     if workers <= 1 or len(inputs) <= 1:
-        return [func(c, config, cache_dir) for c in tqdm(inputs, **bar)]
+        return [func(c, config, cache_dir, mapping) for c in tqdm(inputs, **bar)]
     with ProcessPoolExecutor(max_workers=min(workers, len(inputs)), initializer=one_blas_thread) as pool:
-        return list(tqdm(pool.map(func, inputs, [config] * len(inputs), [cache_dir] * len(inputs)), **bar))
+        n = len(inputs)
+        return list(tqdm(pool.map(func, inputs, [config] * n, [cache_dir] * n, [mapping] * n), **bar))
 
 
 def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

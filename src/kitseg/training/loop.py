@@ -744,9 +744,10 @@ def train(
     workers = preparation_workers(info.world_size)
     if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
         prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
-                      share=(info.rank, info.world_size), inputs=inputs)
+                      share=(info.rank, info.world_size), inputs=inputs, mapping=config.labels_mapped())
         _barrier(info)
-    cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers, inputs=inputs)
+    cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers, inputs=inputs,
+                       mapping=config.labels_mapped())
     by_name = {c.name: c for c in cases}
     if split_path.is_file():
         split = _read_run_json(split_path)
