@@ -659,3 +659,80 @@ def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, ca
     assert "--map-labels 3:1: expected FROM=TO" in capsys.readouterr().err
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=1", "3=2"]) == 2
     assert "label 3 is mapped twice" in capsys.readouterr().err
+
+
+def test_info_takes_the_model_as_its_argument_too(weights, capsys):
+    assert main(["info", str(weights)]) == 0
+    assert "unetpp2d" in capsys.readouterr().out
+    assert main(["info", str(weights), "--weights", str(weights.with_name("other.kseg"))]) == 2
+    assert "two models given" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_leaving_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM unwinds the command: the atomic write in progress is removed, not left hidden."""
+    import os
+    import signal
+    import time
+
+    import kitseg.cli
+    from kitseg.atomic import atomic_path
+
+    def writes_then_gets_killed(args):
+        with atomic_path(tmp_path / "scores.csv") as tmp:
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises before this ends
+        return 0
+
+    monkeypatch.setattr(kitseg.cli, "cmd_info", writes_then_gets_killed)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    assert main(["info"]) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 5
+    assert capsys.readouterr().err == "kits-seg: stopped (SIGTERM)\n"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+def test_train_refuses_a_run_folder_in_the_data_and_checks_prepare_only_cases(tmp_path, cases, capsys):
+    assert main(["train", "--data", str(cases), "--out", str(cases), "--preset", "smoke", "--device", "cpu"]) == 2
+    assert "lies within the data folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(cases), "--out", str(cases / "case_00000" / "run"), "--preset", "smoke",
+                 "--prepare-only"]) == 2
+    assert "lies within the data folder" in capsys.readouterr().err
+    assert not (cases / "case_00000" / "run").exists()
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--prepare-only",
+                 "--val-cases", "case_00042"]) == 2
+    assert "validation case(s) not in" in capsys.readouterr().err and not run.exists()
+    # A model on another grid: the fields that differ, and the preset whose grid it is.
+    from kitseg.weights import default_weights_path
+
+    assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
+                 "--init-from", str(default_weights_path())]) == 2
+    err = capsys.readouterr().err
+    assert "inplane_spacing_mm 2.0 (the recipe's: 3.0)" in err and "fine-tune with --preset cpu" in err, err
+    assert "PreprocessingConfig(" not in err and not run.exists()
+
+
+def test_a_ctrl_c_dropped_in_a_finalizer_is_raised_at_the_next_check():
+    """Python drops an exception raised in a finalizer; the training loop's per-step check raises it again."""
+    import os
+    import signal
+    import time
+
+    from kitseg.interrupt import raise_if_stop_requested, stop_on_signals
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2)  # the handler's KeyboardInterrupt ends this, and Python drops it
+
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_signals():
+        dropped = Finalized()
+        del dropped  # "Exception ignored in: <function Finalized.__del__ ...>"
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_stop_requested()
+    raise_if_stop_requested()  # outside the block nothing is pending
+    assert signal.getsignal(signal.SIGINT) == before

@@ -77,3 +77,11 @@ def test_fast_bfloat16_is_read_from_the_cpu_capabilities(monkeypatch: pytest.Mon
 def test_training_lays_activations_out_channels_last_on_cuda_only():
     assert device_module.training_memory_format(torch.device("cuda")) is torch.channels_last
     assert device_module.training_memory_format(torch.device("cpu")) is torch.contiguous_format
+
+
+def test_a_device_checked_before_it_is_chosen_is_not_announced(caplog):
+    with caplog.at_level("INFO", logger="kitseg.device"):
+        assert get_device("cpu", announce=False) == torch.device("cpu")
+        assert "Using device" not in caplog.text
+        assert get_device("cpu") == torch.device("cpu")
+    assert caplog.text.count("Using device cpu") == 1

@@ -270,7 +270,9 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     del recorded["stage2_tumor_contrast_hu"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
-    # Resuming predicts only the out-of-fold y1 still missing (not yet written, or not copied in).
+    # Resuming (a run stopped before its model was written) predicts only the out-of-fold y1 still
+    # missing (not yet written, or not copied in).
+    model.unlink()
     oof_files = sorted((tmp_path / "run" / "oof_y1").glob("*.npy"))
     oof_files[0].unlink()
     kept_times = {p.name: p.stat().st_mtime_ns for p in oof_files[1:]}
@@ -294,6 +296,7 @@ def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset,
     split = json.loads((run / "split.json").read_text())
     with pytest.raises(ConfigError, match="--val-cases differ"):
         train(data, run, config, device="cpu", progress=False, val_cases=split["train"][:1])
+    model.unlink()  # as if stopped before the model was written: the run resumes
     # A corrected label file: its case's out-of-fold y1 is predicted again, the others are kept.
     edited = split["train"][0]
     seg = data / edited / "segmentation.nii.gz"
@@ -302,16 +305,20 @@ def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset,
     shutil.copytree(data / split["train"][1], data / "case_00099")  # added after the run began
     leftover = run / "stage2" / ".state.pt.k1ll3d.tmp"  # what a job killed mid-save leaves
     leftover.write_bytes(b"half a checkpoint")
+    half_plot = run / "fold1" / ".curves.png.a1b2c3.png"  # SIGKILL while the curves were drawn
+    half_plot.write_bytes(b"half a picture")
     other_run_writing = run / "cache" / ".case_00001-abc.mask-def.npy.x1y2.npy"  # a cache may be shared
     other_run_writing.write_bytes(b"being written")
     with caplog.at_level("WARNING"):
         assert train(data, run, config, device="cpu", progress=False, val_fraction=0.5) == model
     assert "split was drawn with --val-fraction 0.2; it is kept" in caplog.text  # not silently
     assert not leftover.exists() and (run / "stage2" / "state.pt").is_file() and other_run_writing.exists()
+    assert not half_plot.exists() and (run / "fold1" / "curves.png").is_file()
     assert "1 case(s) added since this run began are not used" in caplog.text
     now = {p.name: p.stat().st_mtime_ns for p in (run / "oof_y1").glob("*.npy")}
     assert now[f"{edited}.npy"] != oof[f"{edited}.npy"]
     assert {k: v for k, v in now.items() if k != f"{edited}.npy"} == {k: v for k, v in oof.items() if k != f"{edited}.npy"}
+    model.unlink()
     oof_record = run / "oof_y1" / "sources.json"  # which prepared case each out-of-fold y1 came from
     whole = oof_record.read_text()
     oof_record.write_text('{"case_')  # cut short: the stale y1 it would name cannot be told apart
@@ -404,6 +411,7 @@ def test_validation_y1_copied_in_is_kept_only_from_the_same_stage1(dataset, tmp_
     y1 = kept / "val_y1" / "case_00002.npy"
 
     def fine_tune():
+        (kept / "model.kseg").unlink(missing_ok=True)  # a finished run is not trained again: resumed before its end
         caplog.clear()
         with caplog.at_level("INFO", logger="kitseg.training.loop"):
             train(dataset, kept, config.replace(seed=1), device="cpu", progress=False, val_cases=val, init_from=base,
@@ -599,6 +607,8 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
     meta = read_metadata(tmp_path / "run" / "model.kseg")
     assert meta["provenance"]["processes"] == 2
     assert json.loads((tmp_path / "run" / "split.json").read_text())["validation"]
+    # Rank 0 speaks for the run: each line once.
+    assert proc.stdout.count("model: ") == 1 and proc.stderr.count("wrote ") == 1, proc.stderr[-3000:]
 
 
 def test_combine_stages_script_takes_each_stage_from_its_file(tmp_path):
@@ -971,6 +981,9 @@ def test_label_values_of_another_convention_train_once_mapped(dataset, tmp_path,
     expected = {c.name: c.labels for c in load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)}
     mapped = config.replace(label_mapping={"3": 2})
     run = tmp_path / "run"
+    with pytest.raises(InputError, match="holds label 3"):
+        train(data, run, config, device="cpu", progress=False)
+    assert not (run / "config.json").exists()  # refused before training: the fix it names may use the same --out
     train(data, run, mapped, device="cpu", progress=False)
     cached = {c.name: c for c in load_cases(data, config.preprocessing, run / "cache", progress=False,
                                             mapping=mapped.labels_mapped())}
@@ -989,3 +1002,49 @@ def test_label_values_of_another_convention_train_once_mapped(dataset, tmp_path,
     assert "--map-labels 3=4: labels map to a KiTS19 class: 0 (background), 1 (kidney), 2 (tumor)" in (
         capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_finished_run_is_kept_as_trained_and_says_what_changed_since(dataset, tmp_path, caplog):
+    import shutil
+
+    import nibabel as nib
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    config = preset("smoke")
+    run = tmp_path / "run"
+    model = train(data, run, config, device="cpu", progress=False, command="first")
+    prov = read_metadata(model)["provenance"]
+    assert [i["command"] for i in prov["invocations"]] == ["first"]
+    split = json.loads((run / "split.json").read_text())
+    for k in (1, 2):  # a fold model records the cases it learnt from, not the run's
+        fold = read_metadata(run / f"fold{k}" / "best.kseg")["provenance"]
+        assert fold["validation_cases"] == [] and set(fold["train_cases"]) < set(split["train"])
+        assert sorted(fold["train_cases"] + fold["out_of_fold_y1_of"]) == split["train"]
+    written = model.read_bytes()
+    # Edited labels, a case added with values the recipe would refuse: nothing is trained or
+    # prepared again, the model stays as it was, and the edit is named.
+    seg = data / split["train"][0] / "segmentation.nii.gz"
+    img = nib.load(str(seg))
+    labels = np.asarray(img.dataobj).copy()
+    labels[labels == 1] = 2
+    nib.save(nib.Nifti1Image(labels, img.affine), str(seg))
+    shutil.copytree(data / split["train"][1], data / "case_00099")
+    added = data / "case_00099" / "segmentation.nii.gz"
+    nib.save(nib.Nifti1Image(labels + 1, img.affine), str(added))  # holds a 3
+    with caplog.at_level("INFO"):
+        assert train(data, run, config, device="cpu", progress=False, command="again") == model
+    assert model.read_bytes() == written
+    assert f"1 case(s) differ from the files this finished run's model was trained on (edited, or another --data): " \
+           f"{split['train'][0]}" in caplog.text
+    assert "finished already" in caplog.text and "1 case(s) added since this run began are not used" in caplog.text
+    # Its split gone, a run that has trained cannot say what it validated on: refused.
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "split.json").unlink()
+    with pytest.raises(ConfigError, match="split.json: is missing, but this run has trained already"):
+        train(data, copy, config, device="cpu", progress=False, val_cases=[split["train"][1]])
+    # The run folder may not lie within the data set.
+    with pytest.raises(ConfigError, match="lies within the data folder"):
+        train(data, data / "case_00000", config, device="cpu", progress=False)
+    assert not (data / "case_00000" / "config.json").exists()

@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -392,6 +393,8 @@ def _check_report_path(path: Path, inputs: list[Path], overwrite: bool) -> None:
 # ---------------------------------------------------------------------------- info
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="version, devices and model metadata")
+    p.add_argument("model", type=Path, nargs="?", default=None, metavar="MODEL.kseg",
+                   help="a model file, as --weights gives it")
     p.add_argument("--weights", type=Path, default=None, help="a model file (.kseg); default: the shipped model")
     p.add_argument("--json", action="store_true",
                    help="print the model's whole metadata as JSON (training commands, case lists, hashes) instead")
@@ -408,6 +411,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .device import describe_devices
     from .weights import default_weights_path
 
+    if args.model is not None and args.weights is not None and args.model != args.weights:
+        raise CliError(f"two models given ({args.model} and --weights {args.weights}); info reads one")
+    args.weights = args.weights or args.model
     if not args.json:
         print(f"kitseg {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
         print(f"devices: {describe_devices()}")
@@ -557,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .interrupt import stop_on_signals
+
+    with stop_on_signals():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -564,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .interrupt import Terminated
     from .io import InputError
 
     try:
@@ -573,9 +587,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, InputError, CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"kits-seg: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kits-seg: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)  # SIGTERM (kitseg.interrupt)
+        print(f"kits-seg: {'stopped (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except BrokenPipeError:
         # The reader went away (`kits-seg info | head`): stop quietly, as Unix tools do; point stdout
         # at /dev/null so that the interpreter's own flush at exit does not fail again.

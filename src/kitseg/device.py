@@ -30,29 +30,32 @@ def available_devices() -> list[str]:
     return devices
 
 
-def get_device(name: str | torch.device = "auto") -> torch.device:
+def get_device(name: str | torch.device = "auto", announce: bool = True) -> torch.device:
     """The device to run on.
 
     Args:
         name: ``"auto"`` (CUDA > MPS > CPU), ``"cuda"``, ``"cuda:<index>"``, ``"mps"`` or ``"cpu"``
             (case-insensitive), or a ``torch.device``.
+        announce: log the device chosen (off for a check made before the command chooses it).
 
     Raises:
         RuntimeError: an explicit ``"cuda"``/``"mps"`` device is not available.
         ValueError: ``name`` is not a device name.
     """
-    text = str(name).strip().lower()
+    device, description = _device(str(name).strip().lower(), name)
+    if announce:
+        logger.info("%s", description)
+    return device
+
+
+def _device(text: str, name: str | torch.device) -> tuple[torch.device, str]:
+    """The device ``text`` names, and how to announce it."""
     if text == "auto":
         if torch.cuda.is_available():
-            device = torch.device("cuda")
-            logger.info("Using CUDA device %s", torch.cuda.get_device_name(0))
-        elif _mps_available():
-            device = torch.device("mps")
-            logger.info("Using Apple MPS device")
-        else:
-            device = torch.device("cpu")
-            logger.info("No GPU available (neither CUDA nor MPS); falling back to the CPU")
-        return device
+            return torch.device("cuda"), f"Using CUDA device {torch.cuda.get_device_name(0)}"
+        if _mps_available():
+            return torch.device("mps"), "Using Apple MPS device"
+        return torch.device("cpu"), "No GPU available (neither CUDA nor MPS); falling back to the CPU"
 
     try:
         device = torch.device(text)
@@ -73,8 +76,7 @@ def get_device(name: str | torch.device = "auto") -> torch.device:
             raise RuntimeError(f"device {text!r} was requested but Apple MPS is not available; use 'auto' or 'cpu'")
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {name!r}; use one of {', '.join(_NAMES)}")
-    logger.info("Using device %s", device)
-    return device
+    return device, f"Using device {device}"
 
 
 def cpu_has_fast_bfloat16() -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -106,22 +108,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. learning_rate="x"
             raise ConfigError(f"--set {', '.join(args.set)}: {exc}" if args.set else str(exc)) from None
     if args.prepare_only:
-        from .data import cache_folder, prepare_cases, preparation_workers
+        from .data import cache_folder, labelled_inputs, prepare_cases, preparation_workers
+        from .loop import check_run_folder_outside, check_val_cases
 
+        check_run_folder_outside(args.out, args.data)
+        inputs = labelled_inputs(args.data)
+        check_val_cases(args.val_cases, inputs, args.data)  # wrong now, not in the GPU job that follows
         cache = cache_folder(args.out, args.cache)
         stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers(),
-                              mapping=config.labels_mapped())
+                              inputs=inputs, mapping=config.labels_mapped())
         print(f"{len(stems)} cases prepared in {cache}")
         return 0
     from ..device import get_device
 
     try:
-        get_device(args.device)  # an unknown or absent device fails now, not after the data is prepared
+        get_device(args.device, announce=False)  # an unknown or absent device fails now, not after the data is prepared
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(str(exc)) from None
+    rank = int(os.environ.get("RANK", "0") or 0)  # torchrun's process number
+    if rank > 0:  # the processes of a run say the same: rank 0 speaks for them, the others only of errors
+        logging.getLogger().setLevel(logging.ERROR)
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     model = train(args.data, args.out, config, device=args.device, val_fraction=args.val_fraction,
                   val_cases=args.val_cases, cache_dir=args.cache, progress=not args.no_progress, command=command,
                   init_from=args.init_from, keep_stage1=args.keep_stage1)
-    print(f"model: {model}")
+    if rank == 0:
+        print(f"model: {model}")
     return 0

@@ -129,8 +129,9 @@ def _require_labels(case: CaseInput) -> None:
         raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
 
 
-def _cache_stem(case: CaseInput, config: PreprocessingConfig, cache_dir: Path,
+def cache_stem(case: CaseInput, config: PreprocessingConfig, cache_dir: Path,
                 mapping: dict[int, int] | None = None) -> Path:
+    """Where the case is (or would be) prepared in ``cache_dir``: its name and its files' key, read from their stamps."""
     _require_labels(case)
     return cache_dir / f"{case.name}-{_cache_key(case, config, mapping)}"
 
@@ -163,7 +164,7 @@ def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir:
     The stem's key changes with the CT file, the label file, the preprocessing recipe and
     ``mapping`` (label values mapped onto KiTS19's; :func:`kitseg.config.label_mapping`).
     """
-    stem = _cache_stem(case, config, cache_dir, mapping)
+    stem = cache_stem(case, config, cache_dir, mapping)
     if _is_prepared(stem):
         return stem
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +245,7 @@ def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, 
     ``mapping``: label values mapped onto KiTS19's (:func:`kitseg.config.label_mapping`).
     """
     inputs = (labelled_inputs(data_dir) if inputs is None else inputs)[share[0]::share[1]]
-    stems = [_cache_stem(c, config, cache_dir, mapping) for c in inputs]
+    stems = [cache_stem(c, config, cache_dir, mapping) for c in inputs]
     missing = [c for c, stem in zip(inputs, stems) if not _is_prepared(stem)]
     if missing:
         needed = sum(_stage_voxels(c, config) for c in missing) * _CACHE_BYTES_PER_VOXEL

@@ -40,20 +40,22 @@ from ..atomic import atomic_path
 from ..checkpoint import ModelBundle, StageModel, module_weights_sha256, save_bundle
 from ..config import KITS_LABELS, ConfigError
 from ..device import get_device, mixed_precision_dtype, training_memory_format
-from ..io import name_a_few
+from ..interrupt import raise_if_stop_requested
+from ..io import CaseInput, InputError, name_a_few
 from ..losses import deep_supervision_loss, stage1_loss
 from ..metrics import dice
 from ..morphology import bounding_box
 from ..networks import build_network
 from ..pipeline import Segmenter, make_mask, stage2_context_input, widen_stage2, widen_stage_channels
 from ..preprocess import PreparedVolume
-from .config import TrainConfig
+from .config import PRESETS, TrainConfig
 from .data import (
     Stage1Sampler,
     Stage2Sampler,
     StageCase,
     augment_intensity,
     cache_folder,
+    cache_stem,
     labelled_inputs,
     load_cases,
     mask_name,
@@ -198,13 +200,6 @@ def train_network(
         state = torch.load(state_path, map_location=device, weights_only=True)  # our own file; no code runs
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        saved_precision = state.get("precision", precision_name(amp_dtype))
-        if saved_precision != precision_name(amp_dtype):  # resumed on another kind of device
-            log.warning("%s: started in %s, resumed in %s", folder, saved_precision, precision_name(amp_dtype))
-        saved_processes = int(state.get("processes", info.world_size))
-        if saved_processes != info.world_size:  # each process draws batch / processes samples
-            log.warning("%s: started with %d process(es), resumed with %d: the batches differ from then on",
-                        folder, saved_processes, info.world_size)
         if state["scaler"] and scaler.is_enabled():  # a run begun without float16 saved no loss scale
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
@@ -212,7 +207,17 @@ def train_network(
         if state.get("finished"):
             log.info("%s: finished already (step %d)", folder, step)
             return _load_result(folder, module, device)
+        saved_precision = state.get("precision", precision_name(amp_dtype))
+        if saved_precision != precision_name(amp_dtype):  # resumed on another kind of device
+            log.warning("%s: started in %s, resumed in %s", folder, saved_precision, precision_name(amp_dtype))
+        saved_processes = int(state.get("processes", info.world_size))
+        if saved_processes != info.world_size:  # each process draws batch / processes samples
+            log.warning("%s: started with %d process(es), resumed with %d: the batches differ from then on",
+                        folder, saved_processes, info.world_size)
         log.info("%s: resuming at step %d", folder, step)
+    elif (folder / "last.kseg").is_file():
+        log.warning("%s: holds checkpoints but no state.pt to resume from: this network is trained again from "
+                    "step 0, and its best.kseg and last.kseg are replaced", folder)
     net = module
     if info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[info.local_rank] if device.type == "cuda" else None)
@@ -228,6 +233,7 @@ def train_network(
     batches = Prefetcher(*batch_args, pin=device.type == "cuda") if prefetch else contextlib.nullcontext(in_line(*batch_args))
     with batches as steps_batches:
         for arrays, rng in steps_batches:
+            raise_if_stop_requested()  # a Ctrl-C that landed in a finalizer was dropped there
             losses.append(_train_step(task, net, arrays, rng, device, memory_format, optimizer, scheduler, scaler, amp_dtype))
             step += 1
             bar.update(1)
@@ -463,6 +469,21 @@ def stage2_task(train: list[StageCase], val: list[StageCase], oof_y1: dict, val_
                      sampler.sample, make_batch, validate, "val_composite_dice" if val else None)
 
 
+def check_run_folder_outside(run_dir: Path, data_dir: Path) -> None:
+    """Refuse a run folder that is the data folder or lies within it: its files would mix with the cases."""
+    data, run = Path(data_dir).resolve(), Path(run_dir).resolve()
+    if run == data or data in run.parents:
+        raise ConfigError(f"{run_dir}: lies within the data folder {data_dir}; the run's files would be written "
+                          "among the cases: choose an --out folder outside it")
+
+
+def check_val_cases(val_cases: list[str] | None, inputs: list[CaseInput], data_dir: Path) -> None:
+    """Refuse --val-cases that name no labelled case of the data folder."""
+    unknown = sorted(set(val_cases or ()) - {c.name for c in inputs})
+    if unknown:
+        raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
+
+
 def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_fraction: float, config: TrainConfig,
                data_dir: Path) -> tuple[dict[str, list], list[list[StageCase]]]:
     """A new run's train / validation split and its out-of-fold folds; refused if stage 2's
@@ -508,8 +529,15 @@ def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> 
     from_context = bundle.preprocessing.stage2_context_slices
     to_context = config.preprocessing.stage2_context_slices
     if not bundle.preprocessing.matches_except_stage2_context(config.preprocessing):
-        raise ConfigError(f"{path}: was trained on another grid or intensity window ({bundle.preprocessing}) than "
-                          f"the {config.preset!r} recipe ({config.preprocessing}); fine-tune with the recipe it was made with")
+        theirs, mine = bundle.preprocessing.to_dict(), config.preprocessing.to_dict()
+        differ = [f"{k} {theirs.get(k)!r} (the recipe's: {mine.get(k)!r})" for k in sorted(set(theirs) | set(mine))
+                  if k != "stage2_context_slices" and theirs.get(k) != mine.get(k)]
+        presets = [name for name, recipe in PRESETS.items()
+                   if recipe.preprocessing.matches_except_stage2_context(bundle.preprocessing)]
+        hint = (f"its grid is the {presets[0]!r} preset's: fine-tune with --preset {presets[0]}" if presets
+                else "fine-tune with a recipe on its grid (--set preprocessing=...)")
+        raise ConfigError(f"{path}: was trained on another grid or intensity window than the {config.preset!r} "
+                          f"recipe: {', '.join(differ)}; {hint}")
     if from_context > to_context:
         raise ConfigError(f"{path}: its stage 2 sees {from_context} neighbouring slice(s) on each side; the recipe "
                           f"gives it {to_context}: set stage2_context_slices to at least {from_context}")
@@ -570,21 +598,21 @@ def _check_init(run_dir: Path, record: dict | None) -> None:
         path.unlink(missing_ok=True)  # a start from scratch after all: forget the earlier choice
 
 
-def _check_split_still_fits(split: dict, by_name: dict, val_cases: list[str] | None, data_dir: Path,
+def _check_split_still_fits(split: dict, names: set[str], val_cases: list[str] | None, data_dir: Path,
                             run_dir: Path, val_fraction: float | None = None) -> None:
     """A resumed run keeps its split: refuse what would change it, say what it leaves out."""
     made_with = split.get("val_fraction")
     if val_cases is None and made_with is not None and val_fraction is not None and val_fraction != made_with:
         log.warning("%s: this run's split was drawn with --val-fraction %g; it is kept (a new --out folder "
                     "draws one with %g)", run_dir / "split.json", made_with, val_fraction)
-    missing = sorted((set(split["train"]) | set(split["validation"])) - set(by_name))
+    missing = sorted((set(split["train"]) | set(split["validation"])) - names)
     if missing:
         raise ConfigError(f"{data_dir}: case(s) of this run's split ({run_dir / 'split.json'}) are gone: "
                           f"{name_a_few(missing)}; restore them or use a new --out folder")
     if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
         raise ConfigError(f"--val-cases differ from the validation cases this run began with ({run_dir / 'split.json'}); "
                           "resume without --val-cases or with the same ones, or use a new --out folder")
-    added = sorted(set(by_name) - set(split["train"]) - set(split["validation"]))
+    added = sorted(names - set(split["train"]) - set(split["validation"]))
     if added:
         log.warning("%s: %d case(s) added since this run began are not used (its split is kept): %s", data_dir,
                     len(added), name_a_few(added))
@@ -619,9 +647,44 @@ def _remove_leftover_temporaries(run_dir: Path) -> None:
         return
     folders = [run_dir, *(d for d in run_dir.iterdir() if d.is_dir() and d.name != "cache")]
     for leftover in (f for folder in folders for f in folder.glob(".*.*")):
-        if leftover.is_file() and leftover.suffix in (".tmp", ".npy", ".kseg"):
+        if leftover.is_file() and leftover.suffix in (".tmp", ".npy", ".kseg", ".pt", ".png", ".csv", ".json"):
             log.info("removing %s, left by an interrupted write", leftover)
             leftover.unlink(missing_ok=True)
+
+
+INVOCATIONS = "invocations.json"  # each command that trained the run, in order
+
+
+def _record_invocation(run_dir: Path, entry: dict) -> list[dict]:
+    """Add this command to the run's record of the commands that trained it; returns them all."""
+    path = run_dir / INVOCATIONS
+    history = _read_run_json(path) if path.is_file() else []
+    history = [*(history if isinstance(history, list) else []), entry]
+    _write_json_atomic(path, history)
+    return history
+
+
+TRAINED_ON = "trained_on.json"  # the prepared case (its files' stamp) each case of a finished run was read from
+
+
+def _has_trained(run_dir: Path) -> bool:
+    """The run folder holds training results (a network's state, out-of-fold y1, the model)."""
+    return (run_dir / "model.kseg").is_file() or any(run_dir.glob("*/state.pt")) or any(run_dir.glob("oof_y1/*.npy"))
+
+
+def _warn_of_changed_files(run_dir: Path, inputs: list[CaseInput], config: TrainConfig, cache: Path) -> None:
+    """A finished run is not trained again: name the cases whose files differ from those its model learnt from."""
+    path = run_dir / TRAINED_ON
+    if not path.is_file():  # finished before this record was kept
+        return
+    trained_on = _read_run_json(path)
+    mapping = config.labels_mapped()
+    changed = [c.name for c in inputs
+               if trained_on.get(c.name) != cache_stem(c, config.preprocessing, cache, mapping).name]
+    if changed:
+        log.warning("%s: %d case(s) differ from the files this finished run's model was trained on (edited, or "
+                    "another --data): %s; the model is kept as it was: use a new --out folder to train on them",
+                    run_dir, len(changed), name_a_few(changed))
 
 
 OOF_SOURCES = "sources.json"  # in oof_y1/: the prepared case each y1 was predicted from
@@ -716,6 +779,7 @@ def train(
         raise ConfigError("keeping stage 1 (--keep-stage1) needs the model to keep it from (--init-from)")
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise ConfigError(f"{run_dir}: is a file; --out takes a run folder")
+    check_run_folder_outside(run_dir, data_dir)
     check_networks(config)
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
@@ -726,45 +790,56 @@ def train(
         init_record["keep_stage1"] = True  # part of what a resumed run must repeat
     inputs = labelled_inputs(Path(data_dir))  # a wrong --data fails here, before a run folder is made
     split_path = run_dir / "split.json"
-    if val_cases is not None and not split_path.is_file():  # so does a wrong --val-cases
-        unknown = sorted(set(val_cases) - {c.name for c in inputs})
-        if unknown:
-            raise ConfigError(f"validation case(s) not in {data_dir}: {', '.join(unknown)}")
+    if not split_path.is_file():  # so does a wrong --val-cases
+        check_val_cases(val_cases, inputs, data_dir)
     new_run = not (run_dir / "config.json").is_file()
     if new_run:  # too few masks to train on for the folds: said before hours of preparation
         train_names = _split_names([c.name for c in inputs], val_cases, val_fraction, config.seed)["train"]
         if len({mask_name(n) for n in train_names}) < config.oof_folds:  # an upper bound on the patients
             _refuse_oof_folds(config, data_dir)
+    elif not split_path.is_file() and _has_trained(run_dir):
+        raise ConfigError(f"{split_path}: is missing, but this run has trained already: which cases it trained and "
+                          "validated on is no longer known; restore split.json, or use a new --out folder")
     if info.is_main:
         _remove_leftover_temporaries(run_dir)
         _check_config(run_dir, config)
         _check_init(run_dir, init_record)
     _barrier(info)
     cache = cache_folder(run_dir, cache_dir)
-    workers = preparation_workers(info.world_size)
-    if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
-        prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
-                      share=(info.rank, info.world_size), inputs=inputs, mapping=config.labels_mapped())
-        _barrier(info)
-    cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers, inputs=inputs,
-                       mapping=config.labels_mapped())
-    by_name = {c.name: c for c in cases}
-    if split_path.is_file():
-        split = _read_run_json(split_path)
-        _check_split_still_fits(split, by_name, val_cases, data_dir, run_dir, val_fraction)
-        folds = _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
-    else:
-        try:
+    mapping = config.labels_mapped()
+    model_path = run_dir / "model.kseg"
+    split = _read_run_json(split_path) if split_path.is_file() else None
+    if split is not None:
+        _check_split_still_fits(split, {c.name for c in inputs}, val_cases, data_dir, run_dir, val_fraction)
+        in_split = set(split["train"]) | set(split["validation"])
+        inputs = [c for c in inputs if c.name in in_split]  # cases added since are not used, nor prepared
+        if model_path.is_file():  # finished: its model stays as it was trained
+            if info.is_main:
+                _warn_of_changed_files(run_dir, inputs, config, cache)
+                log.info("%s: finished already; use a new --out folder to train again", model_path)
+            return model_path
+    try:
+        workers = preparation_workers(info.world_size)
+        if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
+            prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
+                          share=(info.rank, info.world_size), inputs=inputs, mapping=mapping)
+            _barrier(info)
+        cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
+                           inputs=inputs, mapping=mapping)
+        by_name = {c.name: c for c in cases}
+        if split is not None:
+            folds = _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
+        else:
             split, folds = _new_split(by_name, val_cases, val_fraction, config, data_dir)
-        except ConfigError:
-            if new_run and info.is_main:
-                # This call began the run: its records go, so that the corrected command (another
-                # --set oof_folds, --seed, split) starts afresh; the prepared cases stay for it.
-                for name in ("config.json", "init.json"):
-                    (run_dir / name).unlink(missing_ok=True)
-            raise
-        if info.is_main:
-            _write_json_atomic(split_path, split)
+    except (ConfigError, InputError):
+        if new_run and info.is_main:
+            # This call began the run: its records go, so that the corrected command (--map-labels,
+            # another --set oof_folds, --seed, split) starts afresh; the prepared cases stay for it.
+            for name in ("config.json", "init.json"):
+                (run_dir / name).unlink(missing_ok=True)
+        raise
+    if info.is_main and not split_path.is_file():
+        _write_json_atomic(split_path, split)
     train_cases = [by_name[n] for n in split["train"]]
     val_set = [by_name[n] for n in split["validation"]]
     seen = {key: c.name for c in train_cases for key in source_keys(c)}
@@ -782,6 +857,9 @@ def train(
     }
     if init_record is not None:
         provenance["init_from"] = init_record
+    if info.is_main:  # every command that trained this run: one that resumed it may differ in processes or device
+        provenance["invocations"] = _record_invocation(
+            run_dir, {k: provenance[k] for k in ("date", "command", "processes", "device", "precision")})
 
     # 1. Out-of-fold stage-1 predictions for stage 2's training (never the ground truth).
     oof_dir = run_dir / "oof_y1"
@@ -793,7 +871,10 @@ def train(
         rest = [c for c in train_cases if c not in held_out]
         steps = max(1, int(round(config.stage1_steps * config.oof_steps_fraction)))
         task = stage1_task(rest, [], config, steps, f"stage 1 fold {k + 1}/{config.oof_folds}", torch_device)
-        module = train_network(task, run_dir / f"fold{k + 1}", config, torch_device, info, "1", provenance, progress)
+        fold_provenance = {**provenance, "train_cases": [c.name for c in rest], "validation_cases": [],
+                           "out_of_fold_y1_of": [c.name for c in held_out]}
+        module = train_network(task, run_dir / f"fold{k + 1}", config, torch_device, info, "1", fold_provenance,
+                               progress)
         if info.is_main:
             for case in held_out:  # one at a time: half the training cases' y1 at once would fill the memory
                 # Done before an interruption, or copied in from a run with the same folds.
@@ -824,7 +905,6 @@ def train(
     stage2 = train_network(task2, run_dir / "stage2", config, torch_device, info, "2", provenance, progress,
                            initial=initial.get("2"))
 
-    model_path = run_dir / "model.kseg"
     if info.is_main:
         metrics = {}
         if keep_stage1:
@@ -842,6 +922,8 @@ def train(
             stage2=StageModel.from_module(stage2.cpu()),
             provenance={**provenance, "train_config": config.to_dict(), "final_validation": metrics},
         )
+        # What it was trained on, before the model (written last, it marks the run finished).
+        _write_json_atomic(run_dir / TRAINED_ON, {c.name: c.cache_stem.name for c in cases if c.cache_stem is not None})
         save_bundle(bundle, model_path)
         log.info("wrote %s", model_path)
     _barrier(info)
