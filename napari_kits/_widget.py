@@ -1104,7 +1104,7 @@ class KitsWidget(QWidget):
             self.compute_scores()
 
     def _on_scores(self, result: tuple) -> None:
-        scores, curves, detection = result
+        scores, curves, detection, note = result
         self.last_scores = scores
         self._per_slice = curves
         rows = [
@@ -1119,7 +1119,7 @@ class KitsWidget(QWidget):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(r, c, item)
-        self.detection_label.setText(_describe_detection(detection))
+        self.detection_label.setText(_describe_detection(detection) + (f"\n{note}" if note else ""))
         self.plot.set_curves(curves)
         self.worst_button.setEnabled(self.worst_slice() is not None)
         self.scores_updated.emit()
@@ -1224,21 +1224,29 @@ def _checksum(labels: np.ndarray) -> tuple:
     return labels.shape, labels.dtype.str, zlib.crc32(labels.data)
 
 
+#: KiTS21/23 label cysts 3: in a reference they lie within the KiTS19 kidney region (label > 0),
+#: as KiTS21's "kidney and masses" counts them and ``kits-seg evaluate --map-labels 3=1`` scores them.
+KITS21_CYST = 3
+
+
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference") -> tuple:
-    """Worker body: the engine's KiTS19 scores, per-slice Dice curves and tumors found."""
+    """Worker body: the engine's KiTS19 scores, per-slice Dice curves, tumors found, and a note on
+    how the reference was read (its KiTS21/23 cysts, if any; else empty)."""
     from kitseg.config import KITS_LABELS
     from kitseg.io import name_a_few
     from kitseg.metrics import kits_scores, per_slice_dice, tumor_detection
 
-    for layer_name, labels in ((name, pred), (ref_name, ref)):
-        stray = KITS_LABELS.stray_values(labels)
+    for layer_name, labels, allowed in ((name, pred, ()), (ref_name, ref, (KITS21_CYST,))):
+        stray = [v for v in KITS_LABELS.stray_values(labels) if v not in allowed]
         if stray:
             raise ValueError(f"{layer_name} holds label {name_a_few(stray, 8)}: KiTS19 labels are 0 "
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
+    cysts = bool(np.any(ref == KITS21_CYST))
+    note = f"{ref_name}'s cysts (label 3) are scored within the kidney region" if cysts else ""
     detection = tumor_detection(pred, ref, spacing)
     scores = kits_scores(pred, ref, spacing, case=name, detection=detection)
     curves = {region: per_slice_dice(pred, ref, region) for region in ("kidney", "tumor")}
-    return scores, curves, detection
+    return scores, curves, detection, note
 
 
 def _describe_detection(detection: Any) -> str:

@@ -470,6 +470,22 @@ def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widg
     worker = widget.save_layer(labels, out)
     qtbot.waitUntil(lambda: widget._save_worker is None, timeout=RUN_TIMEOUT_MS)
     assert "labels not saved" in widget.last_error and "label 3" in widget.last_error and not out.exists()
+    # A reference's 3s are KiTS21/23's cysts: scored within the kidney region, and said so.
+    from kitseg.metrics import kits_scores
+
+    labels.data[0, 0, :3] = 0
+    reference = widget.gt_combo.currentData()
+    kidney = np.argwhere(reference.data == 1)[:200]
+    reference.data[tuple(kidney.T)] = 3
+    widget.last_error = ""
+    worker = widget.compute_scores()
+    qtbot.waitUntil(lambda: widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert worker is not None and widget.last_error == ""
+    assert "case_00007 ground truth's cysts (label 3) are scored within the kidney region" in (
+        widget.detection_label.text())
+    expected = kits_scores(labels.data, np.where(reference.data == 3, 1, reference.data), (1.0, 1.0, 1.0))
+    assert widget.last_scores.kidney_dice == pytest.approx(expected.kidney_dice)
+    assert widget.last_scores.tumor_dice == pytest.approx(expected.tumor_dice)
 
 
 def test_scoring_refuses_a_reference_from_another_ct(qtbot, viewer_widget):
