@@ -601,16 +601,24 @@ class KitsWidget(QWidget):
             def make_mask():
                 geometry = self._stage_geometry("mask", grid, session)
                 kwargs = labels_layer_kwargs(self._result_name(session, "mask"), geometry, grid.affine, opacity=0.3)
-                session.spare["mask"] = self.viewer.add_labels(np.zeros(grid.shape, np.uint8), **kwargs)
+                self._add_spare(session, "mask", np.zeros(grid.shape, np.uint8), kwargs)
             makers.append(make_mask)
         if "labels" in kinds and not self._live(session.labels_layer) and not self._live(session.spare.get("labels")):
             def make_labels():
                 geometry = geometry_of(session.ct_layer).with_kind("labels")
                 kwargs = labels_layer_kwargs(self._result_name(session, "labels"), geometry, session.volume.affine,
                                              opacity=0.6)
-                session.spare["labels"] = self.viewer.add_labels(np.zeros(session.volume.shape, np.uint8), **kwargs)
+                self._add_spare(session, "labels", np.zeros(session.volume.shape, np.uint8), kwargs)
             makers.append(make_labels)
         return makers
+
+    def _add_spare(self, session: _Session, kind: str, data: np.ndarray, kwargs: dict) -> None:
+        """Add an empty labels layer for a run's output, known as unfilled before the viewer shows it
+        (adding it makes the boxes choose it, and scoring would start on an empty layer)."""
+        from napari.layers import Labels
+
+        session.spare[kind] = layer = Labels(data, **kwargs)
+        self.viewer.add_layer(layer)
 
     def _result_name(self, session: _Session, kind: str) -> str:
         """A new output layer's name: ``kind``, with its CT's name where another CT is open (napari
@@ -1040,10 +1048,16 @@ class KitsWidget(QWidget):
 
     def _on_pred_edited(self, event=None) -> None:
         pred, reference = self.pred_combo.currentData(), self.gt_combo.currentData()
-        # Scored unasked only where it can be: another CT's reference waits for the user's choice.
+        # Scored unasked only where it can be: another CT's reference waits for the user's choice,
+        # and a result layer a run has added but not yet filled would score as empty (Dice 0).
         if (self.auto_score_check.isChecked() and pred is not None and reference is not None and pred is not reference
-                and _on_one_grid(pred, reference)):
+                and _on_one_grid(pred, reference) and not self._is_unfilled(pred)):
             self._score_timer.start()
+
+    def _is_unfilled(self, layer: Any) -> bool:
+        """A layer a run added for its output before the output exists (``_Session.spare``)."""
+        sessions = {id(s): s for s in (self._session, self._run_session) if s is not None}.values()
+        return any(layer is spare for session in sessions for spare in session.spare.values())
 
     def _on_reference_changed(self, _index: int = -1) -> None:
         self._clear_scores()  # they were against another reference

@@ -229,6 +229,24 @@ def test_run_all_reuses_the_loaded_model(qtbot, viewer_widget):
     assert widget._segmenter is first  # cached, not rebuilt per click
 
 
+def test_a_run_is_scored_once_its_result_is_filled_not_while_its_layer_is_empty(qtbot, viewer_widget, monkeypatch):
+    from kitseg.pipeline import Segmenter
+
+    viewer, widget = viewer_widget
+    slow = Segmenter._forward_probs
+
+    def slowed(self, net, batch, *args):
+        time.sleep(0.3)  # the empty labels layer the run adds first stays empty for a while
+        return slow(self, net, batch, *args)
+
+    monkeypatch.setattr(Segmenter, "_forward_probs", slowed)
+    scored_during_run = []
+    widget.scores_updated.connect(lambda: scored_during_run.append(widget._worker is not None))
+    _run(qtbot, widget, widget.run_all, "run all")
+    qtbot.waitUntil(lambda: bool(scored_during_run) and widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert scored_during_run == [False]  # after the run: before, the empty layer was scored (Dice 0) mid-run
+
+
 def test_cancel_stage1_keeps_layers_consistent(qtbot, viewer_widget, monkeypatch):
     from kitseg.pipeline import Progress, Segmenter
 

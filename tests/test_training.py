@@ -294,9 +294,9 @@ def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset,
     run = tmp_path / "run"
     model = train(data, run, config, device="cpu", progress=False)
     split = json.loads((run / "split.json").read_text())
+    model.unlink()  # as if stopped before the model was written: the run resumes
     with pytest.raises(ConfigError, match="--val-cases differ"):
         train(data, run, config, device="cpu", progress=False, val_cases=split["train"][:1])
-    model.unlink()  # as if stopped before the model was written: the run resumes
     # A corrected label file: its case's out-of-fold y1 is predicted again, the others are kept.
     edited = split["train"][0]
     seg = data / edited / "segmentation.nii.gz"
@@ -315,6 +315,7 @@ def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset,
     assert not leftover.exists() and (run / "stage2" / "state.pt").is_file() and other_run_writing.exists()
     assert not half_plot.exists() and (run / "fold1" / "curves.png").is_file()
     assert "1 case(s) added since this run began are not used" in caplog.text
+    assert not list((run / "cache").glob("case_00099-*"))  # nor prepared
     now = {p.name: p.stat().st_mtime_ns for p in (run / "oof_y1").glob("*.npy")}
     assert now[f"{edited}.npy"] != oof[f"{edited}.npy"]
     assert {k: v for k, v in now.items() if k != f"{edited}.npy"} == {k: v for k, v in oof.items() if k != f"{edited}.npy"}
@@ -370,6 +371,7 @@ def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):
     fold = load_bundle(tmp_path / "tuned" / "fold1" / "best.kseg").stage1.module
     assert any(not torch.equal(a, b) for a, b in zip(fold.parameters(), before.stage1.module.parameters()))
     # Resuming a fine-tuning run without its starting weights is refused.
+    tuned.unlink()  # stopped before its model was written (a finished run is only reported)
     with pytest.raises(ConfigError, match=r"started with --init-from model\.kseg"):
         train(dataset, tmp_path / "tuned", still, device="cpu", progress=False)
 
@@ -389,6 +391,7 @@ def test_keep_stage1_trains_stage2_only_against_the_given_stage1(dataset, tmp_pa
     assert {s["stage1_sha256"] for s in sources.values()} == {read_metadata(base)["stages"]["1"]["weights_sha256"]}
     prov = read_metadata(kept)["provenance"]
     assert prov["init_from"]["keep_stage1"] and "val_foreground_dice" in prov["final_validation"]["stage1"]
+    kept.unlink()  # stopped before its model was written (a finished run is only reported)
     with pytest.raises(ConfigError, match="started with --init-from model.kseg --keep-stage1"):  # resumed without it
         train(dataset, tmp_path / "kept", config.replace(seed=1), device="cpu", progress=False, init_from=base)
     with pytest.raises(ConfigError, match="needs the model to keep it from"):
@@ -608,7 +611,7 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
     assert meta["provenance"]["processes"] == 2
     assert json.loads((tmp_path / "run" / "split.json").read_text())["validation"]
     # Rank 0 speaks for the run: each line once.
-    assert proc.stdout.count("model: ") == 1 and proc.stderr.count("wrote ") == 1, proc.stderr[-3000:]
+    assert proc.stdout.count("model: ") == 1 and proc.stderr.count("stage 1 fold 1/2: ") == 1, proc.stderr[-3000:]
 
 
 def test_combine_stages_script_takes_each_stage_from_its_file(tmp_path):
@@ -991,7 +994,7 @@ def test_label_values_of_another_convention_train_once_mapped(dataset, tmp_path,
     assert np.array_equal(np.asarray(nib.load(str(seg_path)).dataobj), cyst)
     assert json.loads((run / "config.json").read_text())["label_mapping"] == {"3": 2}
     # Resuming with another mapping is another recipe: refused, naming it.
-    with pytest.raises(ConfigError, match="differs in: label_mapping"):
+    with pytest.raises(ConfigError, match=r'differs in: label_mapping \(the run\'s \{"3":2\}, here \{"3":1\}\)'):
         train(data, run, config.replace(label_mapping={"3": 1}), device="cpu", progress=False)
     # The command line: --map-labels goes into the recipe; a value that is no KiTS19 class is refused.
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "cli"), "--preset", "smoke",
@@ -1009,6 +1012,8 @@ def test_a_finished_run_is_kept_as_trained_and_says_what_changed_since(dataset, 
 
     import nibabel as nib
 
+    from kitseg.cli import main
+
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     config = preset("smoke")
@@ -1022,28 +1027,50 @@ def test_a_finished_run_is_kept_as_trained_and_says_what_changed_since(dataset, 
         assert fold["validation_cases"] == [] and set(fold["train_cases"]) < set(split["train"])
         assert sorted(fold["train_cases"] + fold["out_of_fold_y1_of"]) == split["train"]
     written = model.read_bytes()
-    # Edited labels, a case added with values the recipe would refuse: nothing is trained or
-    # prepared again, the model stays as it was, and the edit is named.
-    seg = data / split["train"][0] / "segmentation.nii.gz"
+    # Edited labels, a case added with values the recipe would refuse, a case gone, other
+    # --val-cases: nothing is trained or prepared again, the model stays as it was, and what
+    # changed is named.
+    edited = split["train"][0]
+    seg = data / edited / "segmentation.nii.gz"
     img = nib.load(str(seg))
     labels = np.asarray(img.dataobj).copy()
     labels[labels == 1] = 2
     nib.save(nib.Nifti1Image(labels, img.affine), str(seg))
     shutil.copytree(data / split["train"][1], data / "case_00099")
-    added = data / "case_00099" / "segmentation.nii.gz"
-    nib.save(nib.Nifti1Image(labels + 1, img.affine), str(added))  # holds a 3
+    nib.save(nib.Nifti1Image(labels + 1, img.affine), str(data / "case_00099" / "segmentation.nii.gz"))  # a 3
+    shutil.move(data / split["validation"][0], tmp_path / "set_aside")
     with caplog.at_level("INFO"):
-        assert train(data, run, config, device="cpu", progress=False, command="again") == model
-    assert model.read_bytes() == written
-    assert f"1 case(s) differ from the files this finished run's model was trained on (edited, or another --data): " \
-           f"{split['train'][0]}" in caplog.text
-    assert "finished already" in caplog.text and "1 case(s) added since this run began are not used" in caplog.text
-    # Its split gone, a run that has trained cannot say what it validated on: refused.
+        assert train(data, run, config, device="cpu", progress=False, command="again",
+                     val_cases=[split["train"][1]]) == model
+    assert model.read_bytes() == written and not list((run / "cache").glob("case_00099-*"))
+    differ = f"1 case(s) differ from the files this finished run's model learnt from (edited, or another --data): {edited}"
+    assert differ in caplog.text and "finished already" in caplog.text
+    assert f"1 case(s) of this run are not in it now: {split['validation'][0]}" in caplog.text
+    assert "--val-cases differ from the validation cases this run was trained with" in caplog.text
+    shutil.move(tmp_path / "set_aside", data / split["validation"][0])
+    # --prepare-only on it prepares its split's cases only (the added one would be refused).
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "smoke", "--prepare-only",
+                 "--no-progress"]) == 0
+    assert not list((run / "cache").glob("case_00099-*"))
+    # The model written again from its finished networks keeps the record of what they learnt from.
+    model.unlink()
+    assert train(data, run, config, device="cpu", progress=False, command="re-export") == model
+    assert [i["command"] for i in read_metadata(model)["provenance"]["invocations"]] == ["first", "re-export"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train(data, run, config, device="cpu", progress=False)
+    assert differ in caplog.text
+    # Its split gone, a run that has trained cannot say what it validated on: refused, even
+    # without its other records.
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     (copy / "split.json").unlink()
     with pytest.raises(ConfigError, match="split.json: is missing, but this run has trained already"):
         train(data, copy, config, device="cpu", progress=False, val_cases=[split["train"][1]])
+    (copy / "model.kseg").unlink()
+    (copy / "config.json").unlink()
+    with pytest.raises(ConfigError, match="split.json: is missing, but this run has trained already"):
+        train(data, copy, config, device="cpu", progress=False)
     # The run folder may not lie within the data set.
     with pytest.raises(ConfigError, match="lies within the data folder"):
         train(data, data / "case_00000", config, device="cpu", progress=False)

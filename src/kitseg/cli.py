@@ -297,11 +297,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="a reference tumor counts as found when at least this share of its voxels is labelled tumor "
         "(default 0.5)",
     )
-    p.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
-                   help="score label values of another convention as KiTS19's 0, 1, 2, in the ground truth and "
-                   "the predictions alike, e.g. --map-labels 3=1 for KiTS21/23's cysts within the kidney region "
-                   "(3=0 leaves them out of it); the files are not changed")
+    add_map_labels_argument(p, "score label values of another convention, in the ground truth and the predictions "
+                               "alike, as", "within the kidney region (3=0 leaves them out of it)")
     p.set_defaults(func=cmd_evaluate)
+
+
+def add_map_labels_argument(parser: argparse.ArgumentParser, use: str, cysts: str) -> None:
+    """``--map-labels FROM=TO ...`` (:func:`kitseg.config.label_mapping`), for ``evaluate`` and ``train``."""
+    parser.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
+                        help=f"{use} KiTS19's 0 (background), 1 (kidney), 2 (tumor), e.g. --map-labels 3=1 for "
+                        f"KiTS21/23's cysts {cysts}; the files are not changed")
 
 
 def _empty_dice(text: str) -> float:

@@ -1,7 +1,8 @@
 """Stopping a command on Ctrl-C (SIGINT) or SIGTERM (``kill``, a cluster scheduler's stop).
 
-Both are raised as ``KeyboardInterrupt`` where the command is, so every atomic write in
-progress removes its temporary file and a training run resumes from its last checkpoint.
+The first of either is raised as ``KeyboardInterrupt`` where the command is, so every atomic
+write in progress removes its temporary file and a training run resumes from its last
+checkpoint; a second one acts as the default would (it kills).
 Python drops an exception raised while it runs a finalizer ("Exception ignored in ..."), so a
 signal that lands there would be lost: the signal is also recorded, and the training loop
 checks the record at each step (:func:`raise_if_stop_requested`).
@@ -22,16 +23,23 @@ class Terminated(KeyboardInterrupt):
 _requested: int | None = None
 
 
+def _stop_for(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _stop(signum: int, frame) -> None:
     global _requested
     _requested = signum
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    # A handler runs only between Python steps: a process blocked in C (a torchrun rank waiting
+    # at a barrier for a peer) would not stop. The next such signal is the default again: it kills.
+    signal.signal(signum, signal.SIG_DFL)
+    raise _stop_for(signum)
 
 
 def raise_if_stop_requested() -> None:
     """Raise the stop a signal asked for, if its first raise was swallowed."""
     if _requested is not None:
-        raise Terminated() if _requested == signal.SIGTERM else KeyboardInterrupt()
+        raise _stop_for(_requested)
 
 
 @contextlib.contextmanager

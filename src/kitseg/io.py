@@ -365,7 +365,8 @@ def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
 
 def as_labels(labels: Volume, like: Volume | None = None) -> Volume:
     """A volume read from a file (``labels.source.path``) as a uint8 label map, checked as
-    :func:`read_labels` checks it: for a caller that read the file already to judge what it holds."""
+    :func:`read_labels` checks it: for a caller that read the file already to judge what it holds.
+    ``labels`` itself is returned, its array converted in place."""
     path = labels.source.path
     arr = labels.array
     if arr.dtype.kind == "f":

@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import _non_negative_int, _positive_int
+from ..cli import _non_negative_int, _positive_int, add_map_labels_argument
 from ..config import ConfigError, label_mapping
 from .config import PRESETS, TrainConfig, preset
 
@@ -36,10 +36,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None)
     p.add_argument("--stage2-context-slices", type=_non_negative_int, default=None, metavar="N",
                    help="neighbouring slices on each side that stage 2 also sees (0: the paper's 3-channel input)")
-    p.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
-                   help="train on label values of another convention mapped onto KiTS19's 0 (background), "
-                   "1 (kidney), 2 (tumor), e.g. --map-labels 3=1 for KiTS21/23's cysts as kidney (kept in the "
-                   "run's recipe; the label files are not changed)")
+    add_map_labels_argument(p, "train on label values of another convention mapped onto", "as kidney (kept in the run's "
+                            "recipe)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help='override any config field, its value as JSON (a text field takes plain text; a JSON '
                         'object changes only the keys it names), e.g. --set learning_rate=3e-4 --set '
@@ -109,11 +107,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--set {', '.join(args.set)}: {exc}" if args.set else str(exc)) from None
     if args.prepare_only:
         from .data import cache_folder, labelled_inputs, prepare_cases, preparation_workers
-        from .loop import check_run_folder_outside, check_val_cases
+        from .loop import check_run_folder_outside, check_val_cases, run_case_names
 
         check_run_folder_outside(args.out, args.data)
         inputs = labelled_inputs(args.data)
         check_val_cases(args.val_cases, inputs, args.data)  # wrong now, not in the GPU job that follows
+        in_run = run_case_names(args.out, config)  # a run begun already: its recipe and cases
+        if in_run is not None:
+            inputs = [c for c in inputs if c.name in in_run]
         cache = cache_folder(args.out, args.cache)
         stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers(),
                               inputs=inputs, mapping=config.labels_mapped())

@@ -477,6 +477,17 @@ def check_run_folder_outside(run_dir: Path, data_dir: Path) -> None:
                           "among the cases: choose an --out folder outside it")
 
 
+def run_case_names(run_dir: Path, config: TrainConfig) -> set[str] | None:
+    """The cases of a run begun in ``run_dir`` (None if it has no split yet); refuses another recipe."""
+    if (run_dir / "config.json").is_file():
+        _check_config(run_dir, config)  # only compares: the run's record exists
+    split_path = run_dir / "split.json"
+    if not split_path.is_file():
+        return None
+    split = _read_run_json(split_path)
+    return set(split["train"]) | set(split["validation"])
+
+
 def check_val_cases(val_cases: list[str] | None, inputs: list[CaseInput], data_dir: Path) -> None:
     """Refuse --val-cases that name no labelled case of the data folder."""
     unknown = sorted(set(val_cases or ()) - {c.name for c in inputs})
@@ -630,8 +641,13 @@ def _check_config(run_dir: Path, config: TrainConfig) -> None:
             raise ConfigError(f"{path}: {exc}; use a new --out folder") from None
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
-            raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: {', '.join(changed)}); "
-                              "use a new --out folder")
+            def values(k: str) -> str:  # short ones shown: repeating the run's value may be the fix
+                was, now = (json.dumps(v, separators=(",", ":")) for v in (previous.get(k), current.get(k)))
+                return f"{k} (the run's {was}, here {now})" if len(was) + len(now) < 80 else k
+
+            raise ConfigError(f"{run_dir}: holds a run with another configuration (differs in: "
+                              f"{', '.join(values(k) for k in changed)}); repeat the run's settings to resume it, "
+                              "or use a new --out folder")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(path, current)
@@ -647,7 +663,7 @@ def _remove_leftover_temporaries(run_dir: Path) -> None:
         return
     folders = [run_dir, *(d for d in run_dir.iterdir() if d.is_dir() and d.name != "cache")]
     for leftover in (f for folder in folders for f in folder.glob(".*.*")):
-        if leftover.is_file() and leftover.suffix in (".tmp", ".npy", ".kseg", ".pt", ".png", ".csv", ".json"):
+        if leftover.is_file() and leftover.suffix in (".tmp", ".npy", ".kseg", ".png"):  # atomic_path's suffixes
             log.info("removing %s, left by an interrupted write", leftover)
             leftover.unlink(missing_ok=True)
 
@@ -668,23 +684,48 @@ TRAINED_ON = "trained_on.json"  # the prepared case (its files' stamp) each case
 
 
 def _has_trained(run_dir: Path) -> bool:
-    """The run folder holds training results (a network's state, out-of-fold y1, the model)."""
-    return (run_dir / "model.kseg").is_file() or any(run_dir.glob("*/state.pt")) or any(run_dir.glob("oof_y1/*.npy"))
+    """The run folder holds a trained network (its state, or the model); out-of-fold y1 may be
+    copied in before a run begins."""
+    return (run_dir / "model.kseg").is_file() or any(run_dir.glob("*/state.pt"))
 
 
-def _warn_of_changed_files(run_dir: Path, inputs: list[CaseInput], config: TrainConfig, cache: Path) -> None:
-    """A finished run is not trained again: name the cases whose files differ from those its model learnt from."""
-    path = run_dir / TRAINED_ON
-    if not path.is_file():  # finished before this record was kept
+def _steps_logged(folder: Path) -> int:
+    """The last step a network's ``log.csv`` records (0 if none): a stage whose steps are all
+    logged has finished, and is not trained again."""
+    try:
+        with (folder / "log.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        return int(rows[-1]["step"]) if rows else 0
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def _report_finished_run(run_dir: Path, data_dir: Path, config: TrainConfig, val_cases: list[str] | None,
+                         cache: Path) -> None:
+    """A finished run is not trained again: say so, and name what differs from what its model learnt from."""
+    log.info("%s: finished already; its model is kept as it was (a new --out folder trains again)",
+             run_dir / "model.kseg")
+    split = _read_run_json(run_dir / "split.json")
+    in_split = set(split["train"]) | set(split["validation"])
+    if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
+        log.warning("%s: --val-cases differ from the validation cases this run was trained with", run_dir)
+    try:
+        inputs = [c for c in labelled_inputs(Path(data_dir)) if c.name in in_split]
+    except InputError as exc:
+        log.warning("the files this run was trained on cannot be compared: %s", exc)
         return
-    trained_on = _read_run_json(path)
+    gone = sorted(in_split - {c.name for c in inputs})
+    path = run_dir / TRAINED_ON
+    trained_on = _read_run_json(path) if path.is_file() else {}  # none: finished before the record was kept
     mapping = config.labels_mapped()
-    changed = [c.name for c in inputs
-               if trained_on.get(c.name) != cache_stem(c, config.preprocessing, cache, mapping).name]
+    changed = [c.name for c in inputs if c.name in trained_on
+               and trained_on[c.name] != cache_stem(c, config.preprocessing, cache, mapping).name]
+    if gone:
+        log.warning("%s: %d case(s) of this run are not in it now: %s", data_dir, len(gone), name_a_few(gone))
     if changed:
-        log.warning("%s: %d case(s) differ from the files this finished run's model was trained on (edited, or "
-                    "another --data): %s; the model is kept as it was: use a new --out folder to train on them",
-                    run_dir, len(changed), name_a_few(changed))
+        log.warning("%s: %d case(s) differ from the files this finished run's model learnt from (edited, or "
+                    "another --data): %s; use a new --out folder to train on them", run_dir, len(changed),
+                    name_a_few(changed))
 
 
 OOF_SOURCES = "sources.json"  # in oof_y1/: the prepared case each y1 was predicted from
@@ -781,9 +822,15 @@ def train(
         raise ConfigError(f"{run_dir}: is a file; --out takes a run folder")
     check_run_folder_outside(run_dir, data_dir)
     check_networks(config)
+    run_dir = Path(run_dir)
+    model_path = run_dir / "model.kseg"
+    if model_path.is_file() and (run_dir / "split.json").is_file():  # finished: its model stays as it was trained
+        _check_config(run_dir, config)  # another recipe is another run, as for a run in progress
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            _report_finished_run(run_dir, data_dir, config, val_cases, cache_folder(run_dir, cache_dir))
+        return model_path
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
-    run_dir = Path(run_dir)
     initial, init_record = (load_initial_weights(Path(init_from), config, warn=info.is_main) if init_from is not None
                             else ({}, None))
     if keep_stage1:
@@ -797,7 +844,7 @@ def train(
         train_names = _split_names([c.name for c in inputs], val_cases, val_fraction, config.seed)["train"]
         if len({mask_name(n) for n in train_names}) < config.oof_folds:  # an upper bound on the patients
             _refuse_oof_folds(config, data_dir)
-    elif not split_path.is_file() and _has_trained(run_dir):
+    if not split_path.is_file() and _has_trained(run_dir):
         raise ConfigError(f"{split_path}: is missing, but this run has trained already: which cases it trained and "
                           "validated on is no longer known; restore split.json, or use a new --out folder")
     if info.is_main:
@@ -807,17 +854,11 @@ def train(
     _barrier(info)
     cache = cache_folder(run_dir, cache_dir)
     mapping = config.labels_mapped()
-    model_path = run_dir / "model.kseg"
     split = _read_run_json(split_path) if split_path.is_file() else None
     if split is not None:
         _check_split_still_fits(split, {c.name for c in inputs}, val_cases, data_dir, run_dir, val_fraction)
         in_split = set(split["train"]) | set(split["validation"])
         inputs = [c for c in inputs if c.name in in_split]  # cases added since are not used, nor prepared
-        if model_path.is_file():  # finished: its model stays as it was trained
-            if info.is_main:
-                _warn_of_changed_files(run_dir, inputs, config, cache)
-                log.info("%s: finished already; use a new --out folder to train again", model_path)
-            return model_path
     try:
         workers = preparation_workers(info.world_size)
         if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
@@ -832,7 +873,7 @@ def train(
         else:
             split, folds = _new_split(by_name, val_cases, val_fraction, config, data_dir)
     except (ConfigError, InputError):
-        if new_run and info.is_main:
+        if new_run:  # by any process: the case refused may be in another's share of the preparation
             # This call began the run: its records go, so that the corrected command (--map-labels,
             # another --set oof_folds, --seed, split) starts afresh; the prepared cases stay for it.
             for name in ("config.json", "init.json"):
@@ -902,6 +943,7 @@ def train(
     # 3. Stage 2 on out-of-fold y1; validated through the real stage 1, as at inference.
     val_y1 = _validation_y1(stage1, val_set if info.is_main else [], run_dir / "val_y1", config, torch_device)
     task2 = stage2_task(train_cases, val_set, oof_y1, val_y1, config, torch_device)
+    stage2_trains_now = _steps_logged(run_dir / "stage2") < config.stage2_steps
     stage2 = train_network(task2, run_dir / "stage2", config, torch_device, info, "2", provenance, progress,
                            initial=initial.get("2"))
 
@@ -922,8 +964,11 @@ def train(
             stage2=StageModel.from_module(stage2.cpu()),
             provenance={**provenance, "train_config": config.to_dict(), "final_validation": metrics},
         )
-        # What it was trained on, before the model (written last, it marks the run finished).
-        _write_json_atomic(run_dir / TRAINED_ON, {c.name: c.cache_stem.name for c in cases if c.cache_stem is not None})
+        # What stage 2 learnt and was validated on, before the model (written last, it marks the run
+        # finished). A model written again from finished networks keeps the record of their training.
+        if stage2_trains_now or not (run_dir / TRAINED_ON).is_file():
+            _write_json_atomic(run_dir / TRAINED_ON,
+                               {c.name: c.cache_stem.name for c in cases if c.cache_stem is not None})
         save_bundle(bundle, model_path)
         log.info("wrote %s", model_path)
     _barrier(info)
