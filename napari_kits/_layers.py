@@ -55,6 +55,9 @@ class LayerGeometry:
             against unasked: KiTS19 values only (0, 1, 2) and not named as a result; another
             tool's organ map or a saved prediction opened to correct is scored against only when
             chosen. A case's ground truth (kind ``ground_truth``) always is.
+        file_labels: the values beyond KiTS19's 0, 1, 2 that the layer's file held when it was
+            read (KiTS21/23's cysts, 3; another tool's classes): saved back as they were, where a
+            value painted anew is refused (:func:`values_beyond_kits`).
     """
 
     kind: Kind
@@ -65,6 +68,7 @@ class LayerGeometry:
     source_holds: Kind = "ct"
     read_from: Any = None
     offered_as_reference: bool = False
+    file_labels: tuple[int, ...] = ()
 
     @property
     def on_stage_grid(self) -> bool:
@@ -147,9 +151,16 @@ def probability_layer_kwargs(
     }
 
 
+def values_beyond_kits(labels: np.ndarray) -> tuple[int, ...]:
+    """The values above KiTS19's 2 that a uint8 label map holds (one pass, no sort)."""
+    counts = np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=256)
+    return tuple(int(v) for v in np.flatnonzero(counts[3:]) + 3)
+
+
 def ground_truth_layer_data(labels: Any, ct_name: str, case_id: str | None = None, read_from: Any = None) -> tuple:
     """napari LayerData for a reference label map :class:`~kitseg.geometry.Volume` (``read_from``: its file)."""
-    geometry = LayerGeometry("ground_truth", labels.source, None, ct_name, case_id, read_from=read_from)
+    geometry = LayerGeometry("ground_truth", labels.source, None, ct_name, case_id, read_from=read_from,
+                             file_labels=values_beyond_kits(labels.array))
     kwargs = labels_layer_kwargs(f"{ct_name} ground truth", geometry, labels.affine, opacity=0.45)
     return (labels.array, kwargs, "labels")
 

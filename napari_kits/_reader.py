@@ -23,6 +23,7 @@ from ._layers import (
     ground_truth_layer_data,
     labels_layer_kwargs,
     probability_layer_kwargs,
+    values_beyond_kits,
 )
 
 
@@ -79,9 +80,10 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     # A y1 where stage 1 found nothing is all zeros, which looks like empty labels: its name says otherwise.
     if label_map_values(volume.array) is not None and not (probability and name.endswith("_y1")):
         labels = as_labels(volume)  # checked as read_labels checks it, without reading the file again
-        highest = int(labels.array.max(initial=0))
+        beyond = values_beyond_kits(labels.array)
+        highest = max(beyond, default=int(labels.array.max(initial=0)))
         geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels",
-                                 offered_as_reference=highest <= 2 and not is_result_name(p))
+                                 offered_as_reference=highest <= 2 and not is_result_name(p), file_labels=beyond)
         # KiTS colours up to KiTS21's cysts (3, magenta); another tool's classes get napari's own.
         kwargs = labels_layer_kwargs(name, geometry, labels.affine, kits_colors=highest <= 3)
         return [(labels.array, kwargs, "labels")]

@@ -139,8 +139,10 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
         from kitseg.config import KITS_LABELS
         from kitseg.io import name_a_few
 
-        stray = KITS_LABELS.stray_values(data)
-        if stray:  # another tool would score them as kidney without a word
+        # Values the layer's file held are the user's convention (KiTS23's cysts): kept. One painted
+        # anew would be scored as kidney by another tool without a word.
+        stray = [v for v in KITS_LABELS.stray_values(data) if v not in geometry.file_labels]
+        if stray:
             layer = f"the layer '{layer_name}'" if layer_name else "the layer"
             raise SaveError(f"{layer} holds label {name_a_few(stray, 8)}: KiTS19 labels are 0 "
                             "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them, then save")

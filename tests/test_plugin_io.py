@@ -199,6 +199,19 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
     kits21[reference == 1] = 3  # KiTS21's cysts: KiTS colours, 3 in magenta; not a reference unasked
     [(data, kwargs, kind)] = read_kits(str(_save(kits21, affine, tmp_path / "kits21.nii.gz")))
     assert kwargs["colormap"][2] == LABEL_COLORS[2] and not geometry_of(kwargs).offered_as_reference
+    # Corrected and saved, its cysts stay: they are the file's convention. A value painted anew is refused.
+    assert geometry_of(kwargs).file_labels == (3,)
+    from napari_kits._save import SaveError
+
+    corrected = data.copy()
+    z = np.nonzero(data == 3)[0][0]
+    corrected[z][corrected[z] == 3] = 1  # one slice's cysts made kidney
+    saved = save_layer(corrected, geometry_of(kwargs), tmp_path / "kits21_corrected.nii.gz")
+    np.testing.assert_array_equal(read_kits(str(saved))[0][0], corrected)
+    assert 3 in corrected
+    corrected[0, 0, 0] = 5
+    with pytest.raises(SaveError, match="holds label 5"):
+        save_layer(corrected, geometry_of(kwargs), tmp_path / "kits21_painted.nii.gz")
     y1 = geometry_of(ct_kwargs).with_kind("probability")
     probability = np.linspace(0.0, 1.0, ct.size, dtype=np.float32).reshape(ct.shape)
     saved = save_layer(probability, y1, tmp_path / "scan_y1.nii.gz")
@@ -252,3 +265,23 @@ def test_a_saved_class_probability_file_opens_as_one_layer_per_class(tmp_path, c
     empty = write_on_source_grid(np.zeros(ct.shape, np.uint8), ct.source, tmp_path / "scan_y1.nii.gz", scale=1 / 255)
     [(_, kwargs, kind)] = read_kits(str(empty))
     assert kind == "image" and geometry_of(kwargs).kind == "probability"
+
+
+def test_a_kits23_case_folders_ground_truth_keeps_its_cysts_when_saved(tmp_path, case_folder):
+    """KiTS23's segmentation.nii.gz labels cysts 3: its ground truth, corrected, saves them back."""
+    import shutil
+
+    from napari_kits._layers import geometry_of
+    from napari_kits._save import save_layer
+
+    folder = tmp_path / "case_00023"
+    shutil.copytree(case_folder, folder)
+    seg = nib.load(str(folder / "segmentation.nii.gz"))
+    labels = np.asarray(seg.dataobj).copy()
+    kidney = np.argwhere(labels == 1)[:30]
+    labels[tuple(kidney.T)] = 3
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(folder / "segmentation.nii.gz"))
+    (ct, _, _), (gt, gt_kwargs, kind) = read_kits(str(folder))
+    assert kind == "labels" and geometry_of(gt_kwargs).file_labels == (3,)
+    saved = save_layer(gt, geometry_of(gt_kwargs), tmp_path / "corrected_gt.nii.gz")
+    np.testing.assert_array_equal(read_kits(str(saved))[0][0], gt)
