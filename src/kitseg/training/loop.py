@@ -773,6 +773,7 @@ def _validation_y1(stage1: torch.nn.Module, cases: list[StageCase], val_dir: Pat
     weights = module_weights_sha256(stage1) if cases else ""
     val_y1, kept = {}, 0
     for case in cases:
+        raise_if_stop_requested()  # minutes of prediction on a CPU: a dropped Ctrl-C is not left waiting
         path = val_dir / f"{case.name}.npy"
         source = None
         if case.cache_stem is not None:
@@ -918,6 +919,7 @@ def train(
                                progress)
         if info.is_main:
             for case in held_out:  # one at a time: half the training cases' y1 at once would fill the memory
+                raise_if_stop_requested()
                 # Done before an interruption, or copied in from a run with the same folds.
                 if (oof_dir / f"{case.name}.npy").is_file():
                     continue
