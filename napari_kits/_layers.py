@@ -52,7 +52,7 @@ class LayerGeometry:
         read_from: the layer's own file where it is not ``source.path`` (a case folder's ground
             truth, placed on its CT's grid): an input too, never written over.
         offered_as_reference: a label map opened from a file that the widget may score results
-            against unasked: KiTS19 values only (0, 1, 2) and not named as a result; another
+            against unasked: KiTS19 values (0, 1, 2; KiTS21/23's cysts, 3, too) and not named as a result; another
             tool's organ map or a saved prediction opened to correct is scored against only when
             chosen. A case's ground truth (kind ``ground_truth``) always is.
         file_labels: the values beyond KiTS19's 0, 1, 2 that the layer's file held when it was

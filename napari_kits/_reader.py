@@ -83,7 +83,7 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
         beyond = values_beyond_kits(labels.array)
         highest = max(beyond, default=int(labels.array.max(initial=0)))
         geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels",
-                                 offered_as_reference=highest <= 2 and not is_result_name(p), file_labels=beyond)
+                                 offered_as_reference=highest <= 3 and not is_result_name(p), file_labels=beyond)
         # KiTS colours up to KiTS21's cysts (3, magenta); another tool's classes get napari's own.
         kwargs = labels_layer_kwargs(name, geometry, labels.affine, kits_colors=highest <= 3)
         return [(labels.array, kwargs, "labels")]

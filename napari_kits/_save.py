@@ -50,9 +50,12 @@ def default_directory(geometry: LayerGeometry) -> Path:
 
 
 def with_nifti_suffix(path: str | os.PathLike) -> Path:
+    """``path`` as a NIfTI file name (``.nii.gz`` added where it has no NIfTI suffix); a folder is refused."""
     from kitseg.io import is_nifti
 
     path = Path(path)
+    if path.is_dir():  # checked before the suffix: `out/` must not become a file `out.nii.gz` beside it
+        raise SaveError(f"{path}: is a folder; choose a file name")
     return path if is_nifti(path) else path.with_name(path.name + ".nii.gz")
 
 

@@ -155,6 +155,7 @@ class KitsWidget(QWidget):
         self._score_dirty = False
         self._score_round = 0  # a score computed before the table was last emptied is not shown
         self._scored_layer = None
+        self._scored_reference = None  # the reference whose edits score again, as the prediction's do
         self._per_slice: dict[str, np.ndarray] = {}
         self._save_worker = None
         self._outlined: weakref.WeakSet = weakref.WeakSet()  # reference layers this widget has outlined
@@ -1034,17 +1035,23 @@ class KitsWidget(QWidget):
         if layer is self._scored_layer:
             return
         self._clear_scores()  # they were another layer's
-        if self._scored_layer is not None:
+        before, self._scored_layer = self._scored_layer, layer
+        self._watch_edits(before, layer)
+        if layer is not None:
+            self._on_pred_edited()  # replaced: scored anew
+
+    def _watch_edits(self, before: Any, after: Any) -> None:
+        """Score again when ``after`` is painted or replaced (the prediction, or the reference a
+        user corrects), and no longer for ``before``."""
+        if before is not None and before is not self._scored_layer and before is not self._scored_reference:
             for name in ("paint", "data"):
                 try:
-                    getattr(self._scored_layer.events, name).disconnect(self._on_pred_edited)
+                    getattr(before.events, name).disconnect(self._on_pred_edited)
                 except (TypeError, ValueError, RuntimeError):
                     pass
-        self._scored_layer = layer
-        if layer is not None:
-            layer.events.paint.connect(self._on_pred_edited)
-            layer.events.data.connect(self._on_pred_edited)
-            self._on_pred_edited()  # replaced: scored anew
+        if after is not None:
+            after.events.paint.connect(self._on_pred_edited)
+            after.events.data.connect(self._on_pred_edited)
 
     def _on_pred_edited(self, event=None) -> None:
         pred, reference = self.pred_combo.currentData(), self.gt_combo.currentData()
@@ -1061,6 +1068,10 @@ class KitsWidget(QWidget):
 
     def _on_reference_changed(self, _index: int = -1) -> None:
         self._clear_scores()  # they were against another reference
+        reference = self.gt_combo.currentData()
+        if reference is not self._scored_reference:
+            before, self._scored_reference = self._scored_reference, reference
+            self._watch_edits(before, reference)
         self._on_pred_edited()
 
     def _clear_scores(self) -> None:
@@ -1100,8 +1111,9 @@ class KitsWidget(QWidget):
             self._score_dirty = True
             return None
         self._score_dirty = False
+        pred_cysts = KITS21_CYST in getattr(pred_geometry, "file_labels", ())  # a KiTS23 file opened to score
         worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), spacing,
-                               pred.name, ref.name, _start_thread=False, _ignore_errors=True)
+                               pred.name, ref.name, pred_cysts, _start_thread=False, _ignore_errors=True)
         started = self._score_round
         worker.returned.connect(lambda result: self._on_scores(result) if self._score_round == started else None)
         worker.errored.connect(lambda e: (self._clear_scores(), self._show_error(f"scoring failed: {e}"))
@@ -1119,6 +1131,9 @@ class KitsWidget(QWidget):
 
     def _on_scores(self, result: tuple) -> None:
         scores, curves, detection, note = result
+        if self.last_error:  # what failed before (a painted 5 since erased) is not what the table shows
+            self.last_error = ""
+            self.status.setText("Scored.")
         self.last_scores = scores
         self._per_slice = curves
         rows = [
@@ -1193,10 +1208,10 @@ class KitsWidget(QWidget):
 
         from ._save import SaveError, refuse_input_file, refuse_open_files, save_layer, with_nifti_suffix
 
-        path = with_nifti_suffix(path)
         geometry = geometry_of(layer)
         try:
-            if path.is_dir():
+            path = with_nifti_suffix(path)
+            if path.is_dir():  # `scan` named with its suffix added, and a folder of that name
                 raise SaveError(f"{path}: is a folder; choose a file name")
             refuse_input_file(geometry, path)
             refuse_open_files(path, self.viewer.layers)
@@ -1243,20 +1258,26 @@ def _checksum(labels: np.ndarray) -> tuple:
 KITS21_CYST = 3
 
 
-def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference") -> tuple:
+def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference",
+           pred_cysts: bool = False) -> tuple:
     """Worker body: the engine's KiTS19 scores, per-slice Dice curves, tumors found, and a note on
-    how the reference was read (its KiTS21/23 cysts, if any; else empty)."""
+    how KiTS21/23 cysts were read (else empty): a reference's 3s, and a prediction's where its
+    file held them (``pred_cysts``; a 3 painted anew is refused), lie within the kidney region."""
     from kitseg.config import KITS_LABELS
     from kitseg.io import name_a_few
     from kitseg.metrics import kits_scores, per_slice_dice, tumor_detection
 
-    for layer_name, labels, allowed in ((name, pred, ()), (ref_name, ref, (KITS21_CYST,))):
+    with_cysts = []
+    for layer_name, labels, cysts_allowed in ((name, pred, pred_cysts), (ref_name, ref, True)):
+        allowed = (KITS21_CYST,) if cysts_allowed else ()
         stray = [v for v in KITS_LABELS.stray_values(labels) if v not in allowed]
         if stray:
             raise ValueError(f"{layer_name} holds label {name_a_few(stray, 8)}: KiTS19 labels are 0 "
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
-    cysts = bool(np.any(ref == KITS21_CYST))
-    note = f"{ref_name}'s cysts (label 3) are scored within the kidney region" if cysts else ""
+        if cysts_allowed and np.any(labels == KITS21_CYST):
+            with_cysts.append(layer_name)
+    note = (f"cysts (label 3) of {' and '.join(with_cysts)} are scored within the kidney region"
+            if with_cysts else "")
     detection = tumor_detection(pred, ref, spacing)
     scores = kits_scores(pred, ref, spacing, case=name, detection=detection)
     curves = {region: per_slice_dice(pred, ref, region) for region in ("kidney", "tumor")}

@@ -631,7 +631,7 @@ def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys
     assert np.isnan(float(row["kidney_dice"])) and np.isnan(float(row["tumor_dice"]))
 
 
-def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, capsys):
+def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, capsys, caplog):
     gt = tmp_path / "gt" / "case_00000"
     gt.mkdir(parents=True)
     seg = nib.load(str(cases / "case_00000" / "segmentation.nii.gz"))
@@ -655,6 +655,9 @@ def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, ca
     inside, outside = (float(next(csv.DictReader((tmp_path / f).open()))["kidney_dice"]) for f in ("in.csv", "out.csv"))
     assert inside == pytest.approx(1.0) and outside < 0.99
     assert np.array_equal(np.asarray(nib.load(str(gt / "segmentation.nii.gz")).dataobj), with_cyst)  # not changed
+    with caplog.at_level("WARNING"):  # allowed, but every tumor would then be kidney: said
+        assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=1", "2=1"]) == 0
+    assert "--map-labels 2=1 changes KiTS19's own classes" in caplog.text
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3:1"]) == 2
     assert "--map-labels 3:1: expected FROM=TO" in capsys.readouterr().err
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=1", "3=2"]) == 2

@@ -196,9 +196,9 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
         # A reference unasked, unless named as a result (a saved prediction, opened to be corrected).
         assert geometry_of(kwargs).offered_as_reference == (name != "x_labels.nii"), name
     kits21 = reference.copy()
-    kits21[reference == 1] = 3  # KiTS21's cysts: KiTS colours, 3 in magenta; not a reference unasked
+    kits21[reference == 1] = 3  # KiTS21's cysts: KiTS colours, 3 in magenta; a reference (its 3s scored as kidney)
     [(data, kwargs, kind)] = read_kits(str(_save(kits21, affine, tmp_path / "kits21.nii.gz")))
-    assert kwargs["colormap"][2] == LABEL_COLORS[2] and not geometry_of(kwargs).offered_as_reference
+    assert kwargs["colormap"][2] == LABEL_COLORS[2] and geometry_of(kwargs).offered_as_reference
     # Corrected and saved, its cysts stay: they are the file's convention. A value painted anew is refused.
     assert geometry_of(kwargs).file_labels == (3,)
     from napari_kits._save import SaveError
@@ -285,3 +285,10 @@ def test_a_kits23_case_folders_ground_truth_keeps_its_cysts_when_saved(tmp_path,
     assert kind == "labels" and geometry_of(gt_kwargs).file_labels == (3,)
     saved = save_layer(gt, geometry_of(gt_kwargs), tmp_path / "corrected_gt.nii.gz")
     np.testing.assert_array_equal(read_kits(str(saved))[0][0], gt)
+    # A folder given as the file name is refused, not written beside it as `outdir.nii.gz`.
+    from napari_kits._save import SaveError
+
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(SaveError, match="outdir: is a folder; choose a file name"):
+        save_layer(gt, geometry_of(gt_kwargs), tmp_path / "outdir")
+    assert not (tmp_path / "outdir.nii.gz").exists()

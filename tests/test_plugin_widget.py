@@ -494,16 +494,31 @@ def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widg
     labels.data[0, 0, :3] = 0
     reference = widget.gt_combo.currentData()
     kidney = np.argwhere(reference.data == 1)[:200]
-    reference.data[tuple(kidney.T)] = 3
-    widget.last_error = ""
-    worker = widget.compute_scores()
-    qtbot.waitUntil(lambda: widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
-    assert worker is not None and widget.last_error == ""
-    assert "case_00007 ground truth's cysts (label 3) are scored within the kidney region" in (
+    cysts = reference.data.copy()
+    cysts[tuple(kidney.T)] = 3
+    widget.last_scores = None
+    reference.data = cysts  # the user corrects the reference: scored again, as for the prediction
+    qtbot.waitUntil(lambda: widget.last_scores is not None and widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert widget.last_error == "" and widget.status.text() == "Scored."  # the painted 3's refusal is gone
+    assert "cysts (label 3) of case_00007 ground truth are scored within the kidney region" in (
         widget.detection_label.text())
-    expected = kits_scores(labels.data, np.where(reference.data == 3, 1, reference.data), (1.0, 1.0, 1.0))
+    expected = kits_scores(labels.data, np.where(cysts == 3, 1, cysts), (1.0, 1.0, 1.0))
     assert widget.last_scores.kidney_dice == pytest.approx(expected.kidney_dice)
     assert widget.last_scores.tumor_dice == pytest.approx(expected.tumor_dice)
+    # A KiTS23 label file opened as the prediction: its own 3s are read as the reference's are.
+    from kitseg.io import write_labels
+    from napari_kits._layers import geometry_of
+    from napari_kits._reader import read_kits
+
+    saved = write_labels(cysts, geometry_of(reference).source, tmp_path / "kits23_labels.nii.gz")
+    [(data, kwargs, _)] = read_kits(str(saved))
+    opened = viewer.add_labels(data, **kwargs)
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(reference))
+    widget.pred_combo.setCurrentIndex(widget.pred_combo.findData(opened))
+    widget.compute_scores()
+    qtbot.waitUntil(lambda: widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert widget.last_error == "" and widget.last_scores.kidney_dice == pytest.approx(1.0)
+    assert f"of {opened.name} and case_00007 ground truth" in widget.detection_label.text()
 
 
 def test_scoring_refuses_a_reference_from_another_ct(qtbot, viewer_widget):

@@ -302,6 +302,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def parse_map_labels(pairs: list[str] | None) -> dict[int, int]:
+    """``--map-labels`` as {from: to}; remapping a KiTS19 class itself (``2=1``) is allowed, and said."""
+    from .config import KITS_LABELS, label_mapping
+
+    mapping = label_mapping(pairs) if pairs else {}
+    own = [f"{k}={v}" for k, v in sorted(mapping.items()) if k < len(KITS_LABELS.names) and k != v]
+    if own:
+        log.warning("--map-labels %s changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in every file",
+                    " ".join(own))
+    return mapping
+
+
 def add_map_labels_argument(parser: argparse.ArgumentParser, use: str, cysts: str) -> None:
     """``--map-labels FROM=TO ...`` (:func:`kitseg.config.label_mapping`), for ``evaluate`` and ``train``."""
     parser.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
@@ -330,12 +342,11 @@ def _share(text: str) -> float:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import label_mapping
     from .evaluation import evaluate_pairs, match_predictions, unpaired_references
     from .io import name_a_few
     from .metrics import DEFAULT_FOUND_SHARE, MIN_TUMOR_ML, aggregate, write_scores_csv
 
-    mapping = label_mapping(args.map_labels) if args.map_labels else {}
+    mapping = parse_map_labels(args.map_labels)
     pairs, unmatched = match_predictions(args.pred, args.gt)
     if args.csv is not None:
         _check_report_path(args.csv, [p for pair in pairs for p in (pair.prediction, pair.reference)], args.overwrite)

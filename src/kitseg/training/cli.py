@@ -10,8 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import _non_negative_int, _positive_int, add_map_labels_argument
-from ..config import ConfigError, label_mapping
+from ..cli import _non_negative_int, _positive_int, add_map_labels_argument, parse_map_labels
+from ..config import ConfigError
 from .config import PRESETS, TrainConfig, preset
 
 
@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps_per_epoch": args.steps_per_epoch}.items() if v is not None}
     changes.update(parse_settings(args.set, config))
     if args.map_labels is not None:
-        changes["label_mapping"] = {str(k): v for k, v in label_mapping(args.map_labels).items()}
+        changes["label_mapping"] = {str(k): v for k, v in parse_map_labels(args.map_labels).items()}
     if args.stage2_context_slices is not None:
         preprocessing = changes.get("preprocessing", config.preprocessing.to_dict())
         changes["preprocessing"] = {**preprocessing, "stage2_context_slices": args.stage2_context_slices}
