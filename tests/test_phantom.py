@@ -376,8 +376,19 @@ def test_case_seeds_key_on_the_whole_name_and_the_mask_orientation_code_is_kept(
     cyst = labels.copy()
     cyst[cyst == 1] = 3  # KiTS21's cyst label
     path = _save_mask(tmp_path / "kits21" / "case_00001" / "segmentation.nii.gz", cyst, _kits_affine(spacing))
-    with pytest.raises(MaskReadError, match="kits21/case_00001.*label 3 is a cyst; map it to 1"):
+    with pytest.raises(MaskReadError, match="kits21/case_00001.*label 3 is a cyst; --map-labels 3=1 draws it as kidney"):
         generate_phantom_case(path, tmp_path / "kits21_out", seed=1)
+    # Mapped, it draws the phantom of the KiTS19 mask it maps onto, pixel for pixel, and says so.
+    plain = _save_mask(tmp_path / "kits19" / "case_00001" / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    generate_phantom_case(plain, tmp_path / "kits19_out", seed=case_seed(1, "case_00001"))  # as the command seeds it
+    assert main(["phantom", "--masks", str(tmp_path / "kits21"), "--out", str(tmp_path / "kits21_out"),
+                 "--seed", "1", "--map-labels", "3=1"]) == 0
+    drawn = tmp_path / "kits21_out" / "case_00001"
+    for name in ("imaging.nii.gz", "segmentation.nii.gz"):
+        np.testing.assert_array_equal(np.asarray(nib.load(str(drawn / name)).dataobj),
+                                      np.asarray(nib.load(str(tmp_path / "kits19_out" / name)).dataobj))
+    assert json.loads((drawn / "phantom.json").read_text())["label_mapping"] == {"3": 1}
+    assert np.array_equal(np.asarray(nib.load(str(path)).dataobj), cyst)  # the mask itself unchanged
     with pytest.raises(SystemExit):
         main(["phantom", "--masks", str(tmp_path), "--out", str(tmp_path / "o"), "--seed", "-1"])
     labels, spacing = label_map

@@ -485,6 +485,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
         '\'{"noise_sigma_hu": [5, 15], "adrenal_probability": 0, "medulla": "blobs"}\' '
         "(kitseg.phantom.params.PhantomParams; the rest keep their defaults)",
     )
+    add_map_labels_argument(p, "draw masks of another convention, their values mapped onto", "drawn as kidney "
+                            "(recorded in each case's phantom.json; the masks written hold the mapped values)")
     p.set_defaults(func=cmd_phantom)
 
 
@@ -496,11 +498,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     if args.out.exists() and args.out.resolve() == args.masks.resolve():
         raise CliError(f"{args.out}: is the --masks folder; the phantoms' masks would replace the real ones there")
     params = _read_phantom_params(args.params) if args.params else None
+    mapping = parse_map_labels(args.map_labels)
     try:
         cases, drawn = plan_phantom_dataset(args.masks, args.out, args.cases, args.overwrite)
         generate_phantom_dataset(
             args.masks, args.out, cases=cases, seed=args.seed, progress=True, overwrite=args.overwrite,
-            params=params, workers=args.workers,
+            params=params, workers=args.workers, mapping=mapping,
         )
     except (MaskReadError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         raise CliError(str(exc)) from exc

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..config import apply_label_mapping
 from ..geometry import Volume, voxel_spacing
 from ..io import InputError, name_a_few, read_labels
 from ..parallel import one_blas_thread
@@ -143,7 +144,7 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
             raise ValueError("labels must hold integer values 0, 1, 2")
     low, high = int(labels.min(initial=0)), int(labels.max(initial=0))
     if low < 0 or high > 2:
-        hint = " (KiTS21/23 masks: label 3 is a cyst; map it to 1, kidney, first)" if high == 3 and low >= 0 else ""
+        hint = " (KiTS21/23 masks: label 3 is a cyst; --map-labels 3=1 draws it as kidney)" if high == 3 and low >= 0 else ""
         raise ValueError(f"labels must be 0 (background), 1 (kidney) or 2 (tumor); found values in [{low}, {high}]{hint}")
     return labels.astype(np.uint8, copy=False)
 
@@ -216,13 +217,15 @@ class _Mask:
     source_array: np.ndarray  # uint8, the file's grid
 
 
-def read_kits_mask(path: Path) -> _Mask:
-    """Read a KiTS19 segmentation (any integer type, e.g. uint16) as uint8 labels 0/1/2."""
+def read_kits_mask(path: Path, mapping: dict[int, int] | None = None) -> _Mask:
+    """Read a KiTS19 segmentation (any integer type, e.g. uint16) as uint8 labels 0/1/2, its
+    values first mapped by ``mapping`` (KiTS21/23's cysts: ``{3: 1}``; :func:`kitseg.config.label_mapping`)."""
     path = Path(path)
     try:
         volume = read_labels(path)  # the engine's reader: geometry, dtype and range checks
     except InputError as exc:
         raise MaskReadError(f"cannot read the mask {exc}") from exc
+    volume.array = apply_label_mapping(volume.array, mapping or {})
     try:
         volume.array = _check_labels(volume.array)
     except ValueError as exc:
@@ -231,7 +234,7 @@ def read_kits_mask(path: Path) -> _Mask:
 
 
 def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
-                          params: PhantomParams | None = None) -> Path:
+                          params: PhantomParams | None = None, mapping: dict[int, int] | None = None) -> Path:
     """Write a phantom case in KiTS19 layout around the real mask ``mask_path``.
 
     ``out_folder/imaging.nii.gz`` (int16 HU) and ``out_folder/segmentation.nii.gz`` (the mask as
@@ -241,9 +244,11 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     scores can be read by what a case shows. All three are drawn into a hidden folder beside
     ``out_folder`` and then moved into place: a new case is renamed in whole; a redraw's files are
     swapped in (the old image removed, the mask and the record, the image last), so a folder with
-    ``imaging.nii.gz`` always holds a matching set. Returns ``out_folder``.
+    ``imaging.nii.gz`` always holds a matching set. ``mapping``: the mask's values mapped onto
+    KiTS19's first (:func:`read_kits_mask`); the phantom's mask holds the mapped values.
+    Returns ``out_folder``.
     """
-    mask = read_kits_mask(Path(mask_path))
+    mask = read_kits_mask(Path(mask_path), mapping)
     volume = mask.volume
     if not volume.array.any():
         logger.warning("%s: the mask holds no kidney: its phantom is an abdomen without kidneys", mask_path)
@@ -261,7 +266,7 @@ def generate_phantom_case(mask_path: Path, out_folder: Path, seed: int,
     ct, protocol, look = _synthesize(labels, spacing, rng, params)
     logger.debug("phantom %s: phase %s, noise %.1f HU", mask_path, protocol.phase, protocol.noise_sigma_hu)
     record = draw_record(Path(mask_path), seed, params, protocol, look, extra_tumors,
-                         measure_tumor_contrast(ct, labels, spacing))
+                         measure_tumor_contrast(ct, labels, spacing), mapping)
     out_folder = Path(out_folder)
     out_folder.parent.mkdir(parents=True, exist_ok=True)
     # Drawn whole into a hidden folder of its own, then moved into place: a killed run leaves
@@ -326,10 +331,12 @@ def measure_tumor_contrast(ct: np.ndarray, labels: np.ndarray, spacing: tuple[fl
 
 
 def draw_record(mask_path: Path, case_seed: int, params: PhantomParams, protocol: Protocol,
-                look: TumorLook | None, extra_tumors: int, measured: dict[str, float] | None) -> dict:
+                look: TumorLook | None, extra_tumors: int, measured: dict[str, float] | None,
+                mapping: dict[int, int] | None = None) -> dict:
     """The JSON record of one phantom case (``phantom.json``).
 
-    ``case_seed`` with ``params`` redraws the case (:func:`generate_phantom_case`); the
+    ``case_seed`` with ``params`` (and the ``label_mapping`` of the mask, where one was given)
+    redraws the case (:func:`generate_phantom_case`); the
     protocol, the tumor's look (None without a tumor) and the measured contrast say what it shows.
     """
     from .. import __version__
@@ -341,7 +348,7 @@ def draw_record(mask_path: Path, case_seed: int, params: PhantomParams, protocol
             return {k: rounded(v) for k, v in value.items()}
         return value
 
-    return {
+    record = {
         "format": RECORD_FORMAT,
         "kitseg_version": __version__,
         "mask": str(mask_path),
@@ -352,6 +359,9 @@ def draw_record(mask_path: Path, case_seed: int, params: PhantomParams, protocol
         "measured_tumor": measured,
         "params": params.to_dict(),
     }
+    if mapping:
+        record["label_mapping"] = {str(k): v for k, v in sorted(mapping.items())}
+    return record
 
 
 def _remove_leftovers(folder: Path) -> None:
@@ -443,6 +453,7 @@ def iter_phantom_dataset(
     overwrite: bool = False,
     params: PhantomParams | None = None,
     workers: int = 1,
+    mapping: dict[int, int] | None = None,
 ) -> Iterator[tuple[int, int, Path]]:
     """Generate phantoms case by case, yielding ``(done, total, case_folder)`` after each.
 
@@ -450,14 +461,15 @@ def iter_phantom_dataset(
     draws that many cases at once in worker processes (the same images: each case's seed is its
     own); stopping early cancels the cases not yet started. A mask that cannot be read or is no
     KiTS19 label map does not stop the others: after the last case, one ``MaskReadError`` names
-    every such mask.
+    every such mask. ``mapping``: as for :func:`generate_phantom_case`.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
     masks_dir, out_dir = Path(masks_dir), Path(out_dir)
     cases, drawn = plan_phantom_dataset(masks_dir, out_dir, cases, overwrite)
     folders = [out_dir / case for case in cases]
-    todo = [(masks_dir / case / SEGMENTATION_NAME, out_dir / case, case_seed(seed, case), params) for case in drawn]
+    todo = [(masks_dir / case / SEGMENTATION_NAME, out_dir / case, case_seed(seed, case), params, mapping)
+            for case in drawn]
     for folder in folders:
         _remove_leftovers(folder)
     to_draw = {job[1] for job in todo}
@@ -481,10 +493,11 @@ def iter_phantom_dataset(
             f"({done} other case(s) are in {out_dir}):\n  " + "\n  ".join(unreadable[c] for c in sorted(unreadable)))
 
 
-def _draw_case(mask_path: Path, out_folder: Path, seed: int, params: PhantomParams | None) -> tuple[Path, str | None]:
+def _draw_case(mask_path: Path, out_folder: Path, seed: int, params: PhantomParams | None,
+               mapping: dict[int, int] | None = None) -> tuple[Path, str | None]:
     """``generate_phantom_case``, with an unusable mask returned as (folder, why) rather than raised."""
     try:
-        return generate_phantom_case(mask_path, out_folder, seed, params), None
+        return generate_phantom_case(mask_path, out_folder, seed, params, mapping), None
     except MaskReadError as exc:
         return Path(out_folder), str(exc)
 
@@ -517,14 +530,16 @@ def generate_phantom_dataset(
     overwrite: bool = False,
     params: PhantomParams | None = None,
     workers: int = 1,
+    mapping: dict[int, int] | None = None,
 ) -> list[Path]:
     """Phantoms for every case (or ``cases``) of a KiTS19 masks folder: ``out_dir/case_XXXXX/``.
 
     Per-case seeds come from (``seed``, case id), so a case looks the same whatever the order,
     subset or number of ``workers`` (processes drawing cases at once). Cases already written are
-    skipped unless ``overwrite``. Returns the case folders, in the order of ``cases``.
+    skipped unless ``overwrite``. ``mapping``: as for :func:`generate_phantom_case`. Returns the
+    case folders, in the order of ``cases``.
     """
-    steps = iter_phantom_dataset(masks_dir, out_dir, cases, seed, overwrite, params, workers)
+    steps = iter_phantom_dataset(masks_dir, out_dir, cases, seed, overwrite, params, workers, mapping)
     folders: list[Path] = []
     if progress:
         from tqdm import tqdm
