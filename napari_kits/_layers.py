@@ -30,6 +30,9 @@ Kind = Literal["ct", "ground_truth", "labels", "y1", "mask", "probability"]
 #: Any other value (napari's brush paints whatever number is picked): magenta, seen at once,
 #: since scoring and saving refuse it; transparent, it would look like erased kidney.
 STRAY_COLOR = "#ff00ff"
+#: KiTS21/23 label cysts 3: in a reference they lie within the KiTS19 kidney region (label > 0),
+#: as KiTS21's "kidney and masses" counts them and ``kits-seg evaluate --map-labels 3=1`` scores them.
+KITS21_CYST = 3
 #: Label colours: kidney red, tumor yellow (KiTS19 values); background transparent.
 LABEL_COLORS: dict[int | None, str] = {None: STRAY_COLOR, 0: "transparent", 1: "#ff2020", 2: "#ffd400"}
 #: The stage-2 region of interest: a quiet cyan wash that does not hide the CT.
@@ -57,7 +60,7 @@ class LayerGeometry:
             chosen. A case's ground truth (kind ``ground_truth``) always is.
         file_labels: the values beyond KiTS19's 0, 1, 2 that the layer's file held when it was
             read (KiTS21/23's cysts, 3; another tool's classes): saved back as they were, where a
-            value painted anew is refused (:func:`values_beyond_kits`).
+            value painted anew is refused (``kitseg.config.KITS_LABELS.stray_values``).
     """
 
     kind: Kind
@@ -151,16 +154,12 @@ def probability_layer_kwargs(
     }
 
 
-def values_beyond_kits(labels: np.ndarray) -> tuple[int, ...]:
-    """The values above KiTS19's 2 that a uint8 label map holds (one pass, no sort)."""
-    counts = np.bincount(np.asarray(labels, np.uint8).ravel(), minlength=256)
-    return tuple(int(v) for v in np.flatnonzero(counts[3:]) + 3)
-
-
 def ground_truth_layer_data(labels: Any, ct_name: str, case_id: str | None = None, read_from: Any = None) -> tuple:
     """napari LayerData for a reference label map :class:`~kitseg.geometry.Volume` (``read_from``: its file)."""
+    from kitseg.config import KITS_LABELS
+
     geometry = LayerGeometry("ground_truth", labels.source, None, ct_name, case_id, read_from=read_from,
-                             file_labels=values_beyond_kits(labels.array))
+                             file_labels=tuple(KITS_LABELS.stray_values(labels.array)))
     kwargs = labels_layer_kwargs(f"{ct_name} ground truth", geometry, labels.affine, opacity=0.45)
     return (labels.array, kwargs, "labels")
 

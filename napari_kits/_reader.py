@@ -18,12 +18,12 @@ from typing import Callable
 import numpy as np
 
 from ._layers import (
+    KITS21_CYST,
     LayerGeometry,
     ct_layer_data,
     ground_truth_layer_data,
     labels_layer_kwargs,
     probability_layer_kwargs,
-    values_beyond_kits,
 )
 
 
@@ -54,6 +54,7 @@ def _looks_like_probability(array: np.ndarray) -> bool:
 
 def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
+    from kitseg.config import KITS_LABELS
     from kitseg.geometry import strip_nifti_suffix
     from kitseg.io import (as_labels, case_from_folder, is_result_name, label_map_values, nifti_shape, read_labels,
                            read_volume)
@@ -80,12 +81,12 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     # A y1 where stage 1 found nothing is all zeros, which looks like empty labels: its name says otherwise.
     if label_map_values(volume.array) is not None and not (probability and name.endswith("_y1")):
         labels = as_labels(volume)  # checked as read_labels checks it, without reading the file again
-        beyond = values_beyond_kits(labels.array)
-        highest = max(beyond, default=int(labels.array.max(initial=0)))
+        beyond = tuple(KITS_LABELS.stray_values(labels.array))
+        kits = max(beyond, default=0) <= KITS21_CYST  # KiTS19's values, or KiTS21/23's with their cysts
         geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels",
-                                 offered_as_reference=highest <= 3 and not is_result_name(p), file_labels=beyond)
+                                 offered_as_reference=kits and not is_result_name(p), file_labels=beyond)
         # KiTS colours up to KiTS21's cysts (3, magenta); another tool's classes get napari's own.
-        kwargs = labels_layer_kwargs(name, geometry, labels.affine, kits_colors=highest <= 3)
+        kwargs = labels_layer_kwargs(name, geometry, labels.affine, kits_colors=kits)
         return [(labels.array, kwargs, "labels")]
     if probability:  # shown over its CT, never offered as a CT to segment
         return [_probability_layer(volume.array, volume, name, name)]

@@ -51,6 +51,7 @@ from qtpy.QtWidgets import (
 
 from . import _settings as keys
 from ._layers import (
+    KITS21_CYST,
     LayerGeometry,
     geometry_of,
     labels_layer_kwargs,
@@ -1253,11 +1254,6 @@ def _checksum(labels: np.ndarray) -> tuple:
     return labels.shape, labels.dtype.str, zlib.crc32(labels.data)
 
 
-#: KiTS21/23 label cysts 3: in a reference they lie within the KiTS19 kidney region (label > 0),
-#: as KiTS21's "kidney and masses" counts them and ``kits-seg evaluate --map-labels 3=1`` scores them.
-KITS21_CYST = 3
-
-
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference",
            pred_cysts: bool = False) -> tuple:
     """Worker body: the engine's KiTS19 scores, per-slice Dice curves, tumors found, and a note on
@@ -1269,12 +1265,12 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_nam
 
     with_cysts = []
     for layer_name, labels, cysts_allowed in ((name, pred, pred_cysts), (ref_name, ref, True)):
-        allowed = (KITS21_CYST,) if cysts_allowed else ()
-        stray = [v for v in KITS_LABELS.stray_values(labels) if v not in allowed]
+        values = KITS_LABELS.stray_values(labels)
+        stray = [v for v in values if not (cysts_allowed and v == KITS21_CYST)]
         if stray:
             raise ValueError(f"{layer_name} holds label {name_a_few(stray, 8)}: KiTS19 labels are 0 "
                              "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
-        if cysts_allowed and np.any(labels == KITS21_CYST):
+        if cysts_allowed and KITS21_CYST in values:
             with_cysts.append(layer_name)
     note = (f"cysts (label 3) of {' and '.join(with_cysts)} are scored within the kidney region"
             if with_cysts else "")

@@ -260,6 +260,7 @@ def _check_outputs_free(cases, args) -> None:
 def _warn_stale_intermediates(cases, args) -> None:
     """Replacing labels without --save-intermediates leaves an earlier run's intermediates beside
     them, describing another result: say so (they are the user's files; nothing is deleted)."""
+    from .io import name_a_few
     from .outputs import output_paths
 
     if args.save_intermediates:
@@ -268,7 +269,7 @@ def _warn_stale_intermediates(cases, args) -> None:
     if stale:
         log.warning("%s: %d intermediate file(s) of an earlier run stay as they were and will not match the new "
                     "labels (%s); pass --save-intermediates to write them anew", args.output, len(stale),
-                    ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else ""))
+                    name_a_few([p.name for p in stale], 3))
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -315,7 +316,7 @@ def parse_map_labels(pairs: list[str] | None) -> dict[int, int]:
 
 
 def add_map_labels_argument(parser: argparse.ArgumentParser, use: str, cysts: str) -> None:
-    """``--map-labels FROM=TO ...`` (:func:`kitseg.config.label_mapping`), for ``evaluate`` and ``train``."""
+    """``--map-labels FROM=TO ...`` (:func:`kitseg.config.label_mapping`), for ``evaluate``, ``train`` and ``phantom``."""
     parser.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
                         help=f"{use} KiTS19's 0 (background), 1 (kidney), 2 (tumor), e.g. --map-labels 3=1 for "
                         f"KiTS21/23's cysts {cysts}; the files are not changed")

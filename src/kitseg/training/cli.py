@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -88,7 +87,7 @@ def parse_settings(items: list[str], config: TrainConfig) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .loop import train
+    from .loop import process_rank, train
 
     config = preset(args.preset)
     changes = {k: v for k, v in {
@@ -96,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps_per_epoch": args.steps_per_epoch}.items() if v is not None}
     changes.update(parse_settings(args.set, config))
     if args.map_labels is not None:
-        changes["label_mapping"] = {str(k): v for k, v in parse_map_labels(args.map_labels).items()}
+        changes["label_mapping"] = parse_map_labels(args.map_labels)  # TrainConfig keeps it with JSON's text keys
     if args.stage2_context_slices is not None:
         preprocessing = changes.get("preprocessing", config.preprocessing.to_dict())
         changes["preprocessing"] = {**preprocessing, "stage2_context_slices": args.stage2_context_slices}
@@ -126,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         get_device(args.device, announce=False)  # an unknown or absent device fails now, not after the data is prepared
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(str(exc)) from None
-    rank = int(os.environ.get("RANK", "0") or 0)  # torchrun's process number
+    rank = process_rank()
     if rank > 0:  # the processes of a run say the same: rank 0 speaks for them, the others only of errors
         logging.getLogger().setLevel(logging.ERROR)
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])

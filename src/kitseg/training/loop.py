@@ -86,6 +86,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_rank() -> int:
+    """This process's number in a ``torchrun`` job (0 outside one), before the process group is joined."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def init_distributed(device_name: str) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment (if any)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -484,7 +489,11 @@ def run_case_names(run_dir: Path, config: TrainConfig) -> set[str] | None:
     split_path = run_dir / "split.json"
     if not split_path.is_file():
         return None
-    split = _read_run_json(split_path)
+    return _split_cases(_read_run_json(split_path))
+
+
+def _split_cases(split: dict) -> set[str]:
+    """Every case of a run's split, training and validation."""
     return set(split["train"]) | set(split["validation"])
 
 
@@ -616,14 +625,14 @@ def _check_split_still_fits(split: dict, names: set[str], val_cases: list[str] |
     if val_cases is None and made_with is not None and val_fraction is not None and val_fraction != made_with:
         log.warning("%s: this run's split was drawn with --val-fraction %g; it is kept (a new --out folder "
                     "draws one with %g)", run_dir / "split.json", made_with, val_fraction)
-    missing = sorted((set(split["train"]) | set(split["validation"])) - names)
+    missing = sorted(_split_cases(split) - names)
     if missing:
         raise ConfigError(f"{data_dir}: case(s) of this run's split ({run_dir / 'split.json'}) are gone: "
                           f"{name_a_few(missing)}; restore them or use a new --out folder")
     if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
         raise ConfigError(f"--val-cases differ from the validation cases this run began with ({run_dir / 'split.json'}); "
                           "resume without --val-cases or with the same ones, or use a new --out folder")
-    added = sorted(names - set(split["train"]) - set(split["validation"]))
+    added = sorted(names - _split_cases(split))
     if added:
         log.warning("%s: %d case(s) added since this run began are not used (its split is kept): %s", data_dir,
                     len(added), name_a_few(added))
@@ -706,7 +715,7 @@ def _report_finished_run(run_dir: Path, data_dir: Path, config: TrainConfig, val
     log.info("%s: finished already; its model is kept as it was (a new --out folder trains again)",
              run_dir / "model.kseg")
     split = _read_run_json(run_dir / "split.json")
-    in_split = set(split["train"]) | set(split["validation"])
+    in_split = _split_cases(split)
     if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
         log.warning("%s: --val-cases differ from the validation cases this run was trained with", run_dir)
     try:
@@ -827,7 +836,7 @@ def train(
     model_path = run_dir / "model.kseg"
     if model_path.is_file() and (run_dir / "split.json").is_file():  # finished: its model stays as it was trained
         _check_config(run_dir, config)  # another recipe is another run, as for a run in progress
-        if int(os.environ.get("RANK", "0") or 0) == 0:
+        if process_rank() == 0:
             _report_finished_run(run_dir, data_dir, config, val_cases, cache_folder(run_dir, cache_dir))
         return model_path
     info = init_distributed(device)
@@ -858,7 +867,7 @@ def train(
     split = _read_run_json(split_path) if split_path.is_file() else None
     if split is not None:
         _check_split_still_fits(split, {c.name for c in inputs}, val_cases, data_dir, run_dir, val_fraction)
-        in_split = set(split["train"]) | set(split["validation"])
+        in_split = _split_cases(split)
         inputs = [c for c in inputs if c.name in in_split]  # cases added since are not used, nor prepared
     try:
         workers = preparation_workers(info.world_size)
