@@ -21,15 +21,19 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("kidney_dice", "tumor_dice", "composite_dice")
+#: Settings of ``kits-seg evaluate`` that change these Dice (reports before 2026-12-07 lack them).
+DICE_SETTINGS = ("label_mapping", "empty_value")
 
 
-def read_scores(path: Path) -> dict[str, dict[str, float]]:
-    """Per-case scores of a ``kits-seg evaluate --csv`` file (its summary rows are skipped)."""
+def read_scores(path: Path) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Per-case scores of a ``kits-seg evaluate --csv`` file (its summary rows are skipped), and
+    the settings it records."""
     with path.open(newline="") as stream:
         rows = [r for r in csv.DictReader(stream) if r.get("case", "").startswith("case_")]
     if not rows:
         raise SystemExit(f"{path}: no case rows (expected the CSV of kits-seg evaluate --csv)")
-    return {r["case"]: {m: float(r[m]) for m in METRICS} for r in rows}
+    settings = {name: rows[0][name] for name in DICE_SETTINGS if name in rows[0]}
+    return {r["case"]: {m: float(r[m]) for m in METRICS} for r in rows}, settings
 
 
 def paired_bootstrap(diff: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -54,7 +58,12 @@ def main() -> int:
     a, b = {}, {}
     for k, (path_a, path_b) in enumerate(pairs):
         tag = f" (pair {k + 1})" if len(pairs) > 1 else ""  # the same case of two seeds stays two cases
-        scores_a, scores_b = read_scores(path_a), read_scores(path_b)
+        (scores_a, settings_a), (scores_b, settings_b) = read_scores(path_a), read_scores(path_b)
+        differ = [f"{name} {settings_a[name]!r} and {settings_b[name]!r}" for name in settings_a
+                  if name in settings_b and settings_a[name] != settings_b[name]]
+        if differ:  # the difference would be the scoring's, not the models'
+            raise SystemExit(f"{path_a} and {path_b} were scored differently ({'; '.join(differ)}); "
+                             "score both the same way")
         if not set(scores_a) & set(scores_b):
             raise SystemExit(f"{path_a} and {path_b} share no case")
         only = sorted(set(scores_a) ^ set(scores_b))

@@ -237,6 +237,7 @@ def test_evaluate_ground_truth_against_itself_is_perfect(tmp_path, cases, capsys
         report = tmp_path / f"found_{share}.csv"
         assert main(["evaluate", "--pred", str(pred), "--gt", str(cases), "--csv", str(report), "--found-share", share]) == 0
         row = next(csv.DictReader(report.open()))
+        assert float(row["found_share"]) == float(share) and row["label_mapping"] == ""
         counts[share] = (int(row["ref_tumors"]), int(row["tumors_found"]))
     assert counts["0.5"] == (counts["0.5"][0], counts["0.5"][0] - 1) and counts["0.3"][1] == counts["0.3"][0]
 
@@ -629,6 +630,7 @@ def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys
     with open(report, newline="") as fh:
         row = next(csv.DictReader(fh))
     assert np.isnan(float(row["kidney_dice"])) and np.isnan(float(row["tumor_dice"]))
+    assert row["empty_value"] == "nan"  # said in the report, as is the found share
 
 
 def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, capsys, caplog):
@@ -652,8 +654,10 @@ def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, ca
     # Cysts left out of it: the prediction's kidney there is now false kidney.
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=0",
                  "--csv", str(tmp_path / "out.csv")]) == 0
-    inside, outside = (float(next(csv.DictReader((tmp_path / f).open()))["kidney_dice"]) for f in ("in.csv", "out.csv"))
-    assert inside == pytest.approx(1.0) and outside < 0.99
+    inside, outside = (list(csv.DictReader((tmp_path / f).open())) for f in ("in.csv", "out.csv"))
+    assert float(inside[0]["kidney_dice"]) == pytest.approx(1.0) and float(outside[0]["kidney_dice"]) < 0.99
+    # Each report says how it was scored, in every row (the mean row too).
+    assert {row["label_mapping"] for row in inside} == {"3=1"} and {row["label_mapping"] for row in outside} == {"3=0"}
     assert np.array_equal(np.asarray(nib.load(str(gt / "segmentation.nii.gz")).dataobj), with_cyst)  # not changed
     with caplog.at_level("WARNING"):  # allowed, but every tumor would then be kidney: said
         assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "3=1", "2=1"]) == 0

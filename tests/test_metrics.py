@@ -251,3 +251,11 @@ def test_write_scores_csv(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
     with open(path, newline="") as handle:
         assert len(list(csv.reader(handle))) == 3
+    # Settings: columns after the scores, one value in every row; never in place of a score.
+    write_scores_csv(scores, path, {"label_mapping": "3=1", "found_share": 0.5})
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == [*CSV_COLUMNS, "label_mapping", "found_share"]
+    assert [(r["label_mapping"], r["found_share"]) for r in rows] == [("3=1", "0.5")] * 3
+    with pytest.raises(ValueError, match="tumor_dice"):
+        write_scores_csv(scores, path, {"tumor_dice": 1.0})

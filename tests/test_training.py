@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -751,6 +752,16 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
     odd = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), str(csvs / "other.csv")],
                          capture_output=True, text=True)
     assert odd.returncode != 0 and "give pairs of CSVs" in odd.stderr
+    # Reports scored differently (here: cysts in, cysts out) are not compared: the difference would be the scoring's.
+    for name, mapping in (("in.csv", "3=1"), ("out.csv", "3=0")):
+        report = list(csv.DictReader((csvs / "other.csv").open()))
+        with (tmp_path / name).open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=[*report[0], "label_mapping"])
+            writer.writeheader()
+            writer.writerows({**row, "label_mapping": mapping} for row in report)
+    mixed = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), str(tmp_path / "in.csv"),
+                            str(tmp_path / "out.csv")], capture_output=True, text=True)
+    assert mixed.returncode != 0 and "scored differently (label_mapping '3=1' and '3=0')" in mixed.stderr
 
     window = dataclasses.replace(run_preprocessing, hu_max=run_preprocessing.hu_max + 100)
     elsewhere = save_bundle(make_tiny_bundle(seed=4, preprocessing=window), tmp_path / "elsewhere.kseg")

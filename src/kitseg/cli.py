@@ -382,7 +382,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{'' if math.isnan(rate) else f' ({100 * rate:.0f}%)'}; false tumor pieces: {sum(s.false_tumors for s in scores)}, "
           f"{sum(s.false_tumor_ml for s in scores):.1f} mL (pieces under {MIN_TUMOR_ML:g} mL not counted)")
     if args.csv is not None:
-        write_scores_csv(scores, args.csv)
+        # How the files were scored, in every row: --map-labels as typed ("3=1"; empty: none).
+        settings = {"label_mapping": " ".join(f"{k}={v}" for k, v in sorted(mapping.items())),
+                    "found_share": found_share, "empty_value": args.empty_value}
+        write_scores_csv(scores, args.csv, settings)
         print(f"wrote {args.csv}")
     return 0
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -392,11 +392,16 @@ def _csv_value(value: str | int | float) -> str:
     return repr(float(value))
 
 
-def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike) -> Path:
+def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike,
+                     settings: Mapping[str, str | float] | None = None) -> Path:
     """Write one row per case and a final ``mean`` row (NaN-ignoring means) to ``path``.
 
     The ``mean`` row of a count is its mean per case (``tumors_found`` there is a share of the
     tumors only when every case holds one; :func:`aggregate` gives ``tumors_found_rate``).
+
+    ``settings`` (what the scores depend on beyond the files, e.g. ``found_share``) become
+    columns after :data:`CSV_COLUMNS`, the same value in every row, so a report read alone, or
+    two reports joined, still says how each was scored.
 
     The file is written to a temporary file in the same folder and moved into place, so a
     reader never sees half a report. Floats are written with full precision (``repr``);
@@ -409,11 +414,15 @@ def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike) -> P
     means = aggregate(scores)
     rows = [s.to_row() for s in scores]
     rows.append({"case": "mean", **{name: means[name] for name in _NUMERIC_FIELDS}})
+    settings = dict(settings or {})
+    clashes = sorted(set(settings) & set(CSV_COLUMNS))
+    if clashes:
+        raise ValueError(f"settings {clashes} would replace score columns")
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, *settings])
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+            writer.writerow({k: _csv_value(v) for k, v in {**row, **settings}.items()})
     return path
 
 
