@@ -729,6 +729,29 @@ class KitsWidget(QWidget):
             self._show_error(str(error))
             return None
 
+    def _stage1_note(self, y1: np.ndarray) -> str:
+        """What to do after stage 1; said plainly when its y1 leaves stage 2 nothing to read."""
+        threshold = self.threshold_spin.value()
+        if float(y1.max(initial=0.0)) < threshold:
+            return (f"Stage 1 done on {self._device_name()}: y1 stays under the threshold ({threshold:g}) everywhere, "
+                    "so the mask is empty and stage 2 would label nothing (no kidney in this scan?).")
+        return f"Stage 1 done on {self._device_name()}: look at y1 and the mask, then run stage 2."
+
+    def _loaded_note(self) -> str:
+        return f"Model loaded on {self._device_name()}."
+
+    def _device_name(self) -> str:
+        return str(self._segmenter.device) if self._segmenter is not None else "?"
+
+    def _add_status(self, text: str, color: str | None = None) -> None:
+        """Say ``text`` under what this run has said so far (a warning about the input stays in view
+        when the result is reported); the note that the model was loaded gives way."""
+        html = _escape(text) if color is None else f"<span style='color:{color}'>{_escape(text)}</span>"
+        current = self.status.text()
+        if html in current:
+            return
+        self.status.setText(html if current in ("", _escape(self._loaded_note())) else f"{current}<br>{html}")
+
     def _show_error(self, text: str) -> None:
         self.last_error = text
         self.status.setText(f"<span style='color:#ff6060'>{_escape(text)}</span>")
@@ -810,7 +833,7 @@ class KitsWidget(QWidget):
             self._show_progress(event)
         elif isinstance(event, ModelReady):
             self._segmenter, self._segmenter_key = event.segmenter, event.key
-            self.status.setText(f"Model loaded on {event.segmenter.device}.")
+            self.status.setText(self._loaded_note())
         elif isinstance(event, Stage1Started):
             self._on_stage1_started(event)
         elif isinstance(event, MaskReady):
@@ -849,7 +872,7 @@ class KitsWidget(QWidget):
             from napari.utils.notifications import show_warning
 
             self.last_warning = warning
-            self.status.setText(f"<span style='color:#ffb040'>{_escape(warning)}</span>")
+            self._add_status(warning, color="#ffb040")
             show_warning(warning)
 
     def _set_mask(self, mask: np.ndarray) -> None:
@@ -868,11 +891,13 @@ class KitsWidget(QWidget):
         session.mask_layer = layer
         session.mask_written = _checksum(mask)
         if painted is not None:  # the user asked for a mask from y1 again; the painting stays
-            self.status.setText(f"Your painted mask was kept as '{painted.name}' (hidden); "
-                                f"'{layer.name}' follows the threshold and radius and is what stage 2 uses.")
+            self._add_status(f"Your painted mask was kept as '{painted.name}' (hidden); "
+                             f"'{layer.name}' follows the threshold and radius and is what stage 2 uses.")
         self._update_buttons()
 
     def _on_stage2_done(self, event: Any) -> None:
+        from kitseg.metrics import describe_found
+
         session = self._session
         if session is None:  # its CT was closed: the run is being stopped
             return
@@ -883,8 +908,10 @@ class KitsWidget(QWidget):
         session.labels_written = _checksum(event.labels)
         if kept is not None:
             kept.visible = False  # under the new result in the same colours it would only confuse
-            self.status.setText(f"Your corrected labels were kept (hidden) as '{kept.name}'; the new result is "
-                                f"'{session.labels_layer.name}'.")
+            self._add_status(f"Your corrected labels were kept (hidden) as '{kept.name}'; the new result is "
+                             f"'{session.labels_layer.name}'.")
+        self._add_status(f"Segmented on {self._device_name()}: {describe_found(event.labels, session.volume.spacing)}; "
+                         "paint to correct, then save.")
         for layer in (session.y1_layer, session.mask_layer):
             if self._live(layer):
                 layer.visible = False
@@ -970,6 +997,8 @@ class KitsWidget(QWidget):
             self.status.setText("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
         elif task == "stage 2" and outcome == "cancelled":
             self.status.setText("Stage 2 cancelled: the labels were not changed.")
+        elif task == "stage 1" and outcome == "done" and session is not None and session.y1 is not None:
+            self._add_status(self._stage1_note(session.y1))
         if self._ct_closed_during_run:
             self._ct_closed_during_run = False
             self.status.setText(f"{task} stopped: its CT layer was closed.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -206,6 +207,16 @@ def test_predict_folder_then_evaluate_csv(tmp_path, cases, weights, capsys):
     assert [r["case"] for r in rows[:2]] == ["case_00000", "case_00001"]
     for column in ("kidney_dice", "tumor_dice", "composite_dice", "kidney_ml", "tumor_ml"):
         assert column in rows[0]
+    # Each case's line says what was found, in the volumes evaluate measures (its kidney region: kidney + tumor).
+    said = dict(re.findall(r"^(case_\d+): (.*?); prediction_", capsys.readouterr().out, re.M))
+    for row in rows[:2]:
+        kidney, tumor = float(row["kidney_ml"]) - float(row["tumor_ml"]), float(row["tumor_ml"])
+        if kidney + tumor == 0:
+            assert said[row["case"]] == "no kidney found"
+            continue
+        numbers = [float(v) for v in re.findall(r"[\d.]+(?= mL)", said[row["case"]])]
+        assert numbers == pytest.approx([kidney, tumor] if tumor else [kidney], abs=0.051)
+        assert said[row["case"]].endswith(" mL" if tumor else ", no tumor")
 
 
 def test_evaluate_ground_truth_against_itself_is_perfect(tmp_path, cases, capsys):

@@ -12,8 +12,10 @@ from kitseg.metrics import (
     CSV_COLUMNS,
     CaseScores,
     aggregate,
+    describe_found,
     dice,
     kits_scores,
+    labelled_ml,
     per_slice_dice,
     tumor_detection,
     write_scores_csv,
@@ -259,3 +261,14 @@ def test_write_scores_csv(tmp_path):
     assert [(r["label_mapping"], r["found_share"]) for r in rows] == [("3=1", "0.5")] * 3
     with pytest.raises(ValueError, match="tumor_dice"):
         write_scores_csv(scores, path, {"tumor_dice": 1.0})
+
+
+def test_describe_found_says_each_labels_volume_in_ml():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    spacing = (2.0, 1.0, 0.5)  # 1 mm^3 a voxel: 1000 voxels a mL
+    assert labelled_ml(labels, spacing) == (0.0, 0.0) and describe_found(labels, spacing) == "no kidney found"
+    labels[:5] = 1  # 500 voxels
+    assert describe_found(labels, spacing) == "kidney 0.5 mL, no tumor"
+    labels[:2] = 2  # 200 of them tumor
+    assert labelled_ml(labels, spacing) == pytest.approx((0.3, 0.2))
+    assert describe_found(labels, spacing) == "kidney 0.3 mL, tumor 0.2 mL"

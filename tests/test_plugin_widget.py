@@ -85,6 +85,12 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
 
     np.testing.assert_allclose(box(y1_layer), box(ct_layer), atol=1e-6)  # same physical box
     assert y1_layer.metadata["kitseg"].stage_grid.shape == (12, 64, 72)
+    # The status says what was done and what comes next; with y1 under the threshold everywhere, why
+    # stage 2 would find nothing.
+    assert "Stage 1 done on cpu: " in widget.status.text() and "Model loaded" not in widget.status.text()
+    assert ("then run stage 2" in widget.status.text()) == (float(session.y1.max()) >= 0.5)
+    assert widget._stage1_note(np.zeros((2, 2, 2), np.float32)).endswith(
+        "so the mask is empty and stage 2 would label nothing (no kidney in this scan?).")
 
     # The mask follows the controls (debounced, in a worker) and matches the engine's.
     _wait_mask(qtbot, widget)
@@ -122,6 +128,10 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     assert (labels_layer.data > 0).any()  # otherwise the erased-mask check below proves nothing
     assert viewer.layers.selection.active is labels_layer and labels_layer.editable
     assert viewer.layers[-1] is labels_layer
+    from kitseg.metrics import describe_found
+
+    found = describe_found(labels_layer.data, small_case.spacing)
+    assert f"Segmented on cpu: {found}; paint to correct, then save." in widget.status.text()
 
     # Stray-piece clean-up is on by default; unchecked, the raw argmax comes back (and it persists).
     from napari_kits._settings import read_bool
@@ -138,7 +148,7 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     session.mask_layer.data[:] = 0
     _run(qtbot, widget, widget.run_stage2, "stage 2")
     assert widget._session.labels_layer is labels_layer  # updated in place, not duplicated
-    assert not labels_layer.data.any()
+    assert not labels_layer.data.any() and "Segmented on cpu: no kidney found" in widget.status.text()
 
     # Back to the full mask; score against the ground truth.
     session.mask_layer.data[:] = 1
@@ -676,6 +686,7 @@ def test_a_ct_not_in_hu_is_flagged_and_the_ground_truth_is_never_saved_over(qtbo
     ct.data = (np.asarray(ct.data, np.int32) + 1024).astype(np.int16)  # raw scanner values, the intercept lost
     _run(qtbot, widget, widget.run_stage1, "stage 1")
     assert "rescale intercept" in widget.last_warning and "rescale intercept" in widget.status.text()
+    assert "Stage 1 done on cpu" in widget.status.text()  # said under the warning, which stays in view
 
 
 def test_a_label_map_opened_beside_its_ct_is_never_saved_over_it(qtbot, make_napari_viewer, case_folder, tmp_path):

@@ -127,6 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .config import MaskConfig
     from .io import InputError, check_nifti_header, discover_inputs, label_map_values, read_ct
+    from .metrics import describe_found
     from .outputs import write_prediction
     from .pipeline import Progress, Segmentation, Segmenter
     from .postprocess import CleanupRules
@@ -186,7 +187,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         assert result is not None
         written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite,
                                    keep_existing=args.skip_existing)
-        tqdm.write(f"{case.name}: {', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
+        tqdm.write(f"{case.name}: {describe_found(result.labels, volume.spacing)}; "
+                   f"{', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
     if failed:
         raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read as a CT and have no result: "
                        f"{', '.join(failed)}")
