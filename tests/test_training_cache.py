@@ -99,9 +99,22 @@ def test_corrected_labels_are_prepared_again(dataset, tmp_path):
     corrected = np.asarray(image.dataobj).copy()
     corrected[corrected == 2] = 1
     nib.save(nib.Nifti1Image(corrected, image.affine, image.header), path)
+    training_mask(before, preset("smoke").mask)  # cached beside the entry
+    # The same case under another recipe, and another folder's case of that name: other runs' entries.
+    other_recipe = replace(config, hu_max=config.hu_max + 100)
+    load_cases(data, other_recipe, cache_dir=cache, progress=False)
+    shutil.copytree(data / "case_00001", tmp_path / "elsewhere" / "case_00001")
+    load_cases(tmp_path / "elsewhere", config, cache_dir=cache, progress=False)
+    entries = set(cache.glob("case_00001-*"))
     after = {c.name: c for c in load_cases(data, config, cache_dir=cache, progress=False)}["case_00001"]
     assert (before.labels == 2).any() and not (after.labels == 2).any()
     assert (after.labels == 1).sum() > (before.labels == 1).sum()  # the tumor is kidney now
+    # The entry of the labels before the correction, its training mask too, is gone; the others stay.
+    replaced = {p for p in entries if p.name.startswith(before.cache_stem.name + ".")}
+    assert len(replaced) == 4 and not any(p.exists() for p in replaced)
+    assert set(cache.glob("case_00001-*")) == entries - replaced | set(cache.glob(f"{after.cache_stem.name}.*"))
+    assert len(entries - replaced) == 6  # two entries of three files each
+    assert (before.labels == 2).any()  # mapped before: still readable where the system allows it
 
 
 def test_a_case_whose_name_holds_a_dot_keeps_its_name(dataset, tmp_path):

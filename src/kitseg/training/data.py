@@ -12,6 +12,7 @@ touches, and ``torchrun`` ranks on one machine share the pages instead of holdin
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -119,6 +120,38 @@ def _cache_key(case: CaseInput, config: PreprocessingConfig, mapping: dict[int, 
     return _digest([*_file_stamp(case.image_path), *_file_stamp(case.labels_path), config.preparation_key(), *extra])
 
 
+def _cache_source(case: CaseInput, config: PreprocessingConfig, mapping: dict[int, int] | None) -> dict:
+    """What a cache entry was prepared from, less the files' stamps: two entries alike here but
+    for their keys are one case's files before and after a change."""
+    return {"image": str(case.image_path.resolve()), "labels": str(case.labels_path.resolve()),
+            "recipe": _digest([config.preparation_key(), sorted(mapping.items()) if mapping else []])}
+
+
+def _remove_replaced_entries(stem: Path, name: str, source: dict) -> None:
+    """Remove the cache entries ``stem`` replaces: the same files and recipe under an earlier key
+    (the files changed since: a user's corrections). They would never be read again, and a
+    KiTS19 case at the paper's grid is tens of MB. Another recipe's entry, or another folder's
+    case of the same name, is another run's and stays; so do entries written before the source
+    was recorded (2026-12-07), which cannot be told apart."""
+    for meta_path in stem.parent.glob(f"{glob.escape(name)}-*.json"):
+        old = meta_path.name[: -len(".json")]
+        if old == stem.name or not re.fullmatch(re.escape(name) + r"-[0-9a-f]{16}", old):
+            continue
+        try:
+            replaced = json.loads(meta_path.read_text()).get("source") == source
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not replaced:
+            continue
+        try:  # the JSON first: the entry stops looking prepared before its arrays go
+            for path in [meta_path, *stem.parent.glob(f"{glob.escape(old)}.*")]:
+                path.unlink(missing_ok=True)
+        except OSError as exc:  # in use elsewhere (Windows keeps mapped files): left, said
+            log.warning("%s: could not remove this outdated cache entry (%s)", meta_path, exc.strerror or exc)
+        else:
+            log.info("%s: removed the cache entry of its files before they changed", old)
+
+
 def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
     """The key of the cache's format before 2026-12-04 (one ``.npz`` per case), which missed the labels."""
     return _digest([*_file_stamp(case.image_path), config.preparation_key()])
@@ -177,9 +210,12 @@ def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir:
         image, labels, spacing = _prepare_arrays(case, config, mapping)
     save_npy(_beside(stem, ".image.npy"), image)
     save_npy(_beside(stem, ".labels.npy"), labels)
+    source = _cache_source(case, config, mapping)
     with atomic_path(_beside(stem, ".json")) as tmp:
-        tmp.write_text(json.dumps({"name": case.name, "spacing": list(spacing), "shape": list(image.shape)}))
+        tmp.write_text(json.dumps({"name": case.name, "spacing": list(spacing), "shape": list(image.shape),
+                                   "source": source}))
     legacy.unlink(missing_ok=True)  # converted (the same arrays, now mappable) or out of date
+    _remove_replaced_entries(stem, case.name, source)
     return stem
 
 
