@@ -22,7 +22,7 @@ import numpy as np
 
 METRICS = ("kidney_dice", "tumor_dice", "composite_dice")
 #: Settings of ``kits-seg evaluate`` that change these Dice (reports before 2026-12-07 lack them).
-DICE_SETTINGS = ("label_mapping", "empty_value")
+DICE_SETTINGS = ("label_mapping", "gt_label_mapping", "empty_value")
 
 
 def read_scores(path: Path) -> tuple[dict[str, dict[str, float]], dict[str, str]]:

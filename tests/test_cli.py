@@ -644,6 +644,40 @@ def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys
     assert row["empty_value"] == "nan"  # said in the report, as is the found share
 
 
+def test_evaluate_scores_another_tools_kidney_map_as_the_ground_truth(tmp_path, cases, capsys, caplog):
+    """A TotalSegmentator-style reference (1 spleen, 2 right kidney, 3 left kidney, 5 liver; no tumor class):
+    --map-gt-labels maps its values alone, and tumor is not scored rather than scored 0."""
+    seg = nib.load(str(cases / "case_00000" / "segmentation.nii.gz"))
+    labels = np.asarray(seg.dataobj).copy()
+    assert (labels == 2).any()
+    totalseg = np.where(labels > 0, 2, 0).astype(np.uint8)
+    totalseg[:, :, labels.shape[2] // 2:][totalseg[:, :, labels.shape[2] // 2:] == 2] = 3  # the other side
+    totalseg[0][labels[0] == 0] = 5  # organs elsewhere
+    totalseg[-1][labels[-1] == 0] = 1
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    nib.save(nib.Nifti1Image(totalseg, seg.affine), str(gt / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(pred / "scan_labels.nii.gz"))
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt)]) == 2
+    assert "--map-gt-labels 2=1 3=1 '*=0'" in capsys.readouterr().err  # said how
+    report = tmp_path / "s.csv"
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-gt-labels", "2=1", "3=1", "*=0",
+                     "--csv", str(report)]) == 0
+    assert "tumor is not scored" in caplog.text
+    assert "tumor not scored" in capsys.readouterr().out
+    row = next(csv.DictReader(report.open()))
+    assert float(row["kidney_dice"]) == 1.0  # the prediction's kidney and tumor against the mapped kidneys
+    assert row["tumor_dice"] == row["composite_dice"] == row["false_tumors"] == "nan" and float(row["tumor_ml"]) > 0
+    assert (row["label_mapping"], row["gt_label_mapping"]) == ("", "2=1 3=1 *=0")
+    # The same mapping given for both files would take the prediction's kidney (1) too: said as it is.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-labels", "2=1", "3=1", "*=0"]) == 0
+    assert "--map-labels 1=0 2=1 changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in every file" \
+        in caplog.text
+
+
 def test_evaluate_maps_another_conventions_labels_when_asked(tmp_path, cases, capsys, caplog):
     gt = tmp_path / "gt" / "case_00000"
     gt.mkdir(parents=True)

@@ -272,3 +272,34 @@ def test_describe_found_says_each_labels_volume_in_ml():
     labels[:2] = 2  # 200 of them tumor
     assert labelled_ml(labels, spacing) == pytest.approx((0.3, 0.2))
     assert describe_found(labels, spacing) == "kidney 0.3 mL, tumor 0.2 mL"
+
+
+def test_label_mappings_of_other_tools_and_a_reference_without_tumor():
+    from kitseg.config import (ConfigError, apply_label_mapping, describe_label_mapping, label_mapping,
+                               label_mapping_text, tumor_left_unlabelled)
+
+    # TotalSegmentator's map: 1 spleen, 2 right kidney, 3 left kidney, 5 liver; "*" is every other value but 0.
+    totalseg = label_mapping(["2=1", "3=1", "*=0"])
+    labels = np.array([0, 1, 2, 3, 5, 117], np.uint8)
+    np.testing.assert_array_equal(apply_label_mapping(labels, totalseg), [0, 0, 1, 1, 0, 0])
+    assert describe_label_mapping(totalseg) == "2=1 3=1 *=0"  # as typed, "*" last
+    assert label_mapping(label_mapping_text(totalseg)) == totalseg  # JSON's text keys and back
+    np.testing.assert_array_equal(apply_label_mapping(labels, label_mapping(["3=1"])), [0, 1, 2, 1, 5, 117])
+    with pytest.raises(ConfigError, match=r"label \* is mapped twice"):
+        label_mapping(["*=0", "*=1"])
+    # Tumor is left unlabelled when 2 goes elsewhere and nothing comes to 2.
+    assert tumor_left_unlabelled(totalseg) and tumor_left_unlabelled(label_mapping(["2=1"]))
+    assert not tumor_left_unlabelled({}) and not tumor_left_unlabelled(label_mapping(["3=1"]))
+    assert not tumor_left_unlabelled(label_mapping(["2=1", "7=2"]))
+
+    pred = np.zeros((4, 4, 4), np.uint8)
+    pred[1:3, 1:3, 1:3] = 1
+    pred[1, 1, 1] = 2  # a tumor call the kidney-only reference can neither confirm nor refute
+    ref = (pred > 0).astype(np.uint8)
+    scored = kits_scores(pred, ref, (1.0, 1.0, 1.0), tumor_scored=False)
+    assert scored.kidney_dice == 1.0 and scored.tumor_ml == pytest.approx(0.001)
+    for name in ("tumor_dice", "composite_dice", "ref_tumor_ml", "ref_tumors", "tumors_found", "false_tumors",
+                 "false_tumor_ml"):
+        assert math.isnan(getattr(scored, name)), name
+    assert math.isnan(aggregate([scored])["tumor_dice"])
+    assert kits_scores(pred, ref, (1.0, 1.0, 1.0)).tumor_dice == 0.0  # KiTS19's reading: a false tumor

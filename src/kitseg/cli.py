@@ -302,18 +302,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     add_map_labels_argument(p, "score label values of another convention, in the ground truth and the predictions "
                                "alike, as", "within the kidney region (3=0 leaves them out of it)")
+    p.add_argument("--map-gt-labels", nargs="+", default=None, metavar="FROM=TO",
+                   help="the ground truth's label values mapped instead, the predictions' left as they are: "
+                   "another tool's reference, e.g. --map-gt-labels 2=1 3=1 '*=0' for TotalSegmentator's kidneys "
+                   "(* is every other value but 0); where nothing maps to 2, tumor is not scored")
     p.set_defaults(func=cmd_evaluate)
 
 
-def parse_map_labels(pairs: list[str] | None) -> dict[int, int]:
+def parse_map_labels(pairs: list[str] | None, option: str = "--map-labels", files: str = "every file") -> dict[int, int]:
     """``--map-labels`` as {from: to}; remapping a KiTS19 class itself (``2=1``) is allowed, and said."""
-    from .config import KITS_LABELS, label_mapping
+    from .config import KITS_LABELS, label_mapping, mapped_class
 
-    mapping = label_mapping(pairs) if pairs else {}
-    own = [f"{k}={v}" for k, v in sorted(mapping.items()) if k < len(KITS_LABELS.names) and k != v]
+    mapping = label_mapping(pairs, option) if pairs else {}
+    own = [f"{k}={mapped_class(mapping, k)}" for k in range(len(KITS_LABELS.names)) if mapped_class(mapping, k) != k]
     if own:
-        log.warning("--map-labels %s changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in every file",
-                    " ".join(own))
+        log.warning("%s %s changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in %s",
+                    option, " ".join(own), files)
     return mapping
 
 
@@ -347,9 +351,12 @@ def _share(text: str) -> float:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_pairs, match_predictions, unpaired_references
     from .io import name_a_few
+    from .config import describe_label_mapping, tumor_left_unlabelled
     from .metrics import DEFAULT_FOUND_SHARE, MIN_TUMOR_ML, aggregate, write_scores_csv
 
     mapping = parse_map_labels(args.map_labels)
+    gt_mapping = (mapping if args.map_gt_labels is None
+                  else parse_map_labels(args.map_gt_labels, "--map-gt-labels", "the ground truth"))
     pairs, unmatched = match_predictions(args.pred, args.gt)
     if args.csv is not None:
         _check_report_path(args.csv, [p for pair in pairs for p in (pair.prediction, pair.reference)], args.overwrite)
@@ -363,15 +370,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     ", ".join(unscored[:3]), more)
     found_share = DEFAULT_FOUND_SHARE if args.found_share is None else args.found_share
     if mapping:
-        log.info("labels scored as %s", ", ".join(f"{k} -> {v}" for k, v in sorted(mapping.items())))
-    scores = evaluate_pairs(pairs, empty_value=args.empty_value, found_share=found_share, mapping=mapping)
+        log.info("labels scored as %s", describe_label_mapping(mapping))
+    if gt_mapping is not mapping:
+        log.info("the ground truth's labels scored as %s", describe_label_mapping(gt_mapping))
+    tumor_scored = not tumor_left_unlabelled(gt_mapping)
+    if not tumor_scored:
+        log.warning("mapped as %s, the ground truth holds no tumor (2): tumor is not scored (nan), the kidney region is",
+                    describe_label_mapping(gt_mapping))
+    scores = evaluate_pairs(pairs, empty_value=args.empty_value, found_share=found_share, mapping=mapping,
+                            gt_mapping=gt_mapping)
     header = (f"{'case':<24}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
               f"{'found':>8}{'false':>7}")
     print(header)
     for s in scores:
         print(
             f"{s.case:<24}{s.kidney_dice:>9.4f}{s.tumor_dice:>9.4f}{s.composite_dice:>11.4f}"
-            f"{s.kidney_ml:>11.1f}{s.tumor_ml:>10.1f}{f'{s.tumors_found}/{s.ref_tumors}':>8}{s.false_tumors:>7}"
+            f"{s.kidney_ml:>11.1f}{s.tumor_ml:>10.1f}"
+            + (f"{f'{s.tumors_found}/{s.ref_tumors}':>8}{s.false_tumors:>7}" if tumor_scored else f"{'n/a':>8}{'n/a':>7}")
         )
     means = aggregate(scores)
     print(
@@ -379,13 +394,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{means['composite_dice']:>11.4f}"
     )
     rate = means["tumors_found_rate"]
-    print(f"tumors found (a tumor counts when at least {found_share:g} of it is labelled tumor): "
-          f"{sum(s.tumors_found for s in scores)} of {sum(s.ref_tumors for s in scores)}"
-          f"{'' if math.isnan(rate) else f' ({100 * rate:.0f}%)'}; false tumor pieces: {sum(s.false_tumors for s in scores)}, "
-          f"{sum(s.false_tumor_ml for s in scores):.1f} mL (pieces under {MIN_TUMOR_ML:g} mL not counted)")
+    if tumor_scored:
+        print(f"tumors found (a tumor counts when at least {found_share:g} of it is labelled tumor): "
+              f"{sum(s.tumors_found for s in scores)} of {sum(s.ref_tumors for s in scores)}"
+              f"{'' if math.isnan(rate) else f' ({100 * rate:.0f}%)'}; false tumor pieces: "
+              f"{sum(s.false_tumors for s in scores)}, {sum(s.false_tumor_ml for s in scores):.1f} mL "
+              f"(pieces under {MIN_TUMOR_ML:g} mL not counted)")
+    else:
+        print("tumor not scored: the ground truth's labels, mapped, hold no tumor class")
     if args.csv is not None:
-        # How the files were scored, in every row: --map-labels as typed ("3=1"; empty: none).
-        settings = {"label_mapping": " ".join(f"{k}={v}" for k, v in sorted(mapping.items())),
+        # How the files were scored, in every row: the mappings as typed ("3=1"; empty: none).
+        settings = {"label_mapping": describe_label_mapping(mapping),
+                    "gt_label_mapping": describe_label_mapping(gt_mapping),
                     "found_share": found_share, "empty_value": args.empty_value}
         write_scores_csv(scores, args.csv, settings)
         print(f"wrote {args.csv}")

@@ -191,10 +191,16 @@ class MaskConfig:
 KITS_LABELS = LabelMap()
 
 
+#: The key of ``*=TO`` in a label mapping: every other value but 0 (another tool's organs, say).
+OTHER_LABELS = -1
+
+
 def label_mapping(pairs: Any, what: str = "--map-labels") -> dict[int, int]:
     """Label values of another convention mapped onto KiTS19's: ``["3=1"]`` or ``{"3": 1}`` ->
     ``{3: 1}`` (KiTS21/23's cysts, 3, counted as kidney). A value maps to a KiTS19 class (0, 1 or
-    2); values not named stay as they are. Raises ConfigError naming the pair that is wrong."""
+    2); ``*=TO`` maps every value not named but 0 (key :data:`OTHER_LABELS`): TotalSegmentator's
+    kidneys are ``2=1 3=1 *=0``. Without ``*``, values not named stay as they are. Raises
+    ConfigError naming the pair that is wrong."""
     if isinstance(pairs, dict):
         items = [(f"{source}={target}", source, target) for source, target in pairs.items()]
     else:
@@ -203,19 +209,45 @@ def label_mapping(pairs: Any, what: str = "--map-labels") -> dict[int, int]:
     last = len(KITS_LABELS.names) - 1
     for pair, source, target in items:
         try:
-            source_value, target_value = int(str(source)), int(str(target))
+            source_value = OTHER_LABELS if str(source).strip() == "*" else int(str(source))
+            target_value = int(str(target))
         except ValueError:
             raise ConfigError(f"{what} {pair}: expected FROM=TO with whole numbers, e.g. 3=1 "
-                              "(KiTS21/23's cysts counted as kidney)") from None
-        if not 0 <= source_value <= 255:
+                              "(KiTS21/23's cysts counted as kidney), or *=0 for every other value") from None
+        if not (0 <= source_value <= 255 or source_value == OTHER_LABELS):
             raise ConfigError(f"{what} {pair}: a label value is 0..255")
         if not 0 <= target_value <= last:
             raise ConfigError(f"{what} {pair}: labels map to a KiTS19 class: "
                               + ", ".join(f"{k} ({name})" for k, name in enumerate(KITS_LABELS.names)))
         if mapping.get(source_value, target_value) != target_value:
-            raise ConfigError(f"{what}: label {source_value} is mapped twice")
+            raise ConfigError(f"{what}: label {'*' if source_value == OTHER_LABELS else source_value} is mapped twice")
         mapping[source_value] = target_value
     return mapping
+
+
+def label_mapping_text(mapping: dict[int, int]) -> dict[str, int]:
+    """``mapping`` with text keys (``"3"``, ``"*"``), as JSON keeps it; :func:`label_mapping` reads it back."""
+    ordered = sorted(mapping.items(), key=lambda item: (item[0] == OTHER_LABELS, item[0]))  # "*" last
+    return {("*" if k == OTHER_LABELS else str(k)): v for k, v in ordered}
+
+
+def describe_label_mapping(mapping: dict[int, int]) -> str:
+    """``3=1 *=0``: the mapping as ``--map-labels`` takes it (empty: none)."""
+    return " ".join(f"{k}={v}" for k, v in label_mapping_text(mapping).items())
+
+
+def mapped_class(mapping: dict[int, int], value: int) -> int:
+    """The value ``value`` becomes under ``mapping``."""
+    if value in mapping:
+        return mapping[value]
+    return mapping.get(OTHER_LABELS, value) if value != 0 else 0
+
+
+def tumor_left_unlabelled(mapping: dict[int, int]) -> bool:
+    """Under ``mapping`` no value is tumor: the reference's convention has no tumor class (a map of
+    kidneys only, or ``2=1`` to score the kidney region alone), so tumor cannot be scored."""
+    tumor = len(KITS_LABELS.names) - 1
+    return bool(mapping) and mapped_class(mapping, tumor) != tumor and tumor not in mapping.values()
 
 
 def apply_label_mapping(labels: Any, mapping: dict[int, int]) -> Any:
@@ -224,7 +256,5 @@ def apply_label_mapping(labels: Any, mapping: dict[int, int]) -> Any:
 
     if not mapping:
         return labels
-    table = np.arange(256, dtype=np.uint8)
-    for source, target in mapping.items():
-        table[source] = target
+    table = np.array([mapped_class(mapping, value) for value in range(256)], dtype=np.uint8)
     return table[np.asarray(labels, dtype=np.uint8)]

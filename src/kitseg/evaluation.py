@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
-from .config import apply_label_mapping
+from .config import apply_label_mapping, tumor_left_unlabelled
 from .geometry import strip_nifti_suffix
 from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, name_a_few, read_labels
 from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
@@ -103,28 +103,36 @@ def unpaired_references(pairs: list[EvaluationPair], pred: Path, gt: Path) -> li
     ]
 
 
-def _check_kits_labels(volume, path: Path) -> None:
+def _check_kits_labels(volume, path: Path, ground_truth: bool) -> None:
     """KiTS19 label maps hold 0, 1 and 2 only: another value would be scored as kidney without a word."""
     stray = KITS_LABEL_MAP.stray_values(volume.array)
     if stray:
+        other_tool = (", or the ground truth's alone for another tool's labels, e.g. --map-gt-labels 2=1 3=1 '*=0' "
+                      "(TotalSegmentator's kidneys)" if ground_truth else "")
         raise InputError(f"{path}: holds label {name_a_few(stray, 8)}; KiTS19 labels are 0 "
                          "(background), 1 (kidney), 2 (tumor): map the others onto these, e.g. --map-labels 3=1 "
-                         "(KiTS21/23's cysts scored within the kidney region)")
+                         f"(KiTS21/23's cysts scored within the kidney region){other_tool}")
 
 
 def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
-                   found_share: float = DEFAULT_FOUND_SHARE, mapping: dict[int, int] | None = None) -> list[CaseScores]:
+                   found_share: float = DEFAULT_FOUND_SHARE, mapping: dict[int, int] | None = None,
+                   gt_mapping: dict[int, int] | None = None) -> list[CaseScores]:
     """KiTS19 scores of each pair; ``mapping``: label values of both files mapped onto KiTS19's first
-    (:func:`kitseg.config.label_mapping`)."""
+    (:func:`kitseg.config.label_mapping`); ``gt_mapping``: the ground truth's instead (another tool's
+    reference: TotalSegmentator's kidneys are ``2=1 3=1 *=0``). Where the ground truth's mapping
+    leaves no value tumor, tumor is not scored (NaN: :func:`kitseg.metrics.kits_scores`)."""
     scores = []
+    mapping = mapping or {}
+    gt_mapping = mapping if gt_mapping is None else gt_mapping
+    tumor_scored = not tumor_left_unlabelled(gt_mapping)
     for pair in pairs:
         ref = read_labels(pair.reference)
         pred = read_labels(pair.prediction)
-        ref.array = apply_label_mapping(ref.array, mapping or {})
-        pred.array = apply_label_mapping(pred.array, mapping or {})
-        _check_kits_labels(ref, pair.reference)
-        _check_kits_labels(pred, pair.prediction)
+        ref.array = apply_label_mapping(ref.array, gt_mapping)
+        pred.array = apply_label_mapping(pred.array, mapping)
+        _check_kits_labels(ref, pair.reference, ground_truth=True)
+        _check_kits_labels(pred, pair.prediction, ground_truth=False)
         check_same_grid(pred.source, ref.source, pair.prediction, reference_name=f"the ground truth's ({pair.reference})")
         scores.append(kits_scores(pred.array, ref.array, ref.spacing, case=pair.case, empty_value=empty_value,
-                                  found_share=found_share))
+                                  found_share=found_share, tumor_scored=tumor_scored))
     return scores

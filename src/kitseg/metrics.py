@@ -120,6 +120,9 @@ class CaseScores:
             found share of their voxels (:func:`tumor_detection`).
         false_tumors, false_tumor_ml: predicted tumor pieces (of at least :data:`MIN_TUMOR_ML`)
             sharing no voxel with a reference tumor, and their volume in mL.
+
+    Where tumor is not scored (a reference with no tumor class; :func:`kits_scores`), every
+    figure but the kidney's and the predicted volumes is NaN, the counts too.
     """
 
     case: str
@@ -130,9 +133,9 @@ class CaseScores:
     tumor_ml: float
     ref_kidney_ml: float
     ref_tumor_ml: float
-    ref_tumors: int
-    tumors_found: int
-    false_tumors: int
+    ref_tumors: int | float
+    tumors_found: int | float
+    false_tumors: int | float
     false_tumor_ml: float
 
     def to_row(self) -> dict[str, str | float]:
@@ -155,6 +158,7 @@ def kits_scores(
     empty_value: float = 1.0,
     found_share: float = DEFAULT_FOUND_SHARE,
     detection: "TumorDetection | None" = None,
+    tumor_scored: bool = True,
 ) -> CaseScores:
     """Score a predicted label map against the reference with the KiTS19 definitions.
 
@@ -168,6 +172,10 @@ def kits_scores(
             to count as found (:func:`tumor_detection`).
         detection: the same maps' :func:`tumor_detection`, when the caller has it already
             (``found_share`` is then its own).
+        tumor_scored: False where the reference's convention has no tumor class (a map of kidneys
+            only; :func:`kitseg.config.tumor_left_unlabelled`): the tumor Dice, the composite and
+            every figure of the reference's tumors are NaN (not scored), not a 0 for each tumor
+            call; the predicted tumor volume is still given.
 
     Raises:
         ValueError: the shapes differ (both are named) or the spacing is invalid.
@@ -192,6 +200,11 @@ def kits_scores(
     kidney = _dice_from_counts(both_k, pred_k, ref_k, empty_value)
     tumor = _dice_from_counts(both_t, pred_t, ref_t, empty_value)
     ml_per_voxel = math.prod(spacing) / 1000.0  # mm^3 -> mL
+    if not tumor_scored:
+        unscored = dict.fromkeys(("tumor_dice", "composite_dice", "ref_tumor_ml", "ref_tumors", "tumors_found",
+                                  "false_tumors", "false_tumor_ml"), math.nan)
+        return CaseScores(case=str(case), kidney_dice=kidney, kidney_ml=pred_k * ml_per_voxel,
+                          tumor_ml=pred_t * ml_per_voxel, ref_kidney_ml=ref_k * ml_per_voxel, **unscored)
     if detection is None:
         detection = tumor_detection(pred_labels, ref_labels, spacing, found_share)
     return CaseScores(

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..config import apply_label_mapping
+from ..config import apply_label_mapping, label_mapping_text
 from ..geometry import Volume, voxel_spacing
 from ..io import InputError, name_a_few, read_labels
 from ..parallel import one_blas_thread
@@ -360,7 +360,7 @@ def draw_record(mask_path: Path, case_seed: int, params: PhantomParams, protocol
         "params": params.to_dict(),
     }
     if mapping:
-        record["label_mapping"] = {str(k): v for k, v in sorted(mapping.items())}
+        record["label_mapping"] = label_mapping_text(mapping)
     return record
 
 

@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, MaskConfig, PreprocessingConfig, label_mapping
+from ..config import ConfigError, MaskConfig, PreprocessingConfig, label_mapping, label_mapping_text
 
 # How stage 2 draws a tumor sample (TrainConfig.tumor_sampling; Stage2Sampler).
 TUMOR_SAMPLING = ("slice", "lesion")
@@ -148,7 +148,7 @@ class TrainConfig:
             raise ConfigError(f"label_mapping must be a JSON object such as {{\"3\": 1}}, got {self.label_mapping!r}")
         # Stored with text keys, as JSON has them, so a resumed run compares equal to its record.
         mapped = label_mapping(self.label_mapping, "label_mapping")
-        object.__setattr__(self, "label_mapping", {str(k): v for k, v in sorted(mapped.items())})
+        object.__setattr__(self, "label_mapping", label_mapping_text(mapped))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -171,7 +171,7 @@ class TrainConfig:
 
     def labels_mapped(self) -> dict[int, int]:
         """``label_mapping`` with whole-number keys, as :func:`kitseg.config.apply_label_mapping` takes it."""
-        return {int(k): v for k, v in self.label_mapping.items()}
+        return label_mapping(self.label_mapping, "label_mapping")
 
     def hu_to_units(self, hu: float) -> float:
         """A HU difference in the networks' normalized units: the window maps onto 2 units (under
