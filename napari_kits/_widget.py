@@ -276,6 +276,15 @@ class KitsWidget(QWidget):
         self.gt_combo = QComboBox()
         self.pred_combo = QComboBox()
         form.addRow("Reference", self.gt_combo)
+        self.ref_mapping_edit = QLineEdit()
+        self.ref_mapping_edit.setPlaceholderText("as KiTS19's (e.g. 2=1 3=1 *=0)")
+        self.ref_mapping_edit.setToolTip(
+            "The reference's label values mapped onto KiTS19's 0 (background), 1 (kidney), 2 (tumor) before "
+            "scoring, as kits-seg evaluate --map-gt-labels does; the layer is not changed. Another tool's map: "
+            "TotalSegmentator's kidneys are 2=1 3=1 *=0 (* is every other value but 0); KiTS21/23's cysts 3=1 "
+            "(within the kidney region, as they are read when this is empty). Where nothing maps to 2, the "
+            "reference has no tumor class and tumor is not scored.")
+        form.addRow("Its labels", self.ref_mapping_edit)
         form.addRow("Prediction", self.pred_combo)
         self.recompute_button = QPushButton("Recompute")
         self.auto_score_check = QCheckBox("after edits")
@@ -353,6 +362,7 @@ class KitsWidget(QWidget):
         self.plot.slice_clicked.connect(self.go_to_slice)
         self.pred_combo.currentIndexChanged.connect(self._on_pred_changed)
         self.gt_combo.currentIndexChanged.connect(self._on_reference_changed)
+        self.ref_mapping_edit.editingFinished.connect(self._on_ref_mapping_changed)
         self.save_button.clicked.connect(self._save_clicked)
 
     # ------------------------------------------------------------------ settings and model
@@ -938,11 +948,7 @@ class KitsWidget(QWidget):
                 combo.setCurrentIndex(index)
         reference = self._choose_reference_for(labels)
         if reference is not None:
-            # Outlined once, so the result's own colours show through it (filled, the two blend);
-            # a user who fills it again is not overruled by the next run.
-            if reference not in self._outlined:
-                self._outlined.add(reference)
-                reference.contour = 2
+            self._outline_once(reference)
             self._score_timer.start()
 
     def _choose_reference_for(self, labels: Any) -> Any:
@@ -1102,7 +1108,33 @@ class KitsWidget(QWidget):
         if reference is not self._scored_reference:
             before, self._scored_reference = self._scored_reference, reference
             self._watch_edits(before, reference)
+        self._outline_once(reference)
         self._on_pred_edited()
+
+    def _outline_once(self, reference: Any) -> None:
+        """Draw a reference as outlines, so the result's own colours show through it (filled, the two
+        blend); once: a user who fills it again is not overruled by the next run or choice."""
+        if reference is not None and reference not in self._outlined:
+            self._outlined.add(reference)
+            reference.contour = 2
+
+    def _ref_mapping(self) -> dict[int, int] | None:
+        """The reference's mapping as typed (None: none typed); ValueError naming what is wrong."""
+        from kitseg.config import ConfigError, label_mapping
+
+        text = self.ref_mapping_edit.text().replace(",", " ").split()
+        if not text:
+            return None
+        try:
+            return label_mapping(text, "reference labels")
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+
+    def _on_ref_mapping_changed(self) -> None:
+        if self.ref_mapping_edit.isModified():
+            self.ref_mapping_edit.setModified(False)
+            self._clear_scores()
+            self._on_pred_edited()
 
     def _clear_scores(self) -> None:
         """Empty the table, the tumor count and the plot: no figures shown for layers not scored."""
@@ -1121,7 +1153,7 @@ class KitsWidget(QWidget):
         from napari.qt.threading import create_worker
 
         pred, ref = self.pred_combo.currentData(), self.gt_combo.currentData()
-        refusal = None
+        refusal, ref_mapping = None, None
         if pred is None or ref is None:
             refusal = "choose a reference and a prediction labels layer to score"
         elif pred is ref:
@@ -1129,6 +1161,11 @@ class KitsWidget(QWidget):
         elif not _on_one_grid(pred, ref):
             refusal = (f"{pred.name} {pred.data.shape} and {ref.name} {ref.data.shape} are not on one grid "
                        "(they come from different CTs)")
+        else:
+            try:
+                ref_mapping = self._ref_mapping()
+            except ValueError as error:
+                refusal = str(error)
         if refusal is not None:
             self._clear_scores()
             self._show_error(refusal)
@@ -1142,8 +1179,10 @@ class KitsWidget(QWidget):
             return None
         self._score_dirty = False
         pred_cysts = KITS21_CYST in getattr(pred_geometry, "file_labels", ())  # a KiTS23 file opened to score
+        # 3 is a cyst in a KiTS reference (a case's ground truth, a KiTS21/23 map), not in another tool's.
         worker = create_worker(_score, np.asarray(pred.data), np.asarray(ref.data), spacing,
-                               pred.name, ref.name, pred_cysts, _start_thread=False, _ignore_errors=True)
+                               pred.name, ref.name, pred_cysts, _is_reference(ref), ref_mapping,
+                               _start_thread=False, _ignore_errors=True)
         started = self._score_round
         worker.returned.connect(lambda result: self._on_scores(result) if self._score_round == started else None)
         worker.errored.connect(lambda e: (self._clear_scores(), self._show_error(f"scoring failed: {e}"))
@@ -1178,7 +1217,8 @@ class KitsWidget(QWidget):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(r, c, item)
-        self.detection_label.setText(_describe_detection(detection) + (f"\n{note}" if note else ""))
+        counted = _describe_detection(detection) if detection is not None else "Tumors: not scored."
+        self.detection_label.setText(counted + (f"\n{note}" if note else ""))
         self.plot.set_curves(curves)
         self.worst_button.setEnabled(self.worst_slice() is not None)
         self.scores_updated.emit()
@@ -1284,29 +1324,46 @@ def _checksum(labels: np.ndarray) -> tuple:
 
 
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference",
-           pred_cysts: bool = False) -> tuple:
-    """Worker body: the engine's KiTS19 scores, per-slice Dice curves, tumors found, and a note on
-    how KiTS21/23 cysts were read (else empty): a reference's 3s, and a prediction's where its
-    file held them (``pred_cysts``; a 3 painted anew is refused), lie within the kidney region."""
-    from kitseg.config import KITS_LABELS
+           pred_cysts: bool = False, ref_cysts: bool = True, ref_mapping: dict[int, int] | None = None) -> tuple:
+    """Worker body: the engine's KiTS19 scores, per-slice Dice curves, tumors found (None where the
+    reference has no tumor class), and a note on how the labels were read (else empty).
+
+    ``ref_mapping`` (the user's, as ``kits-seg evaluate --map-gt-labels``) maps the reference's
+    values first. Without one, KiTS21/23 cysts (3) lie within the kidney region: a KiTS
+    reference's (``ref_cysts``), and a prediction's where its file held them (``pred_cysts``; a 3
+    painted anew is refused)."""
+    from kitseg.config import KITS_LABELS, apply_label_mapping, describe_label_mapping, tumor_left_unlabelled
     from kitseg.io import name_a_few
     from kitseg.metrics import kits_scores, per_slice_dice, tumor_detection
 
+    if ref_mapping is not None:
+        ref = apply_label_mapping(ref, ref_mapping)
+        ref_cysts = False  # the mapping says what every value is
     with_cysts = []
-    for layer_name, labels, cysts_allowed in ((name, pred, pred_cysts), (ref_name, ref, True)):
+    for layer_name, labels, cysts_allowed, is_ref in ((name, pred, pred_cysts, False), (ref_name, ref, ref_cysts, True)):
         values = KITS_LABELS.stray_values(labels)
         stray = [v for v in values if not (cysts_allowed and v == KITS21_CYST)]
         if stray:
-            raise ValueError(f"{layer_name} holds label {name_a_few(stray, 8)}: KiTS19 labels are 0 "
-                             "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them")
+            fix = ("say what its labels are beside the reference (TotalSegmentator's kidneys: 2=1 3=1 *=0; "
+                   "KiTS21/23's cysts: 3=1), or paint" if is_ref else "paint")
+            raise ValueError(f"{layer_name} holds label {name_a_few(stray, 8)}"
+                             f"{' after its mapping' if is_ref and ref_mapping else ''}: KiTS19 labels are 0 "
+                             f"(background), 1 (kidney), 2 (tumor); {fix} those voxels with 1 or 2, or erase them")
         if cysts_allowed and KITS21_CYST in values:
             with_cysts.append(layer_name)
-    note = (f"cysts (label 3) of {' and '.join(with_cysts)} are scored within the kidney region"
-            if with_cysts else "")
+    notes = []
+    if ref_mapping:
+        notes.append(f"{ref_name} read as {describe_label_mapping(ref_mapping)}")
+    if with_cysts:
+        notes.append(f"cysts (label 3) of {' and '.join(with_cysts)} are scored within the kidney region")
+    if ref_mapping and tumor_left_unlabelled(ref_mapping):
+        notes.append("no label of the reference is tumor: tumor is not scored")
+        scores = kits_scores(pred, ref, spacing, case=name, tumor_scored=False)
+        return scores, {"kidney": per_slice_dice(pred, ref, "kidney")}, None, "; ".join(notes)
     detection = tumor_detection(pred, ref, spacing)
     scores = kits_scores(pred, ref, spacing, case=name, detection=detection)
     curves = {region: per_slice_dice(pred, ref, region) for region in ("kidney", "tumor")}
-    return scores, curves, detection, note
+    return scores, curves, detection, "; ".join(notes)
 
 
 def _describe_detection(detection: Any) -> str:

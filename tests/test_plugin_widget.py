@@ -531,6 +531,52 @@ def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widg
     assert f"of {opened.name} and case_00007 ground truth" in widget.detection_label.text()
 
 
+def test_another_tools_reference_is_scored_as_its_labels_are_said_to_be(qtbot, viewer_widget, tmp_path):
+    """A TotalSegmentator-style map opened beside the CT (1 spleen, 2 and 3 the kidneys, 5 liver; no
+    tumor class): refused with what to type; read through the typed mapping, its kidneys are scored
+    and tumor is not (not 0 for every tumor call); its 3s are no KiTS cysts."""
+    from kitseg.io import write_labels
+    from kitseg.metrics import kits_scores
+    from napari_kits._layers import geometry_of
+    from napari_kits._reader import read_kits
+
+    viewer, widget = viewer_widget
+    _run(qtbot, widget, widget.run_all, "run all")
+    labels = widget._session.labels_layer
+    truth = viewer.layers["case_00007 ground truth"].data
+    totalseg = np.where(truth > 0, 2, 0).astype(np.uint8)
+    half = truth.shape[2] // 2
+    totalseg[:, :, half:][totalseg[:, :, half:] == 2] = 3
+    totalseg[0][truth[0] == 0] = 5
+    totalseg[-1][truth[-1] == 0] = 1
+    saved = write_labels(totalseg, geometry_of(labels).source, tmp_path / "scan_totalseg.nii.gz")
+    [(data, kwargs, _)] = read_kits(str(saved))
+    other = viewer.add_labels(data, **kwargs)
+    assert not geometry_of(other).offered_as_reference  # never chosen unasked
+    widget.pred_combo.setCurrentIndex(widget.pred_combo.findData(labels))
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(other))
+    assert other.contour == 2  # chosen by hand: outlined too
+    qtbot.waitUntil(lambda: widget._score_worker is None and not widget._score_timer.isActive(), timeout=RUN_TIMEOUT_MS)
+    assert "scan_totalseg holds label 3, 5" in widget.last_error and "2=1 3=1 *=0" in widget.last_error
+    widget.ref_mapping_edit.setText("2=1, 3:1")
+    widget.ref_mapping_edit.setModified(True)
+    widget.ref_mapping_edit.editingFinished.emit()
+    qtbot.waitUntil(lambda: widget._score_worker is None and not widget._score_timer.isActive(), timeout=RUN_TIMEOUT_MS)
+    assert "reference labels 3:1: expected FROM=TO" in widget.last_error
+    widget.last_scores = None
+    widget.ref_mapping_edit.setText("2=1 3=1 *=0")
+    widget.ref_mapping_edit.setModified(True)
+    widget.ref_mapping_edit.editingFinished.emit()
+    qtbot.waitUntil(lambda: widget.last_scores is not None and widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    expected = kits_scores(labels.data, (truth > 0).astype(np.uint8), (1.0, 1.0, 1.0))
+    assert widget.last_error == "" and widget.last_scores.kidney_dice == pytest.approx(expected.kidney_dice)
+    assert np.isnan(widget.last_scores.tumor_dice) and np.isnan(widget.last_scores.composite_dice)
+    assert [widget.table.item(r, 0).text() for r in (1, 2)] == ["n/a", "n/a"]
+    assert widget.detection_label.text().startswith("Tumors: not scored.")
+    assert "scan_totalseg read as 2=1 3=1 *=0" in widget.detection_label.text()
+    np.testing.assert_array_equal(other.data, totalseg)  # the layer itself is not changed
+
+
 def test_scoring_refuses_a_reference_from_another_ct(qtbot, viewer_widget):
     from dataclasses import replace
 
