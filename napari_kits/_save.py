@@ -31,14 +31,22 @@ class SaveError(Exception):
 
 
 def default_filename(geometry: LayerGeometry, layer_name: str = "") -> str:
-    """KiTS19-style names: ``prediction_00042.nii.gz``, ``NAME_labels.nii.gz``, ``NAME_y1.nii.gz``..."""
-    stem = f"prediction_{geometry.case_id}" if geometry.case_id else geometry.ct_name
+    """KiTS19-style names: ``prediction_00042.nii.gz``, ``NAME_labels.nii.gz``, ``NAME_y1.nii.gz``...
+
+    A layer set aside as ``labels (edited)`` (the user's corrections, kept from a newer run) is
+    offered ``..._edited``, not the name the new result would take; so is a label map opened from
+    a file (``NAME_labels_edited``: its own name is an input, never written over). Spaces (the
+    sample's "synthetic case") become underscores."""
+    stem = f"prediction_{geometry.case_id}" if geometry.case_id else geometry.ct_name.replace(" ", "_")
+    if geometry.source_holds != "ct":  # a result opened from its own file: that name, which is an input
+        return f"{stem}_edited.nii.gz"
+    edited = "_edited" if "(edited)" in layer_name else ""
     if geometry.kind in _SUFFIX:
         suffix = _SUFFIX[geometry.kind]
         if geometry.kind == "probability" and layer_name:
             suffix = layer_name.replace(" ", "_")
-        return f"{stem}_{suffix}.nii.gz"
-    return f"{stem}.nii.gz" if geometry.case_id else f"{stem}_labels.nii.gz"
+        return f"{stem}_{suffix}{edited}.nii.gz"
+    return f"{stem}{edited}.nii.gz" if geometry.case_id else f"{stem}_labels{edited}.nii.gz"
 
 
 def default_directory(geometry: LayerGeometry) -> Path:

@@ -149,6 +149,7 @@ class KitsWidget(QWidget):
         self._worker = None
         self._task = ""
         self._last_refresh = 0.0
+        self._last_step = ""  # the running task's last progress step (where a cancel stopped it)
         self._mask_worker = None
         self._mask_dirty = False
         self._after_mask: Callable[[], None] | None = None
@@ -553,6 +554,15 @@ class KitsWidget(QWidget):
     def _session_for_ct(self) -> _Session:
         layer = self.ct_combo.currentData()
         if layer is None:
+            others = [other.name for other in self.viewer.layers
+                      if other.__class__.__name__ == "Image" and geometry_of(other) is None]
+            if others:  # the user sees an image: say why it is not offered
+                from kitseg.io import name_a_few
+
+                one = len(others) == 1
+                raise ValueError(f"{name_a_few(others, 3)} {'was' if one else 'were'} not opened by napari-kits, so "
+                                 f"{'its' if one else 'their'} place in the scanner (voxel size, orientation) is "
+                                 "unknown: open the CT file with File > Open and choose napari-kits")
             raise ValueError("open a CT first (File > Open, or File > Open Sample > napari-kits)")
         if self._session is None or self._session.ct_layer is not layer:
             self._session = _Session(ct_layer=layer, volume=_volume_of(layer))
@@ -687,6 +697,7 @@ class KitsWidget(QWidget):
         self.progress.setFormat(f"{task}: starting…")
         self.status.setText("")
         self.last_error = ""
+        self._last_step = ""
         self._run_session = self._session
         self._pending_makers = list(makers or [])
         self._next_maker()
@@ -857,6 +868,7 @@ class KitsWidget(QWidget):
         if p.total > 0:
             self.progress.setValue(round(PROGRESS_STEPS * p.done / p.total))
         self.progress.setFormat(f"{p.step}: {p.done}/{p.total}")
+        self._last_step = p.step
         if p.step == "stage 1" and session is not None:
             if p.done == p.total:
                 session.y1_complete = True
@@ -896,13 +908,15 @@ class KitsWidget(QWidget):
         kwargs = labels_layer_kwargs(self._result_name(session, "mask"), geometry, geometry.stage_grid.affine,
                                      opacity=0.3)
         layer = self._put_layer(session.mask_layer, mask, "labels", kwargs, spare="mask")
-        if layer is not session.mask_layer:
-            layer.visible = True
+        layer.visible = True  # rebuilt: shown again, also where stage 2 had hidden it
         session.mask_layer = layer
         session.mask_written = _checksum(mask)
         if painted is not None:  # the user asked for a mask from y1 again; the painting stays
             self._add_status(f"Your painted mask was kept as '{painted.name}' (hidden); "
                              f"'{layer.name}' follows the threshold and radius and is what stage 2 uses.")
+        if self._worker is None and self._live(session.labels_layer):  # not within Run all, which goes on
+            self._add_status(f"The mask changed; '{session.labels_layer.name}' was made with the one before: "
+                             "run stage 2 to update it.")
         self._update_buttons()
 
     def _on_stage2_done(self, event: Any) -> None:
@@ -1003,6 +1017,15 @@ class KitsWidget(QWidget):
             self.status.setText("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
         elif task == "stage 2" and outcome == "cancelled":
             self.status.setText("Stage 2 cancelled: the labels were not changed.")
+        elif task == "run all" and outcome == "cancelled" and session is not None:
+            if not stage1_started:
+                self.status.setText("Run all cancelled before it began: nothing was changed.")
+            elif self._last_step in ("prepare", "stage 1"):
+                self.status.setText("Run all cancelled in stage 1: y1 holds the slices finished so far; "
+                                    "run again to complete.")
+            else:
+                self.status.setText("Run all cancelled in stage 2: y1 and the mask are complete, the labels were "
+                                    "not changed; run stage 2 to finish.")
         elif task == "stage 1" and outcome == "done" and session is not None and session.y1 is not None:
             self._add_status(self._stage1_note(session.y1))
         if self._ct_closed_during_run:
@@ -1424,7 +1447,7 @@ def _describe_metadata(meta: dict) -> str:
     lines = [
         f"<b>Stages</b> {_escape(summary['stages'])}",
         f"<b>Preprocessing</b> {_escape(summary['preprocessing'])}",
-        f"<b>Mask</b> {_escape(summary['mask'])}",
+        f"<b>Mask</b> {_escape(summary['mask'])} (the model's own; the Mask section sets the one used)",
         "<b>Training</b> " + "<br>".join(_escape(line) for line in origins)
         + " (all of it: <tt>kits-seg info --json</tt>)",
         f"<small>{_escape(summary['version'])}</small>",

@@ -86,6 +86,10 @@ def test_bad_inputs_name_the_file(tmp_path):
     complex_ct = _save(np.zeros((3, 4, 5), np.complex64), np.eye(4), tmp_path / "complex.nii.gz")
     with pytest.raises(InputError, match="complex.nii.gz: complex voxel data"):
         read_ct(complex_ct)
+    rgb = np.zeros((3, 4, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb_ct = _save(rgb, np.eye(4), tmp_path / "rgb.nii.gz")
+    with pytest.raises(InputError, match=r"rgb.nii.gz: colour voxels \(R, G, B\); a CT holds one number per voxel"):
+        read_ct(rgb_ct)
     four_d = _save(np.zeros((3, 4, 5, 2), np.int16), np.eye(4), tmp_path / "4d.nii.gz")
     with pytest.raises(InputError, match="expected a 3D volume"):
         read_ct(four_d)

@@ -292,3 +292,21 @@ def test_a_kits23_case_folders_ground_truth_keeps_its_cysts_when_saved(tmp_path,
     with pytest.raises(SaveError, match="outdir: is a folder; choose a file name"):
         save_layer(gt, geometry_of(gt_kwargs), tmp_path / "outdir")
     assert not (tmp_path / "outdir.nii.gz").exists()
+
+
+def test_save_names_offered_keep_corrections_and_inputs_apart(tmp_path, case_folder):
+    from napari_kits._layers import LayerGeometry
+    from napari_kits._save import default_filename
+
+    [(_, ct_kwargs, _)] = read_kits(str(case_folder / "imaging.nii.gz"))
+    case = geometry_of(ct_kwargs)
+    labels = case.with_kind("labels")
+    assert default_filename(labels, "labels") == "prediction_00007.nii.gz"  # KiTS19's submission name
+    assert default_filename(labels, "labels (edited)") == "prediction_00007_edited.nii.gz"  # not the new result's
+    scan = LayerGeometry("labels", case.source, ct_name="synthetic case")
+    assert default_filename(scan, "labels") == "synthetic_case_labels.nii.gz"
+    assert default_filename(scan, "labels (edited) [1]") == "synthetic_case_labels_edited.nii.gz"
+    # A label map opened from its own file: that name is an input, so the offer is beside it.
+    _save(np.zeros((4, 5, 6), np.uint8), np.eye(4), tmp_path / "scan_labels.nii.gz")
+    [(_, kwargs, _)] = read_kits(str(tmp_path / "scan_labels.nii.gz"))
+    assert default_filename(geometry_of(kwargs), "scan_labels") == "scan_labels_edited.nii.gz"

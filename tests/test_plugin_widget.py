@@ -144,6 +144,15 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     assert read_bool(widget.settings, "labels/cleanup", True) is False
     widget.cleanup_check.setChecked(True)
 
+    # The mask rebuilt after stage 2 is shown again, and the labels made with the one before are said to be so.
+    mask_layer = session.mask_layer
+    assert not mask_layer.visible
+    with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
+        widget.threshold_spin.setValue(0.05)
+    assert mask_layer.visible and "The mask changed; 'labels' was made with the one before" in widget.status.text()
+    with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
+        widget.threshold_spin.setValue(0.0)
+
     # Paint: erase the mask; stage 2 must honour the layer's current data -> all background.
     session.mask_layer.data[:] = 0
     _run(qtbot, widget, widget.run_stage2, "stage 2")
@@ -309,6 +318,16 @@ def test_cancel_stage2_leaves_the_labels_alone(qtbot, viewer_widget, monkeypatch
         worker.yielded.connect(lambda e: widget.cancel() if isinstance(e, Progress) else None)
     assert blocker.args == ["stage 2", "cancelled"]
     assert widget._session.labels_layer is None and "labels" not in [l.name for l in viewer.layers]
+    # Run all cancelled in either stage says where it stopped and what is kept.
+    for stage, said in (("stage 1", "Run all cancelled in stage 1: y1 holds the slices finished so far"),
+                        ("stage 2", "Run all cancelled in stage 2: y1 and the mask are complete, the labels were "
+                                    "not changed")):
+        with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+            worker = widget.run_all()
+            worker.yielded.connect(lambda e, stage=stage: widget.cancel()
+                                   if isinstance(e, Progress) and e.step == stage else None)
+        assert blocker.args == ["run all", "cancelled"] and widget.status.text().startswith(said)
+    assert widget._session.labels_layer is None
 
 
 def test_model_section_without_default_weights(
@@ -765,3 +784,16 @@ def test_a_label_map_opened_beside_its_ct_is_never_saved_over_it(qtbot, make_nap
         labels.save(str(ct), plugin="napari-kits")
     assert ct.read_bytes() == before
     widget.close()
+
+
+def test_an_image_napari_kits_did_not_open_is_named_with_what_to_do(make_napari_viewer, tiny_kseg, isolated_settings):
+    from napari_kits._widget import KitsWidget
+
+    viewer = make_napari_viewer()
+    widget = KitsWidget(viewer)
+    assert widget.set_weights(tiny_kseg)
+    assert widget.run_all() is None and widget.last_error.startswith("open a CT first")
+    viewer.add_image(np.zeros((4, 32, 32), np.int16), name="pasted scan")  # napari's own reader, say: no geometry
+    assert widget.run_all() is None
+    assert widget.last_error.startswith("pasted scan was not opened by napari-kits, so its place in the scanner")
+    assert "File > Open and choose napari-kits" in widget.last_error

@@ -199,6 +199,8 @@ def _read_array(img: nib.Nifti1Image, path: Path, integer_ok: bool) -> np.ndarra
         raise InputError(f"{path}: the voxel data cannot be read ({exc})") from None
     if raw.dtype.kind == "c":
         raise InputError(f"{path}: complex voxel data (dtype {raw.dtype}); a CT holds real numbers")
+    if raw.dtype.names:  # RGB/RGBA voxels: a screenshot or a rendering, not a CT
+        raise InputError(f"{path}: colour voxels ({', '.join(raw.dtype.names)}); a CT holds one number per voxel")
     slope = getattr(img.dataobj, "slope", 1.0)
     inter = getattr(img.dataobj, "inter", 0.0)
     slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
