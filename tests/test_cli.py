@@ -277,6 +277,11 @@ def test_errors_are_one_line_naming_the_input(tmp_path, weights, capsys):
     case.save_case_folder(tmp_path / "case_00009")
     assert main(["predict", str(tmp_path / "case_00009"), "-o", str(tmp_path / "o"), "--weights", str(pickled)]) == 2
     assert "model.kseg" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a run refused before it began leaves no output folder behind
+    (tmp_path / "afile").write_text("")
+    assert main(["predict", str(tmp_path / "case_00009"), "-o", str(tmp_path / "afile" / "out"),
+                 "--weights", str(weights)]) == 2
+    assert f"cannot create the output folder ({tmp_path / 'afile'} is a file)" in capsys.readouterr().err
 
 
 def test_a_full_disk_is_one_line_naming_the_output_and_the_earlier_file_stays(tmp_path, cases, weights, capsys,
@@ -425,6 +430,10 @@ def test_evaluate_names_the_bad_label_map_and_the_cases_left_unscored(tmp_path, 
     assert main(["evaluate", "--pred", str(pred), "--gt", str(cases)]) == 2
     err = capsys.readouterr().err
     assert "differs from the ground truth's" in err and "case_00000/segmentation.nii.gz" in err
+    ct = cases / "case_00000" / "imaging.nii.gz"  # the CT given as the ground truth by mistake
+    assert main(["evaluate", "--pred", str(pred / "prediction_00000.nii.gz"), "--gt", str(ct)]) == 2
+    assert "imaging.nii.gz: holds values -1" in (err := capsys.readouterr().err) and "not a label map" in err
+    assert err.rstrip().endswith("a CT?")
 
 
 def test_phantom_refuses_to_write_over_its_masks_and_names_a_bad_mask(tmp_path, cases, capsys):
@@ -626,6 +635,8 @@ def test_sample_never_writes_over_a_case_folders_mask(tmp_path, cases, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--out", str(tmp_path / "x"), "--seed", "-1"])
     assert "whole number of at least 0" in capsys.readouterr().err
+    assert main(["sample", "--out", str(mask)]) == 2  # a file
+    assert f"{mask}: is a file; --out takes a folder" in capsys.readouterr().err
 
 
 def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys):

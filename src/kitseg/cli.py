@@ -157,6 +157,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         radius_unit="mm" if args.radius_mm else ("voxels" if args.radius is not None else model_mask.radius_unit),
     )
     _say_mask_rule(mask_config, model_mask, args)
+    _make_output_folder(args.output)
     log.info("device: %s; %d case(s)", segmenter.device, len(cases))
     failed = []
     for case in cases:
@@ -220,16 +221,24 @@ def _say_mask_rule(mask, model_mask, args) -> None:
         log.info("stage-2 mask: %s (the model's: %s)", mask.describe(), model_mask.describe())
 
 
-def _check_output_folder(folder: Path) -> None:
-    """Before minutes of segmentation: the output folder can be made and written to."""
+def _check_output_folder(folder: Path, option: str = "-o/--output") -> None:
+    """Before minutes of segmentation: the output folder can be made and written to (made only
+    once the model has loaded: a run refused before then leaves nothing behind)."""
     if folder.exists() and not folder.is_dir():
-        raise CliError(f"{folder}: is a file; -o/--output takes a folder")
+        raise CliError(f"{folder}: is a file; {option} takes a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise CliError(f"{folder}: cannot create the output folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"{folder}: the output folder is not writable" if existing == folder
+                       else f"{folder}: cannot create the output folder ({existing} is not writable)")
+
+
+def _make_output_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"{folder}: the output folder is not writable")
 
 
 def _check_outputs_free(cases, args) -> None:
@@ -576,6 +585,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .io import KITS_IMAGE, KITS_LABELS
     from .phantom import make_sample_case
 
+    _check_output_folder(args.out, "--out")
     folder = args.out / "case_00000"
     # A KiTS19 case folder often holds its mask before its image: neither is ever replaced.
     taken = [name for name in (KITS_IMAGE, KITS_LABELS) if (folder / name).exists()]

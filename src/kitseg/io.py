@@ -82,7 +82,7 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
         if not is_nifti(path):
-            raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+            raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz){_dicom_hint([path])}")
         return [CaseInput(name=strip_nifti_suffix(path.name), image_path=path)]
     if (path / KITS_IMAGE).is_file():
         return [case_from_folder(path)]
@@ -107,10 +107,28 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     if not cases and masks:
         raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {masks[0].name} is its mask")
     if not cases:
-        raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})")
+        raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})"
+                         + _dicom_hint([p for p in entries if p.is_file()][:5]))
     for mask in masks:
         log.warning("%s: %s is a KiTS19 mask, not a CT: skipped", path, mask.name)
     return cases
+
+
+def _is_dicom(path: Path) -> bool:
+    """A DICOM file: "DICM" after its 128-byte preamble (whatever its name; scanners often give none)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_hint(files: list[Path]) -> str:
+    """What to do with DICOM files given where a NIfTI CT was expected (else empty)."""
+    if not any(_is_dicom(p) for p in files):
+        return ""
+    return ("; these are DICOM files: convert the series to NIfTI first, e.g. dcm2niix -z y -o OUT_FOLDER "
+            "DICOM_FOLDER, then give the .nii.gz")
 
 
 def _holds_ct_files(folder: Path) -> bool:
@@ -373,9 +391,12 @@ def as_labels(labels: Volume, like: Volume | None = None) -> Volume:
     arr = labels.array
     if arr.dtype.kind == "f":
         if not np.all(arr == np.round(arr)):
-            raise InputError(f"{path}: a label map must hold whole numbers")
-    if arr.min() < 0 or arr.max() > 255:
-        raise InputError(f"{path}: label values must be in 0..255, got {arr.min()}..{arr.max()}")
+            raise InputError(f"{path}: holds fractions, not a label map (whole numbers 0..255): "
+                             "a CT or a probability map?")
+    low, high = arr.min(), arr.max()
+    if low < 0 or high > 255:
+        guess = ": a CT?" if low < -100 else ""  # air is about -1000 HU
+        raise InputError(f"{path}: holds values {low:g}..{high:g}, not a label map (whole numbers 0..255){guess}")
     labels.array = arr.astype(np.uint8, copy=False)
     if like is not None:
         check_same_grid(labels.source, like.source, path)
