@@ -52,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def finish() -> None:
         if args.screenshot is not None:
+            from qtpy.QtWidgets import QApplication
+
+            # The whole case and the widget, not napari's small default window (Xvfb has no window manager).
+            screen = QApplication.primaryScreen().availableGeometry()
+            viewer.window.resize(min(screen.width(), 1600), min(screen.height(), 1050))
+            for toast in QApplication.allWidgets():  # napari's notification toasts would cover the canvas
+                if type(toast).__name__ == "NapariQtNotification":
+                    toast.close()
+            QApplication.processEvents()
+            viewer.reset_view()
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             viewer.screenshot(str(args.screenshot), canvas_only=False)
             log.info("screenshot saved to %s", args.screenshot)

@@ -22,6 +22,8 @@ import numpy as np
 
 METRICS = ("kidney_dice", "tumor_dice", "composite_dice")
 #: Settings of ``kits-seg evaluate`` that change these Dice (reports before 2026-12-07 lack them).
+#: Below this many paired cases the bootstrap interval says nothing (one case: zero width): no verdict.
+MIN_CASES = 5
 DICE_SETTINGS = ("label_mapping", "gt_label_mapping", "empty_value")
 
 
@@ -82,7 +84,8 @@ def main() -> int:
         diff = vb - va
         low, high = paired_bootstrap(diff, args.resamples, rng)
         higher, lower = int(np.sum(diff > 1e-9)), int(np.sum(diff < -1e-9))
-        verdict = "B better" if low > 0 else "A better" if high < 0 else "no clear difference"
+        verdict = ("too few cases to tell" if len(cases) < MIN_CASES else
+                   "B better" if low > 0 else "A better" if high < 0 else "no clear difference")
         print(f"{metric:<15} {np.nanmean(va):7.4f} {np.nanmean(vb):7.4f} {np.nanmean(diff):+7.4f}  "
               f"[{low:+.4f}, {high:+.4f}]  {higher:>7} / {lower:<7} {verdict}")
     return 0

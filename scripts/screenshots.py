@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     scroll = widget.findChild(type(widget.layout().itemAt(0).widget()))
 
     def shot(name: str, caption: str = "") -> None:
+        # The widget's own status line shows, as a user sees it; the caption goes to the log (and docs).
         if caption:
-            widget.status.setText(caption)
+            logging.info("%s: %s", name, caption)
         for toast in app.allWidgets():  # napari's notification toasts would cover the canvas
             if type(toast).__name__ == "NapariQtNotification":
                 toast.close()

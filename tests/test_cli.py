@@ -207,11 +207,11 @@ def test_predict_folder_then_evaluate_csv(tmp_path, cases, weights, capsys):
     assert [r["case"] for r in rows[:2]] == ["case_00000", "case_00001"]
     for column in ("kidney_dice", "tumor_dice", "composite_dice", "kidney_ml", "tumor_ml"):
         assert column in rows[0]
-    # Each case's line says what was found, in the volumes evaluate measures (its kidney region: kidney + tumor).
+    # Each case's line says what was found, in the volumes evaluate measures.
     said = dict(re.findall(r"^(case_\d+): (.*?); prediction_", capsys.readouterr().out, re.M))
     for row in rows[:2]:
-        kidney, tumor = float(row["kidney_ml"]) - float(row["tumor_ml"]), float(row["tumor_ml"])
-        if kidney + tumor == 0:
+        kidney, tumor = float(row["kidney_ml"]), float(row["tumor_ml"])
+        if kidney == 0:
             assert said[row["case"]] == "no kidney found"
             continue
         numbers = [float(v) for v in re.findall(r"[\d.]+(?= mL)", said[row["case"]])]
@@ -492,10 +492,12 @@ def test_predict_batch_goes_past_an_unreadable_ct_and_ignores_its_own_earlier_re
     assert sorted(p.name for p in folder.iterdir()) == ["a.nii.gz", "a_labels.nii.gz", "c.nii.gz", "c_labels.nii.gz"]
 
 
-def test_train_refuses_bad_settings_and_a_wrong_data_folder_leaves_no_run(tmp_path, cases, capsys):
+def test_train_refuses_bad_settings_and_a_wrong_data_folder_leaves_no_run(tmp_path, cases, capsys, caplog):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(run), "--device", "cpu"]) == 2
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(run), "--device", "cpu"]) == 2
     assert "nope" in capsys.readouterr().err and not run.exists()
+    assert "the paper preset (30000 + 30000 steps" in caplog.text and "--preset cpu" in caplog.text  # the default
     assert main(["train", "--data", str(cases), "--out", str(run), "--set", "learning_rate=abc"]) == 2
     assert "learning_rate" in capsys.readouterr().err
     assert main(["train", "--data", str(cases), "--out", str(run), "--set", "learning_rate"]) == 2

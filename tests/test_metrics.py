@@ -269,9 +269,9 @@ def test_describe_found_says_each_labels_volume_in_ml():
     assert labelled_ml(labels, spacing) == (0.0, 0.0) and describe_found(labels, spacing) == "no kidney found"
     labels[:5] = 1  # 500 voxels
     assert describe_found(labels, spacing) == "kidney 0.5 mL, no tumor"
-    labels[:2] = 2  # 200 of them tumor
-    assert labelled_ml(labels, spacing) == pytest.approx((0.3, 0.2))
-    assert describe_found(labels, spacing) == "kidney 0.3 mL, tumor 0.2 mL"
+    labels[:2] = 2  # 200 of them tumor: KiTS19's kidney region holds it
+    assert labelled_ml(labels, spacing) == pytest.approx((0.5, 0.2))
+    assert describe_found(labels, spacing) == "kidney 0.5 mL including tumor 0.2 mL"
 
 
 def test_label_mappings_of_other_tools_and_a_reference_without_tumor():

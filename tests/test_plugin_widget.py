@@ -399,6 +399,10 @@ def test_launch_runs_all_and_quits(tmp_path, tiny_kseg, isolated_settings):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.stat().st_size > 10_000
+    from qtpy.QtGui import QImage
+
+    picture = QImage(str(shot))  # the window as large as the screen allows, up to 1600 x 1050
+    assert picture.width() >= 1200 and picture.height() >= 800, (picture.width(), picture.height())
 
 
 def test_output_layers_exist_before_the_run_and_go_when_it_fails(qtbot, viewer_widget, monkeypatch):

@@ -343,7 +343,8 @@ def test_training_data_that_cannot_train_is_refused_before_any_training(dataset,
     config = preset("smoke")
     with pytest.raises(ConfigError, match=r"validation fraction must be in \[0, 1\)"):
         train(dataset, tmp_path / "a", config, device="cpu", progress=False, val_fraction=1.0)
-    with pytest.raises(ConfigError, match="at least 2 patients"):  # one case left to train on, two folds
+    # One case left to train on, two folds: the message gives the counts and what to do.
+    with pytest.raises(ConfigError, match=r"at least 2 patients .* trains on 1 case\(s\) and validates on 3: add"):
         train(dataset, tmp_path / "b", config, device="cpu", progress=False,
               val_cases=["case_00000", "case_00001", "case_00002"])
     data = tmp_path / "data"
@@ -744,6 +745,9 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
                 if line.startswith(("kidney_dice", "tumor_dice", "composite_dice"))}
 
     first = compared(csvs / f"{smoke_run.name}.csv", csvs / "other.csv")
+    few = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), str(csvs / "other.csv"),
+                          str(csvs / "shared.csv")], capture_output=True, text=True)
+    assert ("too few cases to tell" in few.stdout) == (n_val < 5)  # a bootstrap of so few says nothing
     second = compared(csvs / "shared.csv", csvs / "other.csv")
     pooled = compared(csvs / f"{smoke_run.name}.csv", csvs / "other.csv", csvs / "shared.csv", csvs / "other.csv")
     for metric, (mean_a, mean_b) in pooled.items():  # the pairs' cases pooled: the mean of the two means

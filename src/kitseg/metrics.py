@@ -397,20 +397,21 @@ def per_slice_dice(
 
 
 def labelled_ml(labels: np.ndarray, spacing_mm: Sequence[float]) -> tuple[float, float]:
-    """Volumes in mL labelled kidney (1) and tumor (2), each on its own (KiTS19's kidney region,
-    label > 0, is their sum)."""
+    """Volumes in mL of KiTS19's regions, as :class:`CaseScores` gives them: kidney (label > 0,
+    the tumor within it) and tumor (label 2)."""
     counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=3)
     ml_per_voxel = math.prod(spacing_mm) / 1000.0
-    return float(counts[1] * ml_per_voxel), float(counts[2] * ml_per_voxel)
+    return float(counts[1:].sum() * ml_per_voxel), float(counts[2] * ml_per_voxel)
 
 
 def describe_found(labels: np.ndarray, spacing_mm: Sequence[float]) -> str:
-    """What a segmentation found, in words a reader checks first: ``kidney 281.4 mL, tumor 35.0 mL``,
-    ``kidney 281.4 mL, no tumor``, or ``no kidney found`` (a scan outside the kidneys, or a miss)."""
+    """What a segmentation found, in the regions the scores use: ``kidney 316.4 mL including tumor
+    35.0 mL``, ``kidney 281.4 mL, no tumor``, or ``no kidney found`` (a scan outside the kidneys,
+    or a miss)."""
     kidney, tumor = labelled_ml(labels, spacing_mm)
-    if kidney == 0.0 and tumor == 0.0:
+    if kidney == 0.0:
         return "no kidney found"
-    return f"kidney {kidney:.1f} mL, " + (f"tumor {tumor:.1f} mL" if tumor > 0.0 else "no tumor")
+    return f"kidney {kidney:.1f} mL" + (f" including tumor {tumor:.1f} mL" if tumor > 0.0 else ", no tumor")
 
 
 def _csv_value(value: str | int | float) -> str:

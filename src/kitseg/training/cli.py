@@ -29,10 +29,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     p.add_argument("--val-cases", nargs="+", default=None, help="explicit validation case names")
     p.add_argument("--cache", type=Path, default=None, help="preprocessed-case cache (default: RUN/cache)")
-    p.add_argument("--seed", type=_non_negative_int, default=None)
-    p.add_argument("--stage1-steps", type=_positive_int, default=None)
-    p.add_argument("--stage2-steps", type=_positive_int, default=None)
-    p.add_argument("--steps-per-epoch", type=_positive_int, default=None)
+    p.add_argument("--seed", type=_non_negative_int, default=None,
+                   help="seed of the split, the initial weights and the sampling (default: the preset's)")
+    p.add_argument("--stage1-steps", type=_positive_int, default=None,
+                   help="optimizer steps of stage 1, over all processes (default: the preset's)")
+    p.add_argument("--stage2-steps", type=_positive_int, default=None,
+                   help="optimizer steps of stage 2, over all processes (default: the preset's)")
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                   help="steps between validations and checkpoints (default: the preset's)")
     p.add_argument("--stage2-context-slices", type=_non_negative_int, default=None, metavar="N",
                    help="neighbouring slices on each side that stage 2 also sees (0: the paper's 3-channel input)")
     add_map_labels_argument(p, "train on label values of another convention mapped onto", "as kidney (kept in the run's "
@@ -50,7 +54,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prepare-only", action="store_true",
                    help="prepare the cases into the cache (RUN/cache, or --cache) and stop, e.g. on a CPU node "
                    "before the GPU job: the same command without this flag then trains on them")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
     p.set_defaults(func=cmd_train)
 
 
@@ -122,10 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..device import get_device
 
     try:
-        get_device(args.device, announce=False)  # an unknown or absent device fails now, not after the data is prepared
+        device = get_device(args.device, announce=False)  # an unknown or absent device fails now, not after the data is prepared
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(str(exc)) from None
     rank = process_rank()
+    if device.type == "cpu" and args.preset == "paper" and rank == 0:  # the default: said before hours go
+        logging.getLogger(__name__).warning(
+            "the paper preset (%d + %d steps on the native in-plane grid) is meant for a GPU: on a CPU it runs for "
+            "days; --preset cpu trains a coarser model in about an hour", config.stage1_steps, config.stage2_steps)
     if rank > 0:  # the processes of a run say the same: rank 0 speaks for them, the others only of errors
         logging.getLogger().setLevel(logging.ERROR)
     command = "kits-seg " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -205,7 +205,7 @@ PRESETS: dict[str, TrainConfig] = {
         crop_stage1=None,
         crop_stage2=256,
     ),
-    # CPU-sized: 2 mm in-plane, narrow networks, small crops; 55 min from scratch on 150 phantoms, 2 cores (README).
+    # CPU-sized: 2 mm in-plane, narrow networks, small crops; 38-57 min from scratch on 150 phantoms, 2 cores (README).
     "cpu": TrainConfig(
         preset="cpu",
         preprocessing=PreprocessingConfig(slice_spacing_mm=5.0, inplane_spacing_mm=2.0, context_slices=1),

@@ -511,7 +511,8 @@ def _new_split(by_name: dict[str, StageCase], val_cases: list[str] | None, val_f
     split = _split_names(list(by_name), val_cases, val_fraction, config.seed)
     if not split["train"]:
         raise ConfigError(f"{data_dir}: no case is left to train on ({len(split['validation'])} for validation)")
-    return split, _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
+    return split, _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir,
+                                  len(split["validation"]))
 
 
 def _split_names(names: list[str], val_cases: list[str] | None, val_fraction: float, seed: int) -> dict[str, list]:
@@ -523,17 +524,19 @@ def _split_names(names: list[str], val_cases: list[str] | None, val_fraction: fl
     return {"train": train, "validation": validation, "val_fraction": val_fraction}
 
 
-def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir: Path) -> list[list[StageCase]]:
+def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir: Path,
+                     n_validation: int) -> list[list[StageCase]]:
     """The out-of-fold split of the training cases; an error if a fold would be empty or all of them."""
     folds = out_of_fold_split(train_cases, config.oof_folds)
     if any(not fold or len(fold) == len(train_cases) for fold in folds):
-        _refuse_oof_folds(config, data_dir)
+        _refuse_oof_folds(config, data_dir, len(train_cases), n_validation)
     return folds
 
 
-def _refuse_oof_folds(config: TrainConfig, data_dir: Path) -> NoReturn:
+def _refuse_oof_folds(config: TrainConfig, data_dir: Path, n_train: int, n_validation: int) -> NoReturn:
     raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
-                      f"(--set oof_folds=K; images of one mask count once); this split has fewer")
+                      f"(images of one mask count once); this split trains on {n_train} case(s) and validates on "
+                      f"{n_validation}: add cases, choose fewer with --val-cases, or lower --set oof_folds=K")
 
 
 def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> tuple[dict[str, dict], dict]:
@@ -851,9 +854,9 @@ def train(
         check_val_cases(val_cases, inputs, data_dir)
     new_run = not (run_dir / "config.json").is_file()
     if new_run:  # too few masks to train on for the folds: said before hours of preparation
-        train_names = _split_names([c.name for c in inputs], val_cases, val_fraction, config.seed)["train"]
-        if len({mask_name(n) for n in train_names}) < config.oof_folds:  # an upper bound on the patients
-            _refuse_oof_folds(config, data_dir)
+        split = _split_names([c.name for c in inputs], val_cases, val_fraction, config.seed)
+        if len({mask_name(n) for n in split["train"]}) < config.oof_folds:  # an upper bound on the patients
+            _refuse_oof_folds(config, data_dir, len(split["train"]), len(split["validation"]))
     if not split_path.is_file() and _has_trained(run_dir):
         raise ConfigError(f"{split_path}: is missing, but this run has trained already: which cases it trained and "
                           "validated on is no longer known; restore split.json, or use a new --out folder")
@@ -879,7 +882,7 @@ def train(
                            inputs=inputs, mapping=mapping)
         by_name = {c.name: c for c in cases}
         if split is not None:
-            folds = _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir)
+            folds = _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir, len(split["validation"]))
         else:
             split, folds = _new_split(by_name, val_cases, val_fraction, config, data_dir)
     except (ConfigError, InputError):
