@@ -72,6 +72,7 @@ MAKER_GAP_MS = 20
 
 
 _NOTHING = object()  # no y1 to put back
+MASK_CONTOUR = 2  # the mask's outline width (napari's Labels.contour; 0 fills it, as a user may choose)
 
 
 @dataclass
@@ -908,6 +909,8 @@ class KitsWidget(QWidget):
         kwargs = labels_layer_kwargs(self._result_name(session, "mask"), geometry, geometry.stage_grid.affine,
                                      opacity=0.3)
         layer = self._put_layer(session.mask_layer, mask, "labels", kwargs, spare="mask")
+        if layer is not session.mask_layer:  # new: drawn as its outline, so y1 and the CT show inside it
+            layer.contour, layer.opacity = MASK_CONTOUR, 0.9
         layer.visible = True  # rebuilt: shown again, also where stage 2 had hidden it
         session.mask_layer = layer
         session.mask_written = _checksum(mask)

@@ -96,9 +96,11 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     _wait_mask(qtbot, widget)
     mask_layer = session.mask_layer
     np.testing.assert_array_equal(mask_layer.data, make_mask(session.y1, 0.5, 10.0))
+    assert mask_layer.contour == 2  # an outline: y1 shows inside it
+    mask_layer.contour = 0  # the user fills it: rebuilt masks stay so
     with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
         widget.threshold_spin.setValue(0.0)  # y1 >= 0 everywhere: the whole stage grid
-    assert mask_layer.data.all()
+    assert mask_layer.data.all() and mask_layer.contour == 0
     with qtbot.waitSignal(widget.mask_updated, timeout=RUN_TIMEOUT_MS):
         widget.radius_spin.setValue(2.0)
     np.testing.assert_array_equal(widget._session.mask_layer.data, make_mask(session.y1, 0.0, 2.0))
