@@ -39,7 +39,8 @@ def default_filename(geometry: LayerGeometry, layer_name: str = "") -> str:
     sample's "synthetic case") become underscores."""
     stem = f"prediction_{geometry.case_id}" if geometry.case_id else geometry.ct_name.replace(" ", "_")
     if geometry.source_holds != "ct":  # a result opened from its own file: that name, which is an input
-        return f"{stem}_edited.nii.gz"
+        part = f"_{layer_name.replace(' ', '_')}" if geometry.kind == "probability" and layer_name else ""
+        return f"{stem}{part}_edited.nii.gz"  # one name per class of a _probs file
     edited = "_edited" if "(edited)" in layer_name else ""
     if geometry.kind in _SUFFIX:
         suffix = _SUFFIX[geometry.kind]

@@ -150,7 +150,7 @@ class KitsWidget(QWidget):
         self._worker = None
         self._task = ""
         self._last_refresh = 0.0
-        self._last_step = ""  # the running task's last progress step (where a cancel stopped it)
+        self._ref_mappings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # reference -> its labels, as typed
         self._mask_worker = None
         self._mask_dirty = False
         self._after_mask: Callable[[], None] | None = None
@@ -499,7 +499,7 @@ class KitsWidget(QWidget):
         preds = sorted(labels, key=lambda l: getattr(geometry_of(l), "kind", "") != "labels")
         self._fill(self.ct_combo, cts)
         self._fill(self.gt_combo, gts, pick=_is_reference)
-        self._fill(self.pred_combo, preds, pick=lambda layer: getattr(geometry_of(layer), "kind", None) == "labels")
+        self._fill(self.pred_combo, preds, pick=_is_result)
         self._fill(self.save_combo, saveable[::-1])
         if self._session is not None and self._session.ct_layer not in layers:
             self._drop_session()
@@ -698,7 +698,6 @@ class KitsWidget(QWidget):
         self.progress.setFormat(f"{task}: starting…")
         self.status.setText("")
         self.last_error = ""
-        self._last_step = ""
         self._run_session = self._session
         self._pending_makers = list(makers or [])
         self._next_maker()
@@ -770,6 +769,8 @@ class KitsWidget(QWidget):
         when the result is reported); the note that the model was loaded gives way."""
         html = _escape(text) if color is None else f"<span style='color:{color}'>{_escape(text)}</span>"
         current = self.status.text()
+        if current and "<" not in current:  # plain ("Saved a&b.nii.gz"): kept plain in the HTML
+            current = _escape(current)
         if html in current:
             return
         self.status.setText(html if current in ("", _escape(self._loaded_note())) else f"{current}<br>{html}")
@@ -869,7 +870,6 @@ class KitsWidget(QWidget):
         if p.total > 0:
             self.progress.setValue(round(PROGRESS_STEPS * p.done / p.total))
         self.progress.setFormat(f"{p.step}: {p.done}/{p.total}")
-        self._last_step = p.step
         if p.step == "stage 1" and session is not None:
             if p.done == p.total:
                 session.y1_complete = True
@@ -1023,9 +1023,12 @@ class KitsWidget(QWidget):
         elif task == "run all" and outcome == "cancelled" and session is not None:
             if not stage1_started:
                 self.status.setText("Run all cancelled before it began: nothing was changed.")
-            elif self._last_step in ("prepare", "stage 1"):
+            elif not session.y1_complete:
                 self.status.setText("Run all cancelled in stage 1: y1 holds the slices finished so far; "
                                     "run again to complete.")
+            elif not self._live(session.mask_layer) or session.mask_written is None:
+                self.status.setText("Run all cancelled after stage 1: y1 is complete, the mask was not made; "
+                                    "move the threshold or radius to make it, then run stage 2.")
             else:
                 self.status.setText("Run all cancelled in stage 2: y1 and the mask are complete, the labels were "
                                     "not changed; run stage 2 to finish.")
@@ -1134,7 +1137,10 @@ class KitsWidget(QWidget):
         if reference is not self._scored_reference:
             before, self._scored_reference = self._scored_reference, reference
             self._watch_edits(before, reference)
-        self._outline_once(reference)
+        # What a reference's labels are belongs to that reference: another one is read as its own.
+        self.ref_mapping_edit.setText(self._ref_mappings.get(reference, "") if reference is not None else "")
+        if reference is not None and reference is not self.pred_combo.currentData():  # not a mis-click's
+            self._outline_once(reference)
         self._on_pred_edited()
 
     def _outline_once(self, reference: Any) -> None:
@@ -1159,6 +1165,9 @@ class KitsWidget(QWidget):
     def _on_ref_mapping_changed(self) -> None:
         if self.ref_mapping_edit.isModified():
             self.ref_mapping_edit.setModified(False)
+            reference = self.gt_combo.currentData()
+            if reference is not None:
+                self._ref_mappings[reference] = self.ref_mapping_edit.text()
             self._clear_scores()
             self._on_pred_edited()
 
@@ -1363,7 +1372,10 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_nam
     from kitseg.metrics import kits_scores, per_slice_dice, tumor_detection
 
     if ref_mapping is not None:
-        ref = apply_label_mapping(ref, ref_mapping)
+        try:
+            ref = apply_label_mapping(ref, ref_mapping)
+        except ValueError as error:  # values no label map holds (a brush set to 300)
+            raise ValueError(f"{ref_name}: {error}") from None
         ref_cysts = False  # the mapping says what every value is
     with_cysts = []
     for layer_name, labels, cysts_allowed, is_ref in ((name, pred, pred_cysts, False), (ref_name, ref, ref_cysts, True)):
@@ -1408,6 +1420,17 @@ def _is_reference(layer: Any) -> bool:
     map, or a layer napari-kits did not open (a user's scratch)."""
     geometry = geometry_of(layer)
     return geometry is not None and (geometry.kind == "ground_truth" or geometry.offered_as_reference)
+
+
+def _is_result(layer: Any) -> bool:
+    """A layer to score, chosen without asking: labels a run made, or a result opened from its file
+    (``prediction_00042``, ``NAME_labels``) to correct; not another tool's map or a reference."""
+    from kitseg.io import is_result_name
+
+    geometry = geometry_of(layer)
+    if geometry is None or geometry.kind != "labels":
+        return False
+    return geometry.source_holds == "ct" or is_result_name(getattr(geometry.source, "path", None) or "")
 
 
 def _on_one_grid(a: Any, b: Any) -> bool:

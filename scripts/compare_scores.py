@@ -22,9 +22,9 @@ import numpy as np
 
 METRICS = ("kidney_dice", "tumor_dice", "composite_dice")
 #: Settings of ``kits-seg evaluate`` that change these Dice (reports before 2026-12-07 lack them).
+DICE_SETTINGS = ("label_mapping", "gt_label_mapping", "empty_value")
 #: Below this many paired cases the bootstrap interval says nothing (one case: zero width): no verdict.
 MIN_CASES = 5
-DICE_SETTINGS = ("label_mapping", "gt_label_mapping", "empty_value")
 
 
 def read_scores(path: Path) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
@@ -82,9 +82,13 @@ def main() -> int:
         va = np.array([a[c][metric] for c in cases])
         vb = np.array([b[c][metric] for c in cases])
         diff = vb - va
+        paired = int(np.count_nonzero(~np.isnan(diff)))
+        if paired == 0:  # a reference with no tumor class (evaluate --map-gt-labels): nothing to compare
+            print(f"{metric:<15} not scored")
+            continue
         low, high = paired_bootstrap(diff, args.resamples, rng)
         higher, lower = int(np.sum(diff > 1e-9)), int(np.sum(diff < -1e-9))
-        verdict = ("too few cases to tell" if len(cases) < MIN_CASES else
+        verdict = ("too few cases to tell" if paired < MIN_CASES else
                    "B better" if low > 0 else "A better" if high < 0 else "no clear difference")
         print(f"{metric:<15} {np.nanmean(va):7.4f} {np.nanmean(vb):7.4f} {np.nanmean(diff):+7.4f}  "
               f"[{low:+.4f}, {high:+.4f}]  {higher:>7} / {lower:<7} {verdict}")

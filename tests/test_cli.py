@@ -678,6 +678,7 @@ def test_evaluate_scores_another_tools_kidney_map_as_the_ground_truth(tmp_path, 
         assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--map-gt-labels", "2=1", "3=1", "*=0",
                      "--csv", str(report)]) == 0
     assert "tumor is not scored" in caplog.text
+    assert "own classes" not in caplog.text  # another tool's 1 and 2 are not KiTS19's: no false alarm
     assert "tumor not scored" in capsys.readouterr().out
     row = next(csv.DictReader(report.open()))
     assert float(row["kidney_dice"]) == 1.0  # the prediction's kidney and tumor against the mapped kidneys

@@ -287,6 +287,10 @@ def test_label_mappings_of_other_tools_and_a_reference_without_tumor():
     np.testing.assert_array_equal(apply_label_mapping(labels, label_mapping(["3=1"])), [0, 1, 2, 1, 5, 117])
     with pytest.raises(ConfigError, match=r"label \* is mapped twice"):
         label_mapping(["*=0", "*=1"])
+    with pytest.raises(ConfigError, match=r"-1=0: a label value is 0..255"):  # typed, -1 is no "*"
+        label_mapping({"-1": 0})
+    with pytest.raises(ValueError, match=r"0..255 to be mapped, got 0..258"):  # never wrapped onto a class
+        apply_label_mapping(np.array([0, 258]), totalseg)
     # Tumor is left unlabelled when 2 goes elsewhere and nothing comes to 2.
     assert tumor_left_unlabelled(totalseg) and tumor_left_unlabelled(label_mapping(["2=1"]))
     assert not tumor_left_unlabelled({}) and not tumor_left_unlabelled(label_mapping(["3=1"]))

@@ -310,3 +310,5 @@ def test_save_names_offered_keep_corrections_and_inputs_apart(tmp_path, case_fol
     _save(np.zeros((4, 5, 6), np.uint8), np.eye(4), tmp_path / "scan_labels.nii.gz")
     [(_, kwargs, _)] = read_kits(str(tmp_path / "scan_labels.nii.gz"))
     assert default_filename(geometry_of(kwargs), "scan_labels") == "scan_labels_edited.nii.gz"
+    probs = LayerGeometry("probability", case.source, ct_name="scan_probs", source_holds="probability")
+    assert default_filename(probs, "P(kidney)") != default_filename(probs, "P(tumor)")  # one name per class

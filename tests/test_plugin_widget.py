@@ -600,6 +600,21 @@ def test_another_tools_reference_is_scored_as_its_labels_are_said_to_be(qtbot, v
     assert widget.detection_label.text().startswith("Tumors: not scored.")
     assert "scan_totalseg read as 2=1 3=1 *=0" in widget.detection_label.text()
     np.testing.assert_array_equal(other.data, totalseg)  # the layer itself is not changed
+    # The typed labels belong to that reference: the case's own ground truth is read as KiTS19's.
+    truth_layer = viewer.layers["case_00007 ground truth"]
+    widget.last_scores = None
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(truth_layer))
+    qtbot.waitUntil(lambda: widget.last_scores is not None and widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
+    assert widget.ref_mapping_edit.text() == "" and np.isfinite(widget.last_scores.tumor_dice)
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(other))
+    assert widget.ref_mapping_edit.text() == "2=1 3=1 *=0"
+    # Choosing the prediction itself by mistake is refused, and leaves its look alone.
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(labels))
+    assert labels.contour == 0
+    # A plain status line ("Saved a&b...") stays plain when more is said under it.
+    widget.status.setText("Saved a&b.nii.gz")
+    widget._add_status("More.")
+    assert widget.status.text() == "Saved a&amp;b.nii.gz<br>More."
 
 
 def test_scoring_refuses_a_reference_from_another_ct(qtbot, viewer_widget):
@@ -717,6 +732,8 @@ def test_a_reference_opened_from_a_file_is_chosen_and_outlined(qtbot, make_napar
     reference = viewer.layers[-1]
     widget = KitsWidget(viewer)
     assert widget.set_weights(tiny_kseg)
+    # Opened from a file, a reference (or another tool's map) is not offered as the prediction too.
+    assert widget.gt_combo.currentData() is reference and widget.pred_combo.currentData() is None
     with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
         _run(qtbot, widget, widget.run_all, "run all")
     assert widget.gt_combo.currentData() is reference and reference.contour == 2

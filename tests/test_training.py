@@ -766,6 +766,18 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
     mixed = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), str(tmp_path / "in.csv"),
                             str(tmp_path / "out.csv")], capture_output=True, text=True)
     assert mixed.returncode != 0 and "scored differently (label_mapping '3=1' and '3=0')" in mixed.stderr
+    # Against a reference with no tumor class, tumor is not scored: not compared either.
+    for name in ("kidneys_a.csv", "kidneys_b.csv"):
+        report = list(csv.DictReader((csvs / "other.csv").open()))
+        with (tmp_path / name).open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(report[0]))
+            writer.writeheader()
+            writer.writerows({**row, "tumor_dice": "nan", "composite_dice": "nan"} for row in report)
+    kidneys = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"),
+                              str(tmp_path / "kidneys_a.csv"), str(tmp_path / "kidneys_b.csv")],
+                             capture_output=True, text=True)
+    assert kidneys.returncode == 0 and "tumor_dice      not scored" in kidneys.stdout
+    assert "composite_dice  not scored" in kidneys.stdout and "RuntimeWarning" not in kidneys.stderr
 
     window = dataclasses.replace(run_preprocessing, hu_max=run_preprocessing.hu_max + 100)
     elsewhere = save_bundle(make_tiny_bundle(seed=4, preprocessing=window), tmp_path / "elsewhere.kseg")
@@ -1090,3 +1102,25 @@ def test_a_finished_run_is_kept_as_trained_and_says_what_changed_since(dataset, 
     with pytest.raises(ConfigError, match="lies within the data folder"):
         train(data, data / "case_00000", config, device="cpu", progress=False)
     assert not (data / "case_00000" / "config.json").exists()
+
+
+def test_a_mapping_of_every_other_value_is_kept_and_read_back_as_typed():
+    """``*=0`` (TotalSegmentator's kidneys: 2=1 3=1 *=0) through the CLI's parse, the recipe's JSON
+    and back: the same mapping, the same text, the same cache key."""
+    import json
+
+    from kitseg.cli import parse_map_labels
+    from kitseg.config import OTHER_LABELS
+    from kitseg.io import CaseInput
+    from kitseg.training.config import TrainConfig
+    from kitseg.training.data import _cache_key
+
+    parsed = parse_map_labels(["2=1", "3=1", "*=0"])
+    config = preset("smoke").replace(label_mapping=parsed)
+    assert config.label_mapping == {"2": 1, "3": 1, "*": 0}
+    again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.labels_mapped() == {2: 1, 3: 1, OTHER_LABELS: 0} == parsed
+    case = CaseInput("case_00000", Path(__file__), Path(__file__))
+    assert _cache_key(case, config.preprocessing, again.labels_mapped()) == _cache_key(case, config.preprocessing, parsed)
+    with pytest.raises(ConfigError, match="-1=0: a label value is 0..255"):
+        preset("smoke").replace(label_mapping={"-1": 0})

@@ -78,7 +78,7 @@ def test_a_cache_of_the_earlier_format_is_converted_not_prepared_again(dataset, 
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_corrected_labels_are_prepared_again(dataset, tmp_path):
+def test_corrected_labels_are_prepared_again(dataset, tmp_path, caplog):
     import nibabel as nib
 
     data = tmp_path / "data"
@@ -106,12 +106,20 @@ def test_corrected_labels_are_prepared_again(dataset, tmp_path):
     shutil.copytree(data / "case_00001", tmp_path / "elsewhere" / "case_00001")
     load_cases(tmp_path / "elsewhere", config, cache_dir=cache, progress=False)
     entries = set(cache.glob("case_00001-*"))
-    after = {c.name: c for c in load_cases(data, config, cache_dir=cache, progress=False)}["case_00001"]
+    replaced = {p for p in entries if p.name.startswith(before.cache_stem.name + ".")}
+    assert len(replaced) == 4  # image, labels, JSON and the training mask
+    # A shared cache (--cache): another job may still train on the entry of the labels before the
+    # correction (over NFS, removing it would kill that job): it stays, and the log says so.
+    with caplog.at_level("INFO"):
+        after = {c.name: c for c in load_cases(data, config, cache_dir=cache, progress=False)}["case_00001"]
     assert (before.labels == 2).any() and not (after.labels == 2).any()
     assert (after.labels == 1).sum() > (before.labels == 1).sum()  # the tumor is kidney now
-    # The entry of the labels before the correction, its training mask too, is gone; the others stay.
-    replaced = {p for p in entries if p.name.startswith(before.cache_stem.name + ".")}
-    assert len(replaced) == 4 and not any(p.exists() for p in replaced)
+    assert all(p.exists() for p in replaced)
+    assert f"delete {before.cache_stem.name}.* when none does" in caplog.text
+    # A run's own cache (RUN/cache) prunes it, its training mask too; the others' entries stay.
+    (cache / f"{after.cache_stem.name}.json").unlink()  # prepared again, as a run's own cache would have it
+    load_cases(data, config, cache_dir=cache, progress=False, prune=True)
+    assert not any(p.exists() for p in replaced)
     assert set(cache.glob("case_00001-*")) == entries - replaced | set(cache.glob(f"{after.cache_stem.name}.*"))
     assert len(entries - replaced) == 6  # two entries of three files each
     assert (before.labels == 2).any()  # mapped before: still readable where the system allows it

@@ -313,21 +313,23 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_map_labels_argument(p, "score label values of another convention, in the ground truth and the predictions "
                                "alike, as", "within the kidney region (3=0 leaves them out of it)")
     p.add_argument("--map-gt-labels", nargs="+", default=None, metavar="FROM=TO",
-                   help="the ground truth's label values mapped instead, the predictions' left as they are: "
-                   "another tool's reference, e.g. --map-gt-labels 2=1 3=1 '*=0' for TotalSegmentator's kidneys "
-                   "(* is every other value but 0); where nothing maps to 2, tumor is not scored")
+                   help="the ground truth's label values mapped instead of by --map-labels (which then maps the "
+                   "predictions only): another tool's reference, e.g. --map-gt-labels 2=1 3=1 '*=0' for "
+                   "TotalSegmentator's kidneys (* is every other value but 0); where nothing maps to 2, tumor is "
+                   "not scored")
     p.set_defaults(func=cmd_evaluate)
 
 
-def parse_map_labels(pairs: list[str] | None, option: str = "--map-labels", files: str = "every file") -> dict[int, int]:
-    """``--map-labels`` as {from: to}; remapping a KiTS19 class itself (``2=1``) is allowed, and said."""
+def parse_map_labels(pairs: list[str] | None, option: str = "--map-labels") -> dict[int, int]:
+    """``--map-labels`` as {from: to}; remapping a KiTS19 class itself (``2=1``) is allowed, and said
+    (``--map-gt-labels`` maps another tool's values, whose 1 and 2 are not KiTS19's: not said)."""
     from .config import KITS_LABELS, label_mapping, mapped_class
 
     mapping = label_mapping(pairs, option) if pairs else {}
     own = [f"{k}={mapped_class(mapping, k)}" for k in range(len(KITS_LABELS.names)) if mapped_class(mapping, k) != k]
-    if own:
-        log.warning("%s %s changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in %s",
-                    option, " ".join(own), files)
+    if own and option == "--map-labels":
+        log.warning("--map-labels %s changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in every file",
+                    " ".join(own))
     return mapping
 
 
@@ -335,7 +337,8 @@ def add_map_labels_argument(parser: argparse.ArgumentParser, use: str, cysts: st
     """``--map-labels FROM=TO ...`` (:func:`kitseg.config.label_mapping`), for ``evaluate``, ``train`` and ``phantom``."""
     parser.add_argument("--map-labels", nargs="+", default=None, metavar="FROM=TO",
                         help=f"{use} KiTS19's 0 (background), 1 (kidney), 2 (tumor), e.g. --map-labels 3=1 for "
-                        f"KiTS21/23's cysts {cysts}; the files are not changed")
+                        f"KiTS21/23's cysts {cysts}; '*=TO' maps every value not named but 0; the files are not "
+                        "changed")
 
 
 def _empty_dice(text: str) -> float:
@@ -366,7 +369,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     mapping = parse_map_labels(args.map_labels)
     gt_mapping = (mapping if args.map_gt_labels is None
-                  else parse_map_labels(args.map_gt_labels, "--map-gt-labels", "the ground truth"))
+                  else parse_map_labels(args.map_gt_labels, "--map-gt-labels"))
     pairs, unmatched = match_predictions(args.pred, args.gt)
     if args.csv is not None:
         _check_report_path(args.csv, [p for pair in pairs for p in (pair.prediction, pair.reference)], args.overwrite)

@@ -208,13 +208,15 @@ def label_mapping(pairs: Any, what: str = "--map-labels") -> dict[int, int]:
     mapping: dict[int, int] = {}
     last = len(KITS_LABELS.names) - 1
     for pair, source, target in items:
+        # "*", or the key a parsed mapping keeps for it; a typed -1 is no label value.
+        other = str(source).strip() == "*" or (type(source) is int and source == OTHER_LABELS)
         try:
-            source_value = OTHER_LABELS if str(source).strip() == "*" else int(str(source))
+            source_value = OTHER_LABELS if other else int(str(source))
             target_value = int(str(target))
         except ValueError:
             raise ConfigError(f"{what} {pair}: expected FROM=TO with whole numbers, e.g. 3=1 "
                               "(KiTS21/23's cysts counted as kidney), or *=0 for every other value") from None
-        if not (0 <= source_value <= 255 or source_value == OTHER_LABELS):
+        if not (other or 0 <= source_value <= 255):
             raise ConfigError(f"{what} {pair}: a label value is 0..255")
         if not 0 <= target_value <= last:
             raise ConfigError(f"{what} {pair}: labels map to a KiTS19 class: "
@@ -256,5 +258,8 @@ def apply_label_mapping(labels: Any, mapping: dict[int, int]) -> Any:
 
     if not mapping:
         return labels
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > 255):  # a cast would wrap them onto real classes
+        raise ValueError(f"label values must be in 0..255 to be mapped, got {labels.min()}..{labels.max()}")
     table = np.array([mapped_class(mapping, value) for value in range(256)], dtype=np.uint8)
-    return table[np.asarray(labels, dtype=np.uint8)]
+    return table[labels.astype(np.uint8, copy=False)]

@@ -349,8 +349,9 @@ def aggregate(scores: Sequence[CaseScores]) -> dict[str, float]:
         result[name] = float(finite.mean()) if finite.size else math.nan
         result[f"{name}_n_nan"] = int(values.size - finite.size)
     # Over all tumors, not a mean of per-case rates: a case with three tumors counts three times.
-    total = sum(s.ref_tumors for s in scores)
-    result["tumors_found_rate"] = sum(s.tumors_found for s in scores) / total if total else math.nan
+    # Cases whose tumor is not scored (NaN counts: a reference without a tumor class) count for nothing.
+    total = np.nansum([s.ref_tumors for s in scores])
+    result["tumors_found_rate"] = float(np.nansum([s.tumors_found for s in scores]) / total) if total else math.nan
     return result
 
 

@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             inputs = [c for c in inputs if c.name in in_run]
         cache = cache_folder(args.out, args.cache)
         stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers(),
-                              inputs=inputs, mapping=config.labels_mapped())
+                              inputs=inputs, mapping=config.labels_mapped(), prune=args.cache is None)
         print(f"{len(stems)} cases prepared in {cache}")
         return 0
     from ..device import get_device
@@ -130,7 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(str(exc)) from None
     rank = process_rank()
-    if device.type == "cpu" and args.preset == "paper" and rank == 0:  # the default: said before hours go
+    # The default recipe, on a CPU: said before days go (a few steps, to try it out, are no matter).
+    if device.type == "cpu" and args.preset == "paper" and config.stage1_steps + config.stage2_steps >= 10000 \
+            and rank == 0:
         logging.getLogger(__name__).warning(
             "the paper preset (%d + %d steps on the native in-plane grid) is meant for a GPU: on a CPU it runs for "
             "days; --preset cpu trains a coarser model in about an hour", config.stage1_steps, config.stage2_steps)
