@@ -10,6 +10,7 @@ replace the input CT and write atomically.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ def default_filename(geometry: LayerGeometry, layer_name: str = "") -> str:
     if geometry.source_holds != "ct":  # a result opened from its own file: that name, which is an input
         part = f"_{layer_name.replace(' ', '_')}" if geometry.kind == "probability" and layer_name else ""
         return f"{stem}{part}_edited.nii.gz"  # one name per class of a _probs file
-    edited = "_edited" if "(edited)" in layer_name else ""
+    set_aside = re.search(r"\(edited( \d+)?\)", layer_name)
+    edited = f"_edited{(set_aside.group(1) or '').strip()}" if set_aside else ""
     if geometry.kind in _SUFFIX:
         suffix = _SUFFIX[geometry.kind]
         if geometry.kind == "probability" and layer_name:

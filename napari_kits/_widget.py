@@ -987,7 +987,11 @@ class KitsWidget(QWidget):
         layer, written = getattr(session, layer_attr), getattr(session, checksum_attr)
         if not self._live(layer) or written is None or _checksum(layer.data) == written:
             return None
-        layer.name = f"{layer.name} (edited)"  # its geometry stays with it: it can still be saved
+        # Its geometry stays with it: it can still be saved. A second set-aside is "(edited 2)", not
+        # napari's "(edited) [1]".
+        taken = {other.name for other in self.viewer.layers}
+        layer.name = next(name for n in range(1, len(taken) + 2)
+                          if (name := f"{layer.name} (edited{'' if n == 1 else f' {n}'})") not in taken)
         setattr(session, layer_attr, None)
         setattr(session, checksum_attr, None)
         return layer

@@ -135,6 +135,11 @@ def test_predict_says_which_mask_rule_it_applies(tmp_path, cases, weights, caplo
     assert "--radius 20 is read in stage-grid voxels; this model's own radius is in mm" in caplog.text
     assert "stage-2 mask: y1 >= 0.5 dilated by 20 voxels (the model's: y1 >= 0.5 dilated by 20 mm)" in caplog.text
     caplog.clear()
+    with caplog.at_level("INFO"):  # a unit alone changes nothing for a model in mm: said so
+        assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(mm_model),
+                     "--radius-mm", "--overwrite"]) == 0
+    assert "--radius-mm without --radius: the model's own radius, 20 mm, applies" in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING"):  # replacing the labels alone: the earlier run's intermediates are named
         assert main(["predict", str(cases / "case_00000"), "-o", str(out), "--weights", str(weights),
                      "--save-intermediates", "--overwrite"]) == 0

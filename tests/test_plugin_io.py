@@ -305,7 +305,7 @@ def test_save_names_offered_keep_corrections_and_inputs_apart(tmp_path, case_fol
     assert default_filename(labels, "labels (edited)") == "prediction_00007_edited.nii.gz"  # not the new result's
     scan = LayerGeometry("labels", case.source, ct_name="synthetic case")
     assert default_filename(scan, "labels") == "synthetic_case_labels.nii.gz"
-    assert default_filename(scan, "labels (edited) [1]") == "synthetic_case_labels_edited.nii.gz"
+    assert default_filename(scan, "labels (edited 2)") == "synthetic_case_labels_edited2.nii.gz"  # the second
     # A label map opened from its own file: that name is an input, so the offer is beside it.
     _save(np.zeros((4, 5, 6), np.uint8), np.eye(4), tmp_path / "scan_labels.nii.gz")
     [(_, kwargs, _)] = read_kits(str(tmp_path / "scan_labels.nii.gz"))

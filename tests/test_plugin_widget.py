@@ -506,6 +506,11 @@ def test_a_new_result_never_overwrites_hand_corrections(qtbot, viewer_widget):
     # Left as written, the result is updated in place again.
     _run(qtbot, widget, widget.run_stage2, "stage 2")
     assert widget._session.labels_layer is fresh and reference.contour == 0
+    # Corrected again and run again: a second kept copy, named as such (not napari's "[1]").
+    fresh.data[0, :4, :4] = 1
+    fresh.refresh()
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    assert fresh.name == "labels (edited 2)" and corrected.name == "labels (edited)"
 
 
 def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widget, tmp_path):

@@ -218,6 +218,8 @@ def _say_mask_rule(mask, model_mask, args) -> None:
     if args.radius_mm and args.radius is None and model_mask.radius_unit != "mm":
         log.warning("--radius-mm without --radius reads the model's radius of %g %s as %g mm", model_mask.radius,
                     model_mask.radius_unit, model_mask.radius)
+    if args.radius_mm and args.radius is None and model_mask.radius_unit == "mm":
+        log.info("--radius-mm without --radius: the model's own radius, %g mm, applies", model_mask.radius)
     if mask != model_mask:
         log.info("stage-2 mask: %s (the model's: %s)", mask.describe(), model_mask.describe())
 
