@@ -40,8 +40,9 @@ def default_filename(geometry: LayerGeometry, layer_name: str = "") -> str:
     sample's "synthetic case") become underscores."""
     stem = f"prediction_{geometry.case_id}" if geometry.case_id else geometry.ct_name.replace(" ", "_")
     if geometry.source_holds != "ct":  # a result opened from its own file: that name, which is an input
-        part = f"_{layer_name.replace(' ', '_')}" if geometry.kind == "probability" and layer_name else ""
-        return f"{stem}{part}_edited.nii.gz"  # one name per class of a _probs file
+        # One name per class of a _probs file, whose layers the reader names "NAME_probs P(kidney)".
+        part = layer_name.removeprefix(geometry.ct_name).strip().replace(" ", "_")
+        return f"{stem}{'_' + part if geometry.kind == 'probability' and part else ''}_edited.nii.gz"
     set_aside = re.search(r"\(edited( \d+)?\)", layer_name)
     edited = f"_edited{(set_aside.group(1) or '').strip()}" if set_aside else ""
     if geometry.kind in _SUFFIX:

@@ -150,6 +150,7 @@ class KitsWidget(QWidget):
         self._worker = None
         self._task = ""
         self._last_refresh = 0.0
+        self._run_mask_made = False
         self._ref_mappings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # reference -> its labels, as typed
         self._mask_worker = None
         self._mask_dirty = False
@@ -271,6 +272,7 @@ class KitsWidget(QWidget):
         column.addWidget(_row(self.progress, self.cancel_button))
         self.status = QLabel()
         self.status.setWordWrap(True)
+        self.status.setTextFormat(Qt.RichText)  # always: plain messages are escaped (_say), lines joined with <br>
         column.addWidget(self.status)
 
         # Score
@@ -698,6 +700,7 @@ class KitsWidget(QWidget):
         self.progress.setFormat(f"{task}: starting…")
         self.status.setText("")
         self.last_error = ""
+        self._run_mask_made = False  # this run's mask (Run all): a cancel says what it left
         self._run_session = self._session
         self._pending_makers = list(makers or [])
         self._next_maker()
@@ -769,11 +772,13 @@ class KitsWidget(QWidget):
         when the result is reported); the note that the model was loaded gives way."""
         html = _escape(text) if color is None else f"<span style='color:{color}'>{_escape(text)}</span>"
         current = self.status.text()
-        if current and "<" not in current:  # plain ("Saved a&b.nii.gz"): kept plain in the HTML
-            current = _escape(current)
         if html in current:
             return
         self.status.setText(html if current in ("", _escape(self._loaded_note())) else f"{current}<br>{html}")
+
+    def _say(self, text: str) -> None:
+        """Replace the status line with plain ``text`` (escaped: the line is rich text)."""
+        self.status.setText(_escape(text))
 
     def _show_error(self, text: str) -> None:
         self.last_error = text
@@ -856,10 +861,11 @@ class KitsWidget(QWidget):
             self._show_progress(event)
         elif isinstance(event, ModelReady):
             self._segmenter, self._segmenter_key = event.segmenter, event.key
-            self.status.setText(self._loaded_note())
+            self._say(self._loaded_note())
         elif isinstance(event, Stage1Started):
             self._on_stage1_started(event)
         elif isinstance(event, MaskReady):
+            self._run_mask_made = True
             self._set_mask(event.mask)
             self.mask_updated.emit()
         elif isinstance(event, Stage2Done):
@@ -1021,26 +1027,26 @@ class KitsWidget(QWidget):
         if (task == "stage 1" and outcome == "cancelled" and stage1_started and session is not None
                 and self._live(session.y1_layer)):
             session.y1_layer.refresh()
-            self.status.setText("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
+            self._say("Stage 1 cancelled: y1 holds the slices finished so far; run it again to complete.")
         elif task == "stage 2" and outcome == "cancelled":
-            self.status.setText("Stage 2 cancelled: the labels were not changed.")
+            self._say("Stage 2 cancelled: the labels were not changed.")
         elif task == "run all" and outcome == "cancelled" and session is not None:
             if not stage1_started:
-                self.status.setText("Run all cancelled before it began: nothing was changed.")
+                self._say("Run all cancelled before it began: nothing was changed.")
             elif not session.y1_complete:
-                self.status.setText("Run all cancelled in stage 1: y1 holds the slices finished so far; "
-                                    "run again to complete.")
-            elif not self._live(session.mask_layer) or session.mask_written is None:
-                self.status.setText("Run all cancelled after stage 1: y1 is complete, the mask was not made; "
-                                    "move the threshold or radius to make it, then run stage 2.")
+                self._say("Run all cancelled in stage 1: y1 holds the slices finished so far; run again to complete.")
+            elif not self._run_mask_made:  # a mask still shown is the previous run's, of the previous y1
+                self._say("Run all cancelled after stage 1: y1 is complete and its mask is being made; "
+                          "then run stage 2 to finish.")
+                self.update_mask(now=True)
             else:
-                self.status.setText("Run all cancelled in stage 2: y1 and the mask are complete, the labels were "
-                                    "not changed; run stage 2 to finish.")
+                self._say("Run all cancelled in stage 2: y1 and the mask are complete, the labels were not "
+                          "changed; run stage 2 to finish.")
         elif task == "stage 1" and outcome == "done" and session is not None and session.y1 is not None:
             self._add_status(self._stage1_note(session.y1))
         if self._ct_closed_during_run:
             self._ct_closed_during_run = False
-            self.status.setText(f"{task} stopped: its CT layer was closed.")
+            self._say(f"{task} stopped: its CT layer was closed.")
         if task == "run all" and session is not None and self._live(session.y1_layer):
             session.y1_layer.refresh()
         self.run_finished.emit(task, outcome)
@@ -1241,7 +1247,7 @@ class KitsWidget(QWidget):
         scores, curves, detection, note = result
         if self.last_error:  # what failed before (a painted 5 since erased) is not what the table shows
             self.last_error = ""
-            self.status.setText("Scored.")
+            self._say("Scored.")
         self.last_scores = scores
         self._per_slice = curves
         rows = [
@@ -1330,17 +1336,17 @@ class KitsWidget(QWidget):
         overwrite = False
         if path.exists():
             if not self._confirm_overwrite(path):
-                self.status.setText("Not saved.")
+                self._say("Not saved.")
                 return None
             overwrite = True
         data = np.array(layer.data)  # a snapshot: the user may keep painting while it writes
         worker = create_worker(save_layer, data, geometry, path, overwrite,
                                _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda written: (self.status.setText(f"Saved {written}"), self.saved.emit(str(written))))
+        worker.returned.connect(lambda written: (self._say(f"Saved {written}"), self.saved.emit(str(written))))
         worker.errored.connect(lambda e: self._show_error(f"{layer.name} not saved: {e}"))
         worker.finished.connect(lambda: setattr(self, "_save_worker", None))
         self._save_worker = worker
-        self.status.setText(f"Saving {path.name}…")
+        self._say(f"Saving {path.name}…")
         worker.start()
         return worker
 

@@ -306,4 +306,7 @@ def test_label_mappings_of_other_tools_and_a_reference_without_tumor():
                  "false_tumor_ml"):
         assert math.isnan(getattr(scored, name)), name
     assert math.isnan(aggregate([scored])["tumor_dice"])
+    assert math.isnan(aggregate([scored])["tumors_found_rate"])  # no tumor was counted
+    counted = kits_scores(pred, pred, (10.0, 10.0, 10.0))  # its tumor (1 mL a voxel here) confirmed
+    assert aggregate([scored, counted])["tumors_found_rate"] == 1.0  # the unscored case counts for nothing
     assert kits_scores(pred, ref, (1.0, 1.0, 1.0)).tumor_dice == 0.0  # KiTS19's reading: a false tumor

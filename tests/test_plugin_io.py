@@ -310,5 +310,11 @@ def test_save_names_offered_keep_corrections_and_inputs_apart(tmp_path, case_fol
     _save(np.zeros((4, 5, 6), np.uint8), np.eye(4), tmp_path / "scan_labels.nii.gz")
     [(_, kwargs, _)] = read_kits(str(tmp_path / "scan_labels.nii.gz"))
     assert default_filename(geometry_of(kwargs), "scan_labels") == "scan_labels_edited.nii.gz"
-    probs = LayerGeometry("probability", case.source, ct_name="scan_probs", source_holds="probability")
-    assert default_filename(probs, "P(kidney)") != default_filename(probs, "P(tumor)")  # one name per class
+    # Probability maps opened from their files, named as the reader names them: one name per class.
+    data = np.zeros((4, 5, 6, 3), np.float32)
+    _save(data, np.eye(4), tmp_path / "scan_probs.nii.gz")
+    _save(data[..., 1], np.eye(4), tmp_path / "scan_y1.nii.gz")
+    offered = [default_filename(geometry_of(kw), kw["name"])
+               for path in ("scan_probs.nii.gz", "scan_y1.nii.gz") for _, kw, _ in read_kits(str(tmp_path / path))]
+    assert offered == ["scan_probs_P(kidney)_edited.nii.gz", "scan_probs_P(tumor)_edited.nii.gz",
+                       "scan_y1_edited.nii.gz"]

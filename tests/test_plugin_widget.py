@@ -332,6 +332,34 @@ def test_cancel_stage2_leaves_the_labels_alone(qtbot, viewer_widget, monkeypatch
     assert widget._session.labels_layer is None
 
 
+def test_run_all_cancelled_between_stage_1_and_its_mask_makes_the_mask_of_the_new_y1(qtbot, viewer_widget,
+                                                                                      monkeypatch):
+    """A second Run all stopped after its last stage-1 batch: the mask still shown is the first run's,
+    made from the first y1; it is made again from the new one, and the status says so."""
+    from kitseg.pipeline import Progress, Segmenter
+
+    from napari_kits._tasks import make_mask, mask_spacing
+
+    viewer, widget = viewer_widget
+    _run(qtbot, widget, widget.run_all, "run all")
+    slow = Segmenter._forward_probs
+    monkeypatch.setattr(Segmenter, "_forward_probs", lambda s, n, b, *a: (time.sleep(0.3), slow(s, n, b, *a))[1])
+    widget.batch_spin.setValue(1)
+    widget.threshold_spin.setValue(0.3)  # the new mask differs from the first run's
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        worker = widget.run_all()
+        # Cancelled while the last stage-1 batch runs: the run stops after it, before its mask.
+        worker.yielded.connect(lambda e: widget.cancel() if isinstance(e, Progress) and e.step == "stage 1"
+                               and e.done == e.total - 1 else None)
+    assert blocker.args == ["run all", "cancelled"]
+    session = widget._session
+    assert session.y1_complete
+    assert widget.status.text().startswith("Run all cancelled after stage 1: y1 is complete and its mask is being made")
+    _wait_mask(qtbot, widget)
+    expected = make_mask(session.y1, 0.3, widget.radius_spin.value(), mask_spacing(widget._segmenter, session.prepared))
+    np.testing.assert_array_equal(session.mask_layer.data, expected.mask)
+
+
 def test_model_section_without_default_weights(
     make_napari_viewer, tiny_kseg, tmp_path, isolated_settings, monkeypatch
 ):
@@ -617,9 +645,10 @@ def test_another_tools_reference_is_scored_as_its_labels_are_said_to_be(qtbot, v
     widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(labels))
     assert labels.contour == 0
     # A plain status line ("Saved a&b...") stays plain when more is said under it.
-    widget.status.setText("Saved a&b.nii.gz")
-    widget._add_status("More.")
-    assert widget.status.text() == "Saved a&amp;b.nii.gz<br>More."
+    widget._say("Saved a&b.nii.gz")
+    widget._add_status("More & more.")
+    widget._add_status("Again.")  # what is said is escaped once, however many lines follow
+    assert widget.status.text() == "Saved a&amp;b.nii.gz<br>More &amp; more.<br>Again."
 
 
 def test_scoring_refuses_a_reference_from_another_ct(qtbot, viewer_widget):

@@ -15,7 +15,7 @@ from kitseg.io import InputError, discover_inputs
 from kitseg.morphology import dilate_ball
 from kitseg.training import preset
 from kitseg.training import data as training_data
-from kitseg.training.data import load_cases, training_mask
+from kitseg.training.data import load_cases, settle_replaced_entries, training_mask
 
 
 def _mapped(array: np.ndarray) -> bool:
@@ -108,17 +108,19 @@ def test_corrected_labels_are_prepared_again(dataset, tmp_path, caplog):
     entries = set(cache.glob("case_00001-*"))
     replaced = {p for p in entries if p.name.startswith(before.cache_stem.name + ".")}
     assert len(replaced) == 4  # image, labels, JSON and the training mask
-    # A shared cache (--cache): another job may still train on the entry of the labels before the
-    # correction (over NFS, removing it would kill that job): it stays, and the log says so.
-    with caplog.at_level("INFO"):
-        after = {c.name: c for c in load_cases(data, config, cache_dir=cache, progress=False)}["case_00001"]
+    after = {c.name: c for c in load_cases(data, config, cache_dir=cache, progress=False)}["case_00001"]
     assert (before.labels == 2).any() and not (after.labels == 2).any()
     assert (after.labels == 1).sum() > (before.labels == 1).sum()  # the tumor is kidney now
+    # A shared cache (--cache): another job may still train on the entry of the labels before the
+    # correction (over NFS, removing it would kill that job): it stays, and a warning names it.
+    inputs = discover_inputs(data)
+    with caplog.at_level("WARNING"):
+        settle_replaced_entries(inputs, config, cache, prune=False)
     assert all(p.exists() for p in replaced)
-    assert f"delete {before.cache_stem.name}.* when none does" in caplog.text
+    assert "1 entry of cases whose files changed since stays in this shared cache" in caplog.text
+    assert f"{before.cache_stem.name}.*" in caplog.text
     # A run's own cache (RUN/cache) prunes it, its training mask too; the others' entries stay.
-    (cache / f"{after.cache_stem.name}.json").unlink()  # prepared again, as a run's own cache would have it
-    load_cases(data, config, cache_dir=cache, progress=False, prune=True)
+    settle_replaced_entries(inputs, config, cache, prune=True)
     assert not any(p.exists() for p in replaced)
     assert set(cache.glob("case_00001-*")) == entries - replaced | set(cache.glob(f"{after.cache_stem.name}.*"))
     assert len(entries - replaced) == 6  # two entries of three files each
@@ -200,6 +202,35 @@ def test_prepare_only_fills_the_cache_that_the_training_then_uses(dataset, tmp_p
     monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
     assert main(args) == 0
     assert (run / "model.kseg").is_file()
+
+
+def test_a_runs_own_cache_prunes_what_corrected_labels_replace_and_a_shared_one_keeps_it(dataset, tmp_path, caplog):
+    """kits-seg train --prepare-only, then labels corrected and prepared again: RUN/cache drops the
+    entry of the labels before; a shared --cache keeps it (another job may read it) and names it."""
+    import nibabel as nib
+
+    from kitseg.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    shared = tmp_path / "shared"
+    runs = {"own": (tmp_path / "run", []), "shared": (tmp_path / "run2", ["--cache", str(shared)])}
+    prepare = {name: ["train", "--data", str(data), "--out", str(run), "--preset", "smoke", "--no-progress",
+                      "--prepare-only", *extra] for name, (run, extra) in runs.items()}
+    for args in prepare.values():
+        assert main(args) == 0
+    caches = {"own": tmp_path / "run" / "cache", "shared": shared}
+    before = {name: set(cache.glob("case_00001-*.json")) for name, cache in caches.items()}
+    path = data / "case_00001" / "segmentation.nii.gz"
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 0, image.affine, image.header), path)  # all erased
+    with caplog.at_level("WARNING"):
+        for args in prepare.values():
+            assert main(args) == 0
+    assert not any(p.exists() for p in before["own"])  # the run's own: pruned
+    assert len(list(caches["own"].glob("case_00001-*.json"))) == 1
+    assert all(p.exists() for p in before["shared"]) and len(list(shared.glob("case_00001-*.json"))) == 2
+    assert f"{shared}: 1 entry of cases whose files changed since stays in this shared cache" in caplog.text
 
 
 def test_the_cache_size_is_known_from_the_headers_before_anything_is_prepared(dataset, tmp_path):

@@ -322,7 +322,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def parse_map_labels(pairs: list[str] | None, option: str = "--map-labels") -> dict[int, int]:
+def parse_map_labels(pairs: list[str] | None, option: str = "--map-labels", files: str = "every file") -> dict[int, int]:
     """``--map-labels`` as {from: to}; remapping a KiTS19 class itself (``2=1``) is allowed, and said
     (``--map-gt-labels`` maps another tool's values, whose 1 and 2 are not KiTS19's: not said)."""
     from .config import KITS_LABELS, label_mapping, mapped_class
@@ -330,8 +330,8 @@ def parse_map_labels(pairs: list[str] | None, option: str = "--map-labels") -> d
     mapping = label_mapping(pairs, option) if pairs else {}
     own = [f"{k}={mapped_class(mapping, k)}" for k in range(len(KITS_LABELS.names)) if mapped_class(mapping, k) != k]
     if own and option == "--map-labels":
-        log.warning("--map-labels %s changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in every file",
-                    " ".join(own))
+        log.warning("--map-labels %s changes KiTS19's own classes (0 background, 1 kidney, 2 tumor) in %s",
+                    " ".join(own), files)
     return mapping
 
 
@@ -369,7 +369,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import describe_label_mapping, tumor_left_unlabelled
     from .metrics import DEFAULT_FOUND_SHARE, MIN_TUMOR_ML, aggregate, write_scores_csv
 
-    mapping = parse_map_labels(args.map_labels)
+    mapping = parse_map_labels(args.map_labels, files="the predictions" if args.map_gt_labels else "every file")
     gt_mapping = (mapping if args.map_gt_labels is None
                   else parse_map_labels(args.map_gt_labels, "--map-gt-labels"))
     pairs, unmatched = match_predictions(args.pred, args.gt)

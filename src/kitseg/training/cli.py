@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as exc:  # a value of the wrong kind, e.g. learning_rate="x"
             raise ConfigError(f"--set {', '.join(args.set)}: {exc}" if args.set else str(exc)) from None
     if args.prepare_only:
-        from .data import cache_folder, labelled_inputs, prepare_cases, preparation_workers
+        from .data import cache_folder, labelled_inputs, prepare_cases, preparation_workers, settle_replaced_entries
         from .loop import check_run_folder_outside, check_val_cases, run_case_names
 
         check_run_folder_outside(args.out, args.data)
@@ -120,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             inputs = [c for c in inputs if c.name in in_run]
         cache = cache_folder(args.out, args.cache)
         stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers(),
-                              inputs=inputs, mapping=config.labels_mapped(), prune=args.cache is None)
+                              inputs=inputs, mapping=config.labels_mapped())
+        settle_replaced_entries(inputs, config.preprocessing, cache, config.labels_mapped(), prune=args.cache is None)
         print(f"{len(stems)} cases prepared in {cache}")
         return 0
     from ..device import get_device

@@ -12,7 +12,6 @@ touches, and ``torchrun`` ranks on one machine share the pages instead of holdin
 from __future__ import annotations
 
 import errno
-import functools
 import glob
 import hashlib
 import json
@@ -146,25 +145,43 @@ def _replaced_entries(stem: Path, name: str, source: dict) -> list[Path]:
     return replaced
 
 
-def _settle_replaced_entries(stem: Path, name: str, source: dict, prune: bool) -> None:
-    """Remove the entries ``stem`` replaces where ``prune`` (a run's own cache: no other job reads
-    it, and a KiTS19 case at the paper's grid is tens of MB); in a shared ``--cache`` another job
-    may still be training on one (over NFS, removing it would kill that job): say so instead."""
-    for meta_path in _replaced_entries(stem, name, source):
-        old = meta_path.name[: -len(".json")]
-        files = [meta_path, *stem.parent.glob(f"{glob.escape(old)}.*")]  # the JSON first: no longer prepared
-        if not prune:
-            log.info("%s: the entry of %s's files before they changed stays in this shared cache (%.0f MB), as "
-                     "another run may still read it; delete %s.* when none does", stem.parent, name,
-                     sum(f.stat().st_size for f in files if f.exists()) / 1e6, old)
+def settle_replaced_entries(inputs: list[CaseInput], config: PreprocessingConfig, cache_dir: Path,
+                            mapping: dict[int, int] | None = None, prune: bool = False) -> None:
+    """Once the cases are prepared: remove the entries their present ones replace where ``prune``
+    (a run's own cache: no other job reads it, and a KiTS19 case at the paper's grid is tens of
+    MB); in a shared ``--cache`` another job may still be training on one (over NFS, removing it
+    would kill that job), so they stay, named in a warning for the user to delete."""
+    kept, kept_bytes = [], 0
+    for case in inputs:
+        if case.labels_path is None:
             continue
-        try:
-            for path in files:
-                path.unlink(missing_ok=True)
-        except OSError as exc:  # in use (Windows keeps mapped files): left, said
-            log.warning("%s: could not remove this outdated cache entry (%s)", meta_path, exc.strerror or exc)
-        else:
-            log.info("%s: removed the cache entry of its files before they changed", old)
+        stem = cache_stem(case, config, cache_dir, mapping)
+        if not _is_prepared(stem):  # nothing replaces them yet
+            continue
+        for meta_path in _replaced_entries(stem, case.name, _cache_source(case, config, mapping)):
+            old = meta_path.name[: -len(".json")]
+            # The JSON first: the entry stops looking prepared before its arrays go.
+            files = [meta_path, *(f for f in cache_dir.glob(f"{glob.escape(old)}.*") if f != meta_path)]
+            if not prune:
+                kept.append(f"{old}.*")
+                for f in files:
+                    try:
+                        kept_bytes += f.stat().st_size
+                    except OSError:  # removed meanwhile (another job, the user)
+                        pass
+                continue
+            try:
+                for f in files:
+                    f.unlink(missing_ok=True)
+            except OSError as exc:  # in use (Windows keeps mapped files): left, said
+                log.warning("%s: could not remove this outdated cache entry (%s)", meta_path, exc.strerror or exc)
+            else:
+                log.info("%s: removed the cache entry of its files before they changed", old)
+    if kept:
+        log.warning("%s: %d entr%s of cases whose files changed since stay%s in this shared cache (%.0f MB), as "
+                    "another run may still read them; delete them when none does: %s", cache_dir, len(kept),
+                    "y" if len(kept) == 1 else "ies", "s" if len(kept) == 1 else "", kept_bytes / 1e6,
+                    name_a_few(kept, 3))
 
 
 def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
@@ -204,14 +221,13 @@ def load_stage_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Pat
 
 
 def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir: Path,
-                        mapping: dict[int, int] | None = None, prune: bool = False) -> Path:
+                        mapping: dict[int, int] | None = None) -> Path:
     """Make sure ``cache_dir`` holds the case on the stage grid; returns the stem of its files.
 
     ``STEM.image.npy`` (float16), ``STEM.labels.npy`` (uint8) and ``STEM.json`` (name, spacing, shape),
     the JSON written last, so that a preparation cut short leaves no case that looks complete.
     The stem's key changes with the CT file, the label file, the preprocessing recipe and
     ``mapping`` (label values mapped onto KiTS19's; :func:`kitseg.config.label_mapping`).
-    ``prune``: remove the entry of the case's files before they changed (a run's own cache only).
     """
     stem = cache_stem(case, config, cache_dir, mapping)
     if _is_prepared(stem):
@@ -226,12 +242,10 @@ def prepare_cached_case(case: CaseInput, config: PreprocessingConfig, cache_dir:
         image, labels, spacing = _prepare_arrays(case, config, mapping)
     save_npy(_beside(stem, ".image.npy"), image)
     save_npy(_beside(stem, ".labels.npy"), labels)
-    source = _cache_source(case, config, mapping)
     with atomic_path(_beside(stem, ".json")) as tmp:
         tmp.write_text(json.dumps({"name": case.name, "spacing": list(spacing), "shape": list(image.shape),
-                                   "source": source}))
+                                   "source": _cache_source(case, config, mapping)}))
     legacy.unlink(missing_ok=True)  # converted (the same arrays, now mappable) or out of date
-    _settle_replaced_entries(stem, case.name, source, prune)
     return stem
 
 
@@ -287,8 +301,7 @@ def labelled_inputs(data_dir: Path) -> list[CaseInput]:
 
 def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, progress: bool = True,
                   workers: int = 1, share: tuple[int, int] = (0, 1),
-                  inputs: list[CaseInput] | None = None, mapping: dict[int, int] | None = None,
-                  prune: bool = False) -> list[Path]:
+                  inputs: list[CaseInput] | None = None, mapping: dict[int, int] | None = None) -> list[Path]:
     """Prepare the labelled cases of ``data_dir`` into ``cache_dir``; returns their stems.
 
     ``share=(k, n)``: only every n-th case from the k-th, so that n processes (``torchrun``
@@ -296,7 +309,6 @@ def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, 
     only looked up (no worker starts for them: a resumed run finds them all). ``inputs``: the
     folder's :func:`labelled_inputs`, where the caller has them (found, and warned about, once).
     ``mapping``: label values mapped onto KiTS19's (:func:`kitseg.config.label_mapping`).
-    ``prune``: as for :func:`prepare_cached_case`.
     """
     inputs = (labelled_inputs(data_dir) if inputs is None else inputs)[share[0]::share[1]]
     stems = [cache_stem(c, config, cache_dir, mapping) for c in inputs]
@@ -304,8 +316,7 @@ def prepare_cases(data_dir: Path, config: PreprocessingConfig, cache_dir: Path, 
     if missing:
         needed = sum(_stage_voxels(c, config) for c in missing) * _CACHE_BYTES_PER_VOXEL
         require_free_space(cache_dir, needed, f"preparing {len(missing)} case(s) into the cache")
-    _each_case(functools.partial(prepare_cached_case, prune=prune), missing, config, cache_dir, progress, workers,
-               mapping)
+    _each_case(prepare_cached_case, missing, config, cache_dir, progress, workers, mapping)
     return stems
 
 
@@ -324,19 +335,19 @@ def _stage_voxels(case: CaseInput, config: PreprocessingConfig) -> int:
 
 def load_cases(
     data_dir: Path, config: PreprocessingConfig, cache_dir: Path | None, progress: bool = True, workers: int = 1,
-    inputs: list[CaseInput] | None = None, mapping: dict[int, int] | None = None, prune: bool = False,
+    inputs: list[CaseInput] | None = None, mapping: dict[int, int] | None = None,
 ) -> list[StageCase]:
     """Every case with labels in ``data_dir``, on the stage grid (cached; ``workers`` processes).
 
     With a cache, the workers write the cases there and this process maps them: nothing large
-    travels between processes, and the cases take no memory of their own. ``inputs``,
-    ``mapping`` and ``prune``: as for :func:`prepare_cases`.
+    travels between processes, and the cases take no memory of their own. ``inputs`` and
+    ``mapping``: as for :func:`prepare_cases`.
     """
     inputs = labelled_inputs(data_dir) if inputs is None else inputs
     if cache_dir is not None:
         return [open_cached_case(stem)
                 for stem in prepare_cases(data_dir, config, cache_dir, progress, workers, inputs=inputs,
-                                          mapping=mapping, prune=prune)]
+                                          mapping=mapping)]
     return _each_case(load_stage_case, inputs, config, None, progress, workers, mapping)
 
 

@@ -64,6 +64,7 @@ from .data import (
     preparation_workers,
     random_affine_grids,
     save_npy,
+    settle_replaced_entries,
     source_keys,
     split_cases,
     training_mask,
@@ -866,7 +867,6 @@ def train(
         _check_init(run_dir, init_record)
     _barrier(info)
     cache = cache_folder(run_dir, cache_dir)
-    own_cache = cache_dir is None  # RUN/cache: no other job reads it, so replaced entries can go
     mapping = config.labels_mapped()
     split = _read_run_json(split_path) if split_path.is_file() else None
     if split is not None:
@@ -877,10 +877,12 @@ def train(
         workers = preparation_workers(info.world_size)
         if info.world_size > 1:  # the processes of a run prepare their shares, then each maps them all
             prepare_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
-                          share=(info.rank, info.world_size), inputs=inputs, mapping=mapping, prune=own_cache)
+                          share=(info.rank, info.world_size), inputs=inputs, mapping=mapping)
             _barrier(info)
         cases = load_cases(Path(data_dir), config.preprocessing, cache, progress and info.is_main, workers,
-                           inputs=inputs, mapping=mapping, prune=own_cache)
+                           inputs=inputs, mapping=mapping)
+        if info.is_main:  # every case prepared and mapped: what they replace goes, or is named
+            settle_replaced_entries(inputs, config.preprocessing, cache, mapping, prune=cache_dir is None)
         by_name = {c.name: c for c in cases}
         if split is not None:
             folds = _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir, len(split["validation"]))
