@@ -1147,6 +1147,8 @@ class KitsWidget(QWidget):
         if reference is not self._scored_reference:
             before, self._scored_reference = self._scored_reference, reference
             self._watch_edits(before, reference)
+            if before is not None and self.ref_mapping_edit.isModified():  # typed, not yet entered: kept
+                self._ref_mappings[before] = self.ref_mapping_edit.text()
         # What a reference's labels are belongs to that reference: another one is read as its own.
         self.ref_mapping_edit.setText(self._ref_mappings.get(reference, "") if reference is not None else "")
         if reference is not None and reference is not self.pred_combo.currentData():  # not a mis-click's
@@ -1392,7 +1394,7 @@ def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_nam
         values = KITS_LABELS.stray_values(labels)
         stray = [v for v in values if not (cysts_allowed and v == KITS21_CYST)]
         if stray:
-            fix = ("say what its labels are beside the reference (TotalSegmentator's kidneys: 2=1 3=1 *=0; "
+            fix = ("type what its labels are under 'Its labels' (TotalSegmentator's kidneys: 2=1 3=1 *=0; "
                    "KiTS21/23's cysts: 3=1), or paint" if is_ref else "paint")
             raise ValueError(f"{layer_name} holds label {name_a_few(stray, 8)}"
                              f"{' after its mapping' if is_ref and ref_mapping else ''}: KiTS19 labels are 0 "

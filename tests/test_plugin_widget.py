@@ -615,7 +615,8 @@ def test_another_tools_reference_is_scored_as_its_labels_are_said_to_be(qtbot, v
     widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(other))
     assert other.contour == 2  # chosen by hand: outlined too
     qtbot.waitUntil(lambda: widget._score_worker is None and not widget._score_timer.isActive(), timeout=RUN_TIMEOUT_MS)
-    assert "scan_totalseg holds label 3, 5" in widget.last_error and "2=1 3=1 *=0" in widget.last_error
+    assert "scan_totalseg holds label 3, 5" in widget.last_error
+    assert "type what its labels are under 'Its labels' (TotalSegmentator's kidneys: 2=1 3=1 *=0" in widget.last_error
     widget.ref_mapping_edit.setText("2=1, 3:1")
     widget.ref_mapping_edit.setModified(True)
     widget.ref_mapping_edit.editingFinished.emit()
@@ -641,6 +642,11 @@ def test_another_tools_reference_is_scored_as_its_labels_are_said_to_be(qtbot, v
     assert widget.ref_mapping_edit.text() == "" and np.isfinite(widget.last_scores.tumor_dice)
     widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(other))
     assert widget.ref_mapping_edit.text() == "2=1 3=1 *=0"
+    widget.ref_mapping_edit.setText("2=1 3=1 4=0 *=0")  # typed, not entered, when the reference changes
+    widget.ref_mapping_edit.setModified(True)
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(truth_layer))
+    widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(other))
+    assert widget.ref_mapping_edit.text() == "2=1 3=1 4=0 *=0"  # not lost
     # Choosing the prediction itself by mistake is refused, and leaves its look alone.
     widget.gt_combo.setCurrentIndex(widget.gt_combo.findData(labels))
     assert labels.contour == 0
