@@ -15,7 +15,7 @@
 #    generator's default of 2026-11-29) from round 2's model; the shipped
 #    model is its stage 1 with an ensemble of round 2's and round 3's stage 2 (the mean of their
 #    probabilities; scripts/combine_stages.py, docs/model_studies.md);
-# 3c. round 4 (shipped 2026-12-04 until round 5): round 3's stage 1 kept; stage 2 trained from round
+# 3c. round 4 (trained 2026-12-04, shipped 2026-12-05 until round 5): round 3's stage 1 kept; stage 2 trained from round
 #    2's on both phantom generations with extra small tumors in the training masks (the blob-medulla
 #    generator of round 3 and today's default, pyramids and a range of bone densities), its
 #    out-of-fold y1 from the fold models of run_xt_r20 (docs/model_studies.md: "stage 2 trained with the
@@ -62,6 +62,7 @@ cd "$(dirname "$0")/.."
 MASKS=${1:-../shared/data/kits19}
 WORK=${2:-work_data}
 KITS=".venv/bin/kits-seg"
+[ -x "$KITS" ] || bash scripts/setup.sh  # a fresh clone: the environment the README's commands make
 VAL=$(seq -f "case_%05g" 120 149)
 PHANTOM_WORKERS=${PHANTOM_WORKERS:-2}  # processes drawing phantoms (peak 0.7-1.8 GB each)
 # Every shipped network trained in float32 (its provenance says so); a CPU with bfloat16 in

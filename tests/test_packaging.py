@@ -30,3 +30,15 @@ def test_shipped_model_and_its_card_are_package_data():
     weights = REPO / "src" / "kitseg" / "weights"
     assert (weights / "default.kseg").stat().st_size < 20_000_000  # "small enough to ship" (aim under 20 MB)
     assert "CC BY-NC-SA 4.0" in (weights / "MODEL_CARD.md").read_text()
+
+
+def test_the_weights_licence_ships_and_the_metadata_says_both_licences():
+    """The code is BSD-3-Clause, the weights CC BY-NC-SA 4.0 (derived from KiTS19): both said where
+    a package index or a user's pip reads them, the weights' text beside them."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    assert config["metadata"]["license"] == "BSD-3-Clause AND CC-BY-NC-SA-4.0"
+    files = config["metadata"]["license_files"].split()
+    assert files == ["LICENSE", "src/kitseg/weights/WEIGHTS_LICENSE.md"] and all((REPO / f).is_file() for f in files)
+    text = (REPO / "src" / "kitseg" / "weights" / "WEIGHTS_LICENSE.md").read_text()
+    assert "CC BY-NC-SA 4.0" in text and "KiTS19" in text and "Heller" in text  # installed with weights/*.md

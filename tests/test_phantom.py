@@ -706,3 +706,26 @@ def test_scores_by_draw_groups_scores_by_each_cases_record(tmp_path: Path, label
     (phantoms / "case_00002" / "phantom.json").unlink()
     failed = subprocess.run([sys.executable, str(script), str(csv_path), str(phantoms)], capture_output=True, text=True)
     assert failed.returncode != 0 and "case_00002/phantom.json: not found" in failed.stderr
+
+
+def test_an_interrupted_commands_workers_stop_at_once_not_after_their_case() -> None:
+    """Ctrl-C or SIGTERM while workers draw phantoms (or prepare training cases): they are stopped,
+    not left a minute to finish, nor orphaned by a second signal that kills their parent."""
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kitseg.parallel import stop_workers
+
+    pool = ProcessPoolExecutor(max_workers=2)
+    try:
+        running = [pool.submit(time.sleep, 60) for _ in range(2)]  # two cases being drawn
+        deadline = time.monotonic() + 30
+        while not all(f.running() for f in running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        processes = list(pool._processes.values())
+        start = time.monotonic()
+        stop_workers(pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    assert time.monotonic() - start < 20  # not the 60 s their work would take
+    assert all(not p.is_alive() for p in processes)

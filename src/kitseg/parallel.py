@@ -15,3 +15,19 @@ def one_blas_thread() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)  # lasts for the worker's life
+
+
+def stop_workers(pool) -> None:
+    """Stop a ``ProcessPoolExecutor``'s workers now: the command was interrupted (Ctrl-C, SIGTERM).
+
+    Left to finish, each would draw or prepare its case for up to a minute more, and a second
+    signal (which kills the parent) would orphan them, still drawing. What they write goes to a
+    temporary name first, so nothing is lost but their time. Python before 3.14 has no public
+    way (``terminate_workers``), hence the executor's own process table.
+    """
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()

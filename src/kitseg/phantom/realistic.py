@@ -30,7 +30,7 @@ from scipy import ndimage
 from ..config import apply_label_mapping, label_mapping_text
 from ..geometry import Volume, voxel_spacing
 from ..io import InputError, name_a_few, read_labels
-from ..parallel import one_blas_thread
+from ..parallel import one_blas_thread, stop_workers
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
 from .anatomy import build_abdomen, find_kidneys, make_frame
@@ -517,8 +517,11 @@ def _draw_cases(todo: list[tuple], workers: int) -> Iterator[tuple[Path, str | N
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 yield future.result()  # any other error of a worker is raised here
+    except (KeyboardInterrupt, GeneratorExit):  # stopped: the cases being drawn are left (a rerun draws them)
+        stop_workers(pool)
+        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # a case being drawn is finished (written atomically)
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: the cases being drawn are finished
 
 
 def generate_phantom_dataset(

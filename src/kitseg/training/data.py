@@ -32,7 +32,7 @@ from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig, 
 from ..geometry import source_grid_for
 from ..io import CaseInput, InputError, discover_inputs, name_a_few, read_ct, read_labels
 from ..morphology import dilate_ball
-from ..parallel import one_blas_thread
+from ..parallel import one_blas_thread, stop_workers
 from ..pipeline import neighbour_indices
 from ..preprocess import StageGrid, prepare
 from .config import TUMOR_SAMPLING
@@ -363,7 +363,11 @@ def _each_case(func, inputs: list[CaseInput], config: PreprocessingConfig, cache
         return [func(c, config, cache_dir, mapping) for c in tqdm(inputs, **bar)]
     with ProcessPoolExecutor(max_workers=min(workers, len(inputs)), initializer=one_blas_thread) as pool:
         n = len(inputs)
-        return list(tqdm(pool.map(func, inputs, [config] * n, [cache_dir] * n, [mapping] * n), **bar))
+        try:
+            return list(tqdm(pool.map(func, inputs, [config] * n, [cache_dir] * n, [mapping] * n), **bar))
+        except KeyboardInterrupt:  # stopped: the cases being prepared are left (the next run prepares them)
+            stop_workers(pool)
+            raise
 
 
 def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
