@@ -729,3 +729,33 @@ def test_an_interrupted_commands_workers_stop_at_once_not_after_their_case() -> 
         pool.shutdown(wait=True, cancel_futures=True)
     assert time.monotonic() - start < 20  # not the 60 s their work would take
     assert all(not p.is_alive() for p in processes)
+
+
+def test_a_training_runs_record_of_its_phantoms_redraws_them(tmp_path: Path, label_map) -> None:
+    """training.data.phantom_draws (a model's provenance "phantoms"): each case's seed and parameter
+    set, which with its mask redraw the case voxel for voxel; real cases are not in it."""
+    from kitseg.config import label_mapping
+    from kitseg.io import discover_inputs
+    from kitseg.phantom import PhantomParams
+    from kitseg.phantom.realistic import generate_phantom_case
+    from kitseg.training.data import phantom_draws
+
+    labels, spacing = label_map
+    masks = tmp_path / "masks"
+    for case in ("case_00001", "case_00002"):
+        _save_mask(masks / case / "segmentation.nii.gz", labels, _kits_affine(spacing))
+    data = tmp_path / "data"
+    generate_phantom_dataset(masks, data, cases=["case_00001"], seed=3, progress=False)
+    bright = PhantomParams.from_dict({"extra_tumors": [1, 1]})
+    generate_phantom_dataset(masks, data, cases=["case_00002"], seed=7, progress=False, params=bright)
+    make_synthetic_case(shape=(8, 20, 20), seed=0).save_case_folder(data / "case_00009")  # no record: real, say
+    draws = phantom_draws(discover_inputs(data))
+    assert set(draws["cases"]) == {"case_00001", "case_00002"} and len(draws["params"]) == 2
+    seed, index = draws["cases"]["case_00002"]
+    drawn = draws["params"][index]
+    again = generate_phantom_case(masks / "case_00002" / "segmentation.nii.gz", tmp_path / "again", seed,
+                                  PhantomParams.from_dict(drawn["params"]), label_mapping(drawn["label_mapping"]))
+    for name in ("imaging.nii.gz", "segmentation.nii.gz"):
+        np.testing.assert_array_equal(np.asarray(nib.load(again / name).dataobj),
+                                      np.asarray(nib.load(data / "case_00002" / name).dataobj))
+    assert phantom_draws(discover_inputs(data)[-1:]) is None  # real data only: nothing to record

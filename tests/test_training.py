@@ -1014,7 +1014,13 @@ def test_label_values_of_another_convention_train_once_mapped(dataset, tmp_path,
     with pytest.raises(InputError, match="holds label 3"):
         train(data, run, config, device="cpu", progress=False)
     assert not (run / "config.json").exists()  # refused before training: the fix it names may use the same --out
+    # Two of the cases carry a phantom's record (as kits-seg phantom writes it): the model keeps how they were drawn.
+    for name, seed in (("case_00000", 11), ("case_00003", 12)):
+        (data / name / "phantom.json").write_text(json.dumps({"case_seed": seed, "params": {"extra_tumors": [0, 0]}}))
     train(data, run, mapped, device="cpu", progress=False)
+    drawn = read_metadata(run / "model.kseg")["provenance"]["phantoms"]
+    assert drawn == {"params": [{"params": {"extra_tumors": [0, 0]}, "label_mapping": {}}],
+                     "cases": {"case_00000": [11, 0], "case_00003": [12, 0]}}
     cached = {c.name: c for c in load_cases(data, config.preprocessing, run / "cache", progress=False,
                                             mapping=mapped.labels_mapped())}
     np.testing.assert_array_equal(cached["case_00002"].labels, expected["case_00002"])

@@ -284,6 +284,27 @@ def preparation_workers(processes: int = 1) -> int:
     return max(1, min(8, cores // processes))
 
 
+def phantom_draws(inputs: list[CaseInput]) -> dict | None:
+    """How the synthetic cases among ``inputs`` were drawn, from their ``phantom.json``: the distinct
+    parameter sets, and each case's seed with the index of its set. With the masks, that redraws
+    every case (``kits-seg phantom``), so a model's provenance says what it learnt from, not only
+    the data folder's name. None when no case is a phantom (real data)."""
+    params: list[dict] = []
+    cases: dict[str, list[int]] = {}
+    for case in inputs:
+        record_path = case.image_path.parent / "phantom.json"
+        try:
+            record = json.loads(record_path.read_text())
+            drawn = {"params": record["params"], "label_mapping": record.get("label_mapping") or {}}
+            seed = int(record["case_seed"])
+        except (OSError, ValueError, KeyError, TypeError):  # not a phantom, or no record of it
+            continue
+        if drawn not in params:
+            params.append(drawn)
+        cases[case.name] = [seed, params.index(drawn)]
+    return {"params": params, "cases": cases} if cases else None
+
+
 def labelled_inputs(data_dir: Path) -> list[CaseInput]:
     """The training folder's cases that have ground truth; an error names the folder if there are none."""
     if Path(data_dir).is_file():

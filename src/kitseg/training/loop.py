@@ -60,6 +60,7 @@ from .data import (
     load_cases,
     mask_name,
     out_of_fold_split,
+    phantom_draws,
     prepare_cases,
     preparation_workers,
     random_affine_grids,
@@ -914,6 +915,9 @@ def train(
     }
     if init_record is not None:
         provenance["init_from"] = init_record
+    draws = phantom_draws([c for c in inputs if c.name in by_name])
+    if draws is not None:  # synthetic cases: how each was drawn, so the model says what it learnt from
+        provenance["phantoms"] = draws
     if info.is_main:  # every command that trained this run: one that resumed it may differ in processes or device
         provenance["invocations"] = _record_invocation(
             run_dir, {k: provenance[k] for k in ("date", "command", "processes", "device", "precision")})
