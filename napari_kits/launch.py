@@ -26,6 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def close_notifications() -> None:
+    """Close napari's notification toasts (a deprecation warning, say): in a screenshot they would
+    cover the canvas."""
+    from qtpy.QtWidgets import QApplication
+
+    for toast in QApplication.allWidgets():
+        if type(toast).__name__ == "NapariQtNotification":
+            toast.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -57,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             # The whole case and the widget, not napari's small default window (Xvfb has no window manager).
             screen = QApplication.primaryScreen().availableGeometry()
             viewer.window.resize(min(screen.width(), 1600), min(screen.height(), 1050))
-            for toast in QApplication.allWidgets():  # napari's notification toasts would cover the canvas
-                if type(toast).__name__ == "NapariQtNotification":
-                    toast.close()
+            close_notifications()
             QApplication.processEvents()
             viewer.reset_view()
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_kits._registration import PLUGIN_NAME, WIDGET_NAME, ensure_registered
+    from napari_kits.launch import close_notifications
 
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_registered()
@@ -88,9 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         # The widget's own status line shows, as a user sees it; the caption goes to the log (and docs).
         if caption:
             logging.info("%s: %s", name, caption)
-        for toast in app.allWidgets():  # napari's notification toasts would cover the canvas
-            if type(toast).__name__ == "NapariQtNotification":
-                toast.close()
+        close_notifications()
         _wait(app, lambda: True)
         path = args.out / f"{name}.png"
         viewer.screenshot(str(path), canvas_only=False)

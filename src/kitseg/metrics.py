@@ -150,6 +150,10 @@ def _check_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
     return values
 
 
+def _ml_per_voxel(spacing_mm: Sequence[float]) -> float:
+    return math.prod(spacing_mm) / 1000.0  # mm^3 -> mL
+
+
 def kits_scores(
     pred_labels: np.ndarray,
     ref_labels: np.ndarray,
@@ -199,7 +203,7 @@ def kits_scores(
 
     kidney = _dice_from_counts(both_k, pred_k, ref_k, empty_value)
     tumor = _dice_from_counts(both_t, pred_t, ref_t, empty_value)
-    ml_per_voxel = math.prod(spacing) / 1000.0  # mm^3 -> mL
+    ml_per_voxel = _ml_per_voxel(spacing)
     if not tumor_scored:
         unscored = dict.fromkeys(("tumor_dice", "composite_dice", "ref_tumor_ml", "ref_tumors", "tumors_found",
                                   "false_tumors", "false_tumor_ml"), math.nan)
@@ -317,7 +321,7 @@ def tumor_detection(
         raise ValueError(f"found_share must be in (0, 1], got {found_share!r}")
     if not min_ml >= 0.0:
         raise ValueError(f"min_ml must be >= 0, got {min_ml!r}")
-    ml_per_voxel = math.prod(spacing) / 1000.0
+    ml_per_voxel = _ml_per_voxel(spacing)
     ref_size, ref_labelled = _pieces_and_overlap(ref_labels, pred_labels)
     pred_size, pred_on_ref = _pieces_and_overlap(pred_labels, ref_labels)
     counted = ref_size * ml_per_voxel >= min_ml
@@ -401,7 +405,7 @@ def labelled_ml(labels: np.ndarray, spacing_mm: Sequence[float]) -> tuple[float,
     """Volumes in mL of KiTS19's regions, as :class:`CaseScores` gives them: kidney (label > 0,
     the tumor within it) and tumor (label 2)."""
     counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=3)
-    ml_per_voxel = math.prod(spacing_mm) / 1000.0
+    ml_per_voxel = _ml_per_voxel(spacing_mm)
     return float(counts[1:].sum() * ml_per_voxel), float(counts[2] * ml_per_voxel)
 
 

@@ -118,10 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         in_run = run_case_names(args.out, config)  # a run begun already: its recipe and cases
         if in_run is not None:
             inputs = [c for c in inputs if c.name in in_run]
-        cache = cache_folder(args.out, args.cache)
+        cache, mapping = cache_folder(args.out, args.cache), config.labels_mapped()
         stems = prepare_cases(args.data, config.preprocessing, cache, not args.no_progress, preparation_workers(),
-                              inputs=inputs, mapping=config.labels_mapped())
-        settle_replaced_entries(inputs, config.preprocessing, cache, config.labels_mapped(), prune=args.cache is None)
+                              inputs=inputs, mapping=mapping)
+        settle_replaced_entries(inputs, config.preprocessing, cache, mapping, prune=args.cache is None)
         print(f"{len(stems)} cases prepared in {cache}")
         return 0
     from ..device import get_device

@@ -915,7 +915,7 @@ def train(
     }
     if init_record is not None:
         provenance["init_from"] = init_record
-    draws = phantom_draws([c for c in inputs if c.name in by_name])
+    draws = phantom_draws(inputs)  # the cases prepared: the split's
     if draws is not None:  # synthetic cases: how each was drawn, so the model says what it learnt from
         provenance["phantoms"] = draws
     if info.is_main:  # every command that trained this run: one that resumed it may differ in processes or device
