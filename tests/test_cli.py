@@ -808,3 +808,50 @@ def test_a_ctrl_c_dropped_in_a_finalizer_is_raised_at_the_next_check():
             raise_if_stop_requested()
     raise_if_stop_requested()  # outside the block nothing is pending
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_kits21_and_nnunet_layouts_are_predicted_and_scored_as_case_folders_are(tmp_path, cases, weights, capsys,
+                                                                               caplog):
+    """KiTS21 keeps its reference as aggregated_MAJ_seg.nii.gz; nnU-Net's raw layout names a CT
+    imagesTr/NAME_0000.nii.gz and its labels labelsTr/NAME.nii.gz. Both score as KiTS19's folders."""
+    kits21, nnunet = tmp_path / "kits21", tmp_path / "Dataset220_KiTS"
+    (nnunet / "imagesTr").mkdir(parents=True)
+    (nnunet / "labelsTr").mkdir()
+    for case in ("case_00000", "case_00001"):
+        (kits21 / case).mkdir(parents=True)
+        shutil.copy(cases / case / "imaging.nii.gz", kits21 / case / "imaging.nii.gz")
+        shutil.copy(cases / case / "segmentation.nii.gz", kits21 / case / "aggregated_MAJ_seg.nii.gz")
+        shutil.copy(cases / case / "imaging.nii.gz", nnunet / "imagesTr" / f"{case}_0000.nii.gz")
+        shutil.copy(cases / case / "segmentation.nii.gz", nnunet / "labelsTr" / f"{case}.nii.gz")
+    # An annotator's own map beside the majority vote is not the reference.
+    empty = nib.load(str(cases / "case_00000" / "segmentation.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(empty.shape, np.uint8), empty.affine), str(kits21 / "case_00000" /
+                                                                               "aggregated_OR_seg.nii.gz"))
+
+    reference = tmp_path / "reference.csv"
+    assert main(["predict", str(cases), "-o", str(tmp_path / "ref_pred"), "--weights", str(weights)]) == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "ref_pred"), "--gt", str(cases), "--csv", str(reference)]) == 0
+    expected = [(r["case"], r["kidney_dice"], r["tumor_dice"]) for r in csv.DictReader(reference.open())][:2]
+
+    layouts = {"kits21": (kits21, kits21, ["prediction_00000.nii.gz", "prediction_00001.nii.gz"]),
+               "nnunet": (nnunet / "imagesTr", nnunet / "labelsTr",
+                          ["case_00000_0000_labels.nii.gz", "case_00001_0000_labels.nii.gz"])}
+    for layout, (data, gt, written) in layouts.items():
+        out = tmp_path / f"pred_{layout}"
+        assert main(["predict", str(data), "-o", str(out), "--weights", str(weights)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == written
+        report = tmp_path / f"{layout}.csv"
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(["evaluate", "--pred", str(out), "--gt", str(gt), "--csv", str(report)]) == 0
+        assert "not scored" not in caplog.text
+        assert [(r["case"], r["kidney_dice"], r["tumor_dice"]) for r in csv.DictReader(report.open())][:2] == expected
+    # nnU-Net's data set folder itself holds no CT: said which of its folders does.
+    assert main(["predict", str(nnunet), "-o", str(tmp_path / "nothing"), "--weights", str(weights)]) == 2
+    said = capsys.readouterr().err
+    assert "Dataset220_KiTS: no CT found" in said and "nnU-Net's layout: give its imagesTr folder" in said
+    # One KiTS21 case folder as the ground truth.
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred_kits21" / "prediction_00001.nii.gz"),
+                 "--gt", str(kits21 / "case_00001")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("case_00001 ")

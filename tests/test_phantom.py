@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -221,6 +222,18 @@ def test_dataset_seeds_do_not_depend_on_order_and_skip_existing(tmp_path: Path, 
     assert (both[0] / "imaging.nii.gz").stat().st_mtime_ns == stamp
     generate_phantom_dataset(masks, tmp_path / "all", cases=["case_00001"], seed=9, progress=False, overwrite=True)
     assert (both[0] / "imaging.nii.gz").stat().st_mtime_ns != stamp
+
+    # KiTS21's masks (aggregated_MAJ_seg.nii.gz, the annotators' majority vote) draw the same cases.
+    kits21 = tmp_path / "kits21"
+    for case in ("case_00001", "case_00002"):
+        (kits21 / case).mkdir(parents=True)
+        shutil.copy(masks / case / "segmentation.nii.gz", kits21 / case / "aggregated_MAJ_seg.nii.gz")
+    from_kits21 = generate_phantom_dataset(kits21, tmp_path / "from_kits21", seed=9, progress=False)
+    assert [p.name for p in from_kits21] == ["case_00001", "case_00002"]
+    np.testing.assert_array_equal(read(from_kits21[1]), read(both[1]))
+    with pytest.raises(FileNotFoundError, match=r"no segmentation.nii.gz \(or KiTS21's aggregated_MAJ_seg.nii.gz\) "
+                                                r"for case\(s\) case_00003"):
+        generate_phantom_dataset(kits21, tmp_path / "none", cases=["case_00003"], progress=False)
 
 
 def test_workers_draw_the_same_images_and_name_a_bad_mask(tmp_path: Path, label_map) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,17 @@ def test_case_folder_gives_ct_and_ground_truth(case_folder, small_case):
     assert gt_kwargs["name"] == "case_00007 ground truth"
     assert geometry_of(gt_kwargs).case_id == "00007"
     assert gt_kwargs["colormap"][1] == LABEL_COLORS[1]
+
+
+def test_a_kits21_case_folder_opens_with_its_majority_vote_as_ground_truth(tmp_path, case_folder, small_case):
+    kits21 = tmp_path / "case_00007"
+    kits21.mkdir()
+    shutil.copy(case_folder / "imaging.nii.gz", kits21)
+    shutil.copy(case_folder / "segmentation.nii.gz", kits21 / "aggregated_MAJ_seg.nii.gz")
+    (ct, _, _), (gt, gt_kwargs, _) = read_kits(str(kits21))
+    np.testing.assert_array_equal(gt, small_case.labels)
+    assert gt_kwargs["name"] == "case_00007 ground truth"
+    assert geometry_of(gt_kwargs).read_from == kits21 / "aggregated_MAJ_seg.nii.gz"
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)

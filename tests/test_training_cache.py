@@ -286,4 +286,42 @@ def test_a_case_without_labels_is_named_once_per_training(dataset, tmp_path, cap
     with caplog.at_level("WARNING"):
         assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "smoke",
                      "--device", "cpu", "--no-progress"]) == 0
-    assert caplog.text.count("case(s) without segmentation.nii.gz are not trained on: case_00099") == 1
+    assert caplog.text.count("case(s) without labels are not trained on: case_00099") == 1
+
+
+def test_kits21_and_nnunet_layouts_train_on_the_same_cases_as_kits19_folders(dataset, tmp_path, capsys, caplog):
+    """KiTS21's reference (aggregated_MAJ_seg.nii.gz) and nnU-Net's raw layout (imagesTr/NAME_0000,
+    labelsTr/NAME) are read as KiTS19 case folders: the same names, the same prepared arrays."""
+    from kitseg.cli import main
+
+    config = preset("smoke").preprocessing
+    kits21, nnunet = tmp_path / "kits21", tmp_path / "Dataset220_KiTS"
+    (nnunet / "imagesTr").mkdir(parents=True)
+    (nnunet / "labelsTr").mkdir()
+    for case in sorted(p.name for p in dataset.iterdir()):
+        (kits21 / case).mkdir(parents=True)
+        shutil.copy(dataset / case / "imaging.nii.gz", kits21 / case)
+        shutil.copy(dataset / case / "segmentation.nii.gz", kits21 / case / "aggregated_MAJ_seg.nii.gz")
+        shutil.copy(dataset / case / "imaging.nii.gz", nnunet / "imagesTr" / f"{case}_0000.nii.gz")
+        shutil.copy(dataset / case / "segmentation.nii.gz", nnunet / "labelsTr" / f"{case}.nii.gz")
+    # nnU-Net's test images have no labels: not trained on, and said.
+    shutil.copy(dataset / "case_00000" / "imaging.nii.gz", nnunet / "imagesTr" / "case_00099_0000.nii.gz")
+    expected = {c.name: c for c in load_cases(dataset, config, None, progress=False)}
+    for data in (kits21, nnunet):
+        with caplog.at_level("WARNING"):
+            got = {c.name: c for c in load_cases(data, config, None, progress=False)}
+        assert got.keys() == expected.keys()
+        for name, case in got.items():
+            np.testing.assert_array_equal(case.image, expected[name].image)
+            np.testing.assert_array_equal(case.labels, expected[name].labels)
+    assert "1 case(s) without labels are not trained on: case_00099" in caplog.text
+    assert main(["train", "--data", str(nnunet), "--out", str(tmp_path / "run"), "--preset", "smoke",
+                 "--prepare-only", "--no-progress"]) == 0
+    assert "4 cases prepared" in capsys.readouterr().out
+    # A second channel per case is no CT this model reads: refused, naming the folder and the files.
+    shutil.copy(dataset / "case_00000" / "imaging.nii.gz", nnunet / "imagesTr" / "case_00000_0001.nii.gz")
+    with pytest.raises(InputError, match=r"imagesTr: holds more than one channel per case \(case_00000_0001.nii.gz\)"):
+        load_cases(nnunet, config, None, progress=False)
+    with pytest.raises(InputError, match=r"no case with labels to train on \(case folders' segmentation.nii.gz or "
+                                         r"KiTS21's aggregated_MAJ_seg.nii.gz, or nnU-Net's labelsTr"):
+        load_cases(tmp_path / "Dataset220_KiTS" / "labelsTr", config, None, progress=False)

@@ -292,11 +292,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="KiTS19 Dice of predictions against ground truth",
         description="Score predictions with the KiTS19 definitions (kidney: label>0; tumor: label==2). "
-        "prediction_XXXXX.nii.gz pairs with GT/case_XXXXX/segmentation.nii.gz; NAME_labels.nii.gz with "
-        "GT/NAME.nii.gz or GT/NAME/segmentation.nii.gz.",
+        "prediction_XXXXX.nii.gz pairs with GT/case_XXXXX/segmentation.nii.gz (KiTS21: aggregated_MAJ_seg.nii.gz); "
+        "NAME_labels.nii.gz with GT/NAME.nii.gz or GT/NAME/segmentation.nii.gz; NAME_0000_labels.nii.gz (nnU-Net's "
+        "imagesTr/NAME_0000.nii.gz) also with GT/NAME.nii.gz (its labelsTr).",
     )
     p.add_argument("--pred", type=Path, required=True, help="a prediction file or folder")
-    p.add_argument("--gt", type=Path, required=True, help="a ground-truth file or folder (KiTS19 layout)")
+    p.add_argument("--gt", type=Path, required=True, help="a ground-truth file or folder (KiTS case folders, "
+                   "or label files as nnU-Net's labelsTr)")
     p.add_argument("--csv", type=Path, default=None, help="write per-case scores and the means here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     p.add_argument(
@@ -503,7 +505,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
         description="Read KiTS19-layout masks (DIR/case_XXXXX/segmentation.nii.gz) and write KiTS19-layout "
         "cases with a synthetic CT in HU (imaging.nii.gz) and the mask, on the same grid.",
     )
-    p.add_argument("--masks", type=Path, required=True, help="folder of KiTS19 case folders with masks")
+    p.add_argument("--masks", type=Path, required=True, help="folder of KiTS case folders with masks "
+                   "(segmentation.nii.gz, or KiTS21's aggregated_MAJ_seg.nii.gz)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="draw seed (default 0); each case's own seed comes from this and its name, so a case "

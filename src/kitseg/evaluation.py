@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
 from .config import apply_label_mapping, tumor_left_unlabelled
 from .geometry import strip_nifti_suffix
-from .io import KITS_LABELS, InputError, check_same_grid, is_nifti, name_a_few, read_labels
+from .io import InputError, case_labels_file, check_same_grid, is_nifti, name_a_few, read_labels
 from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
 
 _PREDICTION_RE = re.compile(r"^prediction_(\d+)$")
@@ -30,8 +30,17 @@ def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
         case = f"case_{match.group(1)}"
     else:
         case = stem[: -len("_labels")] if stem.endswith("_labels") else stem
-    candidates = [gt_dir / case / KITS_LABELS] + [gt_dir / f"{case}{suffix}" for suffix in (".nii.gz", ".nii", ".NII.GZ", ".NII")]
-    return case, next((c for c in candidates if c.is_file()), None)
+    # nnU-Net names a case's CT NAME_0000 (its first channel) and its labels NAME: tried second.
+    channel = re.fullmatch(r"(.+)_0000", case)
+    for name in [case] + ([channel.group(1)] if channel else []):
+        in_folder = case_labels_file(gt_dir / name)
+        if in_folder is not None:
+            return name, in_folder
+        candidates = [gt_dir / f"{name}{suffix}" for suffix in (".nii.gz", ".nii", ".NII.GZ", ".NII")]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is not None:
+            return name, found
+    return case, None
 
 
 def pair_predictions(pred: Path, gt: Path) -> list[EvaluationPair]:
@@ -45,8 +54,9 @@ def pair_predictions(pred: Path, gt: Path) -> list[EvaluationPair]:
 def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[str]]:
     """The (prediction, reference) pairs, and the names of predictions with no reference in ``gt``.
 
-    ``pred``: a prediction file or a folder of them; ``gt``: a reference file, a folder of KiTS19
-    case folders or reference files, or one case folder (its ``segmentation.nii.gz``). Raises
+    ``pred``: a prediction file or a folder of them; ``gt``: a reference file, a folder of KiTS
+    case folders or reference files, or one case folder (its ``segmentation.nii.gz``, or KiTS21's
+    ``aggregated_MAJ_seg.nii.gz``). Raises
     InputError when nothing can be paired.
     """
     pred, gt = Path(pred), Path(gt)
@@ -54,9 +64,9 @@ def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[
         raise InputError(f"{pred}: no such file or folder")
     if not gt.exists():
         raise InputError(f"{gt}: no such file or folder")
-    case_folder = gt if gt.is_dir() and (gt / KITS_LABELS).is_file() else None
+    case_folder = gt if gt.is_dir() and case_labels_file(gt) else None
     if case_folder is not None:  # one case folder: its reference
-        gt = gt / KITS_LABELS
+        gt = case_labels_file(gt)
     if pred.is_file():
         preds = [pred]
     else:
@@ -91,7 +101,7 @@ def _is_label_output(path: Path) -> bool:
 
 
 def unpaired_references(pairs: list[EvaluationPair], pred: Path, gt: Path) -> list[str]:
-    """The KiTS19 case folders of a ground-truth folder that no prediction of a folder was paired with."""
+    """The KiTS case folders of a ground-truth folder that no prediction of a folder was paired with."""
     pred, gt = Path(pred), Path(gt)
     if pred.is_file() or gt.is_file():
         return []  # one file scored on purpose
@@ -99,7 +109,7 @@ def unpaired_references(pairs: list[EvaluationPair], pred: Path, gt: Path) -> li
     return [
         folder.name
         for folder in sorted(gt.iterdir())
-        if (folder / KITS_LABELS).is_file() and (folder / KITS_LABELS).resolve() not in paired
+        if folder.is_dir() and (labels := case_labels_file(folder)) is not None and labels.resolve() not in paired
     ]
 
 

@@ -1,7 +1,7 @@
 """Reading CTs and writing results with their geometry; all nibabel handling lives here.
 
-Inputs are NIfTI files (``.nii``/``.nii.gz``) or KiTS19 case folders (``imaging.nii.gz`` and,
-where present, ``segmentation.nii.gz``). Arrays come back in the internal orientation
+Inputs are NIfTI files (``.nii``/``.nii.gz``) or KiTS case folders (``imaging.nii.gz`` and,
+where present, ``segmentation.nii.gz``, or KiTS21's ``aggregated_MAJ_seg.nii.gz``). Arrays come back in the internal orientation
 (see :mod:`kitseg.geometry`); writers take internal arrays and put them back on the source
 file's exact grid (same shape, same affine), atomically, never over the input.
 """
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 KITS_IMAGE = "imaging.nii.gz"
 KITS_LABELS = "segmentation.nii.gz"
+#: KiTS21's reference in a case folder without ``segmentation.nii.gz``: its annotators' majority vote.
+KITS21_LABELS = "aggregated_MAJ_seg.nii.gz"
 _CASE_RE = re.compile(r"^case_(\d+)$")
+_CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net's image names: NAME_0000 is NAME's first channel
 #: The maps ``kits-seg predict --save-intermediates`` writes beside the labels (``CaseInput.intermediate_name``).
 INTERMEDIATES = ("y1", "mask", "probs")
 
@@ -61,16 +64,21 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))  # SCAN.NII.GZ too, as some exporters name them
 
 
+def case_labels_file(folder: Path) -> Path | None:
+    """A case folder's ground truth: ``segmentation.nii.gz`` (KiTS19, KiTS23), else KiTS21's
+    ``aggregated_MAJ_seg.nii.gz``; None if it has neither."""
+    return next((folder / name for name in (KITS_LABELS, KITS21_LABELS) if (folder / name).is_file()), None)
+
+
 def case_from_folder(folder: Path) -> CaseInput:
     image = folder / KITS_IMAGE
     if not image.is_file():
         raise InputError(f"{folder}: not a KiTS19 case folder (no {KITS_IMAGE} inside)")
-    labels = folder / KITS_LABELS
     match = _CASE_RE.match(folder.name)
     return CaseInput(
         name=folder.name,
         image_path=image,
-        labels_path=labels if labels.is_file() else None,
+        labels_path=case_labels_file(folder),
         case_id=match.group(1) if match else None,
     )
 
@@ -89,28 +97,60 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     # Hidden entries are no one's CT (a temporary file a killed writer left, a ._ file of macOS).
     entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
     cases = [case_from_folder(p) for p in entries if p.is_dir() and (p / KITS_IMAGE).is_file()]
-    without_ct = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file() and (p / KITS_LABELS).is_file()]
+    without_ct = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file() and case_labels_file(p)]
     if without_ct:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
     # Only one level is read: CTs deeper in other folders are not segmented; say so.
     unsearched = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file()
-                  and not (p / KITS_LABELS).is_file() and _holds_ct_files(p)]
+                  and not case_labels_file(p) and _holds_ct_files(p)]
     if unsearched:
         log.warning("%s: %d subfolder(s) holding NIfTI files but no %s are not searched: %s (give them as inputs "
                     "of their own)", path, len(unsearched), KITS_IMAGE, name_a_few(unsearched))
     # A KiTS19 mask is no CT: segmented, it would "succeed" with nothing found.
-    masks = [p for p in entries if p.is_file() and p.name.lower() == KITS_LABELS]
+    masks = [p for p in entries if p.is_file() and p.name.lower() in (KITS_LABELS, KITS21_LABELS.lower())]
     cases += [CaseInput(name=strip_nifti_suffix(p.name), image_path=p) for p in entries
               if p.is_file() and is_nifti(p) and p not in masks]
     cases = _without_outputs(cases, path)
     if not cases and masks:
         raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {masks[0].name} is its mask")
     if not cases:
+        nnunet = [p.name for p in entries if p.is_dir() and p.name in ("imagesTr", "imagesTs")]
         raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})"
+                         + (f"; a data set in nnU-Net's layout: give its {' or '.join(nnunet)} folder" if nnunet else "")
                          + _dicom_hint([p for p in entries if p.is_file()][:5]))
     for mask in masks:
         log.warning("%s: %s is a KiTS19 mask, not a CT: skipped", path, mask.name)
+    return cases
+
+
+def nnunet_training_cases(folder: Path) -> list[CaseInput] | None:
+    """The cases of a data set in nnU-Net's raw layout (``imagesTr/NAME_0000.nii.gz`` with
+    ``labelsTr/NAME.nii.gz``), as many keep KiTS and their own data; None where ``folder`` is not
+    laid out so. A case without its label file comes back without labels, as a case folder would."""
+    images, labels = folder / "imagesTr", folder / "labelsTr"
+    if not (images.is_dir() and labels.is_dir()):
+        return None
+    cases, other_channels, misnamed = [], [], []
+    for path in sorted(images.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or not is_nifti(path):
+            continue
+        match = _CHANNEL_RE.match(strip_nifti_suffix(path.name))
+        if match is None:
+            misnamed.append(path.name)
+        elif match.group(2) != "0000":
+            other_channels.append(path.name)
+        else:
+            name = match.group(1)
+            label = next((labels / f"{name}{ext}" for ext in (".nii.gz", ".nii") if (labels / f"{name}{ext}").is_file()),
+                         None)
+            cases.append(CaseInput(name=name, image_path=path, labels_path=label))
+    if other_channels:  # a CT is one channel; a second one (another phase, an MR sequence) this model cannot take
+        raise InputError(f"{images}: holds more than one channel per case ({name_a_few(other_channels, 3)}); "
+                         "a CT is one image, NAME_0000.nii.gz")
+    if misnamed:
+        log.warning("%s: %d file(s) not named as nnU-Net's images (NAME_0000.nii.gz) skipped: %s", images,
+                    len(misnamed), name_a_few(misnamed, 3))
     return cases
 
 

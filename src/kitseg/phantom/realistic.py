@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from ..config import apply_label_mapping, label_mapping_text
 from ..geometry import Volume, voxel_spacing
-from ..io import InputError, name_a_few, read_labels
+from ..io import KITS21_LABELS, InputError, case_labels_file, name_a_few, read_labels
 from ..parallel import one_blas_thread, stop_workers
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
@@ -431,14 +431,16 @@ def plan_phantom_dataset(masks_dir: Path, out_dir: Path, cases: list[str] | None
     if not masks_dir.is_dir():
         raise FileNotFoundError(f"masks folder not found: {masks_dir}")
     if cases is None:
-        cases = sorted(p.name for p in masks_dir.iterdir() if (p / SEGMENTATION_NAME).is_file())
+        cases = sorted(p.name for p in masks_dir.iterdir() if p.is_dir() and case_labels_file(p))
         if not cases:
-            raise FileNotFoundError(f"no case_XXXXX/{SEGMENTATION_NAME} under {masks_dir}")
+            raise FileNotFoundError(f"no case_XXXXX/{SEGMENTATION_NAME} (or KiTS21's {KITS21_LABELS}) "
+                                    f"under {masks_dir}")
     else:
         cases = list(dict.fromkeys(cases))  # a case named twice is drawn once
-        missing = [c for c in cases if not (masks_dir / c / SEGMENTATION_NAME).is_file()]
+        missing = [c for c in cases if not case_labels_file(masks_dir / c)]
         if missing:
-            raise FileNotFoundError(f"no {SEGMENTATION_NAME} for case(s) {', '.join(missing)} under {masks_dir}")
+            raise FileNotFoundError(f"no {SEGMENTATION_NAME} (or KiTS21's {KITS21_LABELS}) for case(s) "
+                                    f"{', '.join(missing)} under {masks_dir}")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir}: is a file, not an output folder")
     _check_out_folders(masks_dir, [out_dir / case for case in cases], overwrite)
@@ -468,7 +470,7 @@ def iter_phantom_dataset(
     masks_dir, out_dir = Path(masks_dir), Path(out_dir)
     cases, drawn = plan_phantom_dataset(masks_dir, out_dir, cases, overwrite)
     folders = [out_dir / case for case in cases]
-    todo = [(masks_dir / case / SEGMENTATION_NAME, out_dir / case, case_seed(seed, case), params, mapping)
+    todo = [(case_labels_file(masks_dir / case), out_dir / case, case_seed(seed, case), params, mapping)
             for case in drawn]
     for folder in folders:
         _remove_leftovers(folder)

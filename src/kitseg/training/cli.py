@@ -19,10 +19,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train both stages on KiTS19-layout data",
         description="Train stage 1 (with out-of-fold twins for stage 2's inputs) and stage 2 on a folder of "
-        "KiTS19-layout cases (real KiTS19 or `kits-seg phantom` output). Rerun the same command to resume. "
+        "KiTS-layout cases (real KiTS19, KiTS21, KiTS23, `kits-seg phantom` output) or a data set in nnU-Net's raw "
+        "layout (imagesTr, labelsTr). Rerun the same command to resume. "
         "Multi-GPU / multi-node: torchrun --nproc-per-node N -m kitseg.cli train ...",
     )
-    p.add_argument("--data", type=Path, required=True, help="folder of case_XXXXX/{imaging,segmentation}.nii.gz")
+    p.add_argument("--data", type=Path, required=True, help="folder of case_XXXXX/{imaging,segmentation}.nii.gz (KiTS21: "
+                   "aggregated_MAJ_seg.nii.gz), or nnU-Net's raw layout (imagesTr, labelsTr)")
     p.add_argument("--out", type=Path, required=True, help="run folder (resumes if it holds a run)")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="recipe (default: paper)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

@@ -1,4 +1,4 @@
-"""Training data: KiTS19-layout cases on the stage grid, sampled as 2D slices.
+"""Training data: KiTS-layout cases (or nnU-Net's raw layout) on the stage grid, sampled as 2D slices.
 
 Cases are preprocessed once with the same code as inference (:func:`kitseg.preprocess.prepare`),
 so phantoms and real KiTS19 data take exactly the path a user's CT takes at prediction time, and
@@ -30,7 +30,8 @@ from scipy import ndimage
 from ..atomic import atomic_path, require_free_space
 from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig, apply_label_mapping
 from ..geometry import source_grid_for
-from ..io import CaseInput, InputError, discover_inputs, name_a_few, read_ct, read_labels
+from ..io import (KITS21_LABELS, KITS_IMAGE, CaseInput, InputError, discover_inputs, name_a_few,
+                  nnunet_training_cases, read_ct, read_labels)
 from ..morphology import dilate_ball
 from ..parallel import one_blas_thread, stop_workers
 from ..pipeline import neighbour_indices
@@ -191,7 +192,7 @@ def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
 
 def _require_labels(case: CaseInput) -> None:
     if case.labels_path is None:
-        raise InputError(f"{case.image_path.parent}: training needs {case.image_path.parent / 'segmentation.nii.gz'}")
+        raise InputError(f"{case.image_path}: training needs its labels ({_LABELS_WANTED})")
 
 
 def cache_stem(case: CaseInput, config: PreprocessingConfig, cache_dir: Path,
@@ -292,6 +293,8 @@ def phantom_draws(inputs: list[CaseInput]) -> dict | None:
     params: list[dict] = []
     cases: dict[str, list[int]] = {}
     for case in inputs:
+        if case.image_path.name != KITS_IMAGE:
+            continue  # only a case folder holds a phantom's record
         record_path = case.image_path.parent / "phantom.json"
         try:
             record = json.loads(record_path.read_text())
@@ -305,18 +308,29 @@ def phantom_draws(inputs: list[CaseInput]) -> dict | None:
     return {"params": params, "cases": cases} if cases else None
 
 
+#: Where a training case's labels are looked for, for messages.
+_LABELS_WANTED = (f"case folders' segmentation.nii.gz or KiTS21's {KITS21_LABELS}, or nnU-Net's labelsTr/NAME.nii.gz "
+                  "for imagesTr/NAME_0000.nii.gz")
+
+
 def labelled_inputs(data_dir: Path) -> list[CaseInput]:
-    """The training folder's cases that have ground truth; an error names the folder if there are none."""
-    if Path(data_dir).is_file():
-        raise InputError(f"{data_dir}: is a file; training takes a folder of KiTS19 case folders")
-    found = discover_inputs(data_dir)
+    """The training folder's cases that have ground truth: KiTS case folders (``case_XXXXX/imaging.nii.gz``
+    with its labels) or nnU-Net's raw layout (``imagesTr``, ``labelsTr``); an error names the folder if
+    there are none."""
+    data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise InputError(f"{data_dir}: is a file; training takes a folder of KiTS case folders, or one with "
+                         "nnU-Net's imagesTr and labelsTr")
+    found = nnunet_training_cases(data_dir)
+    if found is None:
+        found = discover_inputs(data_dir)
     inputs = [c for c in found if c.labels_path is not None]
     unlabelled = [c.name for c in found if c.labels_path is None]
     if inputs and unlabelled:
-        log.warning("%s: %d case(s) without segmentation.nii.gz are not trained on: %s", data_dir, len(unlabelled),
+        log.warning("%s: %d case(s) without labels are not trained on: %s", data_dir, len(unlabelled),
                     name_a_few(unlabelled))
     if not inputs:
-        raise InputError(f"{data_dir}: no case folders with segmentation.nii.gz")
+        raise InputError(f"{data_dir}: no case with labels to train on ({_LABELS_WANTED})")
     return inputs
 
 
