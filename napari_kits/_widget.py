@@ -165,6 +165,7 @@ class KitsWidget(QWidget):
         self._outlined: weakref.WeakSet = weakref.WeakSet()  # reference layers this widget has outlined
         self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
         self.last_error = ""
+        self._status_before_error = ""
         self.last_warning = ""  # the last warning about the input (not HU?), as shown
         self._weights_meta: dict | None = None
         self._applying_model_mask = False  # spin boxes set from a model, not by the user
@@ -781,6 +782,8 @@ class KitsWidget(QWidget):
         self.status.setText(_escape(text))
 
     def _show_error(self, text: str) -> None:
+        if not self.last_error:  # what was said before the first of a row of errors comes back once it is cleared
+            self._status_before_error = self.status.text()
         self.last_error = text
         self.status.setText(f"<span style='color:#ff6060'>{_escape(text)}</span>")
         log.warning(text)
@@ -1249,7 +1252,8 @@ class KitsWidget(QWidget):
         scores, curves, detection, note = result
         if self.last_error:  # what failed before (a painted 5 since erased) is not what the table shows
             self.last_error = ""
-            self._say("Scored.")
+            self.status.setText(self._status_before_error)  # the run's findings, said again
+            self._add_status("Scored.")
         self.last_scores = scores
         self._per_slice = curves
         rows = [

@@ -567,7 +567,9 @@ def test_labels_other_than_0_1_2_are_neither_scored_nor_saved(qtbot, viewer_widg
     widget.last_scores = None
     reference.data = cysts  # the user corrects the reference: scored again, as for the prediction
     qtbot.waitUntil(lambda: widget.last_scores is not None and widget._score_worker is None, timeout=RUN_TIMEOUT_MS)
-    assert widget.last_error == "" and widget.status.text() == "Scored."  # the painted 3's refusal is gone
+    # The painted 3's refusals are gone; what the run found, which they replaced, is said again.
+    assert widget.last_error == "" and "label 3" not in widget.status.text()
+    assert widget.status.text().startswith("Segmented on cpu: ") and widget.status.text().endswith("<br>Scored.")
     assert "cysts (label 3) of case_00007 ground truth are scored within the kidney region" in (
         widget.detection_label.text())
     expected = kits_scores(labels.data, np.where(cysts == 3, 1, cysts), (1.0, 1.0, 1.0))
