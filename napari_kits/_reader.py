@@ -1,4 +1,5 @@
-"""npe2 reader: a CT as a NIfTI file or a KiTS19 case folder (with its ground truth, if any).
+"""npe2 reader: a CT as a NIfTI file, a KiTS case folder (with its ground truth, if any), or a
+DICOM series (its folder, or its files: read by :mod:`kitseg.dicom`).
 
 A NIfTI that holds a label map (whole numbers 0..255 stored as any type, a few of them or
 constant over regions: a KiTS19 ``segmentation.nii.gz``, a saved prediction, another tool's
@@ -28,8 +29,14 @@ from ._layers import (
 
 
 def _single_path(path: str | os.PathLike | list) -> Path | None:
+    """The one thing to read: a path, or of several, the DICOM series their files belong to."""
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
+            from kitseg.io import is_dicom_file
+
+            files = [Path(p) for p in path]
+            if files and len({f.parent for f in files}) == 1 and all(is_dicom_file(f) for f in files):
+                return files[0]  # a series' files, selected together in File > Open: the series
             return None
         path = path[0]
     return Path(path)
@@ -40,11 +47,11 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
     p = _single_path(path)
     if p is None:
         return None
-    if p.is_dir():
-        return read_kits if (p / "imaging.nii.gz").is_file() else None
-    from kitseg.io import is_nifti
+    from kitseg.io import is_dicom_series, is_nifti
 
-    return read_kits if is_nifti(p) else None
+    if p.is_dir():
+        return read_kits if (p / "imaging.nii.gz").is_file() or is_dicom_series(p) else None
+    return read_kits if is_nifti(p) or is_dicom_series(p) else None
 
 
 def _looks_like_probability(array: np.ndarray) -> bool:
@@ -56,10 +63,13 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
     from kitseg.config import KITS_LABELS
     from kitseg.geometry import strip_nifti_suffix
-    from kitseg.io import (as_labels, case_from_folder, is_result_name, label_map_values, nifti_shape, read_labels,
-                           read_volume)
+    from kitseg.io import (as_labels, case_from_folder, is_dicom_series, is_result_name, label_map_values, nifti_shape,
+                           read_ct, read_labels, read_volume)
 
     p = _single_path(path)
+    if is_dicom_series(p):
+        ct = read_ct(p)  # named after the series' folder, as the CLI names its results
+        return [ct_layer_data(ct, (p if p.is_dir() else p.parent).resolve().name)]
     if p.is_dir():
         case = case_from_folder(p)
         ct = read_volume(case.image_path)

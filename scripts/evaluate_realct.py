@@ -5,9 +5,8 @@
 The reference is a published model's kidney labels (2 = right, 3 = left kidney), not expert
 annotation: an approximate check of how the model transfers from phantoms to real anatomy.
 
-Second check, where pydicom and a JPEG 2000 decoder are installed (`pip install pydicom pylibjpeg
-pylibjpeg-openjpeg`; the project itself reads no DICOM): the contrast-enhanced series of the
-upper abdomen (liver and spleen, no kidney), where every labelled voxel is a false positive.
+Second check: the contrast-enhanced DICOM series of the upper abdomen (liver and spleen, no
+kidney; JPEG 2000, read by kitseg.dicom), where every labelled voxel is a false positive.
 """
 
 from __future__ import annotations
@@ -72,33 +71,17 @@ def main() -> int:
 
 
 def _kidney_free_check(segmenter, cleanup) -> None:
+    from kitseg.io import InputError, read_ct
+
     folder = REALCT / "totalseg_upper_abdomen_dicom"
-    try:
-        import pydicom
-    except ImportError:
-        print("kidney-free DICOM check skipped: pydicom is not installed")
-        return
     if not folder.is_dir():
         print(f"kidney-free DICOM check skipped: {folder} is absent")
         return
-    from kitseg.geometry import Volume
-
-    slices = sorted((pydicom.dcmread(path) for path in folder.iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
     try:
-        hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
-    except Exception as error:  # no JPEG 2000 decoder
+        volume = read_ct(folder)
+    except InputError as error:  # no JPEG 2000 decoder (Pillow without OpenJPEG)
         print(f"kidney-free DICOM check skipped: {error}")
         return
-    first = slices[0]
-    if [float(v) for v in first.ImageOrientationPatient] != [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]:
-        raise SystemExit(f"{folder}: only axial series without tilt are handled here")
-    row_mm, col_mm = (float(v) for v in first.PixelSpacing)
-    step_mm = float(np.median(np.diff([float(d.ImagePositionPatient[2]) for d in slices])))
-    affine = np.eye(4)  # array (slice, row, column) -> LPS (DICOM), then LPS -> RAS (NIfTI)
-    affine[:3, :3] = [[0.0, 0.0, col_mm], [0.0, row_mm, 0.0], [step_mm, 0.0, 0.0]]
-    affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
-    affine[:2] *= -1
-    volume = Volume.from_source_array(hu.astype(np.int16), affine)
     labels = segmenter.segment(volume, cleanup=cleanup).labels
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     print(f"kidney-free contrast CT {volume.shape}: {np.sum(labels > 0) * voxel_ml:.1f} mL labelled "

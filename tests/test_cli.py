@@ -846,6 +846,28 @@ def test_kits21_and_nnunet_layouts_are_predicted_and_scored_as_case_folders_are(
             assert main(["evaluate", "--pred", str(out), "--gt", str(gt), "--csv", str(report)]) == 0
         assert "not scored" not in caplog.text
         assert [(r["case"], r["kidney_dice"], r["tumor_dice"]) for r in csv.DictReader(report.open())][:2] == expected
+    # The data set's folder stands for its labelsTr; a reference without a prediction is named.
+    shutil.copy(nnunet / "labelsTr" / "case_00001.nii.gz", nnunet / "labelsTr" / "case_00099.nii.gz")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", "--pred", str(tmp_path / "pred_nnunet"), "--gt", str(nnunet)]) == 0
+    assert "Dataset220_KiTS: 1 case(s) have no prediction and are not scored: case_00099" in caplog.text
+    # Two predictions of one reference would weigh its case twice in the means: refused, naming both.
+    shutil.copy(tmp_path / "pred_nnunet" / "case_00001_0000_labels.nii.gz", tmp_path / "pred_nnunet" /
+                "case_00001_labels.nii.gz")
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred_nnunet"), "--gt", str(nnunet)]) == 2
+    assert ("case_00001_0000_labels.nii.gz and case_00001_labels.nii.gz are both predictions of "
+            f"{(nnunet / 'labelsTr' / 'case_00001.nii.gz').resolve()}") in capsys.readouterr().err
+    # A folder given one level too high: said where the cases are.
+    (tmp_path / "kits21_repo").mkdir()
+    shutil.move(kits21, tmp_path / "kits21_repo" / "data")
+    kits21 = tmp_path / "kits21_repo" / "data"
+    assert main(["predict", str(tmp_path / "kits21_repo"), "-o", str(tmp_path / "nothing"), "--weights",
+                 str(weights)]) == 2
+    assert f"its subfolder data holds case folders: give {kits21}" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(tmp_path / "pred_kits21"), "--gt", str(tmp_path / "kits21_repo")]) == 2
+    assert f"its subfolder data holds case folders: give {kits21}" in capsys.readouterr().err
     # nnU-Net's data set folder itself holds no CT: said which of its folders does.
     assert main(["predict", str(nnunet), "-o", str(tmp_path / "nothing"), "--weights", str(weights)]) == 2
     said = capsys.readouterr().err

@@ -98,17 +98,19 @@ def test_bad_inputs_name_the_file(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="not a NIfTI file"):
         discover_inputs(tmp_path / "notes.txt")
-    # A DICOM series (files named by UID, no suffix, as scanners write them): said what to do.
+    # A DICOM series (files named by UID, no suffix, as scanners write them) is one case, named after
+    # its folder (kitseg.dicom reads it; tests/test_dicom.py); files without image slices are said to be.
     series = tmp_path / "series"
     series.mkdir()
     for uid in ("1.2.840.1", "1.2.840.2"):
         (series / f"CT.{uid}").write_bytes(bytes(128) + b"DICM" + bytes(64))
-    with pytest.raises(InputError, match=r"series: no CT found .*these are DICOM files: convert the series to NIfTI"):
-        discover_inputs(series)
-    with pytest.raises(InputError, match=r"CT.1.2.840.1: not a NIfTI file .*these are DICOM files"):
-        discover_inputs(series / "CT.1.2.840.1")
-    with pytest.raises(InputError, match=r"notes.txt: not a NIfTI file \(expected .nii or .nii.gz\)$"):
-        discover_inputs(tmp_path / "notes.txt")  # no hint where none applies
+    assert [(c.name, c.image_path) for c in discover_inputs(series)] == [("series", series)]
+    assert [(c.name, c.image_path) for c in discover_inputs(series / "CT.1.2.840.1")] == [
+        ("series", series / "CT.1.2.840.1")]
+    with pytest.raises(InputError, match=r"series: its DICOM files hold no image slices"):
+        read_ct(series)
+    with pytest.raises(InputError, match=r"notes.txt: not a NIfTI file \(expected .nii or .nii.gz\) nor a DICOM file$"):
+        discover_inputs(tmp_path / "notes.txt")
 
 
 def test_discover_case_folders_and_files(tmp_path):

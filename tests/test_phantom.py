@@ -205,7 +205,7 @@ def test_case_file_round_trip_uint16_and_ras(tmp_path: Path, label_map) -> None:
     np.testing.assert_array_equal(np.asarray(nib.as_closest_canonical(img).dataobj), np.asarray(ras_img.dataobj))
 
 
-def test_dataset_seeds_do_not_depend_on_order_and_skip_existing(tmp_path: Path, label_map) -> None:
+def test_dataset_seeds_do_not_depend_on_order_and_skip_existing(tmp_path: Path, label_map, caplog) -> None:
     labels, spacing = label_map
     masks = tmp_path / "masks"
     for case in ("case_00001", "case_00002"):
@@ -234,6 +234,20 @@ def test_dataset_seeds_do_not_depend_on_order_and_skip_existing(tmp_path: Path, 
     with pytest.raises(FileNotFoundError, match=r"no segmentation.nii.gz \(or KiTS21's aggregated_MAJ_seg.nii.gz\) "
                                                 r"for case\(s\) case_00003"):
         generate_phantom_dataset(kits21, tmp_path / "none", cases=["case_00003"], progress=False)
+    # A case with its annotators' own maps only is not drawn, and said; nnU-Net's label files are not read.
+    (kits21 / "case_00003").mkdir()
+    shutil.copy(masks / "case_00001" / "segmentation.nii.gz", kits21 / "case_00003" / "aggregated_OR_seg.nii.gz")
+    with caplog.at_level("WARNING"):
+        generate_phantom_dataset(kits21, tmp_path / "from_kits21", seed=9, progress=False)
+    assert "1 case folder(s) without segmentation.nii.gz or aggregated_MAJ_seg.nii.gz are not drawn: case_00003" in (
+        caplog.text)
+    (tmp_path / "labelsTr").mkdir()
+    shutil.copy(masks / "case_00001" / "segmentation.nii.gz", tmp_path / "labelsTr" / "case_00001.nii.gz")
+    with pytest.raises(FileNotFoundError, match=r"nnU-Net's label files are not read here: put each NAME.nii.gz "
+                                                r"into a folder NAME as segmentation.nii.gz"):
+        generate_phantom_dataset(tmp_path / "labelsTr", tmp_path / "none", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"case_00001 is one case's folder: give the folder that holds"):
+        generate_phantom_dataset(kits21 / "case_00001", tmp_path / "none", progress=False)
 
 
 def test_workers_draw_the_same_images_and_name_a_bad_mask(tmp_path: Path, label_map) -> None:

@@ -330,3 +330,23 @@ def test_save_names_offered_keep_corrections_and_inputs_apart(tmp_path, case_fol
                for path in ("scan_probs.nii.gz", "scan_y1.nii.gz") for _, kw, _ in read_kits(str(tmp_path / path))]
     assert offered == ["scan_probs_P(kidney)_edited.nii.gz", "scan_probs_P(tumor)_edited.nii.gz",
                        "scan_y1_edited.nii.gz"]
+
+
+def test_a_dicom_series_opens_as_its_ct_from_its_folder_or_its_files(tmp_path):
+    pytest.importorskip("pydicom")
+    from kitseg.io import read_ct
+
+    from .test_dicom import _ct, _oblique, write_series
+
+    files = write_series(tmp_path / "SE4", _ct(), along_row=_oblique()[0], down_column=_oblique()[1])
+    expected = read_ct(tmp_path / "SE4")
+    for given in (str(tmp_path / "SE4"), str(files[0]), [str(f) for f in files]):
+        assert napari_get_reader(given) is read_kits
+        (layer,) = read_kits(given)
+        array, kwargs, kind = layer
+        assert kind == "image" and kwargs["name"] == "SE4"
+        np.testing.assert_array_equal(array, expected.array)
+        assert geometry_of(kwargs).source.path == tmp_path / "SE4"
+    # Files of two folders are no one series.
+    other = write_series(tmp_path / "SE5", _ct())
+    assert napari_get_reader([str(files[0]), str(other[0])]) is None

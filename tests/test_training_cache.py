@@ -325,3 +325,13 @@ def test_kits21_and_nnunet_layouts_train_on_the_same_cases_as_kits19_folders(dat
     with pytest.raises(InputError, match=r"no case with labels to train on \(case folders' segmentation.nii.gz or "
                                          r"KiTS21's aggregated_MAJ_seg.nii.gz, or nnU-Net's labelsTr"):
         load_cases(tmp_path / "Dataset220_KiTS" / "labelsTr", config, None, progress=False)
+    shutil.rmtree(nnunet / "labelsTr")
+    with pytest.raises(InputError, match=r"Dataset220_KiTS: a data set in nnU-Net's layout without labelsTr"):
+        load_cases(nnunet, config, None, progress=False)
+    # A folder one level too high (KiTS21's repository keeps its cases in data/): said where they are.
+    (tmp_path / "kits21_repo").mkdir()
+    shutil.move(kits21, tmp_path / "kits21_repo" / "data")
+    with pytest.raises(InputError, match=rf"its subfolder data holds case folders: give {tmp_path / 'kits21_repo'}/data"):
+        load_cases(tmp_path / "kits21_repo", config, None, progress=False)
+    with pytest.raises(InputError, match=r"Dataset220_KiTS is a data set in nnU-Net's layout: give "):
+        load_cases(tmp_path, config, None, progress=False)

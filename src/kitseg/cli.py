@@ -69,10 +69,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="segment kidneys and tumors",
-        description="Segment a NIfTI CT, a KiTS19 case folder, or a folder of either. A case folder "
-        "case_XXXXX gives prediction_XXXXX.nii.gz; a file NAME.nii.gz gives NAME_labels.nii.gz.",
+        description="Segment a NIfTI CT, a KiTS case folder, a DICOM series (its folder, or one of its files), or "
+        "a folder of these (nnU-Net's imagesTr too). A case folder case_XXXXX gives prediction_XXXXX.nii.gz; a file "
+        "NAME.nii.gz gives NAME_labels.nii.gz; a DICOM series in folder NAME gives NAME_labels.nii.gz, a NIfTI on "
+        "the series' grid.",
     )
-    p.add_argument("input", type=Path, help="a .nii/.nii.gz file, a case folder, or a folder of cases")
+    p.add_argument("input", type=Path, help="a .nii/.nii.gz file, a case folder, a DICOM series, or a folder of "
+                   "these")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--weights", type=Path, default=None, help="model file (.kseg); default: the shipped model")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
@@ -127,7 +130,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import MaskConfig
-    from .io import InputError, check_nifti_header, discover_inputs, label_map_values, read_ct
+    from .io import InputError, check_ct_header, discover_inputs, label_map_values, read_ct
     from .metrics import describe_found
     from .outputs import write_prediction
     from .pipeline import Progress, Segmentation, Segmenter
@@ -135,7 +138,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     cases = discover_inputs(args.input)
     for case in cases:  # the headers, before minutes of work: a file that is no CT at all fails now
-        check_nifti_header(case.image_path)
+        check_ct_header(case.image_path)
     _check_output_folder(args.output)
     if args.skip_existing:
         cases = _cases_left_to_do(cases, args)
@@ -293,8 +296,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="KiTS19 Dice of predictions against ground truth",
         description="Score predictions with the KiTS19 definitions (kidney: label>0; tumor: label==2). "
         "prediction_XXXXX.nii.gz pairs with GT/case_XXXXX/segmentation.nii.gz (KiTS21: aggregated_MAJ_seg.nii.gz); "
-        "NAME_labels.nii.gz with GT/NAME.nii.gz or GT/NAME/segmentation.nii.gz; NAME_0000_labels.nii.gz (nnU-Net's "
-        "imagesTr/NAME_0000.nii.gz) also with GT/NAME.nii.gz (its labelsTr).",
+        "NAME_labels.nii.gz with GT/NAME.nii.gz or GT/NAME/segmentation.nii.gz (or aggregated_MAJ_seg.nii.gz); "
+        "NAME_0000_labels.nii.gz (nnU-Net's imagesTr/NAME_0000.nii.gz) also with GT/NAME.nii.gz (its labelsTr; "
+        "a data set's folder stands for its labelsTr).",
     )
     p.add_argument("--pred", type=Path, required=True, help="a prediction file or folder")
     p.add_argument("--gt", type=Path, required=True, help="a ground-truth file or folder (KiTS case folders, "
@@ -502,7 +506,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "phantom",
         help="synthetic CT around real KiTS19 masks",
-        description="Read KiTS19-layout masks (DIR/case_XXXXX/segmentation.nii.gz) and write KiTS19-layout "
+        description="Read KiTS-layout masks (DIR/case_XXXXX/segmentation.nii.gz, or KiTS21's "
+        "aggregated_MAJ_seg.nii.gz) and write KiTS19-layout "
         "cases with a synthetic CT in HU (imaging.nii.gz) and the mask, on the same grid.",
     )
     p.add_argument("--masks", type=Path, required=True, help="folder of KiTS case folders with masks "

@@ -9,7 +9,8 @@ from pathlib import Path
 from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
 from .config import apply_label_mapping, tumor_left_unlabelled
 from .geometry import strip_nifti_suffix
-from .io import InputError, case_labels_file, check_same_grid, is_nifti, name_a_few, read_labels
+from .io import (InputError, case_labels_file, check_same_grid, is_nifti, is_result_name, layout_hint, name_a_few,
+                 read_labels)
 from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
 
 _PREDICTION_RE = re.compile(r"^prediction_(\d+)$")
@@ -64,6 +65,7 @@ def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[
         raise InputError(f"{pred}: no such file or folder")
     if not gt.exists():
         raise InputError(f"{gt}: no such file or folder")
+    gt = ground_truth_folder(gt)
     case_folder = gt if gt.is_dir() and case_labels_file(gt) else None
     if case_folder is not None:  # one case folder: its reference
         gt = case_labels_file(gt)
@@ -91,8 +93,23 @@ def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[
         else:
             pairs.append(EvaluationPair(case, p, ref))
     if not pairs:
-        raise InputError(f"{gt}: no ground truth for {name_a_few(unmatched)}")
+        raise InputError(f"{gt}: no ground truth for {name_a_few(unmatched)}{layout_hint(gt)}")
+    by_reference: dict[Path, list[str]] = {}
+    for pair in pairs:
+        by_reference.setdefault(pair.reference.resolve(), []).append(pair.prediction.name)
+    twice = {ref: names for ref, names in by_reference.items() if len(names) > 1}
+    if twice:  # two rows of one case would weigh it twice in the means
+        ref, names = next(iter(twice.items()))
+        raise InputError(f"{pred}: {' and '.join(names)} are both predictions of {ref}; keep one of them in the "
+                         "folder (or score them one at a time)")
     return pairs, unmatched
+
+
+def ground_truth_folder(gt: Path) -> Path:
+    """``gt`` itself, or a data set's ``labelsTr`` where ``gt`` is a data set in nnU-Net's layout."""
+    if gt.is_dir() and (gt / "labelsTr").is_dir() and not case_labels_file(gt):
+        return gt / "labelsTr"
+    return gt
 
 
 def _is_label_output(path: Path) -> bool:
@@ -101,16 +118,19 @@ def _is_label_output(path: Path) -> bool:
 
 
 def unpaired_references(pairs: list[EvaluationPair], pred: Path, gt: Path) -> list[str]:
-    """The KiTS case folders of a ground-truth folder that no prediction of a folder was paired with."""
-    pred, gt = Path(pred), Path(gt)
-    if pred.is_file() or gt.is_file():
-        return []  # one file scored on purpose
+    """The references of a ground-truth folder (KiTS case folders, or label files as nnU-Net's
+    ``labelsTr``) that no prediction of a folder was paired with."""
+    pred, gt = Path(pred), ground_truth_folder(Path(gt))
+    if pred.is_file() or gt.is_file() or case_labels_file(gt):
+        return []  # one file, or one case, scored on purpose
     paired = {pair.reference.resolve() for pair in pairs}
-    return [
-        folder.name
-        for folder in sorted(gt.iterdir())
-        if folder.is_dir() and (labels := case_labels_file(folder)) is not None and labels.resolve() not in paired
-    ]
+    unpaired = []
+    for entry in sorted(gt.iterdir()):
+        reference = case_labels_file(entry) if entry.is_dir() else entry
+        if (reference is not None and not entry.name.startswith(".") and is_nifti(reference)
+                and not is_result_name(reference) and reference.resolve() not in paired):
+            unpaired.append(entry.name if entry.is_dir() else strip_nifti_suffix(entry.name))
+    return unpaired
 
 
 def _check_kits_labels(volume, path: Path, ground_truth: bool) -> None:

@@ -84,26 +84,33 @@ def case_from_folder(folder: Path) -> CaseInput:
 
 
 def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
-    """Expand a CLI input into cases: a NIfTI file, a case folder, or a folder of either."""
+    """Expand a CLI input into cases: a NIfTI file, a case folder, a DICOM series (its folder, or a
+    file of it), or a folder of these."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
+        if is_dicom_file(path):  # one file of a series: the series, named after its folder
+            return [CaseInput(name=path.parent.resolve().name, image_path=path)]
         if not is_nifti(path):
-            raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz){_dicom_hint([path])}")
+            raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz) nor a DICOM file")
         return [CaseInput(name=strip_nifti_suffix(path.name), image_path=path)]
     if (path / KITS_IMAGE).is_file():
         return [case_from_folder(path)]
     # Hidden entries are no one's CT (a temporary file a killed writer left, a ._ file of macOS).
     entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
     cases = [case_from_folder(p) for p in entries if p.is_dir() and (p / KITS_IMAGE).is_file()]
+    # DICOM series: this folder's own files, and each subfolder's (a PACS export: a folder per series).
+    series = ([path] if dicom_files(path) else []) + [p for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file()
+                                                     and dicom_files(p)]
+    cases += [CaseInput(name=folder.resolve().name, image_path=folder) for folder in series]
     without_ct = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file() and case_labels_file(p)]
     if without_ct:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
     # Only one level is read: CTs deeper in other folders are not segmented; say so.
     unsearched = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file()
-                  and not case_labels_file(p) and _holds_ct_files(p)]
+                  and not case_labels_file(p) and p.name not in ("labelsTr", "labelsTs") and _holds_ct_files(p)]
     if unsearched:
         log.warning("%s: %d subfolder(s) holding NIfTI files but no %s are not searched: %s (give them as inputs "
                     "of their own)", path, len(unsearched), KITS_IMAGE, name_a_few(unsearched))
@@ -116,9 +123,10 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {masks[0].name} is its mask")
     if not cases:
         nnunet = [p.name for p in entries if p.is_dir() and p.name in ("imagesTr", "imagesTs")]
-        raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files or case folders with {KITS_IMAGE})"
-                         + (f"; a data set in nnU-Net's layout: give its {' or '.join(nnunet)} folder" if nnunet else "")
-                         + _dicom_hint([p for p in entries if p.is_file()][:5]))
+        raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files, DICOM series or case folders with "
+                         f"{KITS_IMAGE})"
+                         + (f"; a data set in nnU-Net's layout: give its {' or '.join(nnunet)} folder" if nnunet
+                            else layout_hint(path)))
     for mask in masks:
         log.warning("%s: %s is a KiTS19 mask, not a CT: skipped", path, mask.name)
     return cases
@@ -129,8 +137,11 @@ def nnunet_training_cases(folder: Path) -> list[CaseInput] | None:
     ``labelsTr/NAME.nii.gz``), as many keep KiTS and their own data; None where ``folder`` is not
     laid out so. A case without its label file comes back without labels, as a case folder would."""
     images, labels = folder / "imagesTr", folder / "labelsTr"
-    if not (images.is_dir() and labels.is_dir()):
+    if not images.is_dir():
         return None
+    if not labels.is_dir():
+        raise InputError(f"{folder}: a data set in nnU-Net's layout without labelsTr: its images have no labels "
+                         "to train on")
     cases, other_channels, misnamed = [], [], []
     for path in sorted(images.iterdir()):
         if path.name.startswith(".") or not path.is_file() or not is_nifti(path):
@@ -147,14 +158,42 @@ def nnunet_training_cases(folder: Path) -> list[CaseInput] | None:
             cases.append(CaseInput(name=name, image_path=path, labels_path=label))
     if other_channels:  # a CT is one channel; a second one (another phase, an MR sequence) this model cannot take
         raise InputError(f"{images}: holds more than one channel per case ({name_a_few(other_channels, 3)}); "
-                         "a CT is one image, NAME_0000.nii.gz")
+                         "a CT is one image, NAME_0000.nii.gz (nnU-Net's names end in the channel, _0000: are "
+                         "these cases named without it?)")
     if misnamed:
         log.warning("%s: %d file(s) not named as nnU-Net's images (NAME_0000.nii.gz) skipped: %s", images,
                     len(misnamed), name_a_few(misnamed, 3))
     return cases
 
 
-def _is_dicom(path: Path) -> bool:
+def layout_hint(path: Path) -> str:
+    """Where the cases are, for a message about a folder that holds none at its own level: one
+    level down (``kits21/`` holds ``data/case_XXXXX``), or up (one case's folder); else ""."""
+    path = Path(path)
+    if not path.is_dir():
+        return ""
+    if (path / KITS_IMAGE).is_file() or case_labels_file(path):
+        return f"; {path.name} is one case's folder: give the folder that holds the case folders"
+
+    def holds_cases(folder: Path) -> bool:
+        try:
+            return any(c.is_dir() and ((c / KITS_IMAGE).is_file() or case_labels_file(c)) for c in folder.iterdir())
+        except OSError:
+            return False
+
+    try:
+        subfolders = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return ""
+    for sub in subfolders:
+        if (sub / "imagesTr").is_dir():
+            return f"; {sub.name} is a data set in nnU-Net's layout: give {sub}"
+        if holds_cases(sub):
+            return f"; its subfolder {sub.name} holds case folders: give {sub}"
+    return ""
+
+
+def is_dicom_file(path: Path) -> bool:
     """A DICOM file: "DICM" after its 128-byte preamble (whatever its name; scanners often give none)."""
     try:
         with open(path, "rb") as handle:
@@ -163,12 +202,18 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _dicom_hint(files: list[Path]) -> str:
-    """What to do with DICOM files given where a NIfTI CT was expected (else empty)."""
-    if not any(_is_dicom(p) for p in files):
-        return ""
-    return ("; these are DICOM files: convert the series to NIfTI first, e.g. dcm2niix -z y -o OUT_FOLDER "
-            "DICOM_FOLDER, then give the .nii.gz")
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (hidden files and subfolders left out), sorted by name."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if not p.name.startswith(".") and p.is_file() and is_dicom_file(p)]
+
+
+def is_dicom_series(path: Path) -> bool:
+    """``path`` is a DICOM file or a folder holding DICOM files (read as a series: :mod:`kitseg.dicom`)."""
+    return bool(dicom_files(path)) if path.is_dir() else is_dicom_file(path)
 
 
 def _holds_ct_files(folder: Path) -> bool:
@@ -344,9 +389,16 @@ def nifti_shape(path: str | os.PathLike) -> tuple[int, ...]:
     return tuple(int(n) for n in _load_nifti(Path(path), channels_ok=True, report=False).shape)
 
 
-def check_nifti_header(path: str | os.PathLike) -> None:
-    """Read only the header: an InputError names a file that is not a usable 3D NIfTI (the voxels are not read)."""
-    _transforms_mm(_load_nifti(Path(path), report=False), Path(path), report=False)
+def check_ct_header(path: str | os.PathLike) -> None:
+    """Read only the header(s): an InputError names a file that is not a usable 3D NIfTI, or a DICOM
+    series one grid cannot hold (the voxels are not read)."""
+    path = Path(path)
+    if is_dicom_series(path):
+        from .dicom import series_geometry
+
+        series_geometry(path)
+        return
+    _transforms_mm(_load_nifti(path, report=False), path, report=False)
 
 
 def _xform_code(img: nib.Nifti1Image) -> int:
@@ -375,8 +427,12 @@ def read_probabilities(path: str | os.PathLike) -> Volume:
 
 
 def read_ct(path: str | os.PathLike) -> Volume:
-    """Read a CT from a NIfTI file or a KiTS19 case folder."""
+    """Read a CT from a NIfTI file, a KiTS case folder, or a DICOM series (its folder, or a file of it)."""
     path = Path(path)
+    if (path.is_dir() and not (path / KITS_IMAGE).is_file() and dicom_files(path)) or is_dicom_file(path):
+        from .dicom import read_dicom_series
+
+        return read_dicom_series(path)
     if path.is_dir():
         return read_volume(case_from_folder(path).image_path)
     return read_volume(path)

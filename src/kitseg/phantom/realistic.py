@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from ..config import apply_label_mapping, label_mapping_text
 from ..geometry import Volume, voxel_spacing
-from ..io import KITS21_LABELS, InputError, case_labels_file, name_a_few, read_labels
+from ..io import KITS21_LABELS, InputError, case_labels_file, layout_hint, name_a_few, read_labels
 from ..parallel import one_blas_thread, stop_workers
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
@@ -431,10 +431,18 @@ def plan_phantom_dataset(masks_dir: Path, out_dir: Path, cases: list[str] | None
     if not masks_dir.is_dir():
         raise FileNotFoundError(f"masks folder not found: {masks_dir}")
     if cases is None:
-        cases = sorted(p.name for p in masks_dir.iterdir() if p.is_dir() and case_labels_file(p))
+        folders = [p for p in sorted(masks_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        cases = [p.name for p in folders if case_labels_file(p)]
         if not cases:
+            nnunet = (" (nnU-Net's label files are not read here: put each NAME.nii.gz into a folder NAME as "
+                      f"{SEGMENTATION_NAME})" if masks_dir.name.startswith("labels") or (masks_dir / "labelsTr").is_dir()
+                      else layout_hint(masks_dir))
             raise FileNotFoundError(f"no case_XXXXX/{SEGMENTATION_NAME} (or KiTS21's {KITS21_LABELS}) "
-                                    f"under {masks_dir}")
+                                    f"under {masks_dir}{nnunet}")
+        without = [p.name for p in folders if p.name.startswith("case_") and not case_labels_file(p)]
+        if without:  # KiTS21 cases with their annotators' own maps only, a copy cut short
+            logger.warning("%s: %d case folder(s) without %s or %s are not drawn: %s", masks_dir, len(without),
+                           SEGMENTATION_NAME, KITS21_LABELS, name_a_few(without))
     else:
         cases = list(dict.fromkeys(cases))  # a case named twice is drawn once
         missing = [c for c in cases if not case_labels_file(masks_dir / c)]

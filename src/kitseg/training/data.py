@@ -31,7 +31,7 @@ from ..atomic import atomic_path, require_free_space
 from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig, apply_label_mapping
 from ..geometry import source_grid_for
 from ..io import (KITS21_LABELS, KITS_IMAGE, CaseInput, InputError, discover_inputs, name_a_few,
-                  nnunet_training_cases, read_ct, read_labels)
+                  layout_hint, nnunet_training_cases, read_ct, read_labels)
 from ..morphology import dilate_ball
 from ..parallel import one_blas_thread, stop_workers
 from ..pipeline import neighbour_indices
@@ -330,7 +330,7 @@ def labelled_inputs(data_dir: Path) -> list[CaseInput]:
         log.warning("%s: %d case(s) without labels are not trained on: %s", data_dir, len(unlabelled),
                     name_a_few(unlabelled))
     if not inputs:
-        raise InputError(f"{data_dir}: no case with labels to train on ({_LABELS_WANTED})")
+        raise InputError(f"{data_dir}: no case with labels to train on ({_LABELS_WANTED}){layout_hint(data_dir)}")
     return inputs
 
 
