@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-kits", description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="*", help="CT .nii/.nii.gz files or KiTS19 case folders (default: the sample case)")
+    p.add_argument("inputs", nargs="*", help="CT .nii/.nii.gz files, KiTS case folders or DICOM series folders (default: the sample case)")
     p.add_argument("--weights", type=Path, help="a .kseg checkpoint (default: the shipped weights, or the last used)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--run-all", action="store_true", help="run stage 1, the mask and stage 2 on the first CT")

@@ -215,4 +215,10 @@ mkdir -p "$WORK/val_gt"
 for c in $VAL; do ln -sfn "$(realpath "$WORK/phantoms/$c")" "$WORK/val_gt/$c"; done
 $KITS predict "$WORK/val_gt" -o "$WORK/val_pred" --weights "$MODEL" --overwrite
 $KITS evaluate --pred "$WORK/val_pred" --gt "$WORK/val_gt" --csv "$WORK/val_scores.csv" --overwrite
+# The shipped model scores here kidney 0.9648, tumor 0.5184, composite 0.7416 (mean of 30; 19 of 30
+# tumors found; measured 2026-12-07 on these draws, `kits-seg predict` + `evaluate` with the shipped
+# file). Whether a rerun gives the same weights to the bit has not been checked (another CPU's
+# float arithmetic may differ); expect figures near these. These masks also chose round 3's
+# checkpoints, so the figure is a little kinder than that of fresh draws (MODEL_CARD, "At a glance").
 echo "model: $MODEL  (copy to src/kitseg/weights/default.kseg to ship it)"
+echo "the shipped model scores kidney 0.9648, tumor 0.5184 (composite 0.7416) on these 30 cases"
