@@ -845,7 +845,11 @@ def test_kits21_and_nnunet_layouts_are_predicted_and_scored_as_case_folders_are(
         with caplog.at_level("WARNING"):
             assert main(["evaluate", "--pred", str(out), "--gt", str(gt), "--csv", str(report)]) == 0
         assert "not scored" not in caplog.text
-        assert [(r["case"], r["kidney_dice"], r["tumor_dice"]) for r in csv.DictReader(report.open())][:2] == expected
+        rows = list(csv.DictReader(report.open()))
+        assert [(r["case"], r["kidney_dice"], r["tumor_dice"]) for r in rows][:2] == expected
+        assert [(r["prediction_file"], r["reference_file"]) for r in rows] == [
+            (str(out / name), str(gt / case / "aggregated_MAJ_seg.nii.gz") if layout == "kits21"
+             else str(gt / f"{case}.nii.gz")) for name, case in zip(written, ("case_00000", "case_00001"))] + [("", "")]
     # The data set's folder stands for its labelsTr; a reference without a prediction is named.
     shutil.copy(nnunet / "labelsTr" / "case_00001.nii.gz", nnunet / "labelsTr" / "case_00099.nii.gz")
     caplog.clear()

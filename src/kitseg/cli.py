@@ -428,7 +428,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings = {"label_mapping": describe_label_mapping(mapping),
                     "gt_label_mapping": describe_label_mapping(gt_mapping),
                     "found_share": found_share, "empty_value": args.empty_value}
-        write_scores_csv(scores, args.csv, settings)
+        write_scores_csv(scores, args.csv, settings, files=[(str(p.prediction), str(p.reference)) for p in pairs])
         print(f"wrote {args.csv}")
     return 0
 

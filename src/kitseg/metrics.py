@@ -429,8 +429,12 @@ def _csv_value(value: str | int | float) -> str:
 
 
 def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike,
-                     settings: Mapping[str, str | float] | None = None) -> Path:
+                     settings: Mapping[str, str | float] | None = None,
+                     files: Sequence[tuple[str, str]] | None = None) -> Path:
     """Write one row per case and a final ``mean`` row (NaN-ignoring means) to ``path``.
+
+    ``files``: each case's (prediction, reference) file, as ``prediction_file`` and
+    ``reference_file`` columns after the scores, so a report says what was compared.
 
     The ``mean`` row of a count is its mean per case (``tumors_found`` there is a share of the
     tumors only when every case holds one; :func:`aggregate` gives ``tumors_found_rate``).
@@ -449,13 +453,19 @@ def write_scores_csv(scores: Sequence[CaseScores], path: str | os.PathLike,
     path = Path(path)
     means = aggregate(scores)
     rows = [s.to_row() for s in scores]
+    file_columns = []
+    if files is not None:
+        if len(files) != len(scores):
+            raise ValueError(f"{len(files)} pairs of files for {len(scores)} cases")
+        file_columns = ["prediction_file", "reference_file"]
+        rows = [{**row, "prediction_file": pred, "reference_file": ref} for row, (pred, ref) in zip(rows, files)]
     rows.append({"case": "mean", **{name: means[name] for name in _NUMERIC_FIELDS}})
     settings = dict(settings or {})
-    clashes = sorted(set(settings) & set(CSV_COLUMNS))
+    clashes = sorted(set(settings) & {*CSV_COLUMNS, *file_columns})
     if clashes:
         raise ValueError(f"settings {clashes} would replace score columns")
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, *settings])
+        writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, *file_columns, *settings])
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(v) for k, v in {**row, **settings}.items()})
