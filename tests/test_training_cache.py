@@ -286,7 +286,9 @@ def test_a_case_without_labels_is_named_once_per_training(dataset, tmp_path, cap
     with caplog.at_level("WARNING"):
         assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "smoke",
                      "--device", "cpu", "--no-progress"]) == 0
-    assert caplog.text.count("case(s) without labels are not trained on: case_00099") == 1
+    assert caplog.text.count("case(s) without labels (case folders' segmentation.nii.gz or KiTS21's "
+                             "aggregated_MAJ_seg.nii.gz, or nnU-Net's labelsTr/NAME.nii.gz for "
+                             "imagesTr/NAME_0000.nii.gz) are not trained on: case_00099") == 1
 
 
 def test_kits21_and_nnunet_layouts_train_on_the_same_cases_as_kits19_folders(dataset, tmp_path, capsys, caplog):
@@ -304,8 +306,9 @@ def test_kits21_and_nnunet_layouts_train_on_the_same_cases_as_kits19_folders(dat
         shutil.copy(dataset / case / "segmentation.nii.gz", kits21 / case / "aggregated_MAJ_seg.nii.gz")
         shutil.copy(dataset / case / "imaging.nii.gz", nnunet / "imagesTr" / f"{case}_0000.nii.gz")
         shutil.copy(dataset / case / "segmentation.nii.gz", nnunet / "labelsTr" / f"{case}.nii.gz")
-    # nnU-Net's test images have no labels: not trained on, and said.
+    # nnU-Net's test images have no labels, a label file may have no image: neither trained on, and said.
     shutil.copy(dataset / "case_00000" / "imaging.nii.gz", nnunet / "imagesTr" / "case_00099_0000.nii.gz")
+    shutil.copy(dataset / "case_00000" / "segmentation.nii.gz", nnunet / "labelsTr" / "case_00098.nii.gz")
     expected = {c.name: c for c in load_cases(dataset, config, None, progress=False)}
     for data in (kits21, nnunet):
         with caplog.at_level("WARNING"):
@@ -314,7 +317,9 @@ def test_kits21_and_nnunet_layouts_train_on_the_same_cases_as_kits19_folders(dat
         for name, case in got.items():
             np.testing.assert_array_equal(case.image, expected[name].image)
             np.testing.assert_array_equal(case.labels, expected[name].labels)
-    assert "1 case(s) without labels are not trained on: case_00099" in caplog.text
+    assert "1 case(s) without labels (" in caplog.text and ") are not trained on: case_00099" in caplog.text
+    assert "labelsTr: 1 label file(s) without their image (imagesTr/NAME_0000.nii.gz) are not trained on: " \
+        "case_00098.nii.gz" in caplog.text
     assert main(["train", "--data", str(nnunet), "--out", str(tmp_path / "run"), "--preset", "smoke",
                  "--prepare-only", "--no-progress"]) == 0
     assert "4 cases prepared" in capsys.readouterr().out

@@ -93,7 +93,9 @@ def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[
         else:
             pairs.append(EvaluationPair(case, p, ref))
     if not pairs:
-        raise InputError(f"{gt}: no ground truth for {name_a_few(unmatched)}{layout_hint(gt)}")
+        raise InputError(f"{gt}: no ground truth for {name_a_few(unmatched)} (looked for GT/case_XXXXX/"
+                         "segmentation.nii.gz or aggregated_MAJ_seg.nii.gz for prediction_XXXXX, GT/NAME.nii.gz or "
+                         f"GT/NAME/segmentation.nii.gz for NAME_labels){layout_hint(gt)}")
     by_reference: dict[Path, list[str]] = {}
     for pair in pairs:
         by_reference.setdefault(pair.reference.resolve(), []).append(pair.prediction.name)

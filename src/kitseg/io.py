@@ -163,6 +163,12 @@ def nnunet_training_cases(folder: Path) -> list[CaseInput] | None:
     if misnamed:
         log.warning("%s: %d file(s) not named as nnU-Net's images (NAME_0000.nii.gz) skipped: %s", images,
                     len(misnamed), name_a_few(misnamed, 3))
+    named = {c.name for c in cases}
+    without_image = [f.name for f in sorted(labels.iterdir())
+                     if is_nifti(f) and not f.name.startswith(".") and strip_nifti_suffix(f.name) not in named]
+    if without_image:
+        log.warning("%s: %d label file(s) without their image (imagesTr/NAME_0000.nii.gz) are not trained on: %s",
+                    labels, len(without_image), name_a_few(without_image, 3))
     return cases
 
 

@@ -327,8 +327,8 @@ def labelled_inputs(data_dir: Path) -> list[CaseInput]:
     inputs = [c for c in found if c.labels_path is not None]
     unlabelled = [c.name for c in found if c.labels_path is None]
     if inputs and unlabelled:
-        log.warning("%s: %d case(s) without labels are not trained on: %s", data_dir, len(unlabelled),
-                    name_a_few(unlabelled))
+        log.warning("%s: %d case(s) without labels (%s) are not trained on: %s", data_dir, len(unlabelled),
+                    _LABELS_WANTED, name_a_few(unlabelled))
     if not inputs:
         raise InputError(f"{data_dir}: no case with labels to train on ({_LABELS_WANTED}){layout_hint(data_dir)}")
     return inputs
