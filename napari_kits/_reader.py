@@ -63,13 +63,15 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
     from kitseg.config import KITS_LABELS
     from kitseg.geometry import strip_nifti_suffix
-    from kitseg.io import (as_labels, case_from_folder, is_dicom_series, is_result_name, label_map_values, nifti_shape,
-                           read_ct, read_labels, read_volume)
+    from kitseg.dicom import series_name, series_uid
+    from kitseg.io import (InputError, as_labels, case_from_folder, is_dicom_series, is_result_name, label_map_values,
+                           nifti_shape, read_ct, read_labels, read_volume)
 
     p = _single_path(path)
-    if is_dicom_series(p):
-        ct = read_ct(p)  # named after the series' folder, as the CLI names its results
-        return [ct_layer_data(ct, (p if p.is_dir() else p.parent).resolve().name)]
+    if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_uid(Path(f)) for f in path}) > 1:
+        raise InputError(f"{p.parent}: the files chosen belong to several series; open one series at a time")
+    if is_dicom_series(p) and not (p.is_dir() and (p / "imaging.nii.gz").is_file()):
+        return [ct_layer_data(read_ct(p), series_name(p))]  # named as the CLI names its results
     if p.is_dir():
         case = case_from_folder(p)
         ct = read_volume(case.image_path)

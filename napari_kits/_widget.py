@@ -166,6 +166,7 @@ class KitsWidget(QWidget):
         self.last_scores = None  # kitseg.metrics.CaseScores of the last scoring
         self.last_error = ""
         self._status_before_error = ""
+        self._error_html = ""
         self.last_warning = ""  # the last warning about the input (not HU?), as shown
         self._weights_meta: dict | None = None
         self._applying_model_mask = False  # spin boxes set from a model, not by the user
@@ -785,7 +786,8 @@ class KitsWidget(QWidget):
         if not self.last_error:  # what was said before the first of a row of errors comes back once it is cleared
             self._status_before_error = self.status.text()
         self.last_error = text
-        self.status.setText(f"<span style='color:#ff6060'>{_escape(text)}</span>")
+        self._error_html = f"<span style='color:#ff6060'>{_escape(text)}</span>"
+        self.status.setText(self._error_html)
         log.warning(text)
 
     def run_stage1(self) -> Any:
@@ -1252,7 +1254,8 @@ class KitsWidget(QWidget):
         scores, curves, detection, note = result
         if self.last_error:  # what failed before (a painted 5 since erased) is not what the table shows
             self.last_error = ""
-            self.status.setText(self._status_before_error)  # the run's findings, said again
+            if self.status.text() == self._error_html:  # nothing said since: the run's findings, said again
+                self.status.setText(self._status_before_error)
             self._add_status("Scored.")
         self.last_scores = scores
         self._per_slice = curves

@@ -27,9 +27,12 @@ def _oblique(row_degrees: float = 30.0, tilt_degrees: float = 12.0) -> tuple[np.
 
 def write_series(folder, hu: np.ndarray, *, along_row=(1.0, 0.0, 0.0), down_column=(0.0, 1.0, 0.0),
                  first=(-120.0, -80.0, 300.0), pixel_mm=(0.8, 0.7), step_mm=2.5, series_uid="1.2.826.0.1.1",
-                 modality="CT", shift_mm=(0.0, 0.0, 0.0), skip=(), rng_seed=0) -> list:
+                 series_number=3, modality="CT", shift_mm=(0.0, 0.0, 0.0), skip=(), rng_seed=0, signed=False,
+                 rescale=lambda k: (1, -1024), image_type=("ORIGINAL", "PRIMARY", "AXIAL"), decimals=None) -> list:
     """Write ``hu`` (slices, rows, columns) as one file per slice, under shuffled names, stored as
-    scanners store CT (unsigned values, intercept -1024). ``shift_mm``: added per slice (a tilt)."""
+    scanners store CT: unsigned values with intercept -1024, or ``signed`` (intercept 0), or each
+    slice ``k`` with ``rescale(k)`` = (slope, intercept). ``shift_mm``: added per slice (a tilt);
+    ``decimals``: positions written rounded, as some scanners write them."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -48,17 +51,21 @@ def write_series(folder, hu: np.ndarray, *, along_row=(1.0, 0.0, 0.0), down_colu
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = modality, series_uid, 3, int(k) + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = (modality, series_uid,
+                                                                                series_number, int(k) + 1)
+        ds.ImageType = list(image_type)
         ds.ImageOrientationPatient = [float(v) for v in (*along_row, *down_column)]
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(first) + k * step_mm * normal + k * np.asarray(shift_mm)]
+        position = np.asarray(first) + k * step_mm * normal + k * np.asarray(shift_mm)
+        ds.ImagePositionPatient = [float(v) for v in (position if decimals is None else np.round(position, decimals))]
         ds.PixelSpacing = [float(pixel_mm[0]), float(pixel_mm[1])]
         ds.SliceThickness = step_mm
         ds.Rows, ds.Columns = hu.shape[1:]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (hu[k] + 1024).astype("<u2").tobytes()
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
+        slope, intercept = (1, 0) if signed else rescale(k)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        stored = np.round((hu[k].astype(float) - intercept) / slope)
+        ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
         path = folder / f"IM{generate_uid()[-12:]}"
         try:
             ds.save_as(path, enforce_file_format=True)  # pydicom 3
@@ -119,8 +126,9 @@ def test_series_one_grid_cannot_hold_are_refused_naming_the_folder_and_the_probl
     both = tmp_path / "both"
     write_series(both, hu)
     other = write_series(both, hu[:4], series_uid="1.2.826.0.1.2", first=(0.0, 0.0, 0.0))
-    with pytest.raises(InputError, match=r"both: holds 2 series or orientations \(6 slices \(3\); 4 slices \(3\)\); "
-                                         r"put each series in a folder of its own, or give one file of the series"):
+    with pytest.raises(InputError, match=r"both: holds 2 series or orientations \(6 slices \(3, UID \.\.\.26\.0\.1\.1\); "
+                                         r"4 slices \(3, UID \.\.\.26\.0\.1\.2\)\); put each series in a folder of its own, "
+                                         r"or give one file of the series"):
         read_ct(both)
     assert read_ct(other[0]).array.size == 4 * 9 * 11  # one file given: its series
     write_series(tmp_path / "twice", hu)
@@ -128,7 +136,7 @@ def test_series_one_grid_cannot_hold_are_refused_naming_the_folder_and_the_probl
     with pytest.raises(InputError, match=r"twice: 6 slice position\(s\) held twice"):
         read_ct(tmp_path / "twice")
     (tmp_path / "no_image").mkdir()
-    (tmp_path / "no_image" / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10")
+    (tmp_path / "no_image" / "SR1").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10")  # no image: a report
     with pytest.raises(InputError, match=r"no_image: its DICOM files hold no image slices"):
         read_ct(tmp_path / "no_image")
     cut = write_series(tmp_path / "cut", hu)[2]
@@ -142,7 +150,40 @@ def test_series_one_grid_cannot_hold_are_refused_naming_the_folder_and_the_probl
         read_ct(tmp_path / "gap")
 
 
-def test_predict_takes_a_series_folder_a_file_of_it_and_a_folder_of_series(tmp_path, tiny_bundle, capsys):
+def test_what_scanners_vary_reads_as_the_same_hu_on_the_same_grid(tmp_path):
+    """Signed pixels, a rescale that changes along the series, positions rounded to two decimals on
+    thin slices, a scout view and a DICOMDIR beside the slices: the same HU, the same grid."""
+    hu = _ct()
+    plain = read_ct(write_series(tmp_path / "plain", hu, step_mm=0.6)[0].parent)
+    write_series(tmp_path / "signed", hu, step_mm=0.6, signed=True)
+    write_series(tmp_path / "rescaled", hu, step_mm=0.6, rescale=lambda k: (0.5 if k % 2 else 1, -1024 - 8 * k))
+    write_series(tmp_path / "rounded", hu, step_mm=0.6, decimals=2, along_row=_oblique(10, 0)[0],
+                 down_column=_oblique(10, 0)[1])
+    for name in ("signed", "rescaled"):
+        volume = read_ct(tmp_path / name)
+        np.testing.assert_array_equal(volume.array, plain.array)
+        np.testing.assert_allclose(volume.affine, plain.affine)
+    assert read_ct(tmp_path / "rounded").spacing == pytest.approx((0.6, 0.8, 0.7), abs=1e-3)
+    with_scout = tmp_path / "with_scout"
+    write_series(with_scout, hu, step_mm=0.6)
+    scout = write_series(with_scout, hu[:1], image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+                         along_row=(0, 1, 0), down_column=(0, 0, -1), first=(0.0, -200.0, 400.0))[0]
+    shutil.copy(scout, with_scout / "DICOMDIR")  # stands in for the media's index: never read
+    np.testing.assert_array_equal(read_ct(with_scout).array, plain.array)
+    with pytest.raises(InputError, match=rf"{scout.name}: is no image slice of a series \(a scout view"):
+        read_ct(scout)
+    enhanced = tmp_path / "enhanced"
+    path = write_series(enhanced, hu)[0]
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 6
+    ds.save_as(path)
+    with pytest.raises(InputError, match=rf"{path.name}: an enhanced \(multi-frame\) DICOM of 6 frames is not read "
+                                         r"here; convert it with dcm2niix"):
+        read_ct(enhanced)
+
+
+def test_predict_takes_a_series_folder_a_file_of_it_and_a_folder_of_series(tmp_path, tiny_bundle, capsys,
+                                                                           caplog):
     from kitseg.checkpoint import save_bundle
     from kitseg.cli import main
 
@@ -161,6 +202,29 @@ def test_predict_takes_a_series_folder_a_file_of_it_and_a_folder_of_series(tmp_p
     assert written.shape == series.source.shape
     np.testing.assert_allclose(written.affine, series.source.affine, atol=1e-4)
     assert [c.name for c in discover_inputs(study)] == ["SE2", "SE3"]
+    # A PACS export: a scout series and a dose report beside the CT series are said and passed over.
+    write_series(study / "SE1", hu[:2], image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    (study / "SE999").mkdir()
+    (study / "SE999" / "SR1").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10")
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(study), "-o", str(tmp_path / "out_pacs"), "--weights", str(weights)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out_pacs").iterdir()) == ["SE2_labels.nii.gz", "SE3_labels.nii.gz"]
+    assert "SE1: its DICOM files hold no image slices (scout views or reports only?): not segmented" in caplog.text
+    assert "SE999: its DICOM files hold no image slices" in caplog.text
+    # Two series in one folder, each given by one of its files: results of their own.
+    flat = tmp_path / "flat"
+    two = [write_series(flat, hu, series_number=2)[0], write_series(flat, hu[:, ::-1], series_number=5,
+                                                                     series_uid="1.2.826.0.1.5")[0]]
+    for given in two:
+        assert main(["predict", str(given), "-o", str(tmp_path / "out_flat"), "--weights", str(weights)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out_flat").iterdir()) == ["flat_series2_labels.nii.gz",
+                                                                        "flat_series5_labels.nii.gz"]
+    # A DICOM file among NIfTI CTs makes no series of their folder: the CTs are segmented.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([0.7, 0.8, 2.5, 1.0])), str(mixed / "scan.nii.gz"))
+    shutil.copy(files[0], mixed / "stray.dcm")
+    assert [c.name for c in discover_inputs(mixed)] == ["scan"]
     # A series one grid cannot hold is refused before any model is loaded.
     write_series(tmp_path / "gap", hu, skip=(4,))
     assert main(["predict", str(tmp_path / "gap"), "-o", str(tmp_path / "out_gap"), "--weights", str(weights)]) == 2

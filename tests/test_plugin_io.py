@@ -334,7 +334,7 @@ def test_save_names_offered_keep_corrections_and_inputs_apart(tmp_path, case_fol
 
 def test_a_dicom_series_opens_as_its_ct_from_its_folder_or_its_files(tmp_path):
     pytest.importorskip("pydicom")
-    from kitseg.io import read_ct
+    from kitseg.io import InputError, read_ct
 
     from .test_dicom import _ct, _oblique, write_series
 
@@ -347,6 +347,21 @@ def test_a_dicom_series_opens_as_its_ct_from_its_folder_or_its_files(tmp_path):
         assert kind == "image" and kwargs["name"] == "SE4"
         np.testing.assert_array_equal(array, expected.array)
         assert geometry_of(kwargs).source.path == tmp_path / "SE4"
-    # Files of two folders are no one series.
+    # Files of two folders are no one series; files of two series in one folder are refused, saying so.
     other = write_series(tmp_path / "SE5", _ct())
     assert napari_get_reader([str(files[0]), str(other[0])]) is None
+    second = write_series(tmp_path / "SE4", _ct(), series_uid="1.2.826.0.1.9", series_number=9)
+    with pytest.raises(InputError, match=r"SE4: the files chosen belong to several series; open one series at a time"):
+        read_kits([str(files[0]), str(second[0])])
+    (layer,) = read_kits(str(second[0]))
+    assert layer[1]["name"] == "SE4_series9"
+
+
+def test_a_case_folder_holding_a_dicom_file_still_opens_with_its_ground_truth(tmp_path, case_folder):
+    pytest.importorskip("pydicom")
+    from .test_dicom import _ct, write_series
+
+    case = tmp_path / "case_00007"
+    shutil.copytree(case_folder, case)
+    shutil.copy(write_series(tmp_path / "series", _ct())[0], case / "export.dcm")
+    assert [kind for _, _, kind in read_kits(str(case))] == ["image", "labels"]

@@ -130,6 +130,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import MaskConfig
+    from .dicom import NoImageSlices
     from .io import InputError, check_ct_header, discover_inputs, label_map_values, read_ct
     from .metrics import describe_found
     from .outputs import write_prediction
@@ -137,8 +138,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .postprocess import CleanupRules
 
     cases = discover_inputs(args.input)
+    without_images = []
     for case in cases:  # the headers, before minutes of work: a file that is no CT at all fails now
-        check_ct_header(case.image_path)
+        try:
+            check_ct_header(case.image_path)
+        except NoImageSlices as exc:  # a study's scout or dose-report series, beside its CT series
+            if len(cases) == 1:
+                raise
+            log.warning("%s: not segmented", exc)
+            without_images.append(case)
+    cases = [case for case in cases if case not in without_images]
+    if not cases:
+        raise CliError(f"{args.input}: none of its DICOM series holds image slices: nothing to segment")
     _check_output_folder(args.output)
     if args.skip_existing:
         cases = _cases_left_to_do(cases, args)

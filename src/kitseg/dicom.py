@@ -4,9 +4,10 @@ A series becomes a :class:`~kitseg.geometry.Volume` whose source grid is the ser
 (i, j, k) = (column, row, slice in position order), affine in RAS mm), so results are written as
 NIfTI on that grid and overlay the series in any viewer that reads both.
 
-pydicom reads the files; compressed pixel data is decoded by its plugins (Pillow for JPEG and
-JPEG 2000). A series that one affine cannot describe (tilted gantry, uneven slice gaps,
-slices of several series or orientations) is refused, naming the folder, with what to do.
+pydicom reads the files; compressed pixel data is decoded by its plugins (Pillow: baseline JPEG
+and JPEG 2000; python-gdcm: JPEG Lossless and JPEG-LS too). A series that one affine cannot
+describe (tilted gantry, uneven slice gaps, slices of several series or orientations) is
+refused, naming the folder, with what to do.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from .io import PLAUSIBLE_SPACING_MM, InputError, dicom_files
 
 log = logging.getLogger(__name__)
 
-#: Slice positions may differ from an even step by this share of it (scanners round positions).
+#: A slice step may differ from the series' median step by this share of it, or by
+#: SLICE_STEP_TOLERANCE_MM if more (positions are often written with two decimals).
 SLICE_STEP_TOLERANCE = 0.02
-#: Largest offset (mm) of a slice from the line through the first slice along the slices' normal:
-#: beyond it the series is tilted (a gantry tilt), which one affine without shear cannot hold.
-TILT_TOLERANCE_MM = 0.05
+SLICE_STEP_TOLERANCE_MM = 0.05
+#: Largest distance (mm) of a slice's position from the line along the slices' normal through
+#: their mean position: beyond it the series is sheared (a gantry tilt), which one affine without
+#: shear cannot hold. Rounded positions stay well within it; a 1 degree tilt over 100 mm is 1.7 mm.
+TILT_TOLERANCE_MM = 0.2
 _CONVERT = "convert it with dcm2niix (-z y -o OUT_FOLDER DICOM_FOLDER), which corrects what it can, and give the .nii.gz"
+
+
+class NoImageSlices(InputError):
+    """DICOM files that hold no slice of an image volume: a scout, a dose report, a DICOMDIR."""
 
 
 def _pydicom():
@@ -43,7 +51,6 @@ class _Slice:
     path: Path
     position: np.ndarray  # ImagePositionPatient, LPS mm: the centre of the first pixel
     along: float  # position along the slices' normal
-    instance: int | None
 
 
 @dataclass(frozen=True)
@@ -56,27 +63,42 @@ class SeriesGeometry:
     columns: int
     affine: np.ndarray
 
-    @property
-    def files(self) -> list[Path]:
-        return [s.path for s in self.slices]
 
-
-def _number(ds, keyword: str, path: Path, count: int | None = None):
+def _numbers(ds, keyword: str, path: Path, count: int) -> np.ndarray:
+    """``count`` numbers of a multi-valued header field (ImagePositionPatient...), checked."""
     value = getattr(ds, keyword, None)
-    if value is None or value == "":
-        raise InputError(f"{path}: has no {keyword}, which places the slice in space: not an image slice "
-                         f"of a CT series ({_CONVERT})")
     try:
-        return [float(v) for v in value] if count else float(value)
+        numbers = np.array([float(v) for v in value], dtype=float)
     except (TypeError, ValueError):
-        raise InputError(f"{path}: its {keyword} ({value}) is not a number") from None
+        raise InputError(f"{path}: its {keyword} ({value}) is not {count} numbers") from None
+    if numbers.shape != (count,) or not np.all(np.isfinite(numbers)):
+        raise InputError(f"{path}: its {keyword} ({value}) is not {count} numbers")
+    return numbers
 
 
-def series_geometry(source: Path) -> SeriesGeometry:
-    """Read the headers of a series (a folder of DICOM files, or one file of it: its series) and
-    check that one affine describes it. Pixel data is not read."""
+def _is_image_slice(ds) -> bool:
+    """A slice of an image volume: placed in space, with pixels, and not the scout view that many
+    scanners store beside the axial slices."""
+    if "ImagePositionPatient" not in ds or "Rows" not in ds:
+        return False  # a DICOMDIR, a structured (dose) report, a presentation state
+    return "LOCALIZER" not in [str(v).upper() for v in getattr(ds, "ImageType", [])]
+
+
+def _series_key(ds) -> str:
+    return str(getattr(ds, "SeriesInstanceUID", ""))
+
+
+def _describe(members: list) -> str:
+    ds = members[0][1]
+    named = " ".join(str(getattr(ds, k, "")) for k in ("SeriesNumber", "SeriesDescription")).strip()
+    uid = _series_key(ds)
+    return f"{len(members)} slices ({', '.join(filter(None, [named, f'UID ...{uid[-8:]}' if uid else '']))})"
+
+
+def _image_headers(source: Path) -> tuple[Path, list]:
+    """The folder and the (path, header) of each image slice of ``source``'s series: all of a
+    folder's, or one chosen file's series."""
     pydicom = _pydicom()
-    source = Path(source)
     folder = source if source.is_dir() else source.parent
     files = dicom_files(folder)
     if not files:
@@ -87,85 +109,123 @@ def series_geometry(source: Path) -> SeriesGeometry:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:  # pydicom raises several kinds for a damaged file
             raise InputError(f"{path}: cannot be read as DICOM ({exc})") from None
-        if "ImagePositionPatient" not in ds or "Rows" not in ds:
-            continue  # no image slice: a DICOMDIR, a structured report, a presentation state
-        if "LOCALIZER" in [str(v).upper() for v in getattr(ds, "ImageType", [])]:
-            continue  # the scout view, stored beside the axial slices by many scanners
-        headers.append((path, ds))
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if frames > 1:  # enhanced CT keeps each frame's position in functional groups, not read here
+            raise InputError(f"{path}: an enhanced (multi-frame) DICOM of {frames} frames is not read here; "
+                             + _CONVERT)
+        if path == source and not _is_image_slice(ds):
+            raise NoImageSlices(f"{path}: is no image slice of a series (a scout view, a report?)")
+        if _is_image_slice(ds):
+            headers.append((path, ds))
     if not headers:
-        raise InputError(f"{folder}: its DICOM files hold no image slices")
+        raise NoImageSlices(f"{folder}: its DICOM files hold no image slices (scout views or reports only?)")
     if not source.is_dir():  # one file chosen: its series
-        uid = str(getattr(next(ds for p, ds in headers if p == source), "SeriesInstanceUID", ""))
-        headers = [(p, ds) for p, ds in headers if str(getattr(ds, "SeriesInstanceUID", "")) == uid]
-    series = {}
+        uid = next(_series_key(ds) for p, ds in headers if p == source)
+        headers = [(p, ds) for p, ds in headers if _series_key(ds) == uid]
+    return folder, headers
+
+
+def _one_series(folder: Path, headers: list) -> tuple[list, np.ndarray]:
+    """The headers, checked to be one series in one orientation, and that orientation."""
+    series: dict[tuple, list] = {}
     for path, ds in headers:
-        key = (str(getattr(ds, "SeriesInstanceUID", "")),
-               tuple(np.round(_number(ds, "ImageOrientationPatient", path, 6), 4)))
-        series.setdefault(key, []).append((path, ds))
+        orientation = _numbers(ds, "ImageOrientationPatient", path, 6)
+        series.setdefault((_series_key(ds), tuple(np.round(orientation, 4))), []).append((path, ds))
     if len(series) > 1:
-        described = [f"{len(members)} slices{_describe(members[0][1])}" for members in series.values()]
+        described = [_describe(members) for _, members in sorted(series.items())]
         raise InputError(f"{folder}: holds {len(series)} series or orientations ({'; '.join(described)}); put "
                          "each series in a folder of its own, or give one file of the series to read")
-    headers = next(iter(series.values()))
-    orientation = np.asarray(_number(headers[0][1], "ImageOrientationPatient", headers[0][0], 6))
     modality = str(getattr(headers[0][1], "Modality", "")).upper()
     if modality and modality != "CT":
         raise InputError(f"{folder}: is a {modality} series, not CT: the models read CT in HU")
-    frames = int(getattr(headers[0][1], "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise InputError(f"{headers[0][0]}: an enhanced (multi-frame) DICOM of {frames} frames is not read here; "
-                         + _CONVERT)
+    return headers, _numbers(headers[0][1], "ImageOrientationPatient", headers[0][0], 6)
+
+
+def _stacked_slices(folder: Path, headers: list, normal: np.ndarray) -> tuple[list[_Slice], float]:
+    """The slices in order along ``normal`` and their step (mm), checked to be evenly spaced,
+    each position once, and stacked straight along the normal (no gantry tilt)."""
+    slices = []
+    for path, ds in headers:
+        position = _numbers(ds, "ImagePositionPatient", path, 3)
+        slices.append(_Slice(path, position, float(np.dot(normal, position))))
+    slices.sort(key=lambda s: s.along)
+    if len(slices) < 2:
+        raise InputError(f"{folder}: holds one slice of a series, not a volume to segment")
+    steps = np.diff([s.along for s in slices])
+    repeated = [(a.path.name, b.path.name) for a, b, step in zip(slices, slices[1:], steps) if step < 1e-3]
+    if repeated:
+        raise InputError(f"{folder}: {len(repeated)} slice position(s) held twice ({repeated[0][0]} and "
+                         f"{repeated[0][1]}): two acquisitions in one folder? Put each in a folder of its own")
+    step = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - step) > max(SLICE_STEP_TOLERANCE * step, SLICE_STEP_TOLERANCE_MM))
+    if uneven.size:
+        k = int(uneven[0])
+        raise InputError(f"{folder}: its slices are not evenly spaced ({steps[k]:.2f} mm between "
+                         f"{slices[k].path.name} and {slices[k + 1].path.name}, {step:.2f} mm elsewhere: a slice "
+                         f"missing?); one grid cannot hold it: {_CONVERT}")
+    positions = np.array([s.position for s in slices])
+    across = positions - np.outer(positions @ normal, normal)  # each position less its part along the normal
+    shear = float(np.max(np.linalg.norm(across - across.mean(axis=0), axis=1)))
+    if shear > TILT_TOLERANCE_MM:
+        raise InputError(f"{folder}: its slices are not stacked along their normal (a gantry tilt, {shear:.1f} mm "
+                         f"of shear); {_CONVERT}")
+    return slices, step
+
+
+def series_geometry(source: Path) -> SeriesGeometry:
+    """Read the headers of a series (a folder of DICOM files, or one file of it: its series) and
+    check that one affine describes it. Pixel data is not read."""
+    folder, headers = _image_headers(Path(source))
+    headers, orientation = _one_series(folder, headers)
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
-    spacings = {tuple(np.round(_number(ds, "PixelSpacing", p, 2), 5)) for p, ds in headers}
+    spacings = {tuple(np.round(_numbers(ds, "PixelSpacing", p, 2), 5)) for p, ds in headers}
     if len(sizes) > 1 or len(spacings) > 1:
         raise InputError(f"{folder}: its slices differ in size or pixel spacing ({sorted(sizes)}, {sorted(spacings)})")
     (rows, columns), = sizes
-    (row_mm, column_mm), = spacings
-
-    # Unit vectors: the header's decimal strings round them (and the grouping above, to 4 places).
-    along_row, along_column = (v / np.linalg.norm(v) for v in (orientation[:3], orientation[3:]))
-    normal = np.cross(along_row, along_column)
+    (row_mm, column_mm), = spacings  # PixelSpacing: between rows, then between columns
+    # Unit vectors: the header's decimal strings round them.
+    along_row, down_column = (v / np.linalg.norm(v) for v in (orientation[:3], orientation[3:]))
+    normal = np.cross(along_row, down_column)
     normal /= np.linalg.norm(normal)
-    slices = sorted((_Slice(p, np.asarray(_number(ds, "ImagePositionPatient", p, 3)),
-                            float(np.dot(normal, _number(ds, "ImagePositionPatient", p, 3))),
-                            int(ds.InstanceNumber) if getattr(ds, "InstanceNumber", None) not in (None, "") else None)
-                     for p, ds in headers), key=lambda s: s.along)
-    steps = np.diff([s.along for s in slices])
-    if len(slices) > 1:
-        repeated = [(a.path.name, b.path.name) for a, b, step in zip(slices, slices[1:], steps) if step < 1e-3]
-        if repeated:
-            raise InputError(f"{folder}: {len(repeated)} slice position(s) held twice ({repeated[0][0]} and "
-                             f"{repeated[0][1]}): two acquisitions in one folder? Put each in a folder of its own")
-        step = float(np.median(steps))
-        uneven = np.flatnonzero(np.abs(steps - step) > SLICE_STEP_TOLERANCE * step)
-        if uneven.size:
-            k = int(uneven[0])
-            raise InputError(f"{folder}: its slices are not evenly spaced ({steps[k]:.2f} mm between "
-                             f"{slices[k].path.name} and {slices[k + 1].path.name}, {step:.2f} mm elsewhere: a "
-                             f"slice missing?); one grid cannot hold it: {_CONVERT}")
-        offsets = [np.linalg.norm((s.position - slices[0].position) - (s.along - slices[0].along) * normal)
-                   for s in slices]
-        if max(offsets) > TILT_TOLERANCE_MM:
-            raise InputError(f"{folder}: its slices are not stacked along their normal (a gantry tilt, "
-                             f"{max(offsets):.1f} mm of shear); {_CONVERT}")
-    else:
-        raise InputError(f"{folder}: holds one slice of a series, not a volume to segment")
+    slices, step = _stacked_slices(folder, headers, normal)
     low, high = PLAUSIBLE_SPACING_MM
     if not all(low <= size <= high for size in (row_mm, column_mm, step)):
         raise InputError(f"{folder}: voxel size ({step:g}, {row_mm:g}, {column_mm:g}) mm from its headers is no CT's "
                          f"(outside {low:g}-{high:g} mm)")
     lps = np.eye(4)
     lps[:3, 0] = along_row * column_mm  # i: along a row, the column index
-    lps[:3, 1] = along_column * row_mm  # j: down a column, the row index
-    lps[:3, 2] = normal * step
+    lps[:3, 1] = down_column * row_mm  # j: down a column, the row index
+    lps[:3, 2] = normal * step  # k: the slices, in position order
     lps[:3, 3] = slices[0].position
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS
     return SeriesGeometry(folder, tuple(slices), rows, columns, ras)
 
 
-def _describe(ds) -> str:
-    text = " ".join(str(getattr(ds, k, "")) for k in ("SeriesNumber", "SeriesDescription")).strip()
-    return f" ({text})" if text else ""
+def series_uid(path: Path) -> str:
+    """A DICOM file's SeriesInstanceUID ("" where it has none), its other fields not parsed."""
+    pydicom = _pydicom()
+    try:
+        return _series_key(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]))
+    except Exception as exc:  # pydicom raises several kinds for a damaged file
+        raise InputError(f"{path}: cannot be read as DICOM ({exc})") from None
+
+
+def series_name(source: Path) -> str:
+    """A case name for a series: its folder's, and where the folder holds several series (one file
+    of it was given), the series number or UID too, so that each gets results of its own."""
+    source = Path(source)
+    folder = (source if source.is_dir() else source.parent).resolve()
+    if source.is_dir():
+        return folder.name
+    pydicom = _pydicom()
+    try:
+        chosen = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SeriesNumber"])
+    except Exception as exc:  # pydicom raises several kinds for a damaged file
+        raise InputError(f"{source}: cannot be read as DICOM ({exc})") from None
+    if all(series_uid(p) == _series_key(chosen) for p in dicom_files(folder)):
+        return folder.name
+    number = str(getattr(chosen, "SeriesNumber", "") or "").strip()
+    return f"{folder.name}_series{number}" if number else f"{folder.name}_{_series_key(chosen)[-8:]}"
 
 
 def read_dicom_series(source: Path) -> Volume:
@@ -182,13 +242,14 @@ def read_dicom_series(source: Path) -> Volume:
             pixels = ds.pixel_array
         except Exception as exc:  # no decoder for its compression, truncated pixel data
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            fix = ("pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg adds decoders, or "
-                   if syntax is not None and syntax.is_compressed else "is the file whole? Or ")
+            fix = ("pip install python-gdcm (JPEG Lossless, JPEG-LS) or pylibjpeg pylibjpeg-openjpeg adds "
+                   "decoders, or " if syntax is not None and syntax.is_compressed else "is the file whole? Or ")
             raise InputError(f"{item.path}: its pixels cannot be decoded{f' ({syntax.name})' if syntax else ''}: "
                              f"{exc}; {fix}{_CONVERT}") from None
         if pixels.shape != (geometry.rows, geometry.columns):
             raise InputError(f"{item.path}: pixels of shape {pixels.shape}, not the ({geometry.rows}, "
                              f"{geometry.columns}) of its header: not one grey-level slice")
+        # Each slice's own rescale: some scanners vary it along a series.
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
         integral &= slope.is_integer() and intercept.is_integer()

@@ -91,7 +91,9 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
         if is_dicom_file(path):  # one file of a series: the series, named after its folder
-            return [CaseInput(name=path.parent.resolve().name, image_path=path)]
+            from .dicom import series_name
+
+            return [CaseInput(name=series_name(path), image_path=path)]
         if not is_nifti(path):
             raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz) nor a DICOM file")
         return [CaseInput(name=strip_nifti_suffix(path.name), image_path=path)]
@@ -100,9 +102,11 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     # Hidden entries are no one's CT (a temporary file a killed writer left, a ._ file of macOS).
     entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
     cases = [case_from_folder(p) for p in entries if p.is_dir() and (p / KITS_IMAGE).is_file()]
-    # DICOM series: this folder's own files, and each subfolder's (a PACS export: a folder per series).
-    series = ([path] if dicom_files(path) else []) + [p for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file()
-                                                     and dicom_files(p)]
+    # DICOM series: each subfolder's (a PACS export: a folder per series), and this folder's own
+    # files where it holds no NIfTI (a stray DICOM file beside NIfTI CTs is not a series to segment).
+    series = [p for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file() and is_dicom_series(p)]
+    if is_dicom_series(path) and not any(p.is_file() and is_nifti(p) for p in entries):
+        series.insert(0, path)
     cases += [CaseInput(name=folder.resolve().name, image_path=folder) for folder in series]
     without_ct = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file() and case_labels_file(p)]
     if without_ct:
@@ -208,18 +212,28 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+def _may_be_slice(path: Path) -> bool:
+    # A DICOMDIR indexes a media's files and holds no image (hidden files are no one's).
+    return not path.name.startswith(".") and path.name.upper() != "DICOMDIR" and path.is_file()
+
+
 def dicom_files(folder: Path) -> list[Path]:
-    """The DICOM files directly in ``folder`` (hidden files and subfolders left out), sorted by name."""
+    """The DICOM files directly in ``folder`` that may hold a slice, sorted by name."""
     try:
         entries = sorted(folder.iterdir())
     except OSError:
         return []
-    return [p for p in entries if not p.name.startswith(".") and p.is_file() and is_dicom_file(p)]
+    return [p for p in entries if _may_be_slice(p) and is_dicom_file(p)]
 
 
 def is_dicom_series(path: Path) -> bool:
     """``path`` is a DICOM file or a folder holding DICOM files (read as a series: :mod:`kitseg.dicom`)."""
-    return bool(dicom_files(path)) if path.is_dir() else is_dicom_file(path)
+    if not path.is_dir():
+        return is_dicom_file(path)
+    try:
+        return any(_may_be_slice(p) and is_dicom_file(p) for p in path.iterdir())
+    except OSError:
+        return False
 
 
 def _holds_ct_files(folder: Path) -> bool:
