@@ -13,6 +13,7 @@ engine's (:mod:`kitseg.io`).
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -50,8 +51,19 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
     from kitseg.io import is_dicom_series, is_nifti
 
     if p.is_dir():
-        return read_kits if (p / "imaging.nii.gz").is_file() or is_dicom_series(p) else None
+        if (p / "imaging.nii.gz").is_file() or is_dicom_series(p):
+            return read_kits
+        # A study's folder: said which folders to open, where napari would only say "refused".
+        series = [sub.name for sub in sorted(p.iterdir()) if sub.is_dir() and is_dicom_series(sub)]
+        return partial(_refuse_study, series=series) if series else None
     return read_kits if is_nifti(p) or is_dicom_series(p) else None
+
+
+def _refuse_study(path: str | os.PathLike | list, series: list[str]) -> list:
+    from kitseg.io import InputError, name_a_few
+
+    raise InputError(f"{_single_path(path)}: holds {len(series)} DICOM series folders ({name_a_few(series)}): "
+                     "open one of them (File > Open Folder)")
 
 
 def _looks_like_probability(array: np.ndarray) -> bool:
@@ -63,12 +75,12 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     """Read a CT (and ground truth) as napari LayerData tuples, in the internal orientation."""
     from kitseg.config import KITS_LABELS
     from kitseg.geometry import strip_nifti_suffix
-    from kitseg.dicom import series_name, series_uid
+    from kitseg.dicom import series_name, series_of_file
     from kitseg.io import (InputError, as_labels, case_from_folder, is_dicom_series, is_result_name, label_map_values,
                            nifti_shape, read_ct, read_labels, read_volume)
 
     p = _single_path(path)
-    if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_uid(Path(f)) for f in path}) > 1:
+    if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_of_file(Path(f)) for f in path}) > 1:
         raise InputError(f"{p.parent}: the files chosen belong to several series; open one series at a time")
     if is_dicom_series(p) and not (p.is_dir() and (p / "imaging.nii.gz").is_file()):
         return [ct_layer_data(read_ct(p), series_name(p))]  # named as the CLI names its results

@@ -47,8 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     ensure_registered()
     viewer = napari.Viewer(title="napari-kits")
     if args.inputs:
+        from kitseg.io import is_dicom_file
+
+        from ._reader import read_kits
+
         for path in args.inputs:
-            viewer.open(path, plugin=PLUGIN_NAME)
+            if Path(path).is_file() and is_dicom_file(Path(path)):  # named as scanners name them: no pattern fits
+                for data, kwargs, kind in read_kits(path):
+                    getattr(viewer, f"add_{kind}")(data, **kwargs)
+            else:
+                viewer.open(path, plugin=PLUGIN_NAME)
     else:
         viewer.open_sample(PLUGIN_NAME, "synthetic")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN_NAME, WIDGET_NAME)

@@ -164,6 +164,29 @@ def test_what_scanners_vary_reads_as_the_same_hu_on_the_same_grid(tmp_path):
         np.testing.assert_array_equal(volume.array, plain.array)
         np.testing.assert_allclose(volume.affine, plain.affine)
     assert read_ct(tmp_path / "rounded").spacing == pytest.approx((0.6, 0.8, 0.7), abs=1e-3)
+    # Positions written with one decimal on 1.25 mm slices: the mean step, not a missing slice.
+    write_series(tmp_path / "one_decimal", _ct((12, 9, 11)), step_mm=1.25, decimals=1)
+    assert read_ct(tmp_path / "one_decimal").spacing == pytest.approx((1.25, 0.8, 0.7), abs=5e-3)  # as rounded
+    # Written without the preamble and file meta, as older systems did: read all the same.
+    bare = tmp_path / "bare"
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    for path in write_series(bare, hu, step_mm=0.6):
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        with open(path, "wb") as handle:
+            out = DicomFileLike(handle)
+            out.is_little_endian, out.is_implicit_VR = True, True
+            write_dataset(out, ds)
+    assert b"DICM" not in (bare / sorted(p.name for p in bare.iterdir())[0]).read_bytes()[:200]
+    np.testing.assert_array_equal(read_ct(bare).array, plain.array)
+    # Two series whose UIDs an anonymiser blanked are told apart by their numbers, not merged.
+    blank = tmp_path / "blank"
+    write_series(blank, hu, series_uid="", series_number=2)
+    write_series(blank, hu, series_uid="", series_number=3, first=(-120.0, -80.0, 301.0))
+    with pytest.raises(InputError, match=r"blank: holds 2 series or orientations \(6 slices \(2\); 6 slices \(3\)\)"):
+        read_ct(blank)
     with_scout = tmp_path / "with_scout"
     write_series(with_scout, hu, step_mm=0.6)
     scout = write_series(with_scout, hu[:1], image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
@@ -225,6 +248,23 @@ def test_predict_takes_a_series_folder_a_file_of_it_and_a_folder_of_series(tmp_p
     nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([0.7, 0.8, 2.5, 1.0])), str(mixed / "scan.nii.gz"))
     shutil.copy(files[0], mixed / "stray.dcm")
     assert [c.name for c in discover_inputs(mixed)] == ["scan"]
+    # Another study's series of the same name is not taken for done (--skip-existing).
+    other_study = tmp_path / "other_study"
+    write_series(other_study / "SE2", _ct((9, 24, 20), seed=3))
+    assert main(["predict", str(other_study / "SE2"), "-o", str(tmp_path / "out_SE2"), "--weights", str(weights),
+                 "--skip-existing"]) == 2
+    assert "SE2_labels.nii.gz: exists, on another grid than" in capsys.readouterr().err
+    assert main(["predict", str(study / "SE2"), "-o", str(tmp_path / "out_SE2"), "--weights", str(weights),
+                 "--skip-existing"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    # An export given above its study: said where the series folders are; a DICOMDIR is no image.
+    export = tmp_path / "export"
+    shutil.copytree(study, export / "PATIENT1" / "STUDY1")
+    shutil.copy(files[0], export / "DICOMDIR")
+    for given in (export, export / "DICOMDIR"):
+        assert main(["predict", str(given), "-o", str(tmp_path / "out_export"), "--weights", str(weights)]) == 2
+        assert f"DICOM series lie deeper: give {export / 'PATIENT1' / 'STUDY1'}, which holds series folders" in (
+            capsys.readouterr().err)
     # A series one grid cannot hold is refused before any model is loaded.
     write_series(tmp_path / "gap", hu, skip=(4,))
     assert main(["predict", str(tmp_path / "gap"), "-o", str(tmp_path / "out_gap"), "--weights", str(weights)]) == 2
@@ -240,6 +280,8 @@ def test_a_real_jpeg2000_series_reads_in_hu_on_its_grid(tmp_path):
     assert volume.spacing == pytest.approx((2.0, 0.9765625, 0.9765625), abs=1e-5)
     assert volume.array.min() == -1024 and volume.array.max() > 1000  # air outside the body, bone
     assert volume.source.axcodes == ("L", "P", "S")
+    # PixelSpacing as written (0.9765625), not rounded: other tools compare grids to 1e-6.
+    assert np.abs(np.diag(volume.source.affine)[:2]).tolist() == [0.9765625, 0.9765625]
     one_file = read_ct(sorted(REAL_SERIES.iterdir())[0])
     np.testing.assert_array_equal(one_file.array, volume.array)
     copy = tmp_path / "copy"

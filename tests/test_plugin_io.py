@@ -355,6 +355,10 @@ def test_a_dicom_series_opens_as_its_ct_from_its_folder_or_its_files(tmp_path):
         read_kits([str(files[0]), str(second[0])])
     (layer,) = read_kits(str(second[0]))
     assert layer[1]["name"] == "SE4_series9"
+    # A study's folder: napari would only say the reader refused it; the reader says what to open.
+    reader = napari_get_reader(str(tmp_path))
+    with pytest.raises(InputError, match=r"holds 2 DICOM series folders \(SE4, SE5\): open one of them"):
+        reader(str(tmp_path))
 
 
 def test_a_case_folder_holding_a_dicom_file_still_opens_with_its_ground_truth(tmp_path, case_folder):

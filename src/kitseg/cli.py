@@ -214,9 +214,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _cases_left_to_do(cases, args) -> list:
     """--skip-existing: the cases whose outputs are not all written yet (an output on disk is whole:
     each is written atomically)."""
+    import numpy as np
+
+    from .io import ct_grid
     from .outputs import output_paths
 
     left = [c for c in cases if not all(p.is_file() for p in output_paths(c, args.output, args.save_intermediates))]
+    for case in cases:
+        labels = output_paths(case, args.output, False)[0]
+        if case in left or not labels.is_file():
+            continue
+        # Outputs are named after their CT: another CT of the same name (SE000001 of another study)
+        # must not pass for done.
+        shape, affine = ct_grid(case.image_path)
+        written_shape, written_affine = ct_grid(labels)
+        if written_shape != shape or not np.allclose(written_affine, affine, atol=1e-3):
+            raise CliError(f"{labels}: exists, on another grid than {case.image_path} ({written_shape} against "
+                           f"{shape}): the result of another CT of the same name? Choose another -o/--output")
     if len(left) < len(cases):
         log.info("%s: %d of %d case(s) have all their outputs already and are left as they are (--skip-existing)",
                  args.output, len(cases) - len(left), len(cases))
@@ -411,18 +425,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     describe_label_mapping(gt_mapping))
     scores = evaluate_pairs(pairs, empty_value=args.empty_value, found_share=found_share, mapping=mapping,
                             gt_mapping=gt_mapping)
-    header = (f"{'case':<24}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
+    width = max([24, *(len(s.case) + 2 for s in scores)])  # long series names keep the columns in line
+    header = (f"{'case':<{width}}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
               f"{'found':>8}{'false':>7}")
     print(header)
     for s in scores:
         print(
-            f"{s.case:<24}{s.kidney_dice:>9.4f}{s.tumor_dice:>9.4f}{s.composite_dice:>11.4f}"
+            f"{s.case:<{width}}{s.kidney_dice:>9.4f}{s.tumor_dice:>9.4f}{s.composite_dice:>11.4f}"
             f"{s.kidney_ml:>11.1f}{s.tumor_ml:>10.1f}"
             + (f"{f'{s.tumors_found}/{s.ref_tumors}':>8}{s.false_tumors:>7}" if tumor_scored else f"{'n/a':>8}{'n/a':>7}")
         )
     means = aggregate(scores)
     print(
-        f"{'mean (' + str(len(scores)) + ')':<24}{means['kidney_dice']:>9.4f}{means['tumor_dice']:>9.4f}"
+        f"{'mean (' + str(len(scores)) + ')':<{width}}{means['kidney_dice']:>9.4f}{means['tumor_dice']:>9.4f}"
         f"{means['composite_dice']:>11.4f}"
     )
     rate = means["tumors_found_rate"]

@@ -24,9 +24,10 @@ from .io import PLAUSIBLE_SPACING_MM, InputError, dicom_files
 log = logging.getLogger(__name__)
 
 #: A slice step may differ from the series' median step by this share of it, or by
-#: SLICE_STEP_TOLERANCE_MM if more (positions are often written with two decimals).
-SLICE_STEP_TOLERANCE = 0.02
-SLICE_STEP_TOLERANCE_MM = 0.05
+#: SLICE_STEP_TOLERANCE_MM if more (some scanners write positions with one decimal); a missing
+#: slice doubles a step.
+SLICE_STEP_TOLERANCE = 0.1
+SLICE_STEP_TOLERANCE_MM = 0.11
 #: Largest distance (mm) of a slice's position from the line along the slices' normal through
 #: their mean position: beyond it the series is sheared (a gantry tilt), which one affine without
 #: shear cannot hold. Rounded positions stay well within it; a 1 degree tilt over 100 mm is 1.7 mm.
@@ -88,6 +89,11 @@ def _series_key(ds) -> str:
     return str(getattr(ds, "SeriesInstanceUID", ""))
 
 
+def _series_of(ds) -> tuple[str, str]:
+    """What tells a slice's series: its UID, and its number (anonymisers may blank the UIDs)."""
+    return _series_key(ds), str(getattr(ds, "SeriesNumber", "") or "").strip()
+
+
 def _describe(members: list) -> str:
     ds = members[0][1]
     named = " ".join(str(getattr(ds, k, "")) for k in ("SeriesNumber", "SeriesDescription")).strip()
@@ -106,7 +112,7 @@ def _image_headers(source: Path) -> tuple[Path, list]:
     headers = []
     for path in files:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)  # force: files without a preamble
         except Exception as exc:  # pydicom raises several kinds for a damaged file
             raise InputError(f"{path}: cannot be read as DICOM ({exc})") from None
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -120,8 +126,8 @@ def _image_headers(source: Path) -> tuple[Path, list]:
     if not headers:
         raise NoImageSlices(f"{folder}: its DICOM files hold no image slices (scout views or reports only?)")
     if not source.is_dir():  # one file chosen: its series
-        uid = next(_series_key(ds) for p, ds in headers if p == source)
-        headers = [(p, ds) for p, ds in headers if _series_key(ds) == uid]
+        chosen = next(_series_of(ds) for p, ds in headers if p == source)
+        headers = [(p, ds) for p, ds in headers if _series_of(ds) == chosen]
     return folder, headers
 
 
@@ -130,7 +136,7 @@ def _one_series(folder: Path, headers: list) -> tuple[list, np.ndarray]:
     series: dict[tuple, list] = {}
     for path, ds in headers:
         orientation = _numbers(ds, "ImageOrientationPatient", path, 6)
-        series.setdefault((_series_key(ds), tuple(np.round(orientation, 4))), []).append((path, ds))
+        series.setdefault((*_series_of(ds), tuple(np.round(orientation, 4))), []).append((path, ds))
     if len(series) > 1:
         described = [_describe(members) for _, members in sorted(series.items())]
         raise InputError(f"{folder}: holds {len(series)} series or orientations ({'; '.join(described)}); put "
@@ -156,13 +162,15 @@ def _stacked_slices(folder: Path, headers: list, normal: np.ndarray) -> tuple[li
     if repeated:
         raise InputError(f"{folder}: {len(repeated)} slice position(s) held twice ({repeated[0][0]} and "
                          f"{repeated[0][1]}): two acquisitions in one folder? Put each in a folder of its own")
-    step = float(np.median(steps))
-    uneven = np.flatnonzero(np.abs(steps - step) > max(SLICE_STEP_TOLERANCE * step, SLICE_STEP_TOLERANCE_MM))
-    if uneven.size:
-        k = int(uneven[0])
+    typical = float(np.median(steps))
+    off = np.abs(steps - typical)
+    if off.max() > max(SLICE_STEP_TOLERANCE * typical, SLICE_STEP_TOLERANCE_MM):
+        k = int(np.argmax(off))
         raise InputError(f"{folder}: its slices are not evenly spaced ({steps[k]:.2f} mm between "
-                         f"{slices[k].path.name} and {slices[k + 1].path.name}, {step:.2f} mm elsewhere: a slice "
+                         f"{slices[k].path.name} and {slices[k + 1].path.name}, {typical:.2f} mm elsewhere: a slice "
                          f"missing?); one grid cannot hold it: {_CONVERT}")
+    # The least-squares step: positions rounded in the headers even out over the series.
+    step = float(np.polyfit(np.arange(len(slices)), [s.along for s in slices], 1)[0])
     positions = np.array([s.position for s in slices])
     across = positions - np.outer(positions @ normal, normal)  # each position less its part along the normal
     shear = float(np.max(np.linalg.norm(across - across.mean(axis=0), axis=1)))
@@ -178,11 +186,12 @@ def series_geometry(source: Path) -> SeriesGeometry:
     folder, headers = _image_headers(Path(source))
     headers, orientation = _one_series(folder, headers)
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
-    spacings = {tuple(np.round(_numbers(ds, "PixelSpacing", p, 2), 5)) for p, ds in headers}
+    spacings = {tuple(np.round(_numbers(ds, "PixelSpacing", p, 2), 5)) for p, ds in headers}  # rounded to compare
     if len(sizes) > 1 or len(spacings) > 1:
         raise InputError(f"{folder}: its slices differ in size or pixel spacing ({sorted(sizes)}, {sorted(spacings)})")
     (rows, columns), = sizes
-    (row_mm, column_mm), = spacings  # PixelSpacing: between rows, then between columns
+    # PixelSpacing: between rows, then between columns; as written (other tools compare grids to 1e-6).
+    row_mm, column_mm = _numbers(headers[0][1], "PixelSpacing", headers[0][0], 2)
     # Unit vectors: the header's decimal strings round them.
     along_row, down_column = (v / np.linalg.norm(v) for v in (orientation[:3], orientation[3:]))
     normal = np.cross(along_row, down_column)
@@ -201,11 +210,12 @@ def series_geometry(source: Path) -> SeriesGeometry:
     return SeriesGeometry(folder, tuple(slices), rows, columns, ras)
 
 
-def series_uid(path: Path) -> str:
-    """A DICOM file's SeriesInstanceUID ("" where it has none), its other fields not parsed."""
+def series_of_file(path: Path) -> tuple[str, str]:
+    """What tells a DICOM file's series (its UID and number; :func:`_series_of`), its other fields not parsed."""
     pydicom = _pydicom()
     try:
-        return _series_key(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]))
+        return _series_of(pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                          specific_tags=["SeriesInstanceUID", "SeriesNumber"]))
     except Exception as exc:  # pydicom raises several kinds for a damaged file
         raise InputError(f"{path}: cannot be read as DICOM ({exc})") from None
 
@@ -219,10 +229,11 @@ def series_name(source: Path) -> str:
         return folder.name
     pydicom = _pydicom()
     try:
-        chosen = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SeriesNumber"])
+        chosen = pydicom.dcmread(source, stop_before_pixels=True, force=True,
+                                 specific_tags=["SeriesInstanceUID", "SeriesNumber"])
     except Exception as exc:  # pydicom raises several kinds for a damaged file
         raise InputError(f"{source}: cannot be read as DICOM ({exc})") from None
-    if all(series_uid(p) == _series_key(chosen) for p in dicom_files(folder)):
+    if all(series_of_file(p) == _series_of(chosen) for p in dicom_files(folder)):
         return folder.name
     number = str(getattr(chosen, "SeriesNumber", "") or "").strip()
     return f"{folder.name}_series{number}" if number else f"{folder.name}_{_series_key(chosen)[-8:]}"
@@ -238,7 +249,10 @@ def read_dicom_series(source: Path) -> Volume:
     for k, item in enumerate(geometry.slices):
         ds = None
         try:
-            ds = pydicom.dcmread(item.path)
+            ds = pydicom.dcmread(item.path, force=True)
+            if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # no file meta: the old implicit encoding
+                ds.file_meta = pydicom.dataset.FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
             pixels = ds.pixel_array
         except Exception as exc:  # no decoder for its compression, truncated pixel data
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)

@@ -90,6 +90,9 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
+        if path.name.upper() == "DICOMDIR":
+            raise InputError(f"{path}: a DICOMDIR indexes the files of a disc or export, no image; give the folder "
+                             f"of one series, or the folder that holds series folders{layout_hint(path.parent)}")
         if is_dicom_file(path):  # one file of a series: the series, named after its folder
             from .dicom import series_name
 
@@ -191,25 +194,39 @@ def layout_hint(path: Path) -> str:
         except OSError:
             return False
 
-    try:
-        subfolders = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    except OSError:
-        return ""
+    subfolders = _subfolders(path)
     for sub in subfolders:
         if (sub / "imagesTr").is_dir():
             return f"; {sub.name} is a data set in nnU-Net's layout: give {sub}"
         if holds_cases(sub):
             return f"; its subfolder {sub.name} holds case folders: give {sub}"
+    # A PACS or CD export: PATIENT/STUDY/SERIES, given above the study.
+    level = subfolders
+    for _ in range(3):
+        for folder in level:
+            if any(is_dicom_series(sub) for sub in _subfolders(folder)):
+                return f"; DICOM series lie deeper: give {folder}, which holds series folders"
+        level = [sub for folder in level for sub in _subfolders(folder)][:200]
     return ""
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
+
+
 def is_dicom_file(path: Path) -> bool:
-    """A DICOM file: "DICM" after its 128-byte preamble (whatever its name; scanners often give none)."""
+    """A DICOM file (whatever its name; scanners often give none): "DICM" after its 128-byte
+    preamble, or, as older systems write them without one, a first element of group 0008 in
+    little-endian order (a NIfTI begins with its header size, a .gz with 1f 8b)."""
     try:
         with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
+            head = handle.read(132)
     except OSError:
         return False
+    return head[128:] == b"DICM" or (len(head) >= 8 and head[:2] == b"\x08\x00" and head[3:4] == b"\x00")
 
 
 def _may_be_slice(path: Path) -> bool:
@@ -419,6 +436,21 @@ def check_ct_header(path: str | os.PathLike) -> None:
         series_geometry(path)
         return
     _transforms_mm(_load_nifti(path, report=False), path, report=False)
+
+
+def ct_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The (shape, affine in mm) of the grid a CT's results are written on, from its header(s) only:
+    a NIfTI's own, a case folder's CT's, or a DICOM series' (:mod:`kitseg.dicom`)."""
+    path = Path(path)
+    if is_dicom_series(path) and not (path.is_dir() and (path / KITS_IMAGE).is_file()):
+        from .dicom import series_geometry
+
+        geometry = series_geometry(path)
+        return (geometry.columns, geometry.rows, len(geometry.slices)), geometry.affine
+    if path.is_dir():
+        path = case_from_folder(path).image_path
+    img = _load_nifti(path, report=False)
+    return tuple(int(n) for n in img.shape[:3]), _transforms_mm(img, path, report=False)[0]
 
 
 def _xform_code(img: nib.Nifti1Image) -> int:
