@@ -47,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     ensure_registered()
     viewer = napari.Viewer(title="napari-kits")
     if args.inputs:
-        from kitseg.io import is_dicom_file
+        from kitseg.io import InputError, is_dicom_file
 
         from ._reader import read_kits
 
         for path in args.inputs:
-            if Path(path).is_file() and is_dicom_file(Path(path)):  # named as scanners name them: no pattern fits
-                for data, kwargs, kind in read_kits(path):
+            if Path(path).is_file() and is_dicom_file(Path(path)):  # one file of a series: no pattern fits it
+                try:
+                    layers = read_kits(path)
+                except InputError as exc:  # a DICOMDIR, a scout view: said, as napari says a refusal
+                    log.error("%s", exc)
+                    viewer.close()
+                    return 2
+                for data, kwargs, kind in layers:
                     getattr(viewer, f"add_{kind}")(data, **kwargs)
             else:
                 viewer.open(path, plugin=PLUGIN_NAME)

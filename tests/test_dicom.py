@@ -115,7 +115,7 @@ def test_series_one_grid_cannot_hold_are_refused_naming_the_folder_and_the_probl
     hu = _ct()
     write_series(tmp_path / "gap", hu, skip=(3,))
     with pytest.raises(InputError, match=r"gap: its slices are not evenly spaced \(5.00 mm between .*, 2.50 mm "
-                                         r"elsewhere: a slice missing\?\).*dcm2niix"):
+                                         r"elsewhere; a slice 1.00 mm off an even grid: a slice missing\?\).*dcm2niix"):
         read_ct(tmp_path / "gap")
     write_series(tmp_path / "tilt", hu, shift_mm=(0.0, 1.0, 0.0))
     with pytest.raises(InputError, match=r"tilt: its slices are not stacked along their normal \(a gantry tilt"):
@@ -166,7 +166,20 @@ def test_what_scanners_vary_reads_as_the_same_hu_on_the_same_grid(tmp_path):
     assert read_ct(tmp_path / "rounded").spacing == pytest.approx((0.6, 0.8, 0.7), abs=1e-3)
     # Positions written with one decimal on 1.25 mm slices: the mean step, not a missing slice.
     write_series(tmp_path / "one_decimal", _ct((12, 9, 11)), step_mm=1.25, decimals=1)
-    assert read_ct(tmp_path / "one_decimal").spacing == pytest.approx((1.25, 0.8, 0.7), abs=5e-3)  # as rounded
+    rounded = read_ct(tmp_path / "one_decimal")
+    assert rounded.spacing == pytest.approx((1.25, 0.8, 0.7), abs=5e-3)  # as rounded
+    exact = read_ct(write_series(tmp_path / "exact", _ct((12, 9, 11)), step_mm=1.25)[0].parent)
+    corners = np.array([[0, 0, 0, 1], [11, 8, 10, 1]]).T  # first and last slice, opposite pixels
+    np.testing.assert_allclose(rounded.affine @ corners, exact.affine @ corners, atol=0.06)  # every slice placed
+    # Steps that change along the series (3.0 mm, then 3.25 mm), each step near the next: one even
+    # grid would put slices millimetres off, so it is refused.
+    drift = tmp_path / "drift"
+    write_series(drift, _ct((40, 9, 11)), step_mm=3.0)
+    later = write_series(tmp_path / "later", _ct((20, 9, 11)), step_mm=3.25, first=(-120.0, -80.0, 300.0 + 40 * 3.0))
+    for path in later:
+        shutil.move(path, drift / f"B{path.name}")
+    with pytest.raises(InputError, match=r"drift: its slices are not evenly spaced .* mm off an even grid"):
+        read_ct(drift)
     # Written without the preamble and file meta, as older systems did: read all the same.
     bare = tmp_path / "bare"
     from pydicom.filebase import DicomFileLike
@@ -181,6 +194,16 @@ def test_what_scanners_vary_reads_as_the_same_hu_on_the_same_grid(tmp_path):
             write_dataset(out, ds)
     assert b"DICM" not in (bare / sorted(p.name for p in bare.iterdir())[0]).read_bytes()[:200]
     np.testing.assert_array_equal(read_ct(bare).array, plain.array)
+    # Raw arrays that begin as a DICOM data set may (bytes 08 00) are not taken for one.
+    from kitseg.io import is_dicom_file
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, values in (("eights.bin", np.full(40, 8, "<i4")), ("ramp.raw", np.arange(8, 80, dtype="<u2")),
+                         ("image.raw", np.tile(np.array([8, 7, 3, 4], "<u2"), 20))):
+        (raw / name).write_bytes(values.tobytes())
+        assert not is_dicom_file(raw / name)
+    assert all(is_dicom_file(p) for p in bare.iterdir())
     # Two series whose UIDs an anonymiser blanked are told apart by their numbers, not merged.
     blank = tmp_path / "blank"
     write_series(blank, hu, series_uid="", series_number=2)
@@ -257,6 +280,14 @@ def test_predict_takes_a_series_folder_a_file_of_it_and_a_folder_of_series(tmp_p
     assert main(["predict", str(study / "SE2"), "-o", str(tmp_path / "out_SE2"), "--weights", str(weights),
                  "--skip-existing"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    # With its intermediates asked for, the other study's labels are not completed with this one's maps.
+    assert main(["predict", str(other_study / "SE2"), "-o", str(tmp_path / "out_SE2"), "--weights", str(weights),
+                 "--skip-existing", "--save-intermediates"]) == 2
+    assert "SE2_labels.nii.gz: exists, on another grid than" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out_SE2").iterdir()) == ["SE2_labels.nii.gz"]
+    assert main(["predict", str(study / "SE2"), "-o", str(tmp_path / "out_SE2"), "--weights", str(weights),
+                 "--skip-existing", "--save-intermediates"]) == 0  # its own: the maps are added
+    assert len(list((tmp_path / "out_SE2").iterdir())) == 4
     # An export given above its study: said where the series folders are; a DICOMDIR is no image.
     export = tmp_path / "export"
     shutil.copytree(study, export / "PATIENT1" / "STUDY1")

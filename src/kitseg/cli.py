@@ -221,16 +221,17 @@ def _cases_left_to_do(cases, args) -> list:
 
     left = [c for c in cases if not all(p.is_file() for p in output_paths(c, args.output, args.save_intermediates))]
     for case in cases:
-        labels = output_paths(case, args.output, False)[0]
-        if case in left or not labels.is_file():
+        # Outputs are named after their CT: another CT's of the same name (SE000001 of another study)
+        # must neither pass for done nor be completed with this CT's.
+        existing = [p for p in output_paths(case, args.output, True) if p.is_file()]
+        if not existing:
             continue
-        # Outputs are named after their CT: another CT of the same name (SE000001 of another study)
-        # must not pass for done.
         shape, affine = ct_grid(case.image_path)
-        written_shape, written_affine = ct_grid(labels)
-        if written_shape != shape or not np.allclose(written_affine, affine, atol=1e-3):
-            raise CliError(f"{labels}: exists, on another grid than {case.image_path} ({written_shape} against "
-                           f"{shape}): the result of another CT of the same name? Choose another -o/--output")
+        for path in existing:
+            written_shape, written_affine = ct_grid(path)
+            if written_shape != shape or not np.allclose(written_affine, affine, atol=1e-3):
+                raise CliError(f"{path}: exists, on another grid than {case.image_path} ({written_shape} against "
+                               f"{shape}): the result of another CT of the same name? Choose another -o/--output")
     if len(left) < len(cases):
         log.info("%s: %d of %d case(s) have all their outputs already and are left as they are (--skip-existing)",
                  args.output, len(cases) - len(left), len(cases))

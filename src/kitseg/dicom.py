@@ -23,11 +23,11 @@ from .io import PLAUSIBLE_SPACING_MM, InputError, dicom_files
 
 log = logging.getLogger(__name__)
 
-#: A slice step may differ from the series' median step by this share of it, or by
-#: SLICE_STEP_TOLERANCE_MM if more (some scanners write positions with one decimal); a missing
-#: slice doubles a step.
-SLICE_STEP_TOLERANCE = 0.1
-SLICE_STEP_TOLERANCE_MM = 0.11
+#: A slice's position may lie this far (mm) from the evenly spaced grid fitted to the series, or
+#: this share of a step if more: some scanners write positions with one decimal (0.05 mm off); a
+#: missing slice, or steps that change along the series, put slices half a step or more off.
+SLICE_POSITION_TOLERANCE_MM = 0.11
+SLICE_POSITION_TOLERANCE = 0.02
 #: Largest distance (mm) of a slice's position from the line along the slices' normal through
 #: their mean position: beyond it the series is sheared (a gantry tilt), which one affine without
 #: shear cannot hold. Rounded positions stay well within it; a 1 degree tilt over 100 mm is 1.7 mm.
@@ -107,6 +107,9 @@ def _image_headers(source: Path) -> tuple[Path, list]:
     pydicom = _pydicom()
     folder = source if source.is_dir() else source.parent
     files = dicom_files(folder)
+    if not source.is_dir() and source not in files:  # a DICOMDIR, a hidden file: no slice of a series
+        raise NoImageSlices(f"{source}: is no image slice of a series (a DICOMDIR indexes a disc's files): give "
+                            "the folder of one series")
     if not files:
         raise InputError(f"{folder}: no DICOM files")
     headers = []
@@ -147,9 +150,10 @@ def _one_series(folder: Path, headers: list) -> tuple[list, np.ndarray]:
     return headers, _numbers(headers[0][1], "ImageOrientationPatient", headers[0][0], 6)
 
 
-def _stacked_slices(folder: Path, headers: list, normal: np.ndarray) -> tuple[list[_Slice], float]:
-    """The slices in order along ``normal`` and their step (mm), checked to be evenly spaced,
-    each position once, and stacked straight along the normal (no gantry tilt)."""
+def _stacked_slices(folder: Path, headers: list, normal: np.ndarray) -> tuple[list[_Slice], float, float]:
+    """The slices in order along ``normal``, their step (mm) and the first slice's place along
+    ``normal`` on the grid fitted to them, checked to be evenly spaced, each position once, and
+    stacked straight along the normal (no gantry tilt)."""
     slices = []
     for path, ds in headers:
         position = _numbers(ds, "ImagePositionPatient", path, 3)
@@ -157,27 +161,29 @@ def _stacked_slices(folder: Path, headers: list, normal: np.ndarray) -> tuple[li
     slices.sort(key=lambda s: s.along)
     if len(slices) < 2:
         raise InputError(f"{folder}: holds one slice of a series, not a volume to segment")
-    steps = np.diff([s.along for s in slices])
+    along = np.array([s.along for s in slices])
+    steps = np.diff(along)
     repeated = [(a.path.name, b.path.name) for a, b, step in zip(slices, slices[1:], steps) if step < 1e-3]
     if repeated:
         raise InputError(f"{folder}: {len(repeated)} slice position(s) held twice ({repeated[0][0]} and "
                          f"{repeated[0][1]}): two acquisitions in one folder? Put each in a folder of its own")
-    typical = float(np.median(steps))
-    off = np.abs(steps - typical)
-    if off.max() > max(SLICE_STEP_TOLERANCE * typical, SLICE_STEP_TOLERANCE_MM):
-        k = int(np.argmax(off))
+    # The evenly spaced grid closest to the positions (rounded in the headers, they even out).
+    step, start = np.polyfit(np.arange(len(slices)), along, 1)
+    off_grid = np.abs(along - (start + step * np.arange(len(slices))))
+    if off_grid.max() > max(SLICE_POSITION_TOLERANCE_MM, SLICE_POSITION_TOLERANCE * step):
+        typical = float(np.median(steps))
+        k = int(np.argmax(np.abs(steps - typical)))
         raise InputError(f"{folder}: its slices are not evenly spaced ({steps[k]:.2f} mm between "
-                         f"{slices[k].path.name} and {slices[k + 1].path.name}, {typical:.2f} mm elsewhere: a slice "
-                         f"missing?); one grid cannot hold it: {_CONVERT}")
-    # The least-squares step: positions rounded in the headers even out over the series.
-    step = float(np.polyfit(np.arange(len(slices)), [s.along for s in slices], 1)[0])
+                         f"{slices[k].path.name} and {slices[k + 1].path.name}, {typical:.2f} mm elsewhere; a slice "
+                         f"{off_grid.max():.2f} mm off an even grid: a slice missing?); one grid cannot hold it: "
+                         f"{_CONVERT}")
     positions = np.array([s.position for s in slices])
     across = positions - np.outer(positions @ normal, normal)  # each position less its part along the normal
     shear = float(np.max(np.linalg.norm(across - across.mean(axis=0), axis=1)))
     if shear > TILT_TOLERANCE_MM:
         raise InputError(f"{folder}: its slices are not stacked along their normal (a gantry tilt, {shear:.1f} mm "
                          f"of shear); {_CONVERT}")
-    return slices, step
+    return slices, float(step), float(start)
 
 
 def series_geometry(source: Path) -> SeriesGeometry:
@@ -196,7 +202,7 @@ def series_geometry(source: Path) -> SeriesGeometry:
     along_row, down_column = (v / np.linalg.norm(v) for v in (orientation[:3], orientation[3:]))
     normal = np.cross(along_row, down_column)
     normal /= np.linalg.norm(normal)
-    slices, step = _stacked_slices(folder, headers, normal)
+    slices, step, start = _stacked_slices(folder, headers, normal)
     low, high = PLAUSIBLE_SPACING_MM
     if not all(low <= size <= high for size in (row_mm, column_mm, step)):
         raise InputError(f"{folder}: voxel size ({step:g}, {row_mm:g}, {column_mm:g}) mm from its headers is no CT's "
@@ -205,7 +211,7 @@ def series_geometry(source: Path) -> SeriesGeometry:
     lps[:3, 0] = along_row * column_mm  # i: along a row, the column index
     lps[:3, 1] = down_column * row_mm  # j: down a column, the row index
     lps[:3, 2] = normal * step  # k: the slices, in position order
-    lps[:3, 3] = slices[0].position
+    lps[:3, 3] = slices[0].position + (start - slices[0].along) * normal  # on the fitted grid
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS
     return SeriesGeometry(folder, tuple(slices), rows, columns, ras)
 

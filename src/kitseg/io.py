@@ -219,14 +219,37 @@ def _subfolders(folder: Path) -> list[Path]:
 
 def is_dicom_file(path: Path) -> bool:
     """A DICOM file (whatever its name; scanners often give none): "DICM" after its 128-byte
-    preamble, or, as older systems write them without one, a first element of group 0008 in
-    little-endian order (a NIfTI begins with its header size, a .gz with 1f 8b)."""
+    preamble, or, as older systems write them without one, a data set that opens as DICOM's do."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)
     except OSError:
         return False
-    return head[128:] == b"DICM" or (len(head) >= 8 and head[:2] == b"\x08\x00" and head[3:4] == b"\x00")
+    return head[128:] == b"DICM" or _opens_as_bare_dicom(head)
+
+
+def _opens_as_bare_dicom(head: bytes) -> bool:
+    """A preamble-less DICOM data set, little endian, by its first elements: the file meta group's
+    length ((0002,0000), explicit VR "UL"), or two elements of group 0008 in a row, implicit VR
+    (a length then the next tag) or explicit (a VR of two capitals). A NIfTI begins with its
+    header size, a .gz with 1f 8b; a raw array rarely passes both tests."""
+    if len(head) < 16:
+        return False
+    if head[:4] == b"\x02\x00\x00\x00" and head[4:6] == b"UL":
+        return True
+    if head[:2] != b"\x08\x00":
+        return False
+    if head[4:6].isalpha() and head[4:6].isupper():  # explicit VR: a short length follows
+        length = int.from_bytes(head[6:8], "little")
+        following = 8 + length
+    else:
+        length = int.from_bytes(head[4:8], "little")
+        following = 8 + length
+    if length % 2 or following + 4 > len(head):
+        return False
+    # The next element is of the same group, with a higher number: DICOM keeps its elements sorted.
+    return (head[following:following + 2] == b"\x08\x00"
+            and int.from_bytes(head[following + 2:following + 4], "little") > int.from_bytes(head[2:4], "little"))
 
 
 def _may_be_slice(path: Path) -> bool:
@@ -449,7 +472,7 @@ def ct_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
         return (geometry.columns, geometry.rows, len(geometry.slices)), geometry.affine
     if path.is_dir():
         path = case_from_folder(path).image_path
-    img = _load_nifti(path, report=False)
+    img = _load_nifti(path, channels_ok=True, report=False)  # a _probs file's classes ride on the same grid
     return tuple(int(n) for n in img.shape[:3]), _transforms_mm(img, path, report=False)[0]
 
 
