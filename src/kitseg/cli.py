@@ -131,17 +131,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .config import MaskConfig
     from .dicom import NoImageSlices
-    from .io import InputError, check_ct_header, discover_inputs, label_map_values, read_ct
+    from .io import InputError, ct_grid, discover_inputs, label_map_values, read_ct
     from .metrics import describe_found
     from .outputs import write_prediction
     from .pipeline import Progress, Segmentation, Segmenter
     from .postprocess import CleanupRules
 
     cases = discover_inputs(args.input)
-    without_images = []
+    without_images, grids = [], {}
     for case in cases:  # the headers, before minutes of work: a file that is no CT at all fails now
         try:
-            check_ct_header(case.image_path)
+            grids[case.image_path] = ct_grid(case.image_path)
         except NoImageSlices as exc:  # a study's scout or dose-report series, beside its CT series
             if len(cases) == 1:
                 raise
@@ -152,7 +152,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CliError(f"{args.input}: none of its DICOM series holds image slices: nothing to segment")
     _check_output_folder(args.output)
     if args.skip_existing:
-        cases = _cases_left_to_do(cases, args)
+        cases = _cases_left_to_do(cases, args, grids)
         if not cases:
             print(f"{args.output}: every case has its outputs already; nothing to do")
             return 0
@@ -211,9 +211,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cases_left_to_do(cases, args) -> list:
+def _cases_left_to_do(cases, args, grids: dict) -> list:
     """--skip-existing: the cases whose outputs are not all written yet (an output on disk is whole:
-    each is written atomically)."""
+    each is written atomically). ``grids``: each CT's (shape, affine), from :func:`kitseg.io.ct_grid`."""
     import numpy as np
 
     from .io import ct_grid
@@ -226,9 +226,9 @@ def _cases_left_to_do(cases, args) -> list:
         existing = [p for p in output_paths(case, args.output, True) if p.is_file()]
         if not existing:
             continue
-        shape, affine = ct_grid(case.image_path)
+        shape, affine = grids[case.image_path]
         for path in existing:
-            written_shape, written_affine = ct_grid(path)
+            written_shape, written_affine = ct_grid(path, channels_ok=True)
             if written_shape != shape or not np.allclose(written_affine, affine, atol=1e-3):
                 raise CliError(f"{path}: exists, on another grid than {case.image_path} ({written_shape} against "
                                f"{shape}): the result of another CT of the same name? Choose another -o/--output")

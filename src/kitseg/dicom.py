@@ -122,10 +122,10 @@ def _image_headers(source: Path) -> tuple[Path, list]:
         if frames > 1:  # enhanced CT keeps each frame's position in functional groups, not read here
             raise InputError(f"{path}: an enhanced (multi-frame) DICOM of {frames} frames is not read here; "
                              + _CONVERT)
-        if path == source and not _is_image_slice(ds):
-            raise NoImageSlices(f"{path}: is no image slice of a series (a scout view, a report?)")
         if _is_image_slice(ds):
             headers.append((path, ds))
+        elif path == source:
+            raise NoImageSlices(f"{path}: is no image slice of a series (a scout view, a report?)")
     if not headers:
         raise NoImageSlices(f"{folder}: its DICOM files hold no image slices (scout views or reports only?)")
     if not source.is_dir():  # one file chosen: its series
@@ -233,16 +233,11 @@ def series_name(source: Path) -> str:
     folder = (source if source.is_dir() else source.parent).resolve()
     if source.is_dir():
         return folder.name
-    pydicom = _pydicom()
-    try:
-        chosen = pydicom.dcmread(source, stop_before_pixels=True, force=True,
-                                 specific_tags=["SeriesInstanceUID", "SeriesNumber"])
-    except Exception as exc:  # pydicom raises several kinds for a damaged file
-        raise InputError(f"{source}: cannot be read as DICOM ({exc})") from None
-    if all(series_of_file(p) == _series_of(chosen) for p in dicom_files(folder)):
+    chosen = series_of_file(source)
+    if all(series_of_file(p) == chosen for p in dicom_files(folder)):
         return folder.name
-    number = str(getattr(chosen, "SeriesNumber", "") or "").strip()
-    return f"{folder.name}_series{number}" if number else f"{folder.name}_{_series_key(chosen)[-8:]}"
+    uid, number = chosen
+    return f"{folder.name}_series{number}" if number else f"{folder.name}_{uid[-8:]}"
 
 
 def read_dicom_series(source: Path) -> Volume:

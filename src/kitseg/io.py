@@ -107,7 +107,7 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     cases = [case_from_folder(p) for p in entries if p.is_dir() and (p / KITS_IMAGE).is_file()]
     # DICOM series: each subfolder's (a PACS export: a folder per series), and this folder's own
     # files where it holds no NIfTI (a stray DICOM file beside NIfTI CTs is not a series to segment).
-    series = [p for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file() and is_dicom_series(p)]
+    series = [p for p in entries if p.is_dir() and is_dicom_series(p)]
     if is_dicom_series(path) and not any(p.is_file() and is_nifti(p) for p in entries):
         series.insert(0, path)
     cases += [CaseInput(name=folder.resolve().name, image_path=folder) for folder in series]
@@ -241,10 +241,9 @@ def _opens_as_bare_dicom(head: bytes) -> bool:
         return False
     if head[4:6].isalpha() and head[4:6].isupper():  # explicit VR: a short length follows
         length = int.from_bytes(head[6:8], "little")
-        following = 8 + length
     else:
         length = int.from_bytes(head[4:8], "little")
-        following = 8 + length
+    following = 8 + length
     if length % 2 or following + 4 > len(head):
         return False
     # The next element is of the same group, with a higher number: DICOM keeps its elements sorted.
@@ -267,9 +266,12 @@ def dicom_files(folder: Path) -> list[Path]:
 
 
 def is_dicom_series(path: Path) -> bool:
-    """``path`` is a DICOM file or a folder holding DICOM files (read as a series: :mod:`kitseg.dicom`)."""
+    """``path`` is a DICOM file or a folder holding DICOM files, read as a series (:mod:`kitseg.dicom`);
+    a KiTS case folder is read as a case whatever else it holds (an exported file beside its CT)."""
     if not path.is_dir():
         return is_dicom_file(path)
+    if (path / KITS_IMAGE).is_file():
+        return False
     try:
         return any(_may_be_slice(p) and is_dicom_file(p) for p in path.iterdir())
     except OSError:
@@ -449,30 +451,21 @@ def nifti_shape(path: str | os.PathLike) -> tuple[int, ...]:
     return tuple(int(n) for n in _load_nifti(Path(path), channels_ok=True, report=False).shape)
 
 
-def check_ct_header(path: str | os.PathLike) -> None:
-    """Read only the header(s): an InputError names a file that is not a usable 3D NIfTI, or a DICOM
-    series one grid cannot hold (the voxels are not read)."""
+def ct_grid(path: str | os.PathLike, *, channels_ok: bool = False) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The (shape, affine in mm) of the grid a CT's results are written on, from its header(s) only
+    (the voxels are not read): a NIfTI's own, a case folder's CT's, or a DICOM series'
+    (:mod:`kitseg.dicom`). An InputError names a file that is not a usable 3D NIfTI
+    (``channels_ok``: a ``_probs`` output's classes ride on the grid), or a DICOM series one grid
+    cannot hold."""
     path = Path(path)
     if is_dicom_series(path):
-        from .dicom import series_geometry
-
-        series_geometry(path)
-        return
-    _transforms_mm(_load_nifti(path, report=False), path, report=False)
-
-
-def ct_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], np.ndarray]:
-    """The (shape, affine in mm) of the grid a CT's results are written on, from its header(s) only:
-    a NIfTI's own, a case folder's CT's, or a DICOM series' (:mod:`kitseg.dicom`)."""
-    path = Path(path)
-    if is_dicom_series(path) and not (path.is_dir() and (path / KITS_IMAGE).is_file()):
         from .dicom import series_geometry
 
         geometry = series_geometry(path)
         return (geometry.columns, geometry.rows, len(geometry.slices)), geometry.affine
     if path.is_dir():
         path = case_from_folder(path).image_path
-    img = _load_nifti(path, channels_ok=True, report=False)  # a _probs file's classes ride on the same grid
+    img = _load_nifti(path, channels_ok=channels_ok, report=False)
     return tuple(int(n) for n in img.shape[:3]), _transforms_mm(img, path, report=False)[0]
 
 
@@ -504,7 +497,7 @@ def read_probabilities(path: str | os.PathLike) -> Volume:
 def read_ct(path: str | os.PathLike) -> Volume:
     """Read a CT from a NIfTI file, a KiTS case folder, or a DICOM series (its folder, or a file of it)."""
     path = Path(path)
-    if (path.is_dir() and not (path / KITS_IMAGE).is_file() and dicom_files(path)) or is_dicom_file(path):
+    if is_dicom_series(path):
         from .dicom import read_dicom_series
 
         return read_dicom_series(path)
