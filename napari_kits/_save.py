@@ -61,14 +61,27 @@ def default_directory(geometry: LayerGeometry) -> Path:
     return Path.cwd()
 
 
-def with_nifti_suffix(path: str | os.PathLike) -> Path:
-    """``path`` as a NIfTI file name (``.nii.gz`` added where it has no NIfTI suffix); a folder is refused."""
+def with_output_suffix(path: str | os.PathLike) -> Path:
+    """``path`` as an output file name: a DICOM SEG's (``.dcm``), or a NIfTI's (``.nii.gz`` added
+    where it has no NIfTI suffix); a folder is refused."""
     from kitseg.io import is_nifti
 
     path = Path(path)
     if path.is_dir():  # checked before the suffix: `out/` must not become a file `out.nii.gz` beside it
         raise SaveError(f"{path}: is a folder; choose a file name")
-    return path if is_nifti(path) else path.with_name(path.name + ".nii.gz")
+    return path if is_nifti(path) or is_dicom_seg_name(path) else path.with_name(path.name + ".nii.gz")
+
+
+def is_dicom_seg_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".dcm"
+
+
+def from_dicom_series(geometry: LayerGeometry | None) -> bool:
+    """The layer's CT was read from a DICOM series, which a DICOM SEG of its labels can reference."""
+    from kitseg.io import is_dicom_series
+
+    path = getattr(getattr(geometry, "source", None), "path", None)
+    return geometry is not None and geometry.source_holds == "ct" and path is not None and is_dicom_series(Path(path))
 
 
 def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -> None:
@@ -96,7 +109,7 @@ def refuse_open_files(path: str | os.PathLike, layers: Iterable[Any]) -> None:
     map opened beside its CT must not be saved over that CT (or over another layer's file)."""
     from ._layers import geometry_of
 
-    path = with_nifti_suffix(path)
+    path = with_output_suffix(path)
     if not path.exists():
         return
     for layer in layers:
@@ -139,9 +152,11 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
             "this layer has no CT geometry: only layers opened or made by napari-kits "
             "(CT, labels, y1, mask) can be written on the CT's grid"
         )
-    path = with_nifti_suffix(path)
+    path = with_output_suffix(path)
     refuse_input_file(geometry, path)
     data = np.asarray(data)
+    if is_dicom_seg_name(path):
+        return _save_dicom_seg(data, geometry, path, overwrite, layer_name)
     if geometry.kind == "mask" and geometry.on_stage_grid:
         return write_stage_mask(data, geometry.stage_grid, geometry.source, path, overwrite=overwrite)
     if geometry.kind in ("y1", "probability") and geometry.on_stage_grid:
@@ -163,3 +178,23 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
                             "(background), 1 (kidney), 2 (tumor); paint those voxels with 1 or 2, or erase them, then save")
         return write_labels(data, geometry.source, path, overwrite=overwrite)
     raise SaveError(f"a {geometry.kind!r} layer is not a result; save labels, y1, the mask or probabilities")
+
+
+def _save_dicom_seg(data: np.ndarray, geometry: LayerGeometry, path: Path, overwrite: bool,
+                    layer_name: str | None) -> Path:
+    """Labels as a DICOM SEG over the series their CT was read from: "semiautomatic", as the
+    plugin's labels are a model's that a person reviewed and may have painted."""
+    from kitseg.dicom_seg import write_dicom_seg
+    from kitseg.io import InputError
+
+    layer = f"'{layer_name}'" if layer_name else "the layer"
+    if geometry.kind != "labels":
+        raise SaveError(f"{path}: only labels are saved as a DICOM SEG; save {layer} as .nii.gz")
+    if not from_dicom_series(geometry):
+        raise SaveError(f"{path}: {layer} is not on a CT read from a DICOM series, which a DICOM SEG must "
+                        "reference; save it as .nii.gz (kits-seg dicom-seg LABELS SERIES converts a saved file)")
+    try:
+        return write_dicom_seg(data, geometry.source, geometry.source.path, path, overwrite=overwrite,
+                               algorithm_type="semiautomatic")
+    except InputError as error:  # the series' headers lack what a SEG references; the labels hold a 3
+        raise SaveError(str(error)) from error

@@ -322,7 +322,7 @@ class KitsWidget(QWidget):
         column.addWidget(box)
 
         # Save
-        box, form = _section("Save on the CT's grid (NIfTI)")
+        box, form = _section("Save on the CT's grid (NIfTI; DICOM SEG too for a series)")
         self.save_combo = QComboBox()
         self.save_button = QPushButton("Save as…")
         form.addRow("Layer", _row(self.save_combo, self.save_button))
@@ -1302,11 +1302,16 @@ class KitsWidget(QWidget):
         self.plot.mark_slice(index)
 
     # ------------------------------------------------------------------ save
-    def _ask_save_path(self, suggestion: Path) -> str | None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Save on the CT's grid", str(suggestion), "NIfTI (*.nii.gz *.nii)",
+    def _ask_save_path(self, suggestion: Path, dicom_seg: bool = False) -> str | None:
+        """The file to save to; ``dicom_seg``: labels of a DICOM series, offered as a DICOM SEG too."""
+        seg_filter = "DICOM SEG over the CT series (*.dcm)"
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Save on the CT's grid", str(suggestion),
+            "NIfTI (*.nii.gz *.nii)" + (f";;{seg_filter}" if dicom_seg else ""),
             options=QFileDialog.DontConfirmOverwrite,  # we ask ourselves, knowing the input CT
         )
+        if path and chosen == seg_filter and not path.lower().endswith(".dcm"):
+            path = path.removesuffix(".nii.gz") + ".dcm"  # the suggestion's suffix, where the filter was changed
         return path or None
 
     def _confirm_overwrite(self, path: Path) -> bool:
@@ -1315,14 +1320,15 @@ class KitsWidget(QWidget):
         return answer == QMessageBox.Yes
 
     def _save_clicked(self) -> None:
-        from ._save import default_directory, default_filename
+        from ._save import default_directory, default_filename, from_dicom_series
 
         layer = self.save_combo.currentData()
         geometry = geometry_of(layer) if layer is not None else None
         if geometry is None:
             self._show_error("nothing to save yet: run a segmentation first")
             return
-        path = self._ask_save_path(default_directory(geometry) / default_filename(geometry, layer.name))
+        path = self._ask_save_path(default_directory(geometry) / default_filename(geometry, layer.name),
+                                   dicom_seg=geometry.kind == "labels" and from_dicom_series(geometry))
         if path:
             self.save_layer(layer, path)
 
@@ -1330,11 +1336,11 @@ class KitsWidget(QWidget):
         """Write ``layer`` on its CT's grid at ``path``, asking before replacing a file."""
         from napari.qt.threading import create_worker
 
-        from ._save import SaveError, refuse_input_file, refuse_open_files, save_layer, with_nifti_suffix
+        from ._save import SaveError, refuse_input_file, refuse_open_files, save_layer, with_output_suffix
 
         geometry = geometry_of(layer)
         try:
-            path = with_nifti_suffix(path)
+            path = with_output_suffix(path)
             if path.is_dir():  # `scan` named with its suffix added, and a folder of that name
                 raise SaveError(f"{path}: is a folder; choose a file name")
             refuse_input_file(geometry, path)

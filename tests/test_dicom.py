@@ -28,11 +28,13 @@ def _oblique(row_degrees: float = 30.0, tilt_degrees: float = 12.0) -> tuple[np.
 def write_series(folder, hu: np.ndarray, *, along_row=(1.0, 0.0, 0.0), down_column=(0.0, 1.0, 0.0),
                  first=(-120.0, -80.0, 300.0), pixel_mm=(0.8, 0.7), step_mm=2.5, series_uid="1.2.826.0.1.1",
                  series_number=3, modality="CT", shift_mm=(0.0, 0.0, 0.0), skip=(), rng_seed=0, signed=False,
-                 rescale=lambda k: (1, -1024), image_type=("ORIGINAL", "PRIMARY", "AXIAL"), decimals=None) -> list:
+                 rescale=lambda k: (1, -1024), image_type=("ORIGINAL", "PRIMARY", "AXIAL"), decimals=None,
+                 study_uid="1.2.826.0.1.100", frame_of_reference_uid="1.2.826.0.1.101") -> list:
     """Write ``hu`` (slices, rows, columns) as one file per slice, under shuffled names, stored as
     scanners store CT: unsigned values with intercept -1024, or ``signed`` (intercept 0), or each
     slice ``k`` with ``rescale(k)`` = (slope, intercept). ``shift_mm``: added per slice (a tilt);
-    ``decimals``: positions written rounded, as some scanners write them."""
+    ``decimals``: positions written rounded, as some scanners write them; ``study_uid`` and
+    ``frame_of_reference_uid``: None leaves them out, as some anonymisers do."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -54,6 +56,10 @@ def write_series(folder, hu: np.ndarray, *, along_row=(1.0, 0.0, 0.0), down_colu
         ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = (modality, series_uid,
                                                                                 series_number, int(k) + 1)
         ds.ImageType = list(image_type)
+        ds.PatientID, ds.PatientName, ds.StudyDate = "KITS-TEST-1", "Test^Patient", "20261207"
+        for keyword, uid in (("StudyInstanceUID", study_uid), ("FrameOfReferenceUID", frame_of_reference_uid)):
+            if uid is not None:
+                setattr(ds, keyword, uid)
         ds.ImageOrientationPatient = [float(v) for v in (*along_row, *down_column)]
         position = np.asarray(first) + k * step_mm * normal + k * np.asarray(shift_mm)
         ds.ImagePositionPatient = [float(v) for v in (position if decimals is None else np.round(position, decimals))]

@@ -369,3 +369,40 @@ def test_a_case_folder_holding_a_dicom_file_still_opens_with_its_ground_truth(tm
     shutil.copytree(case_folder, case)
     shutil.copy(write_series(tmp_path / "series", _ct())[0], case / "export.dcm")
     assert [kind for _, _, kind in read_kits(str(case))] == ["image", "labels"]
+
+
+def test_labels_of_a_dicom_series_save_as_a_dicom_seg_over_it(tmp_path, case_folder):
+    """File > Save Layers with a .dcm name: a SEG over the series the CT was read from; what has
+    no series to reference is refused, saying what to do."""
+    pytest.importorskip("highdicom")
+    from napari_kits._layers import META_KEY, LayerGeometry
+
+    from .test_dicom import _ct, _oblique, write_series
+    from .test_dicom_seg import read_seg_labels
+
+    files = write_series(tmp_path / "SE4", _ct(), along_row=_oblique()[0], down_column=_oblique()[1])
+    (ct,) = read_kits(str(tmp_path / "SE4"))
+    ct_geometry = geometry_of(ct[1])
+    labels = np.zeros(ct[0].shape, np.uint8)
+    labels[1:3, 2:5, 3:7], labels[2, 3, 4] = 1, 2
+    meta = {"metadata": {META_KEY: LayerGeometry("labels", ct_geometry.source, None, "SE4")}, "name": "labels"}
+    (written,) = write_labels(str(tmp_path / "SE4_labels.dcm"), labels, meta)
+    expected = ct_geometry.source.to_source(labels).transpose(2, 1, 0)
+    np.testing.assert_array_equal(read_seg_labels(written, files), expected)
+    assert pydicom_segment_type(written) == "SEMIAUTOMATIC"
+    with pytest.raises(SaveError, match=r"only labels are saved as a DICOM SEG; save 'y1' as .nii.gz"):
+        write_labels(str(tmp_path / "y1.dcm"), labels, {"metadata": {META_KEY: LayerGeometry(
+            "y1", ct_geometry.source, None, "SE4")}, "name": "y1"})
+    [(_, case_ct, _), (gt, _, _)] = read_kits(str(case_folder))
+    nifti_labels = {"metadata": {META_KEY: LayerGeometry("labels", geometry_of(case_ct).source, None, "case")},
+                    "name": "labels"}
+    with pytest.raises(SaveError, match=r"'labels' is not on a CT read from a DICOM series.*kits-seg dicom-seg "
+                                        r"LABELS SERIES"):
+        write_labels(str(tmp_path / "gt.dcm"), gt, nifti_labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SE4", "SE4_labels.dcm"]
+
+
+def pydicom_segment_type(path) -> str:
+    import pydicom
+
+    return pydicom.dcmread(path).SegmentSequence[0].SegmentAlgorithmType

@@ -862,3 +862,45 @@ def test_an_image_napari_kits_did_not_open_is_named_with_what_to_do(make_napari_
     assert widget.run_all() is None
     assert widget.last_error.startswith("pasted scan was not opened by napari-kits, so its place in the scanner")
     assert "File > Open and choose napari-kits" in widget.last_error
+
+
+def test_labels_of_a_dicom_series_are_offered_and_saved_as_a_dicom_seg(qtbot, make_napari_viewer, tiny_kseg,
+                                                                       tmp_path, monkeypatch):
+    """A radiology user's round: open a series, segment, save the labels as a SEG for the PACS."""
+    pytest.importorskip("highdicom")
+    from napari_kits import _widget
+    from napari_kits._reader import read_kits
+
+    from .test_dicom import _ct, write_series
+    from .test_dicom_seg import read_seg_labels
+
+    files = write_series(tmp_path / "SE2", _ct((8, 24, 20), seed=2))
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in read_kits(str(tmp_path / "SE2")):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = _widget.KitsWidget(viewer)
+    assert widget.set_weights(tiny_kseg)
+    _run(qtbot, widget, widget.run_all, "run all")
+    labels_layer = widget._session.labels_layer
+    labels_layer.data[2:5, 5:9, 4:8] = 2  # a correction
+    asked = {}
+
+    def choose_seg(parent, title, suggestion, filters, options=None):
+        asked.update(suggestion=suggestion, filters=filters)
+        return suggestion, filters.split(";;")[-1]  # the user picks the last filter (DICOM SEG), keeps the name
+
+    monkeypatch.setattr(_widget.QFileDialog, "getSaveFileName", choose_seg)
+    widget.save_combo.setCurrentIndex(widget.save_combo.findData(labels_layer))
+    with qtbot.waitSignal(widget.saved, timeout=RUN_TIMEOUT_MS) as blocker:
+        widget._save_clicked()
+    assert asked["filters"] == "NIfTI (*.nii.gz *.nii);;DICOM SEG over the CT series (*.dcm)"
+    assert Path(asked["suggestion"]) == tmp_path / "SE2_labels.nii.gz"
+    assert blocker.args == [str(tmp_path / "SE2_labels.dcm")]
+    source = widget._session.prepared.volume.source
+    np.testing.assert_array_equal(read_seg_labels(tmp_path / "SE2_labels.dcm", files),
+                                  source.to_source(labels_layer.data).transpose(2, 1, 0))
+    # The mask is no label map of kidney and tumor: NIfTI only.
+    widget.save_combo.setCurrentIndex(widget.save_combo.findData(widget._session.mask_layer))
+    with qtbot.waitSignal(widget.saved, timeout=RUN_TIMEOUT_MS):
+        widget._save_clicked()
+    assert asked["filters"] == "NIfTI (*.nii.gz *.nii)" and (tmp_path / "SE2_mask.nii.gz").is_file()

@@ -110,6 +110,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="also write y1 (stage-1 probability), the dilated mask and the class probabilities",
     )
     p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="for a DICOM series, also write its labels as a DICOM SEG over it (NAME_labels.dcm: segments kidney "
+        "and kidney tumor), which PACS and DICOM viewers show over the series; `kits-seg dicom-seg` converts "
+        "labels corrected afterwards",
+    )
+    p.add_argument(
         "--no-cleanup",
         action="store_true",
         help="keep every predicted piece and tumor call; by default pieces with no kidney voxel, under 10%% "
@@ -136,6 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .outputs import write_prediction
     from .pipeline import Progress, Segmentation, Segmenter
     from .postprocess import CleanupRules
+    from .weights import DEFAULT_WEIGHTS
 
     cases = discover_inputs(args.input)
     without_images, grids = [], {}
@@ -150,6 +158,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cases = [case for case in cases if case not in without_images]
     if not cases:
         raise CliError(f"{args.input}: none of its DICOM series holds image slices: nothing to segment")
+    if args.dicom_seg:
+        from .dicom_seg import check_can_write_seg
+
+        check_can_write_seg()
+        if not any(case.is_dicom_series for case in cases):
+            raise CliError(f"--dicom-seg: {args.input} holds no DICOM series; a DICOM SEG references the series "
+                           "it segments (NIfTI results are written without the option)")
     _check_output_folder(args.output)
     if args.skip_existing:
         cases = _cases_left_to_do(cases, args, grids)
@@ -201,8 +216,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     bar.n = item.done
                     bar.refresh()
         assert result is not None
-        written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite,
-                                   keep_existing=args.skip_existing)
+        try:
+            written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite,
+                                       keep_existing=args.skip_existing, dicom_seg=args.dicom_seg,
+                                       model=(args.weights or DEFAULT_WEIGHTS).name)
+        except InputError as exc:  # a series whose headers a SEG cannot reference: its NIfTI is written
+            if len(cases) == 1:
+                raise
+            tqdm.write(f"kits-seg: error: {exc}", file=sys.stderr)
+            failed.append(case.name)
+            continue
         tqdm.write(f"{case.name}: {describe_found(result.labels, volume.spacing)}; "
                    f"{', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
     if failed:
@@ -219,15 +242,23 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
     from .io import ct_grid
     from .outputs import output_paths
 
-    left = [c for c in cases if not all(p.is_file() for p in output_paths(c, args.output, args.save_intermediates))]
+    left = [c for c in cases if not all(p.is_file() for p in output_paths(c, args.output, args.save_intermediates,
+                                                                          args.dicom_seg))]
     for case in cases:
         # Outputs are named after their CT: another CT's of the same name (SE000001 of another study)
         # must neither pass for done nor be completed with this CT's.
-        existing = [p for p in output_paths(case, args.output, True) if p.is_file()]
+        existing = [p for p in output_paths(case, args.output, True, dicom_seg=True) if p.is_file()]
         if not existing:
             continue
         shape, affine = grids[case.image_path]
         for path in existing:
+            if path.suffix == ".dcm":  # a SEG: of this series?
+                from .dicom_seg import referenced_series, series_uid
+
+                if referenced_series(path) != series_uid(case.image_path):
+                    raise CliError(f"{path}: exists, and references another series than {case.image_path}: the "
+                                   "result of another series of the same name? Choose another -o/--output")
+                continue
             written_shape, written_affine = ct_grid(path, channels_ok=True)
             if written_shape != shape or not np.allclose(written_affine, affine, atol=1e-3):
                 raise CliError(f"{path}: exists, on another grid than {case.image_path} ({written_shape} against "
@@ -280,7 +311,7 @@ def _check_outputs_free(cases, args) -> None:
 
     writer: dict[Path, Path] = {}
     for case in cases:
-        for out in output_paths(case, args.output, args.save_intermediates):
+        for out in output_paths(case, args.output, args.save_intermediates, args.dicom_seg):
             if out in writer:
                 raise CliError(f"{writer[out]} and {case.image_path} would both be written to {out}: "
                                "rename one, or segment them into different -o folders")
@@ -480,6 +511,48 @@ def _check_report_path(path: Path, inputs: list[Path], overwrite: bool) -> None:
         raise CliError(f"{path.parent}: cannot be written to (read-only?); choose another folder for --csv")
 
 
+# ---------------------------------------------------------------------------- dicom-seg
+def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dicom-seg",
+        help="write a label map as a DICOM SEG over its CT series",
+        description="Write a label map on a DICOM series' grid (as `predict` writes it, corrected or not) as a "
+        "DICOM SEG object that references the series, for a PACS or a DICOM viewer: segment 1 kidney, 2 kidney "
+        "tumor. The labels must be on the series' own grid; values other than 0, 1, 2 are refused.",
+    )
+    p.add_argument("labels", type=Path, help="the label map (.nii/.nii.gz) on the series' grid")
+    p.add_argument("series", type=Path, help="the CT series: its folder, or one of its files")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="the SEG file (.dcm); default: beside the labels, LABELS_NAME.dcm")
+    p.add_argument("--algorithm-type", choices=ALGORITHM_TYPE_CHOICES, default="semiautomatic",
+                   help="who made the labels, as the SEG records it: the model alone (automatic), the model's "
+                   "labels corrected by a person (semiautomatic, the default), or a person (manual)")
+    p.add_argument("--model", default=None, help="the model file's name, recorded in the SEG (automatic and "
+                   "semiautomatic)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_dicom_seg)
+
+
+ALGORITHM_TYPE_CHOICES = ("automatic", "semiautomatic", "manual")  # kitseg.dicom_seg.ALGORITHM_TYPES, not imported here
+
+
+def cmd_dicom_seg(args: argparse.Namespace) -> int:
+    from .dicom_seg import check_can_write_seg, write_dicom_seg
+    from .io import is_nifti, read_labels, strip_nifti_suffix
+
+    check_can_write_seg()
+    if not is_nifti(args.labels):
+        raise CliError(f"{args.labels}: not a NIfTI label map (.nii/.nii.gz)")
+    output = args.output or args.labels.with_name(strip_nifti_suffix(args.labels.name) + ".dcm")
+    if output.exists() and not args.overwrite:
+        raise CliError(f"{output} exists already; pass --overwrite to replace")
+    labels = read_labels(args.labels)
+    written = write_dicom_seg(labels.array, labels.source, args.series, output, overwrite=args.overwrite,
+                              algorithm_type=args.algorithm_type, model=args.model)
+    print(f"wrote {written}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- info
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="version, devices and model metadata")
@@ -650,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_dicom_seg(sub)
     _add_info(sub)
     _add_phantom(sub)
     _add_sample(sub)

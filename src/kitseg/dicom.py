@@ -5,9 +5,9 @@ A series becomes a :class:`~kitseg.geometry.Volume` whose source grid is the ser
 NIfTI on that grid and overlay the series in any viewer that reads both.
 
 pydicom reads the files; compressed pixel data is decoded by its plugins (Pillow: baseline JPEG
-and JPEG 2000; python-gdcm: JPEG Lossless and JPEG-LS too). A series that one affine cannot
-describe (tilted gantry, uneven slice gaps, slices of several series or orientations) is
-refused, naming the folder, with what to do.
+and JPEG 2000; pyjpegls, which highdicom brings: JPEG-LS; the optional python-gdcm: JPEG
+Lossless too). A series that one affine cannot describe (tilted gantry, uneven slice gaps,
+slices of several series or orientations) is refused, naming the folder, with what to do.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _is_image_slice(ds) -> bool:
     """A slice of an image volume: placed in space, with pixels, and not the scout view that many
     scanners store beside the axial slices."""
     if "ImagePositionPatient" not in ds or "Rows" not in ds:
-        return False  # a DICOMDIR, a structured (dose) report, a presentation state
+        return False  # a DICOMDIR, a structured (dose) report, a presentation state, a SEG
     return "LOCALIZER" not in [str(v).upper() for v in getattr(ds, "ImageType", [])]
 
 
@@ -119,13 +119,15 @@ def _image_headers(source: Path) -> tuple[Path, list]:
         except Exception as exc:  # pydicom raises several kinds for a damaged file
             raise InputError(f"{path}: cannot be read as DICOM ({exc})") from None
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        if frames > 1:  # enhanced CT keeps each frame's position in functional groups, not read here
+        # Enhanced CT keeps each frame's position in functional groups, not read here; a SEG (as
+        # napari-kits writes beside a series) is many frames too, and no slice of the CT.
+        if frames > 1 and str(getattr(ds, "Modality", "")).upper() != "SEG":
             raise InputError(f"{path}: an enhanced (multi-frame) DICOM of {frames} frames is not read here; "
                              + _CONVERT)
         if _is_image_slice(ds):
             headers.append((path, ds))
         elif path == source:
-            raise NoImageSlices(f"{path}: is no image slice of a series (a scout view, a report?)")
+            raise NoImageSlices(f"{path}: is no image slice of a series (a scout view, a report, a SEG?)")
     if not headers:
         raise NoImageSlices(f"{folder}: its DICOM files hold no image slices (scout views or reports only?)")
     if not source.is_dir():  # one file chosen: its series
@@ -257,7 +259,7 @@ def read_dicom_series(source: Path) -> Volume:
             pixels = ds.pixel_array
         except Exception as exc:  # no decoder for its compression, truncated pixel data
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            fix = ("pip install python-gdcm (JPEG Lossless, JPEG-LS) or pylibjpeg pylibjpeg-openjpeg adds "
+            fix = ("pip install python-gdcm (JPEG Lossless) or pylibjpeg pylibjpeg-openjpeg adds "
                    "decoders, or " if syntax is not None and syntax.is_compressed else "is the file whole? Or ")
             raise InputError(f"{item.path}: its pixels cannot be decoded{f' ({syntax.name})' if syntax else ''}: "
                              f"{exc}; {fix}{_CONVERT}") from None

@@ -55,6 +55,11 @@ class CaseInput:
         """KiTS19 submission name for case folders, ``NAME_labels`` for plain files."""
         return f"prediction_{self.case_id}" if self.case_id is not None else f"{self.name}_labels"
 
+    @property
+    def is_dicom_series(self) -> bool:
+        """Read from a DICOM series (its folder or one of its files), which a DICOM SEG can reference."""
+        return not is_nifti(self.image_path)
+
     def intermediate_name(self, what: str) -> str:
         stem = f"prediction_{self.case_id}" if self.case_id is not None else self.name
         return f"{stem}_{what}"

@@ -12,15 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from .geometry import SourceGrid
-from .io import INTERMEDIATES, CaseInput, write_labels, write_on_source_grid
+from .io import INTERMEDIATES, CaseInput, read_labels, write_labels, write_on_source_grid
 from .pipeline import Segmentation
 from .preprocess import StageGrid
 
 
-def output_paths(case: CaseInput, out_dir: Path, intermediates: bool) -> list[Path]:
+def output_paths(case: CaseInput, out_dir: Path, intermediates: bool, dicom_seg: bool = False) -> list[Path]:
+    """The labels, the intermediates if asked for, and last, for a DICOM series with ``dicom_seg``,
+    the labels as a DICOM SEG (``NAME_labels.dcm``)."""
     paths = [out_dir / f"{case.output_name}.nii.gz"]
     if intermediates:
         paths += [out_dir / f"{case.intermediate_name(what)}.nii.gz" for what in INTERMEDIATES]
+    if dicom_seg and case.is_dicom_series:
+        paths.append(out_dir / f"{case.output_name}.dcm")
     return paths
 
 
@@ -65,21 +69,32 @@ def write_stage_mask(mask: np.ndarray, grid: StageGrid, source: SourceGrid, path
 
 def write_prediction(
     result: Segmentation, case: CaseInput, out_dir: Path, intermediates: bool = False, overwrite: bool = False,
-    keep_existing: bool = False,
+    keep_existing: bool = False, dicom_seg: bool = False, model: str | None = None,
 ) -> list[Path]:
     """Write the labels (and the intermediates) of one case; returns the paths written.
 
     ``keep_existing``: leave the outputs that exist as they are and write only the missing ones
     (``kits-seg predict --skip-existing``: what an interrupted run wrote is whole, and what a user
-    corrected stays).
+    corrected stays). ``dicom_seg``: a DICOM series' labels also as a DICOM SEG over it, written
+    last (the NIfTI is there if the series' headers cannot be referenced), naming ``model``; of
+    the labels file kept, where one is (it may hold the user's corrections).
     """
     source = result.prepared.volume.source
     grid = result.prepared.grid
-    labels_path, *rest = output_paths(case, out_dir, intermediates)
+    labels_path, *rest = output_paths(case, out_dir, intermediates, dicom_seg)
     writers = [(labels_path, lambda path: write_labels(result.labels, source, path, overwrite=overwrite))]
+    if dicom_seg and case.is_dicom_series:
+        from .dicom_seg import write_dicom_seg
+
+        kept = keep_existing and labels_path.exists()
+        seg_path = rest.pop()
+        writers.append((seg_path, lambda path: write_dicom_seg(
+            read_labels(labels_path).array if kept else result.labels, source, case.image_path, path,
+            overwrite=overwrite, model=model, algorithm_type="semiautomatic" if kept else "automatic")))
     if intermediates:
         y1_path, mask_path, probs_path = rest
         writers += [(y1_path, lambda path: write_stage_probability(result.y1, grid, source, path, overwrite)),
                     (mask_path, lambda path: write_stage_mask(result.mask, grid, source, path, overwrite)),
                     (probs_path, lambda path: write_stage_probability(result.probs, grid, source, path, overwrite))]
+    writers.sort(key=lambda writer: writer[0].suffix == ".dcm")  # the SEG last
     return [write(path) for path, write in writers if not (keep_existing and path.exists())]

@@ -1,0 +1,200 @@
+"""DICOM SEG output: each labelled pixel tied to the slice and place it came from, read back
+with pydicom alone (not the library that wrote it), as a PACS or viewer reads it."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kitseg.io import InputError, read_ct
+
+from .conftest import requires
+from .test_dicom import REAL_SERIES, _ct, _oblique, write_series
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("highdicom")
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def read_seg_labels(seg_path, series_files) -> np.ndarray:
+    """The SEG's label map as (slice, row, column) in the order of ``series_files``' positions, from
+    each frame's referenced slice and segment number; each frame's position checked against its slice's."""
+    seg = pydicom.dcmread(seg_path)
+    slices = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in series_files),
+                    key=lambda ds: float(np.dot(np.cross(*np.reshape(ds.ImageOrientationPatient, (2, 3))),
+                                                ds.ImagePositionPatient)))
+    index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(slices)}
+    labels = np.zeros((len(slices), int(seg.Rows), int(seg.Columns)), np.uint8)
+    pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    for frame, groups in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = index[str(source)]
+        np.testing.assert_allclose([float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in slices[k].ImagePositionPatient], atol=1e-4)
+        segment = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        assert not np.any(labels[k][frame > 0]), "two segments claim one pixel"
+        labels[k][frame > 0] = segment
+    return labels
+
+
+def _labels_on(volume, seed=0) -> np.ndarray:
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[1:4, 2:6, 3:8] = 1
+    labels[2, 3:5, 4:6] = 2
+    return labels
+
+
+def test_a_seg_ties_each_labelled_pixel_to_its_slice_and_place(tmp_path):
+    from kitseg.dicom_seg import write_dicom_seg
+
+    hu = _ct((6, 9, 11))
+    files = write_series(tmp_path / "SE3", hu, along_row=_oblique()[0], down_column=_oblique()[1])
+    volume = read_ct(tmp_path / "SE3")
+    labels = _labels_on(volume)
+    out = write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "SE3_labels.dcm", model="tiny.kseg")
+    # What the NIfTI holds on the series' grid, as (slice, row, column): the SEG holds the same.
+    expected = volume.source.to_source(labels).transpose(2, 1, 0)
+    np.testing.assert_array_equal(read_seg_labels(out, files), expected)
+    seg = pydicom.dcmread(out)
+    ct = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert (seg.SOPClassUID, seg.Modality) == (SEGMENTATION_STORAGE, "SEG")
+    assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID, seg.PatientID) == (
+        ct.StudyInstanceUID, ct.FrameOfReferenceUID, ct.PatientID)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.SeriesInstanceUID
+    assert seg.SeriesInstanceUID != ct.SeriesInstanceUID and seg.SeriesNumber == 1003
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert [(n, s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentAlgorithmType)
+            for n, s in sorted(segments.items())] == [(1, "kidney", "64033007", "AUTOMATIC"),
+                                                      (2, "kidney tumor", "108369006", "AUTOMATIC")]
+    assert segments[2].AnatomicRegionSequence[0].CodeMeaning == "Kidney"
+    algorithm = segments[1].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "napari-kits" and "tiny.kseg" in str(algorithm.AlgorithmParameters)
+    # A SEG saved into the series' folder is no slice of it: the series reads as before.
+    shutil.copy(out, tmp_path / "SE3" / "SEG0001")
+    np.testing.assert_array_equal(read_ct(tmp_path / "SE3").array, volume.array)
+    # Nothing found is a SEG too (of empty frames), and a person's own labels name no algorithm.
+    empty = write_dicom_seg(np.zeros_like(labels), volume.source, files[0], tmp_path / "empty.dcm",
+                            algorithm_type="manual")
+    assert not read_seg_labels(empty, files).any()
+    assert pydicom.dcmread(empty).SegmentSequence[0].SegmentAlgorithmType == "MANUAL"
+
+
+def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_replaced(tmp_path):
+    from kitseg.dicom_seg import write_dicom_seg
+
+    hu = _ct((6, 9, 11))
+    files = write_series(tmp_path / "SE3", hu)
+    named = files[0].rename(files[0].with_name(files[0].name + ".dcm"))  # as many exporters name them
+    volume = read_ct(tmp_path / "SE3")
+    labels = _labels_on(volume)
+    other = read_ct(write_series(tmp_path / "SE4", _ct((7, 9, 11)), series_uid="1.2.826.0.1.4")[0])
+    with pytest.raises(InputError, match=r"the labels: on another grid than the series .*SE4.*out.dcm not written"):
+        write_dicom_seg(labels, volume.source, tmp_path / "SE4", tmp_path / "out.dcm")
+    with pytest.raises(InputError, match=r"the labels: holds label 3; a SEG of napari-kits holds kidney \(1\)"):
+        write_dicom_seg(np.where(labels == 2, 3, labels).astype(np.uint8), volume.source, tmp_path / "SE3",
+                        tmp_path / "out.dcm")
+    with pytest.raises(InputError, match=r"out.nii.gz: a DICOM SEG file name must end in .dcm"):
+        write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "out.nii.gz")
+    with pytest.raises(InputError, match=r"is a slice of the series"):
+        write_dicom_seg(labels, volume.source, tmp_path / "SE3", named, overwrite=True)
+    (tmp_path / "taken.dcm").write_bytes(b"the user's")
+    with pytest.raises(FileExistsError, match="taken.dcm: exists already"):
+        write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "taken.dcm")
+    assert (tmp_path / "taken.dcm").read_bytes() == b"the user's"
+    # An anonymiser that dropped the study's UID left nothing a PACS could place the SEG by.
+    write_series(tmp_path / "anon", hu, study_uid=None)
+    with pytest.raises(InputError, match=r"has no StudyInstanceUID \(an anonymiser removed it\?\), which a DICOM SEG must reference"):
+        write_dicom_seg(labels, read_ct(tmp_path / "anon").source, tmp_path / "anon", tmp_path / "out.dcm")
+    assert not (tmp_path / "out.dcm").exists() and other.shape != volume.shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SE3", "SE4", "anon", "taken.dcm"]  # no temporary left
+
+
+def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, capsys):
+    from kitseg.checkpoint import save_bundle
+    from kitseg.cli import main
+
+    weights = save_bundle(tiny_bundle, tmp_path / "tiny.kseg")
+    hu = _ct((8, 24, 20), seed=2)
+    study = tmp_path / "study"
+    files = write_series(study / "SE2", hu, along_row=_oblique()[0], down_column=_oblique()[1])
+    write_series(study / "SE3", hu[:, ::-1], series_uid="1.2.826.0.1.3")
+    out = tmp_path / "out"
+    assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["SE2_labels.dcm", "SE2_labels.nii.gz", "SE3_labels.dcm",
+                                                     "SE3_labels.nii.gz"]
+    labels = np.asarray(nib.load(out / "SE2_labels.nii.gz").dataobj)
+    np.testing.assert_array_equal(read_seg_labels(out / "SE2_labels.dcm", files), labels.transpose(2, 1, 0))
+    # Done: nothing to redo; another series' SEG of the same name is not taken for this one's.
+    assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    # A SEG added to labels corrected since: the SEG holds the corrections, not a new segmentation's.
+    corrected_labels = labels.copy()
+    corrected_labels[2:5, 3:9, 1:3] = 2
+    nib.save(nib.Nifti1Image(corrected_labels, nib.load(out / "SE3_labels.nii.gz").affine), str(out / "SE3_labels.nii.gz"))
+    (out / "SE3_labels.dcm").unlink()
+    assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing"]) == 0
+    seg3 = read_seg_labels(out / "SE3_labels.dcm", list((study / "SE3").iterdir()))
+    np.testing.assert_array_equal(seg3, corrected_labels.transpose(2, 1, 0))
+    assert pydicom.dcmread(out / "SE3_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    shutil.copy(out / "SE3_labels.dcm", out / "SE2_labels.dcm")
+    assert main(["predict", str(study / "SE2"), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing"]) == 2
+    assert "SE2_labels.dcm: exists, and references another series than" in capsys.readouterr().err
+    # NIfTI inputs have no series to reference: said before any work.
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([0.7, 0.8, 2.5, 1.0])), str(tmp_path / "scan.nii.gz"))
+    assert main(["predict", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "out2"), "--dicom-seg"]) == 2
+    assert "--dicom-seg: " in capsys.readouterr().err and not (tmp_path / "out2").exists()
+    # Labels corrected afterwards: converted beside themselves, recorded as a person's correction.
+    corrected = tmp_path / "SE2_labels_edited.nii.gz"
+    edited = labels.copy()
+    edited[3:6, 4:9, 2:4] = 2
+    nib.save(nib.Nifti1Image(edited, nib.load(out / "SE2_labels.nii.gz").affine), str(corrected))
+    assert main(["dicom-seg", str(corrected), str(files[3])]) == 0
+    seg_path = tmp_path / "SE2_labels_edited.dcm"
+    np.testing.assert_array_equal(read_seg_labels(seg_path, files), edited.transpose(2, 1, 0))
+    assert pydicom.dcmread(seg_path).SegmentSequence[1].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert main(["dicom-seg", str(corrected), str(study / "SE2")]) == 2
+    assert "SE2_labels_edited.dcm exists already; pass --overwrite" in capsys.readouterr().err
+    # Labels of another series: refused, naming the labels file.
+    assert main(["dicom-seg", str(out / "SE3_labels.nii.gz"), str(study / "SE2"), "-o", str(tmp_path / "x.dcm")]) == 2
+    assert "SE3_labels.nii.gz: on another grid than the series" in capsys.readouterr().err
+    assert not (tmp_path / "x.dcm").exists()
+
+
+@requires(REAL_SERIES)
+def test_a_seg_of_a_real_jpeg2000_series_lands_on_its_voxels(tmp_path):
+    """The real series was anonymised down to blank study and series UIDs: refused, saying why.
+    Given a study UID, its SEG read by highdicom puts every labelled voxel where the NIfTI has it."""
+    import highdicom
+
+    from kitseg.dicom_seg import write_dicom_seg
+
+    volume = read_ct(REAL_SERIES)
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[5:9, 200:260, 300:340] = 1
+    labels[6, 220:230, 310:320] = 2
+    with pytest.raises(InputError, match=r"has no StudyInstanceUID \(an anonymiser removed it\?\)"):
+        write_dicom_seg(labels, volume.source, REAL_SERIES, tmp_path / "real.dcm")
+    series = tmp_path / "series"
+    series.mkdir()
+    for path in REAL_SERIES.iterdir():
+        if path.is_file() and not path.name.startswith(("LICENSE", ".")):
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = "1.2.826.0.1.77"
+            ds.save_as(series / path.name)  # the JPEG 2000 pixels as they were
+    volume = read_ct(series)
+    out = write_dicom_seg(labels, volume.source, series, tmp_path / "real.dcm")
+    seg = highdicom.seg.segread(out).get_volume(combine_segments=True, skip_overlap_checks=True)
+    marked = np.argwhere(seg.array > 0)  # (slice, row, column) of the SEG's own volume, LPS affine
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ seg.affine @ np.c_[marked, np.ones(len(marked))].T
+    voxels = np.linalg.inv(volume.affine) @ ras
+    np.testing.assert_allclose(voxels[:3], np.round(voxels[:3]), atol=1e-6)
+    index = tuple(np.round(voxels[:3]).astype(int))
+    np.testing.assert_array_equal(labels[index], seg.array[seg.array > 0])
+    assert len(marked) == np.count_nonzero(labels)
