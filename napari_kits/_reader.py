@@ -80,7 +80,7 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
                            nifti_shape, read_ct, read_labels, read_volume)
 
     p = _single_path(path)
-    if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_of_file(Path(f)) for f in path}) > 1:
+    if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_of_file(Path(f)) for f in path} - {None}) > 1:
         raise InputError(f"{p.parent}: the files chosen belong to several series; open one series at a time")
     if is_dicom_series(p):
         return [ct_layer_data(read_ct(p), series_name(p))]  # named as the CLI names its results

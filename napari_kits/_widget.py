@@ -1311,7 +1311,10 @@ class KitsWidget(QWidget):
             options=QFileDialog.DontConfirmOverwrite,  # we ask ourselves, knowing the input CT
         )
         if path and chosen == seg_filter and not path.lower().endswith(".dcm"):
-            path = path.removesuffix(".nii.gz") + ".dcm"  # the suggestion's suffix, where the filter was changed
+            from kitseg.geometry import strip_nifti_suffix
+
+            # The suggestion's NIfTI suffix, where the user changed the filter and kept the name.
+            path = str(Path(path).with_name(strip_nifti_suffix(Path(path).name) + ".dcm"))
         return path or None
 
     def _confirm_overwrite(self, path: Path) -> bool:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kitseg.io import InputError, read_ct
+from kitseg.io import InputError, discover_inputs, read_ct
 
 from .conftest import requires
 from .test_dicom import REAL_SERIES, _ct, _oblique, write_series
@@ -30,18 +30,23 @@ def read_seg_labels(seg_path, series_files) -> np.ndarray:
     index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(slices)}
     labels = np.zeros((len(slices), int(seg.Rows), int(seg.Columns)), np.uint8)
     pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    shared = seg.SharedFunctionalGroupsSequence[0]
+
+    def group(groups, name):  # a frame's own, or (one segment only, say) what all frames share
+        return getattr(groups, name, None) or getattr(shared, name)
+
     for frame, groups in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
-        source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        source = group(groups, "DerivationImageSequence")[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         k = index[str(source)]
-        np.testing.assert_allclose([float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient],
+        np.testing.assert_allclose([float(v) for v in group(groups, "PlanePositionSequence")[0].ImagePositionPatient],
                                    [float(v) for v in slices[k].ImagePositionPatient], atol=1e-4)
-        segment = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        segment = int(group(groups, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
         assert not np.any(labels[k][frame > 0]), "two segments claim one pixel"
         labels[k][frame > 0] = segment
     return labels
 
 
-def _labels_on(volume, seed=0) -> np.ndarray:
+def _labels_on(volume) -> np.ndarray:
     labels = np.zeros(volume.shape, np.uint8)
     labels[1:4, 2:6, 3:8] = 1
     labels[2, 3:5, 4:6] = 2
@@ -67,15 +72,27 @@ def test_a_seg_ties_each_labelled_pixel_to_its_slice_and_place(tmp_path):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.SeriesInstanceUID
     assert seg.SeriesInstanceUID != ct.SeriesInstanceUID and seg.SeriesNumber == 1003
     segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
-    assert [(n, s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentAlgorithmType)
-            for n, s in sorted(segments.items())] == [(1, "kidney", "64033007", "AUTOMATIC"),
-                                                      (2, "kidney tumor", "108369006", "AUTOMATIC")]
-    assert segments[2].AnatomicRegionSequence[0].CodeMeaning == "Kidney"
+    # SNOMED CT as DICOM's CID 7150 (categories) and 7151 (types) code them today.
+    assert [(n, s.SegmentLabel, s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+             s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentAlgorithmType)
+            for n, s in sorted(segments.items())] == [(1, "kidney", "91723000", "64033007", "AUTOMATIC"),
+                                                      (2, "kidney tumor", "49755003", "108369006", "AUTOMATIC")]
+    assert segments[2].AnatomicRegionSequence[0].CodeValue == "64033007"
     algorithm = segments[1].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # DCM: Artificial Intelligence
     assert algorithm.AlgorithmName == "napari-kits" and "tiny.kseg" in str(algorithm.AlgorithmParameters)
-    # A SEG saved into the series' folder is no slice of it: the series reads as before.
+    # No tumor found: no tumor segment (one declared without frames stalls some viewers).
+    kidney_only = write_dicom_seg(np.minimum(labels, 1), volume.source, tmp_path / "SE3", tmp_path / "k.dcm")
+    assert [s.SegmentLabel for s in pydicom.dcmread(kidney_only).SegmentSequence] == ["kidney"]
+    np.testing.assert_array_equal(read_seg_labels(kidney_only, files), np.minimum(expected, 1))
+    # A SEG saved into the series' folder is no slice of it: the series reads and is named as before,
+    # and a folder of SEGs is no series to segment.
     shutil.copy(out, tmp_path / "SE3" / "SEG0001")
     np.testing.assert_array_equal(read_ct(tmp_path / "SE3").array, volume.array)
+    assert [c.name for c in discover_inputs(files[2])] == ["SE3"]
+    (tmp_path / "results").mkdir()
+    shutil.copy(out, tmp_path / "results" / "SE3_labels.dcm")
+    assert [c.name for c in discover_inputs(tmp_path)] == ["SE3"]
     # Nothing found is a SEG too (of empty frames), and a person's own labels name no algorithm.
     empty = write_dicom_seg(np.zeros_like(labels), volume.source, files[0], tmp_path / "empty.dcm",
                             algorithm_type="manual")
@@ -92,7 +109,7 @@ def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_r
     volume = read_ct(tmp_path / "SE3")
     labels = _labels_on(volume)
     other = read_ct(write_series(tmp_path / "SE4", _ct((7, 9, 11)), series_uid="1.2.826.0.1.4")[0])
-    with pytest.raises(InputError, match=r"the labels: on another grid than the series .*SE4.*out.dcm not written"):
+    with pytest.raises(InputError, match=r"the labels: shape \(11, 9, 6\) differs from the series .*SE4's \(11, 9, 7\); a SEG holds labels of its own series only: .*out.dcm not written"):
         write_dicom_seg(labels, volume.source, tmp_path / "SE4", tmp_path / "out.dcm")
     with pytest.raises(InputError, match=r"the labels: holds label 3; a SEG of napari-kits holds kidney \(1\)"):
         write_dicom_seg(np.where(labels == 2, 3, labels).astype(np.uint8), volume.source, tmp_path / "SE3",
@@ -105,12 +122,38 @@ def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_r
     with pytest.raises(FileExistsError, match="taken.dcm: exists already"):
         write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "taken.dcm")
     assert (tmp_path / "taken.dcm").read_bytes() == b"the user's"
-    # An anonymiser that dropped the study's UID left nothing a PACS could place the SEG by.
+    # A scout or report beside the series is not replaced, even asked to.
+    scout = tmp_path / "SE4" / "scout.dcm"
+    shutil.copy(write_series(tmp_path / "scouts", hu[:1], image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))[0], scout)
+    with pytest.raises(InputError, match=r"scout.dcm: is a DICOM CT, not a SEG; choose another name"):
+        write_dicom_seg(labels, volume.source, tmp_path / "SE3", scout, overwrite=True)
+    # Headers a SEG could not reference, or reference ambiguously: refused, naming the file or folder.
     write_series(tmp_path / "anon", hu, study_uid=None)
-    with pytest.raises(InputError, match=r"has no StudyInstanceUID \(an anonymiser removed it\?\), which a DICOM SEG must reference"):
+    with pytest.raises(InputError, match=r"has no StudyInstanceUID \(an anonymiser removed it\?\), which a DICOM SEG "
+                                         r"must reference"):
         write_dicom_seg(labels, read_ct(tmp_path / "anon").source, tmp_path / "anon", tmp_path / "out.dcm")
+    mixed = write_series(tmp_path / "mixed", hu)
+    ds = pydicom.dcmread(mixed[0])
+    ds.FrameOfReferenceUID = "1.2.826.0.1.999"
+    ds.save_as(mixed[0])
+    with pytest.raises(InputError, match=r"mixed: its slices name 2 different FrameOfReferenceUIDs"):
+        write_dicom_seg(labels, read_ct(tmp_path / "mixed").source, tmp_path / "mixed", tmp_path / "out.dcm")
+    twins = write_series(tmp_path / "twins", hu)
+    ds = pydicom.dcmread(twins[1])
+    ds.SOPInstanceUID = pydicom.dcmread(twins[0]).SOPInstanceUID
+    ds.save_as(twins[1])
+    with pytest.raises(InputError, match=r"twins: two of its slices share a SOPInstanceUID"):
+        write_dicom_seg(labels, read_ct(tmp_path / "twins").source, tmp_path / "twins", tmp_path / "out.dcm")
+    malformed = write_series(tmp_path / "malformed", hu)
+    for path in malformed:
+        ds = pydicom.dcmread(path)
+        ds.PatientSex = "male"  # DICOM allows M, F, O
+        ds.save_as(path)
+    with pytest.raises(InputError, match=r"malformed: its headers cannot make a DICOM SEG \(.*\); save the labels"):
+        write_dicom_seg(labels, read_ct(tmp_path / "malformed").source, tmp_path / "malformed", tmp_path / "out.dcm")
     assert not (tmp_path / "out.dcm").exists() and other.shape != volume.shape
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["SE3", "SE4", "anon", "taken.dcm"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SE3", "SE4", "anon", "malformed", "mixed", "scouts",
+                                                          "taken.dcm", "twins"]  # no temporary left
 
 
 def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, capsys):
@@ -128,10 +171,16 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
                                                      "SE3_labels.nii.gz"]
     labels = np.asarray(nib.load(out / "SE2_labels.nii.gz").dataobj)
     np.testing.assert_array_equal(read_seg_labels(out / "SE2_labels.dcm", files), labels.transpose(2, 1, 0))
+    assert pydicom.dcmread(out / "SE2_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     # Done: nothing to redo; another series' SEG of the same name is not taken for this one's.
     assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
                  "--skip-existing"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    # A SEG added to labels left as the model made them: automatic still.
+    (out / "SE2_labels.dcm").unlink()
+    assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing"]) == 0
+    assert pydicom.dcmread(out / "SE2_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     # A SEG added to labels corrected since: the SEG holds the corrections, not a new segmentation's.
     corrected_labels = labels.copy()
     corrected_labels[2:5, 3:9, 1:3] = 2
@@ -146,7 +195,10 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     assert main(["predict", str(study / "SE2"), "-o", str(out), "--weights", str(weights), "--dicom-seg",
                  "--skip-existing"]) == 2
     assert "SE2_labels.dcm: exists, and references another series than" in capsys.readouterr().err
-    # NIfTI inputs have no series to reference: said before any work.
+    # A series whose headers a SEG cannot reference, and NIfTI inputs: said before any work.
+    write_series(tmp_path / "anon", hu, study_uid=None)
+    assert main(["predict", str(tmp_path / "anon"), "-o", str(tmp_path / "out2"), "--dicom-seg"]) == 2
+    assert "has no StudyInstanceUID" in capsys.readouterr().err and not (tmp_path / "out2").exists()
     nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([0.7, 0.8, 2.5, 1.0])), str(tmp_path / "scan.nii.gz"))
     assert main(["predict", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "out2"), "--dicom-seg"]) == 2
     assert "--dicom-seg: " in capsys.readouterr().err and not (tmp_path / "out2").exists()
@@ -160,17 +212,25 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     np.testing.assert_array_equal(read_seg_labels(seg_path, files), edited.transpose(2, 1, 0))
     assert pydicom.dcmread(seg_path).SegmentSequence[1].SegmentAlgorithmType == "SEMIAUTOMATIC"
     assert main(["dicom-seg", str(corrected), str(study / "SE2")]) == 2
-    assert "SE2_labels_edited.dcm exists already; pass --overwrite" in capsys.readouterr().err
+    assert "SE2_labels_edited.dcm: exists already (pass overwrite=True / --overwrite" in capsys.readouterr().err
+    # The same labels stored in another axis order (as ITK-SNAP may save them) overlay the series: taken.
+    affine = nib.load(corrected).affine.copy()
+    flipped = edited[:, ::-1]
+    affine[:3, 3] += affine[:3, 1] * (edited.shape[1] - 1)
+    affine[:3, 1] *= -1
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(flipped), affine), str(tmp_path / "flipped.nii.gz"))
+    assert main(["dicom-seg", str(tmp_path / "flipped.nii.gz"), str(study / "SE2")]) == 0
+    np.testing.assert_array_equal(read_seg_labels(tmp_path / "flipped.dcm", files), edited.transpose(2, 1, 0))
     # Labels of another series: refused, naming the labels file.
     assert main(["dicom-seg", str(out / "SE3_labels.nii.gz"), str(study / "SE2"), "-o", str(tmp_path / "x.dcm")]) == 2
-    assert "SE3_labels.nii.gz: on another grid than the series" in capsys.readouterr().err
+    assert "SE3_labels.nii.gz: its affine differs from the series" in capsys.readouterr().err
     assert not (tmp_path / "x.dcm").exists()
 
 
 @requires(REAL_SERIES)
 def test_a_seg_of_a_real_jpeg2000_series_lands_on_its_voxels(tmp_path):
     """The real series was anonymised down to blank study and series UIDs: refused, saying why.
-    Given a study UID, its SEG read by highdicom puts every labelled voxel where the NIfTI has it."""
+    Given them, its SEG read by highdicom puts every labelled voxel where the NIfTI has it."""
     import highdicom
 
     from kitseg.dicom_seg import write_dicom_seg
@@ -179,14 +239,14 @@ def test_a_seg_of_a_real_jpeg2000_series_lands_on_its_voxels(tmp_path):
     labels = np.zeros(volume.shape, np.uint8)
     labels[5:9, 200:260, 300:340] = 1
     labels[6, 220:230, 310:320] = 2
-    with pytest.raises(InputError, match=r"has no StudyInstanceUID \(an anonymiser removed it\?\)"):
+    with pytest.raises(InputError, match=r"has no StudyInstanceUID or SeriesInstanceUID \(an anonymiser removed it\?\)"):
         write_dicom_seg(labels, volume.source, REAL_SERIES, tmp_path / "real.dcm")
     series = tmp_path / "series"
     series.mkdir()
     for path in REAL_SERIES.iterdir():
         if path.is_file() and not path.name.startswith(("LICENSE", ".")):
             ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID = "1.2.826.0.1.77"
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.77", "1.2.826.0.1.78"
             ds.save_as(series / path.name)  # the JPEG 2000 pixels as they were
     volume = read_ct(series)
     out = write_dicom_seg(labels, volume.source, series, tmp_path / "real.dcm")

@@ -400,6 +400,14 @@ def test_labels_of_a_dicom_series_save_as_a_dicom_seg_over_it(tmp_path, case_fol
                                         r"LABELS SERIES"):
         write_labels(str(tmp_path / "gt.dcm"), gt, nifti_labels)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SE4", "SE4_labels.dcm"]
+    # A series opened from one of its files, in a folder that holds another series too: its own SEG.
+    second = write_series(tmp_path / "SE4", _ct()[:, ::-1], series_uid="1.2.826.0.1.9", series_number=9)
+    (ct9,) = read_kits(str(second[0]))
+    meta9 = {"metadata": {META_KEY: LayerGeometry("labels", geometry_of(ct9[1]).source, None, "SE4_series9")},
+             "name": "labels"}
+    (written,) = write_labels(str(tmp_path / "SE4_series9_labels.dcm"), labels, meta9)
+    np.testing.assert_array_equal(read_seg_labels(written, second),
+                                  geometry_of(ct9[1]).source.to_source(labels).transpose(2, 1, 0))
 
 
 def pydicom_segment_type(path) -> str:

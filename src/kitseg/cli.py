@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import MIRROR_MODES, TUMOR_SLICE_SMOOTHING, check_tumor_slice_smoothing
+from .config import MIRROR_MODES, SEG_ALGORITHM_TYPES, TUMOR_SLICE_SMOOTHING, check_tumor_slice_smoothing
 
 log = logging.getLogger("kitseg")
 
@@ -159,12 +159,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not cases:
         raise CliError(f"{args.input}: none of its DICOM series holds image slices: nothing to segment")
     if args.dicom_seg:
-        from .dicom_seg import check_can_write_seg
+        from .dicom_seg import check_can_write_seg, check_seg_source
 
         check_can_write_seg()
         if not any(case.is_dicom_series for case in cases):
             raise CliError(f"--dicom-seg: {args.input} holds no DICOM series; a DICOM SEG references the series "
                            "it segments (NIfTI results are written without the option)")
+        for case in cases:  # headers an anonymiser stripped of what a SEG references: said before the work
+            if case.is_dicom_series:
+                check_seg_source(case.image_path)
     _check_output_folder(args.output)
     if args.skip_existing:
         cases = _cases_left_to_do(cases, args, grids)
@@ -220,17 +223,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
             written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite,
                                        keep_existing=args.skip_existing, dicom_seg=args.dicom_seg,
                                        model=(args.weights or DEFAULT_WEIGHTS).name)
-        except InputError as exc:  # a series whose headers a SEG cannot reference: its NIfTI is written
+        except InputError as exc:  # the SEG, whose headers highdicom refused: the NIfTI is written
+            message = f"{exc} (the NIfTI labels are written)"
             if len(cases) == 1:
-                raise
-            tqdm.write(f"kits-seg: error: {exc}", file=sys.stderr)
+                raise InputError(message) from None
+            tqdm.write(f"kits-seg: error: {message}", file=sys.stderr)
             failed.append(case.name)
             continue
         tqdm.write(f"{case.name}: {describe_found(result.labels, volume.spacing)}; "
                    f"{', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
     if failed:
-        raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read as a CT and have no result: "
-                       f"{', '.join(failed)}")
+        raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read as a CT, or their DICOM SEG not be "
+                       f"written: {', '.join(failed)}")
     return 0
 
 
@@ -247,7 +251,7 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
     for case in cases:
         # Outputs are named after their CT: another CT's of the same name (SE000001 of another study)
         # must neither pass for done nor be completed with this CT's.
-        existing = [p for p in output_paths(case, args.output, True, dicom_seg=True) if p.is_file()]
+        existing = [p for p in output_paths(case, args.output, True, args.dicom_seg) if p.is_file()]
         if not existing:
             continue
         shape, affine = grids[case.image_path]
@@ -524,16 +528,13 @@ def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
     p.add_argument("series", type=Path, help="the CT series: its folder, or one of its files")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="the SEG file (.dcm); default: beside the labels, LABELS_NAME.dcm")
-    p.add_argument("--algorithm-type", choices=ALGORITHM_TYPE_CHOICES, default="semiautomatic",
+    p.add_argument("--algorithm-type", choices=SEG_ALGORITHM_TYPES, default="semiautomatic",
                    help="who made the labels, as the SEG records it: the model alone (automatic), the model's "
                    "labels corrected by a person (semiautomatic, the default), or a person (manual)")
     p.add_argument("--model", default=None, help="the model file's name, recorded in the SEG (automatic and "
                    "semiautomatic)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_dicom_seg)
-
-
-ALGORITHM_TYPE_CHOICES = ("automatic", "semiautomatic", "manual")  # kitseg.dicom_seg.ALGORITHM_TYPES, not imported here
 
 
 def cmd_dicom_seg(args: argparse.Namespace) -> int:
@@ -544,8 +545,6 @@ def cmd_dicom_seg(args: argparse.Namespace) -> int:
     if not is_nifti(args.labels):
         raise CliError(f"{args.labels}: not a NIfTI label map (.nii/.nii.gz)")
     output = args.output or args.labels.with_name(strip_nifti_suffix(args.labels.name) + ".dcm")
-    if output.exists() and not args.overwrite:
-        raise CliError(f"{output} exists already; pass --overwrite to replace")
     labels = read_labels(args.labels)
     written = write_dicom_seg(labels.array, labels.source, args.series, output, overwrite=args.overwrite,
                               algorithm_type=args.algorithm_type, model=args.model)
@@ -746,6 +745,8 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # highdicom says each attribute it copies into a SEG at INFO
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .interrupt import Terminated

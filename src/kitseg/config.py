@@ -190,6 +190,10 @@ class MaskConfig:
 
 KITS_LABELS = LabelMap()
 
+#: Who made a label map, in DICOM SEG's terms (Segment Algorithm Type): a model alone, a model's
+#: labels a person corrected (what the plugin saves), or a person alone (kitseg.dicom_seg).
+SEG_ALGORITHM_TYPES = ("automatic", "semiautomatic", "manual")
+
 
 #: The key of ``*=TO`` in a label mapping: every other value but 0 (another tool's organs, say).
 OTHER_LABELS = -1

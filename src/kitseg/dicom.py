@@ -63,6 +63,9 @@ class SeriesGeometry:
     rows: int
     columns: int
     affine: np.ndarray
+    #: What names this series alone: its folder, or where the folder holds others too, the file given.
+    path: Path
+    series_uid: str
 
 
 def _numbers(ds, keyword: str, path: Path, count: int) -> np.ndarray:
@@ -101,9 +104,9 @@ def _describe(members: list) -> str:
     return f"{len(members)} slices ({', '.join(filter(None, [named, f'UID ...{uid[-8:]}' if uid else '']))})"
 
 
-def _image_headers(source: Path) -> tuple[Path, list]:
-    """The folder and the (path, header) of each image slice of ``source``'s series: all of a
-    folder's, or one chosen file's series."""
+def _image_headers(source: Path) -> tuple[Path, list, bool]:
+    """The folder, the (path, header) of each image slice of ``source``'s series (all of a
+    folder's, or one chosen file's series), and whether the folder holds other series' slices too."""
     pydicom = _pydicom()
     folder = source if source.is_dir() else source.parent
     files = dicom_files(folder)
@@ -130,10 +133,11 @@ def _image_headers(source: Path) -> tuple[Path, list]:
             raise NoImageSlices(f"{path}: is no image slice of a series (a scout view, a report, a SEG?)")
     if not headers:
         raise NoImageSlices(f"{folder}: its DICOM files hold no image slices (scout views or reports only?)")
+    all_of_folder = len(headers)
     if not source.is_dir():  # one file chosen: its series
         chosen = next(_series_of(ds) for p, ds in headers if p == source)
         headers = [(p, ds) for p, ds in headers if _series_of(ds) == chosen]
-    return folder, headers
+    return folder, headers, len(headers) < all_of_folder
 
 
 def _one_series(folder: Path, headers: list) -> tuple[list, np.ndarray]:
@@ -191,7 +195,8 @@ def _stacked_slices(folder: Path, headers: list, normal: np.ndarray) -> tuple[li
 def series_geometry(source: Path) -> SeriesGeometry:
     """Read the headers of a series (a folder of DICOM files, or one file of it: its series) and
     check that one affine describes it. Pixel data is not read."""
-    folder, headers = _image_headers(Path(source))
+    source = Path(source)
+    folder, headers, others_beside = _image_headers(source)
     headers, orientation = _one_series(folder, headers)
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
     spacings = {tuple(np.round(_numbers(ds, "PixelSpacing", p, 2), 5)) for p, ds in headers}  # rounded to compare
@@ -215,17 +220,20 @@ def series_geometry(source: Path) -> SeriesGeometry:
     lps[:3, 2] = normal * step  # k: the slices, in position order
     lps[:3, 3] = slices[0].position + (start - slices[0].along) * normal  # on the fitted grid
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS
-    return SeriesGeometry(folder, tuple(slices), rows, columns, ras)
+    return SeriesGeometry(folder, tuple(slices), rows, columns, ras, source if others_beside else folder,
+                          _series_key(headers[0][1]))
 
 
-def series_of_file(path: Path) -> tuple[str, str]:
-    """What tells a DICOM file's series (its UID and number; :func:`_series_of`), its other fields not parsed."""
+def series_of_file(path: Path) -> tuple[str, str] | None:
+    """What tells a DICOM file's series (its UID and number; :func:`_series_of`), its other fields
+    not parsed; None for a SEG (as napari-kits writes beside a series), which is no slice of one."""
     pydicom = _pydicom()
     try:
-        return _series_of(pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                                          specific_tags=["SeriesInstanceUID", "SeriesNumber"]))
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["SeriesInstanceUID", "SeriesNumber", "Modality"])
     except Exception as exc:  # pydicom raises several kinds for a damaged file
         raise InputError(f"{path}: cannot be read as DICOM ({exc})") from None
+    return None if str(getattr(ds, "Modality", "")).upper() == "SEG" else _series_of(ds)
 
 
 def series_name(source: Path) -> str:
@@ -236,7 +244,9 @@ def series_name(source: Path) -> str:
     if source.is_dir():
         return folder.name
     chosen = series_of_file(source)
-    if all(series_of_file(p) == chosen for p in dicom_files(folder)):
+    if chosen is None:
+        raise NoImageSlices(f"{source}: is a DICOM SEG, no image slice of a series; give the series it segments")
+    if all(series_of_file(p) in (chosen, None) for p in dicom_files(folder)):
         return folder.name
     uid, number = chosen
     return f"{folder.name}_series{number}" if number else f"{folder.name}_{uid[-8:]}"
@@ -276,6 +286,6 @@ def read_dicom_series(source: Path) -> Volume:
     log.info("%s: DICOM series of %d slices, %d x %d pixels", geometry.folder, len(geometry.slices),
              geometry.rows, geometry.columns)
     try:
-        return Volume.from_source_array(array, geometry.affine, geometry.folder)
+        return Volume.from_source_array(array, geometry.affine, geometry.path)
     except ValueError as exc:
         raise InputError(f"{geometry.folder}: {exc}") from None

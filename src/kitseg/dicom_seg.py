@@ -1,14 +1,16 @@
 """Labels written as a DICOM Segmentation (SEG) object over the CT series they were made from.
 
 A radiology team's PACS and viewers (OHIF, 3D Slicer, Horos...) show a SEG over its CT by the
-references it carries: the study, the frame of reference, and each frame's source slice. The
-label map must therefore lie on the series' own grid, as :func:`kitseg.dicom.read_dicom_series`
-reads it; it is checked, and each frame is tied to its slice in position order.
+references it carries: the study, the series, the frame of reference, and each frame's source
+slice. The label map must therefore lie on the series' own grid, as
+:func:`kitseg.dicom.read_dicom_series` reads it; it is checked, and each frame is tied to its
+slice in position order.
 
 highdicom builds the object: the SEG IOD has some twenty required modules and per-frame
 functional groups that PACS validate, and highdicom, written by members of the DICOM
 standards community, validates them; writing them by hand with pydicom would be longer and
-less trustworthy. Segments: 1 kidney, 2 kidney tumor (KiTS19's labels), coded in SNOMED CT.
+less trustworthy. Segments: kidney and kidney tumor (KiTS19's labels 1 and 2), coded in
+SNOMED CT as DICOM's CID 7150/7151 have them.
 """
 
 from __future__ import annotations
@@ -20,19 +22,19 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path
-from .dicom import SeriesGeometry, series_geometry, series_of_file
-from .geometry import SourceGrid
-from .io import InputError, is_nifti, name_a_few
+from .config import SEG_ALGORITHM_TYPES
+from .dicom import SeriesGeometry, series_geometry
+from .geometry import SourceGrid, source_grid_for
+from .io import InputError, check_same_grid, is_dicom_file, is_nifti, name_a_few
 
-#: Who made the labels, in DICOM's terms (Segment Algorithm Type): a model alone, or a model's
-#: labels a person corrected (what the plugin saves), or a person alone.
-ALGORITHM_TYPES = ("automatic", "semiautomatic", "manual")
 #: Patient and study attributes a CT must carry, if empty (DICOM type 2), that anonymisers
 #: sometimes drop altogether; the SEG copies them, so those missing are copied as empty.
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                  "StudyDate", "StudyTime", "ReferringPhysicianName")
 #: What ties a SEG to its CT in a PACS (type 1): without it no viewer could place the SEG.
-_REQUIRED = ("StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID")
+_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID")
+#: Shared by every slice of one series (a SEG references one study, in one frame of reference).
+_SHARED = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 _SEG_SERIES_NUMBER_OFFSET = 1000  # the SEG lists beside its CT in a PACS: CT series 3, SEG series 1003
 
 
@@ -49,35 +51,31 @@ def check_can_write_seg() -> None:
     _highdicom()
 
 
-def _segment_descriptions(algorithm_type: str, model: str | None) -> list:
+def _segment_descriptions(values: list[int], algorithm_type: str, model: str | None) -> list:
+    """One segment for each of ``values`` (1 kidney, 2 tumor), numbered 1, 2... as the standard asks."""
     hd = _highdicom()
-    from pydicom.sr.coding import Code
+    from pydicom.sr.codedict import codes
 
-    kidney = Code("64033007", "SCT", "Kidney")
-    algorithm = dict(
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type.upper()],
-        algorithm_identification=None,
-    )
-    if algorithm_type != "manual":  # required for the others, forbidden for a person's own drawing
+    algorithm = {"algorithm_type": hd.seg.SegmentAlgorithmTypeValues[algorithm_type.upper()]}
+    if algorithm_type != "manual":  # a person's own drawing names no algorithm
         algorithm["algorithm_identification"] = hd.AlgorithmIdentificationSequence(
-            name="napari-kits", version=__version__, family=Code("123109", "DCM", "Artificial Intelligence"),
+            name="napari-kits", version=__version__, family=codes.DCM.ArtificialIntelligence,
             parameters={"model": model} if model else None)
-    return [
-        hd.seg.SegmentDescription(
-            segment_number=1, segment_label="kidney",
-            segmented_property_category=Code("123037004", "SCT", "Anatomical Structure"),
-            segmented_property_type=kidney, **algorithm),
-        hd.seg.SegmentDescription(
-            segment_number=2, segment_label="kidney tumor",
-            segmented_property_category=Code("49755003", "SCT", "Morphologically Altered Structure"),
-            segmented_property_type=Code("108369006", "SCT", "Neoplasm"), anatomic_regions=[kidney], **algorithm),
-    ]
+    kinds = {
+        1: dict(segment_label="kidney", segmented_property_category=codes.cid7150.AnatomicalStructure,
+                segmented_property_type=codes.SCT.Kidney),
+        2: dict(segment_label="kidney tumor", segmented_property_category=codes.cid7150.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Neoplasm, anatomic_regions=[codes.SCT.Kidney]),
+    }
+    return [hd.seg.SegmentDescription(segment_number=number, **kinds[value], **algorithm)
+            for number, value in enumerate(values, start=1)]
 
 
 def _source_headers(geometry: SeriesGeometry) -> list:
     """The series' slice headers in position order (the SEG's frames follow them), read anew (what is
     put back is the SEG's business): the type 2 attributes an anonymiser dropped put back empty, the
-    SOP UIDs it blanked taken from the file meta; one without what ties a SEG to it is refused."""
+    SOP UIDs it blanked taken from the file meta, and SliceThickness, where missing, the step between
+    slices. A series without what ties a SEG to it, or whose slices disagree on it, is refused."""
     import pydicom
 
     headers = []
@@ -94,7 +92,18 @@ def _source_headers(geometry: SeriesGeometry) -> list:
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
                 setattr(ds, keyword, None)
+        if not _given(ds, "SliceThickness"):  # type 2 in CT; the SEG's pixel measures need a value
+            ds.SliceThickness = f"{float(np.linalg.norm(geometry.affine[:3, 2])):.6g}"
         headers.append(ds)
+    for keyword in _SHARED:
+        values = {str(getattr(ds, keyword)) for ds in headers}
+        if len(values) > 1:
+            raise InputError(f"{geometry.folder}: its slices name {len(values)} different {keyword}s; a DICOM SEG "
+                             "references one; save the labels as NIfTI instead")
+    instances = [str(ds.SOPInstanceUID) for ds in headers]
+    if len(set(instances)) < len(instances):
+        raise InputError(f"{geometry.folder}: two of its slices share a SOPInstanceUID, so a SEG's frames could "
+                         "not say which slice each belongs to; save the labels as NIfTI instead")
     return headers
 
 
@@ -102,15 +111,38 @@ def _given(ds, keyword: str) -> bool:
     return bool(str(getattr(ds, keyword, "") or "").strip())
 
 
+def _check_output(path: Path, geometry: SeriesGeometry, overwrite: bool) -> None:
+    if path.suffix.lower() != ".dcm":
+        raise InputError(f"{path}: a DICOM SEG file name must end in .dcm")
+    if not path.exists():
+        return
+    if any(os.path.samefile(path, item.path) for item in geometry.slices):
+        raise InputError(f"{path}: is a slice of the series {geometry.folder}; choose another name")
+    if not overwrite:
+        raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
+    if path.is_file() and is_dicom_file(path):  # a scout, a report beside the series: not this tool's to replace
+        import pydicom
+
+        modality = str(pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["Modality"])
+                       .get("Modality", "")).upper()
+        if modality != "SEG":
+            raise InputError(f"{path}: is a DICOM {modality or 'file'}, not a SEG; choose another name")
+
+
+def check_seg_source(series: str | os.PathLike) -> None:
+    """Raise :class:`InputError` if the series' headers lack what a SEG must reference (before minutes of work)."""
+    _source_headers(series_geometry(Path(series)))
+
+
 def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.PathLike, path: str | os.PathLike, *,
                     overwrite: bool = False, algorithm_type: str = "automatic", model: str | None = None) -> Path:
-    """Write ``labels`` (internal orientation, on ``source``, the series' grid; values 0, 1, 2) as
-    a DICOM SEG at ``path`` (``.dcm``) referencing the CT series ``series`` (its folder, or one of
-    its files: its series). Returns the path written.
+    """Write ``labels`` (internal orientation, on ``source``, which must be the series' grid; values
+    0, 1, 2) as a DICOM SEG at ``path`` (``.dcm``) referencing the CT series ``series`` (its folder,
+    or one of its files: its series). Returns the path written.
 
-    ``algorithm_type``: one of :data:`ALGORITHM_TYPES`; ``model``: the model file's name, recorded
-    as the algorithm's parameter. Written atomically; an existing file is replaced only with
-    ``overwrite``, and never one of the series' own files.
+    ``algorithm_type``: one of :data:`kitseg.config.SEG_ALGORITHM_TYPES`; ``model``: the model
+    file's name, recorded as the algorithm's parameter. Written atomically; an existing file is
+    replaced only with ``overwrite``, and only if it is a SEG (never a slice, a scout or a report).
 
     Raises:
         InputError: the labels are not on the series' grid or hold other values than 0, 1, 2; the
@@ -119,47 +151,54 @@ def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.Pat
     """
     hd = _highdicom()
     series, path = Path(series), Path(path)
-    if algorithm_type not in ALGORITHM_TYPES:
-        raise ValueError(f"algorithm_type must be one of {', '.join(ALGORITHM_TYPES)}, not {algorithm_type!r}")
-    if path.suffix.lower() != ".dcm":
-        raise InputError(f"{path}: a DICOM SEG file name must end in .dcm")
+    if algorithm_type not in SEG_ALGORITHM_TYPES:
+        raise ValueError(f"algorithm_type must be one of {', '.join(SEG_ALGORITHM_TYPES)}, not {algorithm_type!r}")
     geometry = series_geometry(series)
-    if any(path.exists() and os.path.samefile(path, item.path) for item in geometry.slices):
-        raise InputError(f"{path}: is a slice of the series {geometry.folder}; choose another name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
+    _check_output(path, geometry, overwrite)
     # Named by their file where they were read from one (kits-seg dicom-seg), else as "the labels".
     what = source.path if source.path is not None and is_nifti(Path(source.path)) else "the labels"
-    grid = (geometry.columns, geometry.rows, len(geometry.slices))
-    if tuple(source.shape) != grid or not np.allclose(source.affine, geometry.affine, atol=1e-3):
-        raise InputError(f"{what}: on another grid than the series {geometry.folder} ({tuple(source.shape)} against "
-                         f"{grid} voxels, or placed elsewhere); a SEG holds labels of its own series only: {path} "
-                         "not written")
+    series_grid = source_grid_for((geometry.columns, geometry.rows, len(geometry.slices)), geometry.affine,
+                                  geometry.path)
+    try:  # compared as read: the same voxels stored in another axis order (ITK-SNAP's) overlay too
+        check_same_grid(source, series_grid, what, reference_name=f"the series {geometry.folder}'s")
+    except InputError as exc:
+        raise InputError(f"{exc}; a SEG holds labels of its own series only: {path} not written") from None
     labels = np.asarray(labels)
-    stray = sorted(set(np.unique(labels).tolist()) - {0, 1, 2})
-    if stray:
+    if labels.min() < 0 or labels.max() > 2:
+        stray = sorted(set(np.unique(labels).tolist()) - {0, 1, 2})
         raise InputError(f"{what}: holds label {name_a_few(stray, 8)}; a SEG of napari-kits holds kidney (1) and "
                          f"tumor (2): relabel the others (0 erases), or save as NIfTI: {path} not written")
-    frames = source.to_source(labels.astype(np.uint8)).transpose(2, 1, 0)  # (column, row, slice) -> (slice, row, column)
+    # (column, row, slice) on the series' grid -> (slice, row, column): frame k is slice k's pixels.
+    frames = series_grid.to_source(labels.astype(np.uint8)).transpose(2, 1, 0)
+    present = [value for value in (1, 2) if (frames == value).any()]
+    if present:  # only the segments found, numbered 1, 2: a declared segment without frames stalls viewers
+        numbered = np.zeros(3, np.uint8)
+        numbered[present] = np.arange(1, len(present) + 1)
+        frames = numbered[frames]
     headers = _source_headers(geometry)
     number = str(getattr(headers[0], "SeriesNumber", "") or "").strip()
-    segmentation = hd.seg.Segmentation(
-        source_images=headers,
-        omit_empty_frames=bool(frames.any()),  # no frame at all is no SEG: an empty one keeps them all
-        pixel_array=np.ascontiguousarray(frames),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(algorithm_type, model),
-        series_instance_uid=hd.UID(),
-        series_number=_SEG_SERIES_NUMBER_OFFSET + (int(number) if number.isdigit() else 0),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="napari-kits",
-        manufacturer_model_name="kits-seg",
-        software_versions=__version__,
-        device_serial_number="none",
-        series_description="kidney and tumor (napari-kits)",
-        content_label="KIDNEY_TUMOR",
-    )
+    try:
+        segmentation = hd.seg.Segmentation(
+            source_images=headers,
+            pixel_array=np.ascontiguousarray(frames),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=_segment_descriptions(present or [1, 2], algorithm_type, model),
+            series_instance_uid=hd.UID(),
+            series_number=_SEG_SERIES_NUMBER_OFFSET + (int(number) if number.isdigit() else 0),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="napari-kits",
+            manufacturer_model_name="kits-seg",
+            software_versions=__version__,
+            device_serial_number=model or "napari-kits",
+            series_description="kidney and tumor (napari-kits)",
+            content_label="KIDNEY_TUMOR",
+            # Nothing found: every frame kept (a SEG needs frames), each segment's empty.
+            omit_empty_frames=bool(present),
+        )
+    except (ValueError, AttributeError, TypeError) as exc:  # a header highdicom finds malformed (a date, a code)
+        raise InputError(f"{geometry.folder}: its headers cannot make a DICOM SEG ({exc}); save the labels as NIfTI "
+                         "instead") from None
     with atomic_path(path, suffix=".dcm") as temporary:
         segmentation.save_as(temporary)
     return path
@@ -167,7 +206,7 @@ def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.Pat
 
 def series_uid(series: str | os.PathLike) -> str:
     """The SeriesInstanceUID of a series (its folder, or one of its files)."""
-    return series_of_file(series_geometry(Path(series)).slices[0].path)[0]
+    return series_geometry(Path(series)).series_uid
 
 
 def referenced_series(path: str | os.PathLike) -> str:

@@ -83,18 +83,27 @@ def write_prediction(
     grid = result.prepared.grid
     labels_path, *rest = output_paths(case, out_dir, intermediates, dicom_seg)
     writers = [(labels_path, lambda path: write_labels(result.labels, source, path, overwrite=overwrite))]
-    if dicom_seg and case.is_dicom_series:
-        from .dicom_seg import write_dicom_seg
-
-        kept = keep_existing and labels_path.exists()
-        seg_path = rest.pop()
-        writers.append((seg_path, lambda path: write_dicom_seg(
-            read_labels(labels_path).array if kept else result.labels, source, case.image_path, path,
-            overwrite=overwrite, model=model, algorithm_type="semiautomatic" if kept else "automatic")))
     if intermediates:
-        y1_path, mask_path, probs_path = rest
+        y1_path, mask_path, probs_path = rest[:3]
         writers += [(y1_path, lambda path: write_stage_probability(result.y1, grid, source, path, overwrite)),
                     (mask_path, lambda path: write_stage_mask(result.mask, grid, source, path, overwrite)),
                     (probs_path, lambda path: write_stage_probability(result.probs, grid, source, path, overwrite))]
-    writers.sort(key=lambda writer: writer[0].suffix == ".dcm")  # the SEG last
+    if dicom_seg and case.is_dicom_series:  # last in output_paths, and written last
+        writers.append((rest[-1], lambda path: _write_seg(result, case, labels_path, path, overwrite,
+                                                          keep_existing, model)))
     return [write(path) for path, write in writers if not (keep_existing and path.exists())]
+
+
+def _write_seg(result: Segmentation, case: CaseInput, labels_path: Path, path: Path, overwrite: bool,
+               keep_existing: bool, model: str | None) -> Path:
+    """The SEG of the labels file where one was kept (``--skip-existing``: it may hold a person's
+    corrections, recorded as semiautomatic where it differs from the model's), else of the result."""
+    from .dicom_seg import write_dicom_seg
+
+    labels, algorithm_type = result.labels, "automatic"
+    if keep_existing and labels_path.exists():
+        kept = read_labels(labels_path, like=result.prepared.volume).array  # on the CT's grid, checked again
+        if not np.array_equal(kept, labels):
+            labels, algorithm_type = kept, "semiautomatic"
+    return write_dicom_seg(labels, result.prepared.volume.source, case.image_path, path, overwrite=overwrite,
+                           model=model, algorithm_type=algorithm_type)
