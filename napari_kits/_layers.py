@@ -122,11 +122,14 @@ def ct_layer_data(volume: Any, name: str, case_id: str | None = None) -> tuple:
 
 
 def labels_layer_kwargs(name: str, geometry: LayerGeometry, affine: np.ndarray, opacity: float = 0.5,
-                        kits_colors: bool = True) -> dict:
+                        kits_colors: bool = True, shows: int | None = None) -> dict:
     """A labels layer in the KiTS19 colours; ``kits_colors=False`` (another tool's map of many
-    classes, opened to look at) keeps napari's own colour per value."""
+    classes, opened to look at) keeps napari's own colour per value; ``shows``: the one KiTS
+    class a 0/1 map's 1 stands for (KiTS21's per-annotator instance masks), in that class's colour."""
     scale, translate = placement(affine)
     colors = MASK_COLORS if geometry.kind == "mask" else LABEL_COLORS
+    if shows is not None:
+        colors = {**colors, 1: colors.get(shows, STRAY_COLOR)}
     return {
         "name": name,
         "scale": scale,

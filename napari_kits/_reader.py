@@ -13,6 +13,7 @@ engine's (:mod:`kitseg.io`).
 from __future__ import annotations
 
 import os
+import re
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,12 @@ from ._layers import (
     labels_layer_kwargs,
     probability_layer_kwargs,
 )
+
+
+#: KiTS21's per-annotator masks (``segmentations/tumor_instance-1_annotation-2.nii.gz``): 1 where
+#: one kidney, tumor or cyst is, as one annotator drew it; their 1 is no KiTS19 kidney.
+_KITS21_INSTANCE = re.compile(r"^(kidney|tumor|cyst)_instance-\d+_annotation-\d+$")
+_KITS21_CLASS = {"kidney": 1, "tumor": 2, "cyst": KITS21_CYST}
 
 
 def _single_path(path: str | os.PathLike | list) -> Path | None:
@@ -48,10 +55,10 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
     p = _single_path(path)
     if p is None:
         return None
-    from kitseg.io import is_dicom_series, is_nifti
+    from kitseg.io import case_image_file, is_dicom_series, is_nifti
 
     if p.is_dir():
-        if (p / "imaging.nii.gz").is_file() or is_dicom_series(p):
+        if case_image_file(p) is not None or is_dicom_series(p):
             return read_kits
         # A study's folder: said which folders to open, where napari would only say "refused".
         series = [sub.name for sub in sorted(p.iterdir()) if sub.is_dir() and is_dicom_series(sub)]
@@ -76,8 +83,8 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     from kitseg.config import KITS_LABELS
     from kitseg.geometry import strip_nifti_suffix
     from kitseg.dicom import series_name, series_of_file
-    from kitseg.io import (InputError, as_labels, case_from_folder, is_dicom_series, is_result_name, label_map_values,
-                           nifti_shape, read_ct, read_labels, read_volume)
+    from kitseg.io import (InputError, as_labels, case_from_folder, is_case_image, is_dicom_series, is_result_name,
+                           label_map_values, nifti_shape, read_ct, read_labels, read_volume)
 
     p = _single_path(path)
     if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_of_file(Path(f)) for f in path} - {None}) > 1:
@@ -98,7 +105,7 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     if len(nifti_shape(p)) == 4:  # class probabilities, channels last (`kits-seg predict --save-intermediates`)
         return _probability_layers(p, name)
     volume = read_volume(p)
-    if p.name == "imaging.nii.gz":  # a case folder's CT opened alone: named after its case, as the folder is
+    if is_case_image(p):  # a case folder's CT opened alone: named after its case, as the folder is
         case = case_from_folder(p.parent)
         return [ct_layer_data(volume, case.name, case.case_id)]
     probability = _looks_like_probability(volume.array)
@@ -107,10 +114,14 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
         labels = as_labels(volume)  # checked as read_labels checks it, without reading the file again
         beyond = tuple(KITS_LABELS.stray_values(labels.array))
         kits = max(beyond, default=0) <= KITS21_CYST  # KiTS19's values, or KiTS21/23's with their cysts
+        instance = _KITS21_INSTANCE.match(name) if not beyond else None
+        # One instance of one structure is no reference to score a whole result against unasked.
         geometry = LayerGeometry("labels", labels.source, None, name, source_holds="labels",
-                                 offered_as_reference=kits and not is_result_name(p), file_labels=beyond)
+                                 offered_as_reference=kits and not is_result_name(p) and not instance,
+                                 file_labels=beyond)
         # KiTS colours up to KiTS21's cysts (3, magenta); another tool's classes get napari's own.
-        kwargs = labels_layer_kwargs(name, geometry, labels.affine, kits_colors=kits)
+        kwargs = labels_layer_kwargs(name, geometry, labels.affine, kits_colors=kits,
+                                     shows=_KITS21_CLASS[instance.group(1)] if instance else None)
         return [(labels.array, kwargs, "labels")]
     if probability:  # shown over its CT, never offered as a CT to segment
         return [_probability_layer(volume.array, volume, name, name)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import json
 import re
 import shutil
@@ -814,11 +815,14 @@ def test_kits21_and_nnunet_layouts_are_predicted_and_scored_as_case_folders_are(
                                                                                caplog):
     """KiTS21 keeps its reference as aggregated_MAJ_seg.nii.gz; nnU-Net's raw layout names a CT
     imagesTr/NAME_0000.nii.gz and its labels labelsTr/NAME.nii.gz. Both score as KiTS19's folders."""
-    kits21, nnunet = tmp_path / "kits21", tmp_path / "Dataset220_KiTS"
+    kits21, nnunet, unpacked = tmp_path / "kits21", tmp_path / "Dataset220_KiTS", tmp_path / "unpacked"
     (nnunet / "imagesTr").mkdir(parents=True)
     (nnunet / "labelsTr").mkdir()
     for case in ("case_00000", "case_00001"):
         (kits21 / case).mkdir(parents=True)
+        (unpacked / case).mkdir(parents=True)  # gunzipped, as some keep the data for faster reading
+        for name in ("imaging", "segmentation"):
+            (unpacked / case / f"{name}.nii").write_bytes(gzip.decompress((cases / case / f"{name}.nii.gz").read_bytes()))
         shutil.copy(cases / case / "imaging.nii.gz", kits21 / case / "imaging.nii.gz")
         shutil.copy(cases / case / "segmentation.nii.gz", kits21 / case / "aggregated_MAJ_seg.nii.gz")
         shutil.copy(cases / case / "imaging.nii.gz", nnunet / "imagesTr" / f"{case}_0000.nii.gz")
@@ -835,7 +839,10 @@ def test_kits21_and_nnunet_layouts_are_predicted_and_scored_as_case_folders_are(
 
     layouts = {"kits21": (kits21, kits21, ["prediction_00000.nii.gz", "prediction_00001.nii.gz"]),
                "nnunet": (nnunet / "imagesTr", nnunet / "labelsTr",
-                          ["case_00000_0000_labels.nii.gz", "case_00001_0000_labels.nii.gz"])}
+                          ["case_00000_0000_labels.nii.gz", "case_00001_0000_labels.nii.gz"]),
+               "unpacked": (unpacked, unpacked, ["prediction_00000.nii.gz", "prediction_00001.nii.gz"])}
+    references = {"kits21": "{gt}/{case}/aggregated_MAJ_seg.nii.gz", "nnunet": "{gt}/{case}.nii.gz",
+                  "unpacked": "{gt}/{case}/segmentation.nii"}
     for layout, (data, gt, written) in layouts.items():
         out = tmp_path / f"pred_{layout}"
         assert main(["predict", str(data), "-o", str(out), "--weights", str(weights)]) == 0
@@ -848,8 +855,8 @@ def test_kits21_and_nnunet_layouts_are_predicted_and_scored_as_case_folders_are(
         rows = list(csv.DictReader(report.open()))
         assert [(r["case"], r["kidney_dice"], r["tumor_dice"]) for r in rows][:2] == expected
         assert [(r["prediction_file"], r["reference_file"]) for r in rows] == [
-            (str(out / name), str(gt / case / "aggregated_MAJ_seg.nii.gz") if layout == "kits21"
-             else str(gt / f"{case}.nii.gz")) for name, case in zip(written, ("case_00000", "case_00001"))] + [("", "")]
+            (str(out / name), references[layout].format(gt=gt, case=case))
+            for name, case in zip(written, ("case_00000", "case_00001"))] + [("", "")]
     # The data set's folder stands for its labelsTr; a reference without a prediction is named.
     shutil.copy(nnunet / "labelsTr" / "case_00001.nii.gz", nnunet / "labelsTr" / "case_00099.nii.gz")
     caplog.clear()

@@ -211,6 +211,13 @@ def test_reader_tells_label_maps_and_probability_maps_from_cts(tmp_path, case_fo
     kits21[reference == 1] = 3  # KiTS21's cysts: KiTS colours, 3 in magenta; a reference (its 3s scored as kidney)
     [(data, kwargs, kind)] = read_kits(str(_save(kits21, affine, tmp_path / "kits21.nii.gz")))
     assert kwargs["colormap"][2] == LABEL_COLORS[2] and geometry_of(kwargs).offered_as_reference
+    # KiTS21's per-annotator masks hold 1 for one structure: shown in its class's colour, and no reference unasked.
+    for structure, colour in (("tumor", LABEL_COLORS[2]), ("kidney", LABEL_COLORS[1]), ("cyst", "#ff00ff")):
+        name = f"{structure}_instance-1_annotation-2.nii.gz"
+        [(instance, instance_kwargs, kind)] = read_kits(str(_save((reference == 2).astype(np.uint8), affine,
+                                                                  tmp_path / name)))
+        assert kind == "labels" and instance_kwargs["colormap"][1] == colour, name
+        assert not geometry_of(instance_kwargs).offered_as_reference, name
     # Corrected and saved, its cysts stay: they are the file's convention. A value painted anew is refused.
     assert geometry_of(kwargs).file_labels == (3,)
     from napari_kits._save import SaveError
@@ -414,3 +421,19 @@ def pydicom_segment_type(path) -> str:
     import pydicom
 
     return pydicom.dcmread(path).SegmentSequence[0].SegmentAlgorithmType
+
+
+def test_an_unpacked_case_folder_opens_as_the_packed_one_does(tmp_path, case_folder):
+    """imaging.nii and segmentation.nii, as some keep KiTS19 unpacked: the CT and its reference."""
+    import gzip
+
+    unpacked = tmp_path / case_folder.name
+    unpacked.mkdir()
+    for name in ("imaging", "segmentation"):
+        (unpacked / f"{name}.nii").write_bytes(gzip.decompress((case_folder / f"{name}.nii.gz").read_bytes()))
+    assert napari_get_reader(str(unpacked)) is read_kits
+    packed, layers = read_kits(str(case_folder)), read_kits(str(unpacked))
+    assert [(kw["name"], kind) for _, kw, kind in layers] == [(kw["name"], kind) for _, kw, kind in packed]
+    for (data, _, _), (expected, _, _) in zip(layers, packed):
+        np.testing.assert_array_equal(data, expected)
+    assert read_kits(str(unpacked / "imaging.nii"))[0][1]["name"] == case_folder.name

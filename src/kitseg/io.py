@@ -69,15 +69,30 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))  # SCAN.NII.GZ too, as some exporters name them
 
 
+def _case_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` (``x.nii.gz``), or as some users keep the data unpacked, ``x.nii``."""
+    return next((folder / n for n in (name, name.removesuffix(".gz")) if (folder / n).is_file()), None)
+
+
+def case_image_file(folder: Path) -> Path | None:
+    """A case folder's CT: ``imaging.nii.gz`` (or unpacked, ``imaging.nii``); None if it has none."""
+    return _case_file(folder, KITS_IMAGE)
+
+
+def is_case_image(path: Path) -> bool:
+    """``path`` is named as a case folder's CT is."""
+    return path.name in (KITS_IMAGE, KITS_IMAGE.removesuffix(".gz"))
+
+
 def case_labels_file(folder: Path) -> Path | None:
     """A case folder's ground truth: ``segmentation.nii.gz`` (KiTS19, KiTS23), else KiTS21's
-    ``aggregated_MAJ_seg.nii.gz``; None if it has neither."""
-    return next((folder / name for name in (KITS_LABELS, KITS21_LABELS) if (folder / name).is_file()), None)
+    ``aggregated_MAJ_seg.nii.gz`` (either unpacked too, ``.nii``); None if it has neither."""
+    return _case_file(folder, KITS_LABELS) or _case_file(folder, KITS21_LABELS)
 
 
 def case_from_folder(folder: Path) -> CaseInput:
-    image = folder / KITS_IMAGE
-    if not image.is_file():
+    image = case_image_file(folder)
+    if image is None:
         raise InputError(f"{folder}: not a KiTS19 case folder (no {KITS_IMAGE} inside)")
     match = _CASE_RE.match(folder.name)
     return CaseInput(
@@ -105,29 +120,30 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
         if not is_nifti(path):
             raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz) nor a DICOM file")
         return [CaseInput(name=strip_nifti_suffix(path.name), image_path=path)]
-    if (path / KITS_IMAGE).is_file():
+    if case_image_file(path) is not None:
         return [case_from_folder(path)]
     # Hidden entries are no one's CT (a temporary file a killed writer left, a ._ file of macOS).
     entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
-    cases = [case_from_folder(p) for p in entries if p.is_dir() and (p / KITS_IMAGE).is_file()]
+    cases = [case_from_folder(p) for p in entries if p.is_dir() and case_image_file(p) is not None]
     # DICOM series: each subfolder's (a PACS export: a folder per series), and this folder's own
     # files where it holds no NIfTI (a stray DICOM file beside NIfTI CTs is not a series to segment).
     series = [p for p in entries if p.is_dir() and is_dicom_series(p)]
     if is_dicom_series(path) and not any(p.is_file() and is_nifti(p) for p in entries):
         series.insert(0, path)
     cases += [CaseInput(name=folder.resolve().name, image_path=folder) for folder in series]
-    without_ct = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file() and case_labels_file(p)]
+    without_ct = [p.name for p in entries if p.is_dir() and not case_image_file(p) is not None and case_labels_file(p)]
     if without_ct:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
     # Only one level is read: CTs deeper in other folders are not segmented; say so.
-    unsearched = [p.name for p in entries if p.is_dir() and not (p / KITS_IMAGE).is_file()
+    unsearched = [p.name for p in entries if p.is_dir() and not case_image_file(p) is not None
                   and not case_labels_file(p) and p.name not in ("labelsTr", "labelsTs") and _holds_ct_files(p)]
     if unsearched:
         log.warning("%s: %d subfolder(s) holding NIfTI files but no %s are not searched: %s (give them as inputs "
                     "of their own)", path, len(unsearched), KITS_IMAGE, name_a_few(unsearched))
     # A KiTS19 mask is no CT: segmented, it would "succeed" with nothing found.
-    masks = [p for p in entries if p.is_file() and p.name.lower() in (KITS_LABELS, KITS21_LABELS.lower())]
+    masks = [p for p in entries if p.is_file() and p.name.lower().removesuffix(".gz") in
+             (KITS_LABELS.removesuffix(".gz"), KITS21_LABELS.lower().removesuffix(".gz"))]
     cases += [CaseInput(name=strip_nifti_suffix(p.name), image_path=p) for p in entries
               if p.is_file() and is_nifti(p) and p not in masks]
     cases = _without_outputs(cases, path)
@@ -190,12 +206,12 @@ def layout_hint(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         return ""
-    if (path / KITS_IMAGE).is_file() or case_labels_file(path):
+    if case_image_file(path) is not None or case_labels_file(path):
         return f"; {path.name} is one case's folder: give the folder that holds the case folders"
 
     def holds_cases(folder: Path) -> bool:
         try:
-            return any(c.is_dir() and ((c / KITS_IMAGE).is_file() or case_labels_file(c)) for c in folder.iterdir())
+            return any(c.is_dir() and (case_image_file(c) is not None or case_labels_file(c)) for c in folder.iterdir())
         except OSError:
             return False
 
@@ -275,7 +291,7 @@ def is_dicom_series(path: Path) -> bool:
     a KiTS case folder is read as a case whatever else it holds (an exported file beside its CT)."""
     if not path.is_dir():
         return is_dicom_file(path)
-    if (path / KITS_IMAGE).is_file():
+    if case_image_file(path) is not None:
         return False
     try:
         return any(_may_be_slice(p) and is_dicom_file(p) and not _is_dicom_seg(p) for p in path.iterdir())

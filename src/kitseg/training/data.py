@@ -30,7 +30,7 @@ from scipy import ndimage
 from ..atomic import atomic_path, require_free_space
 from ..config import KITS_LABELS, ConfigError, MaskConfig, PreprocessingConfig, apply_label_mapping
 from ..geometry import source_grid_for
-from ..io import (KITS21_LABELS, KITS_IMAGE, CaseInput, InputError, discover_inputs, name_a_few,
+from ..io import (KITS21_LABELS, CaseInput, InputError, discover_inputs, is_case_image, name_a_few,
                   layout_hint, nnunet_training_cases, read_ct, read_labels)
 from ..morphology import dilate_ball
 from ..parallel import one_blas_thread, stop_workers
@@ -293,7 +293,7 @@ def phantom_draws(inputs: list[CaseInput]) -> dict | None:
     params: list[dict] = []
     cases: dict[str, list[int]] = {}
     for case in inputs:
-        if case.image_path.name != KITS_IMAGE:
+        if not is_case_image(case.image_path):
             continue  # only a case folder holds a phantom's record
         record_path = case.image_path.parent / "phantom.json"
         try:
