@@ -20,17 +20,27 @@ pytest.importorskip("highdicom")
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
+KITS_VALUE = {"kidney": 1, "kidney tumor": 2}
+
+
 def read_seg_labels(seg_path, series_files) -> np.ndarray:
-    """The SEG's label map as (slice, row, column) in the order of ``series_files``' positions, from
-    each frame's referenced slice and segment number; each frame's position checked against its slice's."""
+    """The SEG's label map as (slice, row, column) in the order of ``series_files``' positions, in
+    KiTS19 values (from each segment's label), from each frame's referenced slice and segment
+    number; each frame's position, and the pixel spacing and orientation, checked against the CT's."""
     seg = pydicom.dcmread(seg_path)
     slices = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in series_files),
                     key=lambda ds: float(np.dot(np.cross(*np.reshape(ds.ImageOrientationPatient, (2, 3))),
                                                 ds.ImagePositionPatient)))
-    index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(slices)}
+    # The slice's SOP instance UID (an anonymiser may have blanked it in the data set, not in the file meta).
+    index = {str(ds.SOPInstanceUID or ds.file_meta.MediaStorageSOPInstanceUID): k for k, ds in enumerate(slices)}
     labels = np.zeros((len(slices), int(seg.Rows), int(seg.Columns)), np.uint8)
     pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
     shared = seg.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
+                               [float(v) for v in slices[0].PixelSpacing], atol=1e-6)
+    np.testing.assert_allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+                               [float(v) for v in slices[0].ImageOrientationPatient], atol=1e-5)
+    values = {int(s.SegmentNumber): KITS_VALUE[s.SegmentLabel] for s in seg.SegmentSequence}
 
     def group(groups, name):  # a frame's own, or (one segment only, say) what all frames share
         return getattr(groups, name, None) or getattr(shared, name)
@@ -42,7 +52,7 @@ def read_seg_labels(seg_path, series_files) -> np.ndarray:
                                    [float(v) for v in slices[k].ImagePositionPatient], atol=1e-4)
         segment = int(group(groups, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
         assert not np.any(labels[k][frame > 0]), "two segments claim one pixel"
-        labels[k][frame > 0] = segment
+        labels[k][frame > 0] = values[segment]
     return labels
 
 
@@ -81,10 +91,18 @@ def test_a_seg_ties_each_labelled_pixel_to_its_slice_and_place(tmp_path):
     algorithm = segments[1].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # DCM: Artificial Intelligence
     assert algorithm.AlgorithmName == "napari-kits" and "tiny.kseg" in str(algorithm.AlgorithmParameters)
-    # No tumor found: no tumor segment (one declared without frames stalls some viewers).
+    assert seg.ContentCreatorName == "" and "ContentCreatorName" in seg  # type 2: present, if empty
+    # No tumor found: no tumor segment (one declared without frames stalls some viewers); no kidney
+    # but tumor (a person's drawing): the tumor is segment 1.
     kidney_only = write_dicom_seg(np.minimum(labels, 1), volume.source, tmp_path / "SE3", tmp_path / "k.dcm")
     assert [s.SegmentLabel for s in pydicom.dcmread(kidney_only).SegmentSequence] == ["kidney"]
+    assert pydicom.dcmread(kidney_only).SeriesDescription == "kidney (napari-kits)"
     np.testing.assert_array_equal(read_seg_labels(kidney_only, files), np.minimum(expected, 1))
+    tumor_only = write_dicom_seg(np.where(labels == 2, 2, 0).astype(np.uint8), volume.source, tmp_path / "SE3",
+                                 tmp_path / "t.dcm", algorithm_type="manual")
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in pydicom.dcmread(tumor_only).SegmentSequence] == [
+        (1, "kidney tumor")]
+    np.testing.assert_array_equal(read_seg_labels(tumor_only, files), np.where(expected == 2, 2, 0))
     # A SEG saved into the series' folder is no slice of it: the series reads and is named as before,
     # and a folder of SEGs is no series to segment.
     shutil.copy(out, tmp_path / "SE3" / "SEG0001")
@@ -100,7 +118,7 @@ def test_a_seg_ties_each_labelled_pixel_to_its_slice_and_place(tmp_path):
     assert pydicom.dcmread(empty).SegmentSequence[0].SegmentAlgorithmType == "MANUAL"
 
 
-def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_replaced(tmp_path):
+def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_replaced(tmp_path, monkeypatch):
     from kitseg.dicom_seg import write_dicom_seg
 
     hu = _ct((6, 9, 11))
@@ -116,7 +134,7 @@ def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_r
                         tmp_path / "out.dcm")
     with pytest.raises(InputError, match=r"out.nii.gz: a DICOM SEG file name must end in .dcm"):
         write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "out.nii.gz")
-    with pytest.raises(InputError, match=r"is a slice of the series"):
+    with pytest.raises(InputError, match=r"\.dcm: is a DICOM CT, not a SEG; choose another name"):
         write_dicom_seg(labels, volume.source, tmp_path / "SE3", named, overwrite=True)
     (tmp_path / "taken.dcm").write_bytes(b"the user's")
     with pytest.raises(FileExistsError, match="taken.dcm: exists already"):
@@ -144,16 +162,18 @@ def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_r
     ds.save_as(twins[1])
     with pytest.raises(InputError, match=r"twins: two of its slices share a SOPInstanceUID"):
         write_dicom_seg(labels, read_ct(tmp_path / "twins").source, tmp_path / "twins", tmp_path / "out.dcm")
-    malformed = write_series(tmp_path / "malformed", hu)
-    for path in malformed:
-        ds = pydicom.dcmread(path)
-        ds.PatientSex = "male"  # DICOM allows M, F, O
-        ds.save_as(path)
-    with pytest.raises(InputError, match=r"malformed: its headers cannot make a DICOM SEG \(.*\); save the labels"):
-        write_dicom_seg(labels, read_ct(tmp_path / "malformed").source, tmp_path / "malformed", tmp_path / "out.dcm")
+    import highdicom
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Unable to convert '2026-12-07' to 'DA' object")
+
+    monkeypatch.setattr(highdicom.seg, "Segmentation", refuse)
+    with pytest.raises(InputError, match=r"SE3: its headers cannot make a DICOM SEG \(Unable to convert"):
+        write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "out.dcm")
+    monkeypatch.undo()
     assert not (tmp_path / "out.dcm").exists() and other.shape != volume.shape
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["SE3", "SE4", "anon", "malformed", "mixed", "scouts",
-                                                          "taken.dcm", "twins"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SE3", "SE4", "anon", "mixed", "scouts", "taken.dcm",
+                                                          "twins"]  # no temporary left
 
 
 def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, capsys):
@@ -223,8 +243,83 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     np.testing.assert_array_equal(read_seg_labels(tmp_path / "flipped.dcm", files), edited.transpose(2, 1, 0))
     # Labels of another series: refused, naming the labels file.
     assert main(["dicom-seg", str(out / "SE3_labels.nii.gz"), str(study / "SE2"), "-o", str(tmp_path / "x.dcm")]) == 2
-    assert "SE3_labels.nii.gz: its affine differs from the series" in capsys.readouterr().err
+    assert "SE3_labels.nii.gz: lies 13.14 voxels off the series" in capsys.readouterr().err
     assert not (tmp_path / "x.dcm").exists()
+    # Labels on another tool's grid of the series, a few µm off (dcm2niix's affine from the first and last
+    # positions where they are rounded), cover the same voxels: taken.
+    shifted = nib.Nifti1Image(edited, nib.load(corrected).affine + np.array([[0, 0, 0, 0.003]] * 3 + [[0, 0, 0, 0]]))
+    nib.save(shifted, str(tmp_path / "dcm2niix_grid.nii.gz"))
+    assert main(["dicom-seg", str(tmp_path / "dcm2niix_grid.nii.gz"), str(study / "SE2")]) == 0
+    # The series named wrong: said so.
+    assert main(["dicom-seg", str(corrected), str(tmp_path / "nope"), "-o", str(tmp_path / "y.dcm")]) == 2
+    assert "nope: no such file or folder" in capsys.readouterr().err
+    assert main(["dicom-seg", str(corrected), str(study), "-o", str(tmp_path / "y.dcm")]) == 2
+    assert "study: holds series folders (SE2, SE3), not a series: give one of them" in capsys.readouterr().err
+
+
+def test_predict_dicom_seg_says_before_the_work_what_it_cannot_write(tmp_path, tiny_bundle, capsys, caplog):
+    """A study with one series stripped of its study UID: the others get their SEG, that one its
+    NIfTI only. A CT slice where the SEG would go, or kept labels a SEG cannot hold: refused before
+    any segmentation, nothing replaced."""
+    from kitseg.checkpoint import save_bundle
+    from kitseg.cli import main
+
+    weights = save_bundle(tiny_bundle, tmp_path / "tiny.kseg")
+    hu = _ct((8, 24, 20), seed=2)
+    study = tmp_path / "study"
+    slices = write_series(study / "SE2", hu)
+    write_series(study / "SE7", hu[:, ::-1], series_uid="1.2.826.0.1.7", study_uid=None)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg"]) == 0
+    assert "has no StudyInstanceUID" in caplog.text and "its labels are written as NIfTI only" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["SE2_labels.dcm", "SE2_labels.nii.gz", "SE7_labels.nii.gz"]
+    # Done is done: the SEG SE7 cannot have is not waited for.
+    assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    # A CT slice copied where the SEG goes: refused before the work, even with --overwrite.
+    shutil.copy(slices[0], out / "SE2_labels.dcm")
+    stamp = (out / "SE2_labels.nii.gz").stat().st_mtime_ns
+    assert main(["predict", str(study / "SE2"), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--overwrite"]) == 2
+    assert "SE2_labels.dcm: is a DICOM CT, not a SEG; choose another name" in capsys.readouterr().err
+    assert (out / "SE2_labels.nii.gz").stat().st_mtime_ns == stamp
+    # Kept labels painted with a cyst (3): their SEG could not hold it; said before the work, naming the file.
+    (out / "SE2_labels.dcm").unlink()
+    kept = nib.load(out / "SE2_labels.nii.gz")
+    painted = np.asarray(kept.dataobj).copy()
+    painted[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(painted, kept.affine), str(out / "SE2_labels.nii.gz"))
+    assert main(["predict", str(study / "SE2"), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing"]) == 2
+    assert "SE2_labels.nii.gz: holds label 3, which a DICOM SEG of kidney (1) and tumor (2) cannot" in (
+        capsys.readouterr().err)
+    assert not (out / "SE2_labels.dcm").exists()
+
+
+def test_what_anonymisers_and_scanners_leave_in_headers_still_makes_a_seg(tmp_path, caplog):
+    """No SliceThickness, SOP UIDs blanked in the data set (kept in the file meta), orientations that
+    differ in the sixth decimal, a malformed patient sex: the SEG is written, each frame on its slice."""
+    from kitseg.dicom_seg import write_dicom_seg
+
+    files = write_series(tmp_path / "SE8", _ct((6, 9, 11)), along_row=_oblique()[0], down_column=_oblique()[1])
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        del ds.SliceThickness
+        ds.SOPInstanceUID = ""
+        ds.PatientSex = "male"  # DICOM allows M, F, O
+        ds.ImageOrientationPatient = [float(v) + (1e-6 if k % 2 else 0.0) for v in ds.ImageOrientationPatient]
+        ds.save_as(path)
+    volume = read_ct(tmp_path / "SE8")
+    labels = _labels_on(volume)
+    with caplog.at_level("WARNING"):
+        out = write_dicom_seg(labels, volume.source, tmp_path / "SE8", tmp_path / "SE8_labels.dcm")
+    assert "its PatientSex ('male') is malformed; the SEG copies it empty" in caplog.text
+    np.testing.assert_array_equal(read_seg_labels(out, files), volume.source.to_source(labels).transpose(2, 1, 0))
+    seg = pydicom.dcmread(out)
+    assert seg.PatientSex == "" and float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+                                          .SliceThickness) == pytest.approx(2.5)
 
 
 @requires(REAL_SERIES)

@@ -112,9 +112,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dicom-seg",
         action="store_true",
-        help="for a DICOM series, also write its labels as a DICOM SEG over it (NAME_labels.dcm: segments kidney "
-        "and kidney tumor), which PACS and DICOM viewers show over the series; `kits-seg dicom-seg` converts "
-        "labels corrected afterwards",
+        help="for a DICOM series, also write its labels as a DICOM SEG over it (NAME_labels.dcm: segments "
+        "'kidney' and 'kidney tumor', those found), which PACS and DICOM viewers show over the series; "
+        "`kits-seg dicom-seg` converts labels corrected afterwards",
     )
     p.add_argument(
         "--no-cleanup",
@@ -146,6 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .weights import DEFAULT_WEIGHTS
 
     cases = discover_inputs(args.input)
+    args.seg_for = set()  # the CTs whose labels go into a DICOM SEG too (--dicom-seg: the series it can reference)
     without_images, grids = [], {}
     for case in cases:  # the headers, before minutes of work: a file that is no CT at all fails now
         try:
@@ -166,8 +167,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise CliError(f"--dicom-seg: {args.input} holds no DICOM series; a DICOM SEG references the series "
                            "it segments (NIfTI results are written without the option)")
         for case in cases:  # headers an anonymiser stripped of what a SEG references: said before the work
-            if case.is_dicom_series:
+            if not case.is_dicom_series:
+                continue
+            try:
                 check_seg_source(case.image_path)
+            except InputError as exc:
+                if len(cases) == 1:
+                    raise CliError(f"{exc} (run without --dicom-seg for NIfTI labels)") from None
+                log.warning("%s: its labels are written as NIfTI only", exc)
+                continue
+            args.seg_for.add(case.image_path)
     _check_output_folder(args.output)
     if args.skip_existing:
         cases = _cases_left_to_do(cases, args, grids)
@@ -221,10 +230,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         assert result is not None
         try:
             written = write_prediction(result, case, args.output, args.save_intermediates, args.overwrite,
-                                       keep_existing=args.skip_existing, dicom_seg=args.dicom_seg,
+                                       keep_existing=args.skip_existing, dicom_seg=_with_seg(case, args),
                                        model=(args.weights or DEFAULT_WEIGHTS).name)
-        except InputError as exc:  # the SEG, whose headers highdicom refused: the NIfTI is written
-            message = f"{exc} (the NIfTI labels are written)"
+        except InputError as exc:  # the SEG, whose headers highdicom refused: the NIfTI is on disk
+            message = f"{exc} (the NIfTI labels are on disk)"
             if len(cases) == 1:
                 raise InputError(message) from None
             tqdm.write(f"kits-seg: error: {message}", file=sys.stderr)
@@ -238,6 +247,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_seg(case, args) -> bool:
+    """``case``'s labels go into a DICOM SEG too (``--dicom-seg``, a series whose headers allow one)."""
+    return case.image_path in args.seg_for
+
+
 def _cases_left_to_do(cases, args, grids: dict) -> list:
     """--skip-existing: the cases whose outputs are not all written yet (an output on disk is whole:
     each is written atomically). ``grids``: each CT's (shape, affine), from :func:`kitseg.io.ct_grid`."""
@@ -247,11 +261,11 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
     from .outputs import output_paths
 
     left = [c for c in cases if not all(p.is_file() for p in output_paths(c, args.output, args.save_intermediates,
-                                                                          args.dicom_seg))]
+                                                                          _with_seg(c, args)))]
     for case in cases:
         # Outputs are named after their CT: another CT's of the same name (SE000001 of another study)
         # must neither pass for done nor be completed with this CT's.
-        existing = [p for p in output_paths(case, args.output, True, args.dicom_seg) if p.is_file()]
+        existing = [p for p in output_paths(case, args.output, True, _with_seg(case, args)) if p.is_file()]
         if not existing:
             continue
         shape, affine = grids[case.image_path]
@@ -267,10 +281,26 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
             if written_shape != shape or not np.allclose(written_affine, affine, atol=1e-3):
                 raise CliError(f"{path}: exists, on another grid than {case.image_path} ({written_shape} against "
                                f"{shape}): the result of another CT of the same name? Choose another -o/--output")
+        if _with_seg(case, args):
+            labels_path, seg_path = output_paths(case, args.output, False, True)
+            if labels_path.is_file() and not seg_path.is_file():
+                _check_kept_labels(labels_path)  # its SEG is made from it: a value a SEG cannot hold is said now
     if len(left) < len(cases):
         log.info("%s: %d of %d case(s) have all their outputs already and are left as they are (--skip-existing)",
                  args.output, len(cases) - len(left), len(cases))
     return left
+
+
+def _check_kept_labels(path: Path) -> None:
+    import numpy as np
+
+    from .io import name_a_few, read_labels
+
+    labels = read_labels(path).array
+    if labels.max() > 2:
+        stray = sorted(set(np.unique(labels).tolist()) - {0, 1, 2})
+        raise CliError(f"{path}: holds label {name_a_few(stray, 8)}, which a DICOM SEG of kidney (1) and tumor (2) "
+                       "cannot: relabel them (0 erases), or run without --dicom-seg")
 
 
 def _say_mask_rule(mask, model_mask, args) -> None:
@@ -315,11 +345,16 @@ def _check_outputs_free(cases, args) -> None:
 
     writer: dict[Path, Path] = {}
     for case in cases:
-        for out in output_paths(case, args.output, args.save_intermediates, args.dicom_seg):
+        for out in output_paths(case, args.output, args.save_intermediates, _with_seg(case, args)):
             if out in writer:
                 raise CliError(f"{writer[out]} and {case.image_path} would both be written to {out}: "
                                "rename one, or segment them into different -o folders")
             writer[out] = case.image_path
+    for out in writer:
+        if out.suffix == ".dcm":
+            from .dicom_seg import check_seg_output
+
+            check_seg_output(out)  # a scout or a CT slice named so is never replaced, said before the work
     folders = [p for p in writer if p.is_dir()]
     if folders:
         raise CliError(f"{folders[0]}: is a folder, where an output file would go; move it or choose another -o folder")
@@ -521,8 +556,9 @@ def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
         "dicom-seg",
         help="write a label map as a DICOM SEG over its CT series",
         description="Write a label map on a DICOM series' grid (as `predict` writes it, corrected or not) as a "
-        "DICOM SEG object that references the series, for a PACS or a DICOM viewer: segment 1 kidney, 2 kidney "
-        "tumor. The labels must be on the series' own grid; values other than 0, 1, 2 are refused.",
+        "DICOM SEG object that references the series, for a PACS or a DICOM viewer: segments 'kidney' and "
+        "'kidney tumor', those found, numbered in that order. The labels must be on the series' own grid; values "
+        "other than 0, 1, 2 are refused.",
     )
     p.add_argument("labels", type=Path, help="the label map (.nii/.nii.gz) on the series' grid")
     p.add_argument("series", type=Path, help="the CT series: its folder, or one of its files")
@@ -544,6 +580,8 @@ def cmd_dicom_seg(args: argparse.Namespace) -> int:
     check_can_write_seg()
     if not is_nifti(args.labels):
         raise CliError(f"{args.labels}: not a NIfTI label map (.nii/.nii.gz)")
+    if not args.series.exists():
+        raise CliError(f"{args.series}: no such file or folder (the series: its folder, or one of its files)")
     output = args.output or args.labels.with_name(strip_nifti_suffix(args.labels.name) + ".dcm")
     labels = read_labels(args.labels)
     written = write_dicom_seg(labels.array, labels.source, args.series, output, overwrite=args.overwrite,

@@ -15,6 +15,7 @@ SNOMED CT as DICOM's CID 7150/7151 have them.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from .atomic import atomic_path
 from .config import SEG_ALGORITHM_TYPES
 from .dicom import SeriesGeometry, series_geometry
 from .geometry import SourceGrid, source_grid_for
-from .io import InputError, check_same_grid, is_dicom_file, is_nifti, name_a_few
+from .io import InputError, is_dicom_file, is_nifti, name_a_few
 
 #: Patient and study attributes a CT must carry, if empty (DICOM type 2), that anonymisers
 #: sometimes drop altogether; the SEG copies them, so those missing are copied as empty.
+log = logging.getLogger(__name__)
+
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                  "StudyDate", "StudyTime", "ReferringPhysicianName")
 #: What ties a SEG to its CT in a PACS (type 1): without it no viewer could place the SEG.
@@ -36,6 +39,12 @@ _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SO
 #: Shared by every slice of one series (a SEG references one study, in one frame of reference).
 _SHARED = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 _SEG_SERIES_NUMBER_OFFSET = 1000  # the SEG lists beside its CT in a PACS: CT series 3, SEG series 1003
+#: The segments' labels by KiTS19 value, and the colours viewers show them in (the plugin's).
+SEGMENT_LABELS = {1: "kidney", 2: "kidney tumor"}
+_DISPLAY_RGB = {1: (255, 32, 32), 2: (255, 212, 0)}
+#: Type 2 attributes copied into the SEG whose value must parse as its kind (a date, a time, M/F/O);
+#: a malformed one, which highdicom refuses, is copied empty.
+_FORMATS = {"StudyDate": "DA", "PatientBirthDate": "DA", "StudyTime": "TM"}
 
 
 def _highdicom():
@@ -62,12 +71,14 @@ def _segment_descriptions(values: list[int], algorithm_type: str, model: str | N
             name="napari-kits", version=__version__, family=codes.DCM.ArtificialIntelligence,
             parameters={"model": model} if model else None)
     kinds = {
-        1: dict(segment_label="kidney", segmented_property_category=codes.cid7150.AnatomicalStructure,
+        1: dict(segment_label=SEGMENT_LABELS[1], segmented_property_category=codes.cid7150.AnatomicalStructure,
                 segmented_property_type=codes.SCT.Kidney),
-        2: dict(segment_label="kidney tumor", segmented_property_category=codes.cid7150.MorphologicallyAbnormalStructure,
+        2: dict(segment_label=SEGMENT_LABELS[2],
+                segmented_property_category=codes.cid7150.MorphologicallyAbnormalStructure,
                 segmented_property_type=codes.SCT.Neoplasm, anatomic_regions=[codes.SCT.Kidney]),
     }
-    return [hd.seg.SegmentDescription(segment_number=number, **kinds[value], **algorithm)
+    return [hd.seg.SegmentDescription(segment_number=number, **kinds[value], **algorithm,
+                                      display_color=hd.color.CIELabColor.from_rgb(*_DISPLAY_RGB[value]))
             for number, value in enumerate(values, start=1)]
 
 
@@ -90,10 +101,16 @@ def _source_headers(geometry: SeriesGeometry) -> list:
             raise InputError(f"{item.path}: has no {' or '.join(missing)} (an anonymiser removed it?), which a DICOM "
                              "SEG must reference to be shown over its CT; save the labels as NIfTI instead")
         for keyword in _TYPE2_COPIED:
-            if keyword not in ds:
+            if keyword not in ds or not _well_formed(ds, keyword):
+                if keyword in ds:
+                    log.warning("%s: its %s (%r) is malformed; the SEG copies it empty", item.path, keyword,
+                                str(getattr(ds, keyword)))
                 setattr(ds, keyword, None)
         if not _given(ds, "SliceThickness"):  # type 2 in CT; the SEG's pixel measures need a value
             ds.SliceThickness = f"{float(np.linalg.norm(geometry.affine[:3, 2])):.6g}"
+        if headers:  # the series check allowed rounding noise between slices; highdicom wants them equal
+            ds.ImageOrientationPatient = headers[0].ImageOrientationPatient
+            ds.PixelSpacing = headers[0].PixelSpacing
         headers.append(ds)
     for keyword in _SHARED:
         values = {str(getattr(ds, keyword)) for ds in headers}
@@ -111,22 +128,67 @@ def _given(ds, keyword: str) -> bool:
     return bool(str(getattr(ds, keyword, "") or "").strip())
 
 
-def _check_output(path: Path, geometry: SeriesGeometry, overwrite: bool) -> None:
+def _well_formed(ds, keyword: str) -> bool:
+    """An empty value, or one that parses as its kind (:data:`_FORMATS`; PatientSex: M, F or O)."""
+    from pydicom import valuerep
+
+    value = str(getattr(ds, keyword, "") or "").strip()
+    if not value:
+        return True
+    if keyword == "PatientSex":
+        return value in ("M", "F", "O")
+    kind = _FORMATS.get(keyword)
+    try:
+        if kind is not None:
+            getattr(valuerep, kind)(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_seg_output(path: Path) -> None:
+    """Raise :class:`InputError` if ``path`` is no name for a SEG (``.dcm``), is a folder, or is a
+    DICOM file other than a SEG (a slice, a scout or a report: never this tool's to replace)."""
+    path = Path(path)
     if path.suffix.lower() != ".dcm":
         raise InputError(f"{path}: a DICOM SEG file name must end in .dcm")
-    if not path.exists():
-        return
-    if any(os.path.samefile(path, item.path) for item in geometry.slices):
-        raise InputError(f"{path}: is a slice of the series {geometry.folder}; choose another name")
-    if not overwrite:
-        raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
-    if path.is_file() and is_dicom_file(path):  # a scout, a report beside the series: not this tool's to replace
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; choose a file name for the SEG")
+    if path.is_file() and is_dicom_file(path):
         import pydicom
 
         modality = str(pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["Modality"])
                        .get("Modality", "")).upper()
         if modality != "SEG":
             raise InputError(f"{path}: is a DICOM {modality or 'file'}, not a SEG; choose another name")
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    check_seg_output(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists already (pass overwrite=True / --overwrite to replace it)")
+
+
+#: How far (in voxels) a corner of the labels' grid may lie from the series' own: labels made on
+#: another tool's grid of the series (dcm2niix's affine from the first and last positions, where
+#: they are written to 0.1 mm, differs by some 0.003 mm) still cover the same voxels.
+GRID_TOLERANCE_VOXELS = 0.05
+
+
+def _check_on_series_grid(source: SourceGrid, series_grid: SourceGrid, where: str, series_name: str,
+                          path: Path) -> None:
+    """Compared as read: the same voxels stored in another axis order (ITK-SNAP's) overlay too."""
+    if source.internal_shape() != series_grid.internal_shape():
+        raise InputError(f"{where}shape {source.shape} differs from {series_name} {series_grid.shape}; a SEG holds "
+                         f"labels of its own series only: {path} not written")
+    shape = np.array(source.internal_shape())
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]).T
+    placed = np.linalg.inv(series_grid.internal_affine()) @ source.internal_affine() @ corners
+    off = float(np.abs(placed[:3] - corners[:3]).max())
+    if off > GRID_TOLERANCE_VOXELS:
+        raise InputError(f"{where}lies {off:.2f} voxels off {series_name} grid (its affine differs): the two do not "
+                         f"overlay; a SEG holds labels of its own series only: {path} not written")
 
 
 def check_seg_source(series: str | os.PathLike) -> None:
@@ -141,8 +203,10 @@ def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.Pat
     or one of its files: its series). Returns the path written.
 
     ``algorithm_type``: one of :data:`kitseg.config.SEG_ALGORITHM_TYPES`; ``model``: the model
-    file's name, recorded as the algorithm's parameter. Written atomically; an existing file is
-    replaced only with ``overwrite``, and only if it is a SEG (never a slice, a scout or a report).
+    file's name, recorded as the algorithm's parameter. Segments: those of kidney and kidney tumor
+    found, numbered 1, 2 in that order (a SEG without tumor holds the kidney's alone; read them
+    by their labels and codes). Written atomically; an existing file is replaced only with
+    ``overwrite``, and never a DICOM file other than a SEG (a slice, a scout, a report).
 
     Raises:
         InputError: the labels are not on the series' grid or hold other values than 0, 1, 2; the
@@ -154,15 +218,12 @@ def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.Pat
     if algorithm_type not in SEG_ALGORITHM_TYPES:
         raise ValueError(f"algorithm_type must be one of {', '.join(SEG_ALGORITHM_TYPES)}, not {algorithm_type!r}")
     geometry = series_geometry(series)
-    _check_output(path, geometry, overwrite)
+    _check_output(path, overwrite)  # a slice of the series is a CT file: refused there too
     # Named by their file where they were read from one (kits-seg dicom-seg), else as "the labels".
     what = source.path if source.path is not None and is_nifti(Path(source.path)) else "the labels"
     series_grid = source_grid_for((geometry.columns, geometry.rows, len(geometry.slices)), geometry.affine,
                                   geometry.path)
-    try:  # compared as read: the same voxels stored in another axis order (ITK-SNAP's) overlay too
-        check_same_grid(source, series_grid, what, reference_name=f"the series {geometry.folder}'s")
-    except InputError as exc:
-        raise InputError(f"{exc}; a SEG holds labels of its own series only: {path} not written") from None
+    _check_on_series_grid(source, series_grid, f"{what}: ", f"the series {geometry.folder}'s", path)
     labels = np.asarray(labels)
     if labels.min() < 0 or labels.max() > 2:
         stray = sorted(set(np.unique(labels).tolist()) - {0, 1, 2})
@@ -177,6 +238,8 @@ def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.Pat
         frames = numbered[frames]
     headers = _source_headers(geometry)
     number = str(getattr(headers[0], "SeriesNumber", "") or "").strip()
+    # Beyond IS's range (2**31 - 1) with the offset, or negative: the offset alone.
+    number = int(number) if number.isdigit() and int(number) < 2**31 - 1 - _SEG_SERIES_NUMBER_OFFSET else 0
     try:
         segmentation = hd.seg.Segmentation(
             source_images=headers,
@@ -184,15 +247,16 @@ def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.Pat
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=_segment_descriptions(present or [1, 2], algorithm_type, model),
             series_instance_uid=hd.UID(),
-            series_number=_SEG_SERIES_NUMBER_OFFSET + (int(number) if number.isdigit() else 0),
+            series_number=_SEG_SERIES_NUMBER_OFFSET + number,
             sop_instance_uid=hd.UID(),
             instance_number=1,
             manufacturer="napari-kits",
             manufacturer_model_name="kits-seg",
             software_versions=__version__,
-            device_serial_number=model or "napari-kits",
-            series_description="kidney and tumor (napari-kits)",
+            device_serial_number="napari-kits",  # software: no device's serial number to give
+            series_description=f"{' and '.join(SEGMENT_LABELS[v] for v in present or (1, 2))} (napari-kits)",
             content_label="KIDNEY_TUMOR",
+            content_creator_name="",  # type 2: present; who corrected the labels is not known here
             # Nothing found: every frame kept (a SEG needs frames), each segment's empty.
             omit_empty_frames=bool(present),
         )

@@ -103,7 +103,7 @@ def _write_seg(result: Segmentation, case: CaseInput, labels_path: Path, path: P
     labels, algorithm_type = result.labels, "automatic"
     if keep_existing and labels_path.exists():
         kept = read_labels(labels_path, like=result.prepared.volume).array  # on the CT's grid, checked again
-        if not np.array_equal(kept, labels):
+        if not np.array_equal(kept, labels):  # corrected, or made with other options: semiautomatic either way
             labels, algorithm_type = kept, "semiautomatic"
     return write_dicom_seg(labels, result.prepared.volume.source, case.image_path, path, overwrite=overwrite,
                            model=model, algorithm_type=algorithm_type)
