@@ -641,6 +641,11 @@ def test_sample_never_writes_over_a_case_folders_mask(tmp_path, cases, capsys):
     assert main(["sample", "--out", str(tmp_path)]) == 2
     assert "case_00000: holds segmentation.nii.gz already" in capsys.readouterr().err
     assert mask.read_bytes() == original and not (folder / "imaging.nii.gz").exists()
+    # Unpacked, too: a sample written beside it would hide it.
+    mask.rename(folder / "segmentation.nii")
+    assert main(["sample", "--out", str(tmp_path)]) == 2
+    assert "case_00000: holds segmentation.nii already" in capsys.readouterr().err
+    (folder / "segmentation.nii").rename(mask)
     with pytest.raises(SystemExit):
         main(["sample", "--out", str(tmp_path / "x"), "--seed", "-1"])
     assert "whole number of at least 0" in capsys.readouterr().err

@@ -92,6 +92,7 @@ def test_a_seg_ties_each_labelled_pixel_to_its_slice_and_place(tmp_path):
     assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # DCM: Artificial Intelligence
     assert algorithm.AlgorithmName == "napari-kits" and "tiny.kseg" in str(algorithm.AlgorithmParameters)
     assert seg.ContentCreatorName == "" and "ContentCreatorName" in seg  # type 2: present, if empty
+    assert all(len(s.RecommendedDisplayCIELabValue) == 3 for s in seg.SegmentSequence)  # the plugin's colours
     # No tumor found: no tumor segment (one declared without frames stalls some viewers); no kidney
     # but tumor (a person's drawing): the tumor is segment 1.
     kidney_only = write_dicom_seg(np.minimum(labels, 1), volume.source, tmp_path / "SE3", tmp_path / "k.dcm")
@@ -176,7 +177,7 @@ def test_a_seg_is_refused_where_it_could_not_overlay_its_series_and_nothing_is_r
                                                           "twins"]  # no temporary left
 
 
-def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, capsys):
+def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, capsys, caplog):
     from kitseg.checkpoint import save_bundle
     from kitseg.cli import main
 
@@ -246,15 +247,25 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     assert "SE3_labels.nii.gz: lies 13.14 voxels off the series" in capsys.readouterr().err
     assert not (tmp_path / "x.dcm").exists()
     # Labels on another tool's grid of the series, a few µm off (dcm2niix's affine from the first and last
-    # positions where they are rounded), cover the same voxels: taken.
-    shifted = nib.Nifti1Image(edited, nib.load(corrected).affine + np.array([[0, 0, 0, 0.003]] * 3 + [[0, 0, 0, 0]]))
-    nib.save(shifted, str(tmp_path / "dcm2niix_grid.nii.gz"))
-    assert main(["dicom-seg", str(tmp_path / "dcm2niix_grid.nii.gz"), str(study / "SE2")]) == 0
+    # positions where they are rounded), cover the same voxels: taken; half a voxel off, they do not.
+    for shift_mm, name, status in ((0.003, "dcm2niix_grid", 0), (0.25, "half_voxel_off", 2)):
+        shifted = nib.load(corrected).affine.copy()
+        shifted[:3, 3] += shift_mm
+        nib.save(nib.Nifti1Image(edited, shifted), str(tmp_path / f"{name}.nii.gz"))
+        assert main(["dicom-seg", str(tmp_path / f"{name}.nii.gz"), str(study / "SE2")]) == status
+    assert "half_voxel_off.nii.gz: lies 0.49 voxels off the series" in capsys.readouterr().err
     # The series named wrong: said so.
     assert main(["dicom-seg", str(corrected), str(tmp_path / "nope"), "-o", str(tmp_path / "y.dcm")]) == 2
     assert "nope: no such file or folder" in capsys.readouterr().err
     assert main(["dicom-seg", str(corrected), str(study), "-o", str(tmp_path / "y.dcm")]) == 2
     assert "study: holds series folders (SE2, SE3), not a series: give one of them" in capsys.readouterr().err
+    assert main(["dicom-seg", str(corrected), str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "y.dcm")]) == 2
+    assert "scan.nii.gz: is no DICOM series (its folder, or one of its files)" in capsys.readouterr().err
+    # Labels replaced without --dicom-seg: the SEG beside them, which a PACS would be sent, is said to be stale.
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(study / "SE3"), "-o", str(out), "--weights", str(weights), "--overwrite"]) == 0
+    assert "1 DICOM SEG(s) of an earlier run stay as they were and will not match the new labels (SE3_labels.dcm)" in (
+        caplog.text)
 
 
 def test_predict_dicom_seg_says_before_the_work_what_it_cannot_write(tmp_path, tiny_bundle, capsys, caplog):
@@ -274,6 +285,15 @@ def test_predict_dicom_seg_says_before_the_work_what_it_cannot_write(tmp_path, t
         assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg"]) == 0
     assert "has no StudyInstanceUID" in caplog.text and "its labels are written as NIfTI only" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["SE2_labels.dcm", "SE2_labels.nii.gz", "SE7_labels.nii.gz"]
+    # Only series a SEG cannot reference: --dicom-seg cannot be done at all; an error, before the work.
+    assert main(["predict", str(study / "SE7"), "-o", str(tmp_path / "out7"), "--weights", str(weights),
+                 "--dicom-seg"]) == 2
+    assert "has no StudyInstanceUID" in capsys.readouterr().err and not (tmp_path / "out7").exists()
+    # A folder where the SEG would go: said, as for any output.
+    (tmp_path / "out8" / "SE2_labels.dcm").mkdir(parents=True)
+    assert main(["predict", str(study / "SE2"), "-o", str(tmp_path / "out8"), "--weights", str(weights),
+                 "--dicom-seg"]) == 2
+    assert "SE2_labels.dcm: is a folder, where an output file would go" in capsys.readouterr().err
     # Done is done: the SEG SE7 cannot have is not waited for.
     assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
                  "--skip-existing"]) == 0
@@ -309,15 +329,19 @@ def test_what_anonymisers_and_scanners_leave_in_headers_still_makes_a_seg(tmp_pa
         del ds.SliceThickness
         ds.SOPInstanceUID = ""
         ds.PatientSex = "male"  # DICOM allows M, F, O
+        ds.StudyDate = "2026.12.07"  # the retired form, which a SEG may not carry
+        ds.SeriesNumber = 2147483000  # plus 1000, beyond IS's range
         ds.ImageOrientationPatient = [float(v) + (1e-6 if k % 2 else 0.0) for v in ds.ImageOrientationPatient]
         ds.save_as(path)
     volume = read_ct(tmp_path / "SE8")
     labels = _labels_on(volume)
     with caplog.at_level("WARNING"):
         out = write_dicom_seg(labels, volume.source, tmp_path / "SE8", tmp_path / "SE8_labels.dcm")
-    assert "its PatientSex ('male') is malformed; the SEG copies it empty" in caplog.text
+    said = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(said) == 1 and "SE8: malformed PatientSex ('male'), StudyDate ('2026.12.07')" in said[0], said
     np.testing.assert_array_equal(read_seg_labels(out, files), volume.source.to_source(labels).transpose(2, 1, 0))
     seg = pydicom.dcmread(out)
+    assert seg.SeriesNumber == 1000 and seg.StudyDate == ""
     assert seg.PatientSex == "" and float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
                                           .SliceThickness) == pytest.approx(2.5)
 

@@ -160,9 +160,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not cases:
         raise CliError(f"{args.input}: none of its DICOM series holds image slices: nothing to segment")
     if args.dicom_seg:
-        from .dicom_seg import check_can_write_seg, check_seg_source
+        from .dicom_seg import SeriesNotReferenceable, check_can_write_seg, check_seg_source
 
         check_can_write_seg()
+        refused: list[str] = []
         if not any(case.is_dicom_series for case in cases):
             raise CliError(f"--dicom-seg: {args.input} holds no DICOM series; a DICOM SEG references the series "
                            "it segments (NIfTI results are written without the option)")
@@ -171,12 +172,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 continue
             try:
                 check_seg_source(case.image_path)
-            except InputError as exc:
-                if len(cases) == 1:
-                    raise CliError(f"{exc} (run without --dicom-seg for NIfTI labels)") from None
-                log.warning("%s: its labels are written as NIfTI only", exc)
+            except SeriesNotReferenceable as exc:
+                refused.append(f"{exc.path}: {exc.reason}")
                 continue
             args.seg_for.add(case.image_path)
+        if refused and not args.seg_for:  # --dicom-seg asked for, and no SEG could be written: an error
+            raise CliError(f"{'; '.join(refused)}; run without --dicom-seg for NIfTI labels")
+        for reason in refused:
+            log.warning("%s: its labels are written as NIfTI only, with no DICOM SEG", reason)
     _check_output_folder(args.output)
     if args.skip_existing:
         cases = _cases_left_to_do(cases, args, grids)
@@ -350,14 +353,14 @@ def _check_outputs_free(cases, args) -> None:
                 raise CliError(f"{writer[out]} and {case.image_path} would both be written to {out}: "
                                "rename one, or segment them into different -o folders")
             writer[out] = case.image_path
+    folders = [p for p in writer if p.is_dir()]
+    if folders:
+        raise CliError(f"{folders[0]}: is a folder, where an output file would go; move it or choose another -o folder")
     for out in writer:
         if out.suffix == ".dcm":
             from .dicom_seg import check_seg_output
 
             check_seg_output(out)  # a scout or a CT slice named so is never replaced, said before the work
-    folders = [p for p in writer if p.is_dir()]
-    if folders:
-        raise CliError(f"{folders[0]}: is a folder, where an output file would go; move it or choose another -o folder")
     if args.skip_existing:  # the outputs that exist stay; only the missing ones are written
         return
     if args.overwrite:
@@ -376,6 +379,12 @@ def _warn_stale_intermediates(cases, args) -> None:
     from .io import name_a_few
     from .outputs import output_paths
 
+    stale_segs = [p for c in cases if not _with_seg(c, args) and c.is_dicom_series
+                  for p in output_paths(c, args.output, False, True)[1:] if p.exists()]
+    if stale_segs:  # what a PACS would be sent beside the new labels
+        log.warning("%s: %d DICOM SEG(s) of an earlier run stay as they were and will not match the new labels "
+                    "(%s); pass --dicom-seg to write them anew", args.output, len(stale_segs),
+                    name_a_few([p.name for p in stale_segs], 3))
     if args.save_intermediates:
         return
     stale = [p for c in cases for p in output_paths(c, args.output, True)[1:] if p.exists()]
@@ -575,13 +584,17 @@ def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
 
 def cmd_dicom_seg(args: argparse.Namespace) -> int:
     from .dicom_seg import check_can_write_seg, write_dicom_seg
-    from .io import is_nifti, read_labels, strip_nifti_suffix
+    from .io import is_dicom_series, is_nifti, read_labels, strip_nifti_suffix
 
     check_can_write_seg()
     if not is_nifti(args.labels):
         raise CliError(f"{args.labels}: not a NIfTI label map (.nii/.nii.gz)")
     if not args.series.exists():
         raise CliError(f"{args.series}: no such file or folder (the series: its folder, or one of its files)")
+    if not is_dicom_series(args.series) and not (args.series.is_dir() and any(
+            is_dicom_series(sub) for sub in args.series.iterdir() if sub.is_dir())):  # a study: dicom.py names its series
+        raise CliError(f"{args.series}: is no DICOM series (its folder, or one of its files): a SEG references the "
+                       "DICOM series the labels were made on")
     output = args.output or args.labels.with_name(strip_nifti_suffix(args.labels.name) + ".dcm")
     labels = read_labels(args.labels)
     written = write_dicom_seg(labels.array, labels.source, args.series, output, overwrite=args.overwrite,
@@ -734,13 +747,13 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .io import KITS_IMAGE, KITS_LABELS
+    from .io import case_image_file, case_labels_file
     from .phantom import make_sample_case
 
     _check_output_folder(args.out, "--out")
     folder = args.out / "case_00000"
-    # A KiTS19 case folder often holds its mask before its image: neither is ever replaced.
-    taken = [name for name in (KITS_IMAGE, KITS_LABELS) if (folder / name).exists()]
+    # A KiTS19 case folder often holds its mask before its image (packed or not): neither is ever replaced or hidden.
+    taken = [path.name for path in (case_image_file(folder), case_labels_file(folder)) if path is not None]
     if taken:
         raise CliError(f"{folder}: holds {' and '.join(taken)} already; write the sample into another --out folder")
     make_sample_case(seed=args.seed).save_case_folder(folder)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,10 @@ from .dicom import SeriesGeometry, series_geometry
 from .geometry import SourceGrid, source_grid_for
 from .io import InputError, is_dicom_file, is_nifti, name_a_few
 
-#: Patient and study attributes a CT must carry, if empty (DICOM type 2), that anonymisers
-#: sometimes drop altogether; the SEG copies them, so those missing are copied as empty.
 log = logging.getLogger(__name__)
 
+#: Patient and study attributes a CT must carry, if empty (DICOM type 2), that anonymisers
+#: sometimes drop altogether; the SEG copies them, so those missing are copied as empty.
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                  "StudyDate", "StudyTime", "ReferringPhysicianName")
 #: What ties a SEG to its CT in a PACS (type 1): without it no viewer could place the SEG.
@@ -45,6 +46,7 @@ _DISPLAY_RGB = {1: (255, 32, 32), 2: (255, 212, 0)}
 #: Type 2 attributes copied into the SEG whose value must parse as its kind (a date, a time, M/F/O);
 #: a malformed one, which highdicom refuses, is copied empty.
 _FORMATS = {"StudyDate": "DA", "PatientBirthDate": "DA", "StudyTime": "TM"}
+_MAX_LENGTH = {"AccessionNumber": 16, "StudyID": 16, "PatientID": 64}  # SH, SH, LO
 
 
 def _highdicom():
@@ -82,14 +84,22 @@ def _segment_descriptions(values: list[int], algorithm_type: str, model: str | N
             for number, value in enumerate(values, start=1)]
 
 
-def _source_headers(geometry: SeriesGeometry) -> list:
+class SeriesNotReferenceable(InputError):
+    """A series whose headers lack what a SEG must reference (``reason``), named by ``path``."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}; save the labels as NIfTI instead")
+        self.path, self.reason = path, reason
+
+
+def _source_headers(geometry: SeriesGeometry, warn: bool = True) -> list:
     """The series' slice headers in position order (the SEG's frames follow them), read anew (what is
     put back is the SEG's business): the type 2 attributes an anonymiser dropped put back empty, the
     SOP UIDs it blanked taken from the file meta, and SliceThickness, where missing, the step between
     slices. A series without what ties a SEG to it, or whose slices disagree on it, is refused."""
     import pydicom
 
-    headers = []
+    headers, malformed = [], {}
     for item in geometry.slices:
         ds = pydicom.dcmread(item.path, stop_before_pixels=True, force=True)
         meta = getattr(ds, "file_meta", {})
@@ -98,13 +108,12 @@ def _source_headers(geometry: SeriesGeometry) -> list:
                 setattr(ds, keyword, getattr(meta, f"MediaStorage{keyword}"))
         missing = [keyword for keyword in _REQUIRED if not _given(ds, keyword)]
         if missing:
-            raise InputError(f"{item.path}: has no {' or '.join(missing)} (an anonymiser removed it?), which a DICOM "
-                             "SEG must reference to be shown over its CT; save the labels as NIfTI instead")
+            raise SeriesNotReferenceable(item.path, f"has no {' or '.join(missing)} (an anonymiser removed it?), "
+                                                    "which a DICOM SEG must reference to be shown over its CT")
         for keyword in _TYPE2_COPIED:
             if keyword not in ds or not _well_formed(ds, keyword):
                 if keyword in ds:
-                    log.warning("%s: its %s (%r) is malformed; the SEG copies it empty", item.path, keyword,
-                                str(getattr(ds, keyword)))
+                    malformed.setdefault(keyword, str(getattr(ds, keyword)))
                 setattr(ds, keyword, None)
         if not _given(ds, "SliceThickness"):  # type 2 in CT; the SEG's pixel measures need a value
             ds.SliceThickness = f"{float(np.linalg.norm(geometry.affine[:3, 2])):.6g}"
@@ -115,12 +124,15 @@ def _source_headers(geometry: SeriesGeometry) -> list:
     for keyword in _SHARED:
         values = {str(getattr(ds, keyword)) for ds in headers}
         if len(values) > 1:
-            raise InputError(f"{geometry.folder}: its slices name {len(values)} different {keyword}s; a DICOM SEG "
-                             "references one; save the labels as NIfTI instead")
+            raise SeriesNotReferenceable(geometry.folder, f"its slices name {len(values)} different {keyword}s; a "
+                                                          "DICOM SEG references one")
     instances = [str(ds.SOPInstanceUID) for ds in headers]
     if len(set(instances)) < len(instances):
-        raise InputError(f"{geometry.folder}: two of its slices share a SOPInstanceUID, so a SEG's frames could "
-                         "not say which slice each belongs to; save the labels as NIfTI instead")
+        raise SeriesNotReferenceable(geometry.folder, "two of its slices share a SOPInstanceUID, so a SEG's frames "
+                                                      "could not say which slice each belongs to")
+    if warn and malformed:
+        log.warning("%s: malformed %s; the SEG copies them empty", geometry.folder,
+                    ", ".join(f"{keyword} ({value!r})" for keyword, value in malformed.items()))
     return headers
 
 
@@ -137,10 +149,17 @@ def _well_formed(ds, keyword: str) -> bool:
         return True
     if keyword == "PatientSex":
         return value in ("M", "F", "O")
+    if len(value) > _MAX_LENGTH.get(keyword, 64):
+        return False
     kind = _FORMATS.get(keyword)
+    if kind == "DA":  # YYYYMMDD: pydicom also parses the retired YYYY.MM.DD, which a SEG may not hold
+        return bool(re.fullmatch(r"\d{8}", value)) and _parses(valuerep.DA, value)
+    return kind is None or _parses(getattr(valuerep, kind), value)
+
+
+def _parses(kind, value: str) -> bool:
     try:
-        if kind is not None:
-            getattr(valuerep, kind)(value)
+        kind(value)
     except ValueError:
         return False
     return True
@@ -179,8 +198,9 @@ def _check_on_series_grid(source: SourceGrid, series_grid: SourceGrid, where: st
                           path: Path) -> None:
     """Compared as read: the same voxels stored in another axis order (ITK-SNAP's) overlay too."""
     if source.internal_shape() != series_grid.internal_shape():
-        raise InputError(f"{where}shape {source.shape} differs from {series_name} {series_grid.shape}; a SEG holds "
-                         f"labels of its own series only: {path} not written")
+        order = " (in another axis order)" if tuple(source.shape) == tuple(series_grid.shape) else ""
+        raise InputError(f"{where}shape {source.shape} differs from {series_name} {series_grid.shape}{order}; a SEG "
+                         f"holds labels of its own series only: {path} not written")
     shape = np.array(source.internal_shape())
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
                         for k in (0, shape[2] - 1)]).T
@@ -192,8 +212,9 @@ def _check_on_series_grid(source: SourceGrid, series_grid: SourceGrid, where: st
 
 
 def check_seg_source(series: str | os.PathLike) -> None:
-    """Raise :class:`InputError` if the series' headers lack what a SEG must reference (before minutes of work)."""
-    _source_headers(series_geometry(Path(series)))
+    """Raise :class:`SeriesNotReferenceable` if the series' headers lack what a SEG must reference
+    (before minutes of work; what is malformed is said when the SEG is written)."""
+    _source_headers(series_geometry(Path(series)), warn=False)
 
 
 def write_dicom_seg(labels: np.ndarray, source: SourceGrid, series: str | os.PathLike, path: str | os.PathLike, *,

@@ -131,12 +131,12 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     if is_dicom_series(path) and not any(p.is_file() and is_nifti(p) for p in entries):
         series.insert(0, path)
     cases += [CaseInput(name=folder.resolve().name, image_path=folder) for folder in series]
-    without_ct = [p.name for p in entries if p.is_dir() and not case_image_file(p) is not None and case_labels_file(p)]
+    without_ct = [p.name for p in entries if p.is_dir() and case_image_file(p) is None and case_labels_file(p)]
     if without_ct:
         log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
                     name_a_few(without_ct))
     # Only one level is read: CTs deeper in other folders are not segmented; say so.
-    unsearched = [p.name for p in entries if p.is_dir() and not case_image_file(p) is not None
+    unsearched = [p.name for p in entries if p.is_dir() and case_image_file(p) is None
                   and not case_labels_file(p) and p.name not in ("labelsTr", "labelsTs") and _holds_ct_files(p)]
     if unsearched:
         log.warning("%s: %d subfolder(s) holding NIfTI files but no %s are not searched: %s (give them as inputs "

@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from ..config import apply_label_mapping, label_mapping_text
 from ..geometry import Volume, voxel_spacing
-from ..io import KITS21_LABELS, InputError, case_labels_file, layout_hint, name_a_few, read_labels
+from ..io import KITS21_LABELS, InputError, case_image_file, case_labels_file, layout_hint, name_a_few, read_labels
 from ..parallel import one_blas_thread, stop_workers
 from ._grid import _axis_weights, block_any, coarse_factors, coarse_shape, upsample_axis
 from ._nifti import IMAGING_NAME, SEGMENTATION_NAME, save_nifti_atomic
@@ -388,8 +388,9 @@ def _process_alive(pid: int) -> bool:
 
 
 def is_complete_case(folder: Path) -> bool:
-    """A case folder this generator finished: both files (the image is always written last)."""
-    return (folder / IMAGING_NAME).is_file() and (folder / SEGMENTATION_NAME).is_file()
+    """A case folder this generator finished, or a user's whole case (unpacked too): both files (the
+    image is always written last); one is never written beside the other, which it would hide."""
+    return case_image_file(folder) is not None and case_labels_file(folder) is not None
 
 
 def _check_out_folders(masks_dir: Path, folders: list[Path], overwrite: bool) -> None:
@@ -401,8 +402,7 @@ def _check_out_folders(masks_dir: Path, folders: list[Path], overwrite: bool) ->
                               "the phantoms would be written over the real masks")
     if overwrite:
         return  # a mask file there is replaced (a link is replaced, not what it points to)
-    foreign = [str(f / SEGMENTATION_NAME) for f in folders
-               if (f / SEGMENTATION_NAME).exists() and not (f / IMAGING_NAME).is_file()]
+    foreign = [str(case_labels_file(f)) for f in folders if case_labels_file(f) and case_image_file(f) is None]
     if foreign:
         raise FileExistsError(
             f"{name_a_few(foreign)}: a mask without its image, which this tool "
