@@ -404,9 +404,11 @@ def per_slice_dice(
 def labelled_ml(labels: np.ndarray, spacing_mm: Sequence[float]) -> tuple[float, float]:
     """Volumes in mL of KiTS19's regions, as :class:`CaseScores` gives them: kidney (label > 0,
     the tumor within it) and tumor (label 2)."""
-    counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=3)
+    labels = np.asarray(labels)
+    # Counted in place: bincount would first copy a CT-sized map as 8-byte integers (226 MB for
+    # 108 x 512 x 512), which took up to 3.6 s of a 10-15 s predict on a loaded machine.
     ml_per_voxel = _ml_per_voxel(spacing_mm)
-    return float(counts[1:].sum() * ml_per_voxel), float(counts[2] * ml_per_voxel)
+    return float(np.count_nonzero(labels) * ml_per_voxel), float(np.count_nonzero(labels == 2) * ml_per_voxel)
 
 
 def describe_found(labels: np.ndarray, spacing_mm: Sequence[float]) -> str:
