@@ -17,6 +17,7 @@ Layers (all placed in world mm, see :mod:`napari_kits._layers`):
 from __future__ import annotations
 
 import logging
+import re
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -322,7 +323,9 @@ class KitsWidget(QWidget):
         column.addWidget(box)
 
         # Save
-        box, form = _section("Save on the CT's grid (NIfTI; DICOM SEG too for a series)")
+        box, form = _section("Save on the CT's grid (NIfTI, DICOM SEG)")
+        box.setToolTip("Any result as NIfTI on its CT's grid; the labels of a CT read from a DICOM series also as "
+                       "a DICOM SEG over that series (choose the .dcm filter when saving)")
         self.save_combo = QComboBox()
         self.save_button = QPushButton("Save as…")
         form.addRow("Layer", _row(self.save_combo, self.save_button))
@@ -1310,11 +1313,11 @@ class KitsWidget(QWidget):
             "NIfTI (*.nii.gz *.nii)" + (f";;{seg_filter}" if dicom_seg else ""),
             options=QFileDialog.DontConfirmOverwrite,  # we ask ourselves, knowing the input CT
         )
-        if path and chosen == seg_filter and not path.lower().endswith(".dcm"):
-            from kitseg.geometry import strip_nifti_suffix
-
-            # The suggestion's NIfTI suffix, where the user changed the filter and kept the name.
-            path = str(Path(path).with_name(strip_nifti_suffix(Path(path).name) + ".dcm"))
+        if path and chosen == seg_filter:
+            # The suggestion's NIfTI suffix goes where the user changed the filter and kept the name
+            # (Qt's own dialog turns SE2_labels.nii.gz into SE2_labels.nii.dcm).
+            stem = re.sub(r"(\.nii(\.gz)?)?(\.dcm)?$", "", Path(path).name, flags=re.IGNORECASE)
+            path = str(Path(path).with_name(stem + ".dcm"))
         return path or None
 
     def _confirm_overwrite(self, path: Path) -> bool:

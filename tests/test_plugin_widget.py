@@ -887,7 +887,10 @@ def test_labels_of_a_dicom_series_are_offered_and_saved_as_a_dicom_seg(qtbot, ma
 
     def choose_seg(parent, title, suggestion, filters, options=None):
         asked.update(suggestion=suggestion, filters=filters)
-        return suggestion, filters.split(";;")[-1]  # the user picks the last filter (DICOM SEG), keeps the name
+        # The user picks the last filter (DICOM SEG) and keeps the name, which Qt's dialog gives a .dcm suffix for
+        # the last one it had: SE2_labels.nii.gz becomes SE2_labels.nii.dcm.
+        chosen = filters.split(";;")[-1]
+        return (suggestion.replace(".nii.gz", ".nii.dcm") if chosen.endswith("(*.dcm)") else suggestion), chosen
 
     monkeypatch.setattr(_widget.QFileDialog, "getSaveFileName", choose_seg)
     widget.save_combo.setCurrentIndex(widget.save_combo.findData(labels_layer))
