@@ -197,10 +197,19 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
                  "--skip-existing"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    # A SEG added to labels left as the model made them: automatic still.
+    # A SEG added to a finished run: made from the kept labels, without segmenting again; whether a person
+    # corrected them is not known, so semiautomatic. With a map missing too, the case is segmented again, and
+    # its SEG is automatic where the kept labels are the model's.
     (out / "SE2_labels.dcm").unlink()
     assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
                  "--skip-existing"]) == 0
+    assert "SE2: SE2_labels.dcm from the kept SE2_labels.nii.gz, not segmented again" in capsys.readouterr().out
+    assert pydicom.dcmread(out / "SE2_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    (out / "SE2_labels.dcm").unlink()
+    assert main(["predict", str(study / "SE2"), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing", "--save-intermediates"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("SE2")) == [
+        "SE2_labels.dcm", "SE2_labels.nii.gz", "SE2_mask.nii.gz", "SE2_probs.nii.gz", "SE2_y1.nii.gz"]
     assert pydicom.dcmread(out / "SE2_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     # A SEG added to labels corrected since: the SEG holds the corrections, not a new segmentation's.
     corrected_labels = labels.copy()

@@ -207,6 +207,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = []
     for case in cases:
         start = time.perf_counter()
+        if args.skip_existing and _seg_alone_missing(case, args):  # a finished run given --dicom-seg afterwards
+            try:
+                written = _seg_of_kept_labels(case, args)
+            except InputError as exc:
+                if len(cases) == 1:
+                    raise
+                tqdm.write(f"kits-seg: error: {exc}", file=sys.stderr)
+                failed.append(case.name)
+                continue
+            tqdm.write(f"{case.name}: {written.name} from the kept {written.stem}.nii.gz, not segmented again "
+                       f"({time.perf_counter() - start:.1f} s)")
+            continue
         try:
             volume = read_ct(case.image_path)
             values = label_map_values(volume.array)
@@ -253,6 +265,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _with_seg(case, args) -> bool:
     """``case``'s labels go into a DICOM SEG too (``--dicom-seg``, a series whose headers allow one)."""
     return case.image_path in args.seg_for
+
+
+def _seg_alone_missing(case, args) -> bool:
+    """Of ``case``'s outputs only the DICOM SEG is missing (``--skip-existing``)."""
+    from .outputs import output_paths
+
+    if not _with_seg(case, args):
+        return False
+    *others, seg_path = output_paths(case, args.output, args.save_intermediates, True)
+    return not seg_path.exists() and all(path.is_file() for path in others)
+
+
+def _seg_of_kept_labels(case, args) -> Path:
+    """The SEG of a case's kept labels, without segmenting it again: recorded as semiautomatic, as
+    whether a person corrected them is not known, and naming no model (which made them is not known)."""
+    from .dicom_seg import write_dicom_seg
+    from .io import read_labels
+    from .outputs import output_paths
+
+    labels_path, seg_path = output_paths(case, args.output, False, True)
+    labels = read_labels(labels_path)  # its grid is the series' (checked by _cases_left_to_do)
+    return write_dicom_seg(labels.array, labels.source, case.image_path, seg_path, algorithm_type="semiautomatic")
 
 
 def _cases_left_to_do(cases, args, grids: dict) -> list:
