@@ -1316,8 +1316,9 @@ class KitsWidget(QWidget):
         if path and chosen == seg_filter:
             # The suggestion's NIfTI suffix goes where the user changed the filter and kept the name
             # (Qt's own dialog turns SE2_labels.nii.gz into SE2_labels.nii.dcm).
-            stem = re.sub(r"(\.nii(\.gz)?)?(\.dcm)?$", "", Path(path).name, flags=re.IGNORECASE)
-            path = str(Path(path).with_name(stem + ".dcm"))
+            name = Path(path).name
+            ending = re.search(r"(\.nii(\.gz)?)?(\.dcm)?$", name, flags=re.IGNORECASE)
+            path = str(Path(path).with_name(name[:ending.start()] + (ending.group(3) or ".dcm")))  # .DCM kept
         return path or None
 
     def _confirm_overwrite(self, path: Path) -> bool:

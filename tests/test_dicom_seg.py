@@ -201,8 +201,8 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     # corrected them is not known, so semiautomatic. With a map missing too, the case is segmented again, and
     # its SEG is automatic where the kept labels are the model's.
     (out / "SE2_labels.dcm").unlink()
-    assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
-                 "--skip-existing"]) == 0
+    assert main(["predict", str(study), "-o", str(out), "--weights", str(tmp_path / "gone.kseg"), "--dicom-seg",
+                 "--skip-existing"]) == 0  # no model needed, nor loaded
     assert "SE2: SE2_labels.dcm from the kept SE2_labels.nii.gz, not segmented again" in capsys.readouterr().out
     assert pydicom.dcmread(out / "SE2_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
     (out / "SE2_labels.dcm").unlink()

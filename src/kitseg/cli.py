@@ -187,6 +187,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{args.output}: every case has its outputs already; nothing to do")
             return 0
     _check_outputs_free(cases, args)
+    failed, count = [], len(cases)
+    if args.skip_existing:  # a finished run given --dicom-seg afterwards: its SEGs from the kept labels, no model
+        seg_only = [case for case in cases if _seg_alone_missing(case, args)]
+        for case in seg_only:
+            start = time.perf_counter()
+            try:
+                labels_path, seg_path = _seg_of_kept_labels(case, args)
+            except InputError as exc:
+                if count == 1:
+                    raise
+                print(f"kits-seg: error: {exc}", file=sys.stderr)
+                failed.append(case.name)
+                continue
+            print(f"{case.name}: {seg_path.name} from the kept {labels_path.name}, not segmented again "
+                  f"({time.perf_counter() - start:.1f} s)")
+        cases = [case for case in cases if case not in seg_only]
+    if not cases:
+        return _report_failed(failed, count)
     try:
         segmenter = Segmenter.from_file(
             args.weights, device=args.device, batch_size=args.batch_size, stage2_level=args.stage2_level,
@@ -204,21 +222,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _say_mask_rule(mask_config, model_mask, args)
     _make_output_folder(args.output)
     log.info("device: %s; %d case(s)", segmenter.device, len(cases))
-    failed = []
     for case in cases:
         start = time.perf_counter()
-        if args.skip_existing and _seg_alone_missing(case, args):  # a finished run given --dicom-seg afterwards
-            try:
-                written = _seg_of_kept_labels(case, args)
-            except InputError as exc:
-                if len(cases) == 1:
-                    raise
-                tqdm.write(f"kits-seg: error: {exc}", file=sys.stderr)
-                failed.append(case.name)
-                continue
-            tqdm.write(f"{case.name}: {written.name} from the kept {written.stem}.nii.gz, not segmented again "
-                       f"({time.perf_counter() - start:.1f} s)")
-            continue
         try:
             volume = read_ct(case.image_path)
             values = label_map_values(volume.array)
@@ -227,7 +232,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                         else f"{len(values)} whole numbers from {values[0]} to {values[-1]}, constant over regions")
                 raise InputError(f"{case.image_path}: holds only the values {held}: a label map, not a CT")
         except InputError as exc:  # one unreadable CT of a batch: say so, and segment the others
-            if len(cases) == 1:
+            if count == 1:
                 raise
             tqdm.write(f"kits-seg: error: {exc}", file=sys.stderr)
             failed.append(case.name)
@@ -249,15 +254,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                        model=(args.weights or DEFAULT_WEIGHTS).name)
         except InputError as exc:  # the SEG, whose headers highdicom refused: the NIfTI is on disk
             message = f"{exc} (the NIfTI labels are on disk)"
-            if len(cases) == 1:
+            if count == 1:
                 raise InputError(message) from None
             tqdm.write(f"kits-seg: error: {message}", file=sys.stderr)
             failed.append(case.name)
             continue
         tqdm.write(f"{case.name}: {describe_found(result.labels, volume.spacing)}; "
                    f"{', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
+    return _report_failed(failed, count)
+
+
+def _report_failed(failed: list[str], count: int) -> int:
     if failed:
-        raise CliError(f"{len(failed)} of {len(cases)} case(s) could not be read as a CT, or their DICOM SEG not be "
+        raise CliError(f"{len(failed)} of {count} case(s) could not be read as a CT, or their DICOM SEG not be "
                        f"written: {', '.join(failed)}")
     return 0
 
@@ -277,7 +286,7 @@ def _seg_alone_missing(case, args) -> bool:
     return not seg_path.exists() and all(path.is_file() for path in others)
 
 
-def _seg_of_kept_labels(case, args) -> Path:
+def _seg_of_kept_labels(case, args) -> tuple[Path, Path]:
     """The SEG of a case's kept labels, without segmenting it again: recorded as semiautomatic, as
     whether a person corrected them is not known, and naming no model (which made them is not known)."""
     from .dicom_seg import write_dicom_seg
@@ -286,7 +295,8 @@ def _seg_of_kept_labels(case, args) -> Path:
 
     labels_path, seg_path = output_paths(case, args.output, False, True)
     labels = read_labels(labels_path)  # its grid is the series' (checked by _cases_left_to_do)
-    return write_dicom_seg(labels.array, labels.source, case.image_path, seg_path, algorithm_type="semiautomatic")
+    write_dicom_seg(labels.array, labels.source, case.image_path, seg_path, algorithm_type="semiautomatic")
+    return labels_path, seg_path
 
 
 def _cases_left_to_do(cases, args, grids: dict) -> list:
