@@ -190,7 +190,8 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["SE2_labels.dcm", "SE2_labels.nii.gz", "SE3_labels.dcm",
                                                      "SE3_labels.nii.gz"]
-    labels = np.asarray(nib.load(out / "SE2_labels.nii.gz").dataobj)
+    written = nib.load(out / "SE2_labels.nii.gz")
+    labels, labels_affine = np.asarray(written.dataobj), written.affine
     np.testing.assert_array_equal(read_seg_labels(out / "SE2_labels.dcm", files), labels.transpose(2, 1, 0))
     assert pydicom.dcmread(out / "SE2_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
     # Done: nothing to redo; another series' SEG of the same name is not taken for this one's.
@@ -205,6 +206,17 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
                  "--skip-existing"]) == 0  # no model needed, nor loaded
     assert "SE2: SE2_labels.dcm from the kept SE2_labels.nii.gz, not segmented again" in capsys.readouterr().out
     assert pydicom.dcmread(out / "SE2_labels.dcm").SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    # Saved back by another tool in another axis order (ITK-SNAP): the same voxels, still this series' labels.
+    kept = nib.load(out / "SE2_labels.nii.gz")
+    flipped_affine = kept.affine.copy()
+    flipped_affine[:3, 3] += flipped_affine[:3, 1] * (kept.shape[1] - 1)
+    flipped_affine[:3, 1] *= -1
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(np.asarray(kept.dataobj)[:, ::-1]), flipped_affine),
+             str(out / "SE2_labels.nii.gz"))
+    (out / "SE2_labels.dcm").unlink()
+    assert main(["predict", str(study), "-o", str(out), "--weights", str(weights), "--dicom-seg",
+                 "--skip-existing"]) == 0
+    np.testing.assert_array_equal(read_seg_labels(out / "SE2_labels.dcm", files), labels.transpose(2, 1, 0))
     (out / "SE2_labels.dcm").unlink()
     assert main(["predict", str(study / "SE2"), "-o", str(out), "--weights", str(weights), "--dicom-seg",
                  "--skip-existing", "--save-intermediates"]) == 0
@@ -236,7 +248,7 @@ def test_predict_dicom_seg_and_the_dicom_seg_command(tmp_path, tiny_bundle, caps
     corrected = tmp_path / "SE2_labels_edited.nii.gz"
     edited = labels.copy()
     edited[3:6, 4:9, 2:4] = 2
-    nib.save(nib.Nifti1Image(edited, nib.load(out / "SE2_labels.nii.gz").affine), str(corrected))
+    nib.save(nib.Nifti1Image(edited, labels_affine), str(corrected))
     assert main(["dicom-seg", str(corrected), str(files[3])]) == 0
     seg_path = tmp_path / "SE2_labels_edited.dcm"
     np.testing.assert_array_equal(read_seg_labels(seg_path, files), edited.transpose(2, 1, 0))

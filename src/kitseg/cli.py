@@ -304,6 +304,7 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
     each is written atomically). ``grids``: each CT's (shape, affine), from :func:`kitseg.io.ct_grid`."""
     import numpy as np
 
+    from .geometry import source_grid_for
     from .io import ct_grid
     from .outputs import output_paths
 
@@ -325,7 +326,10 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
                                    "result of another series of the same name? Choose another -o/--output")
                 continue
             written_shape, written_affine = ct_grid(path, channels_ok=True)
-            if written_shape != shape or not np.allclose(written_affine, affine, atol=1e-3):
+            # Compared as read: labels a user saved back in another axis order (ITK-SNAP) are this CT's still.
+            written, ct = source_grid_for(written_shape[:3], written_affine), source_grid_for(shape, affine)
+            if (written.internal_shape() != ct.internal_shape()
+                    or not np.allclose(written.internal_affine(), ct.internal_affine(), atol=1e-3)):
                 raise CliError(f"{path}: exists, on another grid than {case.image_path} ({written_shape} against "
                                f"{shape}): the result of another CT of the same name? Choose another -o/--output")
         if _with_seg(case, args):
