@@ -55,13 +55,13 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
     p = _single_path(path)
     if p is None:
         return None
-    from kitseg.io import case_image_file, is_dicom_series, is_nifti
+    from kitseg.io import case_image_file, dicom_series_folders, is_dicom_series, is_nifti
 
     if p.is_dir():
         if case_image_file(p) is not None or is_dicom_series(p):
             return read_kits
         # A study's folder: said which folders to open, where napari would only say "refused".
-        series = [sub.name for sub in sorted(p.iterdir()) if sub.is_dir() and is_dicom_series(sub)]
+        series = [sub.name for sub in dicom_series_folders(p)]
         return partial(_refuse_study, series=series) if series else None
     return read_kits if is_nifti(p) or is_dicom_series(p) else None
 

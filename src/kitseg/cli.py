@@ -302,10 +302,8 @@ def _seg_of_kept_labels(case, args) -> tuple[Path, Path]:
 def _cases_left_to_do(cases, args, grids: dict) -> list:
     """--skip-existing: the cases whose outputs are not all written yet (an output on disk is whole:
     each is written atomically). ``grids``: each CT's (shape, affine), from :func:`kitseg.io.ct_grid`."""
-    import numpy as np
-
     from .geometry import source_grid_for
-    from .io import ct_grid
+    from .io import InputError, check_same_grid, ct_grid
     from .outputs import output_paths
 
     left = [c for c in cases if not all(p.is_file() for p in output_paths(c, args.output, args.save_intermediates,
@@ -326,12 +324,12 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
                                    "result of another series of the same name? Choose another -o/--output")
                 continue
             written_shape, written_affine = ct_grid(path, channels_ok=True)
-            # Compared as read: labels a user saved back in another axis order (ITK-SNAP) are this CT's still.
-            written, ct = source_grid_for(written_shape[:3], written_affine), source_grid_for(shape, affine)
-            if (written.internal_shape() != ct.internal_shape()
-                    or not np.allclose(written.internal_affine(), ct.internal_affine(), atol=1e-3)):
+            try:  # compared as read: labels a user saved back in another axis order (ITK-SNAP) are this CT's still
+                check_same_grid(source_grid_for(written_shape[:3], written_affine), source_grid_for(shape, affine))
+            except InputError:
                 raise CliError(f"{path}: exists, on another grid than {case.image_path} ({written_shape} against "
-                               f"{shape}): the result of another CT of the same name? Choose another -o/--output")
+                               f"{shape}): the result of another CT of the same name? Choose another "
+                               "-o/--output") from None
         if _with_seg(case, args):
             labels_path, seg_path = output_paths(case, args.output, False, True)
             if labels_path.is_file() and not seg_path.is_file():
@@ -343,13 +341,11 @@ def _cases_left_to_do(cases, args, grids: dict) -> list:
 
 
 def _check_kept_labels(path: Path) -> None:
-    import numpy as np
-
+    from .config import KITS_LABELS
     from .io import name_a_few, read_labels
 
-    labels = read_labels(path).array
-    if labels.max() > 2:
-        stray = sorted(set(np.unique(labels).tolist()) - {0, 1, 2})
+    stray = KITS_LABELS.stray_values(read_labels(path).array)  # read as uint8: no value below 0
+    if stray:
         raise CliError(f"{path}: holds label {name_a_few(stray, 8)}, which a DICOM SEG of kidney (1) and tumor (2) "
                        "cannot: relabel them (0 erases), or run without --dicom-seg")
 
@@ -632,15 +628,15 @@ def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
 
 def cmd_dicom_seg(args: argparse.Namespace) -> int:
     from .dicom_seg import check_can_write_seg, write_dicom_seg
-    from .io import is_dicom_series, is_nifti, read_labels, strip_nifti_suffix
+    from .io import dicom_series_folders, is_dicom_series, is_nifti, read_labels, strip_nifti_suffix
 
     check_can_write_seg()
     if not is_nifti(args.labels):
         raise CliError(f"{args.labels}: not a NIfTI label map (.nii/.nii.gz)")
     if not args.series.exists():
         raise CliError(f"{args.series}: no such file or folder (the series: its folder, or one of its files)")
-    if not is_dicom_series(args.series) and not (args.series.is_dir() and any(
-            is_dicom_series(sub) for sub in args.series.iterdir() if sub.is_dir())):  # a study: dicom.py names its series
+    if not is_dicom_series(args.series) and not (args.series.is_dir() and dicom_series_folders(args.series)):
+        # (a study's folder passes: reading it names its series folders)
         raise CliError(f"{args.series}: is no DICOM series (its folder, or one of its files): a SEG references the "
                        "DICOM series the labels were made on")
     output = args.output or args.labels.with_name(strip_nifti_suffix(args.labels.name) + ".dcm")

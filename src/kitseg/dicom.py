@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .geometry import Volume
-from .io import PLAUSIBLE_SPACING_MM, InputError, dicom_files, is_dicom_series, layout_hint, name_a_few
+from .io import PLAUSIBLE_SPACING_MM, InputError, dicom_files, dicom_series_folders, layout_hint, name_a_few
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _image_headers(source: Path) -> tuple[Path, list, bool]:
         raise NoImageSlices(f"{source}: is no image slice of a series (a DICOMDIR indexes a disc's files): give "
                             "the folder of one series")
     if not files:
-        series = [sub.name for sub in sorted(folder.iterdir()) if sub.is_dir() and is_dicom_series(sub)]
+        series = [sub.name for sub in dicom_series_folders(folder)]
         if series:
             raise InputError(f"{folder}: holds series folders ({name_a_few(series)}), not a series: give one of them")
         raise InputError(f"{folder}: no DICOM files{layout_hint(folder)}")

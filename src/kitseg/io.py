@@ -225,7 +225,7 @@ def layout_hint(path: Path) -> str:
     level = subfolders
     for _ in range(3):
         for folder in level:
-            if any(is_dicom_series(sub) for sub in _subfolders(folder)):
+            if dicom_series_folders(folder):
                 return f"; DICOM series lie deeper: give {folder}, which holds series folders"
         level = [sub for folder in level for sub in _subfolders(folder)][:200]
     return ""
@@ -236,6 +236,11 @@ def _subfolders(folder: Path) -> list[Path]:
         return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     except OSError:
         return []
+
+
+def dicom_series_folders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that hold a DICOM series (``folder`` a study, a PACS export)."""
+    return [sub for sub in _subfolders(folder) if is_dicom_series(sub)]
 
 
 def is_dicom_file(path: Path) -> bool:
