@@ -21,6 +21,9 @@ from typing import Any, Literal
 import numpy as np
 
 META_KEY = "kitseg"
+#: ``layer.metadata[RUN_KEY]`` of labels a run wrote: ``{"checksum": checksum(labels), "model": file
+#: name}``; saved as a DICOM SEG unchanged, they are the model's alone ("automatic").
+RUN_KEY = "kitseg_run"
 
 #: The abdominal soft-tissue window W400/L40, as (min, max) HU.
 ABDOMEN_WINDOW = (-160.0, 240.0)
@@ -79,6 +82,14 @@ class LayerGeometry:
 
     def with_kind(self, kind: Kind, stage_grid: Any = None) -> "LayerGeometry":
         return LayerGeometry(kind, self.source, stage_grid, self.ct_name, self.case_id, self.source_holds)
+
+
+def checksum(labels: np.ndarray) -> tuple:
+    """A cheap fingerprint of a label array (about 0.1 s for a 1000-slice CT), to notice edits."""
+    import zlib
+
+    labels = np.ascontiguousarray(labels)
+    return labels.shape, labels.dtype.str, zlib.crc32(labels.data)
 
 
 def placement(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -1,5 +1,6 @@
 """npe2 reader: a CT as a NIfTI file, a KiTS case folder (with its ground truth, if any), or a
-DICOM series (its folder, or its files: read by :mod:`kitseg.dicom`).
+DICOM series (its folder, or its files: read by :mod:`kitseg.dicom`); labels as a DICOM SEG over
+its series (:func:`kitseg.dicom_seg.read_dicom_seg`).
 
 A NIfTI that holds a label map (whole numbers 0..255 stored as any type, a few of them or
 constant over regions: a KiTS19 ``segmentation.nii.gz``, a saved prediction, another tool's
@@ -24,6 +25,7 @@ from ._layers import (
     KITS21_CYST,
     LayerGeometry,
     ct_layer_data,
+    geometry_of,
     ground_truth_layer_data,
     labels_layer_kwargs,
     probability_layer_kwargs,
@@ -63,7 +65,7 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
         # A study's folder: said which folders to open, where napari would only say "refused".
         series = [sub.name for sub in dicom_series_folders(p)]
         return partial(_refuse_study, series=series) if series else None
-    return read_kits if is_nifti(p) or is_dicom_series(p) else None
+    return read_kits if is_nifti(p) or is_dicom_series(p) else None  # a DICOM SEG passes: read_kits reads it
 
 
 def _refuse_study(path: str | os.PathLike | list, series: list[str]) -> list:
@@ -83,12 +85,15 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     from kitseg.config import KITS_LABELS
     from kitseg.geometry import strip_nifti_suffix
     from kitseg.dicom import series_name, series_of_file
-    from kitseg.io import (InputError, as_labels, case_from_folder, is_case_image, is_dicom_series, is_result_name,
+    from kitseg.io import (InputError, as_labels, case_from_folder, is_case_image, is_dicom_seg, is_dicom_series,
+                           is_result_name,
                            label_map_values, nifti_shape, read_ct, read_labels, read_volume)
 
     p = _single_path(path)
     if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_of_file(Path(f)) for f in path} - {None}) > 1:
         raise InputError(f"{p.parent}: the files chosen belong to several series; open one series at a time")
+    if is_dicom_seg(p):
+        return [_dicom_seg_layer(p)]
     if is_dicom_series(p):
         return [ct_layer_data(read_ct(p), series_name(p))]  # named as the CLI names its results
     if p.is_dir():
@@ -126,6 +131,25 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     if probability:  # shown over its CT, never offered as a CT to segment
         return [_probability_layer(volume.array, volume, name, name)]
     return [ct_layer_data(volume, name)]
+
+
+def _dicom_seg_layer(path: Path) -> tuple:
+    """A DICOM SEG's kidney and tumor as labels on its CT series' grid: its series found beside it,
+    or among the DICOM CTs open in the viewer. A SEG napari-kits wrote is a result to correct;
+    another tool's, or a person's, a reference to score against. Saved, it goes to a new file."""
+    from kitseg.dicom import series_name
+    from kitseg.dicom_seg import read_dicom_seg
+
+    from ._save import from_dicom_series, viewer_layers
+
+    open_series = [Path(geometry_of(layer).source.path) for layer in viewer_layers()
+                   if geometry_of(layer) is not None and geometry_of(layer).kind == "ct"
+                   and from_dicom_series(geometry_of(layer))]
+    seg = read_dicom_seg(path, near=open_series)
+    geometry = LayerGeometry("labels", seg.labels.source, None, series_name(seg.series), read_from=path,
+                             offered_as_reference=not seg.by_napari_kits)
+    name = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return (seg.labels.array, labels_layer_kwargs(name, geometry, seg.labels.affine), "labels")
 
 
 def _probability_layer(array: np.ndarray, volume, file_stem: str, layer_name: str, colormap: str = "inferno") -> tuple:

@@ -43,6 +43,8 @@ def default_filename(geometry: LayerGeometry, layer_name: str = "") -> str:
         # One name per class of a _probs file, whose layers the reader names "NAME_probs P(kidney)".
         part = layer_name.removeprefix(geometry.ct_name).strip().replace(" ", "_")
         return f"{stem}{'_' + part if geometry.kind == 'probability' and part else ''}_edited.nii.gz"
+    if geometry.kind == "labels" and geometry.read_from is not None:  # a DICOM SEG opened: its file is an input
+        return f"{stem}_labels_edited.nii.gz"
     set_aside = re.search(r"\(edited( \d+)?\)", layer_name)
     edited = f"_edited{(set_aside.group(1) or '').strip()}" if set_aside else ""
     if geometry.kind in _SUFFIX:
@@ -133,10 +135,12 @@ def viewer_layers() -> list[Any]:
 
 
 def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.PathLike, overwrite: bool = False,
-               layer_name: str | None = None) -> Path:
-    """Write a plugin layer's data as NIfTI on the CT file's grid; returns the path written.
+               layer_name: str | None = None, run: dict | None = None) -> Path:
+    """Write a plugin layer's data as NIfTI on the CT file's grid, or as a DICOM SEG; returns the path written.
 
-    ``layer_name`` names the layer in a refusal (napari's File > Save shows it with no other word).
+    ``layer_name`` names the layer in a refusal (napari's File > Save shows it with no other word);
+    ``run``: the layer's ``metadata[RUN_KEY]``, what a run wrote into it (a SEG of it unchanged is
+    "automatic", and names the model).
 
     Raises:
         SaveError: the layer carries no CT geometry (it was not made by napari-kits).
@@ -156,7 +160,7 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
     refuse_input_file(geometry, path)
     data = np.asarray(data)
     if is_dicom_seg_name(path):
-        return _save_dicom_seg(data, geometry, path, overwrite, layer_name)
+        return _save_dicom_seg(data, geometry, path, overwrite, layer_name, run)
     if geometry.kind == "mask" and geometry.on_stage_grid:
         return write_stage_mask(data, geometry.stage_grid, geometry.source, path, overwrite=overwrite)
     if geometry.kind in ("y1", "probability") and geometry.on_stage_grid:
@@ -181,11 +185,14 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
 
 
 def _save_dicom_seg(data: np.ndarray, geometry: LayerGeometry, path: Path, overwrite: bool,
-                    layer_name: str | None) -> Path:
-    """Labels as a DICOM SEG over the series their CT was read from: "semiautomatic", as the
-    plugin's labels are a model's that a person reviewed and may have painted."""
+                    layer_name: str | None, run: dict | None) -> Path:
+    """Labels as a DICOM SEG over the series their CT was read from: "automatic" where they are as
+    a run wrote them (``run``), else "semiautomatic": a model's that a person painted, or labels
+    opened from a file, whose making is not known here."""
     from kitseg.dicom_seg import write_dicom_seg
     from kitseg.io import InputError
+
+    from ._layers import checksum
 
     layer = f"'{layer_name}'" if layer_name else "the layer"
     if geometry.kind != "labels":
@@ -194,7 +201,9 @@ def _save_dicom_seg(data: np.ndarray, geometry: LayerGeometry, path: Path, overw
         raise SaveError(f"{path}: {layer} is not on a CT read from a DICOM series, which a DICOM SEG must "
                         "reference; save it as .nii.gz (kits-seg dicom-seg LABELS SERIES converts a saved file)")
     try:
+        as_run_wrote = run is not None and checksum(data) == run.get("checksum")
         return write_dicom_seg(data, geometry.source, geometry.source.path, path, overwrite=overwrite,
-                               algorithm_type="semiautomatic")
+                               algorithm_type="automatic" if as_run_wrote else "semiautomatic",
+                               model=run.get("model") if run else None)
     except InputError as error:  # the series' headers lack what a SEG references; the labels hold a 3
         raise SaveError(str(error)) from error

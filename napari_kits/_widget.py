@@ -53,7 +53,9 @@ from qtpy.QtWidgets import (
 from . import _settings as keys
 from ._layers import (
     KITS21_CYST,
+    RUN_KEY,
     LayerGeometry,
+    checksum,
     geometry_of,
     labels_layer_kwargs,
     probability_layer_kwargs,
@@ -927,7 +929,7 @@ class KitsWidget(QWidget):
             layer.contour, layer.opacity = MASK_CONTOUR, 0.9
         layer.visible = True  # rebuilt: shown again, also where stage 2 had hidden it
         session.mask_layer = layer
-        session.mask_written = _checksum(mask)
+        session.mask_written = checksum(mask)
         if painted is not None:  # the user asked for a mask from y1 again; the painting stays
             self._add_status(f"Your painted mask was kept as '{painted.name}' (hidden); "
                              f"'{layer.name}' follows the threshold and radius and is what stage 2 uses.")
@@ -946,7 +948,10 @@ class KitsWidget(QWidget):
         geometry = geometry_of(session.ct_layer).with_kind("labels")
         kwargs = labels_layer_kwargs(self._result_name(session, "labels"), geometry, session.volume.affine, opacity=0.6)
         session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs, spare="labels")
-        session.labels_written = _checksum(event.labels)
+        session.labels_written = checksum(event.labels)
+        # What the run wrote, and with which model: saved unchanged as a DICOM SEG, it is "automatic".
+        session.labels_layer.metadata[RUN_KEY] = {"checksum": session.labels_written,
+                                                  "model": self.weights_path.name if self.weights_path else None}
         if kept is not None:
             kept.visible = False  # under the new result in the same colours it would only confuse
             self._add_status(f"Your corrected labels were kept (hidden) as '{kept.name}'; the new result is "
@@ -999,7 +1004,7 @@ class KitsWidget(QWidget):
         """If the user has edited a layer the session wrote (``labels``, ``mask``) since it was
         written, set it aside under a new name, so the next result gets a layer of its own; return it."""
         layer, written = getattr(session, layer_attr), getattr(session, checksum_attr)
-        if not self._live(layer) or written is None or _checksum(layer.data) == written:
+        if not self._live(layer) or written is None or checksum(layer.data) == written:
             return None
         # Its geometry stays with it: it can still be saved. A second set-aside is "(edited 2)", not
         # napari's "(edited) [1]".
@@ -1362,7 +1367,7 @@ class KitsWidget(QWidget):
                 return None
             overwrite = True
         data = np.array(layer.data)  # a snapshot: the user may keep painting while it writes
-        worker = create_worker(save_layer, data, geometry, path, overwrite,
+        worker = create_worker(save_layer, data, geometry, path, overwrite, layer.name, layer.metadata.get(RUN_KEY),
                                _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda written: (self._say(f"Saved {written}"), self.saved.emit(str(written))))
         worker.errored.connect(lambda e: self._show_error(f"{layer.name} not saved: {e}"))
@@ -1380,14 +1385,6 @@ class KitsWidget(QWidget):
             if worker is not None:
                 worker.quit()
         super().closeEvent(event)
-
-
-def _checksum(labels: np.ndarray) -> tuple:
-    """A cheap fingerprint of a label array (about 0.1 s for a 1000-slice CT), to notice edits."""
-    import zlib
-
-    labels = np.ascontiguousarray(labels)
-    return labels.shape, labels.dtype.str, zlib.crc32(labels.data)
 
 
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: tuple, name: str, ref_name: str = "the reference",
@@ -1461,6 +1458,8 @@ def _is_result(layer: Any) -> bool:
 
     geometry = geometry_of(layer)
     if geometry is None or geometry.kind != "labels":
+        return False
+    if geometry.offered_as_reference:  # another tool's DICOM SEG, opened over its series
         return False
     return geometry.source_holds == "ct" or is_result_name(getattr(geometry.source, "path", None) or "")
 

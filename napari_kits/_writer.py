@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._layers import geometry_of
+from ._layers import RUN_KEY, geometry_of
 from ._save import SaveError, refuse_open_files, save_layer, viewer_layers, with_output_suffix
 
 
@@ -27,8 +27,9 @@ def write_probability(path: str, data: Any, meta: dict) -> list[str]:
 def _write(path: str, data: Any, meta: dict) -> list[str]:
     try:
         refuse_open_files(path, viewer_layers())
-        return [str(save_layer(data, geometry_of(meta.get("metadata", {})), path, overwrite=True,
-                               layer_name=meta.get("name")))]
+        metadata = meta.get("metadata", {})
+        return [str(save_layer(data, geometry_of(metadata), path, overwrite=True, layer_name=meta.get("name"),
+                               run=metadata.get(RUN_KEY)))]
     except ValueError as error:  # napari would show "not a valid writer" in place of the message
         target = str(with_output_suffix(path))
         raise SaveError(str(error) if str(error).startswith(target) else f"{target}: {error}") from error

@@ -398,3 +398,164 @@ def test_a_seg_of_a_real_jpeg2000_series_lands_on_its_voxels(tmp_path):
     index = tuple(np.round(voxels[:3]).astype(int))
     np.testing.assert_array_equal(labels[index], seg.array[seg.array > 0])
     assert len(marked) == np.count_nonzero(labels)
+
+
+# ---------------------------------------------------------------------------- reading a SEG
+def _foreign_seg(path, series_files, kidney: np.ndarray | None, mass: np.ndarray, liver: np.ndarray | None = None,
+                 fractional: bool = False, mass_region: str = "64033007"):
+    """A SEG as another tool writes one, with highdicom: its own segment order and codes (a left
+    kidney, a mass in the kidney, maybe a liver), the kidney drawn under the mass, the source
+    slices given in reverse order; arrays as (slice, row, column) in position order; no kidney
+    segment where ``kidney`` is None."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+    from pydicom.sr.codedict import codes
+
+    slices = sorted((pydicom.dcmread(p) for p in series_files), key=lambda ds: float(
+        np.dot(np.cross(*np.reshape(ds.ImageOrientationPatient, (2, 3))), ds.ImagePositionPatient)))
+    for ds in slices:  # type 2 attributes the test series leaves out, which highdicom copies
+        for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyTime",
+                        "ReferringPhysicianName"):
+            setattr(ds, keyword, getattr(ds, keyword, None))
+    manual = {"algorithm_type": hd.seg.SegmentAlgorithmTypeValues.MANUAL}
+    kinds = [("Left kidney", codes.cid7150.AnatomicalStructure, Code("18639004", "SCT", "Left kidney"), None, kidney),
+             ("lesion 1", codes.cid7150.MorphologicallyAbnormalStructure, codes.SCT.Mass,
+              [Code(mass_region, "SCT", "region")], mass)][kidney is None:]
+    if liver is not None:
+        kinds.insert(0, ("Liver", codes.cid7150.AnatomicalStructure, codes.SCT.Liver, None, liver))
+    descriptions = [hd.seg.SegmentDescription(segment_number=n, segment_label=label, segmented_property_category=cat,
+                                              segmented_property_type=kind, anatomic_regions=region, **manual)
+                    for n, (label, cat, kind, region, _) in enumerate(kinds, start=1)]
+    stack = np.stack([k[4] for k in kinds], axis=-1)[::-1]  # the slices given in reverse
+    pixels = stack.astype(np.float32) * (0.8 if fractional else 1.0)
+    seg = hd.seg.Segmentation(
+        source_images=slices[::-1], pixel_array=pixels if fractional else pixels.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional
+        else hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=300,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Another tool", manufacturer_model_name="x",
+        software_versions="1", device_serial_number="1")
+    seg.save_as(path)
+    return path
+
+
+def test_a_seg_reads_back_on_its_series_grid_as_the_labels_it_was_written_from(tmp_path):
+    """Whatever the labels (a few voxels on one slice, none, both classes across slices), the SEG
+    reads back as them, on the grid the series reads on, its series found beside it."""
+    from kitseg.dicom_seg import read_dicom_seg, write_dicom_seg
+    from kitseg.io import check_same_grid
+
+    study = tmp_path / "study"
+    write_series(study / "SE3", _ct((6, 9, 11)), along_row=_oblique()[0], down_column=_oblique()[1])
+    volume = read_ct(study / "SE3")
+    one_slice = np.zeros(volume.shape, np.uint8)
+    one_slice[:, 3, 4] = 1  # one pixel on each slice of the internal first axis: one SEG frame or a few
+    one_slice[0, 0, 0] = 2
+    rng = np.random.default_rng(1)
+    speckled = (rng.integers(0, 3, volume.shape) * (rng.random(volume.shape) < 0.3)).astype(np.uint8)
+    for where, labels in ((study / "SE3_labels.dcm", _labels_on(volume)), (study / "out" / "a.dcm", one_slice),
+                          (tmp_path / "elsewhere" / "b.dcm", speckled), (study / "c.dcm", np.zeros_like(one_slice))):
+        written = write_dicom_seg(labels, volume.source, study / "SE3", where)
+        series = None if where.parent != tmp_path / "elsewhere" else study / "SE3"  # far from it: given
+        seg = read_dicom_seg(written, series)
+        np.testing.assert_array_equal(seg.labels.array, labels)
+        check_same_grid(seg.labels.source, volume.source, written)
+        assert seg.series == study / "SE3" and seg.by_napari_kits and seg.ignored == ()
+
+
+def test_another_tools_seg_reads_by_its_codes_with_tumor_over_kidney(tmp_path, caplog):
+    """Another tool's SEG (segments in its own order and codes, slices in reverse, a liver too)
+    reads as KiTS19 labels: a left kidney is kidney, a mass in the kidney tumor, over the kidney
+    drawn beneath it; the liver is left out, said; a fractional SEG reads where it is half or more."""
+    from kitseg.dicom_seg import read_dicom_seg
+
+    files = write_series(tmp_path / "export", _ct((5, 8, 10)))  # a PACS export: the SEG in the series' folder
+    volume = read_ct(tmp_path / "export")
+    kidney = np.zeros((5, 8, 10), bool)
+    kidney[1:4, 2:6, 2:8] = True
+    mass = np.zeros_like(kidney)
+    mass[2, 3:5, 3:5] = True
+    liver = np.zeros_like(kidney)
+    liver[0:2, 0:2, 0:3] = True
+    expected = np.where(mass, 2, np.where(kidney, 1, 0)).astype(np.uint8)  # (slice, row, column)
+    for fractional in (False, True):
+        seg_path = _foreign_seg(tmp_path / "export" / f"SEG{int(fractional)}.dcm", files, kidney, mass, liver,
+                                fractional=fractional)
+        seg = read_dicom_seg(seg_path)
+        np.testing.assert_array_equal(volume.source.to_source(seg.labels.array).transpose(2, 1, 0), expected)
+        assert not seg.by_napari_kits and seg.ignored == ("'Liver' (SCT 10200004)",)
+    assert "'Liver' (SCT 10200004) are neither kidney nor kidney tumor; left out" in caplog.text
+    # A mass of another organ is no kidney tumor: with nothing else, nothing to read.
+    liver_mass = _foreign_seg(tmp_path / "export" / "liver_mass.dcm", files, None, mass,
+                              mass_region="10200004")
+    with pytest.raises(InputError, match=r"liver_mass.dcm: holds no kidney or kidney tumor segment \(it holds "
+                                         r"'lesion 1' \(SCT 4147007\)\)"):
+        read_dicom_seg(liver_mass)
+
+
+def test_a_seg_is_read_on_its_own_series_only(tmp_path):
+    """A SEG given another series, one whose series is nowhere near, one of other voxel sizes, or a
+    file that is no SEG: refused, naming the file and what is wrong."""
+    from kitseg.dicom_seg import read_dicom_seg, write_dicom_seg
+
+    write_series(tmp_path / "study" / "SE3", _ct())
+    write_series(tmp_path / "study" / "SE4", _ct(), series_uid="1.2.826.0.1.4")
+    volume = read_ct(tmp_path / "study" / "SE3")
+    seg = write_dicom_seg(_labels_on(volume), volume.source, tmp_path / "study" / "SE3", tmp_path / "study" / "x.dcm")
+    with pytest.raises(InputError, match=r"x.dcm: segments the series 1.2.826.0.1.1, not .*SE4 \(series 1.2.826.0.1.4\)"):
+        read_dicom_seg(seg, tmp_path / "study" / "SE4")
+    far = tmp_path / "a" / "b" / "c"
+    far.mkdir(parents=True)
+    shutil.copy(seg, far / "x.dcm")
+    with pytest.raises(InputError, match=r"c/x.dcm: segments the series 1.2.826.0.1.1, found in none of .*put the SEG "
+                                         r"beside its series"):
+        read_dicom_seg(far / "x.dcm")
+    assert read_dicom_seg(far / "x.dcm", near=[tmp_path / "study" / "SE3"]).labels.array.any()  # a CT open in napari
+    # The same series' UIDs on pixels half the size: highdicom would read every other one; refused.
+    fine = write_series(tmp_path / "fine", _ct((6, 18, 22)), pixel_mm=(0.4, 0.35))
+    fine_volume = read_ct(tmp_path / "fine")
+    fine_seg = write_dicom_seg(_labels_on(fine_volume), fine_volume.source, fine[0], tmp_path / "fine.dcm")
+    with pytest.raises(InputError, match=r"fine.dcm: its voxels .* are not those of .*SE3 .*a SEG is read on its "
+                                         "series' own grid only"):
+        read_dicom_seg(fine_seg, tmp_path / "study" / "SE3")
+    # The same series' UIDs half a pixel aside (another reconstruction): no voxel of the one is the other's.
+    aside = write_series(tmp_path / "aside", _ct(), first=(-119.6, -80.0, 300.0))
+    aside_volume = read_ct(tmp_path / "aside")
+    aside_seg = write_dicom_seg(_labels_on(aside_volume), aside_volume.source, aside[0], tmp_path / "aside.dcm")
+    with pytest.raises(InputError, match=r"aside.dcm: its frames are not on the grid of .*SE3 \(.*\); a SEG is read "):
+        read_dicom_seg(aside_seg, tmp_path / "study" / "SE3")
+    with pytest.raises(InputError, match=r"SE3.*: is no DICOM SEG"):
+        read_dicom_seg(next((tmp_path / "study" / "SE3").iterdir()))
+
+
+def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys):
+    """``kits-seg dicom-seg SEG`` writes its labels as NIfTI on the series' grid, never over a file
+    unasked; ``kits-seg evaluate`` scores a SEG as it scores the NIfTI it came from."""
+    from kitseg.cli import main
+    from kitseg.dicom_seg import write_dicom_seg
+    from kitseg.io import read_labels, write_labels
+
+    write_series(tmp_path / "SE3", _ct(), along_row=_oblique()[0], down_column=_oblique()[1])
+    volume = read_ct(tmp_path / "SE3")
+    labels = _labels_on(volume)
+    seg = write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "SE3_labels.dcm")
+    assert main(["dicom-seg", str(seg)]) == 0
+    assert f"wrote {tmp_path / 'SE3_labels.nii.gz'}" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_labels(tmp_path / "SE3_labels.nii.gz", like=volume).array, labels)
+    before = (tmp_path / "SE3_labels.nii.gz").read_bytes()
+    assert main(["dicom-seg", str(seg)]) == 2
+    assert "SE3_labels.nii.gz exists already; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "SE3_labels.nii.gz").read_bytes() == before
+    assert main(["dicom-seg", str(seg), "-o", str(tmp_path / "x.dcm")]) == 2
+    assert "name the output .nii.gz" in capsys.readouterr().err
+    assert main(["dicom-seg", str(tmp_path / "SE3_labels.nii.gz")]) == 2
+    assert "give the DICOM series the labels were made on" in capsys.readouterr().err
+    # Scored as a prediction, and as the reference.
+    reference = labels.copy()
+    reference[labels == 2] = 1
+    write_labels(reference, volume.source, tmp_path / "reference.nii.gz")
+    assert main(["evaluate", "--pred", str(seg), "--gt", str(tmp_path / "reference.nii.gz")]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[1:3] == ["1.0000", "0.0000"]  # the same kidney region; tumor where the reference has none
+    assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(seg)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1:3] == ["1.0000", "1.0000"]

@@ -381,8 +381,9 @@ def test_a_case_folder_holding_a_dicom_file_still_opens_with_its_ground_truth(tm
 def test_labels_of_a_dicom_series_save_as_a_dicom_seg_over_it(tmp_path, case_folder):
     """File > Save Layers with a .dcm name: a SEG over the series the CT was read from; what has
     no series to reference is refused, saying what to do."""
+    pydicom = pytest.importorskip("pydicom")
     pytest.importorskip("highdicom")
-    from napari_kits._layers import META_KEY, LayerGeometry
+    from napari_kits._layers import META_KEY, RUN_KEY, LayerGeometry, checksum
 
     from .test_dicom import _ct, _oblique, write_series
     from .test_dicom_seg import read_seg_labels
@@ -396,7 +397,19 @@ def test_labels_of_a_dicom_series_save_as_a_dicom_seg_over_it(tmp_path, case_fol
     (written,) = write_labels(str(tmp_path / "SE4_labels.dcm"), labels, meta)
     expected = ct_geometry.source.to_source(labels).transpose(2, 1, 0)
     np.testing.assert_array_equal(read_seg_labels(written, files), expected)
+    assert pydicom_segment_type(written) == "SEMIAUTOMATIC"  # labels of unknown making
+    # As a run wrote them: the model's alone, named; painted since: semiautomatic, the model named.
+    run = {"checksum": checksum(labels), "model": "tiny.kseg"}
+    meta["metadata"][RUN_KEY] = run
+    (written,) = write_labels(str(tmp_path / "SE4_labels.dcm"), labels, meta)
+    assert pydicom_segment_type(written) == "AUTOMATIC"
+    algorithm = pydicom.dcmread(written).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert "tiny.kseg" in str(algorithm.AlgorithmParameters)
+    painted = labels.copy()
+    painted[0, 0, 0] = 2
+    (written,) = write_labels(str(tmp_path / "SE4_labels.dcm"), painted, meta)
     assert pydicom_segment_type(written) == "SEMIAUTOMATIC"
+    del meta["metadata"][RUN_KEY]
     with pytest.raises(SaveError, match=r"only labels are saved as a DICOM SEG; save 'y1' as .nii.gz"):
         write_labels(str(tmp_path / "y1.dcm"), labels, {"metadata": {META_KEY: LayerGeometry(
             "y1", ct_geometry.source, None, "SE4")}, "name": "y1"})
@@ -437,3 +450,63 @@ def test_an_unpacked_case_folder_opens_as_the_packed_one_does(tmp_path, case_fol
     for (data, _, _), (expected, _, _) in zip(layers, packed):
         np.testing.assert_array_equal(data, expected)
     assert read_kits(str(unpacked / "imaging.nii"))[0][1]["name"] == case_folder.name
+
+
+def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, monkeypatch):
+    """A SEG (File > Open, napari-kits) opens as labels on its series' grid, its series found beside
+    it or among the CTs open in the viewer: this tool's is a result to correct, another's a
+    reference; saved, it goes to a new file, as SEG or NIfTI, never over the SEG it came from."""
+    pytest.importorskip("highdicom")
+    from types import SimpleNamespace
+
+    from kitseg.dicom_seg import read_dicom_seg
+    from napari_kits import _save
+    from napari_kits._layers import META_KEY, LayerGeometry
+    from napari_kits._save import default_filename
+    from napari_kits._widget import _is_reference, _is_result
+
+    from .test_dicom import _ct, _oblique, write_series
+    from .test_dicom_seg import _foreign_seg
+
+    files = write_series(tmp_path / "SE4", _ct(), along_row=_oblique()[0], down_column=_oblique()[1])
+    (ct,) = read_kits(str(tmp_path / "SE4"))
+    labels = np.zeros(ct[0].shape, np.uint8)
+    labels[1:3, 2:5, 3:7], labels[2, 3, 4] = 1, 2
+    run_labels = {"metadata": {META_KEY: LayerGeometry("labels", geometry_of(ct[1]).source, None, "SE4")},
+                  "name": "labels"}
+    (seg_path,) = write_labels(str(tmp_path / "SE4_labels.dcm"), labels, run_labels)
+    assert napari_get_reader(seg_path) is read_kits
+    ((data, kwargs, kind),) = read_kits(seg_path)
+    geometry = geometry_of(kwargs)
+    np.testing.assert_array_equal(data, labels)
+    assert (kind, kwargs["name"], geometry.ct_name) == ("labels", "SE4_labels", "SE4")
+    assert (kwargs["scale"], kwargs["translate"]) == (ct[1]["scale"], ct[1]["translate"])  # over its CT
+    layer = SimpleNamespace(metadata=kwargs["metadata"], name=kwargs["name"])
+    assert _is_result(layer) and not _is_reference(layer)
+    assert default_filename(geometry, "SE4_labels") == "SE4_labels_edited.nii.gz"
+    # Corrected, then saved: as a SEG under a new name, or as NIfTI; never over the SEG it came from.
+    data[0, 0, 0] = 1
+    meta = {"metadata": kwargs["metadata"], "name": kwargs["name"]}
+    with pytest.raises(SaveError, match=r"SE4_labels.dcm: refusing to overwrite the labels file it was opened from"):
+        write_labels(seg_path, data, meta)
+    (again,) = write_labels(str(tmp_path / "SE4_labels_edited.dcm"), data, meta)
+    np.testing.assert_array_equal(read_dicom_seg(again).labels.array, data)
+    (nifti,) = write_labels(str(tmp_path / "SE4_labels_edited.nii.gz"), data, meta)
+    np.testing.assert_array_equal(read_kits(nifti)[0][0], data)
+    # Far from its series: found among the CTs open in the viewer, else refused, saying what to do.
+    far = tmp_path / "a" / "b"
+    far.mkdir(parents=True)
+    shutil.copy(seg_path, far / "SE4_labels.dcm")
+    with pytest.raises(Exception, match=r"found in none of .*open the series first"):
+        read_kits(str(far / "SE4_labels.dcm"))
+    monkeypatch.setattr(_save, "viewer_layers", lambda: [SimpleNamespace(metadata=ct[1]["metadata"], name="SE4")])
+    np.testing.assert_array_equal(read_kits(str(far / "SE4_labels.dcm"))[0][0], labels)
+    # Another tool's SEG is a reference to score against.
+    kidney = np.zeros((6, 9, 11), bool)
+    kidney[1:4, 2:6, 2:8] = True
+    other = _foreign_seg(tmp_path / "SE4" / "SEG_other.dcm", files, kidney, np.zeros_like(kidney))
+    ((_, other_kwargs, _),) = read_kits(str(other))
+    other_layer = SimpleNamespace(metadata=other_kwargs["metadata"], name="SEG_other")
+    assert _is_reference(other_layer) and not _is_result(other_layer)
+    # The CT series' own slice files still open as the series (one file chosen).
+    assert read_kits(str(files[0]))[0][2] == "image"

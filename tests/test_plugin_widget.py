@@ -130,6 +130,10 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     assert (labels_layer.data > 0).any()  # otherwise the erased-mask check below proves nothing
     assert viewer.layers.selection.active is labels_layer and labels_layer.editable
     assert viewer.layers[-1] is labels_layer
+    # What the run wrote, and its model, go with the layer: a DICOM SEG of it unchanged is "automatic".
+    from napari_kits._layers import RUN_KEY, checksum
+
+    assert labels_layer.metadata[RUN_KEY] == {"checksum": checksum(full), "model": widget.weights_path.name}
     from kitseg.metrics import describe_found
 
     found = describe_found(labels_layer.data, small_case.spacing)

@@ -607,16 +607,21 @@ def _check_report_path(path: Path, inputs: list[Path], overwrite: bool) -> None:
 def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "dicom-seg",
-        help="write a label map as a DICOM SEG over its CT series",
+        help="write a label map as a DICOM SEG over its CT series, or a DICOM SEG as a NIfTI label map",
         description="Write a label map on a DICOM series' grid (as `predict` writes it, corrected or not) as a "
         "DICOM SEG object that references the series, for a PACS or a DICOM viewer: segments 'kidney' and "
         "'kidney tumor', those found, numbered in that order. The labels must be on the series' own grid; values "
-        "other than 0, 1, 2 are refused.",
+        "other than 0, 1, 2 are refused. Given a DICOM SEG instead (this tool's, or another's with kidney or "
+        "kidney tumor segments), write it as a NIfTI label map on its series' grid (1 kidney, 2 tumor).",
     )
-    p.add_argument("labels", type=Path, help="the label map (.nii/.nii.gz) on the series' grid")
-    p.add_argument("series", type=Path, help="the CT series: its folder, or one of its files")
+    p.add_argument("labels", type=Path, help="the label map (.nii/.nii.gz) on the series' grid; or a DICOM SEG (.dcm) "
+                   "to write as NIfTI")
+    p.add_argument("series", type=Path, nargs="?", default=None,
+                   help="the CT series: its folder, or one of its files (for a SEG given: by default the series it "
+                   "references, found beside it)")
     p.add_argument("-o", "--output", type=Path, default=None,
-                   help="the SEG file (.dcm); default: beside the labels, LABELS_NAME.dcm")
+                   help="the SEG file (.dcm), or for a SEG given, the NIfTI file; default: beside the input, named "
+                   "as it is (LABELS_NAME.dcm, SEG_NAME.nii.gz)")
     p.add_argument("--algorithm-type", choices=SEG_ALGORITHM_TYPES, default="semiautomatic",
                    help="who made the labels, as the SEG records it: the model alone (automatic), the model's "
                    "labels corrected by a person (semiautomatic, the default), or a person (manual)")
@@ -628,13 +633,19 @@ def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
 
 def cmd_dicom_seg(args: argparse.Namespace) -> int:
     from .dicom_seg import check_can_write_seg, write_dicom_seg
-    from .io import dicom_series_folders, is_dicom_series, is_nifti, read_labels, strip_nifti_suffix
+    from .io import dicom_series_folders, is_dicom_seg, is_dicom_series, is_nifti, read_labels, strip_nifti_suffix
 
     check_can_write_seg()
-    if not is_nifti(args.labels):
-        raise CliError(f"{args.labels}: not a NIfTI label map (.nii/.nii.gz)")
-    if not args.series.exists():
+    if not args.labels.is_file():
+        raise CliError(f"{args.labels}: no such file (a NIfTI label map, or a DICOM SEG)")
+    if args.series is not None and not args.series.exists():
         raise CliError(f"{args.series}: no such file or folder (the series: its folder, or one of its files)")
+    if is_dicom_seg(args.labels):
+        return _seg_to_nifti(args)
+    if not is_nifti(args.labels):
+        raise CliError(f"{args.labels}: neither a NIfTI label map (.nii/.nii.gz) nor a DICOM SEG")
+    if args.series is None:
+        raise CliError(f"{args.labels}: give the DICOM series the labels were made on (kits-seg dicom-seg LABELS SERIES)")
     if not is_dicom_series(args.series) and not (args.series.is_dir() and dicom_series_folders(args.series)):
         # (a study's folder passes: reading it names its series folders)
         raise CliError(f"{args.series}: is no DICOM series (its folder, or one of its files): a SEG references the "
@@ -644,6 +655,22 @@ def cmd_dicom_seg(args: argparse.Namespace) -> int:
     written = write_dicom_seg(labels.array, labels.source, args.series, output, overwrite=args.overwrite,
                               algorithm_type=args.algorithm_type, model=args.model)
     print(f"wrote {written}")
+    return 0
+
+
+def _seg_to_nifti(args: argparse.Namespace) -> int:
+    """``kits-seg dicom-seg SEG.dcm [SERIES]``: the SEG's kidney and tumor as NIfTI on the series' grid."""
+    from .dicom_seg import read_dicom_seg
+    from .io import is_nifti, write_labels
+
+    output = args.output or args.labels.with_name(args.labels.stem + ".nii.gz")
+    if not is_nifti(output):
+        raise CliError(f"{output}: a DICOM SEG is written out as NIfTI: name the output .nii.gz")
+    if output.exists() and not args.overwrite:  # said before the series is read
+        raise CliError(f"{output} exists already; pass --overwrite to replace it, or -o to name another file")
+    seg = read_dicom_seg(args.labels, args.series)
+    written = write_labels(seg.labels.array, seg.labels.source, output, overwrite=args.overwrite)
+    print(f"wrote {written} (the labels of {args.labels} on the grid of {seg.series})")
     return 0
 
 

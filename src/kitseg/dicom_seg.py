@@ -11,6 +11,10 @@ functional groups that PACS validate, and highdicom, written by members of the D
 standards community, validates them; writing them by hand with pydicom would be longer and
 less trustworthy. Segments: kidney and kidney tumor (KiTS19's labels 1 and 2), coded in
 SNOMED CT as DICOM's CID 7150/7151 have them.
+
+Read back (:func:`read_dicom_seg`: this tool's SEG, or another's), a SEG's kidney and tumor
+segments become KiTS19 labels on its series' grid, found by the series it references; highdicom
+places its frames on that grid, refusing what would need resampling.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +31,8 @@ from . import __version__
 from .atomic import atomic_path
 from .config import SEG_ALGORITHM_TYPES
 from .dicom import SeriesGeometry, series_geometry
-from .geometry import SourceGrid, source_grid_for
-from .io import InputError, is_dicom_file, is_nifti, name_a_few
+from .geometry import SourceGrid, Volume, source_grid_for
+from .io import InputError, is_dicom_file, is_dicom_seg, is_nifti, name_a_few
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +301,204 @@ def series_uid(series: str | os.PathLike) -> str:
 
 def referenced_series(path: str | os.PathLike) -> str:
     """The SeriesInstanceUID of the CT series a SEG file references (what ``--skip-existing`` checks)."""
+    return _referenced_series_uids(Path(path))[0]
+
+
+# ---------------------------------------------------------------------------- reading a SEG
+#: Segments read as KiTS19's classes by their SegmentedPropertyTypeCode (SNOMED CT): the kidney,
+#: or each side's (as TotalSegmentator's SEGs code them), is 1; a neoplasm, mass or lesion is 2
+#: where its anatomic region, if it names one, is a kidney (a liver lesion is no kidney tumor).
+_KIDNEY_CODES = {"64033007": "Kidney", "18639004": "Left kidney", "9846003": "Right kidney"}
+_TUMOR_CODES = {"108369006": "Neoplasm", "4147007": "Mass", "52988006": "Lesion", "126880001": "Neoplasm of kidney",
+                "363518003": "Malignant tumor of kidney"}
+#: Segment labels read as KiTS19's classes where the code is none of those (a hand-made SEG).
+_KIDNEY_LABELS = {"kidney", "kidneys", "left kidney", "right kidney", "kidney left", "kidney right",
+                  "kidney_left", "kidney_right"}
+_TUMOR_LABELS = {"tumor", "tumour", "kidney tumor", "kidney tumour", "renal tumor", "renal tumour", "renal mass"}
+
+
+@dataclass(frozen=True)
+class DicomSeg:
+    """A DICOM SEG read as a KiTS19 label map on its CT series' grid.
+
+    Attributes:
+        labels: 0 background, 1 kidney, 2 tumor (where segments overlap, tumor), internal
+            orientation, on the grid :func:`kitseg.dicom.read_dicom_series` reads the series on.
+        series: the series it segments (its folder, or one file of a folder holding several).
+        by_napari_kits: written by this tool (a result to correct), not by another tool or a
+            person (a reference to score against).
+        ignored: the segments that are neither kidney nor kidney tumor ("liver (SCT 10200004)").
+    """
+
+    labels: Volume
+    series: Path
+    by_napari_kits: bool
+    ignored: tuple[str, ...]
+
+
+def _kits_value(segment) -> int | None:
+    """KiTS19's class of a segment (1 kidney, 2 tumor), from its code, else its label; None: neither."""
+    code = segment.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in segment else None
+    value = str(getattr(code, "CodeValue", "")) if code is not None else ""
+    if value in _KIDNEY_CODES:
+        return 1
+    if value in _TUMOR_CODES:
+        regions = [str(getattr(r, "CodeValue", "")) for r in getattr(segment, "AnatomicRegionSequence", [])]
+        return 2 if not regions or any(r in _KIDNEY_CODES for r in regions) else None
+    label = " ".join(str(getattr(segment, "SegmentLabel", "")).lower().split())
+    return 1 if label in _KIDNEY_LABELS else 2 if label in _TUMOR_LABELS else None
+
+
+def _describe_segment(segment) -> str:
+    code = segment.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in segment else None
+    coded = f" ({code.CodingSchemeDesignator} {code.CodeValue})" if code is not None else ""
+    return f"'{getattr(segment, 'SegmentLabel', '') or getattr(code, 'CodeMeaning', '?')}'{coded}"
+
+
+def _series_files_near(seg_path: Path, near: list[Path]) -> list[tuple[Path, bool]]:
+    """Where the series a SEG segments may be, each with whether to look at every file there (a
+    folder holding several series, as a PACS export may) or at one (a study's series folders): the
+    SEG's folder, the series folders beside it and in the study above, and ``near``."""
+    from .io import dicom_series_folders
+
+    places = [(seg_path.parent, True), *((f, False) for f in dicom_series_folders(seg_path.parent)),
+              *((f, False) for f in dicom_series_folders(seg_path.parent.parent))]
+    places += [(Path(p), True) for p in near]
+    seen, unique = set(), []
+    for place, every in places:
+        key = place.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((place, every))
+    return unique
+
+
+def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -> Path:
+    """A file of the CT series the SEG at ``seg_path`` segments, found by its SeriesInstanceUID
+    beside the SEG (:func:`_series_files_near`) or in ``near`` (series folders or files: the CTs
+    open in the plugin). Raises :class:`InputError` naming where it looked."""
+    from .dicom import series_of_file
+    from .io import dicom_files
+
+    seg_path = Path(seg_path)
+    wanted = set(_referenced_series_uids(seg_path))
+    places = _series_files_near(seg_path, list(near))
+    for place, every in places:
+        files = [place] if place.is_file() else dicom_files(place)
+        for file in files:
+            try:
+                series = series_of_file(file)
+            except InputError:
+                continue  # a damaged file: another's to name
+            if series is not None and series[0] in wanted:
+                return file
+            if series is not None and not every:
+                break  # a series folder holds one series: its first slice tells which
+    uid = next(iter(wanted))
+    looked = name_a_few([str(place) for place, _ in places], 4)
+    raise InputError(f"{seg_path}: segments the series {uid}, found in none of {looked}; put the SEG beside its series "
+                     "(or open the series first, in napari)")
+
+
+def _referenced_series_uids(path: Path) -> list[str]:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        uids = [str(item.SeriesInstanceUID) for item in ds.ReferencedSeriesSequence]
     except Exception as exc:  # pydicom raises several kinds for a damaged or foreign file
         raise InputError(f"{path}: cannot be read as a DICOM SEG of a series ({exc})") from None
+    if not uids:
+        raise InputError(f"{path}: names no series it segments (ReferencedSeriesSequence is empty)")
+    return uids
+
+
+def _series_volume_geometry(geometry: SeriesGeometry):
+    """The series' grid as highdicom describes one: (slice, row, column) indices to LPS mm."""
+    hd = _highdicom()
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.affine  # (column, row, slice) -> LPS
+    affine = lps[:, [2, 1, 0, 3]]  # (slice, row, column) -> LPS
+    return hd.VolumeGeometry(affine, (len(geometry.slices), geometry.rows, geometry.columns), "PATIENT")
+
+
+def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = None,
+                   near: list[Path] = ()) -> DicomSeg:
+    """Read the DICOM SEG at ``path`` as KiTS19 labels on its CT series' grid.
+
+    ``series``: the series it segments (its folder, or one of its files); by default found by
+    :func:`find_referenced_series` beside the SEG or in ``near``. Segments of kidney and kidney
+    tumor (:func:`_kits_value`) are read; others (another tool's organs) are left out and named in
+    :attr:`DicomSeg.ignored`. A fractional SEG's segment is where its value is half or more.
+
+    Raises:
+        InputError: not a SEG; no kidney or tumor segment; the series not found, another than the
+            one the SEG references, or in another frame of reference; frames off the series' grid.
+    """
+    hd = _highdicom()
+    import pydicom
+
+    path = Path(path)
+    if not is_dicom_seg(path):
+        raise InputError(f"{path}: is no DICOM SEG (a DICOM Segmentation, Modality SEG)")
+    uids = _referenced_series_uids(path)
+    series = Path(series) if series is not None else find_referenced_series(path, list(near))
+    geometry = series_geometry(series)
+    if geometry.series_uid not in uids:
+        raise InputError(f"{path}: segments the series {uids[0]}, not {geometry.path} (series {geometry.series_uid})")
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as exc:  # highdicom refuses a malformed SEG in several ways
+        raise InputError(f"{path}: cannot be read as a DICOM SEG ({exc})") from None
+    ct_frame = pydicom.dcmread(geometry.slices[0].path, stop_before_pixels=True, force=True,
+                               specific_tags=["FrameOfReferenceUID"]).get("FrameOfReferenceUID")
+    if ct_frame and str(seg.FrameOfReferenceUID) != str(ct_frame):
+        raise InputError(f"{path}: its frame of reference ({seg.FrameOfReferenceUID}) is not its series' "
+                         f"({geometry.path}: {ct_frame}), so its positions cannot be placed on the CT")
+    values, ignored = {}, []
+    for segment in seg.SegmentSequence:
+        value = _kits_value(segment)
+        if value is None:
+            ignored.append(_describe_segment(segment))
+        else:
+            values[int(segment.SegmentNumber)] = value
+    if not values:
+        raise InputError(f"{path}: holds no kidney or kidney tumor segment (it holds {name_a_few(ignored, 4)})")
+    if ignored:
+        log.warning("%s: segments %s are neither kidney nor kidney tumor; left out", path, name_a_few(ignored, 4))
+    numbers = sorted(values)
+    target = _series_volume_geometry(geometry)
+    off_grid = f"{path}: its frames are not on the grid of {geometry.path}"
+    try:
+        volume = seg.get_volume(segment_numbers=numbers, combine_segments=False)
+    except (RuntimeError, ValueError) as exc:  # frames of several orientations, or unevenly spaced
+        raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
+    if volume.spatial_shape[0] == 1:  # one frame tells no step between slices: the series' own, same way
+        affine = volume.affine.copy()
+        same_way = 1.0 if affine[:3, 0] @ target.affine[:3, 0] >= 0 else -1.0
+        affine[:3, 0] = same_way * target.affine[:3, 0]
+        volume = hd.Volume(volume.array, affine, "PATIENT", channels={
+            d: volume.get_channel_values(d) for d in volume.channel_descriptors})
+    _check_same_spacing(volume, target, path, geometry)
+    try:
+        volume = volume.match_geometry(target)
+    except (RuntimeError, ValueError) as exc:  # turned, or shifted by part of a voxel
+        raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
+    pixels = volume.array.reshape(*volume.spatial_shape, len(numbers))
+    labels = np.zeros(volume.spatial_shape, np.uint8)
+    for value in (1, 2):  # kidney first, then tumor over it where they overlap
+        for channel, number in enumerate(numbers):
+            if values[number] == value:
+                labels[pixels[..., channel] >= 0.5] = value  # binary 1, or a fractional share of half or more
+    array = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slice, row, column) -> (column, row, slice)
+    by_napari_kits = str(getattr(seg, "Manufacturer", "")) == "napari-kits"
+    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path, by_napari_kits,
+                    tuple(ignored))
+
+
+def _check_same_spacing(volume, target, path: Path, geometry: SeriesGeometry) -> None:
+    """highdicom would take every other slice of a SEG twice as fine as its series; refused instead."""
+    mine, theirs = np.sort(volume.spacing), np.sort(target.spacing)
+    if not np.allclose(mine, theirs, rtol=1e-3, atol=1e-3):
+        raise InputError(f"{path}: its voxels ({', '.join(f'{s:g}' for s in volume.spacing)} mm) are not those of "
+                         f"{geometry.path} ({', '.join(f'{s:g}' for s in target.spacing)} mm); a SEG is read on its "
+                         "series' own grid only")

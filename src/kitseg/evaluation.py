@@ -9,8 +9,8 @@ from pathlib import Path
 from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS is the file name
 from .config import apply_label_mapping, tumor_left_unlabelled
 from .geometry import strip_nifti_suffix
-from .io import (InputError, case_labels_file, check_same_grid, is_nifti, is_result_name, layout_hint, name_a_few,
-                 read_labels)
+from .io import (InputError, case_labels_file, check_same_grid, is_dicom_seg, is_nifti, is_result_name, layout_hint,
+                 name_a_few, read_labels)
 from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
 
 _PREDICTION_RE = re.compile(r"^prediction_(\d+)$")
@@ -146,6 +146,15 @@ def _check_kits_labels(volume, path: Path, ground_truth: bool) -> None:
                          f"(KiTS21/23's cysts scored within the kidney region){other_tool}")
 
 
+def _read_label_map(path: Path):
+    """A NIfTI label map, or a DICOM SEG's kidney and tumor on its series' grid (found beside it)."""
+    if is_dicom_seg(path):
+        from .dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(path).labels
+    return read_labels(path)
+
+
 def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
                    found_share: float = DEFAULT_FOUND_SHARE, mapping: dict[int, int] | None = None,
                    gt_mapping: dict[int, int] | None = None) -> list[CaseScores]:
@@ -158,8 +167,8 @@ def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
     gt_mapping = mapping if gt_mapping is None else gt_mapping
     tumor_scored = not tumor_left_unlabelled(gt_mapping)
     for pair in pairs:
-        ref = read_labels(pair.reference)
-        pred = read_labels(pair.prediction)
+        ref = _read_label_map(pair.reference)
+        pred = _read_label_map(pair.prediction)
         ref.array = apply_label_mapping(ref.array, gt_mapping)
         pred.array = apply_label_mapping(pred.array, mapping)
         _check_kits_labels(ref, pair.reference, ground_truth=True)

@@ -299,15 +299,17 @@ def is_dicom_series(path: Path) -> bool:
     if case_image_file(path) is not None:
         return False
     try:
-        return any(_may_be_slice(p) and is_dicom_file(p) and not _is_dicom_seg(p) for p in path.iterdir())
+        return any(_may_be_slice(p) and is_dicom_file(p) and not is_dicom_seg(p) for p in path.iterdir())
     except OSError:
         return False
 
 
-def _is_dicom_seg(path: Path) -> bool:
-    """A DICOM SEG (a folder of results napari-kits wrote is no series to segment)."""
+def is_dicom_seg(path: Path) -> bool:
+    """A DICOM SEG file (a folder of results napari-kits wrote is no series to segment)."""
     from .dicom import series_of_file
 
+    if not (Path(path).is_file() and is_dicom_file(Path(path))):
+        return False
     try:
         return series_of_file(path) is None
     except InputError:  # damaged: taken for a slice, which its series' reading will name
