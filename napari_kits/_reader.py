@@ -57,7 +57,7 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
     p = _single_path(path)
     if p is None:
         return None
-    from kitseg.io import case_image_file, dicom_series_folders, is_dicom_series, is_nifti
+    from kitseg.io import case_image_file, dicom_series_folders, is_dicom_seg, is_dicom_series, is_nifti
 
     if p.is_dir():
         if case_image_file(p) is not None or is_dicom_series(p):
@@ -65,7 +65,18 @@ def napari_get_reader(path: str | os.PathLike | list) -> Callable | None:
         # A study's folder: said which folders to open, where napari would only say "refused".
         series = [sub.name for sub in dicom_series_folders(p)]
         return partial(_refuse_study, series=series) if series else None
+    if p.suffix.lower() == ".dcm" and not isinstance(path, (list, tuple)) and not is_dicom_seg(p):
+        # napari hands the files of a selection over one by one: each would read the whole series.
+        return _refuse_slice_file if is_dicom_series(p) else None
     return read_kits if is_nifti(p) or is_dicom_series(p) else None  # a DICOM SEG passes: read_kits reads it
+
+
+def _refuse_slice_file(path: str | os.PathLike) -> list:
+    from kitseg.io import InputError
+
+    folder = Path(path).parent
+    raise InputError(f"{path}: one slice of a DICOM series: open its folder, {folder} (File > Open Folder), to read "
+                     f"the series (napari-kits {path} reads the series of one file)")
 
 
 def _refuse_study(path: str | os.PathLike | list, series: list[str]) -> list:
@@ -135,21 +146,19 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
 
 def _dicom_seg_layer(path: Path) -> tuple:
     """A DICOM SEG's kidney and tumor as labels on its CT series' grid: its series found beside it,
-    or among the DICOM CTs open in the viewer. A SEG napari-kits wrote is a result to correct;
-    another tool's, or a person's, a reference to score against. Saved, it goes to a new file."""
+    or among the DICOM CTs open in the viewer. A model's SEG (automatic) is a result to correct;
+    one a person drew or corrected, a reference to score against. Saved, it goes to a new file."""
     from kitseg.dicom import series_name
     from kitseg.dicom_seg import read_dicom_seg
 
     from ._save import from_dicom_series, viewer_layers
 
-    open_series = [Path(geometry_of(layer).source.path) for layer in viewer_layers()
-                   if geometry_of(layer) is not None and geometry_of(layer).kind == "ct"
-                   and from_dicom_series(geometry_of(layer))]
+    geometries = [geometry_of(layer) for layer in viewer_layers()]
+    open_series = [Path(g.source.path) for g in geometries if g is not None and g.kind == "ct" and from_dicom_series(g)]
     seg = read_dicom_seg(path, near=open_series)
     geometry = LayerGeometry("labels", seg.labels.source, None, series_name(seg.series), read_from=path,
-                             offered_as_reference=not seg.by_napari_kits)
-    name = path.name[: -len(path.suffix)] if path.suffix else path.name
-    return (seg.labels.array, labels_layer_kwargs(name, geometry, seg.labels.affine), "labels")
+                             offered_as_reference=not seg.automatic)
+    return (seg.labels.array, labels_layer_kwargs(path.stem, geometry, seg.labels.affine), "labels")
 
 
 def _probability_layer(array: np.ndarray, volume, file_stem: str, layer_name: str, colormap: str = "inferno") -> tuple:

@@ -599,7 +599,7 @@ def test_predict_refuses_a_mask_given_as_the_ct_and_names_the_case_folders_it_sk
     masks_only.mkdir(parents=True)
     shutil.copy(cases / "case_00000" / "segmentation.nii.gz", masks_only)
     assert main(["predict", str(masks_only), "-o", str(tmp_path / "o"), "--weights", str(weights)]) == 2
-    assert "case_00007: a KiTS19 case folder without its CT (imaging.nii.gz)" in capsys.readouterr().err
+    assert "case_00007: a KiTS19 case folder without its CT (imaging.nii.gz or imaging.nii)" in capsys.readouterr().err
     mask_file = str(masks_only / "segmentation.nii.gz")
     assert main(["predict", mask_file, "-o", str(tmp_path / "o"), "--weights", str(weights)]) == 2
     assert f"{mask_file}: holds only the values 0, 1, 2: a label map, not a CT" in capsys.readouterr().err
@@ -612,8 +612,8 @@ def test_predict_refuses_a_mask_given_as_the_ct_and_names_the_case_folders_it_sk
     shutil.copy(cases / "case_00000" / "imaging.nii.gz", mixed / "more" / "scan.nii.gz")
     with caplog.at_level("WARNING", logger="kitseg.io"):
         assert main(["predict", str(mixed), "-o", str(tmp_path / "o2"), "--weights", str(weights)]) == 0
-    assert "1 case folder(s) without imaging.nii.gz skipped: case_00007" in caplog.text
-    assert "1 subfolder(s) holding NIfTI files but no imaging.nii.gz are not searched: more" in caplog.text
+    assert "1 case folder(s) without imaging.nii.gz or imaging.nii skipped: case_00007" in caplog.text
+    assert "1 subfolder(s) holding NIfTI files but no imaging.nii.gz or imaging.nii are not searched: more" in caplog.text
     assert [p.name for p in (tmp_path / "o2").iterdir()] == ["prediction_00000.nii.gz"]
     # A flat folder of CTs with a stray mask: the CTs are segmented, the mask is named and skipped.
     flat = tmp_path / "flat"

@@ -427,7 +427,8 @@ def _foreign_seg(path, series_files, kidney: np.ndarray | None, mass: np.ndarray
                                               segmented_property_type=kind, anatomic_regions=region, **manual)
                     for n, (label, cat, kind, region, _) in enumerate(kinds, start=1)]
     stack = np.stack([k[4] for k in kinds], axis=-1)[::-1]  # the slices given in reverse
-    pixels = stack.astype(np.float32) * (0.8 if fractional else 1.0)
+    # Fractional: 0.8 inside, and 0.4 on the row below each labelled pixel, which is under half.
+    pixels = stack.astype(np.float32) * 0.8 + 0.4 * (np.roll(stack, 1, axis=1) & ~stack) if fractional else stack
     seg = hd.seg.Segmentation(
         source_images=slices[::-1], pixel_array=pixels if fractional else pixels.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional
@@ -460,7 +461,7 @@ def test_a_seg_reads_back_on_its_series_grid_as_the_labels_it_was_written_from(t
         seg = read_dicom_seg(written, series)
         np.testing.assert_array_equal(seg.labels.array, labels)
         check_same_grid(seg.labels.source, volume.source, written)
-        assert seg.series == study / "SE3" and seg.by_napari_kits and seg.ignored == ()
+        assert seg.series == study / "SE3" and seg.automatic and seg.ignored == ()
 
 
 def test_another_tools_seg_reads_by_its_codes_with_tumor_over_kidney(tmp_path, caplog):
@@ -483,7 +484,7 @@ def test_another_tools_seg_reads_by_its_codes_with_tumor_over_kidney(tmp_path, c
                                 fractional=fractional)
         seg = read_dicom_seg(seg_path)
         np.testing.assert_array_equal(volume.source.to_source(seg.labels.array).transpose(2, 1, 0), expected)
-        assert not seg.by_napari_kits and seg.ignored == ("'Liver' (SCT 10200004)",)
+        assert not seg.automatic and seg.ignored == ("'Liver' (SCT 10200004)",)
     assert "'Liver' (SCT 10200004) are neither kidney nor kidney tumor; left out" in caplog.text
     # A mass of another organ is no kidney tumor: with nothing else, nothing to read.
     liver_mass = _foreign_seg(tmp_path / "export" / "liver_mass.dcm", files, None, mass,
@@ -512,18 +513,38 @@ def test_a_seg_is_read_on_its_own_series_only(tmp_path):
         read_dicom_seg(far / "x.dcm")
     assert read_dicom_seg(far / "x.dcm", near=[tmp_path / "study" / "SE3"]).labels.array.any()  # a CT open in napari
     # The same series' UIDs on pixels half the size: highdicom would read every other one; refused.
-    fine = write_series(tmp_path / "fine", _ct((6, 18, 22)), pixel_mm=(0.4, 0.35))
+    # Pixels twice as many, or as many and half the size (placed by position, highdicom would read
+    # every other slice's frames): refused.
+    big = write_series(tmp_path / "big", _ct((6, 18, 22)), pixel_mm=(0.4, 0.35))
+    big_volume = read_ct(tmp_path / "big")
+    big_seg = write_dicom_seg(_labels_on(big_volume), big_volume.source, big[0], tmp_path / "big.dcm")
+    with pytest.raises(InputError, match=r"big.dcm: its frames are 18 x 22 pixels, the slices of .*SE3 9 x 11; a SEG "
+                                         "is read on its series' own grid only"):
+        read_dicom_seg(big_seg, tmp_path / "study" / "SE3")
+    fine = write_series(tmp_path / "fine", _ct(), pixel_mm=(0.4, 0.35), step_mm=1.25)
     fine_volume = read_ct(tmp_path / "fine")
-    fine_seg = write_dicom_seg(_labels_on(fine_volume), fine_volume.source, fine[0], tmp_path / "fine.dcm")
-    with pytest.raises(InputError, match=r"fine.dcm: its voxels .* are not those of .*SE3 .*a SEG is read on its "
-                                         "series' own grid only"):
+    fine_seg = _without_frame_sources(write_dicom_seg(_labels_on(fine_volume), fine_volume.source, fine[0],
+                                                      tmp_path / "fine.dcm"), tmp_path / "fine_unplaced.dcm")
+    with pytest.raises(InputError, match=r"fine_unplaced.dcm: its voxels .* are not those of .*SE3 .*a SEG is read on "
+                                         "its series' own grid only"):
         read_dicom_seg(fine_seg, tmp_path / "study" / "SE3")
     # The same series' UIDs half a pixel aside (another reconstruction): no voxel of the one is the other's.
     aside = write_series(tmp_path / "aside", _ct(), first=(-119.6, -80.0, 300.0))
     aside_volume = read_ct(tmp_path / "aside")
-    aside_seg = write_dicom_seg(_labels_on(aside_volume), aside_volume.source, aside[0], tmp_path / "aside.dcm")
-    with pytest.raises(InputError, match=r"aside.dcm: its frames are not on the grid of .*SE3 \(.*\); a SEG is read "):
+    aside_seg = _without_frame_sources(write_dicom_seg(_labels_on(aside_volume), aside_volume.source, aside[0],
+                                                       tmp_path / "aside.dcm"), tmp_path / "aside_unplaced.dcm")
+    with pytest.raises(InputError, match=r"aside_unplaced.dcm: its frames are not on the grid of .*SE3 \(.*\); a SEG "
+                                         "is read "):
         read_dicom_seg(aside_seg, tmp_path / "study" / "SE3")
+    # A partial copy of the series, two slices short of those the SEG's frames were made on.
+    partial = tmp_path / "partial" / "SE3"
+    shutil.copytree(tmp_path / "study" / "SE3", partial)
+    volume_files = sorted(partial.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    for f in volume_files[-2:]:
+        f.unlink()
+    with pytest.raises(InputError, match=r"x.dcm: 1 of the slices its frames were derived from are not in .*partial/SE3 "
+                                         r"\(a partial copy of the series\?\)"):
+        read_dicom_seg(seg, partial)
     with pytest.raises(InputError, match=r"SE3.*: is no DICOM SEG"):
         read_dicom_seg(next((tmp_path / "study" / "SE3").iterdir()))
 
@@ -559,3 +580,76 @@ def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys):
     assert row[1:3] == ["1.0000", "0.0000"]  # the same kidney region; tumor where the reference has none
     assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(seg)]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[1:3] == ["1.0000", "1.0000"]
+
+
+def _without_frame_sources(seg_path, out):
+    """The SEG as a writer that names no source slice per frame writes it (placed by position)."""
+    ds = pydicom.dcmread(seg_path)
+    for groups in ds.PerFrameFunctionalGroupsSequence:
+        if "DerivationImageSequence" in groups:
+            del groups.DerivationImageSequence
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    if "DerivationImageSequence" in shared:
+        del shared.DerivationImageSequence
+    ds.save_as(out)
+    return out
+
+
+def test_a_seg_lands_on_its_slices_when_scanners_round_positions_or_frames_name_no_slice(tmp_path):
+    """Frames go onto the slices they were derived from, so positions written rounded (as scanners
+    and anonymisers write them) do not matter; a SEG naming no source slice is placed by its
+    frames' positions, a few hundredths of a voxel off allowed, and refused where labels would be lost."""
+    from kitseg.dicom_seg import read_dicom_seg, write_dicom_seg
+
+    files = write_series(tmp_path / "SE3", _ct((8, 9, 11)), along_row=_oblique()[0], down_column=_oblique()[1],
+                         step_mm=0.625, decimals=1)
+    volume = read_ct(tmp_path / "SE3")
+    labels = _labels_on(volume)
+    seg = write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "rounded.dcm")
+    np.testing.assert_array_equal(read_dicom_seg(seg).labels.array, labels)
+    # Placed by position: a series of 2.5 mm steps written to 0.01 mm, a SEG with gaps between its frames.
+    write_series(tmp_path / "SE4", _ct(), decimals=2, series_uid="1.2.826.0.1.4")
+    straight = read_ct(tmp_path / "SE4")
+    gappy = np.zeros(straight.shape, np.uint8)
+    gappy[..., 1], gappy[..., 4] = _labels_on(straight)[..., 2], 2 * (_labels_on(straight)[..., 3] > 0)
+    gappy_seg = write_dicom_seg(gappy, straight.source, tmp_path / "SE4", tmp_path / "gappy.dcm")
+    unplaced = _without_frame_sources(gappy_seg, tmp_path / "unplaced.dcm")
+    assert "DerivationImageSequence" not in pydicom.dcmread(unplaced).PerFrameFunctionalGroupsSequence[0]
+    np.testing.assert_array_equal(read_dicom_seg(unplaced, tmp_path / "SE4").labels.array, gappy)
+    # ... and refused on a partial copy of the series, where its frames beyond would be lost.
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp_path / "SE4", partial)
+    for f in partial.iterdir():
+        if float(pydicom.dcmread(f).ImagePositionPatient[2]) > 300 + 3 * 2.5 + 0.1:
+            f.unlink()
+    with pytest.raises(InputError, match=r"unplaced.dcm: some of its frames lie beyond .*partial"):
+        read_dicom_seg(unplaced, partial)
+
+
+def test_segments_are_read_by_code_as_tools_write_them(tmp_path):
+    """Kidney by SNOMED code (an old SRT one too) or, coded otherwise, by label; a neoplasm naming no
+    organ is the kidney's in a SEG holding kidneys, and left out of one that holds none."""
+    from pydicom.dataset import Dataset
+
+    from kitseg.dicom_seg import _kits_classes
+
+    def segment(number, label, value=None, scheme="SCT", region=None):
+        ds = Dataset()
+        ds.SegmentNumber, ds.SegmentLabel = number, label
+        if value is not None:
+            code = Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, label
+            ds.SegmentedPropertyTypeCodeSequence = [code]
+        if region is not None:
+            place = Dataset()
+            place.CodeValue, place.CodingSchemeDesignator, place.CodeMeaning = region, "SCT", "region"
+            ds.AnatomicRegionSequence = [place]
+        return ds
+
+    kidneys = [segment(1, "Kidney", "T-71000", "SRT"), segment(2, "kidney right", "9846003"),
+               segment(3, "tumour", "85756007"), segment(4, "Tumor", "108369006"),
+               segment(5, "liver lesion", "52988006", region="10200004")]
+    assert _kits_classes(kidneys) == ({1: 1, 2: 1, 3: 2, 4: 2}, ["'liver lesion' (SCT 52988006)"])
+    classes, ignored = _kits_classes([segment(1, "Tumor", "108369006"), segment(2, "Liver", "10200004")])
+    assert classes == {} and ignored == ["'Liver' (SCT 10200004)",
+                                         "'Tumor' (SCT 108369006) of no named organ, in a SEG holding no kidney"]

@@ -454,14 +454,16 @@ def test_an_unpacked_case_folder_opens_as_the_packed_one_does(tmp_path, case_fol
 
 def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, monkeypatch):
     """A SEG (File > Open, napari-kits) opens as labels on its series' grid, its series found beside
-    it or among the CTs open in the viewer: this tool's is a result to correct, another's a
-    reference; saved, it goes to a new file, as SEG or NIfTI, never over the SEG it came from."""
+    it or among the CTs open in the viewer: a model's (automatic) is a result to correct, one a
+    person drew or corrected a reference; saved, it goes to a new file, as SEG or NIfTI, never
+    over the SEG it came from."""
     pytest.importorskip("highdicom")
     from types import SimpleNamespace
 
     from kitseg.dicom_seg import read_dicom_seg
+    from kitseg.io import InputError
     from napari_kits import _save
-    from napari_kits._layers import META_KEY, LayerGeometry
+    from napari_kits._layers import META_KEY, RUN_KEY, LayerGeometry, checksum
     from napari_kits._save import default_filename
     from napari_kits._widget import _is_reference, _is_result
 
@@ -472,8 +474,8 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     (ct,) = read_kits(str(tmp_path / "SE4"))
     labels = np.zeros(ct[0].shape, np.uint8)
     labels[1:3, 2:5, 3:7], labels[2, 3, 4] = 1, 2
-    run_labels = {"metadata": {META_KEY: LayerGeometry("labels", geometry_of(ct[1]).source, None, "SE4")},
-                  "name": "labels"}
+    run_labels = {"metadata": {META_KEY: LayerGeometry("labels", geometry_of(ct[1]).source, None, "SE4"),
+                               RUN_KEY: {"checksum": checksum(labels), "model": "tiny.kseg"}}, "name": "labels"}
     (seg_path,) = write_labels(str(tmp_path / "SE4_labels.dcm"), labels, run_labels)
     assert napari_get_reader(seg_path) is read_kits
     ((data, kwargs, kind),) = read_kits(seg_path)
@@ -491,22 +493,31 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
         write_labels(seg_path, data, meta)
     (again,) = write_labels(str(tmp_path / "SE4_labels_edited.dcm"), data, meta)
     np.testing.assert_array_equal(read_dicom_seg(again).labels.array, data)
+    # Corrected by a person (semiautomatic), it opens as a reference to score a new run against.
+    ((_, corrected, _),) = read_kits(again)
+    assert _is_reference(SimpleNamespace(metadata=corrected["metadata"], name="SE4_labels_edited"))
     (nifti,) = write_labels(str(tmp_path / "SE4_labels_edited.nii.gz"), data, meta)
     np.testing.assert_array_equal(read_kits(nifti)[0][0], data)
     # Far from its series: found among the CTs open in the viewer, else refused, saying what to do.
     far = tmp_path / "a" / "b"
     far.mkdir(parents=True)
     shutil.copy(seg_path, far / "SE4_labels.dcm")
-    with pytest.raises(Exception, match=r"found in none of .*open the series first"):
+    with pytest.raises(InputError, match=r"found in none of .*open the series first"):
         read_kits(str(far / "SE4_labels.dcm"))
     monkeypatch.setattr(_save, "viewer_layers", lambda: [SimpleNamespace(metadata=ct[1]["metadata"], name="SE4")])
     np.testing.assert_array_equal(read_kits(str(far / "SE4_labels.dcm"))[0][0], labels)
-    # Another tool's SEG is a reference to score against.
+    # Another tool's SEG, drawn by a person, is a reference to score against.
     kidney = np.zeros((6, 9, 11), bool)
     kidney[1:4, 2:6, 2:8] = True
     other = _foreign_seg(tmp_path / "SE4" / "SEG_other.dcm", files, kidney, np.zeros_like(kidney))
     ((_, other_kwargs, _),) = read_kits(str(other))
     other_layer = SimpleNamespace(metadata=other_kwargs["metadata"], name="SEG_other")
     assert _is_reference(other_layer) and not _is_result(other_layer)
-    # The CT series' own slice files still open as the series (one file chosen).
-    assert read_kits(str(files[0]))[0][2] == "image"
+    # A slice's .dcm (napari hands a selection over file by file, each reading the whole series):
+    # refused, saying to open its folder; a slice file without the suffix (`napari-kits FILE`) reads its series.
+    slice_file = tmp_path / "SE4" / "slice.dcm"
+    files[0].rename(slice_file)
+    with pytest.raises(InputError, match=r"slice.dcm: one slice of a DICOM series: open its folder, .*SE4"):
+        napari_get_reader(str(slice_file))(str(slice_file))
+    assert napari_get_reader(str(files[1])) is read_kits and read_kits(str(files[1]))[0][2] == "image"
+    assert napari_get_reader(str(tmp_path / "nothing.dcm")) is None

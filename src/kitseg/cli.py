@@ -663,7 +663,9 @@ def _seg_to_nifti(args: argparse.Namespace) -> int:
     from .dicom_seg import read_dicom_seg
     from .io import is_nifti, write_labels
 
-    output = args.output or args.labels.with_name(args.labels.stem + ".nii.gz")
+    # SEGs named by their UID (1.2.840...): the whole name kept, as two would otherwise share one.
+    stem = args.labels.stem if args.labels.suffix.lower() == ".dcm" else args.labels.name
+    output = args.output or args.labels.with_name(stem + ".nii.gz")
     if not is_nifti(output):
         raise CliError(f"{output}: a DICOM SEG is written out as NIfTI: name the output .nii.gz")
     if output.exists() and not args.overwrite:  # said before the series is read

@@ -305,12 +305,13 @@ def referenced_series(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------- reading a SEG
-#: Segments read as KiTS19's classes by their SegmentedPropertyTypeCode (SNOMED CT): the kidney,
-#: or each side's (as TotalSegmentator's SEGs code them), is 1; a neoplasm, mass or lesion is 2
-#: where its anatomic region, if it names one, is a kidney (a liver lesion is no kidney tumor).
-_KIDNEY_CODES = {"64033007": "Kidney", "18639004": "Left kidney", "9846003": "Right kidney"}
-_TUMOR_CODES = {"108369006": "Neoplasm", "4147007": "Mass", "52988006": "Lesion", "126880001": "Neoplasm of kidney",
-                "363518003": "Malignant tumor of kidney"}
+#: Segments read as KiTS19's classes by their SegmentedPropertyTypeCode: the kidney (TotalSegmentator
+#: codes each side so, with a laterality modifier) or a side's own code is 1; a neoplasm, mass or
+#: lesion is 2 where its anatomic region is a kidney, or names none in a SEG that holds a kidney (a
+#: liver lesion is no kidney tumor). Compared as codes: SNOMED's old SRT designators match SCT's.
+_KIDNEY_CODES = (("64033007", "Kidney"), ("18639004", "Left kidney"), ("9846003", "Right kidney"))
+_TUMOR_CODES = (("108369006", "Neoplasm"), ("4147007", "Mass"), ("52988006", "Lesion"),
+                ("126880001", "Neoplasm of kidney"), ("363518003", "Malignant tumor of kidney"))
 #: Segment labels read as KiTS19's classes where the code is none of those (a hand-made SEG).
 _KIDNEY_LABELS = {"kidney", "kidneys", "left kidney", "right kidney", "kidney left", "kidney right",
                   "kidney_left", "kidney_right"}
@@ -325,67 +326,98 @@ class DicomSeg:
         labels: 0 background, 1 kidney, 2 tumor (where segments overlap, tumor), internal
             orientation, on the grid :func:`kitseg.dicom.read_dicom_series` reads the series on.
         series: the series it segments (its folder, or one file of a folder holding several).
-        by_napari_kits: written by this tool (a result to correct), not by another tool or a
-            person (a reference to score against).
-        ignored: the segments that are neither kidney nor kidney tumor ("liver (SCT 10200004)").
+        automatic: every segment read was made by an algorithm alone (a result to correct), none
+            drawn or corrected by a person (which makes a reference to score against).
+        ignored: the segments that are neither kidney nor kidney tumor ("'Liver' (SCT 10200004)").
     """
 
     labels: Volume
     series: Path
-    by_napari_kits: bool
+    automatic: bool
     ignored: tuple[str, ...]
 
 
-def _kits_value(segment) -> int | None:
-    """KiTS19's class of a segment (1 kidney, 2 tumor), from its code, else its label; None: neither."""
-    code = segment.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in segment else None
-    value = str(getattr(code, "CodeValue", "")) if code is not None else ""
-    if value in _KIDNEY_CODES:
-        return 1
-    if value in _TUMOR_CODES:
-        regions = [str(getattr(r, "CodeValue", "")) for r in getattr(segment, "AnatomicRegionSequence", [])]
-        return 2 if not regions or any(r in _KIDNEY_CODES for r in regions) else None
-    label = " ".join(str(getattr(segment, "SegmentLabel", "")).lower().split())
-    return 1 if label in _KIDNEY_LABELS else 2 if label in _TUMOR_LABELS else None
+def _code(item, keyword: str):
+    """The first entry of ``item``'s code sequence ``keyword`` as a pydicom Code (None if absent)."""
+    from pydicom.sr.coding import Code
+
+    entries = getattr(item, keyword, None) or []
+    if not entries or not str(getattr(entries[0], "CodeValue", "") or ""):
+        return None
+    entry = entries[0]
+    return Code(str(entry.CodeValue), str(getattr(entry, "CodingSchemeDesignator", "") or ""),
+                str(getattr(entry, "CodeMeaning", "") or ""))
+
+
+def _is_one_of(code, table: tuple) -> bool:
+    from pydicom.sr.coding import Code
+
+    return code is not None and any(code == Code(value, "SCT", meaning) for value, meaning in table)
 
 
 def _describe_segment(segment) -> str:
-    code = segment.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in segment else None
-    coded = f" ({code.CodingSchemeDesignator} {code.CodeValue})" if code is not None else ""
-    return f"'{getattr(segment, 'SegmentLabel', '') or getattr(code, 'CodeMeaning', '?')}'{coded}"
+    code = _code(segment, "SegmentedPropertyTypeCodeSequence")
+    coded = f" ({code.scheme_designator} {code.value})" if code is not None else ""
+    return f"'{getattr(segment, 'SegmentLabel', '') or (code.meaning if code else '?')}'{coded}"
 
 
-def _series_files_near(seg_path: Path, near: list[Path]) -> list[tuple[Path, bool]]:
-    """Where the series a SEG segments may be, each with whether to look at every file there (a
-    folder holding several series, as a PACS export may) or at one (a study's series folders): the
-    SEG's folder, the series folders beside it and in the study above, and ``near``."""
+def _kits_classes(segments) -> tuple[dict[int, int], list[str]]:
+    """{segment number: KiTS19 class (1 kidney, 2 tumor)} of a SEG's segments, by code, else by
+    label; and the others, described."""
+    classes, regionless, ignored = {}, [], []
+    for segment in segments:
+        number, code = int(segment.SegmentNumber), _code(segment, "SegmentedPropertyTypeCodeSequence")
+        label = " ".join(str(getattr(segment, "SegmentLabel", "") or "").lower().split())
+        if _is_one_of(code, _KIDNEY_CODES):
+            classes[number] = 1
+        elif _is_one_of(code, _TUMOR_CODES):
+            region = _code(segment, "AnatomicRegionSequence")
+            if region is None:
+                regionless.append(segment)
+            elif _is_one_of(region, _KIDNEY_CODES):
+                classes[number] = 2
+            else:
+                ignored.append(_describe_segment(segment))
+        elif label in _KIDNEY_LABELS or label in _TUMOR_LABELS:
+            classes[number] = 1 if label in _KIDNEY_LABELS else 2
+        else:
+            ignored.append(_describe_segment(segment))
+    for segment in regionless:  # a neoplasm of no named organ: the kidney's where the SEG holds kidneys
+        if 1 in classes.values():
+            classes[int(segment.SegmentNumber)] = 2
+        else:
+            ignored.append(_describe_segment(segment) + " of no named organ, in a SEG holding no kidney")
+    return classes, ignored
+
+
+def _places_to_look(seg_path: Path, near: list[Path]):
+    """Where the series a SEG segments may be, nearest first, each with whether to look at every
+    file there (a folder holding several series, as a PACS export may) or at its first (a series
+    folder): the SEG's folder, the series folders beside it, ``near`` (the CTs open in the plugin),
+    and the series folders of the folder above (a results folder inside the study's)."""
     from .io import dicom_series_folders
 
-    places = [(seg_path.parent, True), *((f, False) for f in dicom_series_folders(seg_path.parent)),
-              *((f, False) for f in dicom_series_folders(seg_path.parent.parent))]
-    places += [(Path(p), True) for p in near]
-    seen, unique = set(), []
-    for place, every in places:
-        key = place.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append((place, every))
-    return unique
+    yield seg_path.parent, True
+    yield from ((folder, False) for folder in dicom_series_folders(seg_path.parent))
+    yield from ((Path(p), True) for p in near)
+    yield from ((folder, False) for folder in dicom_series_folders(seg_path.parent.parent))
 
 
 def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -> Path:
     """A file of the CT series the SEG at ``seg_path`` segments, found by its SeriesInstanceUID
-    beside the SEG (:func:`_series_files_near`) or in ``near`` (series folders or files: the CTs
-    open in the plugin). Raises :class:`InputError` naming where it looked."""
+    (:func:`_places_to_look`). Raises :class:`InputError` naming where it looked."""
     from .dicom import series_of_file
     from .io import dicom_files
 
     seg_path = Path(seg_path)
-    wanted = set(_referenced_series_uids(seg_path))
-    places = _series_files_near(seg_path, list(near))
-    for place, every in places:
-        files = [place] if place.is_file() else dicom_files(place)
-        for file in files:
+    wanted = _referenced_series_uids(seg_path)
+    looked, seen = [], set()
+    for place, every in _places_to_look(seg_path, list(near)):
+        if place.resolve() in seen:
+            continue
+        seen.add(place.resolve())
+        looked.append(str(place))
+        for file in [place] if place.is_file() else dicom_files(place):
             try:
                 series = series_of_file(file)
             except InputError:
@@ -394,13 +426,16 @@ def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -
                 return file
             if series is not None and not every:
                 break  # a series folder holds one series: its first slice tells which
-    uid = next(iter(wanted))
-    looked = name_a_few([str(place) for place, _ in places], 4)
-    raise InputError(f"{seg_path}: segments the series {uid}, found in none of {looked}; put the SEG beside its series "
-                     "(or open the series first, in napari)")
+    raise InputError(f"{seg_path}: segments the series {wanted[0]}, found in none of {name_a_few(looked, 4)}; "
+                     "put the SEG beside its series, or give the series (in napari: open the series first)")
 
 
 def _referenced_series_uids(path: Path) -> list[str]:
+    return _seg_header(path)[1]
+
+
+def _seg_header(path: Path) -> tuple:
+    """A SEG's header (no pixels) and the SeriesInstanceUIDs it references; InputError if it is none."""
     import pydicom
 
     try:
@@ -410,15 +445,35 @@ def _referenced_series_uids(path: Path) -> list[str]:
         raise InputError(f"{path}: cannot be read as a DICOM SEG of a series ({exc})") from None
     if not uids:
         raise InputError(f"{path}: names no series it segments (ReferencedSeriesSequence is empty)")
+    return ds, uids
+
+
+def _frame_sources(ds) -> list[set[str]] | None:
+    """The SOPInstanceUIDs of the slices each frame was derived from; None where a frame names none."""
+    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
+    sources = []
+    for groups in getattr(ds, "PerFrameFunctionalGroupsSequence", []):
+        derivation = getattr(groups, "DerivationImageSequence", None) or getattr(shared, "DerivationImageSequence", None)
+        uids = {str(source.ReferencedSOPInstanceUID) for item in derivation or []
+                for source in getattr(item, "SourceImageSequence", []) if "ReferencedSOPInstanceUID" in source}
+        if not uids:
+            return None
+        sources.append(uids)
+    return sources or None
+
+
+def _slice_instance_uids(geometry: SeriesGeometry) -> list[str]:
+    """Each slice's SOPInstanceUID, in position order (blanked by some anonymisers: the file meta's)."""
+    import pydicom
+
+    uids = []
+    for item in geometry.slices:
+        ds = pydicom.dcmread(item.path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
+        uid = str(getattr(ds, "SOPInstanceUID", "") or "").strip()
+        if not uid:
+            uid = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "")
+        uids.append(uid)
     return uids
-
-
-def _series_volume_geometry(geometry: SeriesGeometry):
-    """The series' grid as highdicom describes one: (slice, row, column) indices to LPS mm."""
-    hd = _highdicom()
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.affine  # (column, row, slice) -> LPS
-    affine = lps[:, [2, 1, 0, 3]]  # (slice, row, column) -> LPS
-    return hd.VolumeGeometry(affine, (len(geometry.slices), geometry.rows, geometry.columns), "PATIENT")
 
 
 def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = None,
@@ -426,13 +481,16 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
     """Read the DICOM SEG at ``path`` as KiTS19 labels on its CT series' grid.
 
     ``series``: the series it segments (its folder, or one of its files); by default found by
-    :func:`find_referenced_series` beside the SEG or in ``near``. Segments of kidney and kidney
-    tumor (:func:`_kits_value`) are read; others (another tool's organs) are left out and named in
-    :attr:`DicomSeg.ignored`. A fractional SEG's segment is where its value is half or more.
+    :func:`find_referenced_series` beside the SEG or in ``near``. Each frame goes onto the slice
+    it was derived from (a SEG names them), so slice positions that scanners round do not
+    matter; a SEG whose frames name no slice is placed by their positions. Kidney and kidney
+    tumor segments (:func:`_kits_classes`) are read; others (another tool's organs) are left out
+    and named in :attr:`DicomSeg.ignored`. A fractional SEG's segment is where it is half or more.
 
     Raises:
         InputError: not a SEG; no kidney or tumor segment; the series not found, another than the
-            one the SEG references, or in another frame of reference; frames off the series' grid.
+            one the SEG references, in another frame of reference, or without slices the SEG's
+            frames were derived from; frames off the series' grid.
     """
     hd = _highdicom()
     import pydicom
@@ -440,65 +498,96 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
     path = Path(path)
     if not is_dicom_seg(path):
         raise InputError(f"{path}: is no DICOM SEG (a DICOM Segmentation, Modality SEG)")
-    uids = _referenced_series_uids(path)
+    header, uids = _seg_header(path)
+    classes, ignored = _kits_classes(getattr(header, "SegmentSequence", []))  # before any search for the series
+    if not classes:
+        raise InputError(f"{path}: holds no kidney or kidney tumor segment (it holds {name_a_few(ignored, 4)})")
     series = Path(series) if series is not None else find_referenced_series(path, list(near))
     geometry = series_geometry(series)
     if geometry.series_uid not in uids:
         raise InputError(f"{path}: segments the series {uids[0]}, not {geometry.path} (series {geometry.series_uid})")
-    try:
-        seg = hd.seg.segread(path)
-    except Exception as exc:  # highdicom refuses a malformed SEG in several ways
-        raise InputError(f"{path}: cannot be read as a DICOM SEG ({exc})") from None
     ct_frame = pydicom.dcmread(geometry.slices[0].path, stop_before_pixels=True, force=True,
                                specific_tags=["FrameOfReferenceUID"]).get("FrameOfReferenceUID")
-    if ct_frame and str(seg.FrameOfReferenceUID) != str(ct_frame):
-        raise InputError(f"{path}: its frame of reference ({seg.FrameOfReferenceUID}) is not its series' "
-                         f"({geometry.path}: {ct_frame}), so its positions cannot be placed on the CT")
-    values, ignored = {}, []
-    for segment in seg.SegmentSequence:
-        value = _kits_value(segment)
-        if value is None:
-            ignored.append(_describe_segment(segment))
-        else:
-            values[int(segment.SegmentNumber)] = value
-    if not values:
-        raise InputError(f"{path}: holds no kidney or kidney tumor segment (it holds {name_a_few(ignored, 4)})")
+    if ct_frame and str(getattr(header, "FrameOfReferenceUID", "")) != str(ct_frame):
+        raise InputError(f"{path}: its frame of reference ({getattr(header, 'FrameOfReferenceUID', 'none')}) is not "
+                         f"its series' ({geometry.path}: {ct_frame}), so its frames cannot be placed on the CT")
+    if (int(header.Rows), int(header.Columns)) != (geometry.rows, geometry.columns):
+        raise InputError(f"{path}: its frames are {header.Rows} x {header.Columns} pixels, the slices of "
+                         f"{geometry.path} {geometry.rows} x {geometry.columns}; a SEG is read on its series' own grid only")
     if ignored:
         log.warning("%s: segments %s are neither kidney nor kidney tumor; left out", path, name_a_few(ignored, 4))
-    numbers = sorted(values)
-    target = _series_volume_geometry(geometry)
-    off_grid = f"{path}: its frames are not on the grid of {geometry.path}"
     try:
-        volume = seg.get_volume(segment_numbers=numbers, combine_segments=False)
-    except (RuntimeError, ValueError) as exc:  # frames of several orientations, or unevenly spaced
-        raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
-    if volume.spatial_shape[0] == 1:  # one frame tells no step between slices: the series' own, same way
-        affine = volume.affine.copy()
-        same_way = 1.0 if affine[:3, 0] @ target.affine[:3, 0] >= 0 else -1.0
-        affine[:3, 0] = same_way * target.affine[:3, 0]
-        volume = hd.Volume(volume.array, affine, "PATIENT", channels={
-            d: volume.get_channel_values(d) for d in volume.channel_descriptors})
-    _check_same_spacing(volume, target, path, geometry)
-    try:
-        volume = volume.match_geometry(target)
-    except (RuntimeError, ValueError) as exc:  # turned, or shifted by part of a voxel
-        raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
-    pixels = volume.array.reshape(*volume.spatial_shape, len(numbers))
-    labels = np.zeros(volume.spatial_shape, np.uint8)
+        # Frames read as needed (a SEG of 100 organs holds few of kidney); not where a binary frame
+        # is no whole number of bytes (its bits run on into the next), which highdicom reads wrongly lazily.
+        seg = hd.seg.segread(path, lazy_frame_retrieval=geometry.rows * geometry.columns % 8 == 0)
+    except Exception as exc:  # highdicom refuses a malformed SEG in several ways
+        raise InputError(f"{path}: cannot be read as a DICOM SEG ({exc})") from None
+    numbers = sorted(classes)
+    sources = _frame_sources(header)
+    if sources is not None:
+        pixels = _pixels_by_source_slice(seg, numbers, sources, geometry, path)
+    else:
+        pixels = _pixels_by_position(seg, numbers, geometry, path)
+    labels = np.zeros(pixels.shape[:3], np.uint8)
     for value in (1, 2):  # kidney first, then tumor over it where they overlap
         for channel, number in enumerate(numbers):
-            if values[number] == value:
+            if classes[number] == value:
                 labels[pixels[..., channel] >= 0.5] = value  # binary 1, or a fractional share of half or more
     array = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slice, row, column) -> (column, row, slice)
-    by_napari_kits = str(getattr(seg, "Manufacturer", "")) == "napari-kits"
-    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path, by_napari_kits,
+    automatic = all(str(getattr(segment, "SegmentAlgorithmType", "")).upper() == "AUTOMATIC"
+                    for segment in header.SegmentSequence if int(segment.SegmentNumber) in classes)
+    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path, automatic,
                     tuple(ignored))
 
 
-def _check_same_spacing(volume, target, path: Path, geometry: SeriesGeometry) -> None:
-    """highdicom would take every other slice of a SEG twice as fine as its series; refused instead."""
-    mine, theirs = np.sort(volume.spacing), np.sort(target.spacing)
-    if not np.allclose(mine, theirs, rtol=1e-3, atol=1e-3):
+def _pixels_by_source_slice(seg, numbers: list[int], sources: list[set[str]], geometry: SeriesGeometry,
+                            path: Path) -> np.ndarray:
+    """(slice, row, column, segment) of the series: each frame on the slice it was derived from."""
+    slice_uids = _slice_instance_uids(geometry)
+    missing = set().union(*sources) - set(slice_uids)
+    if missing:
+        raise InputError(f"{path}: {len(missing)} of the slices its frames were derived from are not in "
+                         f"{geometry.path} (a partial copy of the series?); its labels there would be lost")
+    try:
+        return seg.get_pixels_by_source_instance(slice_uids, segment_numbers=numbers, combine_segments=False,
+                                                 assert_missing_frames_are_empty=True)  # slices without frames: 0
+    except (RuntimeError, ValueError, KeyError) as exc:  # e.g. frames resampled from their slices
+        raise InputError(f"{path}: its frames cannot be placed on the slices of {geometry.path} ({exc})") from None
+
+
+def _pixels_by_position(seg, numbers: list[int], geometry: SeriesGeometry, path: Path) -> np.ndarray:
+    """(slice, row, column, segment) of the series, from the frames' positions (a SEG naming no source
+    slices), within the tolerances the series itself is read with; refused where labels would be lost."""
+    from .dicom import SLICE_POSITION_TOLERANCE
+
+    hd = _highdicom()
+    off_grid = f"{path}: its frames are not on the grid of {geometry.path}"
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.affine  # (column, row, slice) -> LPS
+    try:
+        target = hd.VolumeGeometry(lps[:, [2, 1, 0, 3]], (len(geometry.slices), geometry.rows, geometry.columns),
+                                   "PATIENT")
+        volume = seg.get_volume(segment_numbers=numbers, combine_segments=False, rtol=SLICE_POSITION_TOLERANCE)
+    except (RuntimeError, ValueError) as exc:  # frames of several orientations, unevenly spaced
+        raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
+    if volume.spatial_shape[0] == 1:  # one frame tells no step between slices: the series' own, same way
+        affine = volume.affine.copy()
+        affine[:3, 0] = target.affine[:3, 0] * (1.0 if affine[:3, 0] @ target.affine[:3, 0] >= 0 else -1.0)
+        volume = hd.Volume(volume.array, affine, "PATIENT",
+                           channels={d: volume.get_channel_values(d) for d in volume.channel_descriptors})
+    if not np.allclose(np.sort(volume.spacing), np.sort(target.spacing), rtol=1e-3, atol=1e-3):
         raise InputError(f"{path}: its voxels ({', '.join(f'{s:g}' for s in volume.spacing)} mm) are not those of "
                          f"{geometry.path} ({', '.join(f'{s:g}' for s in target.spacing)} mm); a SEG is read on its "
                          "series' own grid only")
+    alignment = np.abs(np.asarray(volume.unit_vectors()) @ np.asarray(target.unit_vectors()).T).max(axis=0)
+    if alignment.min() < 1 - 1e-4:  # match_geometry's tolerance below is in voxels; directions need their own
+        raise InputError(f"{off_grid} (its frames are turned against its slices); a SEG is read on its series' own "
+                         "grid only")
+    labelled = int(np.count_nonzero(volume.array))
+    try:  # the offset may be rounding's, as the series' grid itself allows
+        volume = volume.match_geometry(target, tol=GRID_TOLERANCE_VOXELS)
+    except (RuntimeError, ValueError) as exc:  # turned, or shifted by part of a voxel
+        raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
+    if int(np.count_nonzero(volume.array)) != labelled:
+        raise InputError(f"{path}: some of its frames lie beyond {geometry.path} (a partial copy of the series?); its "
+                         "labels there would be lost")
+    return volume.array.reshape(*volume.spatial_shape, len(numbers))

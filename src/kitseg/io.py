@@ -23,6 +23,8 @@ from .geometry import SourceGrid, Volume, strip_nifti_suffix, voxel_spacing
 log = logging.getLogger(__name__)
 
 KITS_IMAGE = "imaging.nii.gz"
+#: How messages name a case's CT: some users keep the data unpacked (:func:`case_image_file`).
+_KITS_IMAGE_NAMES = f"{KITS_IMAGE} or {KITS_IMAGE.removesuffix('.gz')}"
 KITS_LABELS = "segmentation.nii.gz"
 #: KiTS21's reference in a case folder without ``segmentation.nii.gz``: its annotators' majority vote.
 KITS21_LABELS = "aggregated_MAJ_seg.nii.gz"
@@ -93,7 +95,7 @@ def case_labels_file(folder: Path) -> Path | None:
 def case_from_folder(folder: Path) -> CaseInput:
     image = case_image_file(folder)
     if image is None:
-        raise InputError(f"{folder}: not a KiTS19 case folder (no {KITS_IMAGE} inside)")
+        raise InputError(f"{folder}: not a KiTS19 case folder (no {_KITS_IMAGE_NAMES} inside)")
     match = _CASE_RE.match(folder.name)
     return CaseInput(
         name=folder.name,
@@ -133,14 +135,14 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
     cases += [CaseInput(name=folder.resolve().name, image_path=folder) for folder in series]
     without_ct = [p.name for p in entries if p.is_dir() and case_image_file(p) is None and case_labels_file(p)]
     if without_ct:
-        log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), KITS_IMAGE,
+        log.warning("%s: %d case folder(s) without %s skipped: %s", path, len(without_ct), _KITS_IMAGE_NAMES,
                     name_a_few(without_ct))
     # Only one level is read: CTs deeper in other folders are not segmented; say so.
     unsearched = [p.name for p in entries if p.is_dir() and case_image_file(p) is None
                   and not case_labels_file(p) and p.name not in ("labelsTr", "labelsTs") and _holds_ct_files(p)]
     if unsearched:
         log.warning("%s: %d subfolder(s) holding NIfTI files but no %s are not searched: %s (give them as inputs "
-                    "of their own)", path, len(unsearched), KITS_IMAGE, name_a_few(unsearched))
+                    "of their own)", path, len(unsearched), _KITS_IMAGE_NAMES, name_a_few(unsearched))
     # A KiTS19 mask is no CT: segmented, it would "succeed" with nothing found.
     masks = [p for p in entries if p.is_file() and p.name.lower().removesuffix(".gz") in
              (KITS_LABELS.removesuffix(".gz"), KITS21_LABELS.lower().removesuffix(".gz"))]
@@ -148,11 +150,11 @@ def discover_inputs(path: str | os.PathLike) -> list[CaseInput]:
               if p.is_file() and is_nifti(p) and p not in masks]
     cases = _without_outputs(cases, path)
     if not cases and masks:
-        raise InputError(f"{path}: a KiTS19 case folder without its CT ({KITS_IMAGE}); {masks[0].name} is its mask")
+        raise InputError(f"{path}: a KiTS19 case folder without its CT ({_KITS_IMAGE_NAMES}); {masks[0].name} is its mask")
     if not cases:
         nnunet = [p.name for p in entries if p.is_dir() and p.name in ("imagesTr", "imagesTs")]
         raise InputError(f"{path}: no CT found (expected .nii/.nii.gz files, DICOM series or case folders with "
-                         f"{KITS_IMAGE})"
+                         f"{_KITS_IMAGE_NAMES})"
                          + (f"; a data set in nnU-Net's layout: give its {' or '.join(nnunet)} folder" if nnunet
                             else layout_hint(path)))
     for mask in masks:
