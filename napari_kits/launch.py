@@ -2,6 +2,7 @@
 
     napari-kits                         # the synthetic sample case
     napari-kits case_00042/             # a KiTS19 case folder, or a .nii/.nii.gz file
+    napari-kits results/SE2_labels.dcm  # a DICOM SEG, over its series (opened with it)
     napari-kits --weights m.kseg --run-all --screenshot out.png --quit   # CI smoke, no blocking
 """
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-kits", description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="*", help="CT .nii/.nii.gz files, KiTS case folders or DICOM series folders (default: the sample case)")
+    p.add_argument("inputs", nargs="*", help="CT .nii/.nii.gz files, KiTS case folders or DICOM series folders, "
+                   "label maps (.nii.gz, or DICOM SEG .dcm: its series is opened too) (default: the sample case)")
     p.add_argument("--weights", type=Path, help="a .kseg checkpoint (default: the shipped weights, or the last used)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--run-all", action="store_true", help="run stage 1, the mask and stage 2 on the first CT")
@@ -36,6 +38,27 @@ def close_notifications() -> None:
             toast.close()
 
 
+def _series_of_seg(path: str, viewer) -> list[tuple]:
+    """The CT series a DICOM SEG segments, where ``path`` is one and its series is not open yet: a
+    SEG alone has no CT to show it over or to run the widget on."""
+    from kitseg.dicom import read_dicom_series, series_name
+    from kitseg.dicom_seg import find_referenced_series, series_uid
+    from kitseg.io import is_dicom_seg
+
+    from ._layers import ct_layer_data, geometry_of
+    from ._save import from_dicom_series
+
+    if not is_dicom_seg(Path(path)):
+        return []
+    series = find_referenced_series(path)
+    uid = series_uid(series)
+    for geometry in map(geometry_of, viewer.layers):
+        if geometry is not None and geometry.kind == "ct" and from_dicom_series(geometry) \
+                and series_uid(geometry.source.path) == uid:
+            return []  # named on the command line before it
+    return [ct_layer_data(read_dicom_series(series), series_name(series))]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -52,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         from ._reader import read_kits
 
         for path in args.inputs:
-            if Path(path).is_file() and is_dicom_file(Path(path)):  # one file of a series: no pattern fits it
+            if Path(path).is_file() and is_dicom_file(Path(path)):  # one file of a series, or a SEG
                 try:
-                    layers = read_kits(path)
+                    layers = _series_of_seg(path, viewer) + read_kits(path)
                 except InputError as exc:  # a DICOMDIR, a scout view: said, as napari says a refusal
                     log.error("%s", exc)
                     viewer.close()

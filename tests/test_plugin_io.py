@@ -506,6 +506,14 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
         read_kits(str(far / "SE4_labels.dcm"))
     monkeypatch.setattr(_save, "viewer_layers", lambda: [SimpleNamespace(metadata=ct[1]["metadata"], name="SE4")])
     np.testing.assert_array_equal(read_kits(str(far / "SE4_labels.dcm"))[0][0], labels)
+    # `napari-kits SEG.dcm` opens its series with it, unless the series was named before it.
+    from napari_kits.launch import _series_of_seg
+
+    ((series_ct, series_kwargs, _),) = _series_of_seg(str(seg_path), SimpleNamespace(layers=[]))
+    np.testing.assert_array_equal(series_ct, ct[0])
+    assert series_kwargs["name"] == "SE4" and geometry_of(series_kwargs).kind == "ct"
+    assert _series_of_seg(str(seg_path), SimpleNamespace(layers=[SimpleNamespace(metadata=ct[1]["metadata"])])) == []
+    assert _series_of_seg(str(files[1]), SimpleNamespace(layers=[])) == []  # a slice: read_kits reads its series
     # Another tool's SEG, drawn by a person, is a reference to score against.
     kidney = np.zeros((6, 9, 11), bool)
     kidney[1:4, 2:6, 2:8] = True
