@@ -512,30 +512,23 @@ def test_a_seg_is_read_on_its_own_series_only(tmp_path):
                                          r"beside its series"):
         read_dicom_seg(far / "x.dcm")
     assert read_dicom_seg(far / "x.dcm", near=[tmp_path / "study" / "SE3"]).labels.array.any()  # a CT open in napari
-    # The same series' UIDs on pixels half the size: highdicom would read every other one; refused.
     # Pixels twice as many, or as many and half the size (placed by position, highdicom would read
-    # every other slice's frames): refused.
+    # every other slice's frames), or half a pixel aside (another reconstruction): refused.
     big = write_series(tmp_path / "big", _ct((6, 18, 22)), pixel_mm=(0.4, 0.35))
     big_volume = read_ct(tmp_path / "big")
     big_seg = write_dicom_seg(_labels_on(big_volume), big_volume.source, big[0], tmp_path / "big.dcm")
     with pytest.raises(InputError, match=r"big.dcm: its frames are 18 x 22 pixels, the slices of .*SE3 9 x 11; a SEG "
                                          "is read on its series' own grid only"):
         read_dicom_seg(big_seg, tmp_path / "study" / "SE3")
-    fine = write_series(tmp_path / "fine", _ct(), pixel_mm=(0.4, 0.35), step_mm=1.25)
-    fine_volume = read_ct(tmp_path / "fine")
-    fine_seg = _without_frame_sources(write_dicom_seg(_labels_on(fine_volume), fine_volume.source, fine[0],
-                                                      tmp_path / "fine.dcm"), tmp_path / "fine_unplaced.dcm")
-    with pytest.raises(InputError, match=r"fine_unplaced.dcm: its voxels .* are not those of .*SE3 .*a SEG is read on "
-                                         "its series' own grid only"):
-        read_dicom_seg(fine_seg, tmp_path / "study" / "SE3")
-    # The same series' UIDs half a pixel aside (another reconstruction): no voxel of the one is the other's.
-    aside = write_series(tmp_path / "aside", _ct(), first=(-119.6, -80.0, 300.0))
-    aside_volume = read_ct(tmp_path / "aside")
-    aside_seg = _without_frame_sources(write_dicom_seg(_labels_on(aside_volume), aside_volume.source, aside[0],
-                                                       tmp_path / "aside.dcm"), tmp_path / "aside_unplaced.dcm")
-    with pytest.raises(InputError, match=r"aside_unplaced.dcm: its frames are not on the grid of .*SE3 \(.*\); a SEG "
-                                         "is read "):
-        read_dicom_seg(aside_seg, tmp_path / "study" / "SE3")
+    for name, series, refusal in (
+            ("fine", dict(pixel_mm=(0.4, 0.35), step_mm=1.25), r"its voxels .* are not those of .*SE3 "),
+            ("aside", dict(first=(-119.6, -80.0, 300.0)), r"its frames are not on the grid of .*SE3 \(.*\); ")):
+        other = write_series(tmp_path / name, _ct(), **series)  # the same series UID as SE3's
+        other_volume = read_ct(tmp_path / name)
+        unplaced = _without_frame_sources(write_dicom_seg(_labels_on(other_volume), other_volume.source, other[0],
+                                                          tmp_path / f"{name}.dcm"), tmp_path / f"{name}_unplaced.dcm")
+        with pytest.raises(InputError, match=rf"{name}_unplaced.dcm: {refusal}.*a SEG is read on its series' own grid"):
+            read_dicom_seg(unplaced, tmp_path / "study" / "SE3")
     # A partial copy of the series, two slices short of those the SEG's frames were made on.
     partial = tmp_path / "partial" / "SE3"
     shutil.copytree(tmp_path / "study" / "SE3", partial)
