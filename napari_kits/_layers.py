@@ -21,8 +21,9 @@ from typing import Any, Literal
 import numpy as np
 
 META_KEY = "kitseg"
-#: ``layer.metadata[RUN_KEY]`` of labels a run wrote: ``{"checksum": checksum(labels), "model": file
-#: name}``; saved as a DICOM SEG unchanged, they are the model's alone ("automatic").
+#: ``layer.metadata[RUN_KEY]``: how a layer's labels were made, by a run or as a DICOM SEG read says:
+#: ``{"checksum": checksum(labels), "model": file name or None, "algorithm_type": "automatic",
+#: "semiautomatic" or "manual"}``; a SEG saved of automatic labels unchanged is automatic still.
 RUN_KEY = "kitseg_run"
 
 #: The abdominal soft-tissue window W400/L40, as (min, max) HU.

@@ -23,7 +23,9 @@ import numpy as np
 
 from ._layers import (
     KITS21_CYST,
+    RUN_KEY,
     LayerGeometry,
+    checksum,
     ct_layer_data,
     geometry_of,
     ground_truth_layer_data,
@@ -104,7 +106,7 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     if isinstance(path, (list, tuple)) and len(path) > 1 and len({series_of_file(Path(f)) for f in path} - {None}) > 1:
         raise InputError(f"{p.parent}: the files chosen belong to several series; open one series at a time")
     if is_dicom_seg(p):
-        return [_dicom_seg_layer(p)]
+        return _dicom_seg_layers(p)
     if is_dicom_series(p):
         return [ct_layer_data(read_ct(p), series_name(p))]  # named as the CLI names its results
     if p.is_dir():
@@ -144,21 +146,31 @@ def read_kits(path: str | os.PathLike | list) -> list[tuple]:
     return [ct_layer_data(volume, name)]
 
 
-def _dicom_seg_layer(path: Path) -> tuple:
-    """A DICOM SEG's kidney and tumor as labels on its CT series' grid: its series found beside it,
-    or among the DICOM CTs open in the viewer. A model's SEG (automatic) is a result to correct;
-    one a person drew or corrected, a reference to score against. Saved, it goes to a new file."""
+def _dicom_seg_layers(path: Path) -> list[tuple]:
+    """A DICOM SEG's kidney and tumor as labels on its CT series' grid, and the series itself unless
+    it is open already (a SEG alone has no CT to be shown over or segmented): the series found
+    beside the SEG, or among the DICOM CTs open in the viewer. A model's SEG (automatic) is a result
+    to correct; one a person drew or corrected, a reference to score against. How it was made goes
+    with the layer (``RUN_KEY``), so that a SEG saved from it says so; saved, it goes to a new file."""
     from kitseg.dicom import series_name
     from kitseg.dicom_seg import read_dicom_seg
+    from kitseg.io import read_ct
 
-    from ._save import from_dicom_series, viewer_layers
+    from ._save import from_dicom_series, same_file, viewer_layers
 
     geometries = [geometry_of(layer) for layer in viewer_layers()]
     open_series = [Path(g.source.path) for g in geometries if g is not None and g.kind == "ct" and from_dicom_series(g)]
     seg = read_dicom_seg(path, near=open_series)
-    geometry = LayerGeometry("labels", seg.labels.source, None, series_name(seg.series), read_from=path,
+    ct_name = series_name(seg.series)
+    geometry = LayerGeometry("labels", seg.labels.source, None, ct_name, read_from=path,
                              offered_as_reference=not seg.automatic)
-    return (seg.labels.array, labels_layer_kwargs(path.stem, geometry, seg.labels.affine), "labels")
+    kwargs = labels_layer_kwargs(path.stem, geometry, seg.labels.affine)
+    kwargs["metadata"][RUN_KEY] = {"checksum": checksum(seg.labels.array), "model": None,
+                                   "algorithm_type": seg.algorithm_type}
+    layers = [(seg.labels.array, kwargs, "labels")]
+    if not any(same_file(seg.series, open_path) for open_path in open_series):
+        layers.insert(0, ct_layer_data(read_ct(seg.series), ct_name))
+    return layers
 
 
 def _probability_layer(array: np.ndarray, volume, file_stem: str, layer_name: str, colormap: str = "inferno") -> tuple:

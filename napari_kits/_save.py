@@ -97,11 +97,11 @@ def refuse_input_file(geometry: LayerGeometry | None, path: str | os.PathLike) -
                else f"the {geometry.source_holds} file it was opened from"),
               (geometry.read_from, f"the {geometry.kind.replace('_', '-')} file it was opened from")]
     for input_path, what in inputs:
-        if _same_file(path, input_path):
+        if same_file(path, input_path):
             raise SaveError(f"{path}: refusing to overwrite {what}; choose another name")
 
 
-def _same_file(path: Path, other: str | os.PathLike | None) -> bool:
+def same_file(path: Path, other: str | os.PathLike | None) -> bool:
     """``path`` (which exists) is the file ``other`` names, by another name or link too."""
     return other is not None and Path(other).exists() and os.path.samefile(path, other)
 
@@ -119,7 +119,7 @@ def refuse_open_files(path: str | os.PathLike, layers: Iterable[Any]) -> None:
         sources = [getattr(getattr(layer, "source", None), "path", None)]
         if geometry is not None:
             sources += [getattr(geometry.source, "path", None), geometry.read_from]
-        if any(_same_file(path, source) for source in sources):
+        if any(same_file(path, source) for source in sources):
             raise SaveError(f"{path}: refusing to overwrite the file of the open layer '{layer.name}'; "
                             "choose another name")
 
@@ -186,9 +186,10 @@ def save_layer(data: np.ndarray, geometry: LayerGeometry | None, path: str | os.
 
 def _save_dicom_seg(data: np.ndarray, geometry: LayerGeometry, path: Path, overwrite: bool,
                     layer_name: str | None, run: dict | None) -> Path:
-    """Labels as a DICOM SEG over the series their CT was read from: "automatic" where they are as
-    a run wrote them (``run``), else "semiautomatic": a model's that a person painted, or labels
-    opened from a file, whose making is not known here."""
+    """Labels as a DICOM SEG over the series their CT was read from, recorded as made (``run``: how
+    the layer's labels were made, a run's or a SEG's): "automatic" while they are as a run (or an
+    automatic SEG) gave them, "semiautomatic" once painted, "manual" for a person's SEG (painted
+    on, still a person's); labels of unknown making (a NIfTI opened) as semiautomatic."""
     from kitseg.dicom_seg import write_dicom_seg
     from kitseg.io import InputError
 
@@ -201,9 +202,10 @@ def _save_dicom_seg(data: np.ndarray, geometry: LayerGeometry, path: Path, overw
         raise SaveError(f"{path}: {layer} is not on a CT read from a DICOM series, which a DICOM SEG must "
                         "reference; save it as .nii.gz (kits-seg dicom-seg LABELS SERIES converts a saved file)")
     try:
-        as_run_wrote = run is not None and checksum(data) == run.get("checksum")
+        made = (run or {}).get("algorithm_type", "automatic" if run else "semiautomatic")
+        if made == "automatic" and checksum(data) != run.get("checksum"):
+            made = "semiautomatic"
         return write_dicom_seg(data, geometry.source, geometry.source.path, path, overwrite=overwrite,
-                               algorithm_type="automatic" if as_run_wrote else "semiautomatic",
-                               model=run.get("model") if run else None)
+                               algorithm_type=made, model=(run or {}).get("model"))
     except InputError as error:  # the series' headers lack what a SEG references; the labels hold a 3
         raise SaveError(str(error)) from error

@@ -950,7 +950,7 @@ class KitsWidget(QWidget):
         session.labels_layer = self._put_layer(session.labels_layer, event.labels, "labels", kwargs, spare="labels")
         session.labels_written = checksum(event.labels)
         # What the run wrote, and with which model: saved unchanged as a DICOM SEG, it is "automatic".
-        session.labels_layer.metadata[RUN_KEY] = {"checksum": session.labels_written,
+        session.labels_layer.metadata[RUN_KEY] = {"checksum": session.labels_written, "algorithm_type": "automatic",
                                                   "model": self.weights_path.name if self.weights_path else None}
         if kept is not None:
             kept.visible = False  # under the new result in the same colours it would only confuse

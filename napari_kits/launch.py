@@ -38,25 +38,14 @@ def close_notifications() -> None:
             toast.close()
 
 
-def _series_of_seg(path: str, viewer) -> list[tuple]:
-    """The CT series a DICOM SEG segments, where ``path`` is one and its series is not open yet: a
-    SEG alone has no CT to show it over or to run the widget on."""
-    from kitseg.dicom import read_dicom_series, series_name
-    from kitseg.dicom_seg import find_referenced_series, series_uid
-    from kitseg.io import is_dicom_seg
+def _open_already(path: str, viewer) -> bool:
+    """``path`` is the CT of a layer open already (a DICOM series a SEG named before it brought in)."""
+    from ._layers import geometry_of
+    from ._save import same_file
 
-    from ._layers import ct_layer_data, geometry_of
-    from ._save import from_dicom_series
-
-    if not is_dicom_seg(Path(path)):
-        return []
-    series = find_referenced_series(path)
-    uid = series_uid(series)
-    for geometry in map(geometry_of, viewer.layers):
-        if geometry is not None and geometry.kind == "ct" and from_dicom_series(geometry) \
-                and series_uid(geometry.source.path) == uid:
-            return []  # named on the command line before it
-    return [ct_layer_data(read_dicom_series(series), series_name(series))]
+    return Path(path).exists() and any(geometry is not None and geometry.kind == "ct"
+                                       and same_file(Path(path), geometry.source.path)
+                                       for geometry in map(geometry_of, viewer.layers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         from ._reader import read_kits
 
         for path in args.inputs:
-            if Path(path).is_file() and is_dicom_file(Path(path)):  # one file of a series, or a SEG
+            if _open_already(path, viewer):
+                log.info("%s: open already", path)
+            elif Path(path).is_file() and is_dicom_file(Path(path)):  # one file of a series, or a SEG (with its series)
                 try:
-                    layers = _series_of_seg(path, viewer) + read_kits(path)
+                    layers = read_kits(path)
                 except InputError as exc:  # a DICOMDIR, a scout view: said, as napari says a refusal
                     log.error("%s", exc)
                     viewer.close()

@@ -542,7 +542,7 @@ def test_a_seg_is_read_on_its_own_series_only(tmp_path):
         read_dicom_seg(next((tmp_path / "study" / "SE3").iterdir()))
 
 
-def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys):
+def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys, caplog):
     """``kits-seg dicom-seg SEG`` writes its labels as NIfTI on the series' grid, never over a file
     unasked; ``kits-seg evaluate`` scores a SEG as it scores the NIfTI it came from."""
     from kitseg.cli import main
@@ -573,6 +573,24 @@ def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys):
     assert row[1:3] == ["1.0000", "0.0000"]  # the same kidney region; tumor where the reference has none
     assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(seg)]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[1:3] == ["1.0000", "1.0000"]
+    # A SEG is read as kidney and tumor by its codes: another tool's label mapping is not applied to it.
+    assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(seg),
+                 "--map-gt-labels", "2=1", "3=1", "*=0"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1] == "1.0000"
+    assert "SE3_labels.dcm: a DICOM SEG, read as kidney and tumor by its segments' codes; the label mapping is not " \
+           "applied to it" in caplog.text
+    # A SEG saved into its series' folder: its NIfTI goes beside the folder, where it is not taken for the CT.
+    in_series = shutil.copy(seg, tmp_path / "SE3" / "gt_seg.dcm")
+    assert main(["dicom-seg", str(in_series)]) == 0
+    assert (tmp_path / "gt_seg.nii.gz").is_file() and not (tmp_path / "SE3" / "gt_seg.nii.gz").exists()
+    (tmp_path / "folder.nii.gz").mkdir()
+    assert main(["dicom-seg", str(seg), "-o", str(tmp_path / "folder.nii.gz")]) == 2
+    assert "folder.nii.gz: is a folder; name the output file" in capsys.readouterr().err
+    # A damaged (truncated) SEG: an error naming it, no traceback.
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(seg.read_bytes()[: seg.stat().st_size - 40])
+    assert main(["dicom-seg", str(damaged), str(tmp_path / "SE3")]) == 2
+    assert "damaged.dcm: " in capsys.readouterr().err
 
 
 def _without_frame_sources(seg_path, out):
@@ -639,10 +657,48 @@ def test_segments_are_read_by_code_as_tools_write_them(tmp_path):
             ds.AnatomicRegionSequence = [place]
         return ds
 
-    kidneys = [segment(1, "Kidney", "T-71000", "SRT"), segment(2, "kidney right", "9846003"),
+    kidneys = [segment(0, "Background"), segment(1, "Kidney", "T-71000", "SRT"), segment(2, "kidney right", "9846003"),
                segment(3, "tumour", "85756007"), segment(4, "Tumor", "108369006"),
                segment(5, "liver lesion", "52988006", region="10200004")]
     assert _kits_classes(kidneys) == ({1: 1, 2: 1, 3: 2, 4: 2}, ["'liver lesion' (SCT 52988006)"])
+    # A radiologist's SEG of the tumor alone, coded as the kidney's own neoplasm.
+    assert _kits_classes([segment(1, "RCC", "126880001")]) == ({1: 2}, [])
     classes, ignored = _kits_classes([segment(1, "Tumor", "108369006"), segment(2, "Liver", "10200004")])
     assert classes == {} and ignored == ["'Liver' (SCT 10200004)",
                                          "'Tumor' (SCT 108369006) of no named organ, in a SEG holding no kidney"]
+
+
+def test_a_seg_of_a_frame_of_reference_of_its_own_or_damaged(tmp_path, caplog):
+    """pydicom-seg writes a frame of reference of its own and no SpatialLocationsPreserved: its frames
+    name their slices, which place them (said); without them, such a SEG cannot be placed. A
+    damaged file is refused, naming it."""
+    from pydicom.uid import generate_uid
+
+    from kitseg.dicom_seg import read_dicom_seg, write_dicom_seg
+
+    write_series(tmp_path / "SE3", _ct(), along_row=_oblique()[0], down_column=_oblique()[1])
+    volume = read_ct(tmp_path / "SE3")
+    labels = _labels_on(volume)
+    ds = pydicom.dcmread(write_dicom_seg(labels, volume.source, tmp_path / "SE3", tmp_path / "ours.dcm"))
+    ds.FrameOfReferenceUID = generate_uid()
+    for groups in ds.PerFrameFunctionalGroupsSequence:
+        for source in groups.DerivationImageSequence[0].SourceImageSequence:
+            del source.SpatialLocationsPreserved
+    ds.save_as(tmp_path / "pydicom_seg_like.dcm")
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "pydicom_seg_like.dcm").labels.array, labels)
+    assert "pydicom_seg_like.dcm: its frame of reference is not its series'" in caplog.text
+    unplaced = _without_frame_sources(tmp_path / "pydicom_seg_like.dcm", tmp_path / "unplaced.dcm")
+    with pytest.raises(InputError, match=r"unplaced.dcm: its frame of reference .* is not its series' .*its frames name "
+                                         "no slices of it"):
+        read_dicom_seg(unplaced)
+    # Frames said to lie elsewhere than their slices (SpatialLocationsPreserved NO): placed by position.
+    for groups in ds.PerFrameFunctionalGroupsSequence:
+        groups.DerivationImageSequence[0].SourceImageSequence[0].SpatialLocationsPreserved = "NO"
+    ds.FrameOfReferenceUID = pydicom.dcmread(tmp_path / "ours.dcm").FrameOfReferenceUID
+    ds.save_as(tmp_path / "moved.dcm")
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "moved.dcm").labels.array, labels)
+    for size in (400, (tmp_path / "ours.dcm").stat().st_size - 40):
+        damaged = tmp_path / f"damaged{size}.dcm"
+        damaged.write_bytes((tmp_path / "ours.dcm").read_bytes()[:size])
+        with pytest.raises(InputError, match=rf"damaged{size}.dcm: "):
+            read_dicom_seg(damaged, tmp_path / "SE3")

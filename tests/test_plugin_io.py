@@ -399,7 +399,7 @@ def test_labels_of_a_dicom_series_save_as_a_dicom_seg_over_it(tmp_path, case_fol
     np.testing.assert_array_equal(read_seg_labels(written, files), expected)
     assert pydicom_segment_type(written) == "SEMIAUTOMATIC"  # labels of unknown making
     # As a run wrote them: the model's alone, named; painted since: semiautomatic, the model named.
-    run = {"checksum": checksum(labels), "model": "tiny.kseg"}
+    run = {"checksum": checksum(labels), "model": "tiny.kseg", "algorithm_type": "automatic"}
     meta["metadata"][RUN_KEY] = run
     (written,) = write_labels(str(tmp_path / "SE4_labels.dcm"), labels, meta)
     assert pydicom_segment_type(written) == "AUTOMATIC"
@@ -453,10 +453,10 @@ def test_an_unpacked_case_folder_opens_as_the_packed_one_does(tmp_path, case_fol
 
 
 def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, monkeypatch):
-    """A SEG (File > Open, napari-kits) opens as labels on its series' grid, its series found beside
-    it or among the CTs open in the viewer: a model's (automatic) is a result to correct, one a
-    person drew or corrected a reference; saved, it goes to a new file, as SEG or NIfTI, never
-    over the SEG it came from."""
+    """A SEG (File > Open, napari-kits) opens as labels on its series' grid, with the series unless
+    it is open: found beside the SEG or among the CTs open. A model's SEG (automatic) is a result to
+    correct, one a person drew or corrected a reference; saved, it goes to a new file, as SEG or
+    NIfTI, never over the SEG it came from, and says how it was made."""
     pytest.importorskip("highdicom")
     from types import SimpleNamespace
 
@@ -466,6 +466,7 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     from napari_kits._layers import META_KEY, RUN_KEY, LayerGeometry, checksum
     from napari_kits._save import default_filename
     from napari_kits._widget import _is_reference, _is_result
+    from napari_kits.launch import _open_already
 
     from .test_dicom import _ct, _oblique, write_series
     from .test_dicom_seg import _foreign_seg
@@ -475,10 +476,13 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     labels = np.zeros(ct[0].shape, np.uint8)
     labels[1:3, 2:5, 3:7], labels[2, 3, 4] = 1, 2
     run_labels = {"metadata": {META_KEY: LayerGeometry("labels", geometry_of(ct[1]).source, None, "SE4"),
-                               RUN_KEY: {"checksum": checksum(labels), "model": "tiny.kseg"}}, "name": "labels"}
+                               RUN_KEY: {"checksum": checksum(labels), "model": "tiny.kseg",
+                                         "algorithm_type": "automatic"}}, "name": "labels"}
     (seg_path,) = write_labels(str(tmp_path / "SE4_labels.dcm"), labels, run_labels)
     assert napari_get_reader(seg_path) is read_kits
-    ((data, kwargs, kind),) = read_kits(seg_path)
+    (series_ct, (data, kwargs, kind)) = read_kits(seg_path)  # no CT open: its series comes with it
+    np.testing.assert_array_equal(series_ct[0], ct[0])
+    assert series_ct[1]["name"] == "SE4" and geometry_of(series_ct[1]).kind == "ct"
     geometry = geometry_of(kwargs)
     np.testing.assert_array_equal(data, labels)
     assert (kind, kwargs["name"], geometry.ct_name) == ("labels", "SE4_labels", "SE4")
@@ -486,41 +490,47 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     layer = SimpleNamespace(metadata=kwargs["metadata"], name=kwargs["name"])
     assert _is_result(layer) and not _is_reference(layer)
     assert default_filename(geometry, "SE4_labels") == "SE4_labels_edited.nii.gz"
-    # Corrected, then saved: as a SEG under a new name, or as NIfTI; never over the SEG it came from.
-    data[0, 0, 0] = 1
+    # Saved unchanged, still the model's; corrected, semiautomatic: as a SEG under a new name, or as
+    # NIfTI; never over the SEG it came from.
     meta = {"metadata": kwargs["metadata"], "name": kwargs["name"]}
+    (unchanged,) = write_labels(str(tmp_path / "SE4_labels_copy.dcm"), data, meta)
+    assert pydicom_segment_type(unchanged) == "AUTOMATIC"
+    data[0, 0, 0] = 1
     with pytest.raises(SaveError, match=r"SE4_labels.dcm: refusing to overwrite the labels file it was opened from"):
         write_labels(seg_path, data, meta)
     (again,) = write_labels(str(tmp_path / "SE4_labels_edited.dcm"), data, meta)
     np.testing.assert_array_equal(read_dicom_seg(again).labels.array, data)
+    assert pydicom_segment_type(again) == "SEMIAUTOMATIC"
     # Corrected by a person (semiautomatic), it opens as a reference to score a new run against.
-    ((_, corrected, _),) = read_kits(again)
+    (_, (_, corrected, _)) = read_kits(again)
     assert _is_reference(SimpleNamespace(metadata=corrected["metadata"], name="SE4_labels_edited"))
     (nifti,) = write_labels(str(tmp_path / "SE4_labels_edited.nii.gz"), data, meta)
     np.testing.assert_array_equal(read_kits(nifti)[0][0], data)
-    # Far from its series: found among the CTs open in the viewer, else refused, saying what to do.
+    # Far from its series: found among the CTs open in the viewer (and not opened twice), else
+    # refused, saying what to do.
     far = tmp_path / "a" / "b"
     far.mkdir(parents=True)
     shutil.copy(seg_path, far / "SE4_labels.dcm")
     with pytest.raises(InputError, match=r"found in none of .*open the series first"):
         read_kits(str(far / "SE4_labels.dcm"))
-    monkeypatch.setattr(_save, "viewer_layers", lambda: [SimpleNamespace(metadata=ct[1]["metadata"], name="SE4")])
-    np.testing.assert_array_equal(read_kits(str(far / "SE4_labels.dcm"))[0][0], labels)
-    # `napari-kits SEG.dcm` opens its series with it, unless the series was named before it.
-    from napari_kits.launch import _series_of_seg
-
-    ((series_ct, series_kwargs, _),) = _series_of_seg(str(seg_path), SimpleNamespace(layers=[]))
-    np.testing.assert_array_equal(series_ct, ct[0])
-    assert series_kwargs["name"] == "SE4" and geometry_of(series_kwargs).kind == "ct"
-    assert _series_of_seg(str(seg_path), SimpleNamespace(layers=[SimpleNamespace(metadata=ct[1]["metadata"])])) == []
-    assert _series_of_seg(str(files[1]), SimpleNamespace(layers=[])) == []  # a slice: read_kits reads its series
-    # Another tool's SEG, drawn by a person, is a reference to score against.
+    open_ct = SimpleNamespace(metadata=ct[1]["metadata"], name="SE4")
+    monkeypatch.setattr(_save, "viewer_layers", lambda: [open_ct])
+    ((far_labels, _, _),) = read_kits(str(far / "SE4_labels.dcm"))
+    np.testing.assert_array_equal(far_labels, labels)
+    # `napari-kits SEG.dcm SE4/`: the series the SEG brought in is not opened again.
+    assert _open_already(str(tmp_path / "SE4"), SimpleNamespace(layers=[open_ct]))
+    assert not _open_already(str(tmp_path / "SE4"), SimpleNamespace(layers=[layer]))  # labels, not its CT
+    # Another tool's SEG, drawn by a person, is a reference; painted on, it is a person's still.
     kidney = np.zeros((6, 9, 11), bool)
     kidney[1:4, 2:6, 2:8] = True
     other = _foreign_seg(tmp_path / "SE4" / "SEG_other.dcm", files, kidney, np.zeros_like(kidney))
-    ((_, other_kwargs, _),) = read_kits(str(other))
+    ((other_data, other_kwargs, _),) = read_kits(str(other))
     other_layer = SimpleNamespace(metadata=other_kwargs["metadata"], name="SEG_other")
     assert _is_reference(other_layer) and not _is_result(other_layer)
+    other_data[0, 0, 0] = 1
+    (painted,) = write_labels(str(tmp_path / "SEG_other_edited.dcm"), other_data,
+                              {"metadata": other_kwargs["metadata"], "name": "SEG_other"})
+    assert pydicom_segment_type(painted) == "MANUAL"
     # A slice's .dcm (napari hands a selection over file by file, each reading the whole series):
     # refused, saying to open its folder; a slice file without the suffix (`napari-kits FILE`) reads its series.
     slice_file = tmp_path / "SE4" / "slice.dcm"

@@ -133,7 +133,8 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     # What the run wrote, and its model, go with the layer: a DICOM SEG of it unchanged is "automatic".
     from napari_kits._layers import RUN_KEY, checksum
 
-    assert labels_layer.metadata[RUN_KEY] == {"checksum": checksum(full), "model": widget.weights_path.name}
+    assert labels_layer.metadata[RUN_KEY] == {"checksum": checksum(full), "model": widget.weights_path.name,
+                                              "algorithm_type": "automatic"}
     from kitseg.metrics import describe_found
 
     found = describe_found(labels_layer.data, small_case.spacing)

@@ -621,7 +621,7 @@ def _add_dicom_seg(sub: argparse._SubParsersAction) -> None:
                    "references, found beside it)")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="the SEG file (.dcm), or for a SEG given, the NIfTI file; default: beside the input, named "
-                   "as it is (LABELS_NAME.dcm, SEG_NAME.nii.gz)")
+                   "as it is (LABELS_NAME.dcm, SEG_NAME.nii.gz; a SEG in a series' folder: beside the folder)")
     p.add_argument("--algorithm-type", choices=SEG_ALGORITHM_TYPES, default="semiautomatic",
                    help="who made the labels, as the SEG records it: the model alone (automatic), the model's "
                    "labels corrected by a person (semiautomatic, the default), or a person (manual)")
@@ -661,13 +661,17 @@ def cmd_dicom_seg(args: argparse.Namespace) -> int:
 def _seg_to_nifti(args: argparse.Namespace) -> int:
     """``kits-seg dicom-seg SEG.dcm [SERIES]``: the SEG's kidney and tumor as NIfTI on the series' grid."""
     from .dicom_seg import read_dicom_seg
-    from .io import is_nifti, write_labels
+    from .io import is_dicom_series, is_nifti, write_labels
 
     # SEGs named by their UID (1.2.840...): the whole name kept, as two would otherwise share one.
     stem = args.labels.stem if args.labels.suffix.lower() == ".dcm" else args.labels.name
-    output = args.output or args.labels.with_name(stem + ".nii.gz")
+    # Beside the SEG; not into a series' folder, though, where a NIfTI would be taken for its CT.
+    folder = args.labels.parent.parent if is_dicom_series(args.labels.parent) else args.labels.parent
+    output = args.output or folder / (stem + ".nii.gz")
     if not is_nifti(output):
         raise CliError(f"{output}: a DICOM SEG is written out as NIfTI: name the output .nii.gz")
+    if output.is_dir():
+        raise CliError(f"{output}: is a folder; name the output file (-o OUT.nii.gz)")
     if output.exists() and not args.overwrite:  # said before the series is read
         raise CliError(f"{output} exists already; pass --overwrite to replace it, or -o to name another file")
     seg = read_dicom_seg(args.labels, args.series)

@@ -306,12 +306,13 @@ def referenced_series(path: str | os.PathLike) -> str:
 
 # ---------------------------------------------------------------------------- reading a SEG
 #: Segments read as KiTS19's classes by their SegmentedPropertyTypeCode: the kidney (TotalSegmentator
-#: codes each side so, with a laterality modifier) or a side's own code is 1; a neoplasm, mass or
-#: lesion is 2 where its anatomic region is a kidney, or names none in a SEG that holds a kidney (a
-#: liver lesion is no kidney tumor). Compared as codes: SNOMED's old SRT designators match SCT's.
+#: codes each side so, with a laterality modifier) or a side's own code is 1; a kidney's neoplasm
+#: is 2, and so is a neoplasm, mass or lesion whose anatomic region is a kidney, or names none in a
+#: SEG that holds a kidney (a liver lesion is no kidney tumor). Compared as codes: SNOMED's old SRT
+#: designators match SCT's.
 _KIDNEY_CODES = (("64033007", "Kidney"), ("18639004", "Left kidney"), ("9846003", "Right kidney"))
-_TUMOR_CODES = (("108369006", "Neoplasm"), ("4147007", "Mass"), ("52988006", "Lesion"),
-                ("126880001", "Neoplasm of kidney"), ("363518003", "Malignant tumor of kidney"))
+_KIDNEY_TUMOR_CODES = (("126880001", "Neoplasm of kidney"), ("363518003", "Malignant tumor of kidney"))
+_TUMOR_CODES = (("108369006", "Neoplasm"), ("4147007", "Mass"), ("52988006", "Lesion"))
 #: Segment labels read as KiTS19's classes where the code is none of those (a hand-made SEG).
 _KIDNEY_LABELS = {"kidney", "kidneys", "left kidney", "right kidney", "kidney left", "kidney right",
                   "kidney_left", "kidney_right"}
@@ -326,15 +327,20 @@ class DicomSeg:
         labels: 0 background, 1 kidney, 2 tumor (where segments overlap, tumor), internal
             orientation, on the grid :func:`kitseg.dicom.read_dicom_series` reads the series on.
         series: the series it segments (its folder, or one file of a folder holding several).
-        automatic: every segment read was made by an algorithm alone (a result to correct), none
-            drawn or corrected by a person (which makes a reference to score against).
+        algorithm_type: how its kidney and tumor segments were made, the least automatic of them:
+            "automatic" (an algorithm alone: a result to correct), "semiautomatic" (an algorithm's,
+            corrected by a person) or "manual" (a person's drawing); both of these make a reference.
         ignored: the segments that are neither kidney nor kidney tumor ("'Liver' (SCT 10200004)").
     """
 
     labels: Volume
     series: Path
-    automatic: bool
+    algorithm_type: str
     ignored: tuple[str, ...]
+
+    @property
+    def automatic(self) -> bool:
+        return self.algorithm_type == "automatic"
 
 
 def _code(item, keyword: str):
@@ -368,8 +374,12 @@ def _kits_classes(segments) -> tuple[dict[int, int], list[str]]:
     for segment in segments:
         number, code = int(segment.SegmentNumber), _code(segment, "SegmentedPropertyTypeCodeSequence")
         label = " ".join(str(getattr(segment, "SegmentLabel", "") or "").lower().split())
+        if label == "background" or (code is not None and code.meaning.lower() == "background"):
+            continue  # a LABELMAP SEG's segment 0, or a tool's own: nothing to read, nothing to say
         if _is_one_of(code, _KIDNEY_CODES):
             classes[number] = 1
+        elif _is_one_of(code, _KIDNEY_TUMOR_CODES):
+            classes[number] = 2
         elif _is_one_of(code, _TUMOR_CODES):
             region = _code(segment, "AnatomicRegionSequence")
             if region is None:
@@ -462,6 +472,18 @@ def _frame_sources(ds) -> list[set[str]] | None:
     return sources or None
 
 
+def _resampled(ds) -> bool:
+    """A frame says its pixels do not lie where its source slice's do (SpatialLocationsPreserved NO):
+    its source names the slice, not the place. Absent (pydicom-seg writes none) is taken as preserved."""
+    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
+    for groups in [shared, *getattr(ds, "PerFrameFunctionalGroupsSequence", [])]:
+        for item in getattr(groups, "DerivationImageSequence", None) or []:
+            for source in getattr(item, "SourceImageSequence", []):
+                if str(getattr(source, "SpatialLocationsPreserved", "") or "").upper() == "NO":
+                    return True
+    return False
+
+
 def _slice_instance_uids(geometry: SeriesGeometry) -> list[str]:
     """Each slice's SOPInstanceUID, in position order (blanked by some anonymisers: the file meta's)."""
     import pydicom
@@ -506,11 +528,17 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
     geometry = series_geometry(series)
     if geometry.series_uid not in uids:
         raise InputError(f"{path}: segments the series {uids[0]}, not {geometry.path} (series {geometry.series_uid})")
+    sources = _frame_sources(header)
     ct_frame = pydicom.dcmread(geometry.slices[0].path, stop_before_pixels=True, force=True,
                                specific_tags=["FrameOfReferenceUID"]).get("FrameOfReferenceUID")
     if ct_frame and str(getattr(header, "FrameOfReferenceUID", "")) != str(ct_frame):
-        raise InputError(f"{path}: its frame of reference ({getattr(header, 'FrameOfReferenceUID', 'none')}) is not "
-                         f"its series' ({geometry.path}: {ct_frame}), so its frames cannot be placed on the CT")
+        if sources is None:  # placed by position, in a space of its own: nowhere on the CT
+            raise InputError(f"{path}: its frame of reference ({getattr(header, 'FrameOfReferenceUID', 'none')}) is "
+                             f"not its series' ({geometry.path}: {ct_frame}), and its frames name no slices of it: they "
+                             "cannot be placed on the CT")
+        # pydicom-seg writes a frame of reference of its own (its issue 48); the frames' slices place them.
+        log.warning("%s: its frame of reference is not its series' (%s); its frames are placed on the slices they "
+                    "name", path, geometry.path)
     if (int(header.Rows), int(header.Columns)) != (geometry.rows, geometry.columns):
         raise InputError(f"{path}: its frames are {header.Rows} x {header.Columns} pixels, the slices of "
                          f"{geometry.path} {geometry.rows} x {geometry.columns}; a SEG is read on its series' own grid only")
@@ -523,8 +551,7 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
     except Exception as exc:  # highdicom refuses a malformed SEG in several ways
         raise InputError(f"{path}: cannot be read as a DICOM SEG ({exc})") from None
     numbers = sorted(classes)
-    sources = _frame_sources(header)
-    if sources is not None:
+    if sources is not None and not _resampled(header):
         pixels = _pixels_by_source_slice(seg, numbers, sources, geometry, path)
     else:
         pixels = _pixels_by_position(seg, numbers, geometry, path)
@@ -534,9 +561,11 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
             if classes[number] == value:
                 labels[pixels[..., channel] >= 0.5] = value  # binary 1, or a fractional share of half or more
     array = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slice, row, column) -> (column, row, slice)
-    automatic = all(str(getattr(segment, "SegmentAlgorithmType", "")).upper() == "AUTOMATIC"
-                    for segment in header.SegmentSequence if int(segment.SegmentNumber) in classes)
-    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path, automatic,
+    made = {str(getattr(segment, "SegmentAlgorithmType", "") or "").lower()
+            for segment in header.SegmentSequence if int(segment.SegmentNumber) in classes}
+    algorithm_type = next((kind for kind in ("manual", "semiautomatic") if kind in made),
+                          "automatic" if made == {"automatic"} else "semiautomatic")
+    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path, algorithm_type,
                     tuple(ignored))
 
 
@@ -548,11 +577,12 @@ def _pixels_by_source_slice(seg, numbers: list[int], sources: list[set[str]], ge
     if missing:
         raise InputError(f"{path}: {len(missing)} of the slices its frames were derived from are not in "
                          f"{geometry.path} (a partial copy of the series?); its labels there would be lost")
-    try:
+    try:  # slices without frames: 0; where frames lie was checked (:func:`_resampled`)
         return seg.get_pixels_by_source_instance(slice_uids, segment_numbers=numbers, combine_segments=False,
-                                                 assert_missing_frames_are_empty=True)  # slices without frames: 0
-    except (RuntimeError, ValueError, KeyError) as exc:  # e.g. frames resampled from their slices
-        raise InputError(f"{path}: its frames cannot be placed on the slices of {geometry.path} ({exc})") from None
+                                                 assert_missing_frames_are_empty=True, ignore_spatial_locations=True)
+    except Exception as exc:  # highdicom and pydicom fail in several ways on a damaged file
+        raise InputError(f"{path}: its frames cannot be read onto the slices of {geometry.path} (a damaged or "
+                         f"truncated file?): {exc}") from None
 
 
 def _pixels_by_position(seg, numbers: list[int], geometry: SeriesGeometry, path: Path) -> np.ndarray:
@@ -569,6 +599,8 @@ def _pixels_by_position(seg, numbers: list[int], geometry: SeriesGeometry, path:
         volume = seg.get_volume(segment_numbers=numbers, combine_segments=False, rtol=SLICE_POSITION_TOLERANCE)
     except (RuntimeError, ValueError) as exc:  # frames of several orientations, unevenly spaced
         raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
+    except Exception as exc:  # highdicom and pydicom fail in several ways on a damaged file
+        raise InputError(f"{path}: its frames cannot be read (a damaged or truncated file?): {exc}") from None
     if volume.spatial_shape[0] == 1:  # one frame tells no step between slices: the series' own, same way
         affine = volume.affine.copy()
         affine[:3, 0] = target.affine[:3, 0] * (1.0 if affine[:3, 0] @ target.affine[:3, 0] >= 0 else -1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from .geometry import strip_nifti_suffix
 from .io import (InputError, case_labels_file, check_same_grid, is_dicom_seg, is_nifti, is_result_name, layout_hint,
                  name_a_few, read_labels)
 from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
+
+log = logging.getLogger(__name__)
 
 _PREDICTION_RE = re.compile(r"^prediction_(\d+)$")
 
@@ -169,8 +172,13 @@ def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
     for pair in pairs:
         ref = _read_label_map(pair.reference)
         pred = _read_label_map(pair.prediction)
-        ref.array = apply_label_mapping(ref.array, gt_mapping)
-        pred.array = apply_label_mapping(pred.array, mapping)
+        # A SEG is read as KiTS19's classes by its segments' codes: a mapping meant for label values is not its.
+        for volume, path, labels_mapping in ((ref, pair.reference, gt_mapping), (pred, pair.prediction, mapping)):
+            if not is_dicom_seg(path):
+                volume.array = apply_label_mapping(volume.array, labels_mapping)
+            elif labels_mapping:
+                log.warning("%s: a DICOM SEG, read as kidney and tumor by its segments' codes; the label mapping "
+                            "is not applied to it", path)
         _check_kits_labels(ref, pair.reference, ground_truth=True)
         _check_kits_labels(pred, pair.prediction, ground_truth=False)
         check_same_grid(pred.source, ref.source, pair.prediction, reference_name=f"the ground truth's ({pair.reference})")
