@@ -156,7 +156,7 @@ def _dicom_seg_layers(path: Path) -> list[tuple]:
     from kitseg.dicom_seg import read_dicom_seg
     from kitseg.io import read_ct
 
-    from ._save import from_dicom_series, same_file, viewer_layers
+    from ._save import from_dicom_series, viewer_layers
 
     geometries = [geometry_of(layer) for layer in viewer_layers()]
     open_series = [Path(g.source.path) for g in geometries if g is not None and g.kind == "ct" and from_dicom_series(g)]
@@ -165,12 +165,25 @@ def _dicom_seg_layers(path: Path) -> list[tuple]:
     geometry = LayerGeometry("labels", seg.labels.source, None, ct_name, read_from=path,
                              offered_as_reference=not seg.automatic)
     kwargs = labels_layer_kwargs(path.stem, geometry, seg.labels.affine)
-    kwargs["metadata"][RUN_KEY] = {"checksum": checksum(seg.labels.array), "model": None,
-                                   "algorithm_type": seg.algorithm_type}
+    # Saved again, another tool's automatic labels are not napari-kits' model's: semiautomatic.
+    made = seg.algorithm_type if seg.by_napari_kits or not seg.automatic else "semiautomatic"
+    kwargs["metadata"][RUN_KEY] = {"checksum": checksum(seg.labels.array), "model": None, "algorithm_type": made}
     layers = [(seg.labels.array, kwargs, "labels")]
-    if not any(same_file(seg.series, open_path) for open_path in open_series):
+    if seg.series_uid not in {_series_uid(open_path) for open_path in open_series}:
         layers.insert(0, ct_layer_data(read_ct(seg.series), ct_name))
     return layers
+
+
+def _series_uid(series: Path) -> str | None:
+    """The SeriesInstanceUID of a series (its folder, or a file of it), from one slice's header."""
+    from kitseg.dicom import series_of_file
+    from kitseg.io import dicom_files
+
+    for file in [series] if series.is_file() else dicom_files(series):
+        found = series_of_file(file)
+        if found is not None:  # (None: a SEG kept in the series' folder)
+            return found[0]
+    return None
 
 
 def _probability_layer(array: np.ndarray, volume, file_stem: str, layer_name: str, colormap: str = "inferno") -> tuple:

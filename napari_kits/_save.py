@@ -116,9 +116,10 @@ def refuse_open_files(path: str | os.PathLike, layers: Iterable[Any]) -> None:
         return
     for layer in layers:
         geometry = geometry_of(layer)
-        sources = [getattr(getattr(layer, "source", None), "path", None)]
-        if geometry is not None:
-            sources += [getattr(geometry.source, "path", None), geometry.read_from]
+        if geometry is not None:  # (napari's own source of a CT that a SEG brought in is the SEG)
+            sources = [getattr(geometry.source, "path", None), geometry.read_from]
+        else:
+            sources = [getattr(getattr(layer, "source", None), "path", None)]
         if any(same_file(path, source) for source in sources):
             raise SaveError(f"{path}: refusing to overwrite the file of the open layer '{layer.name}'; "
                             "choose another name")
@@ -202,7 +203,7 @@ def _save_dicom_seg(data: np.ndarray, geometry: LayerGeometry, path: Path, overw
         raise SaveError(f"{path}: {layer} is not on a CT read from a DICOM series, which a DICOM SEG must "
                         "reference; save it as .nii.gz (kits-seg dicom-seg LABELS SERIES converts a saved file)")
     try:
-        made = (run or {}).get("algorithm_type", "automatic" if run else "semiautomatic")
+        made = run.get("algorithm_type", "automatic") if run else "semiautomatic"
         if made == "automatic" and checksum(data) != run.get("checksum"):
             made = "semiautomatic"
         return write_dicom_seg(data, geometry.source, geometry.source.path, path, overwrite=overwrite,

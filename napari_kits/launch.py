@@ -38,16 +38,6 @@ def close_notifications() -> None:
             toast.close()
 
 
-def _open_already(path: str, viewer) -> bool:
-    """``path`` is the CT of a layer open already (a DICOM series a SEG named before it brought in)."""
-    from ._layers import geometry_of
-    from ._save import same_file
-
-    return Path(path).exists() and any(geometry is not None and geometry.kind == "ct"
-                                       and same_file(Path(path), geometry.source.path)
-                                       for geometry in map(geometry_of, viewer.layers))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -63,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from ._reader import read_kits
 
-        for path in args.inputs:
-            if _open_already(path, viewer):
-                log.info("%s: open already", path)
-            elif Path(path).is_file() and is_dicom_file(Path(path)):  # one file of a series, or a SEG (with its series)
+        from kitseg.io import is_dicom_seg
+
+        # SEGs last: their series, if named too, is open by then, and a SEG's reading does not open it again.
+        for path in sorted(args.inputs, key=lambda p: is_dicom_seg(Path(p))):
+            if Path(path).is_file() and is_dicom_file(Path(path)):  # one file of a series, or a SEG (with its series)
                 try:
                     layers = read_kits(path)
                 except InputError as exc:  # a DICOMDIR, a scout view: said, as napari says a refusal

@@ -535,14 +535,14 @@ def test_a_seg_is_read_on_its_own_series_only(tmp_path):
     volume_files = sorted(partial.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
     for f in volume_files[-2:]:
         f.unlink()
-    with pytest.raises(InputError, match=r"x.dcm: 1 of the slices its frames were derived from are not in .*partial/SE3 "
+    with pytest.raises(InputError, match=r"x.dcm: 1 of the slices its frames lie on are not in .*partial/SE3 "
                                          r"\(a partial copy of the series\?\)"):
         read_dicom_seg(seg, partial)
     with pytest.raises(InputError, match=r"SE3.*: is no DICOM SEG"):
         read_dicom_seg(next((tmp_path / "study" / "SE3").iterdir()))
 
 
-def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys, caplog):
+def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys, caplog, monkeypatch):
     """``kits-seg dicom-seg SEG`` writes its labels as NIfTI on the series' grid, never over a file
     unasked; ``kits-seg evaluate`` scores a SEG as it scores the NIfTI it came from."""
     from kitseg.cli import main
@@ -577,11 +577,19 @@ def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys, caplog)
     assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(seg),
                  "--map-gt-labels", "2=1", "3=1", "*=0"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[1] == "1.0000"
-    assert "SE3_labels.dcm: a DICOM SEG, read as kidney and tumor by its segments' codes; the label mapping is not " \
-           "applied to it" in caplog.text
-    # A SEG saved into its series' folder: its NIfTI goes beside the folder, where it is not taken for the CT.
+    assert "SE3_labels.dcm: DICOM SEG, read as kidney and tumor by their segments' codes; the label mapping is not " \
+           "applied to them" in caplog.text
+    assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(seg),
+                 "--map-gt-labels", "1=1", "*=0"]) == 0  # maps nothing to tumor: a SEG's tumor is scored still
+    assert capsys.readouterr().out.splitlines()[1].split()[1:3] == ["1.0000", "1.0000"]
+    # A SEG saved into its series' folder: its NIfTI goes beside the folder, where it is not taken for
+    # the CT; named from within the folder too.
     in_series = shutil.copy(seg, tmp_path / "SE3" / "gt_seg.dcm")
     assert main(["dicom-seg", str(in_series)]) == 0
+    assert (tmp_path / "gt_seg.nii.gz").is_file() and not (tmp_path / "SE3" / "gt_seg.nii.gz").exists()
+    (tmp_path / "gt_seg.nii.gz").unlink()
+    monkeypatch.chdir(tmp_path / "SE3")
+    assert main(["dicom-seg", "gt_seg.dcm"]) == 0
     assert (tmp_path / "gt_seg.nii.gz").is_file() and not (tmp_path / "SE3" / "gt_seg.nii.gz").exists()
     (tmp_path / "folder.nii.gz").mkdir()
     assert main(["dicom-seg", str(seg), "-o", str(tmp_path / "folder.nii.gz")]) == 2
@@ -663,6 +671,17 @@ def test_segments_are_read_by_code_as_tools_write_them(tmp_path):
     assert _kits_classes(kidneys) == ({1: 1, 2: 1, 3: 2, 4: 2}, ["'liver lesion' (SCT 52988006)"])
     # A radiologist's SEG of the tumor alone, coded as the kidney's own neoplasm.
     assert _kits_classes([segment(1, "RCC", "126880001")]) == ({1: 2}, [])
+    # How the segments read were made: one way, or "semiautomatic" for several ways, or an unknown one.
+    from kitseg.dicom_seg import _algorithm_type
+
+    def made(*kinds):
+        segments = [segment(n, "Kidney", "64033007") for n in range(1, len(kinds) + 1)]
+        for s, kind in zip(segments, kinds):
+            s.SegmentAlgorithmType = kind
+        return _algorithm_type(segments, {n: 1 for n in range(1, len(kinds) + 1)})
+
+    assert (made("AUTOMATIC"), made("MANUAL", "MANUAL"), made("AUTOMATIC", "MANUAL"), made("")) == (
+        "automatic", "manual", "semiautomatic", "semiautomatic")
     classes, ignored = _kits_classes([segment(1, "Tumor", "108369006"), segment(2, "Liver", "10200004")])
     assert classes == {} and ignored == ["'Liver' (SCT 10200004)",
                                          "'Tumor' (SCT 108369006) of no named organ, in a SEG holding no kidney"]
@@ -691,9 +710,14 @@ def test_a_seg_of_a_frame_of_reference_of_its_own_or_damaged(tmp_path, caplog):
     with pytest.raises(InputError, match=r"unplaced.dcm: its frame of reference .* is not its series' .*its frames name "
                                          "no slices of it"):
         read_dicom_seg(unplaced)
-    # Frames said to lie elsewhere than their slices (SpatialLocationsPreserved NO): placed by position.
-    for groups in ds.PerFrameFunctionalGroupsSequence:
-        groups.DerivationImageSequence[0].SourceImageSequence[0].SpatialLocationsPreserved = "NO"
+    # Frames said to lie elsewhere than their slices (SpatialLocationsPreserved NO or REORIENTED_ONLY):
+    # placed by position; in a frame of reference of their own, that is nowhere on the CT.
+    for preserved in ("NO", "REORIENTED_ONLY"):
+        for groups in ds.PerFrameFunctionalGroupsSequence:
+            groups.DerivationImageSequence[0].SourceImageSequence[0].SpatialLocationsPreserved = preserved
+        ds.save_as(tmp_path / "moved_elsewhere.dcm")
+        with pytest.raises(InputError, match=r"moved_elsewhere.dcm: its frame of reference .*its frames name no slices"):
+            read_dicom_seg(tmp_path / "moved_elsewhere.dcm")
     ds.FrameOfReferenceUID = pydicom.dcmread(tmp_path / "ours.dcm").FrameOfReferenceUID
     ds.save_as(tmp_path / "moved.dcm")
     np.testing.assert_array_equal(read_dicom_seg(tmp_path / "moved.dcm").labels.array, labels)

@@ -457,6 +457,7 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     it is open: found beside the SEG or among the CTs open. A model's SEG (automatic) is a result to
     correct, one a person drew or corrected a reference; saved, it goes to a new file, as SEG or
     NIfTI, never over the SEG it came from, and says how it was made."""
+    pydicom = pytest.importorskip("pydicom")
     pytest.importorskip("highdicom")
     from types import SimpleNamespace
 
@@ -466,7 +467,6 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     from napari_kits._layers import META_KEY, RUN_KEY, LayerGeometry, checksum
     from napari_kits._save import default_filename
     from napari_kits._widget import _is_reference, _is_result
-    from napari_kits.launch import _open_already
 
     from .test_dicom import _ct, _oblique, write_series
     from .test_dicom_seg import _foreign_seg
@@ -517,9 +517,11 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     monkeypatch.setattr(_save, "viewer_layers", lambda: [open_ct])
     ((far_labels, _, _),) = read_kits(str(far / "SE4_labels.dcm"))
     np.testing.assert_array_equal(far_labels, labels)
-    # `napari-kits SEG.dcm SE4/`: the series the SEG brought in is not opened again.
-    assert _open_already(str(tmp_path / "SE4"), SimpleNamespace(layers=[open_ct]))
-    assert not _open_already(str(tmp_path / "SE4"), SimpleNamespace(layers=[layer]))  # labels, not its CT
+    # The series open from one of its files is the same series: not opened again.
+    monkeypatch.setattr(_save, "viewer_layers", lambda: [SimpleNamespace(metadata=read_kits(str(files[2]))[0][1][
+        "metadata"], name="SE4")])
+    assert [kind for _, _, kind in read_kits(str(far / "SE4_labels.dcm"))] == ["labels"]
+    monkeypatch.setattr(_save, "viewer_layers", lambda: [open_ct])
     # Another tool's SEG, drawn by a person, is a reference; painted on, it is a person's still.
     kidney = np.zeros((6, 9, 11), bool)
     kidney[1:4, 2:6, 2:8] = True
@@ -531,6 +533,26 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     (painted,) = write_labels(str(tmp_path / "SEG_other_edited.dcm"), other_data,
                               {"metadata": other_kwargs["metadata"], "name": "SEG_other"})
     assert pydicom_segment_type(painted) == "MANUAL"
+    # Another tool's automatic SEG, saved unchanged: not napari-kits' model's, so semiautomatic; the
+    # SEG a person corrected (above), saved unchanged: semiautomatic still.
+    automatic_other = pydicom.dcmread(other)
+    for segment in automatic_other.SegmentSequence:
+        segment.SegmentAlgorithmType, segment.SegmentAlgorithmName = "AUTOMATIC", "TotalSegmentator"
+    automatic_other.save_as(tmp_path / "SE4" / "SEG_auto.dcm")
+    ((auto_data, auto_kwargs, _),) = read_kits(str(tmp_path / "SE4" / "SEG_auto.dcm"))
+    assert _is_result(SimpleNamespace(metadata=auto_kwargs["metadata"], name="SEG_auto"))
+    (saved,) = write_labels(str(tmp_path / "SEG_auto_copy.dcm"), auto_data, {"metadata": auto_kwargs["metadata"],
+                                                                             "name": "SEG_auto"})
+    assert pydicom_segment_type(saved) == "SEMIAUTOMATIC"
+    ((corrected_data, corrected, _),) = read_kits(again)  # its CT open: the labels alone
+    (saved,) = write_labels(str(tmp_path / "again_copy.dcm"), corrected_data, {"metadata": corrected["metadata"],
+                                                                              "name": "x"})
+    assert pydicom_segment_type(saved) == "SEMIAUTOMATIC"
+    # Saving over the SEG refuses naming the labels layer, not the CT it brought in (napari's source of both).
+    ct_from_seg = SimpleNamespace(metadata=series_ct[1]["metadata"], name="SE4", source=SimpleNamespace(path=seg_path))
+    assert _save.refuse_open_files(seg_path, [ct_from_seg]) is None
+    with pytest.raises(SaveError, match=r"the open layer 'SE4_labels'"):
+        _save.refuse_open_files(seg_path, [ct_from_seg, layer])
     # A slice's .dcm (napari hands a selection over file by file, each reading the whole series):
     # refused, saying to open its folder; a slice file without the suffix (`napari-kits FILE`) reads its series.
     slice_file = tmp_path / "SE4" / "slice.dcm"

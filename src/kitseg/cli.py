@@ -520,7 +520,7 @@ def _share(text: str) -> float:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_pairs, match_predictions, unpaired_references
-    from .io import name_a_few
+    from .io import is_dicom_seg, name_a_few
     from .config import describe_label_mapping, tumor_left_unlabelled
     from .metrics import DEFAULT_FOUND_SHARE, MIN_TUMOR_ML, aggregate, write_scores_csv
 
@@ -543,7 +543,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         log.info("labels scored as %s", describe_label_mapping(mapping))
     if gt_mapping is not mapping:
         log.info("the ground truth's labels scored as %s", describe_label_mapping(gt_mapping))
-    tumor_scored = not tumor_left_unlabelled(gt_mapping)
+    # (A DICOM SEG reference is read by its codes, its tumor segment as tumor, whatever the mapping.)
+    tumor_scored = not tumor_left_unlabelled(gt_mapping) or any(is_dicom_seg(pair.reference) for pair in pairs)
     if not tumor_scored:
         log.warning("mapped as %s, the ground truth holds no tumor (2): tumor is not scored (nan), the kidney region is",
                     describe_label_mapping(gt_mapping))
@@ -666,7 +667,8 @@ def _seg_to_nifti(args: argparse.Namespace) -> int:
     # SEGs named by their UID (1.2.840...): the whole name kept, as two would otherwise share one.
     stem = args.labels.stem if args.labels.suffix.lower() == ".dcm" else args.labels.name
     # Beside the SEG; not into a series' folder, though, where a NIfTI would be taken for its CT.
-    folder = args.labels.parent.parent if is_dicom_series(args.labels.parent) else args.labels.parent
+    seg_folder = args.labels.absolute().parent
+    folder = seg_folder.parent if is_dicom_series(seg_folder) else seg_folder
     output = args.output or folder / (stem + ".nii.gz")
     if not is_nifti(output):
         raise CliError(f"{output}: a DICOM SEG is written out as NIfTI: name the output .nii.gz")

@@ -52,6 +52,7 @@ class _Slice:
     path: Path
     position: np.ndarray  # ImagePositionPatient, LPS mm: the centre of the first pixel
     along: float  # position along the slices' normal
+    sop_uid: str  # SOPInstanceUID (blanked by some anonymisers: the file meta's); a SEG's frames name it
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class SeriesGeometry:
     #: What names this series alone: its folder, or where the folder holds others too, the file given.
     path: Path
     series_uid: str
+    frame_of_reference: str  # FrameOfReferenceUID ("" where an anonymiser removed it)
 
 
 def _numbers(ds, keyword: str, path: Path, count: int) -> np.ndarray:
@@ -166,7 +168,9 @@ def _stacked_slices(folder: Path, headers: list, normal: np.ndarray) -> tuple[li
     slices = []
     for path, ds in headers:
         position = _numbers(ds, "ImagePositionPatient", path, 3)
-        slices.append(_Slice(path, position, float(np.dot(normal, position))))
+        sop_uid = str(getattr(ds, "SOPInstanceUID", "") or "").strip() or str(
+            getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "")
+        slices.append(_Slice(path, position, float(np.dot(normal, position)), sop_uid))
     slices.sort(key=lambda s: s.along)
     if len(slices) < 2:
         raise InputError(f"{folder}: holds one slice of a series, not a volume to segment")
@@ -224,7 +228,7 @@ def series_geometry(source: Path) -> SeriesGeometry:
     lps[:3, 3] = slices[0].position + (start - slices[0].along) * normal  # on the fitted grid
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS
     return SeriesGeometry(folder, tuple(slices), rows, columns, ras, source if others_beside else folder,
-                          _series_key(headers[0][1]))
+                          _series_key(headers[0][1]), str(getattr(headers[0][1], "FrameOfReferenceUID", "") or ""))
 
 
 def series_of_file(path: Path) -> tuple[str, str] | None:

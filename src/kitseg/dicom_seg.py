@@ -301,19 +301,20 @@ def series_uid(series: str | os.PathLike) -> str:
 
 def referenced_series(path: str | os.PathLike) -> str:
     """The SeriesInstanceUID of the CT series a SEG file references (what ``--skip-existing`` checks)."""
-    return _referenced_series_uids(Path(path))[0]
+    return _seg_header(Path(path))[1][0]
 
 
 # ---------------------------------------------------------------------------- reading a SEG
-#: Segments read as KiTS19's classes by their SegmentedPropertyTypeCode: the kidney (TotalSegmentator
-#: codes each side so, with a laterality modifier) or a side's own code is 1; a kidney's neoplasm
-#: is 2, and so is a neoplasm, mass or lesion whose anatomic region is a kidney, or names none in a
-#: SEG that holds a kidney (a liver lesion is no kidney tumor). Compared as codes: SNOMED's old SRT
-#: designators match SCT's.
+# A segment's KiTS19 class, from its SegmentedPropertyTypeCode (SNOMED CT; old SRT designators match):
+#   kidney, left kidney, right kidney                -> 1 kidney
+#   neoplasm of kidney, malignant tumor of kidney    -> 2 tumor
+#   neoplasm, mass, lesion: anatomic region a kidney -> 2 tumor
+#                           no region, in a SEG that holds a kidney -> 2 tumor
+#                           another organ, or no region and no kidney in the SEG -> left out
+#   any other code, or none: by its label ("kidney", "tumor"...), else left out
 _KIDNEY_CODES = (("64033007", "Kidney"), ("18639004", "Left kidney"), ("9846003", "Right kidney"))
 _KIDNEY_TUMOR_CODES = (("126880001", "Neoplasm of kidney"), ("363518003", "Malignant tumor of kidney"))
 _TUMOR_CODES = (("108369006", "Neoplasm"), ("4147007", "Mass"), ("52988006", "Lesion"))
-#: Segment labels read as KiTS19's classes where the code is none of those (a hand-made SEG).
 _KIDNEY_LABELS = {"kidney", "kidneys", "left kidney", "right kidney", "kidney left", "kidney right",
                   "kidney_left", "kidney_right"}
 _TUMOR_LABELS = {"tumor", "tumour", "kidney tumor", "kidney tumour", "renal tumor", "renal tumour", "renal mass"}
@@ -324,18 +325,22 @@ class DicomSeg:
     """A DICOM SEG read as a KiTS19 label map on its CT series' grid.
 
     Attributes:
-        labels: 0 background, 1 kidney, 2 tumor (where segments overlap, tumor), internal
+        labels: 0 background, 1 kidney, 2 tumor (tumor where segments overlap), in the internal
             orientation, on the grid :func:`kitseg.dicom.read_dicom_series` reads the series on.
         series: the series it segments (its folder, or one file of a folder holding several).
-        algorithm_type: how its kidney and tumor segments were made, the least automatic of them:
-            "automatic" (an algorithm alone: a result to correct), "semiautomatic" (an algorithm's,
-            corrected by a person) or "manual" (a person's drawing); both of these make a reference.
+        series_uid: that series' SeriesInstanceUID.
+        algorithm_type: how its kidney and tumor segments were made: "automatic" (by an algorithm
+            alone: a result to correct), "semiautomatic" (an algorithm's, corrected by a person,
+            or segments made in different ways) or "manual" (drawn by a person).
+        by_napari_kits: written by this tool (Manufacturer "napari-kits").
         ignored: the segments that are neither kidney nor kidney tumor ("'Liver' (SCT 10200004)").
     """
 
     labels: Volume
     series: Path
+    series_uid: str
     algorithm_type: str
+    by_napari_kits: bool
     ignored: tuple[str, ...]
 
     @property
@@ -368,14 +373,14 @@ def _describe_segment(segment) -> str:
 
 
 def _kits_classes(segments) -> tuple[dict[int, int], list[str]]:
-    """{segment number: KiTS19 class (1 kidney, 2 tumor)} of a SEG's segments, by code, else by
-    label; and the others, described."""
+    """{segment number: KiTS19 class} of a SEG's segments (the table above), and the segments left
+    out, described. A background segment (a LABELMAP SEG's) is passed over without a word."""
     classes, regionless, ignored = {}, [], []
     for segment in segments:
         number, code = int(segment.SegmentNumber), _code(segment, "SegmentedPropertyTypeCodeSequence")
         label = " ".join(str(getattr(segment, "SegmentLabel", "") or "").lower().split())
         if label == "background" or (code is not None and code.meaning.lower() == "background"):
-            continue  # a LABELMAP SEG's segment 0, or a tool's own: nothing to read, nothing to say
+            continue
         if _is_one_of(code, _KIDNEY_CODES):
             classes[number] = 1
         elif _is_one_of(code, _KIDNEY_TUMOR_CODES):
@@ -392,12 +397,19 @@ def _kits_classes(segments) -> tuple[dict[int, int], list[str]]:
             classes[number] = 1 if label in _KIDNEY_LABELS else 2
         else:
             ignored.append(_describe_segment(segment))
-    for segment in regionless:  # a neoplasm of no named organ: the kidney's where the SEG holds kidneys
+    for segment in regionless:
         if 1 in classes.values():
             classes[int(segment.SegmentNumber)] = 2
         else:
             ignored.append(_describe_segment(segment) + " of no named organ, in a SEG holding no kidney")
     return classes, ignored
+
+
+def _algorithm_type(segments, classes: dict[int, int]) -> str:
+    """How the segments read were made (:attr:`DicomSeg.algorithm_type`)."""
+    made = {str(getattr(segment, "SegmentAlgorithmType", "") or "").lower()
+            for segment in segments if int(segment.SegmentNumber) in classes}
+    return made.pop() if len(made) == 1 and made <= set(SEG_ALGORITHM_TYPES) else "semiautomatic"
 
 
 def _places_to_look(seg_path: Path, near: list[Path]):
@@ -419,8 +431,8 @@ def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -
     from .dicom import series_of_file
     from .io import dicom_files
 
-    seg_path = Path(seg_path)
-    wanted = _referenced_series_uids(seg_path)
+    seg_path = Path(seg_path).absolute()
+    wanted = _seg_header(seg_path)[1]
     looked, seen = [], set()
     for place, every in _places_to_look(seg_path, list(near)):
         if place.resolve() in seen:
@@ -440,10 +452,6 @@ def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -
                      "put the SEG beside its series, or give the series (in napari: open the series first)")
 
 
-def _referenced_series_uids(path: Path) -> list[str]:
-    return _seg_header(path)[1]
-
-
 def _seg_header(path: Path) -> tuple:
     """A SEG's header (no pixels) and the SeriesInstanceUIDs it references; InputError if it is none."""
     import pydicom
@@ -458,44 +466,39 @@ def _seg_header(path: Path) -> tuple:
     return ds, uids
 
 
-def _frame_sources(ds) -> list[set[str]] | None:
-    """The SOPInstanceUIDs of the slices each frame was derived from; None where a frame names none."""
+def _source_slices(ds) -> list[set[str]] | None:
+    """The SOPInstanceUIDs of the slices each frame lies on; None where the frames cannot be placed
+    by them: a frame names no slice, or says its pixels were moved off its slice's (its
+    SpatialLocationsPreserved other than YES; absent, as pydicom-seg writes it, counts as YES)."""
     shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
-    sources = []
+    frames = []
     for groups in getattr(ds, "PerFrameFunctionalGroupsSequence", []):
-        derivation = getattr(groups, "DerivationImageSequence", None) or getattr(shared, "DerivationImageSequence", None)
-        uids = {str(source.ReferencedSOPInstanceUID) for item in derivation or []
-                for source in getattr(item, "SourceImageSequence", []) if "ReferencedSOPInstanceUID" in source}
-        if not uids:
+        derivation = (getattr(groups, "DerivationImageSequence", None)
+                      or getattr(shared, "DerivationImageSequence", None) or [])
+        sources = [source for item in derivation for source in getattr(item, "SourceImageSequence", [])]
+        uids = {str(source.ReferencedSOPInstanceUID) for source in sources if "ReferencedSOPInstanceUID" in source}
+        moved = any(str(getattr(source, "SpatialLocationsPreserved", "") or "YES").upper() != "YES"
+                    for source in sources)
+        if not uids or moved:
             return None
-        sources.append(uids)
-    return sources or None
+        frames.append(uids)
+    return frames or None
 
 
-def _resampled(ds) -> bool:
-    """A frame says its pixels do not lie where its source slice's do (SpatialLocationsPreserved NO):
-    its source names the slice, not the place. Absent (pydicom-seg writes none) is taken as preserved."""
-    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
-    for groups in [shared, *getattr(ds, "PerFrameFunctionalGroupsSequence", [])]:
-        for item in getattr(groups, "DerivationImageSequence", None) or []:
-            for source in getattr(item, "SourceImageSequence", []):
-                if str(getattr(source, "SpatialLocationsPreserved", "") or "").upper() == "NO":
-                    return True
-    return False
-
-
-def _slice_instance_uids(geometry: SeriesGeometry) -> list[str]:
-    """Each slice's SOPInstanceUID, in position order (blanked by some anonymisers: the file meta's)."""
-    import pydicom
-
-    uids = []
-    for item in geometry.slices:
-        ds = pydicom.dcmread(item.path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
-        uid = str(getattr(ds, "SOPInstanceUID", "") or "").strip()
-        if not uid:
-            uid = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "")
-        uids.append(uid)
-    return uids
+def _check_on_series(header, geometry: SeriesGeometry, placed_by_slices: bool, path: Path) -> None:
+    """The SEG's frames can lie on the series' grid: its pixels' rows and columns, and its frame of
+    reference (another one only where its frames name their slices: pydicom-seg writes its own)."""
+    if (int(header.Rows), int(header.Columns)) != (geometry.rows, geometry.columns):
+        raise InputError(f"{path}: its frames are {header.Rows} x {header.Columns} pixels, the slices of "
+                         f"{geometry.path} {geometry.rows} x {geometry.columns}; a SEG is read on its series' own grid only")
+    frame = str(getattr(header, "FrameOfReferenceUID", "") or "")
+    if geometry.frame_of_reference and frame != geometry.frame_of_reference:
+        if not placed_by_slices:
+            raise InputError(f"{path}: its frame of reference ({frame or 'none'}) is not its series' ({geometry.path}: "
+                             f"{geometry.frame_of_reference}), and its frames name no slices of it: they cannot be "
+                             "placed on the CT")
+        log.warning("%s: its frame of reference is not its series' (%s); its frames are placed on the slices they "
+                    "name", path, geometry.path)
 
 
 def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = None,
@@ -503,91 +506,81 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
     """Read the DICOM SEG at ``path`` as KiTS19 labels on its CT series' grid.
 
     ``series``: the series it segments (its folder, or one of its files); by default found by
-    :func:`find_referenced_series` beside the SEG or in ``near``. Each frame goes onto the slice
-    it was derived from (a SEG names them), so slice positions that scanners round do not
-    matter; a SEG whose frames name no slice is placed by their positions. Kidney and kidney
-    tumor segments (:func:`_kits_classes`) are read; others (another tool's organs) are left out
-    and named in :attr:`DicomSeg.ignored`. A fractional SEG's segment is where it is half or more.
+    :func:`find_referenced_series` beside the SEG or in ``near``. Each frame is put on the slice
+    it names as its source, so slice positions rounded by a scanner do not matter; where frames
+    name no source slice, they are placed by their positions. Kidney and kidney tumor segments are
+    read (the table above); others (another tool's organs) are left out and named in
+    :attr:`DicomSeg.ignored`. A fractional segment counts where it is 0.5 or more.
 
     Raises:
-        InputError: not a SEG; no kidney or tumor segment; the series not found, another than the
-            one the SEG references, in another frame of reference, or without slices the SEG's
-            frames were derived from; frames off the series' grid.
+        InputError: not a SEG, or unreadable; no kidney or tumor segment; the series not found,
+            another than the one the SEG references, or missing slices its frames lie on; frames
+            not on the series' grid, or in another frame of reference.
     """
-    hd = _highdicom()
-    import pydicom
-
     path = Path(path)
     if not is_dicom_seg(path):
         raise InputError(f"{path}: is no DICOM SEG (a DICOM Segmentation, Modality SEG)")
     header, uids = _seg_header(path)
-    classes, ignored = _kits_classes(getattr(header, "SegmentSequence", []))  # before any search for the series
+    segments = getattr(header, "SegmentSequence", [])
+    classes, ignored = _kits_classes(segments)  # before any search for the series
     if not classes:
         raise InputError(f"{path}: holds no kidney or kidney tumor segment (it holds {name_a_few(ignored, 4)})")
     series = Path(series) if series is not None else find_referenced_series(path, list(near))
     geometry = series_geometry(series)
     if geometry.series_uid not in uids:
         raise InputError(f"{path}: segments the series {uids[0]}, not {geometry.path} (series {geometry.series_uid})")
-    sources = _frame_sources(header)
-    ct_frame = pydicom.dcmread(geometry.slices[0].path, stop_before_pixels=True, force=True,
-                               specific_tags=["FrameOfReferenceUID"]).get("FrameOfReferenceUID")
-    if ct_frame and str(getattr(header, "FrameOfReferenceUID", "")) != str(ct_frame):
-        if sources is None:  # placed by position, in a space of its own: nowhere on the CT
-            raise InputError(f"{path}: its frame of reference ({getattr(header, 'FrameOfReferenceUID', 'none')}) is "
-                             f"not its series' ({geometry.path}: {ct_frame}), and its frames name no slices of it: they "
-                             "cannot be placed on the CT")
-        # pydicom-seg writes a frame of reference of its own (its issue 48); the frames' slices place them.
-        log.warning("%s: its frame of reference is not its series' (%s); its frames are placed on the slices they "
-                    "name", path, geometry.path)
-    if (int(header.Rows), int(header.Columns)) != (geometry.rows, geometry.columns):
-        raise InputError(f"{path}: its frames are {header.Rows} x {header.Columns} pixels, the slices of "
-                         f"{geometry.path} {geometry.rows} x {geometry.columns}; a SEG is read on its series' own grid only")
+    source_slices = _source_slices(header)
+    _check_on_series(header, geometry, source_slices is not None, path)
     if ignored:
         log.warning("%s: segments %s are neither kidney nor kidney tumor; left out", path, name_a_few(ignored, 4))
-    try:
-        # Frames read as needed (a SEG of 100 organs holds few of kidney); not where a binary frame
-        # is no whole number of bytes (its bits run on into the next), which highdicom reads wrongly lazily.
-        seg = hd.seg.segread(path, lazy_frame_retrieval=geometry.rows * geometry.columns % 8 == 0)
-    except Exception as exc:  # highdicom refuses a malformed SEG in several ways
-        raise InputError(f"{path}: cannot be read as a DICOM SEG ({exc})") from None
+    seg = _open_seg(path, geometry)
     numbers = sorted(classes)
-    if sources is not None and not _resampled(header):
-        pixels = _pixels_by_source_slice(seg, numbers, sources, geometry, path)
-    else:
-        pixels = _pixels_by_position(seg, numbers, geometry, path)
+    try:
+        if source_slices is not None:
+            pixels = _pixels_by_source_slice(seg, numbers, source_slices, geometry, path)
+        else:
+            pixels = _pixels_by_position(seg, numbers, geometry, path)
+    except InputError:
+        raise
+    except Exception as exc:  # highdicom and pydicom fail in several ways on a damaged or unusual file
+        raise InputError(f"{path}: its frames cannot be read ({type(exc).__name__}: {exc})") from None
     labels = np.zeros(pixels.shape[:3], np.uint8)
     for value in (1, 2):  # kidney first, then tumor over it where they overlap
         for channel, number in enumerate(numbers):
             if classes[number] == value:
                 labels[pixels[..., channel] >= 0.5] = value  # binary 1, or a fractional share of half or more
     array = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slice, row, column) -> (column, row, slice)
-    made = {str(getattr(segment, "SegmentAlgorithmType", "") or "").lower()
-            for segment in header.SegmentSequence if int(segment.SegmentNumber) in classes}
-    algorithm_type = next((kind for kind in ("manual", "semiautomatic") if kind in made),
-                          "automatic" if made == {"automatic"} else "semiautomatic")
-    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path, algorithm_type,
-                    tuple(ignored))
+    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path,
+                    geometry.series_uid, _algorithm_type(segments, classes),
+                    str(getattr(header, "Manufacturer", "")) == "napari-kits", tuple(ignored))
 
 
-def _pixels_by_source_slice(seg, numbers: list[int], sources: list[set[str]], geometry: SeriesGeometry,
+def _open_seg(path: Path, geometry: SeriesGeometry):
+    hd = _highdicom()
+    try:
+        # Frames read as needed (a SEG of 100 organs holds few of kidney); not where a binary frame
+        # is no whole number of bytes (its bits run on into the next), which highdicom reads wrongly lazily.
+        return hd.seg.segread(path, lazy_frame_retrieval=geometry.rows * geometry.columns % 8 == 0)
+    except Exception as exc:  # highdicom refuses a malformed SEG in several ways
+        raise InputError(f"{path}: cannot be read as a DICOM SEG ({exc})") from None
+
+
+def _pixels_by_source_slice(seg, numbers: list[int], source_slices: list[set[str]], geometry: SeriesGeometry,
                             path: Path) -> np.ndarray:
-    """(slice, row, column, segment) of the series: each frame on the slice it was derived from."""
-    slice_uids = _slice_instance_uids(geometry)
-    missing = set().union(*sources) - set(slice_uids)
+    """(slice, row, column, segment) on the series: each frame on the slice it names."""
+    slice_uids = [item.sop_uid for item in geometry.slices]
+    missing = set().union(*source_slices) - set(slice_uids)
     if missing:
-        raise InputError(f"{path}: {len(missing)} of the slices its frames were derived from are not in "
-                         f"{geometry.path} (a partial copy of the series?); its labels there would be lost")
-    try:  # slices without frames: 0; where frames lie was checked (:func:`_resampled`)
-        return seg.get_pixels_by_source_instance(slice_uids, segment_numbers=numbers, combine_segments=False,
-                                                 assert_missing_frames_are_empty=True, ignore_spatial_locations=True)
-    except Exception as exc:  # highdicom and pydicom fail in several ways on a damaged file
-        raise InputError(f"{path}: its frames cannot be read onto the slices of {geometry.path} (a damaged or "
-                         f"truncated file?): {exc}") from None
+        raise InputError(f"{path}: {len(missing)} of the slices its frames lie on are not in {geometry.path} (a "
+                         "partial copy of the series?); its labels there would be lost")
+    # Slices without frames are 0; whether frames lie on their slices was checked (_source_slices).
+    return seg.get_pixels_by_source_instance(slice_uids, segment_numbers=numbers, combine_segments=False,
+                                             assert_missing_frames_are_empty=True, ignore_spatial_locations=True)
 
 
 def _pixels_by_position(seg, numbers: list[int], geometry: SeriesGeometry, path: Path) -> np.ndarray:
-    """(slice, row, column, segment) of the series, from the frames' positions (a SEG naming no source
-    slices), within the tolerances the series itself is read with; refused where labels would be lost."""
+    """(slice, row, column, segment) on the series, from the frames' positions, within the
+    tolerances the series itself is read with; refused where labels would be lost."""
     from .dicom import SLICE_POSITION_TOLERANCE
 
     hd = _highdicom()
@@ -599,9 +592,7 @@ def _pixels_by_position(seg, numbers: list[int], geometry: SeriesGeometry, path:
         volume = seg.get_volume(segment_numbers=numbers, combine_segments=False, rtol=SLICE_POSITION_TOLERANCE)
     except (RuntimeError, ValueError) as exc:  # frames of several orientations, unevenly spaced
         raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
-    except Exception as exc:  # highdicom and pydicom fail in several ways on a damaged file
-        raise InputError(f"{path}: its frames cannot be read (a damaged or truncated file?): {exc}") from None
-    if volume.spatial_shape[0] == 1:  # one frame tells no step between slices: the series' own, same way
+    if volume.spatial_shape[0] == 1:  # one frame gives no step between slices: take the series' step
         affine = volume.affine.copy()
         affine[:3, 0] = target.affine[:3, 0] * (1.0 if affine[:3, 0] @ target.affine[:3, 0] >= 0 else -1.0)
         volume = hd.Volume(volume.array, affine, "PATIENT",
@@ -615,9 +606,9 @@ def _pixels_by_position(seg, numbers: list[int], geometry: SeriesGeometry, path:
         raise InputError(f"{off_grid} (its frames are turned against its slices); a SEG is read on its series' own "
                          "grid only")
     labelled = int(np.count_nonzero(volume.array))
-    try:  # the offset may be rounding's, as the series' grid itself allows
+    try:  # an offset of a few hundredths of a voxel is rounding, as the series' own grid allows
         volume = volume.match_geometry(target, tol=GRID_TOLERANCE_VOXELS)
-    except (RuntimeError, ValueError) as exc:  # turned, or shifted by part of a voxel
+    except (RuntimeError, ValueError) as exc:  # shifted by part of a voxel
         raise InputError(f"{off_grid} ({exc}); a SEG is read on its series' own grid only") from None
     if int(np.count_nonzero(volume.array)) != labelled:
         raise InputError(f"{path}: some of its frames lie beyond {geometry.path} (a partial copy of the series?); its "

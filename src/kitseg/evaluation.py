@@ -168,7 +168,7 @@ def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
     scores = []
     mapping = mapping or {}
     gt_mapping = mapping if gt_mapping is None else gt_mapping
-    tumor_scored = not tumor_left_unlabelled(gt_mapping)
+    unmapped_segs = []
     for pair in pairs:
         ref = _read_label_map(pair.reference)
         pred = _read_label_map(pair.prediction)
@@ -177,11 +177,14 @@ def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
             if not is_dicom_seg(path):
                 volume.array = apply_label_mapping(volume.array, labels_mapping)
             elif labels_mapping:
-                log.warning("%s: a DICOM SEG, read as kidney and tumor by its segments' codes; the label mapping "
-                            "is not applied to it", path)
+                unmapped_segs.append(path.name)
+        tumor_scored = is_dicom_seg(pair.reference) or not tumor_left_unlabelled(gt_mapping)
         _check_kits_labels(ref, pair.reference, ground_truth=True)
         _check_kits_labels(pred, pair.prediction, ground_truth=False)
         check_same_grid(pred.source, ref.source, pair.prediction, reference_name=f"the ground truth's ({pair.reference})")
         scores.append(kits_scores(pred.array, ref.array, ref.spacing, case=pair.case, empty_value=empty_value,
                                   found_share=found_share, tumor_scored=tumor_scored))
+    if unmapped_segs:
+        log.warning("%s: DICOM SEG, read as kidney and tumor by their segments' codes; the label mapping is not "
+                    "applied to them", name_a_few(unmapped_segs, 3))
     return scores
