@@ -153,14 +153,17 @@ def _dicom_seg_layers(path: Path) -> list[tuple]:
     to correct; one a person drew or corrected, a reference to score against. How it was made goes
     with the layer (``RUN_KEY``), so that a SEG saved from it says so; saved, it goes to a new file."""
     from kitseg.dicom import series_name
-    from kitseg.dicom_seg import read_dicom_seg
+    from kitseg.dicom_seg import read_dicom_seg, referenced_series_uids
     from kitseg.io import read_ct
 
     from ._save import from_dicom_series, viewer_layers
 
     geometries = [geometry_of(layer) for layer in viewer_layers()]
     open_series = [Path(g.source.path) for g in geometries if g is not None and g.kind == "ct" and from_dicom_series(g)]
-    seg = read_dicom_seg(path, near=open_series)
+    # Its series open already (known by UID, wherever it was opened from): read onto that CT's grid.
+    referenced = referenced_series_uids(path)
+    opened = next((series for series in open_series if _series_uid(series) in referenced), None)
+    seg = read_dicom_seg(path, series=opened)
     ct_name = series_name(seg.series)
     geometry = LayerGeometry("labels", seg.labels.source, None, ct_name, read_from=path,
                              offered_as_reference=not seg.automatic)
@@ -169,7 +172,7 @@ def _dicom_seg_layers(path: Path) -> list[tuple]:
     made = seg.algorithm_type if seg.by_napari_kits or not seg.automatic else "semiautomatic"
     kwargs["metadata"][RUN_KEY] = {"checksum": checksum(seg.labels.array), "model": None, "algorithm_type": made}
     layers = [(seg.labels.array, kwargs, "labels")]
-    if seg.series_uid not in {_series_uid(open_path) for open_path in open_series}:
+    if opened is None:
         layers.insert(0, ct_layer_data(read_ct(seg.series), ct_name))
     return layers
 

@@ -716,11 +716,13 @@ def test_a_seg_of_a_frame_of_reference_of_its_own_or_damaged(tmp_path, caplog):
         for groups in ds.PerFrameFunctionalGroupsSequence:
             groups.DerivationImageSequence[0].SourceImageSequence[0].SpatialLocationsPreserved = preserved
         ds.save_as(tmp_path / "moved_elsewhere.dcm")
-        with pytest.raises(InputError, match=r"moved_elsewhere.dcm: its frame of reference .*its frames name no slices"):
+        with pytest.raises(InputError, match=r"moved_elsewhere.dcm: its frame of reference .*its frames name no slices "
+                                             r"of it to lie on \(or say they were moved off them\)"):
             read_dicom_seg(tmp_path / "moved_elsewhere.dcm")
-    ds.FrameOfReferenceUID = pydicom.dcmread(tmp_path / "ours.dcm").FrameOfReferenceUID
-    ds.save_as(tmp_path / "moved.dcm")
-    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "moved.dcm").labels.array, labels)
+        ds.FrameOfReferenceUID = pydicom.dcmread(tmp_path / "ours.dcm").FrameOfReferenceUID
+        ds.save_as(tmp_path / "moved.dcm")
+        np.testing.assert_array_equal(read_dicom_seg(tmp_path / "moved.dcm").labels.array, labels)
+        ds.FrameOfReferenceUID = generate_uid()
     for size in (400, (tmp_path / "ours.dcm").stat().st_size - 40):
         damaged = tmp_path / f"damaged{size}.dcm"
         damaged.write_bytes((tmp_path / "ours.dcm").read_bytes()[:size])

@@ -517,10 +517,12 @@ def test_a_dicom_seg_opens_over_its_series_and_saves_to_a_new_file(tmp_path, mon
     monkeypatch.setattr(_save, "viewer_layers", lambda: [open_ct])
     ((far_labels, _, _),) = read_kits(str(far / "SE4_labels.dcm"))
     np.testing.assert_array_equal(far_labels, labels)
-    # The series open from one of its files is the same series: not opened again.
-    monkeypatch.setattr(_save, "viewer_layers", lambda: [SimpleNamespace(metadata=read_kits(str(files[2]))[0][1][
-        "metadata"], name="SE4")])
-    assert [kind for _, _, kind in read_kits(str(far / "SE4_labels.dcm"))] == ["labels"]
+    # The series open from a copy elsewhere (known by its UID): read onto that CT, not opened again.
+    shutil.copytree(tmp_path / "SE4", tmp_path / "copy" / "SE4")
+    (copy_ct,) = read_kits(str(tmp_path / "copy" / "SE4"))
+    monkeypatch.setattr(_save, "viewer_layers", lambda: [SimpleNamespace(metadata=copy_ct[1]["metadata"], name="SE4")])
+    ((_, on_copy, kind),) = read_kits(seg_path)
+    assert kind == "labels" and geometry_of(on_copy).source.path == tmp_path / "copy" / "SE4"
     monkeypatch.setattr(_save, "viewer_layers", lambda: [open_ct])
     # Another tool's SEG, drawn by a person, is a reference; painted on, it is a person's still.
     kidney = np.zeros((6, 9, 11), bool)

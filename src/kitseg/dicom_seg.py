@@ -301,7 +301,12 @@ def series_uid(series: str | os.PathLike) -> str:
 
 def referenced_series(path: str | os.PathLike) -> str:
     """The SeriesInstanceUID of the CT series a SEG file references (what ``--skip-existing`` checks)."""
-    return _seg_header(Path(path))[1][0]
+    return referenced_series_uids(path)[0]
+
+
+def referenced_series_uids(path: str | os.PathLike) -> list[str]:
+    """The SeriesInstanceUIDs a SEG file references (one, as a rule)."""
+    return _seg_header(Path(path))[1]
 
 
 # ---------------------------------------------------------------------------- reading a SEG
@@ -495,8 +500,8 @@ def _check_on_series(header, geometry: SeriesGeometry, placed_by_slices: bool, p
     if geometry.frame_of_reference and frame != geometry.frame_of_reference:
         if not placed_by_slices:
             raise InputError(f"{path}: its frame of reference ({frame or 'none'}) is not its series' ({geometry.path}: "
-                             f"{geometry.frame_of_reference}), and its frames name no slices of it: they cannot be "
-                             "placed on the CT")
+                             f"{geometry.frame_of_reference}), and its frames name no slices of it to lie on (or say "
+                             "they were moved off them): they cannot be placed on the CT")
         log.warning("%s: its frame of reference is not its series' (%s); its frames are placed on the slices they "
                     "name", path, geometry.path)
 
@@ -540,7 +545,7 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
             pixels = _pixels_by_source_slice(seg, numbers, source_slices, geometry, path)
         else:
             pixels = _pixels_by_position(seg, numbers, geometry, path)
-    except InputError:
+    except (InputError, MemoryError):
         raise
     except Exception as exc:  # highdicom and pydicom fail in several ways on a damaged or unusual file
         raise InputError(f"{path}: its frames cannot be read ({type(exc).__name__}: {exc})") from None
