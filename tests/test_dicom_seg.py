@@ -512,6 +512,17 @@ def test_a_seg_is_read_on_its_own_series_only(tmp_path):
                                          r"beside its series"):
         read_dicom_seg(far / "x.dcm")
     assert read_dicom_seg(far / "x.dcm", near=[tmp_path / "study" / "SE3"]).labels.array.any()  # a CT open in napari
+    # A stray slice of the series copied beside the SEG: passed over for the series further away;
+    # alone, it is named as what was found.
+    stray = tmp_path / "study" / "results"
+    stray.mkdir()
+    shutil.copy(seg, stray / "x.dcm")
+    shutil.copy(next((tmp_path / "study" / "SE3").iterdir()), stray / "slice")
+    assert read_dicom_seg(stray / "x.dcm").series == tmp_path / "study" / "SE3"
+    shutil.copy(stray / "slice", far / "slice")
+    with pytest.raises(InputError, match=r"c/x.dcm: its series 1.2.826.0.1.1 was found, but not as a volume: .*c: holds "
+                                         "one slice"):
+        read_dicom_seg(far / "x.dcm")
     # Pixels twice as many, or as many and half the size (placed by position, highdicom would read
     # every other slice's frames), or half a pixel aside (another reconstruction): refused.
     big = write_series(tmp_path / "big", _ct((6, 18, 22)), pixel_mm=(0.4, 0.35))

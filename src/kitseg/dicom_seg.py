@@ -431,15 +431,20 @@ def _places_to_look(seg_path: Path, near: list[Path]):
 
 
 def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -> Path:
-    """A file of the CT series the SEG at ``seg_path`` segments, found by its SeriesInstanceUID
-    (:func:`_places_to_look`). Raises :class:`InputError` naming where it looked."""
+    """The CT series the SEG at ``seg_path`` segments (its folder, or a file of a folder holding
+    several): found by its SeriesInstanceUID (:func:`_places_to_look`), the nearest that reads as a
+    series. Raises :class:`InputError` naming where it looked, or why what it found does not read."""
+    return _referenced_series_geometry(Path(seg_path), list(near)).path
+
+
+def _referenced_series_geometry(seg_path: Path, near: list[Path]) -> SeriesGeometry:
     from .dicom import series_of_file
     from .io import dicom_files
 
-    seg_path = Path(seg_path).absolute()
+    seg_path = seg_path.absolute()
     wanted = _seg_header(seg_path)[1]
-    looked, seen = [], set()
-    for place, every in _places_to_look(seg_path, list(near)):
+    looked, seen, unreadable = [], set(), []
+    for place, every in _places_to_look(seg_path, near):
         if place.resolve() in seen:
             continue
         seen.add(place.resolve())
@@ -450,9 +455,15 @@ def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -
             except InputError:
                 continue  # a damaged file: another's to name
             if series is not None and series[0] in wanted:
-                return file
+                try:
+                    return series_geometry(file)
+                except InputError as exc:  # a stray slice or two of the series copied elsewhere: look on
+                    unreadable.append(str(exc))
+                    break
             if series is not None and not every:
                 break  # a series folder holds one series: its first slice tells which
+    if unreadable:
+        raise InputError(f"{seg_path}: its series {wanted[0]} was found, but not as a volume: {unreadable[0]}")
     raise InputError(f"{seg_path}: segments the series {wanted[0]}, found in none of {name_a_few(looked, 4)}; "
                      "put the SEG beside its series, or give the series (in napari: open the series first)")
 
@@ -530,8 +541,7 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
     classes, ignored = _kits_classes(segments)  # before any search for the series
     if not classes:
         raise InputError(f"{path}: holds no kidney or kidney tumor segment (it holds {name_a_few(ignored, 4)})")
-    series = Path(series) if series is not None else find_referenced_series(path, list(near))
-    geometry = series_geometry(series)
+    geometry = series_geometry(Path(series)) if series is not None else _referenced_series_geometry(path, list(near))
     if geometry.series_uid not in uids:
         raise InputError(f"{path}: segments the series {uids[0]}, not {geometry.path} (series {geometry.series_uid})")
     source_slices = _source_slices(header)
