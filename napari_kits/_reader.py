@@ -152,9 +152,8 @@ def _dicom_seg_layers(path: Path) -> list[tuple]:
     beside the SEG, or among the DICOM CTs open in the viewer. A model's SEG (automatic) is a result
     to correct; one a person drew or corrected, a reference to score against. How it was made goes
     with the layer (``RUN_KEY``), so that a SEG saved from it says so; saved, it goes to a new file."""
-    from kitseg.dicom import series_name
+    from kitseg.dicom import read_dicom_series, series_name
     from kitseg.dicom_seg import read_dicom_seg, referenced_series_uids
-    from kitseg.io import read_ct
 
     from ._save import from_dicom_series, viewer_layers
 
@@ -173,7 +172,7 @@ def _dicom_seg_layers(path: Path) -> list[tuple]:
     kwargs["metadata"][RUN_KEY] = {"checksum": checksum(seg.labels.array), "model": None, "algorithm_type": made}
     layers = [(seg.labels.array, kwargs, "labels")]
     if opened is None:
-        layers.insert(0, ct_layer_data(read_ct(seg.series), ct_name))
+        layers.insert(0, ct_layer_data(read_dicom_series(seg.series, seg.geometry), ct_name))
     return layers
 
 

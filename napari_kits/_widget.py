@@ -1459,7 +1459,7 @@ def _is_result(layer: Any) -> bool:
     geometry = geometry_of(layer)
     if geometry is None or geometry.kind != "labels":
         return False
-    if geometry.offered_as_reference:  # another tool's DICOM SEG, opened over its series
+    if geometry.offered_as_reference:  # a DICOM SEG a person drew or corrected, opened over its series
         return False
     return geometry.source_holds == "ct" or is_result_name(getattr(geometry.source, "path", None) or "")
 

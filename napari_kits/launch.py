@@ -49,11 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_registered()
     viewer = napari.Viewer(title="napari-kits")
     if args.inputs:
-        from kitseg.io import InputError, is_dicom_file
+        from kitseg.io import InputError, is_dicom_file, is_dicom_seg
 
         from ._reader import read_kits
-
-        from kitseg.io import is_dicom_seg
 
         # SEGs last: their series, if named too, is open by then, and a SEG's reading does not open it again.
         for path in sorted(args.inputs, key=lambda p: is_dicom_seg(Path(p))):

@@ -259,11 +259,12 @@ def series_name(source: Path) -> str:
     return f"{folder.name}_series{number}" if number else f"{folder.name}_{uid[-8:]}"
 
 
-def read_dicom_series(source: Path) -> Volume:
+def read_dicom_series(source: Path, geometry: SeriesGeometry | None = None) -> Volume:
     """A CT series in HU as an internal-orientation :class:`Volume` on the series' NIfTI grid.
-    ``source``: the series' folder, or one of its files (its series is read)."""
+    ``source``: the series' folder, or one of its files (its series is read); ``geometry``: its
+    :func:`series_geometry`, where read already (its headers are not read again)."""
     pydicom = _pydicom()
-    geometry = series_geometry(source)
+    geometry = geometry or series_geometry(source)
     array = np.empty((geometry.columns, geometry.rows, len(geometry.slices)), np.float32)
     integral = True
     for k, item in enumerate(geometry.slices):

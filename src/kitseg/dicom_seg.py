@@ -332,8 +332,7 @@ class DicomSeg:
     Attributes:
         labels: 0 background, 1 kidney, 2 tumor (tumor where segments overlap), in the internal
             orientation, on the grid :func:`kitseg.dicom.read_dicom_series` reads the series on.
-        series: the series it segments (its folder, or one file of a folder holding several).
-        series_uid: that series' SeriesInstanceUID.
+        geometry: the grid of the series it segments (its slices' headers, read once).
         algorithm_type: how its kidney and tumor segments were made: "automatic" (by an algorithm
             alone: a result to correct), "semiautomatic" (an algorithm's, corrected by a person,
             or segments made in different ways) or "manual" (drawn by a person).
@@ -342,11 +341,15 @@ class DicomSeg:
     """
 
     labels: Volume
-    series: Path
-    series_uid: str
+    geometry: SeriesGeometry
     algorithm_type: str
     by_napari_kits: bool
     ignored: tuple[str, ...]
+
+    @property
+    def series(self) -> Path:
+        """The series it segments: its folder, or one file of a folder holding several."""
+        return self.geometry.path
 
     @property
     def automatic(self) -> bool:
@@ -430,14 +433,10 @@ def _places_to_look(seg_path: Path, near: list[Path]):
     yield from ((folder, False) for folder in dicom_series_folders(seg_path.parent.parent))
 
 
-def find_referenced_series(seg_path: str | os.PathLike, near: list[Path] = ()) -> Path:
-    """The CT series the SEG at ``seg_path`` segments (its folder, or a file of a folder holding
-    several): found by its SeriesInstanceUID (:func:`_places_to_look`), the nearest that reads as a
-    series. Raises :class:`InputError` naming where it looked, or why what it found does not read."""
-    return _referenced_series_geometry(Path(seg_path), list(near)).path
-
-
 def _referenced_series_geometry(seg_path: Path, near: list[Path]) -> SeriesGeometry:
+    """The grid of the CT series the SEG at ``seg_path`` segments, found by its SeriesInstanceUID
+    (:func:`_places_to_look`): the nearest copy that reads as a series. Raises :class:`InputError`
+    naming where it looked, or why what it found does not read."""
     from .dicom import series_of_file
     from .io import dicom_files
 
@@ -522,7 +521,7 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
     """Read the DICOM SEG at ``path`` as KiTS19 labels on its CT series' grid.
 
     ``series``: the series it segments (its folder, or one of its files); by default found by
-    :func:`find_referenced_series` beside the SEG or in ``near``. Each frame is put on the slice
+    :func:`_referenced_series_geometry` beside the SEG or in ``near``. Each frame is put on the slice
     it names as its source, so slice positions rounded by a scanner do not matter; where frames
     name no source slice, they are placed by their positions. Kidney and kidney tumor segments are
     read (the table above); others (another tool's organs) are left out and named in
@@ -565,8 +564,8 @@ def read_dicom_seg(path: str | os.PathLike, series: str | os.PathLike | None = N
             if classes[number] == value:
                 labels[pixels[..., channel] >= 0.5] = value  # binary 1, or a fractional share of half or more
     array = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slice, row, column) -> (column, row, slice)
-    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry.path,
-                    geometry.series_uid, _algorithm_type(segments, classes),
+    return DicomSeg(Volume.from_source_array(array, geometry.affine, geometry.path), geometry,
+                    _algorithm_type(segments, classes),
                     str(getattr(header, "Manufacturer", "")) == "napari-kits", tuple(ignored))
 
 

@@ -149,9 +149,9 @@ def _check_kits_labels(volume, path: Path, ground_truth: bool) -> None:
                          f"(KiTS21/23's cysts scored within the kidney region){other_tool}")
 
 
-def _read_label_map(path: Path):
+def _read_label_map(path: Path, dicom_seg: bool):
     """A NIfTI label map, or a DICOM SEG's kidney and tumor on its series' grid (found beside it)."""
-    if is_dicom_seg(path):
+    if dicom_seg:
         from .dicom_seg import read_dicom_seg
 
         return read_dicom_seg(path).labels
@@ -170,15 +170,17 @@ def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
     gt_mapping = mapping if gt_mapping is None else gt_mapping
     unmapped_segs = []
     for pair in pairs:
-        ref = _read_label_map(pair.reference)
-        pred = _read_label_map(pair.prediction)
+        ref_seg, pred_seg = is_dicom_seg(pair.reference), is_dicom_seg(pair.prediction)
+        ref = _read_label_map(pair.reference, ref_seg)
+        pred = _read_label_map(pair.prediction, pred_seg)
         # A SEG is read as KiTS19's classes by its segments' codes: a mapping meant for label values is not its.
-        for volume, path, labels_mapping in ((ref, pair.reference, gt_mapping), (pred, pair.prediction, mapping)):
-            if not is_dicom_seg(path):
+        for volume, path, seg, labels_mapping in ((ref, pair.reference, ref_seg, gt_mapping),
+                                                  (pred, pair.prediction, pred_seg, mapping)):
+            if not seg:
                 volume.array = apply_label_mapping(volume.array, labels_mapping)
             elif labels_mapping:
                 unmapped_segs.append(path.name)
-        tumor_scored = is_dicom_seg(pair.reference) or not tumor_left_unlabelled(gt_mapping)
+        tumor_scored = ref_seg or not tumor_left_unlabelled(gt_mapping)
         _check_kits_labels(ref, pair.reference, ground_truth=True)
         _check_kits_labels(pred, pair.prediction, ground_truth=False)
         check_same_grid(pred.source, ref.source, pair.prediction, reference_name=f"the ground truth's ({pair.reference})")
