@@ -512,6 +512,15 @@ def test_a_seg_is_read_on_its_own_series_only(tmp_path):
                                          r"beside its series"):
         read_dicom_seg(far / "x.dcm")
     assert read_dicom_seg(far / "x.dcm", near=[tmp_path / "study" / "SE3"]).labels.array.any()  # a CT open in napari
+    # A study exported flat beside the SEG, another series' slices named first: every file is looked at.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for prefix, series in (("a", "SE4"), ("b", "SE3")):
+        for file in (tmp_path / "study" / series).iterdir():
+            shutil.copy(file, flat / f"{prefix}_{file.name}")
+    (tmp_path / "results").mkdir()
+    shutil.copy(seg, tmp_path / "results" / "x.dcm")
+    assert read_dicom_seg(tmp_path / "results" / "x.dcm").series.parent == flat  # one file names its series
     # A stray slice of the series copied beside the SEG: passed over for the series further away;
     # alone, it is named as what was found.
     stray = tmp_path / "study" / "results"
@@ -593,6 +602,17 @@ def test_the_dicom_seg_command_and_evaluate_read_a_seg(tmp_path, capsys, caplog,
     assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(seg),
                  "--map-gt-labels", "1=1", "*=0"]) == 0  # maps nothing to tumor: a SEG's tumor is scored still
     assert capsys.readouterr().out.splitlines()[1].split()[1:3] == ["1.0000", "1.0000"]
+    # A SEG kept apart from its series: evaluate is told where the series are (a study's folder).
+    apart = tmp_path / "elsewhere" / "far"
+    apart.mkdir(parents=True)
+    shutil.copy(seg, apart / "SE3_labels.dcm")
+    assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(apart / "SE3_labels.dcm")]) == 2
+    assert "found in none of" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(tmp_path / "SE3_labels.nii.gz"), "--gt", str(apart / "SE3_labels.dcm"),
+                 "--series", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[1:3] == ["1.0000", "1.0000"]
+    assert main(["evaluate", "--pred", str(seg), "--gt", str(seg), "--series", str(tmp_path / "none")]) == 2
+    assert "--series " + str(tmp_path / "none") + ": does not exist" in capsys.readouterr().err
     # A SEG saved into its series' folder: its NIfTI goes beside the folder, where it is not taken for
     # the CT; named from within the folder too.
     in_series = shutil.copy(seg, tmp_path / "SE3" / "gt_seg.dcm")

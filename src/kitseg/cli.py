@@ -474,6 +474,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    "predictions only): another tool's reference, e.g. --map-gt-labels 2=1 3=1 '*=0' for "
                    "TotalSegmentator's kidneys (* is every other value but 0); where nothing maps to 2, tumor is "
                    "not scored")
+    p.add_argument("--series", type=Path, nargs="+", default=[], metavar="FOLDER",
+                   help="where the CT series that DICOM SEG files segment are, when not beside the SEGs: series "
+                   "folders, or folders of them")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -518,6 +521,19 @@ def _share(text: str) -> float:
     return value
 
 
+def _series_folders(given: list[Path]) -> list[Path]:
+    """``evaluate --series``: each folder given and the series folders in it (a study's)."""
+    from .io import dicom_series_folders
+
+    folders = []
+    for folder in given:
+        if not folder.is_dir():
+            raise CliError(f"--series {folder}: {'is no folder' if folder.exists() else 'does not exist'}; give "
+                           "the folder of a DICOM series, or of several")
+        folders += [folder, *dicom_series_folders(folder)]
+    return folders
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_pairs, match_predictions, unpaired_references
     from .io import is_dicom_seg, name_a_few
@@ -527,6 +543,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     mapping = parse_map_labels(args.map_labels, files="the predictions" if args.map_gt_labels else "every file")
     gt_mapping = (mapping if args.map_gt_labels is None
                   else parse_map_labels(args.map_gt_labels, "--map-gt-labels"))
+    series_near = _series_folders(args.series)
     pairs, unmatched = match_predictions(args.pred, args.gt)
     if args.csv is not None:
         _check_report_path(args.csv, [p for pair in pairs for p in (pair.prediction, pair.reference)], args.overwrite)
@@ -549,7 +566,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         log.warning("mapped as %s, the ground truth holds no tumor (2): tumor is not scored (nan), the kidney region is",
                     describe_label_mapping(gt_mapping))
     scores = evaluate_pairs(pairs, empty_value=args.empty_value, found_share=found_share, mapping=mapping,
-                            gt_mapping=gt_mapping)
+                            gt_mapping=gt_mapping, series_near=series_near)
     width = max([24, *(len(s.case) + 2 for s in scores)])  # long series names keep the columns in line
     header = (f"{'case':<{width}}{'kidney':>9}{'tumor':>9}{'composite':>11}{'kidney mL':>11}{'tumor mL':>10}"
               f"{'found':>8}{'false':>7}")

@@ -423,14 +423,20 @@ def _algorithm_type(segments, classes: dict[int, int]) -> str:
 def _places_to_look(seg_path: Path, near: list[Path]):
     """Where the series a SEG segments may be, nearest first, each with whether to look at every
     file there (a folder holding several series, as a PACS export may) or at its first (a series
-    folder): the SEG's folder, the series folders beside it, ``near`` (the CTs open in the plugin),
-    and the series folders of the folder above (a results folder inside the study's)."""
+    folder): the SEG's folder, the series folders beside it, ``near`` (the CTs open in the plugin,
+    the folders given to ``evaluate --series``), and the series folders of the folder above (a
+    results folder inside the study's)."""
     from .io import dicom_series_folders
 
     yield seg_path.parent, True
-    yield from ((folder, False) for folder in dicom_series_folders(seg_path.parent))
+    beside = dicom_series_folders(seg_path.parent)
+    yield from ((folder, False) for folder in beside)
     yield from ((Path(p), True) for p in near)
-    yield from ((folder, False) for folder in dicom_series_folders(seg_path.parent.parent))
+    above = dicom_series_folders(seg_path.parent.parent)
+    yield from ((folder, False) for folder in above)
+    # Last, before giving up, every file of those folders: one may hold several series (a study
+    # exported flat), which its first file cannot tell.
+    yield from ((folder, True) for folder in beside + above)
 
 
 def _referenced_series_geometry(seg_path: Path, near: list[Path]) -> SeriesGeometry:
@@ -444,10 +450,11 @@ def _referenced_series_geometry(seg_path: Path, near: list[Path]) -> SeriesGeome
     wanted = _seg_header(seg_path)[1]
     looked, seen, unreadable = [], set(), []
     for place, every in _places_to_look(seg_path, near):
-        if place.resolve() in seen:
+        if (place.resolve(), every) in seen or (place.resolve(), True) in seen:
             continue
-        seen.add(place.resolve())
-        looked.append(str(place))
+        seen.add((place.resolve(), every))
+        if str(place) not in looked:
+            looked.append(str(place))
         for file in [place] if place.is_file() else dicom_files(place):
             try:
                 series = series_of_file(file)
@@ -464,7 +471,8 @@ def _referenced_series_geometry(seg_path: Path, near: list[Path]) -> SeriesGeome
     if unreadable:
         raise InputError(f"{seg_path}: its series {wanted[0]} was found, but not as a volume: {unreadable[0]}")
     raise InputError(f"{seg_path}: segments the series {wanted[0]}, found in none of {name_a_few(looked, 4)}; "
-                     "put the SEG beside its series, or give the series (in napari: open the series first)")
+                     "put the SEG beside its series, or give the series (kits-seg dicom-seg SEG SERIES, "
+                     "kits-seg evaluate --series FOLDER; in napari: open the series first)")
 
 
 def _seg_header(path: Path) -> tuple:
