@@ -11,7 +11,7 @@ from .config import KITS_LABELS as KITS_LABEL_MAP  # the classes; io.KITS_LABELS
 from .config import apply_label_mapping, tumor_left_unlabelled
 from .geometry import strip_nifti_suffix
 from .io import (InputError, case_labels_file, check_same_grid, is_dicom_seg, is_nifti, is_result_name, layout_hint,
-                 name_a_few, read_labels)
+                 name_a_few, nifti_named, read_labels)
 from .metrics import DEFAULT_FOUND_SHARE, CaseScores, kits_scores
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
         in_folder = case_labels_file(gt_dir / name)
         if in_folder is not None:
             return name, in_folder
-        candidates = [gt_dir / f"{name}{suffix}" for suffix in (".nii.gz", ".nii", ".NII.GZ", ".NII")]
-        found = next((c for c in candidates if c.is_file()), None)
+        found = nifti_named(gt_dir, name)
         if found is not None:
             return name, found
     return case, None

@@ -76,6 +76,13 @@ def _case_file(folder: Path, name: str) -> Path | None:
     return next((folder / n for n in (name, name.removesuffix(".gz")) if (folder / n).is_file()), None)
 
 
+def nifti_named(folder: Path, name: str) -> Path | None:
+    """``folder/NAME.nii.gz``, or ``NAME.nii`` (unpacked), or either in capitals as some exporters
+    write them; None if there is none."""
+    return next((folder / f"{name}{suffix}" for suffix in (".nii.gz", ".nii", ".NII.GZ", ".NII")
+                 if (folder / f"{name}{suffix}").is_file()), None)
+
+
 def case_image_file(folder: Path) -> Path | None:
     """A case folder's CT: ``imaging.nii.gz`` (or unpacked, ``imaging.nii``); None if it has none."""
     return _case_file(folder, KITS_IMAGE)
@@ -183,9 +190,7 @@ def nnunet_training_cases(folder: Path) -> list[CaseInput] | None:
             other_channels.append(path.name)
         else:
             name = match.group(1)
-            label = next((labels / f"{name}{ext}" for ext in (".nii.gz", ".nii") if (labels / f"{name}{ext}").is_file()),
-                         None)
-            cases.append(CaseInput(name=name, image_path=path, labels_path=label))
+            cases.append(CaseInput(name=name, image_path=path, labels_path=nifti_named(labels, name)))
     if other_channels:  # a CT is one channel; a second one (another phase, an MR sequence) this model cannot take
         raise InputError(f"{images}: holds more than one channel per case ({name_a_few(other_channels, 3)}); "
                          "a CT is one image, NAME_0000.nii.gz (nnU-Net's names end in the channel, _0000: are "
