@@ -476,6 +476,23 @@ def test_predict_checks_options_and_output_folder_before_any_work(tmp_path, case
     a_file.write_text("x")
     assert main(["predict", case, "-o", str(a_file), "--weights", str(weights)]) == 2
     assert "afile: is a file" in capsys.readouterr().err and a_file.read_text() == "x"
+    assert main(["predict", case, "-o", str(tmp_path / "result.nii.gz"), "--weights", str(weights)]) == 2
+    assert "result.nii.gz: -o/--output takes a folder" in capsys.readouterr().err
+    assert not (tmp_path / "result.nii.gz").exists()
+    # A link to the CT where its labels would go: refused before the work, --overwrite or not.
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "prediction_00000.nii.gz").symlink_to(cases / "case_00000" / "imaging.nii.gz")
+    before = (cases / "case_00000" / "imaging.nii.gz").read_bytes()
+    assert main(["predict", case, "-o", str(linked), "--weights", str(weights), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "prediction_00000.nii.gz: is the input " in err and "imaging.nii.gz (a link to it?)" in err
+    assert (cases / "case_00000" / "imaging.nii.gz").read_bytes() == before
+    # A CT refused once the model has loaded: the output folder the run made is not left behind, empty.
+    no_ct = tmp_path / "no_ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 20, 20), np.uint8), make_affine("ras")), str(no_ct))
+    assert main(["predict", str(no_ct), "-o", str(tmp_path / "made"), "--weights", str(weights)]) == 2
+    assert "a label map, not a CT" in capsys.readouterr().err and not (tmp_path / "made").exists()
 
 
 def test_predict_batch_goes_past_an_unreadable_ct_and_ignores_its_own_earlier_results(tmp_path, weights, capsys):
@@ -603,7 +620,7 @@ def test_predict_refuses_a_mask_given_as_the_ct_and_names_the_case_folders_it_sk
     mask_file = str(masks_only / "segmentation.nii.gz")
     assert main(["predict", mask_file, "-o", str(tmp_path / "o"), "--weights", str(weights)]) == 2
     assert f"{mask_file}: holds only the values 0, 1, 2: a label map, not a CT" in capsys.readouterr().err
-    assert not any((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # the folder it made, left empty, is not left behind
     # A folder of cases: the whole ones are segmented, the others named.
     mixed = tmp_path / "mixed"
     shutil.copytree(cases / "case_00000", mixed / "case_00000")

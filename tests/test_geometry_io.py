@@ -184,6 +184,11 @@ def test_a_file_without_orientation_gets_results_without_one(tmp_path, caplog):
     assert int(written.header["sform_code"]) == int(written.header["qform_code"]) == 0
     np.testing.assert_allclose(written.affine, read_back.affine)
     np.testing.assert_allclose(written.header.get_zooms(), read_back.header.get_zooms())
+    # Labels with an orientation, of as many voxels each way: they cannot be matched, and the refusal says why.
+    oriented = _save(np.zeros((4, 5, 6), np.uint8), make_affine("kits"), tmp_path / "oriented.nii.gz")
+    with pytest.raises(InputError, match=r"oriented.nii.gz: its axes run IPL, the CT's LAS \(shape \(4, 5, 6\) "
+                                         r"both\): the two do not overlay; the other declares no orientation"):
+        read_labels(oriented, like=volume)
 
 
 def test_a_zero_voxel_size_without_sform_is_refused(tmp_path):
@@ -250,6 +255,13 @@ def test_a_qform_beside_the_sform_is_written_back_as_it_was(tmp_path):
     out = nib.load(str(write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "l2.nii.gz")))
     assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (2, 0)
     np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+    img.set_qform(affine, code=1)  # a qform alone (older converters): no sform written either
+    img.set_sform(None, code=0)
+    nib.save(img, str(tmp_path / "qform_only.nii.gz"))
+    volume = read_ct(tmp_path / "qform_only.nii.gz")
+    out = nib.load(str(write_labels(np.zeros(volume.shape, np.uint8), volume.source, tmp_path / "l3.nii.gz")))
+    assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (0, 1)
+    np.testing.assert_allclose(out.affine, affine, atol=1e-5)
 
 
 def test_the_same_grid_in_another_axis_order_overlays(tmp_path):
@@ -262,6 +274,20 @@ def test_the_same_grid_in_another_axis_order_overlays(tmp_path):
     assert nib.load(str(tmp_path / "ras.nii.gz")).shape != labels.shape
     again = read_labels(tmp_path / "ras.nii.gz", like=volume)  # no refusal: the voxels are the same
     np.testing.assert_array_equal(again.array, volume.array)
+
+
+def test_a_grid_turned_45_degrees_is_one_grid_whichever_way_rounding_tips_it(tmp_path):
+    """At 45 degrees, two axes are equally near: a CT and its labels a rounding error apart must
+    still be read in one axis order, or their internal arrays would not match voxel for voxel."""
+    labels = np.random.default_rng(0).integers(0, 3, size=(7, 9, 11)).astype(np.uint8)
+    volumes = []
+    for degrees in (45 + 1e-6, 45 - 1e-6):
+        turn = np.eye(4)
+        turn[:2, :2] = [[np.cos(np.deg2rad(degrees)), -np.sin(np.deg2rad(degrees))],
+                        [np.sin(np.deg2rad(degrees)), np.cos(np.deg2rad(degrees))]]
+        volumes.append(read_labels(_save(labels, turn @ make_affine("kits"), tmp_path / f"{degrees}.nii.gz")))
+    again = read_labels(volumes[1].source.path, like=volumes[0])  # no refusal
+    np.testing.assert_array_equal(again.array, volumes[0].array)
 
 
 def test_hidden_files_are_not_taken_for_cts(tmp_path):

@@ -134,16 +134,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .config import MaskConfig
     from .dicom import NoImageSlices
-    from .io import InputError, ct_grid, discover_inputs, label_map_values, read_ct
-    from .metrics import describe_found
-    from .outputs import write_prediction
-    from .pipeline import Progress, Segmentation, Segmenter
-    from .postprocess import CleanupRules
-    from .weights import DEFAULT_WEIGHTS
+    from .io import InputError, ct_grid, discover_inputs
+    from .pipeline import Segmenter
 
     cases = discover_inputs(args.input)
     args.seg_for = set()  # the CTs whose labels go into a DICOM SEG too (--dicom-seg: the series it can reference)
@@ -220,7 +214,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
         radius_unit="mm" if args.radius_mm else ("voxels" if args.radius is not None else model_mask.radius_unit),
     )
     _say_mask_rule(mask_config, model_mask, args)
+    made = not args.output.exists()
     _make_output_folder(args.output)
+    try:
+        failed = _segment_cases(cases, failed, count, segmenter, mask_config, args)
+    finally:  # a folder this run made and left empty (its one CT refused, or interrupted) is not left behind
+        if made and args.output.is_dir() and not any(args.output.iterdir()):
+            args.output.rmdir()
+    return _report_failed(failed, count)
+
+
+def _segment_cases(cases, failed: list[str], count: int, segmenter, mask_config, args) -> list[str]:
+    """Segment and write each case; the names of those that failed (with ``failed``'s). A failure is
+    raised where the run has one case (``count``), said and passed over where it has more."""
+    from tqdm import tqdm
+
+    from .io import InputError, label_map_values, read_ct
+    from .metrics import describe_found
+    from .outputs import write_prediction
+    from .pipeline import Progress, Segmentation
+    from .postprocess import CleanupRules
+    from .weights import DEFAULT_WEIGHTS
+
     log.info("device: %s; %d case(s)", segmenter.device, len(cases))
     for case in cases:
         start = time.perf_counter()
@@ -253,7 +268,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                        keep_existing=args.skip_existing, dicom_seg=_with_seg(case, args),
                                        model=(args.weights or DEFAULT_WEIGHTS).name)
         except InputError as exc:  # the SEG, whose headers highdicom refused: the NIfTI is on disk
-            message = f"{exc} (the NIfTI labels are on disk)"
+            message = f"{exc} (the NIfTI labels are on disk)" if _with_seg(case, args) else str(exc)
             if count == 1:
                 raise InputError(message) from None
             tqdm.write(f"kits-seg: error: {message}", file=sys.stderr)
@@ -261,7 +276,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         tqdm.write(f"{case.name}: {describe_found(result.labels, volume.spacing)}; "
                    f"{', '.join(p.name for p in written)} ({time.perf_counter() - start:.1f} s)")
-    return _report_failed(failed, count)
+    return failed
 
 
 def _report_failed(failed: list[str], count: int) -> int:
@@ -370,6 +385,9 @@ def _check_output_folder(folder: Path, option: str = "-o/--output") -> None:
     once the model has loaded: a run refused before then leaves nothing behind)."""
     if folder.exists() and not folder.is_dir():
         raise CliError(f"{folder}: is a file; {option} takes a folder")
+    if not folder.exists() and folder.name.lower().endswith((".nii", ".nii.gz", ".dcm")):
+        raise CliError(f"{folder}: {option} takes a folder, which the outputs are named in; name it without "
+                       "a file's suffix")
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise CliError(f"{folder}: cannot create the output folder ({existing} is a file)")
@@ -405,6 +423,14 @@ def _check_outputs_free(cases, args) -> None:
             from .dicom_seg import check_seg_output
 
             check_seg_output(out)  # a scout or a CT slice named so is never replaced, said before the work
+    inputs = {}
+    for case in cases:
+        if case.image_path.is_file():
+            inputs[case.image_path.stat().st_ino, case.image_path.stat().st_dev] = case.image_path
+    for out in writer:  # a link to a CT where its labels would go: never written through, --overwrite or not
+        if out.exists() and (out.stat().st_ino, out.stat().st_dev) in inputs:
+            raise CliError(f"{out}: is the input {inputs[out.stat().st_ino, out.stat().st_dev]} (a link to it?), "
+                           "where an output would go; move it or choose another -o folder")
     if args.skip_existing:  # the outputs that exist stay; only the missing ones are written
         return
     if args.overwrite:

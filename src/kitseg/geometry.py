@@ -42,17 +42,23 @@ class SourceGrid:
     affine: np.ndarray
     to_internal: np.ndarray
     path: Path | None = None
-    #: The NIfTI sform/qform code the affine came with; 0 when the file declared no orientation
-    #: (the affine is then nibabel's guess from the voxel sizes). Outputs carry the same code, so
-    #: every viewer reads them as it reads the CT, and they overlay it.
+    #: The code outputs' sform is written with: the file's own; 0 where it declared no orientation
+    #: (the affine is then nibabel's guess from the voxel sizes) or declared it in its qform only.
+    #: Outputs carry the file's codes, so every viewer reads them as it reads the CT.
     xform_code: int = 1
-    #: The file's own qform (matrix, code) where it has one beside a coded sform, written back
-    #: as it was (a viewer that reads the qform must place the outputs as it places the CT).
+    #: The file's own qform (matrix, code) where it declares an orientation, written back as it
+    #: was (a viewer that reads the qform must place the outputs as it places the CT); None: the
+    #: affine is written as the qform too, with ``xform_code``.
     qform: tuple[np.ndarray, int] | None = None
     #: The spatial unit of the file's header ("mm", or "meter" / "micron": the affines here are in
     #: mm all the same); outputs are written in the file's own unit, so that they carry its
     #: numbers exactly, for viewers that ignore the unit too.
     xyz_unit: str = "mm"
+
+    @property
+    def declares_orientation(self) -> bool:
+        """Whether the file gave its axes' directions (an sform or qform code), not nibabel's guess."""
+        return self.xform_code > 0 or (self.qform is not None and self.qform[1] > 0)
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
@@ -72,11 +78,22 @@ class SourceGrid:
             raise ValueError(
                 f"array of shape {internal_array.shape} is not on this volume's grid {expected}"
             )
-        back = nio.ornt_transform(INTERNAL_ORNT, nio.io_orientation(self.affine))
+        back = nio.ornt_transform(INTERNAL_ORNT, file_orientation(self.affine))
         return to_c_order(nio.apply_orientation(internal_array, back))
 
 
 INTERNAL_ORNT = nio.axcodes2ornt(INTERNAL_AXCODES)
+
+
+def file_orientation(affine: np.ndarray) -> np.ndarray:
+    """The world axis each array axis of ``affine`` runs nearest (nibabel's ``io_orientation``),
+    its direction cosines rounded to 1e-4 first: a grid turned 45 degrees is a tie, which rounding
+    noise in two files of the same grid (a CT and its labels) must not break two ways."""
+    rzs = np.asarray(affine, np.float64)[:3, :3]
+    directions = rzs / np.linalg.norm(rzs, axis=0)
+    rounded = np.eye(4)
+    rounded[:3, :3] = np.round(directions, 4)
+    return nio.io_orientation(rounded)
 
 
 def to_c_order(array: np.ndarray, tile: int = 64) -> np.ndarray:
@@ -111,7 +128,7 @@ def source_grid_for(shape: tuple[int, ...], affine: np.ndarray, path: Path | Non
         raise ValueError("the affine must be a finite 4x4 matrix")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError("the affine is singular (zero voxel size or collinear axes)")
-    to_internal = nio.ornt_transform(nio.io_orientation(affine), INTERNAL_ORNT)
+    to_internal = nio.ornt_transform(file_orientation(affine), INTERNAL_ORNT)
     return SourceGrid(tuple(int(n) for n in shape), affine, to_internal, path, xform_code, qform, xyz_unit)
 
 

@@ -434,13 +434,15 @@ def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
     img = _load_nifti(path, channels_ok)
     affine, qform = _transforms_mm(img, path)
     unit = _xyz_unit(img)
-    xform_code = _xform_code(img)
-    if xform_code == 0:
+    if _xform_code(img) == 0:
         log.warning("%s: no orientation in the header (sform and qform codes 0): its axes' directions are "
-                    "nibabel's guess from the voxel sizes; outputs are written the same way", path)
+                    "nibabel's guess from the voxel sizes, which may not be the patient's (a CT read so may be "
+                    "segmented poorly): save it again with its orientation if you can", path)
+    sform_code = int(img.header["sform_code"]) if hasattr(img.header, "get_sform") else 0
     array = _read_array(img, path, integer_ok)
     try:
-        return Volume.from_source_array(array, affine, path, xform_code, qform, unit)
+        # Outputs get the file's own sform code (0 where it declares none) and qform (``qform``).
+        return Volume.from_source_array(array, affine, path, sform_code if qform is not None else 0, qform, unit)
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
 
@@ -476,6 +478,8 @@ def _transforms_mm(img: nib.Nifti1Image, path: Path, report: bool = True) -> tup
         # Its own qform, or none (code 0) as it had: a viewer reads the outputs as it reads the CT.
         qform = ((_scaled(header.get_qform(), factor), int(header["qform_code"])) if int(header["qform_code"]) > 0
                  else (affine, 0))
+    elif hasattr(header, "get_qform") and int(header["qform_code"]) > 0:
+        qform = (affine, int(header["qform_code"]))  # a qform alone (the affine is it): outputs keep no sform
     return affine, qform
 
 
@@ -620,11 +624,19 @@ def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None =
     axis order (RAS against KiTS19's I, P, L) overlay, and their internal arrays match voxel for voxel.
     """
     where = f"{path}: " if path else ""
+    guessed = [name for name, g in (("this file", grid), ("the other", reference)) if not g.declares_orientation]
+    unoriented = ("" if not guessed else
+                  f"; {guessed[0]} declares no orientation (sform and qform codes 0): its axes are a guess"
+                  if len(guessed) == 1 else "; neither declares an orientation (sform and qform codes 0): their axes "
+                  "are guesses")
     if grid.internal_shape() != reference.internal_shape():
-        raise InputError(f"{where}shape {grid.shape} differs from {reference_name} {reference.shape}"
-                         + ("" if grid.shape != reference.shape else " (in another axis order)"))
+        if grid.shape == reference.shape:  # as many voxels each way, but the affines run the axes differently
+            raise InputError(f"{where}its axes run {''.join(grid.axcodes)}, {reference_name} "
+                             f"{''.join(reference.axcodes)} (shape {grid.shape} both): the two do not overlay"
+                             + unoriented)
+        raise InputError(f"{where}shape {grid.shape} differs from {reference_name} {reference.shape}")
     if not np.allclose(grid.internal_affine(), reference.internal_affine(), atol=atol):
-        raise InputError(f"{where}its affine differs from {reference_name}: the two do not overlay")
+        raise InputError(f"{where}its affine differs from {reference_name}: the two do not overlay" + unoriented)
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, *, scale: float | None = None,
