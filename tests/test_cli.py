@@ -910,3 +910,23 @@ def test_kits21_and_nnunet_layouts_are_predicted_and_scored_as_case_folders_are(
     assert main(["evaluate", "--pred", str(tmp_path / "pred_kits21" / "prediction_00001.nii.gz"),
                  "--gt", str(kits21 / "case_00001")]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("case_00001 ")
+
+
+def test_log_lines_are_written_above_a_progress_bar_not_after_it():
+    """A checkpoint saved while a bar is drawn: the bar is cleared, the line written on its own."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from kitseg.cli import _BarSafeHandler
+
+    stream = io.StringIO()
+    handler = _BarSafeHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    bar = tqdm(total=10, file=stream, desc="stage 1")
+    bar.update(5)
+    handler.emit(logging.LogRecord("kitseg", logging.INFO, "", 0, "Saved checkpoint", None, None))
+    bar.close()
+    before, line, _ = re.split(r"(INFO Saved checkpoint\n)", stream.getvalue())
+    assert before.endswith("\r") and before.rstrip("\r").split("\r")[-1].strip() == ""  # the bar cleared first

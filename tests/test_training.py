@@ -286,6 +286,22 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     assert len(val_times) == len(prov["validation_cases"])
 
 
+def test_a_validation_tie_keeps_the_checkpoint_of_lower_training_loss(dataset, tmp_path):
+    """Dice 0 on every early validation (or 1 on a few easy cases): the best checkpoint is then
+    the one of lowest training loss, not the first."""
+    from kitseg.training.loop import DistInfo, stage1_task, train_network
+
+    config = preset("smoke").replace(steps_per_epoch=1)
+    cases = load_cases(dataset, config.preprocessing, cache_dir=None, progress=False)
+    task = replace(stage1_task(cases, [], config, 4, "stage 1", torch.device("cpu")),
+                   validate=lambda module: {"val_foreground_dice": 0.0}, key_metric="val_foreground_dice")
+    train_network(task, tmp_path / "net", config, torch.device("cpu"), DistInfo(), "1", {}, progress=False)
+    with (tmp_path / "net" / "log.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    lowest = min(rows, key=lambda row: float(row["train_loss"]))
+    assert read_metadata(tmp_path / "net" / "best.kseg")["provenance"]["step"] == int(lowest["step"])
+
+
 def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset, tmp_path, caplog):
     import shutil
 
@@ -354,7 +370,10 @@ def test_training_data_that_cannot_train_is_refused_before_any_training(dataset,
     labels[labels == 2] = 3  # KiTS21's cyst label
     nib.save(nib.Nifti1Image(labels, seg.affine), str(data / "case_00002" / "segmentation.nii.gz"))
     with pytest.raises(InputError, match="case_00002/segmentation.nii.gz: holds label 3"):
-        train(data, tmp_path / "c", config, device="cpu", progress=False)
+        train(data, tmp_path / "c", config, device="cpu", progress=False, cache_dir=tmp_path / "shared")
+    assert not (tmp_path / "c").exists()  # the run folder it made, empty: not left behind
+    with pytest.raises(ConfigError, match=r"validate on fewer \(a lower --val-fraction, or fewer --val-cases\)$"):
+        train(dataset, tmp_path / "d", config, device="cpu", progress=False, val_fraction=0.9)
 
 
 def test_fine_tuning_starts_from_the_given_model(dataset, tmp_path):
@@ -393,9 +412,14 @@ def test_keep_stage1_trains_stage2_only_against_the_given_stage1(dataset, tmp_pa
     assert {s["stage1_sha256"] for s in sources.values()} == {read_metadata(base)["stages"]["1"]["weights_sha256"]}
     prov = read_metadata(kept)["provenance"]
     assert prov["init_from"]["keep_stage1"] and "val_foreground_dice" in prov["final_validation"]["stage1"]
-    kept.unlink()  # stopped before its model was written (a finished run is only reported)
-    with pytest.raises(ConfigError, match="started with --init-from model.kseg --keep-stage1"):  # resumed without it
-        train(dataset, tmp_path / "kept", config.replace(seed=1), device="cpu", progress=False, init_from=base)
+    # Finished, or stopped before its model was written: the same starting weights, or refused.
+    for finished in (True, False):
+        if not finished:
+            kept.unlink()
+        with pytest.raises(ConfigError, match="started with --init-from model.kseg --keep-stage1"):  # without it
+            train(dataset, tmp_path / "kept", config.replace(seed=1), device="cpu", progress=False, init_from=base)
+    with pytest.raises(ConfigError, match="started with no --init-from"):  # a finished run from scratch
+        train(dataset, tmp_path / "base", config, device="cpu", progress=False, init_from=base)
     with pytest.raises(ConfigError, match="needs the model to keep it from"):
         train(dataset, tmp_path / "other", config, device="cpu", progress=False, keep_stage1=True)
 
@@ -1060,6 +1084,17 @@ def test_a_finished_run_is_kept_as_trained_and_says_what_changed_since(dataset, 
         assert fold["validation_cases"] == [] and set(fold["train_cases"]) < set(split["train"])
         assert sorted(fold["train_cases"] + fold["out_of_fold_y1_of"]) == split["train"]
     written = model.read_bytes()
+    # The data moved (copied with its files' times): the same cases, not prepared again.
+    entries = sorted(p.name for p in (run / "cache").iterdir())
+    shutil.copytree(data, tmp_path / "moved")
+    assert main(["train", "--data", str(tmp_path / "moved"), "--out", str(tmp_path / "run2"), "--preset", "smoke",
+                 "--cache", str(run / "cache"), "--prepare-only", "--no-progress"]) == 0
+    assert sorted(p.name for p in (run / "cache").iterdir()) == entries
+    with caplog.at_level("INFO"):
+        assert train(tmp_path / "moved", run, config, device="cpu", progress=False, val_fraction=0.5) == model
+    assert "differ from the files" not in caplog.text
+    assert "split was drawn with --val-fraction 0.2, not 0.5" in caplog.text
+    caplog.clear()
     # Edited labels, a case added with values the recipe would refuse, a case gone, other
     # --val-cases: nothing is trained or prepared again, the model stays as it was, and what
     # changed is named.

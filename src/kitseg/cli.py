@@ -905,6 +905,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """Log lines on lines of their own above a progress bar (through tqdm), not glued to its end."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging's own handlers do: a failed log line never stops the work
+            self.handleError(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .interrupt import stop_on_signals
 
@@ -915,9 +927,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[_BarSafeHandler()])
     if not args.verbose:  # highdicom says each attribute it copies into a SEG at INFO
         logging.getLogger("highdicom").setLevel(logging.WARNING)
     from .checkpoint import CheckpointError

@@ -28,7 +28,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (resumes if it holds a run)")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="recipe (default: paper)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of cases held out for validation (default 0.2)")
     p.add_argument("--val-cases", nargs="+", default=None, help="explicit validation case names")
     p.add_argument("--cache", type=Path, default=None, help="preprocessed-case cache (default: RUN/cache)")
     p.add_argument("--seed", type=_non_negative_int, default=None,

@@ -110,8 +110,11 @@ def _digest(ident, length: int = 16) -> str:
 
 
 def _file_stamp(path: Path) -> list:
+    """A file's name, size and modification time, not where it lies: a data folder moved or copied
+    with its times (``cp -a``, ``rsync -a``: prepared on one machine, trained on another) is
+    the same data, and its cases are not prepared again."""
     stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
 def _cache_key(case: CaseInput, config: PreprocessingConfig, mapping: dict[int, int] | None = None) -> str:

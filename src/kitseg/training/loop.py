@@ -202,7 +202,7 @@ def train_network(
     log.info("%s: %s", task.name, precision_name(amp_dtype))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     state_path = folder / "state.pt"
-    step, best = 0, -float("inf")
+    step, best, best_loss = 0, -float("inf"), float("inf")
     if state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)  # our own file; no code runs
         module.load_state_dict(state["model"])
@@ -211,6 +211,7 @@ def train_network(
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         step, best = int(state["step"]), float(state["best"])
+        best_loss = float(state.get("best_loss", float("inf")))  # absent in a state saved before 2026-12-07
         if state.get("finished"):
             log.info("%s: finished already (step %d)", folder, step)
             return _load_result(folder, module, device)
@@ -229,6 +230,10 @@ def train_network(
     if info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[info.local_rank] if device.type == "cuda" else None)
     per_rank_batch = max(1, task.batch_size // info.world_size)
+    if per_rank_batch * info.world_size != task.batch_size and info.is_main:
+        log.warning("%s: batch %d over %d processes: %d each, %d in all; a multiple of %d keeps the batch "
+                    "(--set batch_size_stage%s=N)", task.name, task.batch_size, info.world_size, per_rank_batch,
+                    per_rank_batch * info.world_size, info.world_size, stage)
     log_path = folder / "log.csv"
     bar = tqdm(total=task.steps, initial=step, desc=task.name, disable=not (progress and info.is_main))
     losses: list[torch.Tensor] = []  # read back every few steps: reading waits for the GPU
@@ -253,15 +258,17 @@ def train_network(
                     score = metrics.get(task.key_metric, -mean_loss) if task.key_metric else -mean_loss
                     bundle = _bundle_for(config, stage, module, {**provenance, "step": step, **metrics})
                     save_bundle(bundle, folder / "last.kseg")
-                    if score > best:
-                        best = score
+                    # A tie (validation Dice 0 early on, or 1 on a few easy cases) goes to the lower training loss.
+                    if score > best or (score == best and mean_loss < best_loss):
+                        best, best_loss = score, mean_loss
                         save_bundle(bundle, folder / "best.kseg")
                     _append_log(log_path, {"step": step, "train_loss": mean_loss, **metrics,
                                            "seconds": round(time.perf_counter() - epoch_start, 2)})
                     _atomic_torch_save(
                         {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "scheduler": scheduler.state_dict(), "precision": precision_name(amp_dtype),
-                         "processes": info.world_size, "step": step, "best": best, "finished": step >= task.steps},
+                         "processes": info.world_size, "step": step, "best": best, "best_loss": best_loss,
+                         "finished": step >= task.steps},
                         state_path,
                     )
                     _plot_curves(log_path, folder / "curves.png")
@@ -326,14 +333,18 @@ def _plot_curves(log_path: Path, png: Path) -> None:
         return
     steps = [int(r["step"]) for r in rows]
     metrics = [k for k in rows[0] if k not in ("step", "train_loss", "seconds")]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    # The out-of-fold networks validate on nothing: their loss alone, not an empty Dice panel.
+    fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(10 if metrics else 5.5, 3.6), squeeze=False)
+    ax_loss = axes[0, 0]
     ax_loss.plot(steps, [float(r["train_loss"]) for r in rows], marker="o")
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
     ax_loss.set_yscale("log")
-    for m in metrics:
-        ax_val.plot(steps, [float(r[m]) if r.get(m) not in (None, "") else np.nan for r in rows], marker="o", label=m)
-    ax_val.set(xlabel="step", ylabel="validation", title="validation Dice", ylim=(0, 1))
     if metrics:
+        ax_val = axes[0, 1]
+        for m in metrics:
+            ax_val.plot(steps, [float(r[m]) if r.get(m) not in (None, "") else np.nan for r in rows], marker="o",
+                        label=m)
+        ax_val.set(xlabel="step", ylabel="validation", title="validation Dice", ylim=(0, 1))
         ax_val.legend(loc="lower right")
     fig.suptitle(log_path.parent.name)
     fig.tight_layout()
@@ -538,7 +549,8 @@ def _check_oof_folds(train_cases: list[StageCase], config: TrainConfig, data_dir
 def _refuse_oof_folds(config: TrainConfig, data_dir: Path, n_train: int, n_validation: int) -> NoReturn:
     raise ConfigError(f"{data_dir}: out-of-fold y1 needs training images of at least {config.oof_folds} patients "
                       f"(images of one mask count once); this split trains on {n_train} case(s) and validates on "
-                      f"{n_validation}: add cases, choose fewer with --val-cases, or lower --set oof_folds=K")
+                      f"{n_validation}: add cases, or validate on fewer (a lower --val-fraction, or fewer "
+                      "--val-cases)" + (", or fewer folds (--set oof_folds=2)" if config.oof_folds > 2 else ""))
 
 
 def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> tuple[dict[str, dict], dict]:
@@ -715,7 +727,7 @@ def _steps_logged(folder: Path) -> int:
 
 
 def _report_finished_run(run_dir: Path, data_dir: Path, config: TrainConfig, val_cases: list[str] | None,
-                         cache: Path) -> None:
+                         cache: Path, val_fraction: float | None = None) -> None:
     """A finished run is not trained again: say so, and name what differs from what its model learnt from."""
     log.info("%s: finished already; its model is kept as it was (a new --out folder trains again)",
              run_dir / "model.kseg")
@@ -723,6 +735,10 @@ def _report_finished_run(run_dir: Path, data_dir: Path, config: TrainConfig, val
     in_split = _split_cases(split)
     if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
         log.warning("%s: --val-cases differ from the validation cases this run was trained with", run_dir)
+    made_with = split.get("val_fraction")
+    if val_cases is None and None not in (made_with, val_fraction) and val_fraction != made_with:
+        log.warning("%s: this run's split was drawn with --val-fraction %g, not %g (a new --out folder draws "
+                    "one with %g)", run_dir / "split.json", made_with, val_fraction, val_fraction)
     try:
         inputs = [c for c in labelled_inputs(Path(data_dir)) if c.name in in_split]
     except InputError as exc:
@@ -808,13 +824,16 @@ def _validation_y1(stage1: torch.nn.Module, cases: list[StageCase], val_dir: Pat
     return val_y1
 
 
+DEFAULT_VAL_FRACTION = 0.2
+
+
 def train(
     data_dir: Path,
     run_dir: Path,
     config: TrainConfig,
     *,
     device: str = "auto",
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
     val_cases: list[str] | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
@@ -840,10 +859,16 @@ def train(
     run_dir = Path(run_dir)
     model_path = run_dir / "model.kseg"
     if model_path.is_file() and (run_dir / "split.json").is_file():  # finished: its model stays as it was trained
-        _check_config(run_dir, config)  # another recipe is another run, as for a run in progress
+        _check_config(run_dir, config)  # another recipe, or other starting weights, is another run, as for
+        init_record = load_initial_weights(Path(init_from), config, warn=False)[1] if init_from is not None else None
+        if keep_stage1:
+            init_record["keep_stage1"] = True
+        _check_init(run_dir, init_record)  # a run in progress
         if process_rank() == 0:
-            _report_finished_run(run_dir, data_dir, config, val_cases, cache_folder(run_dir, cache_dir))
+            _report_finished_run(run_dir, data_dir, config, val_cases, cache_folder(run_dir, cache_dir), val_fraction)
         return model_path
+    made_run_dir = not run_dir.exists()
+    draw_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction  # None: not given
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
     initial, init_record = (load_initial_weights(Path(init_from), config, warn=info.is_main) if init_from is not None
@@ -856,7 +881,7 @@ def train(
         check_val_cases(val_cases, inputs, data_dir)
     new_run = not (run_dir / "config.json").is_file()
     if new_run:  # too few masks to train on for the folds: said before hours of preparation
-        split = _split_names([c.name for c in inputs], val_cases, val_fraction, config.seed)
+        split = _split_names([c.name for c in inputs], val_cases, draw_fraction, config.seed)
         if len({mask_name(n) for n in split["train"]}) < config.oof_folds:  # an upper bound on the patients
             _refuse_oof_folds(config, data_dir, len(split["train"]), len(split["validation"]))
     if not split_path.is_file() and _has_trained(run_dir):
@@ -888,13 +913,15 @@ def train(
         if split is not None:
             folds = _check_oof_folds([by_name[n] for n in split["train"]], config, data_dir, len(split["validation"]))
         else:
-            split, folds = _new_split(by_name, val_cases, val_fraction, config, data_dir)
+            split, folds = _new_split(by_name, val_cases, draw_fraction, config, data_dir)
     except (ConfigError, InputError):
         if new_run:  # by any process: the case refused may be in another's share of the preparation
             # This call began the run: its records go, so that the corrected command (--map-labels,
             # another --set oof_folds, --seed, split) starts afresh; the prepared cases stay for it.
             for name in ("config.json", "init.json"):
                 (run_dir / name).unlink(missing_ok=True)
+            if made_run_dir and info.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # nothing else in it (a shared --cache elsewhere): no empty folder left
         raise
     if info.is_main and not split_path.is_file():
         _write_json_atomic(split_path, split)
