@@ -581,7 +581,7 @@ def test_train_checks_the_networks_and_whole_numbers_before_making_a_run_folder(
     assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",
                  "--val-fraction", "0.5", "--set", "oof_folds=3"]) == 2
     err = capsys.readouterr().err
-    assert "needs training images of at least 3 patients" in err and "lower --set oof_folds=K" in err
+    assert "needs training images of at least 3 patients" in err and "or fewer folds (--set oof_folds=2)" in err
     assert not run.exists()  # 2 images cannot make 3 folds: said before any case is prepared
     # The command changed as the message says is judged afresh, not as "another configuration".
     assert main(["train", "--data", str(cases), "--out", str(run), "--preset", "smoke", "--device", "cpu",

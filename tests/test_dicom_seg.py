@@ -521,6 +521,9 @@ def test_a_seg_is_read_on_its_own_series_only(tmp_path):
     (tmp_path / "results").mkdir()
     shutil.copy(seg, tmp_path / "results" / "x.dcm")
     assert read_dicom_seg(tmp_path / "results" / "x.dcm").series.parent == flat  # one file names its series
+    (flat / "results").mkdir()  # the SEG in a folder of the flat study itself
+    shutil.copy(seg, flat / "results" / "x.dcm")
+    assert read_dicom_seg(flat / "results" / "x.dcm").series.parent == flat
     # A stray slice of the series copied beside the SEG: passed over for the series further away;
     # alone, it is named as what was found.
     stray = tmp_path / "study" / "results"

@@ -187,7 +187,7 @@ def test_a_file_without_orientation_gets_results_without_one(tmp_path, caplog):
     # Labels with an orientation, of as many voxels each way: they cannot be matched, and the refusal says why.
     oriented = _save(np.zeros((4, 5, 6), np.uint8), make_affine("kits"), tmp_path / "oriented.nii.gz")
     with pytest.raises(InputError, match=r"oriented.nii.gz: its axes run IPL, the CT's LAS \(shape \(4, 5, 6\) "
-                                         r"both\): the two do not overlay; the other declares no orientation"):
+                                         r"both\): the two do not overlay; the CT declares no orientation"):
         read_labels(oriented, like=volume)
 
 

@@ -257,10 +257,17 @@ def test_train_smoke_end_to_end(dataset, tmp_path):
     prov = meta["provenance"]
     assert prov["validation_cases"] and not set(prov["train_cases"]) & set(prov["validation_cases"])
     assert set(prov["final_validation"]["stage2"]) >= {"val_kidney_dice", "val_tumor_dice"}
+    for stage in ("stage1", "stage2"):  # the scores of the networks in the model: their best.kseg's
+        kept = read_metadata(tmp_path / "run" / stage / "best.kseg")["provenance"]
+        assert prov["final_validation"][stage]["step"] == kept["step"] and isinstance(kept["step"], int)
     assert prov["precision"] == precision_name(mixed_precision_dtype(torch.device("cpu")))  # this CPU's
     for sub in ("stage1", "stage2", "fold1", "fold2"):
         assert (tmp_path / "run" / sub / "best.kseg").is_file()
     assert (tmp_path / "run" / "stage2" / "curves.png").stat().st_size > 1000
+    import matplotlib.image
+
+    widths = {sub: matplotlib.image.imread(tmp_path / "run" / sub / "curves.png").shape[1] for sub in ("stage2", "fold1")}
+    assert widths["fold1"] < 0.6 * widths["stage2"]  # a fold validates nothing: its loss alone, no empty Dice panel
     assert len((tmp_path / "run" / "stage1" / "log.csv").read_text().splitlines()) == 3  # header + 2 epochs
     oof = sorted(p.stem for p in (tmp_path / "run" / "oof_y1").glob("*.npy"))
     assert oof == prov["train_cases"]
@@ -300,6 +307,19 @@ def test_a_validation_tie_keeps_the_checkpoint_of_lower_training_loss(dataset, t
         rows = list(csv.DictReader(fh))
     lowest = min(rows, key=lambda row: float(row["train_loss"]))
     assert read_metadata(tmp_path / "net" / "best.kseg")["provenance"]["step"] == int(lowest["step"])
+
+
+def test_a_batch_the_processes_do_not_divide_is_said_as_it_trains(caplog):
+    from kitseg.training.loop import _say_batches_shared, per_process_batch
+
+    assert [per_process_batch(12, n) * n for n in (1, 2, 3, 5, 8, 16)] == [12, 12, 12, 10, 8, 16]
+    with caplog.at_level("WARNING"):
+        _say_batches_shared(preset("paper"), 4)  # 12 and 8: divided
+    assert not caplog.text
+    with caplog.at_level("WARNING"):
+        _say_batches_shared(preset("paper"), 8)
+    assert "stage 1's batch of 12 over 8 processes trains as 8 (1 each)" in caplog.text
+    assert "--set batch_size_stage1=8" in caplog.text and "stage 2" not in caplog.text
 
 
 def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset, tmp_path, caplog):

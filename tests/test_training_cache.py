@@ -78,6 +78,36 @@ def test_a_cache_of_the_earlier_format_is_converted_not_prepared_again(dataset, 
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
+def test_entries_keyed_by_path_as_before_are_kept_in_place_and_moved_data_is_not_prepared_again(
+        dataset, tmp_path, monkeypatch):
+    """Until 2026-12-07 a key covered the files' folder: such entries stay the cases' while the
+    data lies where it did; keys now cover names, sizes and times, so data copied with its times
+    elsewhere finds its entries too."""
+    config = preset("smoke").preprocessing
+    cache = tmp_path / "cache"
+    inputs = sorted(discover_inputs(dataset), key=lambda c: c.name)
+    load_cases(dataset, config, cache_dir=cache, progress=False)
+    case = inputs[0]
+    # As an earlier version named it: its path-keyed stem (the key's form, pinned here as it was).
+    stamps = [item for path in (case.image_path, case.labels_path)
+              for item in (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)]
+    earlier = training_data._digest([*stamps, config.preparation_key()])
+    now = training_data.cache_stem(case, config, cache)
+    for f in list(cache.glob(f"{now.name}.*")):
+        f.rename(cache / f"{case.name}-{earlier}{f.name[len(now.name):]}")
+    assert training_data.cache_stem(case, config, cache).name == f"{case.name}-{earlier}"
+    entries = sorted(p.name for p in cache.iterdir())
+    monkeypatch.setattr(training_data, "_prepare_arrays", lambda *a: pytest.fail("prepared again"))
+    load_cases(dataset, config, cache_dir=cache, progress=False)
+    # Copied elsewhere with its times: the others' entries (keyed as now) are found where they are;
+    # the path-keyed one would be prepared once more, as its key names the old folder.
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)  # copy2: the files' times kept
+    load_cases(moved, config, cache_dir=cache, progress=False,
+               inputs=[c for c in discover_inputs(moved) if c.name != case.name])
+    assert sorted(p.name for p in cache.iterdir()) == entries
+
+
 def test_corrected_labels_are_prepared_again(dataset, tmp_path, caplog):
     import nibabel as nib
 

@@ -224,7 +224,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return _report_failed(failed, count)
 
 
-def _segment_cases(cases, failed: list[str], count: int, segmenter, mask_config, args) -> list[str]:
+def _segment_cases(cases: list, failed: list[str], count: int, segmenter, mask_config,
+                   args: argparse.Namespace) -> list[str]:
     """Segment and write each case; the names of those that failed (with ``failed``'s). A failure is
     raised where the run has one case (``count``), said and passed over where it has more."""
     from tqdm import tqdm
@@ -281,7 +282,7 @@ def _segment_cases(cases, failed: list[str], count: int, segmenter, mask_config,
 
 def _report_failed(failed: list[str], count: int) -> int:
     if failed:
-        raise CliError(f"{len(failed)} of {count} case(s) could not be read as a CT, or their DICOM SEG not be "
+        raise CliError(f"{len(failed)} of {count} case(s) could not be read as a CT, or their outputs not be "
                        f"written: {', '.join(failed)}")
     return 0
 
@@ -548,16 +549,12 @@ def _share(text: str) -> float:
 
 
 def _series_folders(given: list[Path]) -> list[Path]:
-    """``evaluate --series``: each folder given and the series folders in it (a study's)."""
-    from .io import dicom_series_folders
-
-    folders = []
+    """``evaluate --series``: folders, each a series' or a study's (its series folders are looked in)."""
     for folder in given:
         if not folder.is_dir():
             raise CliError(f"--series {folder}: {'is no folder' if folder.exists() else 'does not exist'}; give "
                            "the folder of a DICOM series, or of several")
-        folders += [folder, *dicom_series_folders(folder)]
-    return folders
+    return given
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

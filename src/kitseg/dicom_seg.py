@@ -432,11 +432,13 @@ def _places_to_look(seg_path: Path, near: list[Path]):
     beside = dicom_series_folders(seg_path.parent)
     yield from ((folder, False) for folder in beside)
     yield from ((Path(p), True) for p in near)
+    given = [folder for p in near for folder in dicom_series_folders(Path(p))]  # a study's series folders
+    yield from ((folder, False) for folder in given)
     above = dicom_series_folders(seg_path.parent.parent)
     yield from ((folder, False) for folder in above)
-    # Last, before giving up, every file of those folders: one may hold several series (a study
-    # exported flat), which its first file cannot tell.
-    yield from ((folder, True) for folder in beside + above)
+    # Last, before giving up, every file of those folders and of the folder above: one may hold
+    # several series (a study exported flat), which its first file cannot tell.
+    yield from ((folder, True) for folder in [*beside, *given, *above, seg_path.parent.parent])
 
 
 def _referenced_series_geometry(seg_path: Path, near: list[Path]) -> SeriesGeometry:

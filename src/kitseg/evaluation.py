@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def _check_kits_labels(volume, path: Path, ground_truth: bool) -> None:
                          f"(KiTS21/23's cysts scored within the kidney region){other_tool}")
 
 
-def _read_label_map(path: Path, dicom_seg: bool, series_near: list[Path]):
+def _read_label_map(path: Path, dicom_seg: bool, series_near: Sequence[Path]):
     """A NIfTI label map, or a DICOM SEG's kidney and tumor on its series' grid (found beside it,
     or in ``series_near``)."""
     if dicom_seg:
@@ -160,7 +161,7 @@ def _read_label_map(path: Path, dicom_seg: bool, series_near: list[Path]):
 
 def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
                    found_share: float = DEFAULT_FOUND_SHARE, mapping: dict[int, int] | None = None,
-                   gt_mapping: dict[int, int] | None = None, series_near: list[Path] = ()) -> list[CaseScores]:
+                   gt_mapping: dict[int, int] | None = None, series_near: Sequence[Path] = ()) -> list[CaseScores]:
     """KiTS19 scores of each pair; ``mapping``: label values of both files mapped onto KiTS19's first
     (:func:`kitseg.config.label_mapping`); ``gt_mapping``: the ground truth's instead (another tool's
     reference: TotalSegmentator's kidneys are ``2=1 3=1 *=0``). Where the ground truth's mapping
@@ -172,8 +173,8 @@ def evaluate_pairs(pairs: list[EvaluationPair], empty_value: float = 1.0,
     unmapped_segs = []
     for pair in pairs:
         ref_seg, pred_seg = is_dicom_seg(pair.reference), is_dicom_seg(pair.prediction)
-        ref = _read_label_map(pair.reference, ref_seg, list(series_near))
-        pred = _read_label_map(pair.prediction, pred_seg, list(series_near))
+        ref = _read_label_map(pair.reference, ref_seg, series_near)
+        pred = _read_label_map(pair.prediction, pred_seg, series_near)
         # A SEG is read as KiTS19's classes by its segments' codes: a mapping meant for label values is not its.
         for volume, path, seg, labels_mapping in ((ref, pair.reference, ref_seg, gt_mapping),
                                                   (pred, pair.prediction, pred_seg, mapping)):

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
@@ -62,7 +61,7 @@ class SourceGrid:
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
-        return tuple(nib.aff2axcodes(self.affine))
+        return tuple(nio.ornt2axcodes(file_orientation(self.affine)))
 
     def internal_shape(self) -> tuple[int, int, int]:
         return tuple(int(n) for n in nio.apply_orientation(np.empty(self.shape, np.bool_), self.to_internal).shape)
@@ -93,7 +92,9 @@ def file_orientation(affine: np.ndarray) -> np.ndarray:
     directions = rzs / np.linalg.norm(rzs, axis=0)
     rounded = np.eye(4)
     rounded[:3, :3] = np.round(directions, 4)
-    return nio.io_orientation(rounded)
+    ornt = nio.io_orientation(rounded)
+    # Axes so near parallel that rounding merges them (a grid no scanner makes): as nibabel reads them.
+    return nio.io_orientation(affine) if np.isnan(ornt).any() else ornt
 
 
 def to_c_order(array: np.ndarray, tile: int = 64) -> np.ndarray:

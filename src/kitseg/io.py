@@ -442,7 +442,7 @@ def _read_internal(path: Path, integer_ok: bool, channels_ok: bool) -> Volume:
     array = _read_array(img, path, integer_ok)
     try:
         # Outputs get the file's own sform code (0 where it declares none) and qform (``qform``).
-        return Volume.from_source_array(array, affine, path, sform_code if qform is not None else 0, qform, unit)
+        return Volume.from_source_array(array, affine, path, sform_code, qform, unit)
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
 
@@ -624,7 +624,8 @@ def check_same_grid(grid: SourceGrid, reference: SourceGrid, path: Path | None =
     axis order (RAS against KiTS19's I, P, L) overlay, and their internal arrays match voxel for voxel.
     """
     where = f"{path}: " if path else ""
-    guessed = [name for name, g in (("this file", grid), ("the other", reference)) if not g.declares_orientation]
+    guessed = [name for name, g in (("this file", grid), (reference_name.replace("'s", "", 1), reference))
+               if not g.declares_orientation]
     unoriented = ("" if not guessed else
                   f"; {guessed[0]} declares no orientation (sform and qform codes 0): its axes are a guess"
                   if len(guessed) == 1 else "; neither declares an orientation (sform and qform codes 0): their axes "

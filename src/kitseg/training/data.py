@@ -109,19 +109,22 @@ def _digest(ident, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:length]
 
 
-def _file_stamp(path: Path) -> list:
+def _file_stamp(path: Path, located: bool = False) -> list:
     """A file's name, size and modification time, not where it lies: a data folder moved or copied
     with its times (``cp -a``, ``rsync -a``: prepared on one machine, trained on another) is
-    the same data, and its cases are not prepared again."""
+    the same data, and its cases are not prepared again. ``located``: its full path instead of
+    its name, as keys were made before 2026-12-07."""
     stat = path.stat()
-    return [path.name, stat.st_size, stat.st_mtime_ns]
+    return [str(path.resolve()) if located else path.name, stat.st_size, stat.st_mtime_ns]
 
 
-def _cache_key(case: CaseInput, config: PreprocessingConfig, mapping: dict[int, int] | None = None) -> str:
+def _cache_key(case: CaseInput, config: PreprocessingConfig, mapping: dict[int, int] | None = None,
+               located: bool = False) -> str:
     """Changes with the CT file, the label file (a user's corrections), the preprocessing recipe
     and the label mapping (none: the key cases prepared before the mapping existed have)."""
     extra = [sorted(mapping.items())] if mapping else []
-    return _digest([*_file_stamp(case.image_path), *_file_stamp(case.labels_path), config.preparation_key(), *extra])
+    return _digest([*_file_stamp(case.image_path, located), *_file_stamp(case.labels_path, located),
+                    config.preparation_key(), *extra])
 
 
 def _cache_source(case: CaseInput, config: PreprocessingConfig, mapping: dict[int, int] | None) -> dict:
@@ -190,7 +193,7 @@ def settle_replaced_entries(inputs: list[CaseInput], config: PreprocessingConfig
 
 def _legacy_cache_key(case: CaseInput, config: PreprocessingConfig) -> str:
     """The key of the cache's format before 2026-12-04 (one ``.npz`` per case), which missed the labels."""
-    return _digest([*_file_stamp(case.image_path), config.preparation_key()])
+    return _digest([*_file_stamp(case.image_path, located=True), config.preparation_key()])
 
 
 def _require_labels(case: CaseInput) -> None:
@@ -200,9 +203,17 @@ def _require_labels(case: CaseInput) -> None:
 
 def cache_stem(case: CaseInput, config: PreprocessingConfig, cache_dir: Path,
                 mapping: dict[int, int] | None = None) -> Path:
-    """Where the case is (or would be) prepared in ``cache_dir``: its name and its files' key, read from their stamps."""
+    """Where the case is (or would be) prepared in ``cache_dir``: its name and its files' key, read
+    from their stamps. An entry prepared before 2026-12-07, keyed by the files' paths too, is still
+    the case's while they lie where they did: neither it nor the y1 and records naming it are
+    made again."""
     _require_labels(case)
-    return cache_dir / f"{case.name}-{_cache_key(case, config, mapping)}"
+    stem = cache_dir / f"{case.name}-{_cache_key(case, config, mapping)}"
+    if not _is_prepared(stem):
+        located = cache_dir / f"{case.name}-{_cache_key(case, config, mapping, located=True)}"
+        if _is_prepared(located):
+            return located
+    return stem
 
 
 def _is_prepared(stem: Path) -> bool:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..atomic import atomic_path
-from ..checkpoint import ModelBundle, StageModel, module_weights_sha256, save_bundle
+from ..checkpoint import ModelBundle, StageModel, module_weights_sha256, read_metadata, save_bundle
 from ..config import KITS_LABELS, ConfigError
 from ..device import get_device, mixed_precision_dtype, training_memory_format
 from ..interrupt import raise_if_stop_requested
@@ -172,6 +172,21 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
     return "float32" if amp_dtype is None else f"mixed {str(amp_dtype).removeprefix('torch.')}"
 
 
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """The samples each process draws per step: the batch shared out, at least one each."""
+    return max(1, batch_size // processes)
+
+
+def _say_batches_shared(config: TrainConfig, processes: int) -> None:
+    """A batch the processes do not divide trains as another batch: said once, before the work."""
+    for stage, batch in (("1", config.batch_size_stage1), ("2", config.batch_size_stage2)):
+        each = per_process_batch(batch, processes)
+        if each * processes != batch:
+            log.warning("stage %s's batch of %d over %d processes trains as %d (%d each); a multiple of %d keeps "
+                        "it (--set batch_size_stage%s=%d)", stage, batch, processes, each * processes, each,
+                        processes, stage, max(processes, batch // processes * processes))
+
+
 def train_network(
     task: StageTask, folder: Path, config: TrainConfig, device: torch.device, info: DistInfo, stage: str,
     provenance: dict, progress: bool = True, initial: dict[str, torch.Tensor] | None = None,
@@ -229,11 +244,7 @@ def train_network(
     net = module
     if info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[info.local_rank] if device.type == "cuda" else None)
-    per_rank_batch = max(1, task.batch_size // info.world_size)
-    if per_rank_batch * info.world_size != task.batch_size and info.is_main:
-        log.warning("%s: batch %d over %d processes: %d each, %d in all; a multiple of %d keeps the batch "
-                    "(--set batch_size_stage%s=N)", task.name, task.batch_size, info.world_size, per_rank_batch,
-                    per_rank_batch * info.world_size, info.world_size, stage)
+    per_rank_batch = per_process_batch(task.batch_size, info.world_size)
     log_path = folder / "log.csv"
     bar = tqdm(total=task.steps, initial=step, desc=task.name, disable=not (progress and info.is_main))
     losses: list[torch.Tensor] = []  # read back every few steps: reading waits for the GPU
@@ -560,7 +571,7 @@ def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> 
     Returns the state dicts by stage ("1", "2") and a provenance record (file name and hashes).
     The file is read like any model file: arrays and JSON only, nothing unpickled.
     """
-    from ..checkpoint import load_bundle, read_metadata
+    from ..checkpoint import load_bundle
 
     bundle = load_bundle(path)
     from_context = bundle.preprocessing.stage2_context_slices
@@ -616,11 +627,22 @@ def load_initial_weights(path: Path, config: TrainConfig, warn: bool = True) -> 
     return states, record
 
 
-def _check_init(run_dir: Path, record: dict | None) -> None:
-    """A run started from given weights must resume from the same ones (and one without, without)."""
+def _starting_weights(init_from: Path | None, keep_stage1: bool, config: TrainConfig,
+                      warn: bool) -> tuple[dict[str, dict], dict | None]:
+    """The weights a run starts from (``--init-from``; none: from scratch) and their record
+    (``init.json``), which a resumed or finished run must be given again."""
+    if init_from is None:
+        return {}, None
+    states, record = load_initial_weights(Path(init_from), config, warn=warn)
+    return states, ({**record, "keep_stage1": True} if keep_stage1 else record)
+
+
+def _check_init(run_dir: Path, record: dict | None, finished: bool = False) -> None:
+    """A run started from given weights must resume from the same ones (and one without, without);
+    ``finished``: so must a finished run be given them, and nothing is written."""
     path = run_dir / "init.json"
     previous = _read_run_json(path) if path.is_file() else None
-    started = any((run_dir / d / "state.pt").is_file() for d in ("stage1", "stage2"))
+    started = finished or any((run_dir / d / "state.pt").is_file() for d in ("stage1", "stage2"))
 
     def hashes(r: dict | None) -> dict | None:  # the same weights may sit at another path now
         return {k: v for k, v in r.items() if k != "file"} if r else None
@@ -629,6 +651,8 @@ def _check_init(run_dir: Path, record: dict | None) -> None:
         was = (f"--init-from {previous['file']}" + (" --keep-stage1" if previous.get("keep_stage1") else "")
                if previous else "no --init-from")
         raise ConfigError(f"{run_dir}: this run was started with {was}; resume it the same way or use a new --out folder")
+    if finished:
+        return
     if record is not None:
         _write_json_atomic(path, record)
     elif not started:
@@ -859,22 +883,17 @@ def train(
     run_dir = Path(run_dir)
     model_path = run_dir / "model.kseg"
     if model_path.is_file() and (run_dir / "split.json").is_file():  # finished: its model stays as it was trained
-        _check_config(run_dir, config)  # another recipe, or other starting weights, is another run, as for
-        init_record = load_initial_weights(Path(init_from), config, warn=False)[1] if init_from is not None else None
-        if keep_stage1:
-            init_record["keep_stage1"] = True
-        _check_init(run_dir, init_record)  # a run in progress
+        # Another recipe, or other starting weights, is another run, as for a run in progress.
+        _check_config(run_dir, config)
         if process_rank() == 0:
+            _check_init(run_dir, _starting_weights(init_from, keep_stage1, config, warn=False)[1], finished=True)
             _report_finished_run(run_dir, data_dir, config, val_cases, cache_folder(run_dir, cache_dir), val_fraction)
         return model_path
     made_run_dir = not run_dir.exists()
     draw_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction  # None: not given
     info = init_distributed(device)
     torch_device = torch.device(f"cuda:{info.local_rank}") if info.world_size > 1 and device != "cpu" and torch.cuda.is_available() else get_device(device)
-    initial, init_record = (load_initial_weights(Path(init_from), config, warn=info.is_main) if init_from is not None
-                            else ({}, None))
-    if keep_stage1:
-        init_record["keep_stage1"] = True  # part of what a resumed run must repeat
+    initial, init_record = _starting_weights(init_from, keep_stage1, config, warn=info.is_main)
     inputs = labelled_inputs(Path(data_dir))  # a wrong --data fails here, before a run folder is made
     split_path = run_dir / "split.json"
     if not split_path.is_file():  # so does a wrong --val-cases
@@ -891,6 +910,7 @@ def train(
         _remove_leftover_temporaries(run_dir)
         _check_config(run_dir, config)
         _check_init(run_dir, init_record)
+        _say_batches_shared(config, info.world_size)
     _barrier(info)
     cache = cache_folder(run_dir, cache_dir)
     mapping = config.labels_mapped()
@@ -1000,12 +1020,9 @@ def train(
         if keep_stage1:
             metrics["stage1"] = {"val_foreground_dice": foreground_dice(val_y1, val_set)} if val_set else {}
         for stage_dir in ("stage2",) if keep_stage1 else ("stage1", "stage2"):
-            with (run_dir / stage_dir / "log.csv").open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            key = "val_foreground_dice" if stage_dir == "stage1" else "val_composite_dice"
-            scored = [r for r in rows if r.get(key)]
-            best_row = max(scored, key=lambda r: float(r[key])) if scored else (rows[-1] if rows else {})
-            metrics[stage_dir] = {k: float(v) for k, v in best_row.items() if k.startswith("val_") or k == "step"}
+            # The network in the model is its best.kseg: its own record says which step and scores.
+            kept = read_metadata(run_dir / stage_dir / "best.kseg")["provenance"]
+            metrics[stage_dir] = {k: v for k, v in kept.items() if k.startswith("val_") or k == "step"}
         bundle = ModelBundle(
             preprocessing=config.preprocessing, label_map=KITS_LABELS, mask=config.mask,
             stage1=StageModel.from_module(stage1.cpu()),
