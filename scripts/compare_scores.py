@@ -28,10 +28,10 @@ MIN_CASES = 5
 
 
 def read_scores(path: Path) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """Per-case scores of a ``kits-seg evaluate --csv`` file (its summary rows are skipped), and
-    the settings it records."""
+    """Per-case scores of a ``kits-seg evaluate --csv`` file (its ``mean`` row is skipped; cases of
+    any name: KiTS's, a scan's, a DICOM series'), and the settings it records."""
     with path.open(newline="") as stream:
-        rows = [r for r in csv.DictReader(stream) if r.get("case", "").startswith("case_")]
+        rows = [r for r in csv.DictReader(stream) if r.get("case", "") not in ("", "mean")]
     if not rows:
         raise SystemExit(f"{path}: no case rows (expected the CSV of kits-seg evaluate --csv)")
     settings = {name: rows[0][name] for name in DICE_SETTINGS if name in rows[0]}

@@ -684,6 +684,29 @@ def test_evaluate_takes_an_empty_case_dice_in_0_1_or_nan(tmp_path, cases, capsys
         row = next(csv.DictReader(fh))
     assert np.isnan(float(row["kidney_dice"])) and np.isnan(float(row["tumor_dice"]))
     assert row["empty_value"] == "nan"  # said in the report, as is the found share
+    # With a case that has a kidney, the mean is over one case of two: said, not hidden under "mean (2)".
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name, source in (("full", cases / "case_00000" / "segmentation.nii.gz"), ("none", empty)):
+        shutil.copy(source, folder / f"{name}.nii.gz")
+        shutil.copy(source, folder / f"{name}_labels.nii.gz")
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(folder), "--gt", str(folder), "--empty-value", "nan"]) == 0
+    assert "means over the cases not nan: kidney 1 of 2, tumor 1 of 2, composite 1 of 2" in capsys.readouterr().out
+
+
+def test_evaluate_names_a_case_alike_scored_alone_or_in_a_folder(tmp_path, cases, capsys):
+    """A report joins another by case name (compare_scores.py): a file scored alone is named as a
+    folder's run names it."""
+    pred = tmp_path / "prediction_00000.nii.gz"
+    shutil.copy(cases / "case_00000" / "segmentation.nii.gz", pred)
+    scan = tmp_path / "scan_labels.nii.gz"
+    shutil.copy(pred, scan)
+    for given, reference, name in ((pred, cases / "case_00000" / "segmentation.nii.gz", "case_00000"),
+                                   (pred, cases / "case_00000", "case_00000"),
+                                   (scan, cases / "case_00000" / "segmentation.nii.gz", "scan")):
+        assert main(["evaluate", "--pred", str(given), "--gt", str(reference)]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[0] == name
 
 
 def test_evaluate_scores_another_tools_kidney_map_as_the_ground_truth(tmp_path, cases, capsys, caplog):

@@ -797,6 +797,14 @@ def test_stage2_compare_study_scores_each_model_and_writes_csvs_the_other_script
     for metric, (mean_a, mean_b) in pooled.items():  # the pairs' cases pooled: the mean of the two means
         assert mean_a == pytest.approx((first[metric][0] + second[metric][0]) / 2, abs=1.5e-4)
         assert mean_b == pytest.approx(first[metric][1], abs=1e-4)
+    # Cases of any name are paired (a scan's, a DICOM series'), not only KiTS's case_XXXXX.
+    for name in ("a", "b"):
+        report = list(csv.DictReader((csvs / "other.csv").open()))
+        with (tmp_path / f"named_{name}.csv").open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(report[0]))
+            writer.writeheader()
+            writer.writerows({**row, "case": row["case"].replace("case_", "scan")} for row in report)
+    assert compared(tmp_path / "named_a.csv", tmp_path / "named_b.csv")
     odd = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_scores.py"), str(csvs / "other.csv")],
                          capture_output=True, text=True)
     assert odd.returncode != 0 and "give pairs of CSVs" in odd.stderr

@@ -605,6 +605,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{'mean (' + str(len(scores)) + ')':<{width}}{means['kidney_dice']:>9.4f}{means['tumor_dice']:>9.4f}"
         f"{means['composite_dice']:>11.4f}"
     )
+    left_out = {name: means[f"{name}_dice_n_nan"] for name in ("kidney", "tumor", "composite")}
+    if any(left_out.values()):  # a mean of fewer cases than the row's count says
+        print("means over the cases not nan: " + ", ".join(f"{name} {len(scores) - n} of {len(scores)}"
+                                                         for name, n in left_out.items()))
     rate = means["tumors_found_rate"]
     if tumor_scored:
         print(f"tumors found (a tumor counts when at least {found_share:g} of it is labelled tumor): "

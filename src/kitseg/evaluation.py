@@ -27,24 +27,28 @@ class EvaluationPair:
     reference: Path
 
 
-def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
-    """The case name of a prediction file and its ground truth in ``gt_dir`` (None if absent)."""
+def _case_names(pred: Path) -> list[str]:
+    """The case names a prediction file may be of: ``case_XXXXX`` for ``prediction_XXXXX``, NAME
+    for ``NAME_labels``; for nnU-Net's ``NAME_0000`` (a CT's first channel; its labels are NAME)
+    NAME second."""
     stem = strip_nifti_suffix(pred.name)
     match = _PREDICTION_RE.match(stem)
-    if match:
-        case = f"case_{match.group(1)}"
-    else:
-        case = stem[: -len("_labels")] if stem.endswith("_labels") else stem
-    # nnU-Net names a case's CT NAME_0000 (its first channel) and its labels NAME: tried second.
+    case = f"case_{match.group(1)}" if match else (stem[: -len("_labels")] if stem.endswith("_labels") else stem)
     channel = re.fullmatch(r"(.+)_0000", case)
-    for name in [case] + ([channel.group(1)] if channel else []):
+    return [case] + ([channel.group(1)] if channel else [])
+
+
+def _reference_for(pred: Path, gt_dir: Path) -> tuple[str, Path | None]:
+    """The case name of a prediction file and its ground truth in ``gt_dir`` (None if absent)."""
+    names = _case_names(pred)
+    for name in names:
         in_folder = case_labels_file(gt_dir / name)
         if in_folder is not None:
             return name, in_folder
         found = nifti_named(gt_dir, name)
         if found is not None:
             return name, found
-    return case, None
+    return names[0], None
 
 
 def pair_predictions(pred: Path, gt: Path) -> list[EvaluationPair]:
@@ -82,8 +86,10 @@ def match_predictions(pred: Path, gt: Path) -> tuple[list[EvaluationPair], list[
         if len(preds) > 1:
             raise InputError(f"{gt}: {len(preds)} predictions ({name_a_few([p.name for p in preds], 3)}) need a "
                              "ground-truth folder, not one file")
-        if case_folder is None:
-            return [EvaluationPair(strip_nifti_suffix(preds[0].name), preds[0], gt)], []
+        if case_folder is None:  # named as in a folder's report, so that two reports join by case
+            names = _case_names(preds[0])
+            return [EvaluationPair(next((n for n in names if n == strip_nifti_suffix(gt.name)), names[0]),
+                                   preds[0], gt)], []
         case, _ = _reference_for(preds[0], case_folder.parent)
         if _PREDICTION_RE.match(strip_nifti_suffix(preds[0].name)) and case != case_folder.name:
             raise InputError(f"{preds[0]}: is {case}'s prediction, not {case_folder.name}'s ({case_folder})")
