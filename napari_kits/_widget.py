@@ -163,6 +163,7 @@ class KitsWidget(QWidget):
         self._score_round = 0  # a score computed before the table was last emptied is not shown
         self._scored_layer = None
         self._scored_reference = None  # the reference whose edits score again, as the prediction's do
+        self._history_lengths: dict[int, tuple[int, int]] = {}  # by id(layer): undo and redo told from redraws
         self._per_slice: dict[str, np.ndarray] = {}
         self._save_worker = None
         self._outlined: weakref.WeakSet = weakref.WeakSet()  # reference layers this widget has outlined
@@ -573,6 +574,14 @@ class KitsWidget(QWidget):
                 raise ValueError(f"{name_a_few(others, 3)} {'was' if one else 'were'} not opened by napari-kits, so "
                                  f"{'its' if one else 'their'} place in the scanner (voxel size, orientation) is "
                                  "unknown: open the CT file with File > Open and choose napari-kits")
+            label_maps = [other.name for other in self.viewer.layers
+                          if other.__class__.__name__ == "Labels" and geometry_of(other) is not None]
+            if label_maps and not any(other.__class__.__name__ == "Image" for other in self.viewer.layers):
+                from kitseg.io import name_a_few
+
+                raise ValueError(f"{name_a_few(label_maps, 3)} {'was' if len(label_maps) == 1 else 'were'} read as "
+                                 "a label map (whole numbers, few of them), not a CT: open the CT image it was "
+                                 "made on (File > Open, or File > Open Sample > napari-kits)")
             raise ValueError("open a CT first (File > Open, or File > Open Sample > napari-kits)")
         if self._session is None or self._session.ct_layer is not layer:
             self._session = _Session(ct_layer=layer, volume=_volume_of(layer))
@@ -751,7 +760,12 @@ class KitsWidget(QWidget):
         session = self._session
         ready = session is not None and session.y1_complete and self._live(session.mask_layer)
         self.stage2_button.setEnabled(not self.busy and ready)
-        self.stage2_button.setToolTip("" if ready else "Run stage 1 first: stage 2 reads its y1 and the mask layer")
+        if ready:
+            self.stage2_button.setToolTip("")
+        elif session is not None and session.y1_complete:
+            self.stage2_button.setToolTip("The mask layer is gone: move the threshold or radius to rebuild it")
+        else:
+            self.stage2_button.setToolTip("Run stage 1 first: stage 2 reads its y1 and the mask layer")
 
     def _guard(self, action: Callable[[], Any]) -> Any:
         try:
@@ -961,6 +975,13 @@ class KitsWidget(QWidget):
         for layer in (session.y1_layer, session.mask_layer):
             if self._live(layer):
                 layer.visible = False
+        stale = [layer for layer in session.probability_layers.values() if self._live(layer)]
+        if stale and not event.probabilities:  # an earlier run's, beside these labels: they would mislead
+            for layer in stale:
+                self.viewer.layers.remove(layer)
+            session.probability_layers.clear()
+            self._add_status("The earlier run's class probabilities were removed: they were not this result's "
+                             "(tick 'Class probabilities' to have them with each run).")
         if event.probabilities:
             colormaps = {"kidney": "red", "tumor": "yellow"}
             for name, probs in event.probabilities.items():
@@ -1132,14 +1153,27 @@ class KitsWidget(QWidget):
         """Score again when ``after`` is painted or replaced (the prediction, or the reference a
         user corrects), and no longer for ``before``."""
         if before is not None and before is not self._scored_layer and before is not self._scored_reference:
-            for name in ("paint", "data"):
+            for name, slot in (("paint", self._on_pred_edited), ("data", self._on_pred_edited),
+                               ("set_data", self._on_undone_or_redone)):
                 try:
-                    getattr(before.events, name).disconnect(self._on_pred_edited)
+                    getattr(before.events, name).disconnect(slot)
                 except (TypeError, ValueError, RuntimeError):
                     pass
         if after is not None:
             after.events.paint.connect(self._on_pred_edited)
             after.events.data.connect(self._on_pred_edited)
+            after.events.set_data.connect(self._on_undone_or_redone)
+            self._history_lengths[id(after)] = _history_lengths(after)
+
+    def _on_undone_or_redone(self, event=None) -> None:
+        """napari's undo and redo (Ctrl+Z) write the labels and redraw them with no paint or data
+        event. Every redraw (a slice turned) sends set_data, so only one whose undo history changed
+        length is an edit: scored again, as a paint is."""
+        layer = getattr(event, "source", None)
+        lengths = _history_lengths(layer)
+        if self._history_lengths.get(id(layer), lengths) != lengths:
+            self._history_lengths[id(layer)] = lengths
+            self._on_pred_edited()
 
     def _on_pred_edited(self, event=None) -> None:
         pred, reference = self.pred_combo.currentData(), self.gt_combo.currentData()
@@ -1462,6 +1496,11 @@ def _is_result(layer: Any) -> bool:
     if geometry.offered_as_reference:  # a DICOM SEG a person drew or corrected, opened over its series
         return False
     return geometry.source_holds == "ct" or is_result_name(getattr(geometry.source, "path", None) or "")
+
+
+def _history_lengths(layer: Any) -> tuple[int, int]:
+    """How many edits a labels layer can undo and redo (napari keeps no public count)."""
+    return len(getattr(layer, "_undo_history", ())), len(getattr(layer, "_redo_history", ()))
 
 
 def _on_one_grid(a: Any, b: Any) -> bool:

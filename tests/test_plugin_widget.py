@@ -201,6 +201,14 @@ def test_workflow_stage1_mask_stage2_score_save(qtbot, viewer_widget, small_case
     shares = ", ".join(["100%"] * min(tumors, 3)) + (", …" if tumors > 3 else "")
     assert tumors >= 1 and widget.detection_label.text() == (
         f"Tumors found: {tumors} of {tumors} (labelled tumor: {shares}); false tumor pieces: 0 (0.0 mL)")
+    # Erased with the brush, then undone (Ctrl+Z): napari's undo sends no paint event; scored again all the same.
+    labels_layer.brush_size = 40
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
+        labels_layer.paint(tuple(np.argwhere(labels_layer.data == 2)[0]), 0)
+    assert widget.last_scores.tumor_dice < 1.0
+    with qtbot.waitSignal(widget.scores_updated, timeout=RUN_TIMEOUT_MS):
+        labels_layer.undo()
+    assert widget.last_scores.kidney_dice == 1.0 and widget.last_scores.tumor_dice == 1.0
 
     # Save on the source grid; never over the input CT; ask before replacing.
     out = tmp_path / "case_00007_corrected.nii.gz"
@@ -251,6 +259,18 @@ def test_run_all_reuses_the_loaded_model(qtbot, viewer_widget):
     assert mine in viewer.layers and (mine.data == 7.0).all()  # found by the session, not by name
     assert all(layer in viewer.layers and layer is not mine for layer in session.probability_layers.values())
     np.testing.assert_array_equal(session.labels_layer.data, _engine_labels(widget, session.mask_layer.data))
+    # Run again without them: the earlier run's probabilities go, rather than lie beside new labels.
+    widget.probs_check.setChecked(False)
+    stale = list(session.probability_layers.values())
+    _run(qtbot, widget, widget.run_stage2, "stage 2")
+    assert not any(layer in viewer.layers for layer in stale) and not session.probability_layers
+    assert "The earlier run's class probabilities were removed" in widget.status.text()
+    assert mine in viewer.layers  # the user's own layer of that name stays
+    # The mask layer closed: stage 2 waits for it, and its button says how to get it back.
+    viewer.layers.remove(session.mask_layer)
+    widget._update_buttons()
+    assert not widget.stage2_button.isEnabled()
+    assert widget.stage2_button.toolTip().startswith("The mask layer is gone: move the threshold or radius")
     _run(qtbot, widget, widget.run_stage1, "stage 1")
     assert widget._segmenter is first  # cached, not rebuilt per click
 
@@ -867,6 +887,19 @@ def test_an_image_napari_kits_did_not_open_is_named_with_what_to_do(make_napari_
     assert widget.run_all() is None
     assert widget.last_error.startswith("pasted scan was not opened by napari-kits, so its place in the scanner")
     assert "File > Open and choose napari-kits" in widget.last_error
+
+
+def test_a_label_map_opened_alone_is_said_to_be_no_ct(make_napari_viewer, tiny_kseg, case_folder, isolated_settings):
+    from napari_kits._reader import read_kits
+    from napari_kits._widget import KitsWidget
+
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in read_kits(str(case_folder / "segmentation.nii.gz")):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = KitsWidget(viewer)
+    assert widget.set_weights(tiny_kseg)
+    assert widget.run_all() is None
+    assert "was read as a label map (whole numbers, few of them), not a CT: open the CT image" in widget.last_error
 
 
 def test_labels_of_a_dicom_series_are_offered_and_saved_as_a_dicom_seg(qtbot, make_napari_viewer, tiny_kseg,
