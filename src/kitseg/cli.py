@@ -424,14 +424,15 @@ def _check_outputs_free(cases, args) -> None:
             from .dicom_seg import check_seg_output
 
             check_seg_output(out)  # a scout or a CT slice named so is never replaced, said before the work
-    inputs = {}
-    for case in cases:
-        if case.image_path.is_file():
-            inputs[case.image_path.stat().st_ino, case.image_path.stat().st_dev] = case.image_path
+    def file_id(path: Path) -> tuple[int, int]:  # one file under any name (a symbolic or hard link)
+        stat = path.stat()
+        return stat.st_dev, stat.st_ino
+
+    inputs = {file_id(case.image_path): case.image_path for case in cases if case.image_path.is_file()}
     for out in writer:  # a link to a CT where its labels would go: never written through, --overwrite or not
-        if out.exists() and (out.stat().st_ino, out.stat().st_dev) in inputs:
-            raise CliError(f"{out}: is the input {inputs[out.stat().st_ino, out.stat().st_dev]} (a link to it?), "
-                           "where an output would go; move it or choose another -o folder")
+        if out.exists() and file_id(out) in inputs:
+            raise CliError(f"{out}: is the input {inputs[file_id(out)]} (a link to it?), where an output would go; "
+                           "move it or choose another -o folder")
     if args.skip_existing:  # the outputs that exist stay; only the missing ones are written
         return
     if args.overwrite:
