@@ -1242,6 +1242,11 @@ class KitsWidget(QWidget):
         self.plot.set_curves({})
         self.worst_button.setEnabled(False)
 
+    @property
+    def scoring_pending(self) -> bool:
+        """Scores are on their way: asked for (debounced) or being computed."""
+        return self._score_timer.isActive() or self._score_worker is not None
+
     def compute_scores(self) -> Any:
         """KiTS19 Dice and volumes of the prediction against the reference, in a worker."""
         from napari.qt.threading import create_worker

@@ -38,6 +38,10 @@ def close_notifications() -> None:
             toast.close()
 
 
+#: How long --screenshot waits for a run's scores before taking the picture without them.
+SCORES_WAIT_MS = 60_000
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -93,11 +97,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.quit:
             viewer.close()
 
+    def finish_once_scored() -> None:
+        """A run's result is scored a moment after the run (debounced, in a worker): the picture
+        and the log show the scores, or, if scoring fails or hangs, what there is after a minute."""
+        if not widget.scoring_pending:
+            finish()
+            return
+        done = []
+
+        def scored() -> None:
+            if done:
+                return
+            done.append(True)
+            if widget.last_scores is not None:
+                log.info("scored against %s: kidney Dice %.4f, tumor Dice %.4f", widget.gt_combo.currentText(),
+                         widget.last_scores.kidney_dice, widget.last_scores.tumor_dice)
+            QTimer.singleShot(300, finish)  # let the table and the plot paint first
+
+        widget.scores_updated.connect(scored)
+        QTimer.singleShot(SCORES_WAIT_MS, scored)
+
     def on_run_finished(task: str, result: str) -> None:
         if result != "done":
             outcome["code"] = 1
             log.error("%s %s %s", task, result, widget.last_error)
-        QTimer.singleShot(300, finish)  # let the last layer updates paint first
+        QTimer.singleShot(300, finish_once_scored)  # let the last layer updates paint first
 
     if args.run_all:
         widget.run_finished.connect(on_run_finished)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -454,6 +455,9 @@ def test_launch_runs_all_and_quits(tmp_path, tiny_kseg, isolated_settings):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.stat().st_size > 10_000
+    # The sample opens with its ground truth: the picture is taken once the run is scored.
+    assert re.search(r"scored against .*ground truth: kidney Dice \d\.\d{4}, tumor Dice", result.stderr)
+    assert result.stderr.index("scored against") < result.stderr.index("screenshot saved to")
     from qtpy.QtGui import QImage
 
     picture = QImage(str(shot))  # the window as large as the screen allows, up to 1600 x 1050
