@@ -348,7 +348,7 @@ def test_a_resumed_run_keeps_its_split_and_predicts_changed_cases_again(dataset,
     other_run_writing.write_bytes(b"being written")
     with caplog.at_level("WARNING"):
         assert train(data, run, config, device="cpu", progress=False, val_fraction=0.5) == model
-    assert "split was drawn with --val-fraction 0.2; it is kept" in caplog.text  # not silently
+    assert "split was drawn with --val-fraction 0.2, not 0.5; it is kept" in caplog.text  # not silently
     assert not leftover.exists() and (run / "stage2" / "state.pt").is_file() and other_run_writing.exists()
     assert not half_plot.exists() and (run / "fold1" / "curves.png").is_file()
     assert "1 case(s) added since this run began are not used" in caplog.text

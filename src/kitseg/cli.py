@@ -424,6 +424,7 @@ def _check_outputs_free(cases, args) -> None:
             from .dicom_seg import check_seg_output
 
             check_seg_output(out)  # a scout or a CT slice named so is never replaced, said before the work
+
     def file_id(path: Path) -> tuple[int, int]:  # one file under any name (a symbolic or hard link)
         stat = path.stat()
         return stat.st_dev, stat.st_ino

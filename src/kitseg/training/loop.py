@@ -659,13 +659,18 @@ def _check_init(run_dir: Path, record: dict | None, finished: bool = False) -> N
         path.unlink(missing_ok=True)  # a start from scratch after all: forget the earlier choice
 
 
+def _say_split_kept(split: dict, val_cases: list[str] | None, val_fraction: float | None, run_dir: Path) -> None:
+    """A --val-fraction given (None: not) other than the one the run's split was drawn with: the split stays, said."""
+    made_with = split.get("val_fraction")
+    if val_cases is None and None not in (made_with, val_fraction) and val_fraction != made_with:
+        log.warning("%s: this run's split was drawn with --val-fraction %g, not %g; it is kept (a new --out folder "
+                    "draws one with %g)", run_dir / "split.json", made_with, val_fraction, val_fraction)
+
+
 def _check_split_still_fits(split: dict, names: set[str], val_cases: list[str] | None, data_dir: Path,
                             run_dir: Path, val_fraction: float | None = None) -> None:
     """A resumed run keeps its split: refuse what would change it, say what it leaves out."""
-    made_with = split.get("val_fraction")
-    if val_cases is None and made_with is not None and val_fraction is not None and val_fraction != made_with:
-        log.warning("%s: this run's split was drawn with --val-fraction %g; it is kept (a new --out folder "
-                    "draws one with %g)", run_dir / "split.json", made_with, val_fraction)
+    _say_split_kept(split, val_cases, val_fraction, run_dir)
     missing = sorted(_split_cases(split) - names)
     if missing:
         raise ConfigError(f"{data_dir}: case(s) of this run's split ({run_dir / 'split.json'}) are gone: "
@@ -759,10 +764,7 @@ def _report_finished_run(run_dir: Path, data_dir: Path, config: TrainConfig, val
     in_split = _split_cases(split)
     if val_cases is not None and sorted(val_cases) != sorted(split["validation"]):
         log.warning("%s: --val-cases differ from the validation cases this run was trained with", run_dir)
-    made_with = split.get("val_fraction")
-    if val_cases is None and None not in (made_with, val_fraction) and val_fraction != made_with:
-        log.warning("%s: this run's split was drawn with --val-fraction %g, not %g (a new --out folder draws "
-                    "one with %g)", run_dir / "split.json", made_with, val_fraction, val_fraction)
+    _say_split_kept(split, val_cases, val_fraction, run_dir)
     try:
         inputs = [c for c in labelled_inputs(Path(data_dir)) if c.name in in_split]
     except InputError as exc:
